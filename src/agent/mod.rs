@@ -1,0 +1,1 @@
+//! agent (filled by its own module files).

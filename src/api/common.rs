@@ -1,0 +1,170 @@
+//! Types shared by the kinds: jobs, steps, failover settings, conditions.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// How a change of the desired site is carried out.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema, Default,
+)]
+pub enum FailoverType {
+    /// Source shut down, remaining data synced, no data lost.
+    #[default]
+    Planned,
+    /// From a recovery point; tries to shut the source down first and goes on if that fails.
+    Unplanned,
+}
+
+/// When a failover is committed.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema, Default,
+)]
+pub enum CommitMode {
+    #[default]
+    Automatic,
+    /// Waits for the `twinsite.io/commit` annotation naming the job.
+    Manual,
+}
+
+/// Failover settings of a ReplicatedVM or a FailoverPlan.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverSpec {
+    #[serde(default, rename = "type")]
+    pub type_: FailoverType,
+    /// Unplanned only: try to shut the source down and sync before failing over.
+    #[serde(default = "default_true")]
+    pub shutdown_source: bool,
+    /// Latest | LatestProcessed | LatestAppConsistent | an id from status.recoveryPoints.
+    #[serde(default = "default_recovery_point")]
+    pub recovery_point: String,
+    #[serde(default)]
+    pub commit: CommitMode,
+}
+
+impl Default for FailoverSpec {
+    fn default() -> Self {
+        Self {
+            type_: FailoverType::Planned,
+            shutdown_source: true,
+            recovery_point: default_recovery_point(),
+            commit: CommitMode::Automatic,
+        }
+    }
+}
+
+/// Test failover (drill) settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TestFailoverSpec {
+    /// true: run a drill copy at the other site; false: clean it up.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Network name for the drill copy.
+    #[serde(default = "default_network")]
+    pub network: String,
+}
+
+impl Default for TestFailoverSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            network: default_network(),
+        }
+    }
+}
+
+pub(crate) fn default_true() -> bool {
+    true
+}
+pub(crate) fn default_recovery_point() -> String {
+    "Latest".into()
+}
+pub(crate) fn default_network() -> String {
+    "isolated".into()
+}
+
+/// Kinds of job, as on the jobs page of Site Recovery.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum JobType {
+    EnableReplication,
+    PlannedFailover,
+    UnplannedFailover,
+    Commit,
+    ReverseReplicate,
+    TestFailover,
+    TestFailoverCleanup,
+    DisableReplication,
+    /// A FailoverPlan's own job (one step per group).
+    PlanFailover,
+    PlanTestFailover,
+    PlanTestFailoverCleanup,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum StepState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Skipped,
+}
+
+/// One step of a job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobStep {
+    pub name: String,
+    pub state: StepState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Idempotency key passed to the site for this step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Time>,
+}
+
+/// A job and its steps.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Job {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_: JobType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_site: Option<String>,
+    pub state: JobState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<Time>,
+    /// The recovery point a failover used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<String>,
+    /// Age in seconds of that recovery point when the failover used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_age_seconds: Option<i64>,
+    /// Id of the consistent cut a plan failover used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub steps: Vec<JobStep>,
+}
+
+/// Conditions as `metav1.Condition`, so kstatus and `kubectl wait` understand them.
+pub type Conditions = Vec<Condition>;

@@ -1,0 +1,1 @@
+//! controller (filled by its own module files).

@@ -1,0 +1,1 @@
+//! envtest (filled by its own module files).

@@ -1,0 +1,20 @@
+//! twinsite: declarative disaster recovery for virtual machines.
+//!
+//! - [`api`]: the custom resources people write.
+//! - [`controller`]: reconcilers that drive the sites toward the resources.
+//! - [`site`]: the provider seam the controller talks to sites through, and the agent client.
+//! - [`agent`]: the site agent's HTTP server and VM runtime.
+//! - [`replication`]: change tracking, the block stream, recovery points and resync.
+//! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
+
+pub mod agent;
+pub mod api;
+pub mod controller;
+pub mod envtest;
+pub mod replication;
+pub mod site;
+
+/// Installs the process-wide TLS crypto provider (ring). Safe to call more than once.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

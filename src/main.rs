@@ -1,0 +1,30 @@
+use clap::{Parser, Subcommand};
+
+/// twinsite: disaster recovery for virtual machines, driven by Kubernetes manifests.
+#[derive(Parser)]
+#[command(name = "twinsite", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the controller that reconciles Site, ReplicatedVM and FailoverPlan objects.
+    Controller,
+    /// Run a site agent: it holds a site's VMs and replicates them to a peer site.
+    Agent,
+    /// Print the three CustomResourceDefinitions as YAML.
+    Crds,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    twinsite::init_crypto();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
+        Command::Controller | Command::Agent => anyhow::bail!("not built yet"),
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! replication (filled by its own module files).

@@ -1,0 +1,1 @@
+//! site (filled by its own module files).
