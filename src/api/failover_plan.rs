@@ -5,6 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{FailoverSpec, Job, TestFailoverSpec};
+use super::replicated_vm::DrillRecord;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
@@ -134,6 +135,9 @@ pub struct FailoverPlanStatus {
     pub groups: Vec<GroupStatus>,
     #[serde(default)]
     pub jobs: Vec<Job>,
+    /// The newest drill, recorded once its cleanup is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<DrillRecord>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

@@ -1,1 +1,4 @@
-//! controller (filled by its own module files).
+//! The controller: reconcilers that drive the sites toward the resources.
+
+pub mod conditions;
+pub mod failover_plan;
