@@ -33,8 +33,8 @@ pub struct FailoverPlanSpec {
     /// In order: a group starts when every VM of the one before runs at the target.
     #[schemars(length(min = 1, max = 100))]
     #[x_kube(validation = Rule::new("self.all(g, self.exists_one(h, h.name == g.name))")
-        .message("spec.groups must have unique names: two groups share a name")
-        .reason(Reason::FieldValueDuplicate))]
+        // No reason Duplicate: the API server would print "Duplicate value" without this message.
+        .message("spec.groups must have unique names: two groups share a name"))]
     pub groups: Vec<PlanGroup>,
     /// How many VMs of a group fail over at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -62,11 +62,11 @@ pub struct PlanGroup {
     pub selector: Option<LabelSelector>,
     /// Run before the group's VMs fail over, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 20))]
+    #[schemars(length(max = 10))]
     pub pre_actions: Vec<PlanAction>,
     /// Run after the group's VMs run at the target, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 20))]
+    #[schemars(length(max = 10))]
     pub post_actions: Vec<PlanAction>,
 }
 
@@ -99,7 +99,7 @@ pub struct ManualApproval {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("webhook.url must be an http:// or https:// URL"))]
     pub url: String,
