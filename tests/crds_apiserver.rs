@@ -236,6 +236,8 @@ async fn invalid_manifests_are_refused_with_their_message() {
         }
         let out = apply(cp, ns, &c.manifest);
         let stderr = String::from_utf8_lossy(&out.stderr);
+        // Shown with --nocapture: what a person sees for each refusal.
+        println!("{}:\n  {}", c.what, stderr.trim());
         if out.status.success() {
             failures.push(format!("{}: accepted\n{}", c.what, c.manifest));
         } else if !stderr.contains(c.fragment) {
