@@ -296,3 +296,15 @@ async fn values_shape_the_deployment() {
             .contains("replicas > 1 needs leaderElection.enabled=true")
     );
 }
+
+#[test]
+fn the_chart_deploys_this_version() {
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "charts/twinsite/Chart.yaml appVersion differs from the crate version"
+    );
+}
