@@ -5,7 +5,7 @@ use std::process::{Output, Stdio};
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use twinsite::api::ReplicatedVM;
+use twinsite::api::{FailoverPlan, ReplicatedVM};
 use twinsite::envtest::{self, ControlPlane};
 
 /// `kubectl apply` of a YAML document, in a namespace.
@@ -402,6 +402,27 @@ async fn status_jobs_are_bounded() {
         .await
         .unwrap();
     let err = api
+        .patch_status(
+            "busy",
+            &pp,
+            &Patch::Merge(jobs(twinsite::api::MAX_JOBS + 1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("status.jobs"), "{err}");
+
+    // A plan keeps as many.
+    assert_applied(
+        cp,
+        ns,
+        &plan("busy", "  groups:\n  - {name: web, vms: [busy]}\n"),
+    );
+    let plans: Api<FailoverPlan> = Api::namespaced(cp.client().await.unwrap(), ns);
+    plans
+        .patch_status("busy", &pp, &Patch::Merge(jobs(twinsite::api::MAX_JOBS)))
+        .await
+        .unwrap();
+    let err = plans
         .patch_status(
             "busy",
             &pp,

@@ -133,7 +133,9 @@ pub struct FailoverPlanStatus {
     pub groups_summary: Option<String>,
     #[serde(default)]
     pub groups: Vec<GroupStatus>,
+    /// Newest last, at most 10 kept, as for a ReplicatedVM.
     #[serde(default)]
+    #[schemars(length(max = 10))]
     pub jobs: Vec<Job>,
     /// The newest drill, recorded once its cleanup is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
