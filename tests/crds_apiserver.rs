@@ -496,3 +496,52 @@ async fn kubectl_get_shows_the_printer_columns() {
     assert_eq!(header, ["NAME", "READY", "URL", "VMS", "AGE"]);
     assert!(lines.next().unwrap().contains("http://127.0.0.1:7101"));
 }
+
+#[tokio::test]
+async fn the_crds_install_established_and_reinstall_cleanly() {
+    let cp = envtest::shared().await;
+    // Installing again (an upgrade with the same CRDs) is accepted: the rules' cost stays
+    // within the API server's budget and nothing changes.
+    cp.install_crds().await.unwrap();
+    for crd in twinsite::api::crds() {
+        let name = crd.metadata.name.unwrap();
+        let established = kubectl_ok(
+            cp,
+            &[
+                "get",
+                "crd",
+                &name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ],
+        );
+        assert_eq!(established, "True", "{name}");
+    }
+    // The checked-in file installs with kubectl too, as a person would install it.
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/twinsite.yaml");
+    let out = cp
+        .kubectl()
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&crds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = kubectl_ok(
+        cp,
+        &["api-resources", "--api-group=twinsite.io", "-o", "name"],
+    );
+    let mut names: Vec<&str> = names.lines().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "failoverplans.twinsite.io",
+            "replicatedvms.twinsite.io",
+            "sites.twinsite.io"
+        ]
+    );
+}
