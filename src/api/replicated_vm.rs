@@ -75,10 +75,13 @@ pub struct ReplicatedVMSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub active_site: Option<String>,
+    /// How the VM is replicated from the site where it runs to the other site.
     #[serde(default)]
     pub replication: ReplicationSpec,
+    /// How a change of activeSite is carried out.
     #[serde(default)]
     pub failover: FailoverSpec,
+    /// A drill: a copy of the VM started at the other site on an isolated network.
     #[serde(default)]
     pub test_failover: TestFailoverSpec,
 }

@@ -19,8 +19,10 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SiteSpec {
+    /// Free text, e.g. "Primary VMM cloud".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The site agent that serves this site.
     pub agent: AgentEndpoint,
 }
 
@@ -33,6 +35,7 @@ pub struct AgentEndpoint {
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("spec.agent.url must be an http:// or https:// URL, e.g. https://site-a.example:7101"))]
     pub url: String,
+    /// The agent's bearer token.
     pub token_secret_ref: SecretKeyRef,
     /// CA bundle for an https agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
