@@ -214,6 +214,25 @@ fn invalid_manifests() -> Vec<Case> {
             ),
             "needs exactly one of manualApproval or webhook",
         ),
+        update(
+            "vmName changed",
+            rvm("renamed", ""),
+            rvm("renamed", "  vmName: another-vm\n"),
+            "spec.vmName is immutable",
+        ),
+        case(
+            "vmName with a slash",
+            rvm("slashed", "  vmName: web/01\n"),
+            "spec.vmName in body should match",
+        ),
+        case(
+            "site with a CA but an http URL",
+            format!(
+                "{}    caSecretRef: {{namespace: twinsite-system, name: ca, key: ca.crt}}\n",
+                site("crds-invalid-ca", "http://127.0.0.1:7101")
+            ),
+            "spec.agent.caSecretRef is only for an https:// agent URL",
+        ),
         case(
             "site with a URL that is not http",
             site("crds-invalid-ftp", "ftp://127.0.0.1:7101"),

@@ -28,6 +28,9 @@ pub struct SiteSpec {
 
 /// How the controller reaches a site agent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.caSecretRef) || self.url.startsWith('https://')")
+    .message("spec.agent.caSecretRef is only for an https:// agent URL")
+    .field_path(".caSecretRef"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEndpoint {
     /// http:// or https:// URL of the agent.
