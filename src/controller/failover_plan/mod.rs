@@ -11,4 +11,4 @@ mod reconcile;
 pub mod webhook;
 
 pub use members::{Hold, hold};
-pub use reconcile::{Error, approvals, run};
+pub use reconcile::{Error, approvals, run, run_in_namespace};

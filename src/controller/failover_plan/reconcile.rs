@@ -74,6 +74,24 @@ pub async fn run(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    run_scoped(client, None, shutdown).await
+}
+
+/// [`run`] for the plans and ReplicatedVMs of one namespace only (an install scoped to a
+/// namespace; tests, which give each case a namespace and a controller of its own).
+pub async fn run_in_namespace(
+    client: Client,
+    namespace: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    run_scoped(client, Some(namespace), shutdown).await
+}
+
+async fn run_scoped(
+    client: Client,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     let shutdown: Shared<BoxFuture<'static, ()>> = shutdown.boxed().shared();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
@@ -88,8 +106,13 @@ pub async fn run(
         failures: Mutex::default(),
         client: client.clone(),
     });
-    let plans: Api<FailoverPlan> = Api::all(client.clone());
-    let rvms: Api<ReplicatedVM> = Api::all(client);
+    let (plans, rvms): (Api<FailoverPlan>, Api<ReplicatedVM>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
     let ctrl = Controller::new(plans.clone(), watcher::Config::default());
     let store = ctrl.store();
     let by_vm = store.clone();
