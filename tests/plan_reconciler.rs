@@ -11,7 +11,7 @@
 
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -268,6 +268,8 @@ fn plan_to(name: &str, target: &str, spec: &str) -> String {
 struct Hook {
     url: String,
     bodies: Arc<Mutex<Vec<Value>>>,
+    /// The HTTP status it answers with; a test may change it.
+    code: Arc<AtomicU16>,
     task: JoinHandle<()>,
 }
 
@@ -280,17 +282,19 @@ impl Drop for Hook {
 async fn hook(code: u16) -> Hook {
     #[derive(Clone)]
     struct S {
-        code: StatusCode,
+        code: Arc<AtomicU16>,
         bodies: Arc<Mutex<Vec<Value>>>,
     }
     async fn handle(State(s): State<S>, body: String) -> (StatusCode, &'static str) {
         let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
         s.bodies.lock().unwrap().push(v);
-        (s.code, "hook says so")
+        let code = StatusCode::from_u16(s.code.load(Ordering::SeqCst)).unwrap();
+        (code, "hook says so")
     }
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let code = Arc::new(AtomicU16::new(code));
     let state = S {
-        code: StatusCode::from_u16(code).unwrap(),
+        code: code.clone(),
         bodies: bodies.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -301,7 +305,12 @@ async fn hook(code: u16) -> Hook {
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    Hook { url, bodies, task }
+    Hook {
+        url,
+        bodies,
+        code,
+        task,
+    }
 }
 
 #[tokio::test]
@@ -378,13 +387,18 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
         .iter()
         .find(|r| r.metadata.name.as_deref() == Some("batch-1"))
         .unwrap();
-    assert_eq!(
-        failover_plan::hold(web1, &plans, &vms),
-        failover_plan::Hold::Failover {
-            plan: "app".into(),
-            target: "secondary".into()
-        }
-    );
+    let failover_plan::Hold::Failover {
+        plan,
+        job,
+        target,
+        failover,
+    } = failover_plan::hold(web1, &plans, &vms)
+    else {
+        panic!("web-1 should be released for the failover");
+    };
+    assert_eq!((plan.as_str(), target.as_str()), ("app", "secondary"));
+    assert_eq!(job, newest_job(&fp).unwrap().name);
+    assert_eq!(failover.type_, twinsite::api::FailoverType::Planned);
     assert_eq!(
         failover_plan::hold(batch, &plans, &vms),
         failover_plan::Hold::Free
@@ -572,6 +586,28 @@ async fn a_failing_webhook_stops_a_planned_plan() {
             .iter()
             .any(|r| r == "StepFailed")
     );
+
+    // The cause is fixed and the failed job is named for a retry: a new job runs, finds the
+    // databases at the target, calls the hook again and releases the web group.
+    hook.code.store(200, Ordering::SeqCst);
+    let failed = newest_job(&fp).unwrap().name.clone();
+    env.kubectl(&[
+        "annotate",
+        "fp",
+        "app",
+        &format!("twinsite.io/retry={failed}"),
+    ]);
+    let fp = env
+        .wait("app", "web released by the retry", |fp| {
+            vm_state(fp, "web-1") == planner::VM_RELEASED
+        })
+        .await;
+    let jobs = &fp.status.as_ref().unwrap().jobs;
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0].state, JobState::Failed);
+    assert_eq!(jobs[1].state, JobState::Running);
+    assert_eq!(step(&fp, "post:db/check").state, StepState::Succeeded);
+    assert_eq!(hook.bodies.lock().unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -819,7 +855,11 @@ async fn a_plan_drill_and_its_cleanup() {
         .unwrap();
     assert_eq!(
         failover_plan::hold(db, &plans, &vms),
-        failover_plan::Hold::Drill { plan: "app".into() }
+        failover_plan::Hold::Drill {
+            plan: "app".into(),
+            job: drill.name.clone(),
+            network: "isolated".into()
+        }
     );
 
     let copy =

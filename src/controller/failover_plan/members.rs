@@ -9,7 +9,7 @@ use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use super::planner::{self, Member};
-use crate::api::{FailoverPlan, JobState, JobType, ReplicatedVM};
+use crate::api::{FailoverPlan, FailoverSpec, JobState, JobType, ReplicatedVM};
 use crate::controller::conditions;
 
 /// A plan's members, resolved against the ReplicatedVMs of its namespace.
@@ -197,12 +197,24 @@ pub enum Hold {
     /// A plan holds the VM but has not released it (or a conflict stops the plan): the VM
     /// stays at status.activeSite and starts no failover or drill of its own.
     Held { plan: String },
-    /// Released for a plan failover: the desired site is `target`.
-    Failover { plan: String, target: String },
-    /// Released for a plan drill: a drill copy at the other site; the VM itself stays.
-    Drill { plan: String },
+    /// Released for a plan failover: the desired site is `target`, reached with the plan's
+    /// failover settings (type, shutdownSource, recoveryPoint, commit) instead of the VM's.
+    /// `job` is the plan job, for the VM's job records.
+    Failover {
+        plan: String,
+        job: String,
+        target: String,
+        failover: FailoverSpec,
+    },
+    /// Released for a plan drill: a drill copy at the other site on the plan's drill network;
+    /// the VM itself stays at status.activeSite.
+    Drill {
+        plan: String,
+        job: String,
+        network: String,
+    },
     /// Released for a plan drill's cleanup: no drill copy; the VM itself stays.
-    DrillCleanup { plan: String },
+    DrillCleanup { plan: String, job: String },
     /// The VM is in conflict (two plans, or its own activeSite disagrees with its plan): it
     /// stays at status.activeSite and shows condition Conflict with this message.
     Conflict { message: String },
@@ -251,12 +263,26 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan], rvms: &[ReplicatedVM]) -
     if conditions::is_true(&status.conditions, planner::CONFLICT) {
         return Hold::Held { plan: plan_name };
     }
+    let job = status
+        .jobs
+        .last()
+        .map(|j| j.name.clone())
+        .unwrap_or_default();
     match planner::released_target(&status, &name) {
-        Some((JobType::PlanTestFailover, _)) => Hold::Drill { plan: plan_name },
-        Some((JobType::PlanTestFailoverCleanup, _)) => Hold::DrillCleanup { plan: plan_name },
+        Some((JobType::PlanTestFailover, _)) => Hold::Drill {
+            plan: plan_name,
+            job,
+            network: plan.spec.test_failover.network.clone(),
+        },
+        Some((JobType::PlanTestFailoverCleanup, _)) => Hold::DrillCleanup {
+            plan: plan_name,
+            job,
+        },
         Some((_, target)) => Hold::Failover {
             plan: plan_name,
+            job,
             target,
+            failover: plan.spec.failover.clone(),
         },
         None => Hold::Held { plan: plan_name },
     }
@@ -458,20 +484,29 @@ mod tests {
             hold(&rvms[0], std::slice::from_ref(&a), &rvms),
             Hold::Failover {
                 plan: "a".into(),
-                target: "secondary".into()
+                job: "a-failover-1".into(),
+                target: "secondary".into(),
+                failover: FailoverSpec::default(),
             }
         );
         st.jobs = vec![job(JobType::PlanTestFailover)];
         a.status = Some(st.clone());
         assert_eq!(
             hold(&rvms[0], std::slice::from_ref(&a), &rvms),
-            Hold::Drill { plan: "a".into() }
+            Hold::Drill {
+                plan: "a".into(),
+                job: "a-failover-1".into(),
+                network: "isolated".into()
+            }
         );
         st.jobs = vec![job(JobType::PlanTestFailoverCleanup)];
         a.status = Some(st);
         assert_eq!(
             hold(&rvms[0], std::slice::from_ref(&a), &rvms),
-            Hold::DrillCleanup { plan: "a".into() }
+            Hold::DrillCleanup {
+                plan: "a".into(),
+                job: "a-failover-1".into()
+            }
         );
     }
 

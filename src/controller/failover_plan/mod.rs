@@ -11,4 +11,7 @@ mod reconcile;
 pub mod webhook;
 
 pub use members::{Hold, hold};
+
+/// Names a failed plan job to run again: `kubectl annotate fp NAME twinsite.io/retry=<job>`.
+pub const RETRY_ANNOTATION: &str = "twinsite.io/retry";
 pub use reconcile::{Error, approvals, run, run_in_namespace};

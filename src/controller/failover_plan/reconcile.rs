@@ -18,6 +18,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
+use super::RETRY_ANNOTATION;
 use super::members::{self, now};
 use super::planner::{self, Input, Note};
 use super::webhook::{self, Payload};
@@ -212,6 +213,10 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
             spec: &fp.spec,
             status: &status,
             approvals: approvals.clone(),
+            retry: fp
+                .annotations()
+                .get(RETRY_ANNOTATION)
+                .map(|s| s.trim().to_string()),
             groups: resolved.groups.clone(),
             conflicts: resolved.conflicts.clone(),
             missing: resolved.missing.clone(),

@@ -61,6 +61,8 @@ pub struct Input<'a> {
     pub status: &'a FailoverPlanStatus,
     /// `<group>/<action>` values of the `twinsite.io/approve` annotation.
     pub approvals: Vec<String>,
+    /// The `twinsite.io/retry` annotation: the name of a failed plan job to run again.
+    pub retry: Option<String>,
     /// Members per group, in spec order.
     pub groups: Vec<Vec<Member>>,
     /// Conflicts found (a VM in two plans, a VM whose own activeSite disagrees).
@@ -251,9 +253,12 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
                 format!("plan job {} is running", j.name)
             } else if let Some(j) = failed {
                 format!(
-                    "plan job {} failed: {}; fix the cause and change the plan to run it again",
+                    "plan job {} failed: {}; fix the cause, then run it again with \
+                     kubectl annotate fp {} twinsite.io/retry={} (or change the plan's spec)",
                     j.name,
-                    j.message.clone().unwrap_or_default()
+                    j.message.clone().unwrap_or_default(),
+                    input.name,
+                    j.name
                 )
             } else {
                 format!("every VM of the plan is at {}", input.spec.target_site)
@@ -338,6 +343,7 @@ pub fn plan(input: &Input) -> Action {
                 || j.target_site.as_deref() != Some(&input.spec.target_site)
                 || j.state == JobState::Succeeded
                 || input.status.observed_generation != input.generation
+                || (j.state == JobState::Failed && input.retry.as_deref() == Some(&j.name))
         });
         if input.conflicts.is_empty() && new_spec && work_remains(input, t) {
             let name = next_job_name(input.name, t, &st.jobs);

@@ -55,6 +55,7 @@ fn drive(
             spec,
             status,
             approvals: approvals.iter().map(|s| s.to_string()).collect(),
+            retry: None,
             groups: groups.to_vec(),
             conflicts: vec![],
             missing: vec![],
@@ -268,6 +269,7 @@ fn conflicts_block_everything() {
         spec: &sp,
         status: &st,
         approvals: vec![],
+        retry: None,
         groups: vec![vec![member("db-1", "primary")]],
         conflicts: vec!["db-1 is also selected by plan other".into()],
         missing: vec![],
@@ -376,6 +378,7 @@ fn a_conflict_holds_a_running_job() {
         spec: &sp,
         status: &st,
         approvals: vec![],
+        retry: None,
         groups: groups.clone(),
         conflicts: vec!["web-1 is also in plan other".into()],
         missing: vec![],
@@ -408,6 +411,7 @@ fn a_missing_member_is_reported_and_waited_for() {
         spec: &sp,
         status: &st,
         approvals: vec![],
+        retry: None,
         groups: groups.clone(),
         conflicts: vec![],
         missing: vec!["db-1".into()],
@@ -479,4 +483,50 @@ fn webhook_call_names_its_stage() {
     assert_eq!(call.stage, "post");
     assert_eq!(call.direction, "failover");
     assert_eq!(call.target_site, "secondary");
+}
+
+#[test]
+fn a_failed_job_runs_again_when_the_retry_annotation_names_it() {
+    let sp = with_webhook(FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![
+        vec![member("db-1", "secondary")],
+        vec![member("web-1", "primary")],
+    ];
+    let Action::CallWebhook(call) = drive(&sp, &mut st, &groups, &[]) else {
+        panic!("expected a webhook call");
+    };
+    st = record_webhook(&st, &call, Err("HTTP 500".into()), t(99)).0;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].state, JobState::Failed);
+    let failed = st.jobs[0].name.clone();
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready
+            .message
+            .contains(&format!("twinsite.io/retry={failed}"))
+    );
+
+    let retry = |st: &FailoverPlanStatus, name: &str| {
+        plan(&Input {
+            name: "app",
+            generation: Some(2),
+            spec: &sp,
+            status: st,
+            approvals: vec![],
+            retry: Some(name.into()),
+            groups: groups.clone(),
+            conflicts: vec![],
+            missing: vec![],
+            now: t(200),
+        })
+    };
+    // A retry naming another job does nothing.
+    assert!(matches!(retry(&st, "app-failover-7"), Action::Idle(_)));
+    let Action::Write(next, _) = retry(&st, &failed) else {
+        panic!("expected a new job");
+    };
+    assert_eq!(next.jobs.len(), 2);
+    assert_eq!(next.jobs[1].state, JobState::Running);
+    assert_eq!(next.jobs[1].name, "app-failover-2");
 }
