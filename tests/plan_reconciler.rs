@@ -392,7 +392,7 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
         job,
         target,
         failover,
-    } = failover_plan::hold(web1, &plans, &vms)
+    } = failover_plan::hold(web1, &plans)
     else {
         panic!("web-1 should be released for the failover");
     };
@@ -400,7 +400,7 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
     assert_eq!(job, newest_job(&fp).unwrap().name);
     assert_eq!(failover.type_, twinsite::api::FailoverType::Planned);
     assert_eq!(
-        failover_plan::hold(batch, &plans, &vms),
+        failover_plan::hold(batch, &plans),
         failover_plan::Hold::Free
     );
 
@@ -736,7 +736,7 @@ async fn a_vm_in_two_plans_is_a_conflict_on_both_and_nothing_moves() {
     let vms = env.rvms.list(&ListParams::default()).await.unwrap().items;
     let plans = vec![a.clone(), b.clone()];
     assert!(matches!(
-        failover_plan::hold(&vms[0], &plans, &vms),
+        failover_plan::hold(&vms[0], &plans),
         failover_plan::Hold::Conflict { .. }
     ));
     // With a job of a running: the conflict holds it where it was.
@@ -854,7 +854,7 @@ async fn a_plan_drill_and_its_cleanup() {
         .find(|r| r.metadata.name.as_deref() == Some("db-1"))
         .unwrap();
     assert_eq!(
-        failover_plan::hold(db, &plans, &vms),
+        failover_plan::hold(db, &plans),
         failover_plan::Hold::Drill {
             plan: "app".into(),
             job: drill.name.clone(),

@@ -220,17 +220,34 @@ pub enum Hold {
     Conflict { message: String },
 }
 
-/// How the plans of the VM's namespace hold `rvm`. The ReplicatedVM reconciler calls this with
-/// the plans of the VM's namespace and acts on the answer.
-pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan], rvms: &[ReplicatedVM]) -> Hold {
+/// How many groups of `plan` select `rvm` (by name or by label); an invalid selector selects
+/// nothing.
+fn groups_selecting(plan: &FailoverPlan, rvm: &ReplicatedVM) -> usize {
     let name = rvm.name_any();
+    let empty = BTreeMap::new();
+    let labels = rvm.metadata.labels.as_ref().unwrap_or(&empty);
+    plan.spec
+        .groups
+        .iter()
+        .filter(|g| {
+            g.vms.contains(&name)
+                || g.selector.as_ref().is_some_and(|sel| {
+                    Selector::try_from(sel.clone()).is_ok_and(|sel| sel.matches(labels))
+                })
+        })
+        .count()
+}
+
+/// How the plans of the VM's namespace hold `rvm`. The ReplicatedVM reconciler calls this with
+/// the plans of the VM's namespace (plans of other namespaces are ignored) and acts on the
+/// answer.
+pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
+    let name = rvm.name_any();
+    let ns = rvm.namespace();
     let mut holders: Vec<&FailoverPlan> = Vec::new();
     let mut in_two_groups = None;
-    for p in plans {
-        let Ok(groups) = selected(p, rvms) else {
-            continue;
-        };
-        let count = groups.iter().filter(|g| g.contains(&name)).count();
+    for p in plans.iter().filter(|p| p.namespace() == ns) {
+        let count = groups_selecting(p, rvm);
         if count > 0 {
             holders.push(p);
         }
@@ -395,7 +412,7 @@ mod tests {
             "{:?}",
             rb.conflicts
         );
-        let Hold::Conflict { message } = hold(&rvms[0], &plans, &rvms) else {
+        let Hold::Conflict { message } = hold(&rvms[0], &plans) else {
             panic!("expected a conflict");
         };
         assert!(message.contains("a, b"));
@@ -415,7 +432,7 @@ mod tests {
         assert_eq!(r.conflicts.len(), 1);
         assert!(r.conflicts[0].contains("two groups"));
         assert!(matches!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Conflict { .. }
         ));
     }
@@ -427,7 +444,7 @@ mod tests {
         let r = resolve(&a, std::slice::from_ref(&a), &rvms);
         assert!(r.conflicts[0].contains("spec.activeSite primary"));
         assert!(matches!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Conflict { .. }
         ));
         // A target that is neither of the VM's sites conflicts too.
@@ -442,9 +459,9 @@ mod tests {
     fn hold_follows_the_plan_status() {
         let rvms = vec![rvm("db-1", &[], None), rvm("loose", &[], None)];
         let mut a = fp("a", vec![group("db", &["db-1"], None)]);
-        assert_eq!(hold(&rvms[1], std::slice::from_ref(&a), &rvms), Hold::Free);
+        assert_eq!(hold(&rvms[1], std::slice::from_ref(&a)), Hold::Free);
         assert_eq!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Held { plan: "a".into() }
         );
         let job = |t: JobType| Job {
@@ -475,13 +492,13 @@ mod tests {
         };
         a.status = Some(st.clone());
         assert_eq!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Held { plan: "a".into() }
         );
         st.groups[0].vms[0].state = planner::VM_RELEASED.into();
         a.status = Some(st.clone());
         assert_eq!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Failover {
                 plan: "a".into(),
                 job: "a-failover-1".into(),
@@ -492,7 +509,7 @@ mod tests {
         st.jobs = vec![job(JobType::PlanTestFailover)];
         a.status = Some(st.clone());
         assert_eq!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::Drill {
                 plan: "a".into(),
                 job: "a-failover-1".into(),
@@ -502,7 +519,7 @@ mod tests {
         st.jobs = vec![job(JobType::PlanTestFailoverCleanup)];
         a.status = Some(st);
         assert_eq!(
-            hold(&rvms[0], std::slice::from_ref(&a), &rvms),
+            hold(&rvms[0], std::slice::from_ref(&a)),
             Hold::DrillCleanup {
                 plan: "a".into(),
                 job: "a-failover-1".into()
