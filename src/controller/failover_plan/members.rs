@@ -457,7 +457,7 @@ mod tests {
 
     #[test]
     fn hold_follows_the_plan_status() {
-        let rvms = vec![rvm("db-1", &[], None), rvm("loose", &[], None)];
+        let rvms = [rvm("db-1", &[], None), rvm("loose", &[], None)];
         let mut a = fp("a", vec![group("db", &["db-1"], None)]);
         assert_eq!(hold(&rvms[1], std::slice::from_ref(&a)), Hold::Free);
         assert_eq!(
