@@ -56,23 +56,21 @@ impl Env {
         );
         kubectl(cp, &["create", "namespace", &ns]);
         let client = cp.client().await.unwrap();
-        let task = {
-            let client = client.clone();
-            let ns = ns.clone();
-            tokio::spawn(async move {
-                failover_plan::run_in_namespace(client, &ns, std::future::pending())
-                    .await
-                    .unwrap();
-            })
-        };
         Self {
             cp,
             plans: Api::namespaced(client.clone(), &ns),
             rvms: Api::namespaced(client.clone(), &ns),
-            events: Api::namespaced(client, &ns),
+            events: Api::namespaced(client.clone(), &ns),
+            _ctrl: start_controller(client, &ns),
             ns,
-            _ctrl: Controller(task),
         }
+    }
+
+    /// Stops the plan controller and starts a new one, as a controller restart would.
+    async fn restart_controller(&mut self) {
+        self._ctrl.0.abort();
+        let client = self.cp.client().await.unwrap();
+        self._ctrl = start_controller(client, &self.ns);
     }
 
     /// `kubectl apply` of a manifest in this namespace.
@@ -181,6 +179,15 @@ impl Env {
             .filter_map(|e| e.reason)
             .collect()
     }
+}
+
+fn start_controller(client: kube::Client, ns: &str) -> Controller {
+    let ns = ns.to_string();
+    Controller(tokio::spawn(async move {
+        failover_plan::run_in_namespace(client, &ns, std::future::pending())
+            .await
+            .unwrap();
+    }))
 }
 
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
@@ -1028,4 +1035,71 @@ async fn a_plan_of_many_vms_moves_group_after_group() {
             );
         }
     }
+}
+
+#[tokio::test]
+async fn a_restarted_controller_resumes_the_plan_from_its_status() {
+    let mut env = Env::new("restart").await;
+    env.vm("db-1", "", "").await;
+    env.vm("web-1", "", "").await;
+    env.apply(&plan_yaml(
+        "app",
+        "  groups:\n  - name: db\n    vms: [db-1]\n  - name: web\n    vms: [web-1]\n",
+    ));
+    let fp = env
+        .wait("app", "db released", |fp| {
+            vm_state(fp, "db-1") == planner::VM_RELEASED
+        })
+        .await;
+    let job = newest_job(&fp).unwrap().name.clone();
+    env._ctrl.0.abort();
+    // The VM arrives while no controller runs.
+    env.vm_moved("db-1", "secondary", "Succeeded").await;
+    env.restart_controller().await;
+    let fp = env
+        .wait("app", "web released after the restart", |fp| {
+            vm_state(fp, "web-1") == planner::VM_RELEASED
+        })
+        .await;
+    let jobs = &fp.status.as_ref().unwrap().jobs;
+    assert_eq!(jobs.len(), 1, "the same job goes on");
+    assert_eq!(jobs[0].name, job);
+}
+
+#[tokio::test]
+async fn a_webhook_that_does_not_answer_in_time_fails() {
+    let env = Env::new("hookslow").await;
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            open.push(sock);
+        }
+    });
+    struct Abort(JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _silent = Abort(silent);
+    env.vm("db-1", "", "").await;
+    env.apply(&plan_yaml(
+        "app",
+        &format!(
+            "  groups:\n  - name: db\n    vms: [db-1]\n    preActions:\n    - name: check\n      \
+             webhook: {{url: \"http://{addr}/hook\", timeoutSeconds: 1}}\n"
+        ),
+    ));
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(msg.contains("no answer within 1s"), "{msg}");
+    assert_eq!(vm_state(&fp, "db-1"), planner::VM_PENDING);
 }
