@@ -399,6 +399,7 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
         job,
         target,
         failover,
+        cut,
     } = failover_plan::hold(web1, &plans)
     else {
         panic!("web-1 should be released for the failover");
@@ -406,6 +407,7 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
     assert_eq!((plan.as_str(), target.as_str()), ("app", "secondary"));
     assert_eq!(job, newest_job(&fp).unwrap().name);
     assert_eq!(failover.type_, twinsite::api::FailoverType::Planned);
+    assert_eq!(cut, None, "a planned failover needs no cut");
     assert_eq!(
         failover_plan::hold(batch, &plans),
         failover_plan::Hold::Free

@@ -199,12 +199,15 @@ pub enum Hold {
     Held { plan: String },
     /// Released for a plan failover: the desired site is `target`, reached with the plan's
     /// failover settings (type, shutdownSource, recoveryPoint, commit) instead of the VM's.
-    /// `job` is the plan job, for the VM's job records.
+    /// `job` is the plan job, for the VM's job records. `cut` (Unplanned from LatestProcessed)
+    /// names the consistent cut the VM's recovery point must come from: one cut per source
+    /// site over every VM of the plan (`status.groups[].vms`) failing over from that site.
     Failover {
         plan: String,
         job: String,
         target: String,
         failover: FailoverSpec,
+        cut: Option<String>,
     },
     /// Released for a plan drill: a drill copy at the other site on the plan's drill network;
     /// the VM itself stays at status.activeSite.
@@ -285,6 +288,7 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
         .last()
         .map(|j| j.name.clone())
         .unwrap_or_default();
+    let cut = status.jobs.last().and_then(|j| j.cut_id.clone());
     match planner::released_target(&status, &name) {
         Some((JobType::PlanTestFailover, _)) => Hold::Drill {
             plan: plan_name,
@@ -300,6 +304,7 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
             job,
             target,
             failover: plan.spec.failover.clone(),
+            cut,
         },
         None => Hold::Held { plan: plan_name },
     }
@@ -504,6 +509,7 @@ mod tests {
                 job: "a-failover-1".into(),
                 target: "secondary".into(),
                 failover: FailoverSpec::default(),
+                cut: None,
             }
         );
         st.jobs = vec![job(JobType::PlanTestFailover)];

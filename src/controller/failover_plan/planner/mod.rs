@@ -358,7 +358,7 @@ pub fn plan(input: &Input) -> Action {
                 end_time: None,
                 recovery_point: None,
                 recovery_point_age_seconds: None,
-                cut_id: None,
+                cut_id: consistent_cut(input.spec, t, &name),
                 message: None,
                 steps: step_names(input.spec, with_actions)
                     .into_iter()
@@ -624,6 +624,16 @@ pub fn plan(input: &Input) -> Action {
     }
     settle(input, &mut st, waiting);
     write_or_idle(input, st, notes)
+}
+
+/// The consistent cut of an Unplanned plan failover from LatestProcessed: every member that
+/// fails over from one source site comes back from recovery points cut at one instant, named
+/// by this id (the ReplicatedVM controller asks the site for the cut by it).
+fn consistent_cut(spec: &FailoverPlanSpec, t: JobType, job: &str) -> Option<String> {
+    (t == JobType::PlanFailover
+        && spec.failover.type_ == FailoverType::Unplanned
+        && spec.failover.recovery_point == "LatestProcessed")
+        .then(|| format!("{job}-cut"))
 }
 
 /// After a drill's cleanup: the drill counts as done, with the members' outcome.

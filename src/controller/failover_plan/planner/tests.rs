@@ -530,3 +530,16 @@ fn a_failed_job_runs_again_when_the_retry_annotation_names_it() {
     assert_eq!(next.jobs[1].state, JobState::Running);
     assert_eq!(next.jobs[1].name, "app-failover-2");
 }
+
+#[test]
+fn an_unplanned_plan_from_latest_processed_names_a_consistent_cut() {
+    let mut sp = spec(vec![group("db", &["db-1"])], FailoverType::Unplanned);
+    let groups = vec![vec![member("db-1", "primary")]];
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].cut_id, None, "Latest needs no cut");
+    sp.failover.recovery_point = "LatestProcessed".into();
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].cut_id.as_deref(), Some("app-failover-1-cut"));
+}
