@@ -25,8 +25,8 @@ pub struct Payload {
     pub job: String,
 }
 
-/// An HTTP client for webhooks: no redirects (a POST is not replayed elsewhere), no pooling
-/// surprises across plans.
+/// An HTTP client for webhooks: no redirects (a POST is not replayed elsewhere; a 3xx is a
+/// failure like any other non-2xx answer).
 pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     crate::init_crypto();
     reqwest::Client::builder()
