@@ -96,13 +96,13 @@ mod tests {
         use RecoveryPointKind::*;
         let now = Timestamp::from_second(1_000_000 * 3600).unwrap();
         let pts = vec![
-            p(1, 300, CrashConsistent),    // 5h ago: beyond a 4h window
-            p(2, 150, CrashConsistent),    // hour -3
-            p(3, 140, CrashConsistent),    // hour -3, newer: hourly
-            p(4, 100, AppConsistent),      // hour -2
-            p(5, 90, CrashConsistent),     // hour -2, newest of hour: hourly
-            p(6, 30, CrashConsistent),     // last hour
-            p(7, 1, CrashConsistent),      // newest
+            p(1, 300, CrashConsistent), // 5h ago: beyond a 4h window
+            p(2, 150, CrashConsistent), // hour -3
+            p(3, 140, CrashConsistent), // hour -3, newer: hourly
+            p(4, 100, AppConsistent),   // hour -2
+            p(5, 90, CrashConsistent),  // hour -2, newest of hour: hourly
+            p(6, 30, CrashConsistent),  // last hour
+            p(7, 1, CrashConsistent),   // newest
         ];
         let plan4 = plan(&pts, now, 4);
         assert_eq!(plan4.delete, vec![1, 2]);

@@ -67,7 +67,8 @@ impl Tracker {
         if blocks.is_empty() {
             return Ok(());
         }
-        self.journal.write_all(&encode(disk, blocks.start, blocks.end - blocks.start))?;
+        self.journal
+            .write_all(&encode(disk, blocks.start, blocks.end - blocks.start))?;
         self.journal.sync_data()?;
         if let Some(b) = self.dirty.get_mut(disk) {
             for i in blocks {

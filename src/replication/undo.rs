@@ -153,7 +153,10 @@ mod tests {
         let size = 4 * BLOCK_SIZE;
         let img = create(&d.path().join("img")).unwrap();
         img.set_len(size).unwrap();
-        let fill = |b: u64, v: u8| img.write_all_at(&vec![v; BLOCK_SIZE as usize], b * BLOCK_SIZE).unwrap();
+        let fill = |b: u64, v: u8| {
+            img.write_all_at(&vec![v; BLOCK_SIZE as usize], b * BLOCK_SIZE)
+                .unwrap()
+        };
         fill(0, 1);
         fill(1, 1);
         write(d.path(), "a", 0, &img, size, &[0, 1]).unwrap(); // state 1

@@ -106,7 +106,11 @@ impl AgentClient {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<(), SiteError> {
-        let path = format!("/v1/vms/{}/disks/{}/data?offset={offset}", enc(vm), enc(disk));
+        let path = format!(
+            "/v1/vms/{}/disks/{}/data?offset={offset}",
+            enc(vm),
+            enc(disk)
+        );
         let req = self.request(Method::PUT, &path, LONG_TIMEOUT).body(data);
         self.send(req).await.map(|_| ())
     }
@@ -196,12 +200,7 @@ impl SiteProvider for AgentClient {
         })
     }
 
-    fn power<'a>(
-        &'a self,
-        vm: &'a str,
-        action: PowerAction,
-        op_id: &'a str,
-    ) -> SiteFuture<'a, Vm> {
+    fn power<'a>(&'a self, vm: &'a str, action: PowerAction, op_id: &'a str) -> SiteFuture<'a, Vm> {
         Box::pin(async move {
             let path = format!("/v1/vms/{}/power", enc(vm));
             let body = PowerRequest {

@@ -52,8 +52,7 @@ pub trait SiteProvider: Send + Sync {
     /// Removes a VM that does not run, with its recovery points.
     fn delete_vm<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, ()>;
     /// Start, Shutdown (graceful; needs integration services) or PowerOff.
-    fn power<'a>(&'a self, vm: &'a str, action: PowerAction, op_id: &'a str)
-    -> SiteFuture<'a, Vm>;
+    fn power<'a>(&'a self, vm: &'a str, action: PowerAction, op_id: &'a str) -> SiteFuture<'a, Vm>;
     /// At the source: starts replication to the peer (answers at once).
     fn enable_replication<'a>(
         &'a self,
@@ -63,8 +62,11 @@ pub trait SiteProvider: Send + Sync {
     /// At the source: sends everything not yet sent and returns the acknowledged point.
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult>;
     /// At either side: stops cycles (source) or stops accepting (replica).
-    fn stop_replication<'a>(&'a self, vm: &'a str, op_id: &'a str)
-    -> SiteFuture<'a, ReplicationInfo>;
+    fn stop_replication<'a>(
+        &'a self,
+        vm: &'a str,
+        op_id: &'a str,
+    ) -> SiteFuture<'a, ReplicationInfo>;
     /// At the replica: recovery points, oldest first.
     fn recovery_points<'a>(&'a self, vm: &'a str) -> SiteFuture<'a, Vec<RecoveryPoint>>;
     /// At the replica: brings the VM up from a recovery point.

@@ -337,7 +337,12 @@ mod tests {
 
     #[test]
     fn selector_round_trips_as_string() {
-        for s in ["Latest", "LatestProcessed", "LatestAppConsistent", "rp-000003"] {
+        for s in [
+            "Latest",
+            "LatestProcessed",
+            "LatestAppConsistent",
+            "rp-000003",
+        ] {
             let sel: RecoveryPointSelector = serde_json::from_value(s.into()).unwrap();
             assert_eq!(serde_json::to_value(&sel).unwrap(), serde_json::json!(s));
         }
