@@ -13,7 +13,7 @@ enum Command {
     /// Run the controller that reconciles Site, ReplicatedVM and FailoverPlan objects.
     Controller,
     /// Run a site agent: it holds a site's VMs and replicates them to a peer site.
-    Agent,
+    Agent(twinsite::agent::AgentArgs),
     /// Print the three CustomResourceDefinitions as YAML.
     Crds,
 }
@@ -24,7 +24,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
-        Command::Controller | Command::Agent => anyhow::bail!("not built yet"),
+        Command::Agent(args) => twinsite::agent::run(args).await?,
+        Command::Controller => anyhow::bail!("not built yet"),
     }
     Ok(())
 }
