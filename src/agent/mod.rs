@@ -1,8 +1,10 @@
 //! The site agent: an HTTP server that owns one site's VMs (disks as sparse files, power state,
 //! role) and answers the controller. All state lives under the data directory.
 //!
-//! Replication routes (enable, sync, failover, ...) are not served yet: they answer 501.
+//! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
+mod driver;
+mod replica;
 mod store;
 
 use std::net::SocketAddr;
@@ -104,9 +106,20 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<T, ApiError>;
 
+type Drivers = std::collections::HashMap<
+    String,
+    (
+        tokio::sync::mpsc::Sender<driver::SyncReply>,
+        tokio::task::JoinHandle<()>,
+    ),
+>;
+
 struct AppState {
+    site: String,
+    data_dir: PathBuf,
     token: String,
     store: Mutex<Store>,
+    drivers: Mutex<Drivers>,
 }
 
 type Shared = Arc<AppState>;
@@ -123,11 +136,24 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if token.is_empty() {
         return Err(AgentError::EmptyToken);
     }
-    let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    store.recover()?;
+    let outbound: Vec<String> = store
+        .vms
+        .iter()
+        .filter(|(_, r)| r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
+        .map(|(n, _)| n.clone())
+        .collect();
     let state = Arc::new(AppState {
+        site: args.site.clone(),
+        data_dir: args.data_dir.clone(),
         token,
         store: Mutex::new(store),
+        drivers: Mutex::new(Default::default()),
     });
+    for vm in outbound {
+        driver::spawn(&state, &vm);
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(AgentError::Listen)?;
@@ -163,12 +189,18 @@ fn router(state: Shared) -> Router {
             put(write_disk).get(read_disk),
         )
         .route("/vms/{vm}/disks/{disk}/digest", get(digest))
-        .route("/vms/{vm}/recovery-points", get(not_built))
-        .route("/vms/{vm}/replication/{op}", post(not_built))
-        .route("/vms/{vm}/failover", post(not_built))
-        .route("/vms/{vm}/test-failover", post(not_built))
-        .route("/vms/{vm}/test-failover/cleanup", post(not_built))
-        .route("/vms/{vm}/commit", post(not_built))
+        .route("/vms/{vm}/recovery-points", get(recovery_points))
+        .route("/vms/{vm}/replication/enable", post(enable))
+        .route("/vms/{vm}/replication/sync", post(sync))
+        .route("/vms/{vm}/replication/stop", post(stop))
+        .route("/vms/{vm}/failover", post(failover))
+        .route("/vms/{vm}/test-failover", post(test_failover))
+        .route("/vms/{vm}/test-failover/cleanup", post(test_cleanup))
+        .route("/vms/{vm}/commit", post(commit))
+        .route("/replica/{vm}/begin", post(replica_begin))
+        .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
+        .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
+        .route("/replica/{vm}/commit", post(replica_commit))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
@@ -216,13 +248,6 @@ async fn with_store<T: Send + 'static>(
     })
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-}
-
-async fn not_built() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "replication is not available in this agent build",
-    )
 }
 
 async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
@@ -324,6 +349,250 @@ async fn digest(
             sha256: s.digest(&vm, &disk)?,
         })
         .into_response())
+    })
+    .await
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
+}
+
+async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| {
+        Ok(Json(crate::site::RecoveryPointList {
+            recovery_points: s.recovery_points(&vm)?,
+        })
+        .into_response())
+    })
+    .await
+}
+
+async fn enable(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.interval_seconds == 0 {
+        return Err(ApiError::bad("intervalSeconds must be positive"));
+    }
+    if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
+        return Err(ApiError::bad("peerUrl must be an http(s) URL"));
+    }
+    let vm2 = vm.clone();
+    let resp = with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id.clone()), |s| {
+            let r = s.rec_mut(&vm2)?;
+            if r.meta.role != crate::site::Role::Primary {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm2} is not a primary here"
+                )));
+            }
+            let mode = req.mode;
+            r.meta.inbound = None;
+            r.meta.outbound = Some(replica::Outbound {
+                peer_site: req.peer_site.clone(),
+                peer_url: req.peer_url.clone(),
+                peer_token: req.peer_token.clone(),
+                interval_seconds: req.interval_seconds,
+                retention_hours: req.recovery_point_retention_hours,
+                app_consistent_hours: req.app_consistent_frequency_hours,
+                state: match mode {
+                    crate::site::ReplicationMode::Initial => {
+                        crate::site::ReplicationState::InitialReplication
+                    }
+                    crate::site::ReplicationMode::Resync => {
+                        crate::site::ReplicationState::Resynchronizing
+                    }
+                },
+                bulk: Some(mode),
+                stopped: false,
+                last_sync_time: None,
+                last_app_consistent: None,
+                bytes_sent: 0,
+                blocks_resent: 0,
+                last_error: None,
+            });
+            s.save(&vm2)?;
+            to_json(s.vm(&vm2)?.replication)
+        })
+    })
+    .await?;
+    driver::spawn(&st, &vm);
+    Ok((StatusCode::ACCEPTED, resp).into_response())
+}
+
+/// Runs an async operation once per id, storing its answer.
+async fn once(
+    st: &Shared,
+    op: &str,
+    f: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
+) -> ApiResult<Response> {
+    let id = op.to_string();
+    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(&id))).await? {
+        return Ok(Json(v).into_response());
+    }
+    let v = f.await?;
+    let id = op.to_string();
+    let v2 = v.clone();
+    with_store(st, move |s| s.op_save(&id, &v2)).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn sync(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    let vm2 = vm.clone();
+    with_store(&st, move |s| s.rec(&vm2).map(|_| ())).await?;
+    once(&st, &req.operation_id, async {
+        let rp = driver::sync_now(&st, &vm).await?;
+        to_json(crate::site::SyncResult { recovery_point: rp })
+    })
+    .await
+}
+
+async fn stop(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    driver::stop(&st, &vm);
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            s.stop_inbound(&vm)?;
+            to_json(s.vm(&vm)?.replication)
+        })
+    })
+    .await
+}
+
+async fn failover(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let rp = s.failover(&vm, &req.recovery_point)?;
+            to_json(crate::site::FailoverResult { recovery_point: rp })
+        })
+    })
+    .await
+}
+
+async fn test_failover(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
+            to_json(crate::site::TestFailoverResult {
+                vm_name,
+                recovery_point: rp,
+            })
+        })
+    })
+    .await
+}
+
+async fn test_cleanup(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let (vm_name, deleted) = s.test_cleanup(&vm)?;
+            to_json(crate::site::CleanupResult { vm_name, deleted })
+        })
+    })
+    .await
+}
+
+async fn commit(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let n = s.commit_points(&vm)?;
+            to_json(crate::site::CommitResult {
+                deleted_recovery_points: n,
+            })
+        })
+    })
+    .await
+}
+
+async fn replica_begin(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<replica::BeginCycle>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.begin(&vm, &req)?;
+        Ok(Json(serde_json::json!({})).into_response())
+    })
+    .await
+}
+
+async fn replica_hashes(
+    State(st): State<Shared>,
+    Path((vm, disk)): Path<(String, usize)>,
+) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+}
+
+#[derive(Deserialize)]
+struct BulkQuery {
+    #[serde(default)]
+    bulk: bool,
+}
+
+async fn replica_blocks(
+    State(st): State<Shared>,
+    Path((vm, cycle)): Path<(String, String)>,
+    Query(q): Query<BulkQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let bulk = q.bulk;
+    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body)).await?;
+    if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
+        hang_if_marked(&st).await;
+    }
+    Ok(Json(res).into_response())
+}
+
+/// Test-only fault injection: while `hang-blocks` exists in the data dir, a cycle's block batch
+/// is staged but never answered, so a test can kill the agent mid-cycle.
+async fn hang_if_marked(st: &Shared) {
+    let dir = st.data_dir.clone();
+    if dir.join("hang-blocks").exists() {
+        let _ = std::fs::write(dir.join("hang-reached"), b"");
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn replica_commit(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<replica::CommitCycle>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        Ok(Json(s.commit_cycle(&vm, &req)?).into_response())
     })
     .await
 }

@@ -21,36 +21,39 @@ use serde::{Deserialize, Serialize};
 use super::{ApiError, ApiResult};
 use crate::replication::tracker::{Tracker, sync_dir};
 use crate::replication::{blocks_of_range, sha256_file};
-use crate::site::{
-    CreateVm, DeleteResult, DiskSpec, Power, PowerAction, RecoveryPointsSummary, ReplicationInfo,
-    Role, Vm, VmList,
-};
+use crate::site::{CreateVm, DeleteResult, DiskSpec, Power, PowerAction, Role, Vm, VmList};
 
 /// Persisted part of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct VmMeta {
-    name: String,
-    power: Power,
-    role: Role,
-    integration_services: bool,
-    disks: Vec<DiskSpec>,
+pub(super) struct VmMeta {
+    pub(super) name: String,
+    pub(super) power: Power,
+    pub(super) role: Role,
+    pub(super) integration_services: bool,
+    pub(super) disks: Vec<DiskSpec>,
     #[serde(default)]
-    network: Option<String>,
+    pub(super) network: Option<String>,
+    /// Outbound replication (at the source).
+    #[serde(default)]
+    pub(super) outbound: Option<super::replica::Outbound>,
+    /// Inbound replication and recovery points (at the replica).
+    #[serde(default)]
+    pub(super) inbound: Option<super::replica::Inbound>,
 }
 
-struct VmRec {
-    meta: VmMeta,
-    disks: Vec<File>,
-    tracker: Tracker,
+pub(super) struct VmRec {
+    pub(super) meta: VmMeta,
+    pub(super) disks: Vec<File>,
+    pub(super) tracker: Tracker,
 }
 
 /// Every VM of the site.
 pub struct Store {
-    root: PathBuf,
-    site: String,
+    pub(super) root: PathBuf,
+    pub(super) site: String,
     max_disk_bytes: u64,
-    vms: BTreeMap<String, VmRec>,
+    pub(super) vms: BTreeMap<String, VmRec>,
 }
 
 /// A stored answer of an operation.
@@ -69,7 +72,7 @@ fn valid_name(n: &str) -> bool {
 }
 
 /// Writes `value` to `path` so that a crash leaves either the old or the new file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = File::create(&tmp)?;
     f.write_all(bytes)?;
@@ -117,11 +120,11 @@ impl Store {
         })
     }
 
-    fn vm_dir(&self, vm: &str) -> PathBuf {
+    pub(super) fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
     }
 
-    fn rec(&self, vm: &str) -> ApiResult<&VmRec> {
+    pub(super) fn rec(&self, vm: &str) -> ApiResult<&VmRec> {
         self.vms
             .get(vm)
             .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
@@ -134,9 +137,9 @@ impl Store {
             role: r.meta.role,
             integration_services: r.meta.integration_services,
             disks: r.meta.disks.clone(),
-            replication: ReplicationInfo::default(),
-            recovery_points: RecoveryPointsSummary::default(),
-            test_copy: None,
+            replication: super::replica::replication_info(r),
+            recovery_points: super::replica::rp_summary(r),
+            test_copy: self.test_copy_of(r),
             network: r.meta.network.clone(),
         }
     }
@@ -193,6 +196,8 @@ impl Store {
             integration_services: spec.integration_services,
             disks: spec.disks.clone(),
             network: None,
+            outbound: None,
+            inbound: None,
         };
         let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
         let v = self.view(&rec);
@@ -202,7 +207,7 @@ impl Store {
 
     /// Builds the VM in a temporary directory and renames it into place, so a crash never
     /// leaves half a VM.
-    fn materialize(&self, vm: &str, meta: VmMeta) -> io::Result<VmRec> {
+    pub(super) fn materialize(&self, vm: &str, meta: VmMeta) -> io::Result<VmRec> {
         let tmp = self.root.join("vms").join(format!(".tmp-{vm}"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -221,7 +226,7 @@ impl Store {
         open_vm(&dst, meta)
     }
 
-    fn save(&self, vm: &str) -> ApiResult<()> {
+    pub(super) fn save(&self, vm: &str) -> ApiResult<()> {
         let r = self.rec(vm)?;
         let bytes = serde_json::to_vec_pretty(&r.meta).map_err(|e| ApiError::io(e.into()))?;
         write_atomic(&self.vm_dir(vm).join("vm.json"), &bytes).map_err(ApiError::io)
@@ -331,38 +336,50 @@ impl Store {
         sha256_file(&self.rec(vm)?.disks[i], size).map_err(ApiError::io)
     }
 
+    fn op_path(&self, id: &str) -> PathBuf {
+        self.root
+            .join("ops")
+            .join(format!("{}.json", hex::encode(id)))
+    }
+
+    /// The stored answer of operation `id`, if it finished.
+    pub(super) fn op_lookup(&self, id: &str) -> Option<serde_json::Value> {
+        let bytes = fs::read(self.op_path(id)).ok()?;
+        serde_json::from_slice::<OpRecord>(&bytes)
+            .ok()
+            .map(|r| r.body)
+    }
+
+    /// Stores the answer of operation `id`, durably.
+    pub(super) fn op_save(&self, id: &str, body: &serde_json::Value) -> ApiResult<()> {
+        let rec = OpRecord {
+            status: 200,
+            body: body.clone(),
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
+        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
+    }
+
     /// Runs `f` once per operation id: a repeated id answers the stored result.
     pub fn idempotent(
         &mut self,
         op_id: Option<&str>,
         f: impl FnOnce(&mut Self) -> ApiResult<serde_json::Value>,
     ) -> ApiResult<Response> {
-        let path = op_id.map(|id| {
-            self.root
-                .join("ops")
-                .join(format!("{}.json", hex::encode(id)))
-        });
-        if let Some(p) = &path
-            && let Ok(bytes) = fs::read(p)
-            && let Ok(rec) = serde_json::from_slice::<OpRecord>(&bytes)
+        if let Some(id) = op_id
+            && let Some(v) = self.op_lookup(id)
         {
-            let status = StatusCode::from_u16(rec.status).unwrap_or(StatusCode::OK);
-            return Ok((status, Json(rec.body)).into_response());
+            return Ok(Json(v).into_response());
         }
         let body = f(self)?;
-        if let Some(p) = &path {
-            let rec = OpRecord {
-                status: 200,
-                body: body.clone(),
-            };
-            let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
-            write_atomic(p, &bytes).map_err(ApiError::io)?;
+        if let Some(id) = op_id {
+            self.op_save(id, &body)?;
         }
         Ok(Json(body).into_response())
     }
 }
 
-fn open_vm(dir: &Path, meta: VmMeta) -> io::Result<VmRec> {
+pub(super) fn open_vm(dir: &Path, meta: VmMeta) -> io::Result<VmRec> {
     let mut disks = Vec::new();
     for d in &meta.disks {
         disks.push(

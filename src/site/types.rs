@@ -68,6 +68,13 @@ pub struct ReplicationInfo {
     pub bytes_sent: u64,
     #[serde(default)]
     pub last_error: Option<String>,
+    /// Blocks refused for a bad checksum (at the replica) or sent again (at the source).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocks_refused: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Kind of a recovery point.

@@ -16,6 +16,7 @@ pub struct AgentProc {
     pub site: String,
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
+    pub env: Vec<(String, String)>,
 }
 
 pub fn free_port() -> u16 {
@@ -28,6 +29,10 @@ pub fn free_port() -> u16 {
 
 impl AgentProc {
     pub fn start(site: &str, root: &Path) -> Self {
+        Self::start_with_env(site, root, &[])
+    }
+
+    pub fn start_with_env(site: &str, root: &Path, env: &[(&str, &str)]) -> Self {
         let data_dir = root.join(site);
         std::fs::create_dir_all(&data_dir).unwrap();
         let token_file = root.join(format!("{site}.token"));
@@ -39,6 +44,10 @@ impl AgentProc {
             site: site.into(),
             data_dir,
             token_file,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         a.spawn();
         a
@@ -53,6 +62,7 @@ impl AgentProc {
             .arg("--token-file")
             .arg(&self.token_file)
             .args(["--max-disk-bytes", "1073741824"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
