@@ -282,6 +282,16 @@ async fn delete_vm(
     Path(vm): Path<String>,
     Query(q): Query<OpQuery>,
 ) -> ApiResult<Response> {
+    let vm2 = vm.clone();
+    let running = with_store(&st, move |s| {
+        Ok(s.vm(&vm2)?.power == crate::site::Power::Running)
+    })
+    .await
+    .unwrap_or(false);
+    if !running {
+        // A deleted VM must not keep a replication task alive.
+        driver::stop(&st, &vm);
+    }
     with_store(&st, move |s| {
         s.idempotent(q.operation_id.as_deref(), |s| s.delete(&vm))
     })
