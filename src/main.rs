@@ -13,7 +13,7 @@ enum Command {
     /// Run the controller that reconciles Site, ReplicatedVM and FailoverPlan objects.
     Controller,
     /// Run a site agent: it holds a site's VMs and replicates them to a peer site.
-    Agent,
+    Agent(twinsite::agent::AgentArgs),
     /// Print the three CustomResourceDefinitions as YAML.
     Crds,
     /// Run everything on this machine: API server, two site agents, controller, examples applied.
@@ -27,7 +27,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
         Command::Local(args) => twinsite::local::run(args).await?,
-        Command::Controller | Command::Agent => anyhow::bail!("not built yet"),
+        Command::Agent(args) => twinsite::agent::run(args).await?,
+        Command::Controller => anyhow::bail!("not built yet"),
     }
     Ok(())
 }
