@@ -1,1 +1,4 @@
-//! controller (filled by its own module files).
+pub mod conditions;
+pub mod metrics;
+pub mod observe;
+pub mod planner;
