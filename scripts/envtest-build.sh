@@ -16,7 +16,7 @@ export GOCACHE="${GOCACHE:-$CACHE/gocache}"
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { echo "[envtest-build $(date +%H:%M:%S)] $*" >&2; }
-mkdir -p "$BIN"
+mkdir -p "$BIN" "$CACHE"
 
 have() { [[ -x "$BIN/$1" ]]; }
 
@@ -90,6 +90,10 @@ build_helm() {
   with_heartbeat "helm $HELM_VERSION" \
     go build -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" -o "$BIN/helm" helm.sh/helm/v3/cmd/helm
 }
+
+# One build at a time: parallel test binaries may all ask for the binaries.
+exec 9>"$CACHE/.build.lock"
+flock 9
 
 start=$SECONDS
 have etcd || build_etcd

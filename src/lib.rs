@@ -6,11 +6,13 @@
 //! - [`agent`]: the site agent's HTTP server and VM runtime.
 //! - [`replication`]: change tracking, the block stream, recovery points and resync.
 //! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
+//! - [`local`]: `twinsite local`, the whole stack on one machine.
 
 pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod envtest;
+pub mod local;
 pub mod replication;
 pub mod site;
 

@@ -16,6 +16,8 @@ enum Command {
     Agent,
     /// Print the three CustomResourceDefinitions as YAML.
     Crds,
+    /// Run everything on this machine: API server, two site agents, controller, examples applied.
+    Local(twinsite::local::LocalArgs),
 }
 
 #[tokio::main]
@@ -24,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
+        Command::Local(args) => twinsite::local::run(args).await?,
         Command::Controller | Command::Agent => anyhow::bail!("not built yet"),
     }
     Ok(())

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: builds the local control plane binaries (cached), checks formatting and
+# lints, then runs every test against a real etcd + kube-apiserver and real agent processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== control plane binaries (etcd, kube-apiserver, kubectl, helm; cached after the first build)"
+bin="$(scripts/envtest-build.sh | tail -n1)"
+export TWINSITE_ENVTEST_BIN="$bin"
+
+echo "== cargo fmt --check"
+cargo fmt --check
+
+echo "== cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+echo "== cargo test"
+cargo test --locked
