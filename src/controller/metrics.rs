@@ -19,6 +19,11 @@ pub struct JobKind {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SiteLabels {
+    pub site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: String,
 }
@@ -30,7 +35,7 @@ pub struct Metrics {
     pub jobs: Family<JobKind, Counter>,
     pub reconcile_errors: Family<KindLabels, Counter>,
     pub status_writes: Family<KindLabels, Counter>,
-    pub site_calls: Family<KindLabels, Counter>,
+    pub site_listings: Family<SiteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,11 +73,11 @@ impl Metrics {
             "Status patches sent to the API server, by kind",
             status_writes.clone(),
         );
-        let site_calls = Family::<KindLabels, Counter>::default();
+        let site_listings = Family::<SiteLabels, Counter>::default();
         registry.register(
             "site_listings",
             "VM listings requested from the sites, by site",
-            site_calls.clone(),
+            site_listings.clone(),
         );
         Metrics {
             registry,
@@ -81,7 +86,7 @@ impl Metrics {
             jobs,
             reconcile_errors,
             status_writes,
-            site_calls,
+            site_listings,
         }
     }
 

@@ -85,6 +85,7 @@ impl ObservedVm {
 }
 
 /// A site's view of one VM, as the planner gets it.
+#[allow(clippy::large_enum_variant)] // short-lived, built per plan
 #[derive(Clone, Debug, PartialEq)]
 pub enum SiteView {
     /// Never listed yet (controller just started, or the Site is unknown).

@@ -74,6 +74,7 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
         name: name.clone(),
     };
 
+    let mut fresh = false;
     for _ in 0..MAX_ACTIONS {
         let primary = ctx.sites.view(&spec.primary_site, &vm_name);
         let recovery = ctx.sites.view(&spec.recovery_site, &vm_name);
@@ -105,6 +106,15 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
                     Plan::Idle(d) => return Ok(Action::requeue(d)),
                     _ => return Ok(Action::requeue(Duration::ZERO)),
                 }
+            }
+            Plan::Fence(_) if !fresh => {
+                // Powering a VM off is the one action never taken on a cached picture: read
+                // the object from the API server and plan again.
+                let cur = api.get_status(&name).await?;
+                status = cur.status.clone().unwrap_or_default();
+                rv = cur.resource_version();
+                fresh = true;
+                continue;
             }
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");

@@ -14,7 +14,7 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use super::conditions::{self, Cond, READY};
-use super::metrics::KindLabels;
+use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{diff, now};
 use super::sites::ListError;
 use super::{Context, Error};
@@ -68,8 +68,8 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
                 Err(e) => (Cond::new(READY, false, "Unreachable", e.to_string()), None),
                 Ok(()) => {
                     ctx.metrics
-                        .site_calls
-                        .get_or_create(&KindLabels { kind: name.clone() })
+                        .site_listings
+                        .get_or_create(&SiteLabels { site: name.clone() })
                         .inc();
                     // A listing another reconcile took since this one began is as good.
                     match ctx.sites.refresh(&name, Some(t0)).await {
