@@ -36,8 +36,13 @@ pub struct FailoverSpec {
     /// Unplanned only: try to shut the source down and sync before failing over.
     #[serde(default = "default_true")]
     pub shutdown_source: bool,
-    /// Latest | LatestProcessed | LatestAppConsistent | an id from status.recoveryPoints.
+    /// Latest | LatestProcessed | LatestAppConsistent | an id (`rp-...`) from status.recoveryPoints.
     #[serde(default = "default_recovery_point")]
+    #[schemars(length(min = 1, max = 64))]
+    #[x_kube(validation = Rule::new(
+        "self in ['Latest', 'LatestProcessed', 'LatestAppConsistent'] || self.matches('^rp-[A-Za-z0-9][A-Za-z0-9-]*$')"
+    )
+    .message("failover.recoveryPoint must be Latest, LatestProcessed, LatestAppConsistent or a recovery point id rp-<id> (from status.recoveryPoints)"))]
     pub recovery_point: String,
     #[serde(default)]
     pub commit: CommitMode,
@@ -63,6 +68,7 @@ pub struct TestFailoverSpec {
     pub enabled: bool,
     /// Network name for the drill copy.
     #[serde(default = "default_network")]
+    #[schemars(length(min = 1, max = 253))]
     pub network: String,
 }
 

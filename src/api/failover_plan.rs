@@ -5,6 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::common::{FailoverSpec, Job, TestFailoverSpec};
+use super::replicated_vm::DrillRecord;
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
@@ -17,41 +18,68 @@ use super::common::{FailoverSpec, Job, TestFailoverSpec};
     printcolumn = r#"{"name":"TARGET","type":"string","jsonPath":".spec.targetSite"}"#,
     printcolumn = r#"{"name":"PHASE","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"GROUPS","type":"string","jsonPath":".status.groupsSummary"}"#,
-    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A recovery plan: ReplicatedVMs of its namespace moved together to one site, group after group."
 )]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverPlanSpec {
     /// Where every VM of the plan should run.
+    #[schemars(length(min = 1, max = 253))]
     pub target_site: String,
     #[serde(default)]
     pub failover: FailoverSpec,
     #[serde(default)]
     pub test_failover: TestFailoverSpec,
     /// In order: a group starts when every VM of the one before runs at the target.
+    #[schemars(length(min = 1, max = 100))]
+    #[x_kube(validation = Rule::new("self.all(g, self.exists_one(h, h.name == g.name))")
+        // No reason Duplicate: the API server would print "Duplicate value" without this message.
+        .message("spec.groups must have unique names: two groups share a name"))]
     pub groups: Vec<PlanGroup>,
     /// How many VMs of a group fail over at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
     pub max_parallel: Option<i32>,
 }
 
+/// A step of a plan: the VMs named in `vms`, or those matched by `selector`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("(has(self.vms) && size(self.vms) > 0) != has(self.selector)")
+    .message("spec.groups[] needs exactly one of vms (ReplicatedVM names) or selector (a label selector)"))]
 #[serde(rename_all = "camelCase")]
 pub struct PlanGroup {
+    /// Unique in the plan; used in approvals as `<group>/<action>`.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// ReplicatedVM names in the plan's namespace.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(length(min = 1, max = 253)))]
     pub vms: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// Run before the group's VMs fail over, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
     pub pre_actions: Vec<PlanAction>,
+    /// Run after the group's VMs run at the target, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
     pub post_actions: Vec<PlanAction>,
 }
 
+/// A manual approval or a webhook call.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("has(self.manualApproval) != has(self.webhook)")
+    .message("an action of spec.groups[] needs exactly one of manualApproval or webhook"))]
 #[serde(rename_all = "camelCase")]
 pub struct PlanAction {
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual_approval: Option<ManualApproval>,
@@ -62,15 +90,22 @@ pub struct PlanAction {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ManualApproval {
+    /// Shown to the person who approves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
 
+/// An HTTP POST of the plan's name, group and direction; a 2xx answer in time is success.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
+        .message("webhook.url must be an http:// or https:// URL"))]
     pub url: String,
     #[serde(default = "default_webhook_timeout")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 3600")
+        .message("webhook.timeoutSeconds must be between 1 and 3600"))]
     pub timeout_seconds: i64,
 }
 
@@ -100,6 +135,9 @@ pub struct FailoverPlanStatus {
     pub groups: Vec<GroupStatus>,
     #[serde(default)]
     pub jobs: Vec<Job>,
+    /// The newest drill, recorded once its cleanup is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_drill: Option<DrillRecord>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
 }

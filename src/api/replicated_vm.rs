@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{FailoverSpec, Job, TestFailoverSpec, default_true};
 
+/// Most jobs kept in `status.jobs` (newest last); the schema refuses more.
+pub const MAX_JOBS: usize = 10;
+
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[kube(
     group = "twinsite.io",
@@ -21,19 +24,56 @@ use super::common::{FailoverSpec, Job, TestFailoverSpec, default_true};
     printcolumn = r#"{"name":"REPLICATION","type":"string","jsonPath":".status.replication.state"}"#,
     printcolumn = r#"{"name":"HEALTH","type":"string","jsonPath":".status.replication.health"}"#,
     printcolumn = r#"{"name":"RPO","type":"integer","jsonPath":".status.replication.rpoSeconds"}"#,
-    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "One VM protected between two sites: where it should run and how it is replicated.",
+    // A root rule: only here can the new spec be compared with the old status.
+    validation = Rule::new(
+        "!has(oldSelf.status) || !has(oldSelf.status.jobs) || \
+         !oldSelf.status.jobs.exists(j, (j.type == 'PlannedFailover' || j.type == 'UnplannedFailover') && j.state == 'Running') || \
+         (has(self.spec.activeSite) ? self.spec.activeSite : self.spec.primarySite) == \
+         (has(oldSelf.spec.activeSite) ? oldSelf.spec.activeSite : oldSelf.spec.primarySite)"
+    )
+    .message(
+        "spec.activeSite cannot change while a failover of this VM is running \
+         (status.jobs has a Running PlannedFailover or UnplannedFailover job): \
+         a failover in progress cannot be cancelled, and a cancelled failover would leave the VM unreplicated; \
+         change spec.activeSite again once the job has ended"
+    )
+    .reason(Reason::FieldValueForbidden)
+    .field_path(".spec.activeSite")
+)]
+#[x_kube(
+    validation = Rule::new("self.recoverySite != self.primarySite")
+        .message("spec.recoverySite must differ from spec.primarySite: a VM is replicated between two different sites")
+        .field_path(".recoverySite"),
+    validation = Rule::new(
+        "!has(self.activeSite) || self.activeSite == self.primarySite || self.activeSite == self.recoverySite"
+    )
+    .message("spec.activeSite must be spec.primarySite or spec.recoverySite (or unset, which means spec.primarySite)")
+    .field_path(".activeSite")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicatedVMSpec {
     /// Name of the VM at the sites; defaults to metadata.name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub vm_name: Option<String>,
     /// Site where the VM is first protected from; immutable.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message(
+        "spec.primarySite is immutable: it cannot change after creation (delete and re-create the ReplicatedVM to protect from another site)"
+    ))]
     pub primary_site: String,
     /// Site that holds the replica; immutable, differs from primarySite.
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message(
+        "spec.recoverySite is immutable: it cannot change after creation (delete and re-create the ReplicatedVM to replicate to another site)"
+    ))]
     pub recovery_site: String,
     /// Where the VM should run; primarySite or recoverySite. Defaults to primarySite.
+    /// Changing it is a failover; changing it back is a failback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub active_site: Option<String>,
     #[serde(default)]
     pub replication: ReplicationSpec,
@@ -51,12 +91,18 @@ pub struct ReplicationSpec {
     pub enabled: bool,
     /// Copy frequency: 30, 300 or 900 seconds.
     #[serde(default = "default_interval")]
+    #[x_kube(validation = Rule::new("self in [30, 300, 900]")
+        .message("spec.replication.intervalSeconds must be 30, 300 or 900 (seconds)"))]
     pub interval_seconds: i64,
     /// Additional hourly recovery points kept, 0..24.
     #[serde(default = "default_retention")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 24")
+        .message("spec.replication.recoveryPointRetentionHours must be between 0 and 24 (hours)"))]
     pub recovery_point_retention_hours: i64,
     /// App-consistent recovery point frequency in hours, 0..12 (0 = none).
     #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 12")
+        .message("spec.replication.appConsistentFrequencyHours must be between 0 and 12 (hours; 0 = no app-consistent points)"))]
     pub app_consistent_frequency_hours: i64,
 }
 
@@ -144,8 +190,9 @@ pub struct ReplicatedVMStatus {
     pub test_failover: Option<TestFailoverStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_drill: Option<DrillRecord>,
-    /// Newest last, at most 10 kept.
+    /// Newest last, at most 10 kept (bounded so the API server can price the CEL rule that reads it).
     #[serde(default)]
+    #[schemars(length(max = 10))]
     pub jobs: Vec<Job>,
     #[serde(default)]
     pub conditions: Vec<Condition>,

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"URL","type":"string","jsonPath":".spec.agent.url"}"#,
     printcolumn = r#"{"name":"VMS","type":"integer","jsonPath":".status.vmCount"}"#,
-    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    doc = "A place that runs VMs and holds replicas, served by a twinsite site agent."
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SiteSpec {
@@ -28,6 +29,9 @@ pub struct SiteSpec {
 #[serde(rename_all = "camelCase")]
 pub struct AgentEndpoint {
     /// http:// or https:// URL of the agent.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
+        .message("spec.agent.url must be an http:// or https:// URL, e.g. https://site-a.example:7101"))]
     pub url: String,
     pub token_secret_ref: SecretKeyRef,
     /// CA bundle for an https agent.
@@ -39,8 +43,11 @@ pub struct AgentEndpoint {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 63))]
     pub namespace: String,
+    #[schemars(length(min = 1, max = 253))]
     pub name: String,
+    #[schemars(length(min = 1, max = 253))]
     pub key: String,
 }
 

@@ -1,0 +1,686 @@
+//! The FailoverPlan planner: a pure function from (spec, status, members) to the next action.
+//!
+//! A plan job walks its steps in order: per group, its pre-actions, the group itself, its
+//! post-actions. A group step *releases* the group's VMs (at most `maxParallel` in flight); a
+//! released VM takes its desired site from the plan, so its own ReplicatedVM jobs move it. The
+//! group step succeeds when every VM of the group runs at the target; only then does the next
+//! step start. Which VMs are released lives in `status.groups[].vms[].state`, so the
+//! ReplicatedVM controller can read it and a restarted controller resumes where it was.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{
+    FailoverPlanSpec, FailoverPlanStatus, FailoverType, GroupStatus, GroupVmStatus, Job, JobState,
+    JobStep, JobType, PlanAction, PlanPhase, StepState,
+};
+use crate::controller::conditions::{self, Cond};
+
+pub const WAITING_FOR_APPROVAL: &str = "WaitingForApproval";
+pub const CONFLICT: &str = "Conflict";
+
+/// States of a VM within a plan group.
+pub const VM_PENDING: &str = "Pending";
+pub const VM_RELEASED: &str = "Released";
+pub const VM_SUCCEEDED: &str = "Succeeded";
+pub const VM_FAILED: &str = "Failed";
+
+/// Jobs kept in status, newest last.
+const MAX_JOBS: usize = 10;
+
+/// What the plan needs to know of one member ReplicatedVM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    pub name: String,
+    /// status.activeSite: where it runs now.
+    pub active_site: Option<String>,
+    /// A job of the VM is running.
+    pub busy: bool,
+    /// The VM's newest job failed.
+    pub failed: bool,
+    /// The VM has a drill copy now.
+    pub drill_running: bool,
+    /// The VM's newest drill (status.lastDrill) result, when it has one.
+    pub drill_result: Option<String>,
+}
+
+/// Everything the planner looks at.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    pub name: &'a str,
+    pub generation: Option<i64>,
+    pub spec: &'a FailoverPlanSpec,
+    pub status: &'a FailoverPlanStatus,
+    /// `<group>/<action>` values of the `twinsite.io/approve` annotation.
+    pub approvals: Vec<String>,
+    /// Members per group, in spec order.
+    pub groups: Vec<Vec<Member>>,
+    /// Conflicts found (a VM in two plans, a VM whose own activeSite disagrees).
+    pub conflicts: Vec<String>,
+    pub now: Timestamp,
+}
+
+/// An Event to publish for the plan.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A webhook to call for a step already written as Running.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebhookCall {
+    pub job: usize,
+    pub step: usize,
+    pub group: String,
+    pub action: String,
+    pub url: String,
+    pub timeout: Duration,
+    /// `failover`, `testFailover` or `testFailoverCleanup`, and the target site.
+    pub direction: String,
+    pub target_site: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Action {
+    /// Write this status, publish the events, then plan again.
+    Write(Box<FailoverPlanStatus>, Vec<Note>),
+    /// POST the webhook, then [`record_webhook`].
+    CallWebhook(Box<WebhookCall>),
+    /// Nothing to do; look again after this long (member changes also wake the plan).
+    Idle(Duration),
+}
+
+/// The kind of plan job a spec asks for.
+fn wanted_job(spec: &FailoverPlanSpec) -> JobType {
+    if spec.test_failover.enabled {
+        JobType::PlanTestFailover
+    } else {
+        JobType::PlanFailover
+    }
+}
+
+fn direction(t: JobType) -> &'static str {
+    match t {
+        JobType::PlanTestFailover => "testFailover",
+        JobType::PlanTestFailoverCleanup => "testFailoverCleanup",
+        _ => "failover",
+    }
+}
+
+/// Step names: `pre:<group>/<action>`, `group:<group>`, `post:<group>/<action>`.
+fn step_names(spec: &FailoverPlanSpec, with_actions: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for g in &spec.groups {
+        if with_actions {
+            out.extend(
+                g.pre_actions
+                    .iter()
+                    .map(|a| format!("pre:{}/{}", g.name, a.name)),
+            );
+        }
+        out.push(format!("group:{}", g.name));
+        if with_actions {
+            out.extend(
+                g.post_actions
+                    .iter()
+                    .map(|a| format!("post:{}/{}", g.name, a.name)),
+            );
+        }
+    }
+    out
+}
+
+enum StepKind<'s> {
+    Group(usize),
+    Action(usize, &'s PlanAction),
+}
+
+fn step_kind<'s>(spec: &'s FailoverPlanSpec, step: &str) -> Option<StepKind<'s>> {
+    if let Some(g) = step.strip_prefix("group:") {
+        return spec
+            .groups
+            .iter()
+            .position(|x| x.name == g)
+            .map(StepKind::Group);
+    }
+    let (pre, rest) = if let Some(r) = step.strip_prefix("pre:") {
+        (true, r)
+    } else {
+        (false, step.strip_prefix("post:")?)
+    };
+    let (g, a) = rest.split_once('/')?;
+    let gi = spec.groups.iter().position(|x| x.name == g)?;
+    let group = &spec.groups[gi];
+    let list = if pre {
+        &group.pre_actions
+    } else {
+        &group.post_actions
+    };
+    list.iter()
+        .find(|x| x.name == a)
+        .map(|x| StepKind::Action(gi, x))
+}
+
+/// Whether member `m` is where the job wants it.
+fn member_done(t: JobType, target: &str, m: &Member) -> bool {
+    match t {
+        JobType::PlanTestFailover => m.drill_running && !m.busy,
+        JobType::PlanTestFailoverCleanup => !m.drill_running && !m.busy,
+        _ => m.active_site.as_deref() == Some(target) && !m.busy,
+    }
+}
+
+/// Whether any work remains for job type `t`.
+fn work_remains(input: &Input, t: JobType) -> bool {
+    input
+        .groups
+        .iter()
+        .flatten()
+        .any(|m| !member_done(t, &input.spec.target_site, m))
+}
+
+fn next_job_name(plan: &str, t: JobType, jobs: &[Job]) -> String {
+    let n = jobs
+        .iter()
+        .filter_map(|j| j.name.rsplit('-').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let word = match t {
+        JobType::PlanTestFailover => "testfailover",
+        JobType::PlanTestFailoverCleanup => "testfailovercleanup",
+        _ => "failover",
+    };
+    format!("{plan}-{word}-{n}")
+}
+
+fn groups_summary(status: &FailoverPlanStatus) -> String {
+    let done = status
+        .groups
+        .iter()
+        .filter(|g| g.state == "Succeeded")
+        .count();
+    format!("{done}/{}", status.groups.len())
+}
+
+/// Sets the conditions and phase that follow from the jobs and the conflicts.
+fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
+    let running = st.jobs.last().filter(|j| j.state == JobState::Running);
+    let failed = st.jobs.last().filter(|j| j.state == JobState::Failed);
+    let conflict = !input.conflicts.is_empty();
+    st.phase = Some(if running.is_some() {
+        PlanPhase::InProgress
+    } else if failed.is_some() {
+        PlanPhase::Failed
+    } else if st.jobs.is_empty() && work_remains(input, wanted_job(input.spec)) {
+        PlanPhase::Pending
+    } else {
+        PlanPhase::Completed
+    });
+    let mut want = vec![
+        Cond::new(
+            conditions::READY,
+            running.is_none() && failed.is_none() && !conflict,
+            if conflict {
+                "Conflict"
+            } else if running.is_some() {
+                "JobRunning"
+            } else if failed.is_some() {
+                "JobFailed"
+            } else {
+                "Completed"
+            },
+            if conflict {
+                input.conflicts.join("; ")
+            } else if let Some(j) = running {
+                format!("plan job {} is running", j.name)
+            } else if let Some(j) = failed {
+                format!(
+                    "plan job {} failed: {}; fix the cause and change the plan to run it again",
+                    j.name,
+                    j.message.clone().unwrap_or_default()
+                )
+            } else {
+                format!("every VM of the plan is at {}", input.spec.target_site)
+            },
+        ),
+        Cond::new(
+            conditions::RECONCILING,
+            running.is_some(),
+            if running.is_some() {
+                "JobRunning"
+            } else {
+                "Idle"
+            },
+            running
+                .map(|j| format!("plan job {}", j.name))
+                .unwrap_or_default(),
+        ),
+        Cond::new(
+            conditions::STALLED,
+            failed.is_some() || conflict,
+            if conflict {
+                "Conflict"
+            } else if failed.is_some() {
+                "JobFailed"
+            } else {
+                "Healthy"
+            },
+            if conflict {
+                input.conflicts.join("; ")
+            } else {
+                failed
+                    .map(|j| j.message.clone().unwrap_or_default())
+                    .unwrap_or_default()
+            },
+        ),
+        Cond::new(
+            CONFLICT,
+            conflict,
+            if conflict { "Conflict" } else { "NoConflict" },
+            input.conflicts.join("; "),
+        ),
+    ];
+    want.push(match waiting {
+        Some(msg) => Cond::new(WAITING_FOR_APPROVAL, true, "WaitingForApproval", msg),
+        None => Cond::new(WAITING_FOR_APPROVAL, false, "NotWaiting", ""),
+    });
+    conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
+    st.observed_generation = input.generation;
+    st.groups_summary = Some(groups_summary(st));
+}
+
+/// Plans the next action of a FailoverPlan.
+pub fn plan(input: &Input) -> Action {
+    let mut st = input.status.clone();
+    let now = Time(input.now);
+    let mut notes = Vec::new();
+
+    let running = st.jobs.iter().rposition(|j| j.state == JobState::Running);
+
+    let Some(ji) = running else {
+        // No job runs. Start one when work remains and the spec asks for something new.
+        let mut t = wanted_job(input.spec);
+        if t == JobType::PlanFailover && input.groups.iter().flatten().any(|m| m.drill_running) {
+            t = JobType::PlanTestFailoverCleanup;
+        }
+        let last = st.jobs.last();
+        let new_spec = last.is_none_or(|j| {
+            j.type_ != t
+                || j.target_site.as_deref() != Some(&input.spec.target_site)
+                || j.state == JobState::Succeeded
+                || input.status.observed_generation != input.generation
+        });
+        if input.conflicts.is_empty() && new_spec && work_remains(input, t) {
+            let name = next_job_name(input.name, t, &st.jobs);
+            let with_actions = t == JobType::PlanFailover;
+            st.jobs.push(Job {
+                name: name.clone(),
+                type_: t,
+                source_site: None,
+                target_site: Some(input.spec.target_site.clone()),
+                state: JobState::Running,
+                start_time: Some(now.clone()),
+                end_time: None,
+                recovery_point: None,
+                recovery_point_age_seconds: None,
+                cut_id: None,
+                message: None,
+                steps: step_names(input.spec, with_actions)
+                    .into_iter()
+                    .map(|n| JobStep {
+                        name: n,
+                        state: StepState::Pending,
+                        message: None,
+                        operation_id: None,
+                        start_time: None,
+                        end_time: None,
+                    })
+                    .collect(),
+            });
+            if st.jobs.len() > MAX_JOBS {
+                let extra = st.jobs.len() - MAX_JOBS;
+                st.jobs.drain(..extra);
+            }
+            st.groups = input
+                .spec
+                .groups
+                .iter()
+                .zip(&input.groups)
+                .map(|(g, members)| GroupStatus {
+                    name: g.name.clone(),
+                    state: "Pending".into(),
+                    vms: members
+                        .iter()
+                        .map(|m| GroupVmStatus {
+                            name: m.name.clone(),
+                            state: VM_PENDING.into(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            notes.push(Note {
+                warning: false,
+                reason: "JobStarted",
+                message: format!(
+                    "plan job {name} started: {} to {}",
+                    direction(t),
+                    input.spec.target_site
+                ),
+            });
+        }
+        settle(input, &mut st, None);
+        return write_or_idle(input, st, notes);
+    };
+
+    let job_type = st.jobs[ji].type_;
+    let target = st.jobs[ji]
+        .target_site
+        .clone()
+        .unwrap_or_else(|| input.spec.target_site.clone());
+    let planned = input.spec.failover.type_ == FailoverType::Planned;
+    let mut waiting = None;
+
+    // Walk the steps in order; act on the first one not finished.
+    let nsteps = st.jobs[ji].steps.len();
+    let mut si = 0;
+    while si < nsteps {
+        let step = st.jobs[ji].steps[si].clone();
+        if matches!(step.state, StepState::Succeeded | StepState::Skipped)
+            || (step.state == StepState::Failed && !planned)
+        {
+            si += 1;
+            continue;
+        }
+        if step.state == StepState::Failed {
+            // A failed step of a Planned plan stops it.
+            finish(
+                &mut st.jobs[ji],
+                JobState::Failed,
+                &now,
+                step.message.clone(),
+            );
+            notes.push(end_note(&st.jobs[ji]));
+            break;
+        }
+        match step_kind(input.spec, &step.name) {
+            None => {
+                // The spec changed under a running job; the step no longer exists.
+                let s = &mut st.jobs[ji].steps[si];
+                s.state = StepState::Skipped;
+                s.message = Some("no longer in the plan".into());
+                s.end_time = Some(now.clone());
+                si += 1;
+                continue;
+            }
+            Some(StepKind::Action(gi, action)) => {
+                let group = &input.spec.groups[gi].name;
+                if action.manual_approval.is_some() {
+                    let key = format!("{group}/{}", action.name);
+                    if input.approvals.iter().any(|a| *a == key) {
+                        let s = &mut st.jobs[ji].steps[si];
+                        s.state = StepState::Succeeded;
+                        s.message = Some(format!("approved ({key})"));
+                        s.start_time.get_or_insert(now.clone());
+                        s.end_time = Some(now.clone());
+                        si += 1;
+                        continue;
+                    }
+                    let msg = action
+                        .manual_approval
+                        .as_ref()
+                        .and_then(|m| m.message.clone())
+                        .unwrap_or_default();
+                    let hint = format!(
+                        "waiting for approval of {key}: {msg}; approve with kubectl annotate fp {} twinsite.io/approve={key}",
+                        input.name
+                    );
+                    let s = &mut st.jobs[ji].steps[si];
+                    if s.state != StepState::Running {
+                        s.state = StepState::Running;
+                        s.start_time = Some(now.clone());
+                        notes.push(Note {
+                            warning: false,
+                            reason: "WaitingForApproval",
+                            message: hint.clone(),
+                        });
+                    }
+                    s.message = Some(hint.clone());
+                    waiting = Some(hint);
+                    break;
+                }
+                if let Some(hook) = &action.webhook {
+                    let s = &mut st.jobs[ji].steps[si];
+                    if s.state == StepState::Pending {
+                        // Persist Running before the call, then call.
+                        s.state = StepState::Running;
+                        s.start_time = Some(now.clone());
+                        s.message = Some(format!("POST {}", hook.url));
+                        break;
+                    }
+                    settle(input, &mut st, None);
+                    if st != *input.status {
+                        return Action::Write(Box::new(st), notes);
+                    }
+                    return Action::CallWebhook(Box::new(WebhookCall {
+                        job: ji,
+                        step: si,
+                        group: group.clone(),
+                        action: action.name.clone(),
+                        url: hook.url.clone(),
+                        timeout: Duration::from_secs(hook.timeout_seconds.max(1) as u64),
+                        direction: direction(job_type).into(),
+                        target_site: target.clone(),
+                    }));
+                }
+                // An action with neither kind does nothing.
+                let s = &mut st.jobs[ji].steps[si];
+                s.state = StepState::Skipped;
+                s.end_time = Some(now.clone());
+                si += 1;
+                continue;
+            }
+            Some(StepKind::Group(gi)) => {
+                let members = &input.groups[gi];
+                let limit = input.spec.max_parallel.unwrap_or(i32::MAX).max(1) as usize;
+                let Some(gs) = st
+                    .groups
+                    .iter_mut()
+                    .find(|g| g.name == input.spec.groups[gi].name)
+                else {
+                    break;
+                };
+                // Members added since the job started join as Pending.
+                for m in members {
+                    if !gs.vms.iter().any(|v| v.name == m.name) {
+                        gs.vms.push(GroupVmStatus {
+                            name: m.name.clone(),
+                            state: VM_PENDING.into(),
+                        });
+                    }
+                }
+                for v in gs.vms.iter_mut() {
+                    let Some(m) = members.iter().find(|m| m.name == v.name) else {
+                        continue;
+                    };
+                    if v.state == VM_RELEASED || v.state == VM_PENDING {
+                        if member_done(job_type, &target, m) {
+                            v.state = VM_SUCCEEDED.into();
+                        } else if v.state == VM_RELEASED && m.failed && !m.busy {
+                            v.state = VM_FAILED.into();
+                        }
+                    }
+                }
+                let in_flight = gs.vms.iter().filter(|v| v.state == VM_RELEASED).count();
+                let mut room = limit.saturating_sub(in_flight);
+                for v in gs.vms.iter_mut() {
+                    if room == 0 {
+                        break;
+                    }
+                    if v.state == VM_PENDING {
+                        v.state = VM_RELEASED.into();
+                        room -= 1;
+                    }
+                }
+                let total = gs.vms.len();
+                let ok = gs.vms.iter().filter(|v| v.state == VM_SUCCEEDED).count();
+                let bad: Vec<String> = gs
+                    .vms
+                    .iter()
+                    .filter(|v| v.state == VM_FAILED)
+                    .map(|v| v.name.clone())
+                    .collect();
+                let open = total - ok - bad.len();
+                let s = &mut st.jobs[ji].steps[si];
+                s.start_time.get_or_insert(now.clone());
+                if open > 0 {
+                    gs.state = "Running".into();
+                    s.state = StepState::Running;
+                    s.message = Some(format!("{ok}/{total} VMs at {target}"));
+                    break;
+                }
+                s.end_time = Some(now.clone());
+                if bad.is_empty() {
+                    gs.state = "Succeeded".into();
+                    s.state = StepState::Succeeded;
+                    s.message = Some(format!("{total} VMs at {target}"));
+                    si += 1;
+                    continue;
+                }
+                gs.state = "Failed".into();
+                s.state = StepState::Failed;
+                let msg = format!("VMs failed: {}; see their jobs", bad.join(", "));
+                s.message = Some(msg.clone());
+                notes.push(Note {
+                    warning: true,
+                    reason: "StepFailed",
+                    message: msg.clone(),
+                });
+                // The next group waits for every VM of this one: a failed VM stops the plan.
+                finish(&mut st.jobs[ji], JobState::Failed, &now, Some(msg));
+                notes.push(end_note(&st.jobs[ji]));
+                break;
+            }
+        }
+    }
+    if si >= nsteps && st.jobs[ji].state == JobState::Running {
+        finish(&mut st.jobs[ji], JobState::Succeeded, &now, None);
+        notes.push(end_note(&st.jobs[ji]));
+        if job_type == JobType::PlanTestFailoverCleanup {
+            st.last_drill = drill_record(input, &st.jobs);
+        }
+    }
+    settle(input, &mut st, waiting);
+    write_or_idle(input, st, notes)
+}
+
+/// After a drill's cleanup: the drill counts as done, with the members' outcome.
+fn drill_record(input: &Input, jobs: &[Job]) -> Option<crate::api::DrillRecord> {
+    let drill = jobs
+        .iter()
+        .rev()
+        .find(|j| j.type_ == JobType::PlanTestFailover)?;
+    let failed = input
+        .groups
+        .iter()
+        .flatten()
+        .any(|m| m.drill_result.as_deref().is_some_and(|r| r != "Succeeded"));
+    Some(crate::api::DrillRecord {
+        job: drill.name.clone(),
+        time: Some(Time(input.now)),
+        result: if drill.state == JobState::Succeeded && !failed {
+            "Succeeded".into()
+        } else {
+            "Failed".into()
+        },
+    })
+}
+
+fn write_or_idle(input: &Input, st: FailoverPlanStatus, notes: Vec<Note>) -> Action {
+    if st != *input.status {
+        Action::Write(Box::new(st), notes)
+    } else if st.jobs.last().is_some_and(|j| j.state == JobState::Running) {
+        Action::Idle(Duration::from_secs(5))
+    } else {
+        Action::Idle(Duration::from_secs(300))
+    }
+}
+
+fn finish(job: &mut Job, state: JobState, now: &Time, message: Option<String>) {
+    job.state = state;
+    job.end_time = Some(now.clone());
+    job.message = message;
+}
+
+fn end_note(job: &Job) -> Note {
+    let ok = job.state == JobState::Succeeded;
+    Note {
+        warning: !ok,
+        reason: if ok { "JobSucceeded" } else { "JobFailed" },
+        message: format!(
+            "plan job {} {}{}",
+            job.name,
+            if ok { "succeeded" } else { "failed" },
+            job.message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// Records a webhook's outcome on its Running step.
+pub fn record_webhook(
+    status: &FailoverPlanStatus,
+    call: &WebhookCall,
+    result: Result<String, String>,
+    now: Timestamp,
+) -> (FailoverPlanStatus, Vec<Note>) {
+    let mut st = status.clone();
+    let mut notes = Vec::new();
+    if let Some(step) = st
+        .jobs
+        .get_mut(call.job)
+        .and_then(|j| j.steps.get_mut(call.step))
+    {
+        step.end_time = Some(Time(now));
+        match result {
+            Ok(msg) => {
+                step.state = StepState::Succeeded;
+                step.message = Some(msg);
+            }
+            Err(msg) => {
+                step.state = StepState::Failed;
+                step.message = Some(msg.clone());
+                notes.push(Note {
+                    warning: true,
+                    reason: "StepFailed",
+                    message: format!("{} of group {}: {msg}", call.action, call.group),
+                });
+            }
+        }
+    }
+    (st, notes)
+}
+
+/// The site a member should run at under this plan, if the plan has released it.
+/// The ReplicatedVM controller calls this with the plan that selects the VM.
+pub fn released_target(status: &FailoverPlanStatus, vm: &str) -> Option<(JobType, String)> {
+    let job = status.jobs.last()?;
+    let released = status
+        .groups
+        .iter()
+        .flat_map(|g| g.vms.iter())
+        .any(|v| v.name == vm && (v.state == VM_RELEASED || v.state == VM_SUCCEEDED));
+    if !released {
+        return None;
+    }
+    Some((job.type_, job.target_site.clone()?))
+}
+
+#[cfg(test)]
+mod tests;

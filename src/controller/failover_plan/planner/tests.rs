@@ -1,0 +1,336 @@
+use super::*;
+use crate::api::{FailoverSpec, ManualApproval, PlanGroup, TestFailoverSpec, Webhook};
+
+fn t(s: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + s).unwrap()
+}
+
+fn group(name: &str, vms: &[&str]) -> PlanGroup {
+    PlanGroup {
+        name: name.into(),
+        vms: vms.iter().map(|s| s.to_string()).collect(),
+        selector: None,
+        pre_actions: vec![],
+        post_actions: vec![],
+    }
+}
+
+fn spec(groups: Vec<PlanGroup>, kind: FailoverType) -> FailoverPlanSpec {
+    FailoverPlanSpec {
+        target_site: "secondary".into(),
+        failover: FailoverSpec {
+            type_: kind,
+            ..Default::default()
+        },
+        test_failover: TestFailoverSpec::default(),
+        groups,
+        max_parallel: None,
+    }
+}
+
+fn member(name: &str, at: &str) -> Member {
+    Member {
+        name: name.into(),
+        active_site: Some(at.into()),
+        busy: false,
+        failed: false,
+        drill_running: false,
+        drill_result: None,
+    }
+}
+
+/// Applies writes until the planner idles or asks for a webhook; returns the last action.
+fn drive(
+    spec: &FailoverPlanSpec,
+    status: &mut FailoverPlanStatus,
+    groups: &[Vec<Member>],
+    approvals: &[&str],
+) -> Action {
+    for i in 0..50 {
+        let input = Input {
+            name: "app",
+            generation: Some(2),
+            spec,
+            status,
+            approvals: approvals.iter().map(|s| s.to_string()).collect(),
+            groups: groups.to_vec(),
+            conflicts: vec![],
+            now: t(i),
+        };
+        match plan(&input) {
+            Action::Write(st, _) => *status = *st,
+            other => return other,
+        }
+    }
+    panic!("planner did not settle");
+}
+
+fn vm_state(st: &FailoverPlanStatus, vm: &str) -> String {
+    st.groups
+        .iter()
+        .flat_map(|g| &g.vms)
+        .find(|v| v.name == vm)
+        .map(|v| v.state.clone())
+        .unwrap()
+}
+
+#[test]
+fn second_group_waits_until_first_runs_at_target() {
+    let sp = spec(
+        vec![group("db", &["db-1", "db-2"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary"), member("db-2", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.phase, Some(PlanPhase::InProgress));
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+    assert_eq!(vm_state(&st, "db-2"), VM_RELEASED);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+    assert!(released_target(&st, "web-1").is_none());
+    assert_eq!(
+        released_target(&st, "db-1"),
+        Some((JobType::PlanFailover, "secondary".into()))
+    );
+
+    // One database arrives: the web group still waits.
+    groups[0][0].active_site = Some("secondary".into());
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_SUCCEEDED);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+
+    // A VM that is at the target but still has a job running does not count yet.
+    groups[0][1].active_site = Some("secondary".into());
+    groups[0][1].busy = true;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+
+    groups[0][1].busy = false;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "web-1"), VM_RELEASED);
+    assert_eq!(st.groups_summary.as_deref(), Some("1/2"));
+
+    groups[1][0].active_site = Some("secondary".into());
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.phase, Some(PlanPhase::Completed));
+    assert_eq!(st.jobs.last().unwrap().state, JobState::Succeeded);
+    assert_eq!(st.groups_summary.as_deref(), Some("2/2"));
+    assert!(conditions::is_true(&st.conditions, conditions::READY));
+}
+
+#[test]
+fn max_parallel_limits_vms_in_flight() {
+    let mut sp = spec(vec![group("all", &["a", "b", "c"])], FailoverType::Planned);
+    sp.max_parallel = Some(2);
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![vec![
+        member("a", "primary"),
+        member("b", "primary"),
+        member("c", "primary"),
+    ]];
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "c"), VM_PENDING);
+    groups[0][0].active_site = Some("secondary".into());
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "c"), VM_RELEASED);
+}
+
+#[test]
+fn manual_approval_pauses_until_annotated() {
+    let mut g = group("db", &["db-1"]);
+    g.pre_actions.push(PlanAction {
+        name: "fenced".into(),
+        manual_approval: Some(ManualApproval {
+            message: Some("DBA confirms".into()),
+        }),
+        webhook: None,
+    });
+    let sp = spec(vec![g], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![vec![member("db-1", "primary")]];
+    drive(&sp, &mut st, &groups, &[]);
+    assert!(conditions::is_true(&st.conditions, WAITING_FOR_APPROVAL));
+    assert_eq!(
+        vm_state(&st, "db-1"),
+        VM_PENDING,
+        "nothing moves before approval"
+    );
+    let step = &st.jobs[0].steps[0];
+    assert_eq!(step.name, "pre:db/fenced");
+    assert_eq!(step.state, StepState::Running);
+    assert!(
+        step.message
+            .as_deref()
+            .unwrap()
+            .contains("twinsite.io/approve=db/fenced")
+    );
+
+    drive(&sp, &mut st, &groups, &["db/fenced"]);
+    assert!(!conditions::is_true(&st.conditions, WAITING_FOR_APPROVAL));
+    assert_eq!(st.jobs[0].steps[0].state, StepState::Succeeded);
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+}
+
+fn with_webhook(kind: FailoverType) -> FailoverPlanSpec {
+    let mut g1 = group("db", &["db-1"]);
+    g1.post_actions.push(PlanAction {
+        name: "check".into(),
+        manual_approval: None,
+        webhook: Some(Webhook {
+            url: "http://127.0.0.1:1/hook".into(),
+            timeout_seconds: 5,
+        }),
+    });
+    spec(vec![g1, group("web", &["web-1"])], kind)
+}
+
+#[test]
+fn failing_webhook_stops_a_planned_plan() {
+    let sp = with_webhook(FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![
+        vec![member("db-1", "secondary")],
+        vec![member("web-1", "primary")],
+    ];
+    let Action::CallWebhook(call) = drive(&sp, &mut st, &groups, &[]) else {
+        panic!("expected a webhook call");
+    };
+    assert_eq!(call.group, "db");
+    assert_eq!(
+        st.jobs[0].steps[1].state,
+        StepState::Running,
+        "persisted before the call"
+    );
+    let (next, notes) = record_webhook(&st, &call, Err("HTTP 500".into()), t(99));
+    st = next;
+    assert!(notes[0].warning);
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].state, JobState::Failed);
+    assert_eq!(st.phase, Some(PlanPhase::Failed));
+    assert_eq!(
+        vm_state(&st, "web-1"),
+        VM_PENDING,
+        "the next group never starts"
+    );
+    assert!(conditions::is_true(&st.conditions, conditions::STALLED));
+}
+
+#[test]
+fn failing_webhook_does_not_stop_an_unplanned_plan() {
+    let sp = with_webhook(FailoverType::Unplanned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![
+        vec![member("db-1", "secondary")],
+        vec![member("web-1", "primary")],
+    ];
+    let Action::CallWebhook(call) = drive(&sp, &mut st, &groups, &[]) else {
+        panic!("expected a webhook call");
+    };
+    st = record_webhook(&st, &call, Err("timed out".into()), t(99)).0;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].steps[1].state, StepState::Failed, "recorded");
+    assert_eq!(st.jobs[0].state, JobState::Running);
+    assert_eq!(vm_state(&st, "web-1"), VM_RELEASED);
+}
+
+#[test]
+fn a_failed_vm_fails_the_plan_job() {
+    let sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Unplanned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    groups[0][0].failed = true;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_FAILED);
+    assert_eq!(st.jobs[0].state, JobState::Failed);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+}
+
+#[test]
+fn conflicts_block_everything() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let st = FailoverPlanStatus::default();
+    let input = Input {
+        name: "app",
+        generation: Some(1),
+        spec: &sp,
+        status: &st,
+        approvals: vec![],
+        groups: vec![vec![member("db-1", "primary")]],
+        conflicts: vec!["db-1 is also selected by plan other".into()],
+        now: t(0),
+    };
+    let Action::Write(st, _) = plan(&input) else {
+        panic!("expected a status write");
+    };
+    assert!(st.jobs.is_empty(), "no job starts");
+    assert!(conditions::is_true(&st.conditions, CONFLICT));
+    assert!(!conditions::is_true(&st.conditions, conditions::READY));
+}
+
+#[test]
+fn nothing_to_do_when_every_vm_is_at_the_target() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![vec![member("db-1", "secondary")]];
+    let last = drive(&sp, &mut st, &groups, &[]);
+    assert!(matches!(last, Action::Idle(_)));
+    assert!(st.jobs.is_empty());
+    assert_eq!(st.phase, Some(PlanPhase::Completed));
+}
+
+#[test]
+fn drill_then_cleanup_records_the_drill() {
+    let mut sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    sp.test_failover.enabled = true;
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].type_, JobType::PlanTestFailover);
+    assert_eq!(
+        released_target(&st, "db-1"),
+        Some((JobType::PlanTestFailover, "secondary".into()))
+    );
+    for g in groups.iter_mut() {
+        for m in g.iter_mut() {
+            m.drill_running = true;
+        }
+    }
+    drive(&sp, &mut st, &groups, &[]);
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+    assert!(
+        st.last_drill.is_none(),
+        "a drill counts only after its cleanup"
+    );
+
+    sp.test_failover.enabled = false;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[1].type_, JobType::PlanTestFailoverCleanup);
+    for g in groups.iter_mut() {
+        for m in g.iter_mut() {
+            m.drill_running = false;
+            m.drill_result = Some("Succeeded".into());
+        }
+    }
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[1].state, JobState::Succeeded);
+    let drill = st.last_drill.clone().unwrap();
+    assert_eq!(drill.job, st.jobs[0].name);
+    assert_eq!(drill.result, "Succeeded");
+}
