@@ -24,7 +24,7 @@ use crate::api::{
 };
 
 /// Jobs kept in status, newest last.
-pub const MAX_JOBS: usize = 10;
+pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 /// A steady VM's replication figures (RPO, last sync, recovery points) are rewritten in status
 /// at most this often; live RPO is in the metrics.
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
@@ -1163,6 +1163,8 @@ fn fence_needed(input: &Input) -> Option<FenceCall> {
             .map(|t| t.0)
             .max()
     });
+    // A listing from the same second as our last action may predate it: ask for a later one.
+    let since = since.and_then(|t| t.checked_add(jiff::SignedDuration::from_secs(1)).ok());
     let other = input.other(active);
     let view = input.view(other);
     let vm = view.vm_since(since)?;

@@ -146,7 +146,7 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
         }
         if !finished.is_empty() {
             // The next decision needs a picture newer than the job that just ended.
-            let t = Some(now());
+            let t = Some(Timestamp::now());
             let _ = tokio::join!(
                 ctx.sites.refresh(&spec.primary_site, t),
                 ctx.sites.refresh(&spec.recovery_site, t)
@@ -256,6 +256,14 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
     } else {
         spec.primary_site.clone()
     };
+    // A site whose Site object exists but whose listing has not been registered yet (the
+    // controller just started) is waited for; a site whose Site object is gone is skipped.
+    let sites_api: Api<crate::api::Site> = Api::all(ctx.client.clone());
+    for site in [&active, &other] {
+        if !ctx.sites.known(site) && sites_api.get_opt(site).await?.is_some() {
+            return Ok(Action::requeue(ctx.poll));
+        }
+    }
     let ok = |r: Result<(), SiteError>| match r {
         Ok(()) | Err(SiteError::NotFound(_)) | Err(SiteError::Conflict(_)) => Ok(()),
         Err(e) => Err(Error::Site(e)),
