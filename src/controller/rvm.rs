@@ -13,6 +13,7 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
+use super::observe::SiteView;
 use super::planner::{self, Input, Note, Plan, Update};
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
 use crate::api::{COMMIT_ANNOTATION, ReplicatedVM, ReplicatedVMStatus};
@@ -78,6 +79,13 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
     for _ in 0..MAX_ACTIONS {
         let primary = ctx.sites.view(&spec.primary_site, &vm_name);
         let recovery = ctx.sites.view(&spec.recovery_site, &vm_name);
+        if (primary == SiteView::Unknown || recovery == SiteView::Unknown)
+            && ctx.started.elapsed() < ctx.poll * 2 + Duration::from_secs(10)
+        {
+            // Just started: the sites have not been listed yet. Planning now would report
+            // them unreachable (and fail optional steps) for nothing.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
         let input = Input {
             name: &name,
             uid: &uid,

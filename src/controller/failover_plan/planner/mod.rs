@@ -421,7 +421,7 @@ pub fn plan(input: &Input) -> Action {
                 let group = &input.spec.groups[gi].name;
                 if action.manual_approval.is_some() {
                     let key = format!("{group}/{}", action.name);
-                    if input.approvals.iter().any(|a| *a == key) {
+                    if input.approvals.contains(&key) {
                         let s = &mut st.jobs[ji].steps[si];
                         s.state = StepState::Succeeded;
                         s.message = Some(format!("approved ({key})"));
