@@ -266,6 +266,9 @@ impl Input<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Note {
     pub warning: bool,
+    /// What the event is about (a job, a job's step, a fence): events about different
+    /// subjects are never folded into one series.
+    pub subject: String,
     pub reason: &'static str,
     pub message: String,
 }
@@ -778,6 +781,7 @@ fn start_job(
     let name = next_job_name(input.name, t, &st.jobs);
     events.push(Note {
         warning: false,
+        subject: name.clone(),
         reason: "JobStarted",
         message: format!("{} {name} started: {source} -> {target}", job_type_str(t)),
     });
@@ -955,6 +959,7 @@ fn finish_job(
     let job = &st.jobs[ji];
     events.push(Note {
         warning: state == JobState::Failed,
+        subject: name.clone(),
         reason: if state == JobState::Failed {
             "JobFailed"
         } else {
@@ -1021,6 +1026,7 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             s.message = Some(msg.clone());
             events.push(Note {
                 warning: true,
+                subject: format!("{}/{}", job.name, s.name),
                 reason: "StepFailed",
                 message: format!("{}: {} failed: {msg}", job.name, s.name),
             });
@@ -1219,6 +1225,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
             }
             events.push(Note {
                 warning: true,
+                subject: fence.op_id.clone(),
                 reason: "Fenced",
                 message: msg,
             });
@@ -1226,6 +1233,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
         Outcome::Failed(m) | Outcome::Unreachable(m) => {
             events.push(Note {
                 warning: true,
+                subject: format!("fence-{}", fence.site),
                 reason: "FenceFailed",
                 message: format!(
                     "VM {} runs at {} where it must not; power off failed: {m}",

@@ -42,22 +42,36 @@ pub async fn reconcile(rvm: Arc<ReplicatedVM>, ctx: Arc<Context>) -> Result<Acti
 }
 
 pub fn error_policy(rvm: Arc<ReplicatedVM>, err: &Error, ctx: Arc<Context>) -> Action {
-    let kind = match err {
-        Error::Kube(kube::Error::Api(s)) if s.code == 409 => "conflict",
-        _ => "other",
-    };
+    let conflict = is_conflict(err);
+    let kind = if conflict { "conflict" } else { "other" };
     ctx.metrics
         .reconcile_errors
         .get_or_create(&KindLabels {
             kind: format!("ReplicatedVM/{kind}"),
         })
         .inc();
-    if kind == "conflict" {
+    if conflict {
         debug!(rvm = %rvm.name_any(), "status moved on meanwhile; planning again");
         Action::requeue(Duration::from_millis(200))
     } else {
         warn!(rvm = %rvm.name_any(), error = %err, "reconcile failed");
         Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// A write refused because the object moved on (409), however deep it is wrapped.
+fn is_conflict(err: &Error) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    match err {
+        Error::Kube(kube::Error::Api(s)) => s.code == 409,
+        Error::Finalizer(f) => match f.as_ref() {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => is_conflict(e),
+            F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) => {
+                s.code == 409
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -239,7 +253,9 @@ async fn publish(ctx: &Context, rvm: &ReplicatedVM, n: &Note) {
         },
         reason: n.reason.to_string(),
         note: Some(n.message.chars().take(1000).collect()),
-        action: n.reason.to_string(),
+        // The recorder folds events with the same action and reason into one series; the
+        // subject (a job, a step) keeps each job's events apart.
+        action: n.subject.chars().take(128).collect(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&ev, &rvm.object_ref(&())).await {
@@ -306,4 +322,22 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
     });
     info!(rvm = %name, "replication stopped and replica removed");
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+    use serde_json::json;
+
+    #[test]
+    fn diff_keeps_only_changed_top_level_fields() {
+        let old = json!({"phase": "Protected", "jobs": [1], "testFailover": {"a": 1}});
+        let new = json!({"phase": "Protected", "jobs": [1, 2], "activeSite": "b"});
+        let d = diff(&old, &new);
+        assert_eq!(
+            serde_json::Value::Object(d),
+            json!({"jobs": [1, 2], "activeSite": "b", "testFailover": null})
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
 }
