@@ -150,9 +150,9 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         "\ntwinsite is running. In another shell:\n\
          \n  export KUBECONFIG={kc}\n  alias kubectl={}\n\
          \nWatch the VMs:            kubectl get rvm -A -w\
-         \nSee jobs and steps:       kubectl describe rvm -n finance web-01\
-         \nFail over to secondary:   kubectl patch rvm -n finance web-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"secondary\"}}}}'\
-         \nFail back to primary:     kubectl patch rvm -n finance web-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"primary\"}}}}'\
+         \nSee jobs and steps:       kubectl describe rvm -n finance app-01\
+         \nFail over to secondary:   kubectl patch rvm -n finance app-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"secondary\"}}}}'\
+         \nFail back to primary:     kubectl patch rvm -n finance app-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"primary\"}}}}'\
          \nLogs:                     {}\n\
          \nCtrl-C stops everything.",
         kubectl.display(),

@@ -93,6 +93,18 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
 
     let ns = "chart-dry-run";
     create_namespace(cp, ns);
+    // The API server warns when a pod template would break the restricted Pod Security profile.
+    let out = cp
+        .kubectl()
+        .args([
+            "label",
+            "namespace",
+            ns,
+            "pod-security.kubernetes.io/warn=restricted",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
     let yaml = render(cp, "twinsite", ns, &["--include-crds"]);
     let objects = docs(&yaml);
     let mut kinds: Vec<&str> = objects
@@ -123,6 +135,11 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
         "the API server refused the chart:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("PodSecurity"),
+        "the controller pod breaks the restricted profile:\n{stderr}"
+    );
     for d in &objects {
         let name = d["metadata"]["name"].as_str().unwrap();
         assert!(
@@ -144,6 +161,77 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
     let service = find(&objects, "Service");
     assert_eq!(service["spec"]["ports"][0]["targetPort"], "metrics");
+
+    // The warning check above can fail: a root-capable pod is reported.
+    let loose = render(
+        cp,
+        "loose",
+        ns,
+        &[
+            "--set",
+            "podSecurityContext.runAsNonRoot=false,securityContext=null",
+        ],
+    );
+    let out = kubectl_stdin(cp, &["apply", "--dry-run=server", "-f", "-"], &loose);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("violate PodSecurity"));
+}
+
+#[tokio::test]
+async fn helm_installs_and_uninstalls_the_chart() {
+    let cp = envtest::shared().await;
+    let ns = "chart-install";
+    let out = cp
+        .helm()
+        .args(["install", "helm-install"])
+        .arg(chart_dir())
+        .args(["--namespace", ns, "--create-namespace"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cp
+        .kubectl()
+        .args([
+            "get",
+            "deployment,serviceaccount,service,role,rolebinding",
+            "-n",
+            ns,
+            "-o",
+            "name",
+        ])
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "deployment.apps/helm-install-twinsite",
+        "serviceaccount/helm-install-twinsite",
+        "service/helm-install-twinsite-metrics",
+        "role.rbac.authorization.k8s.io/helm-install-twinsite-leader-election",
+    ] {
+        assert!(names.lines().any(|l| l == want), "no {want} in:\n{names}");
+    }
+    let out = cp
+        .helm()
+        .args(["uninstall", "helm-install", "--namespace", ns])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The CRDs stay: Helm never deletes what it installed from crds/.
+    let out = cp
+        .kubectl()
+        .args(["get", "crd", "replicatedvms.twinsite.io"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
 }
 
 fn can_i(cp: &ControlPlane, sa: &str, args: &[&str]) -> bool {
@@ -294,5 +382,17 @@ async fn values_shape_the_deployment() {
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("replicas > 1 needs leaderElection.enabled=true")
+    );
+}
+
+#[test]
+fn the_chart_deploys_this_version() {
+    let chart: Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap())
+            .unwrap();
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "charts/twinsite/Chart.yaml appVersion differs from the crate version"
     );
 }

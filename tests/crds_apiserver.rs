@@ -5,7 +5,7 @@ use std::process::{Output, Stdio};
 
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-use twinsite::api::ReplicatedVM;
+use twinsite::api::{FailoverPlan, ReplicatedVM};
 use twinsite::envtest::{self, ControlPlane};
 
 /// `kubectl apply` of a YAML document, in a namespace.
@@ -214,6 +214,25 @@ fn invalid_manifests() -> Vec<Case> {
             ),
             "needs exactly one of manualApproval or webhook",
         ),
+        update(
+            "vmName changed",
+            rvm("renamed", ""),
+            rvm("renamed", "  vmName: another-vm\n"),
+            "spec.vmName is immutable",
+        ),
+        case(
+            "vmName with a slash",
+            rvm("slashed", "  vmName: web/01\n"),
+            "spec.vmName in body should match",
+        ),
+        case(
+            "site with a CA but an http URL",
+            format!(
+                "{}    caSecretRef: {{namespace: twinsite-system, name: ca, key: ca.crt}}\n",
+                site("crds-invalid-ca", "http://127.0.0.1:7101")
+            ),
+            "spec.agent.caSecretRef is only for an https:// agent URL",
+        ),
         case(
             "site with a URL that is not http",
             site("crds-invalid-ftp", "ftp://127.0.0.1:7101"),
@@ -410,6 +429,27 @@ async fn status_jobs_are_bounded() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("status.jobs"), "{err}");
+
+    // A plan keeps as many.
+    assert_applied(
+        cp,
+        ns,
+        &plan("busy", "  groups:\n  - {name: web, vms: [busy]}\n"),
+    );
+    let plans: Api<FailoverPlan> = Api::namespaced(cp.client().await.unwrap(), ns);
+    plans
+        .patch_status("busy", &pp, &Patch::Merge(jobs(twinsite::api::MAX_JOBS)))
+        .await
+        .unwrap();
+    let err = plans
+        .patch_status(
+            "busy",
+            &pp,
+            &Patch::Merge(jobs(twinsite::api::MAX_JOBS + 1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("status.jobs"), "{err}");
 }
 
 #[tokio::test]
@@ -474,4 +514,53 @@ async fn kubectl_get_shows_the_printer_columns() {
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "READY", "URL", "VMS", "AGE"]);
     assert!(lines.next().unwrap().contains("http://127.0.0.1:7101"));
+}
+
+#[tokio::test]
+async fn the_crds_install_established_and_reinstall_cleanly() {
+    let cp = envtest::shared().await;
+    // Installing again (an upgrade with the same CRDs) is accepted: the rules' cost stays
+    // within the API server's budget and nothing changes.
+    cp.install_crds().await.unwrap();
+    for crd in twinsite::api::crds() {
+        let name = crd.metadata.name.unwrap();
+        let established = kubectl_ok(
+            cp,
+            &[
+                "get",
+                "crd",
+                &name,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+            ],
+        );
+        assert_eq!(established, "True", "{name}");
+    }
+    // The checked-in file installs with kubectl too, as a person would install it.
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds/twinsite.yaml");
+    let out = cp
+        .kubectl()
+        .args(["apply", "--server-side", "--force-conflicts", "-f"])
+        .arg(&crds)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names = kubectl_ok(
+        cp,
+        &["api-resources", "--api-group=twinsite.io", "-o", "name"],
+    );
+    let mut names: Vec<&str> = names.lines().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "failoverplans.twinsite.io",
+            "replicatedvms.twinsite.io",
+            "sites.twinsite.io"
+        ]
+    );
 }

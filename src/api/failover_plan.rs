@@ -26,8 +26,10 @@ pub struct FailoverPlanSpec {
     /// Where every VM of the plan should run.
     #[schemars(length(min = 1, max = 253))]
     pub target_site: String,
+    /// How the plan's VMs fail over.
     #[serde(default)]
     pub failover: FailoverSpec,
+    /// A drill of the whole plan: copies at the other site on an isolated network.
     #[serde(default)]
     pub test_failover: TestFailoverSpec,
     /// In order: a group starts when every VM of the one before runs at the target.
@@ -58,6 +60,7 @@ pub struct PlanGroup {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 1000), inner(length(min = 1, max = 253)))]
     pub vms: Vec<String>,
+    /// ReplicatedVMs of the plan's namespace with these labels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
     /// Run before the group's VMs fail over, in order.
@@ -76,13 +79,16 @@ pub struct PlanGroup {
     .message("an action of spec.groups[] needs exactly one of manualApproval or webhook"))]
 #[serde(rename_all = "camelCase")]
 pub struct PlanAction {
+    /// Unique in the group; approved with the annotation `twinsite.io/approve=<group>/<name>`.
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
+    /// Pause the plan until a person approves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual_approval: Option<ManualApproval>,
+    /// Call an HTTP endpoint and wait for a 2xx answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook: Option<Webhook>,
 }
@@ -99,10 +105,12 @@ pub struct ManualApproval {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
+    /// http:// or https:// URL to POST to.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("webhook.url must be an http:// or https:// URL"))]
     pub url: String,
+    /// Seconds to wait for a 2xx answer, 1..3600.
     #[serde(default = "default_webhook_timeout")]
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3600")
         .message("webhook.timeoutSeconds must be between 1 and 3600"))]
@@ -133,7 +141,9 @@ pub struct FailoverPlanStatus {
     pub groups_summary: Option<String>,
     #[serde(default)]
     pub groups: Vec<GroupStatus>,
+    /// Newest last, at most 10 kept, as for a ReplicatedVM.
     #[serde(default)]
+    #[schemars(length(max = 10))]
     pub jobs: Vec<Job>,
     /// The newest drill, recorded once its cleanup is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -40,7 +40,17 @@ pub const MAX_JOBS: usize = 10;
          change spec.activeSite again once the job has ended"
     )
     .reason(Reason::FieldValueForbidden)
-    .field_path(".spec.activeSite")
+    .field_path(".spec.activeSite"),
+    // Root too: unset means metadata.name, which only the root can see.
+    validation = Rule::new(
+        "(has(self.spec.vmName) ? self.spec.vmName : self.metadata.name) == \
+         (has(oldSelf.spec.vmName) ? oldSelf.spec.vmName : oldSelf.metadata.name)"
+    )
+    .message(
+        "spec.vmName is immutable: a ReplicatedVM protects the VM it was created for \
+         (unset means metadata.name); delete and re-create it to protect another VM"
+    )
+    .field_path(".spec.vmName")
 )]
 #[x_kube(
     validation = Rule::new("self.recoverySite != self.primarySite")
@@ -54,9 +64,13 @@ pub const MAX_JOBS: usize = 10;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicatedVMSpec {
-    /// Name of the VM at the sites; defaults to metadata.name.
+    /// Name of the VM at the sites; defaults to metadata.name. Immutable.
+    /// Letters, digits, '-', '_' and '.', starting and ending with a letter or digit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
     pub vm_name: Option<String>,
     /// Site where the VM is first protected from; immutable.
     #[schemars(length(min = 1, max = 253))]
@@ -75,10 +89,13 @@ pub struct ReplicatedVMSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub active_site: Option<String>,
+    /// How the VM is replicated from the site where it runs to the other site.
     #[serde(default)]
     pub replication: ReplicationSpec,
+    /// How a change of activeSite is carried out.
     #[serde(default)]
     pub failover: FailoverSpec,
+    /// A drill: a copy of the VM started at the other site on an isolated network.
     #[serde(default)]
     pub test_failover: TestFailoverSpec,
 }

@@ -19,13 +19,18 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SiteSpec {
+    /// Free text, e.g. "Primary VMM cloud".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The site agent that serves this site.
     pub agent: AgentEndpoint,
 }
 
 /// How the controller reaches a site agent.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.caSecretRef) || self.url.startsWith('https://')")
+    .message("spec.agent.caSecretRef is only for an https:// agent URL")
+    .field_path(".caSecretRef"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEndpoint {
     /// http:// or https:// URL of the agent.
@@ -33,6 +38,7 @@ pub struct AgentEndpoint {
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("spec.agent.url must be an http:// or https:// URL, e.g. https://site-a.example:7101"))]
     pub url: String,
+    /// The agent's bearer token.
     pub token_secret_ref: SecretKeyRef,
     /// CA bundle for an https agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

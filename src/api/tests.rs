@@ -92,6 +92,18 @@ fn sites_are_immutable_and_distinct() {
 }
 
 #[test]
+fn vm_name_is_immutable() {
+    let old = rvm(base_spec());
+    // Unset means metadata.name: writing it out is no change.
+    let same = with(old.clone(), "/spec/vmName", json!("web-01"));
+    assert_accepted::<ReplicatedVM>(&same, Some(&old));
+    assert_accepted::<ReplicatedVM>(&old, Some(&same));
+    let other = with(old.clone(), "/spec/vmName", json!("web-02"));
+    assert_refused::<ReplicatedVM>(&other, Some(&old), "spec.vmName is immutable");
+    assert_refused::<ReplicatedVM>(&old, Some(&other), "spec.vmName is immutable");
+}
+
+#[test]
 fn active_site_must_be_one_of_the_two() {
     let spec = with(base_spec(), "/activeSite", json!("third"));
     assert_refused::<ReplicatedVM>(
@@ -272,6 +284,15 @@ fn site_url_must_be_http() {
     };
     assert_accepted::<Site>(&site("http://127.0.0.1:7101"), None);
     assert_accepted::<Site>(&site("https://site-a.example:7101/"), None);
+    let ca = json!({"namespace": "twinsite-system", "name": "primary-agent-ca", "key": "ca.crt"});
+    let https = with(
+        site("https://site-a.example:7101"),
+        "/spec/agent/caSecretRef",
+        ca.clone(),
+    );
+    assert_accepted::<Site>(&https, None);
+    let http = with(site("http://127.0.0.1:7101"), "/spec/agent/caSecretRef", ca);
+    assert_refused::<Site>(&http, None, "caSecretRef is only for an https:// agent URL");
     assert_refused::<Site>(
         &site("127.0.0.1:7101"),
         None,
