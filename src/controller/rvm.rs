@@ -23,6 +23,28 @@ pub const FINALIZER: &str = "twinsite.io/cleanup";
 /// Plans acted on in one reconcile before handing the VM back to the queue (fairness).
 const MAX_ACTIONS: usize = 24;
 
+/// The last status this process wrote per object (by uid), with the resourceVersion the API
+/// server gave it.
+#[derive(Default)]
+pub struct Written(std::sync::Mutex<std::collections::HashMap<String, (u64, ReplicatedVMStatus)>>);
+
+impl Written {
+    fn get(&self, uid: &str) -> Option<(u64, ReplicatedVMStatus)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(uid).cloned()
+    }
+
+    fn put(&self, uid: &str, rv: u64, st: &ReplicatedVMStatus) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(uid.to_string(), (rv, st.clone()));
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(uid);
+    }
+}
+
 /// Seconds-precision now: status times are whole seconds, so comparisons stay exact.
 pub fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
@@ -82,6 +104,15 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
     let vm_name = rvm.vm_name();
     let mut status = rvm.status.clone().unwrap_or_default();
     let mut rv = rvm.resource_version();
+    // The watch cache may not have our own last write yet (its event is in flight): plan from
+    // what we wrote rather than from an older picture, which would only end in a conflict.
+    if let Some((wrv, wst)) = ctx.written.get(&uid)
+        && let Some(orv) = rv.as_deref().and_then(|v| v.parse::<u64>().ok())
+        && orv < wrv
+    {
+        status = wst;
+        rv = Some(wrv.to_string());
+    }
     let spec = &rvm.spec;
     let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
     let labels = VmLabels {
@@ -154,6 +185,9 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
             finished,
         } = *update;
         rv = write_status(api, &name, &status, &new, rv.as_deref(), ctx).await?;
+        if let Some(v) = rv.as_deref().and_then(|v| v.parse::<u64>().ok()) {
+            ctx.written.put(&uid, v, &new);
+        }
         for n in &events {
             publish(ctx, rvm, n).await;
         }
@@ -320,6 +354,7 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
         namespace: rvm.namespace().unwrap_or_default(),
         name: name.clone(),
     });
+    ctx.written.forget(&uid);
     info!(rvm = %name, "replication stopped and replica removed");
     Ok(Action::await_change())
 }
