@@ -15,9 +15,9 @@ use tracing::{debug, info, warn};
 
 use super::observe::SiteView;
 use super::planner::{self, Input, Note, Plan, Update};
+use super::provider::SiteError;
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
 use crate::api::{COMMIT_ANNOTATION, ReplicatedVM, ReplicatedVMStatus};
-use crate::site::SiteError;
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
 /// Plans acted on in one reconcile before handing the VM back to the queue (fairness).
@@ -97,7 +97,11 @@ fn is_conflict(err: &Error) -> bool {
     }
 }
 
-async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Result<Action, Error> {
+async fn apply(
+    rvm: &ReplicatedVM,
+    ctx: &Context,
+    api: &Api<ReplicatedVM>,
+) -> Result<Action, Error> {
     let name = rvm.name_any();
     let ns = rvm.namespace().unwrap_or_default();
     let uid = rvm.uid().unwrap_or_else(|| name.clone());
@@ -153,7 +157,10 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
             Plan::Execute(call) => {
                 debug!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "calling site");
                 let outcome = exec::run(&ctx.sites, &call).await;
-                let input = Input { now: now(), ..input };
+                let input = Input {
+                    now: now(),
+                    ..input
+                };
                 match planner::record_outcome(&input, &call, outcome) {
                     Plan::Write(u) => u,
                     Plan::Idle(d) => return Ok(Action::requeue(d)),
@@ -172,7 +179,10 @@ async fn apply(rvm: &ReplicatedVM, ctx: &Context, api: &Api<ReplicatedVM>) -> Re
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
                 let outcome = exec::fence(&ctx.sites, &f).await;
-                let input = Input { now: now(), ..input };
+                let input = Input {
+                    now: now(),
+                    ..input
+                };
                 match planner::record_fence(&input, &f, outcome) {
                     Plan::Write(u) => u,
                     _ => return Ok(Action::requeue(ctx.poll)),
@@ -328,22 +338,22 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
     };
     for site in [&active, &other] {
         if let Some(p) = ctx.sites.provider(site) {
-            ok(p
-                .stop_replication(&vm, &format!("{uid}-delete-stop-{site}"))
-                .await
-                .map(|_| ()))?;
+            ok(
+                p.stop_replication(&vm, &format!("{uid}-delete-stop-{site}"))
+                    .await
+                    .map(|_| ()),
+            )?;
         }
     }
     if let Some(p) = ctx.sites.provider(&other) {
         if let Some(tf) = &status.test_failover {
             let p = ctx.sites.provider(&tf.site).unwrap_or_else(|| p.clone());
-            ok(p
-                .test_failover_cleanup(&vm, &format!("{uid}-delete-drill"))
+            ok(p.test_failover_cleanup(&vm, &format!("{uid}-delete-drill"))
                 .await
                 .map(|_| ()))?;
         }
         match p.get_vm(&vm).await {
-            Ok(v) if v.power == crate::site::Power::Running => {
+            Ok(v) if v.power == super::provider::Power::Running => {
                 warn!(rvm = %name, site = %other, "VM runs at the replica site; left alone");
             }
             Ok(_) => ok(p.delete_vm(&vm, &format!("{uid}-delete-replica")).await)?,

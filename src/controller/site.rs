@@ -44,7 +44,12 @@ async fn secret_value(ctx: &Context, r: &SecretKeyRef) -> Result<String, String>
         .ok_or_else(|| format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key))?;
     String::from_utf8(bytes)
         .map(|s| s.trim().to_string())
-        .map_err(|_| format!("Secret {}/{} key {} is not UTF-8", r.namespace, r.name, r.key))
+        .map_err(|_| {
+            format!(
+                "Secret {}/{} key {} is not UTF-8",
+                r.namespace, r.name, r.key
+            )
+        })
 }
 
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -88,7 +93,12 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
                                 Some(n),
                             ),
                             Err(ListError::Unauthorized(m)) => (
-                                Cond::new(READY, false, "Unauthorized", format!("token refused: {m}")),
+                                Cond::new(
+                                    READY,
+                                    false,
+                                    "Unauthorized",
+                                    format!("token refused: {m}"),
+                                ),
                                 None,
                             ),
                             Err(ListError::Unreachable(m)) | Err(ListError::Other(m)) => {
@@ -114,7 +124,12 @@ async fn write_status(
     let old = site.status.clone().unwrap_or_default();
     let mut new = old.clone();
     new.observed_generation = site.meta().generation;
-    conditions::set_all(&mut new.conditions, std::slice::from_ref(cond), new.observed_generation, t);
+    conditions::set_all(
+        &mut new.conditions,
+        std::slice::from_ref(cond),
+        new.observed_generation,
+        t,
+    );
     if let Some(n) = count {
         new.vm_count = Some(i64::try_from(n).unwrap_or(i64::MAX));
         let stale = old

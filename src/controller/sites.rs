@@ -13,7 +13,7 @@ use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedRecoveryPoints, ObservedReplication,
     ObservedReplicationState, ObservedVm, Power, Role, SiteView,
 };
-use crate::site::{self, AgentClient, SiteError, SiteProvider, Vm};
+use super::provider::{self as site, AgentClient, SiteError, SiteProvider, Vm};
 
 /// How to reach a site and what it showed last.
 struct Entry {
@@ -90,10 +90,7 @@ impl Sites {
             return Ok(());
         }
         let client = AgentClient::new(url, token, ca_pem.as_deref().map(str::as_bytes))?;
-        let refresh = map
-            .get(name)
-            .map(|e| e.refresh.clone())
-            .unwrap_or_default();
+        let refresh = map.get(name).map(|e| e.refresh.clone()).unwrap_or_default();
         map.insert(
             name.to_string(),
             Entry {
