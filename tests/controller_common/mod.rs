@@ -196,13 +196,24 @@ impl ControllerProc {
         self.child = None;
     }
 
+    /// SIGTERM, waiting for the process to end (SIGKILL only after a long grace).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(30));
+        }
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
     }
 
     pub fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+        self.url("/metrics")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.metrics_port)
     }
 
     pub fn pid(&self) -> Option<u32> {
