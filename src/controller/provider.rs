@@ -558,3 +558,44 @@ impl SiteProvider for AgentClient {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_vm_listing() {
+        let doc = serde_json::json!({"site": "primary", "vms": [
+            {"name": "web-01", "power": "Running", "role": "Primary", "integrationServices": true,
+             "disks": [{"name": "disk0", "sizeBytes": 1048576}],
+             "replication": {"state": "Replicating", "direction": "Outbound", "peerSite": "secondary",
+                             "intervalSeconds": 300, "lastSyncTime": "2026-01-02T03:04:05Z", "pendingBytes": 0,
+                             "bytesSent": 123, "lastError": null},
+             "recoveryPoints": {"count": 3, "latest": {"id": "rp-000003", "time": "2026-01-02T03:04:05Z",
+                                "appConsistent": false, "kind": "CrashConsistent"},
+                                "latestAppConsistent": null},
+             "testCopy": null},
+            {"name": "db-01", "power": "Off", "role": "Replica", "disks": []}
+        ]});
+        let list: VmList = serde_json::from_value(doc).unwrap();
+        let vm = &list.vms[0];
+        assert_eq!(vm.replication.state, ReplicationState::Replicating);
+        assert_eq!(vm.replication.direction, Some(Direction::Outbound));
+        assert_eq!(vm.replication.bytes_sent, 123);
+        assert_eq!(vm.recovery_points.count, 3);
+        assert_eq!(
+            vm.recovery_points.latest.as_ref().map(|p| p.id.as_str()),
+            Some("rp-000003")
+        );
+        assert_eq!(list.vms[1].replication.state, ReplicationState::Disabled);
+        let o = crate::controller::sites::observed(vm);
+        assert!(o.runs());
+        assert_eq!(o.recovery_points.unwrap().count, 3);
+    }
+
+    #[test]
+    fn names_are_escaped_in_paths() {
+        assert_eq!(enc("web-01"), "web-01");
+        assert_eq!(enc("a b/c"), "a%20b%2Fc");
+    }
+}
