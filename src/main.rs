@@ -13,7 +13,7 @@ enum Command {
     /// Run the controller that reconciles Site, ReplicatedVM and FailoverPlan objects.
     Controller(twinsite::controller::ControllerArgs),
     /// Run a site agent: it holds a site's VMs and replicates them to a peer site.
-    Agent,
+    Agent(twinsite::agent::AgentArgs),
     /// Print the three CustomResourceDefinitions as YAML.
     Crds,
     /// Run everything on this machine: API server, two site agents, controller, examples applied.
@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
         Command::Local(args) => twinsite::local::run(args).await?,
         Command::Controller(args) => twinsite::controller::run(args).await?,
-        Command::Agent => anyhow::bail!("not built yet"),
+        Command::Agent(args) => twinsite::agent::run(args).await?,
     }
     Ok(())
 }

@@ -1,1 +1,608 @@
-//! agent (filled by its own module files).
+//! The site agent: an HTTP server that owns one site's VMs (disks as sparse files, power state,
+//! role) and answers the controller. All state lives under the data directory.
+//!
+//! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
+
+mod driver;
+mod replica;
+mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::site::{CreateVm, ErrorBody, PowerRequest};
+pub use store::Store;
+
+/// `twinsite agent` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Name of the site this agent serves.
+    #[arg(long)]
+    pub site: String,
+    /// Address to listen on, e.g. 127.0.0.1:7101.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Directory holding every VM disk and all agent state.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// File holding the bearer token callers must present.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// PEM certificate for https (not supported yet).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for https (not supported yet).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+    /// Largest disk a VM may have, in bytes.
+    #[arg(long, default_value_t = 1 << 40)]
+    pub max_disk_bytes: u64,
+}
+
+/// Errors of the agent's startup.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading token file: {0}")]
+    Token(std::io::Error),
+    #[error("token file is empty")]
+    EmptyToken,
+    #[error("TLS is not supported by this agent build")]
+    TlsUnsupported,
+    #[error("data directory: {0}")]
+    Store(#[from] ApiError),
+    #[error("listening: {0}")]
+    Listen(std::io::Error),
+}
+
+/// An API error: a status and a reason, answered as `{"error": ...}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+    pub fn io(e: std::io::Error) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage: {e}"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(ErrorBody {
+            error: self.message,
+        });
+        (self.status, body).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+type Drivers = std::collections::HashMap<
+    String,
+    (
+        tokio::sync::mpsc::Sender<driver::SyncReply>,
+        tokio::task::JoinHandle<()>,
+    ),
+>;
+
+struct AppState {
+    site: String,
+    data_dir: PathBuf,
+    token: String,
+    store: Mutex<Store>,
+    drivers: Mutex<Drivers>,
+}
+
+type Shared = Arc<AppState>;
+
+/// Runs the agent until SIGTERM or Ctrl-C.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        return Err(AgentError::TlsUnsupported);
+    }
+    let token = std::fs::read_to_string(&args.token_file)
+        .map_err(AgentError::Token)?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err(AgentError::EmptyToken);
+    }
+    let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    store.recover()?;
+    let outbound: Vec<String> = store
+        .vms
+        .iter()
+        .filter(|(_, r)| r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
+        .map(|(n, _)| n.clone())
+        .collect();
+    let state = Arc::new(AppState {
+        site: args.site.clone(),
+        data_dir: args.data_dir.clone(),
+        token,
+        store: Mutex::new(store),
+        drivers: Mutex::new(Default::default()),
+    });
+    for vm in outbound {
+        driver::spawn(&state, &vm);
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(AgentError::Listen)?;
+    tracing::info!(site = %args.site, addr = %args.listen, "agent listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(AgentError::Listen)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}
+
+fn router(state: Shared) -> Router {
+    let v1 = Router::new()
+        .route("/vms", get(list_vms))
+        .route("/vms/{vm}", get(get_vm).put(create_vm).delete(delete_vm))
+        .route("/vms/{vm}/power", post(power))
+        .route(
+            "/vms/{vm}/disks/{disk}/data",
+            put(write_disk).get(read_disk),
+        )
+        .route("/vms/{vm}/disks/{disk}/digest", get(digest))
+        .route("/vms/{vm}/recovery-points", get(recovery_points))
+        .route("/vms/{vm}/replication/enable", post(enable))
+        .route("/vms/{vm}/replication/sync", post(sync))
+        .route("/vms/{vm}/replication/stop", post(stop))
+        .route("/vms/{vm}/failover", post(failover))
+        .route("/vms/{vm}/test-failover", post(test_failover))
+        .route("/vms/{vm}/test-failover/cleanup", post(test_cleanup))
+        .route("/vms/{vm}/commit", post(commit))
+        .route("/replica/{vm}/begin", post(replica_begin))
+        .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
+        .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
+        .route("/replica/{vm}/commit", post(replica_commit))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/v1", v1)
+        .layer(DefaultBodyLimit::max(256 << 20))
+        .with_state(state)
+}
+
+async fn auth(State(st): State<Shared>, headers: HeaderMap, req: Request, next: Next) -> Response {
+    let ok = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), st.token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Body parsing whose every failure is a 400 with the reason.
+fn parse<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    body.map(|Json(b)| b)
+        .map_err(|e| ApiError::bad(format!("malformed body: {}", e.body_text())))
+}
+
+/// Runs storage work off the async threads, with the store locked.
+async fn with_store<T: Send + 'static>(
+    st: &Shared,
+    f: impl FnOnce(&mut Store) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let st = st.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut store = st
+            .store
+            .lock()
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store poisoned"))?;
+        f(&mut store)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
+    with_store(&st, |s| Ok(Json(s.list()).into_response())).await
+}
+
+async fn get_vm(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(Json(s.vm(&vm)?).into_response())).await
+}
+
+async fn create_vm(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> ApiResult<Response> {
+    let spec = parse(body)?;
+    with_store(
+        &st,
+        move |s| Ok(Json(s.create(&vm, &spec)?).into_response()),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct OpQuery {
+    operation_id: Option<String>,
+}
+
+async fn delete_vm(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    Query(q): Query<OpQuery>,
+) -> ApiResult<Response> {
+    let vm2 = vm.clone();
+    let running = with_store(&st, move |s| {
+        Ok(s.vm(&vm2)?.power == crate::site::Power::Running)
+    })
+    .await
+    .unwrap_or(false);
+    if !running {
+        // A deleted VM must not keep a replication task alive.
+        driver::stop(&st, &vm);
+    }
+    with_store(&st, move |s| {
+        s.idempotent(q.operation_id.as_deref(), |s| s.delete(&vm))
+    })
+    .await
+}
+
+async fn power(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<PowerRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct IoQuery {
+    offset: Option<String>,
+    length: Option<String>,
+}
+
+fn number(v: Option<String>, name: &str) -> ApiResult<u64> {
+    let v = v.ok_or_else(|| ApiError::bad(format!("query parameter {name} is required")))?;
+    v.parse()
+        .map_err(|_| ApiError::bad(format!("{name} must be a non-negative integer, got {v:?}")))
+}
+
+async fn write_disk(
+    State(st): State<Shared>,
+    Path((vm, disk)): Path<(String, String)>,
+    Query(q): Query<IoQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let offset = number(q.offset, "offset")?;
+    with_store(&st, move |s| {
+        s.write(&vm, &disk, offset, &body)?;
+        Ok(Json(serde_json::json!({"written": body.len()})).into_response())
+    })
+    .await
+}
+
+async fn read_disk(
+    State(st): State<Shared>,
+    Path((vm, disk)): Path<(String, String)>,
+    Query(q): Query<IoQuery>,
+) -> ApiResult<Response> {
+    let offset = number(q.offset, "offset")?;
+    let length = number(q.length, "length")?;
+    with_store(&st, move |s| {
+        let data = s.read(&vm, &disk, offset, length)?;
+        Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    })
+    .await
+}
+
+async fn digest(
+    State(st): State<Shared>,
+    Path((vm, disk)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    with_store(&st, move |s| {
+        Ok(Json(crate::site::DigestResponse {
+            sha256: s.digest(&vm, &disk)?,
+        })
+        .into_response())
+    })
+    .await
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
+}
+
+async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| {
+        Ok(Json(crate::site::RecoveryPointList {
+            recovery_points: s.recovery_points(&vm)?,
+        })
+        .into_response())
+    })
+    .await
+}
+
+async fn enable(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.interval_seconds == 0 {
+        return Err(ApiError::bad("intervalSeconds must be positive"));
+    }
+    if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
+        return Err(ApiError::bad("peerUrl must be an http(s) URL"));
+    }
+    let vm2 = vm.clone();
+    let resp = with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id.clone()), |s| {
+            let r = s.rec_mut(&vm2)?;
+            if r.meta.role != crate::site::Role::Primary {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm2} is not a primary here"
+                )));
+            }
+            let mode = req.mode;
+            r.meta.inbound = None;
+            r.meta.outbound = Some(replica::Outbound {
+                peer_site: req.peer_site.clone(),
+                peer_url: req.peer_url.clone(),
+                peer_token: req.peer_token.clone(),
+                interval_seconds: req.interval_seconds,
+                retention_hours: req.recovery_point_retention_hours,
+                app_consistent_hours: req.app_consistent_frequency_hours,
+                state: match mode {
+                    crate::site::ReplicationMode::Initial => {
+                        crate::site::ReplicationState::InitialReplication
+                    }
+                    crate::site::ReplicationMode::Resync => {
+                        crate::site::ReplicationState::Resynchronizing
+                    }
+                },
+                bulk: Some(mode),
+                stopped: false,
+                last_sync_time: None,
+                last_app_consistent: None,
+                bytes_sent: 0,
+                blocks_resent: 0,
+                last_error: None,
+            });
+            s.save(&vm2)?;
+            to_json(s.vm(&vm2)?.replication)
+        })
+    })
+    .await?;
+    driver::spawn(&st, &vm);
+    Ok((StatusCode::ACCEPTED, resp).into_response())
+}
+
+/// Runs an async operation once per id, storing its answer.
+async fn once(
+    st: &Shared,
+    op: &str,
+    f: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
+) -> ApiResult<Response> {
+    let id = op.to_string();
+    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(&id))).await? {
+        return Ok(Json(v).into_response());
+    }
+    let v = f.await?;
+    let id = op.to_string();
+    let v2 = v.clone();
+    with_store(st, move |s| s.op_save(&id, &v2)).await?;
+    Ok(Json(v).into_response())
+}
+
+async fn sync(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    let vm2 = vm.clone();
+    with_store(&st, move |s| s.rec(&vm2).map(|_| ())).await?;
+    once(&st, &req.operation_id, async {
+        let rp = driver::sync_now(&st, &vm).await?;
+        to_json(crate::site::SyncResult { recovery_point: rp })
+    })
+    .await
+}
+
+async fn stop(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    driver::stop(&st, &vm);
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            s.stop_inbound(&vm)?;
+            to_json(s.vm(&vm)?.replication)
+        })
+    })
+    .await
+}
+
+async fn failover(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let rp = s.failover(&vm, &req.recovery_point)?;
+            to_json(crate::site::FailoverResult { recovery_point: rp })
+        })
+    })
+    .await
+}
+
+async fn test_failover(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
+            to_json(crate::site::TestFailoverResult {
+                vm_name,
+                recovery_point: rp,
+            })
+        })
+    })
+    .await
+}
+
+async fn test_cleanup(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let (vm_name, deleted) = s.test_cleanup(&vm)?;
+            to_json(crate::site::CleanupResult { vm_name, deleted })
+        })
+    })
+    .await
+}
+
+async fn commit(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.idempotent(Some(&req.operation_id), |s| {
+            let n = s.commit_points(&vm)?;
+            to_json(crate::site::CommitResult {
+                deleted_recovery_points: n,
+            })
+        })
+    })
+    .await
+}
+
+async fn replica_begin(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<replica::BeginCycle>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        s.begin(&vm, &req)?;
+        Ok(Json(serde_json::json!({})).into_response())
+    })
+    .await
+}
+
+async fn replica_hashes(
+    State(st): State<Shared>,
+    Path((vm, disk)): Path<(String, usize)>,
+) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+}
+
+#[derive(Deserialize)]
+struct BulkQuery {
+    #[serde(default)]
+    bulk: bool,
+}
+
+async fn replica_blocks(
+    State(st): State<Shared>,
+    Path((vm, cycle)): Path<(String, String)>,
+    Query(q): Query<BulkQuery>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let bulk = q.bulk;
+    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body)).await?;
+    if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
+        hang_if_marked(&st).await;
+    }
+    Ok(Json(res).into_response())
+}
+
+/// Test-only fault injection: while `hang-blocks` exists in the data dir, a cycle's block batch
+/// is staged but never answered, so a test can kill the agent mid-cycle.
+async fn hang_if_marked(st: &Shared) {
+    let dir = st.data_dir.clone();
+    if dir.join("hang-blocks").exists() {
+        let _ = std::fs::write(dir.join("hang-reached"), b"");
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn replica_commit(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<replica::CommitCycle>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    with_store(&st, move |s| {
+        Ok(Json(s.commit_cycle(&vm, &req)?).into_response())
+    })
+    .await
+}

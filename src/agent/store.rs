@@ -1,0 +1,399 @@
+//! VM runtime state on disk.
+//!
+//! ```text
+//! DATA/vms/<vm>/vm.json          metadata (power, role, disks), replaced atomically
+//! DATA/vms/<vm>/disks/<d>.img    disk (sparse file)
+//! DATA/vms/<vm>/track/           change-tracking journal (see replication::tracker)
+//! DATA/ops/<hex id>.json         answers of finished operations, for idempotency
+//! ```
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiResult};
+use crate::replication::tracker::{Tracker, sync_dir};
+use crate::replication::{blocks_of_range, sha256_file};
+use crate::site::{CreateVm, DeleteResult, DiskSpec, Power, PowerAction, Role, Vm, VmList};
+
+/// Persisted part of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct VmMeta {
+    pub(super) name: String,
+    pub(super) power: Power,
+    pub(super) role: Role,
+    pub(super) integration_services: bool,
+    pub(super) disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub(super) network: Option<String>,
+    /// Outbound replication (at the source).
+    #[serde(default)]
+    pub(super) outbound: Option<super::replica::Outbound>,
+    /// Inbound replication and recovery points (at the replica).
+    #[serde(default)]
+    pub(super) inbound: Option<super::replica::Inbound>,
+}
+
+pub(super) struct VmRec {
+    pub(super) meta: VmMeta,
+    pub(super) disks: Vec<File>,
+    pub(super) tracker: Tracker,
+}
+
+/// Every VM of the site.
+pub struct Store {
+    pub(super) root: PathBuf,
+    pub(super) site: String,
+    max_disk_bytes: u64,
+    pub(super) vms: BTreeMap<String, VmRec>,
+}
+
+/// A stored answer of an operation.
+#[derive(Serialize, Deserialize)]
+struct OpRecord {
+    status: u16,
+    body: serde_json::Value,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !n.starts_with('.')
+}
+
+/// Writes `value` to `path` so that a crash leaves either the old or the new file.
+pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens the data directory, loading every VM; half-created VMs are removed.
+    pub fn open(root: &Path, site: &str, max_disk_bytes: u64) -> Result<Self, ApiError> {
+        let vms_dir = root.join("vms");
+        fs::create_dir_all(&vms_dir).map_err(ApiError::io)?;
+        fs::create_dir_all(root.join("ops")).map_err(ApiError::io)?;
+        let mut vms = BTreeMap::new();
+        for e in fs::read_dir(&vms_dir).map_err(ApiError::io)? {
+            let e = e.map_err(ApiError::io)?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(".tmp-") {
+                // A create that crashed before its rename: it never existed.
+                fs::remove_dir_all(e.path()).map_err(ApiError::io)?;
+                continue;
+            }
+            let meta: VmMeta = fs::read(e.path().join("vm.json"))
+                .map_err(ApiError::io)
+                .and_then(|b| {
+                    serde_json::from_slice(&b).map_err(|err| {
+                        ApiError::new(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("vm.json of {name}: {err}"),
+                        )
+                    })
+                })?;
+            let rec = open_vm(&e.path(), meta).map_err(ApiError::io)?;
+            vms.insert(name, rec);
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            site: site.to_string(),
+            max_disk_bytes,
+            vms,
+        })
+    }
+
+    pub(super) fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.root.join("vms").join(vm)
+    }
+
+    pub(super) fn rec(&self, vm: &str) -> ApiResult<&VmRec> {
+        self.vms
+            .get(vm)
+            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
+    }
+
+    fn view(&self, r: &VmRec) -> Vm {
+        Vm {
+            name: r.meta.name.clone(),
+            power: r.meta.power,
+            role: r.meta.role,
+            integration_services: r.meta.integration_services,
+            disks: r.meta.disks.clone(),
+            replication: super::replica::replication_info(r),
+            recovery_points: super::replica::rp_summary(r),
+            test_copy: self.test_copy_of(r),
+            network: r.meta.network.clone(),
+        }
+    }
+
+    pub fn list(&self) -> VmList {
+        VmList {
+            site: self.site.clone(),
+            vms: self.vms.values().map(|r| self.view(r)).collect(),
+        }
+    }
+
+    pub fn vm(&self, vm: &str) -> ApiResult<Vm> {
+        self.rec(vm).map(|r| self.view(r))
+    }
+
+    /// Creates a VM; repeating the same create answers the VM, a different one is a conflict.
+    pub fn create(&mut self, vm: &str, spec: &CreateVm) -> ApiResult<Vm> {
+        if !valid_name(vm) {
+            return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
+        }
+        if spec.disks.is_empty() {
+            return Err(ApiError::bad("a VM needs at least one disk"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &spec.disks {
+            if !valid_name(&d.name) || !seen.insert(d.name.as_str()) {
+                return Err(ApiError::bad(format!(
+                    "invalid or repeated disk name {:?}",
+                    d.name
+                )));
+            }
+            if d.size_bytes == 0 || d.size_bytes > self.max_disk_bytes {
+                return Err(ApiError::bad(format!(
+                    "disk {} sizeBytes must be between 1 and {}",
+                    d.name, self.max_disk_bytes
+                )));
+            }
+        }
+        if let Some(r) = self.vms.get(vm) {
+            if r.meta.disks == spec.disks
+                && r.meta.integration_services == spec.integration_services
+                && r.meta.role == Role::Primary
+            {
+                return Ok(self.view(r));
+            }
+            return Err(ApiError::conflict(format!(
+                "VM {vm} already exists with another definition"
+            )));
+        }
+        let meta = VmMeta {
+            name: vm.to_string(),
+            power: spec.power,
+            role: Role::Primary,
+            integration_services: spec.integration_services,
+            disks: spec.disks.clone(),
+            network: None,
+            outbound: None,
+            inbound: None,
+        };
+        let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
+        let v = self.view(&rec);
+        self.vms.insert(vm.to_string(), rec);
+        Ok(v)
+    }
+
+    /// Builds the VM in a temporary directory and renames it into place, so a crash never
+    /// leaves half a VM.
+    pub(super) fn materialize(&self, vm: &str, meta: VmMeta) -> io::Result<VmRec> {
+        let tmp = self.root.join("vms").join(format!(".tmp-{vm}"));
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        fs::create_dir_all(tmp.join("disks"))?;
+        for d in &meta.disks {
+            let f = File::create(tmp.join("disks").join(format!("{}.img", d.name)))?;
+            f.set_len(d.size_bytes)?;
+            f.sync_all()?;
+        }
+        sync_dir(&tmp.join("disks"))?;
+        write_atomic(&tmp.join("vm.json"), &serde_json::to_vec_pretty(&meta)?)?;
+        let dst = self.vm_dir(vm);
+        fs::rename(&tmp, &dst)?;
+        sync_dir(&self.root.join("vms"))?;
+        open_vm(&dst, meta)
+    }
+
+    pub(super) fn save(&self, vm: &str) -> ApiResult<()> {
+        let r = self.rec(vm)?;
+        let bytes = serde_json::to_vec_pretty(&r.meta).map_err(|e| ApiError::io(e.into()))?;
+        write_atomic(&self.vm_dir(vm).join("vm.json"), &bytes).map_err(ApiError::io)
+    }
+
+    pub fn delete(&mut self, vm: &str) -> ApiResult<serde_json::Value> {
+        let r = self.rec(vm)?;
+        if r.meta.power == Power::Running {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} is running; power it off first"
+            )));
+        }
+        self.vms.remove(vm);
+        let dir = self.vm_dir(vm);
+        // Rename first so a crash mid-removal leaves a leftover the next start cleans up.
+        let tmp = self.root.join("vms").join(format!(".tmp-{vm}"));
+        fs::rename(&dir, &tmp).map_err(ApiError::io)?;
+        sync_dir(&self.root.join("vms")).map_err(ApiError::io)?;
+        fs::remove_dir_all(&tmp).map_err(ApiError::io)?;
+        Ok(serde_json::to_value(DeleteResult { deleted: true }).unwrap_or_default())
+    }
+
+    pub fn power(&mut self, vm: &str, action: PowerAction) -> ApiResult<serde_json::Value> {
+        let r = self
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
+        match action {
+            PowerAction::Start => {
+                if r.meta.role == Role::Replica {
+                    return Err(ApiError::conflict(format!(
+                        "VM {vm} is a replica here; fail it over to start it"
+                    )));
+                }
+                r.meta.power = Power::Running;
+            }
+            PowerAction::Shutdown => {
+                if r.meta.power == Power::Running && !r.meta.integration_services {
+                    return Err(ApiError::conflict(format!(
+                        "VM {vm} has no integration services: it cannot be shut down gracefully"
+                    )));
+                }
+                r.meta.power = Power::Off;
+            }
+            PowerAction::PowerOff => r.meta.power = Power::Off,
+        }
+        self.save(vm)?;
+        let v = self.vm(vm)?;
+        serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
+    }
+
+    fn disk_index(&self, vm: &str, disk: &str) -> ApiResult<(usize, u64)> {
+        let r = self.rec(vm)?;
+        r.meta
+            .disks
+            .iter()
+            .position(|d| d.name == disk)
+            .map(|i| (i, r.meta.disks[i].size_bytes))
+            .ok_or_else(|| ApiError::not_found(format!("VM {vm} has no disk {disk}")))
+    }
+
+    /// Guest write: tracked, then written, both durable before it returns.
+    pub fn write(&mut self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> ApiResult<()> {
+        let (i, size) = self.disk_index(vm, disk)?;
+        let len = data.len() as u64;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(ApiError::bad(format!(
+                "write of {len} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
+            )));
+        }
+        let r = self
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
+        if r.meta.power != Power::Running || r.meta.role == Role::Replica {
+            return Err(ApiError::conflict(format!("VM {vm} does not run here")));
+        }
+        // Journal first: a block whose write lands must never be missing from the dirty set.
+        r.tracker
+            .record(i, blocks_of_range(offset, len))
+            .map_err(ApiError::io)?;
+        r.disks[i]
+            .write_all_at(data, offset)
+            .map_err(ApiError::io)?;
+        r.disks[i].sync_data().map_err(ApiError::io)
+    }
+
+    pub fn read(&self, vm: &str, disk: &str, offset: u64, length: u64) -> ApiResult<Vec<u8>> {
+        let (i, size) = self.disk_index(vm, disk)?;
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(ApiError::bad(format!(
+                "read of {length} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
+            )));
+        }
+        if length > 256 << 20 {
+            return Err(ApiError::bad("reads are limited to 256 MiB"));
+        }
+        let mut buf = vec![0u8; length as usize];
+        self.rec(vm)?.disks[i]
+            .read_exact_at(&mut buf, offset)
+            .map_err(ApiError::io)?;
+        Ok(buf)
+    }
+
+    pub fn digest(&self, vm: &str, disk: &str) -> ApiResult<String> {
+        let (i, size) = self.disk_index(vm, disk)?;
+        sha256_file(&self.rec(vm)?.disks[i], size).map_err(ApiError::io)
+    }
+
+    fn op_path(&self, id: &str) -> PathBuf {
+        self.root
+            .join("ops")
+            .join(format!("{}.json", hex::encode(id)))
+    }
+
+    /// The stored answer of operation `id`, if it finished.
+    pub(super) fn op_lookup(&self, id: &str) -> Option<serde_json::Value> {
+        let bytes = fs::read(self.op_path(id)).ok()?;
+        serde_json::from_slice::<OpRecord>(&bytes)
+            .ok()
+            .map(|r| r.body)
+    }
+
+    /// Stores the answer of operation `id`, durably.
+    pub(super) fn op_save(&self, id: &str, body: &serde_json::Value) -> ApiResult<()> {
+        let rec = OpRecord {
+            status: 200,
+            body: body.clone(),
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
+        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
+    }
+
+    /// Runs `f` once per operation id: a repeated id answers the stored result.
+    pub fn idempotent(
+        &mut self,
+        op_id: Option<&str>,
+        f: impl FnOnce(&mut Self) -> ApiResult<serde_json::Value>,
+    ) -> ApiResult<Response> {
+        if let Some(id) = op_id
+            && let Some(v) = self.op_lookup(id)
+        {
+            return Ok(Json(v).into_response());
+        }
+        let body = f(self)?;
+        if let Some(id) = op_id {
+            self.op_save(id, &body)?;
+        }
+        Ok(Json(body).into_response())
+    }
+}
+
+pub(super) fn open_vm(dir: &Path, meta: VmMeta) -> io::Result<VmRec> {
+    let mut disks = Vec::new();
+    for d in &meta.disks {
+        disks.push(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join("disks").join(format!("{}.img", d.name)))?,
+        );
+    }
+    let sizes: Vec<u64> = meta.disks.iter().map(|d| d.size_bytes).collect();
+    let tracker = Tracker::open(&dir.join("track"), &sizes)?;
+    Ok(VmRec {
+        meta,
+        disks,
+        tracker,
+    })
+}

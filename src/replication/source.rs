@@ -1,0 +1,1 @@
+//! The source side of replication: bulk transfer and cycles.

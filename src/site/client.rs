@@ -1,0 +1,332 @@
+//! HTTP client of a site agent.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::*;
+
+/// Calls that only read or flip state answer quickly; a site that takes longer is treated as
+/// unreachable so the controller can move on.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Sync sends every pending block before it answers, and failover may copy whole disks.
+const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A [`SiteProvider`] backed by a `twinsite agent` over HTTP(S) with a bearer token.
+#[derive(Clone, Debug)]
+pub struct AgentClient {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl AgentClient {
+    /// `url` is the agent's base URL (`http://host:port`); `ca_pem` the CA that signed its
+    /// certificate when it speaks https. Call [`crate::init_crypto`] first.
+    pub fn new(url: &str, token: &str, ca_pem: Option<&[u8]>) -> Result<Self, SiteError> {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(30));
+        if let Some(pem) = ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| SiteError::BadRequest(format!("CA PEM: {e}")))?;
+            builder = builder.tls_certs_only(certs);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| SiteError::Other(0, format!("building HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: url.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+        })
+    }
+
+    /// The agent's base URL.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, method: Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .timeout(timeout)
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SiteError> {
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| SiteError::Unreachable(error_chain(&e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<ErrorBody>(&body)
+            .map(|b| b.error)
+            .unwrap_or(body);
+        Err(match status {
+            StatusCode::UNAUTHORIZED => SiteError::Unauthorized(message),
+            StatusCode::NOT_FOUND => SiteError::NotFound(message),
+            StatusCode::CONFLICT => SiteError::Conflict(message),
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                SiteError::BadRequest(message)
+            }
+            s => SiteError::Other(s.as_u16(), message),
+        })
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> Result<T, SiteError> {
+        let mut req = self.request(method, path, timeout);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = self.send(req).await?;
+        let status = resp.status().as_u16();
+        resp.json::<T>()
+            .await
+            .map_err(|e| SiteError::Other(status, format!("decoding answer: {e}")))
+    }
+
+    /// Guest write of `data` at `offset`; returns once durable at the site.
+    pub async fn write_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        data: Vec<u8>,
+    ) -> Result<(), SiteError> {
+        let path = format!(
+            "/v1/vms/{}/disks/{}/data?offset={offset}",
+            enc(vm),
+            enc(disk)
+        );
+        let req = self.request(Method::PUT, &path, LONG_TIMEOUT).body(data);
+        self.send(req).await.map(|_| ())
+    }
+
+    /// Guest read of `length` bytes at `offset`.
+    pub async fn read_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, SiteError> {
+        let path = format!(
+            "/v1/vms/{}/disks/{}/data?offset={offset}&length={length}",
+            enc(vm),
+            enc(disk)
+        );
+        let resp = self
+            .send(self.request(Method::GET, &path, LONG_TIMEOUT))
+            .await?;
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| SiteError::Unreachable(error_chain(&e)))
+    }
+}
+
+fn enc(s: &str) -> String {
+    // VM and disk names are DNS-like; escape the few characters that would break a path.
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl SiteProvider for AgentClient {
+    fn health(&self) -> SiteFuture<'_, ()> {
+        Box::pin(async move {
+            let req = self.request(Method::GET, "/healthz", SHORT_TIMEOUT);
+            self.send(req).await.map(|_| ())
+        })
+    }
+
+    fn list_vms(&self) -> SiteFuture<'_, VmList> {
+        Box::pin(self.call::<(), _>(Method::GET, "/v1/vms", None, SHORT_TIMEOUT))
+    }
+
+    fn get_vm<'a>(&'a self, vm: &'a str) -> SiteFuture<'a, Vm> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}", enc(vm));
+            self.call::<(), _>(Method::GET, &path, None, SHORT_TIMEOUT)
+                .await
+        })
+    }
+
+    fn create_vm<'a>(&'a self, vm: &'a str, spec: &'a CreateVm) -> SiteFuture<'a, Vm> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}", enc(vm));
+            self.call(Method::PUT, &path, Some(spec), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn delete_vm<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}?operationId={}", enc(vm), enc(op_id));
+            self.call::<(), DeleteResult>(Method::DELETE, &path, None, LONG_TIMEOUT)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn power<'a>(&'a self, vm: &'a str, action: PowerAction, op_id: &'a str) -> SiteFuture<'a, Vm> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/power", enc(vm));
+            let body = PowerRequest {
+                action,
+                operation_id: Some(op_id.to_string()),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn enable_replication<'a>(
+        &'a self,
+        vm: &'a str,
+        params: &'a EnableReplication,
+    ) -> SiteFuture<'a, ReplicationInfo> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/replication/enable", enc(vm));
+            self.call(Method::POST, &path, Some(params), SHORT_TIMEOUT)
+                .await
+        })
+    }
+
+    fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/replication/sync", enc(vm));
+            let body = OperationRequest {
+                operation_id: op_id.to_string(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn stop_replication<'a>(
+        &'a self,
+        vm: &'a str,
+        op_id: &'a str,
+    ) -> SiteFuture<'a, ReplicationInfo> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/replication/stop", enc(vm));
+            let body = OperationRequest {
+                operation_id: op_id.to_string(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn recovery_points<'a>(&'a self, vm: &'a str) -> SiteFuture<'a, Vec<RecoveryPoint>> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/recovery-points", enc(vm));
+            self.call::<(), RecoveryPointList>(Method::GET, &path, None, SHORT_TIMEOUT)
+                .await
+                .map(|l| l.recovery_points)
+        })
+    }
+
+    fn failover<'a>(
+        &'a self,
+        vm: &'a str,
+        rp: &'a RecoveryPointSelector,
+        op_id: &'a str,
+    ) -> SiteFuture<'a, FailoverResult> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/failover", enc(vm));
+            let body = FailoverRequest {
+                operation_id: op_id.to_string(),
+                recovery_point: rp.clone(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn test_failover<'a>(
+        &'a self,
+        vm: &'a str,
+        rp: &'a RecoveryPointSelector,
+        network: &'a str,
+        op_id: &'a str,
+    ) -> SiteFuture<'a, TestFailoverResult> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/test-failover", enc(vm));
+            let body = TestFailoverRequest {
+                operation_id: op_id.to_string(),
+                recovery_point: rp.clone(),
+                network: network.to_string(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn test_failover_cleanup<'a>(
+        &'a self,
+        vm: &'a str,
+        op_id: &'a str,
+    ) -> SiteFuture<'a, CleanupResult> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/test-failover/cleanup", enc(vm));
+            let body = OperationRequest {
+                operation_id: op_id.to_string(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn commit<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, CommitResult> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/commit", enc(vm));
+            let body = OperationRequest {
+                operation_id: op_id.to_string(),
+            };
+            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
+                .await
+        })
+    }
+
+    fn digest<'a>(&'a self, vm: &'a str, disk: &'a str) -> SiteFuture<'a, String> {
+        Box::pin(async move {
+            let path = format!("/v1/vms/{}/disks/{}/digest", enc(vm), enc(disk));
+            self.call::<(), DigestResponse>(Method::GET, &path, None, LONG_TIMEOUT)
+                .await
+                .map(|d| d.sha256)
+        })
+    }
+}

@@ -1,0 +1,375 @@
+//! JSON of the site agent API (docs/agent-api.md).
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+/// Power state of a VM at a site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Power {
+    Running,
+    Off,
+}
+
+/// What a VM is at a site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Runs or may run here.
+    Primary,
+    /// Holds recovery points received from a peer.
+    Replica,
+    /// A drill copy made by a test failover.
+    TestCopy,
+}
+
+/// One virtual disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskSpec {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+/// Replication state of a VM at one site.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationState {
+    #[default]
+    Disabled,
+    InitialReplication,
+    Replicating,
+    Resynchronizing,
+    Error,
+}
+
+/// Which way the VM's replication flows, seen from this site.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// The `replication` block of a VM. `state` is `Disabled` when replication was never enabled.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationInfo {
+    pub state: ReplicationState,
+    #[serde(default)]
+    pub direction: Option<Direction>,
+    #[serde(default)]
+    pub peer_site: Option<String>,
+    #[serde(default)]
+    pub interval_seconds: u64,
+    #[serde(default)]
+    pub last_sync_time: Option<Timestamp>,
+    /// Bytes written since the last acknowledged cycle (at the source).
+    #[serde(default)]
+    pub pending_bytes: u64,
+    /// Payload bytes sent to the peer since replication was enabled (at the source).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Blocks refused for a bad checksum (at the replica) or sent again (at the source).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub blocks_refused: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Kind of a recovery point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecoveryPointKind {
+    /// Made by a replication cycle.
+    CrashConsistent,
+    /// Made after the VM's writes were quiesced (needs integration services).
+    AppConsistent,
+    /// The last point of an hour, kept for `recoveryPointRetentionHours`.
+    Hourly,
+}
+
+/// A recovery point at the replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPoint {
+    /// `rp-NNNNNN`, increasing per VM.
+    pub id: String,
+    pub time: Timestamp,
+    pub app_consistent: bool,
+    pub kind: RecoveryPointKind,
+}
+
+/// The `recoveryPoints` block of a VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPointsSummary {
+    pub count: u64,
+    #[serde(default)]
+    pub latest: Option<RecoveryPoint>,
+    #[serde(default)]
+    pub latest_app_consistent: Option<RecoveryPoint>,
+}
+
+/// The `testCopy` block of a replica VM whose drill copy exists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestCopyInfo {
+    pub vm_name: String,
+    pub network: String,
+    pub recovery_point: RecoveryPoint,
+}
+
+/// A VM at a site.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Vm {
+    pub name: String,
+    pub power: Power,
+    pub role: Role,
+    pub integration_services: bool,
+    pub disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub replication: ReplicationInfo,
+    #[serde(default)]
+    pub recovery_points: RecoveryPointsSummary,
+    #[serde(default)]
+    pub test_copy: Option<TestCopyInfo>,
+    /// Network of a drill copy (TestCopy role only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
+
+/// `GET /v1/vms`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmList {
+    pub site: String,
+    pub vms: Vec<Vm>,
+}
+
+/// `PUT /v1/vms/{vm}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateVm {
+    pub disks: Vec<DiskSpec>,
+    #[serde(default = "default_power")]
+    pub power: Power,
+    #[serde(default)]
+    pub integration_services: bool,
+}
+
+fn default_power() -> Power {
+    Power::Running
+}
+
+/// `POST /v1/vms/{vm}/power` actions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PowerAction {
+    Start,
+    /// Graceful; fails without integration services.
+    Shutdown,
+    PowerOff,
+}
+
+/// `POST /v1/vms/{vm}/power`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PowerRequest {
+    pub action: PowerAction,
+    #[serde(default)]
+    pub operation_id: Option<String>,
+}
+
+/// How replication starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationMode {
+    /// Send the whole disk.
+    #[default]
+    Initial,
+    /// Send only the blocks that differ from the peer's copy (reprotect, failback).
+    Resync,
+}
+
+/// `POST /v1/vms/{vm}/replication/enable`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EnableReplication {
+    pub operation_id: String,
+    pub peer_site: String,
+    pub peer_url: String,
+    pub peer_token: String,
+    /// PEM of the CA that signed the peer agent's certificate, for https peers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_ca_pem: Option<String>,
+    pub interval_seconds: u64,
+    #[serde(default)]
+    pub recovery_point_retention_hours: u64,
+    #[serde(default)]
+    pub app_consistent_frequency_hours: u64,
+    #[serde(default)]
+    pub mode: ReplicationMode,
+}
+
+/// Body of calls that carry only an operation id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OperationRequest {
+    pub operation_id: String,
+}
+
+/// Which recovery point a failover uses: `Latest`, `LatestProcessed`, `LatestAppConsistent` or
+/// an id (`rp-...`). On the wire it is that string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum RecoveryPointSelector {
+    Latest,
+    LatestProcessed,
+    LatestAppConsistent,
+    Id(String),
+}
+
+impl From<String> for RecoveryPointSelector {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "Latest" => Self::Latest,
+            "LatestProcessed" => Self::LatestProcessed,
+            "LatestAppConsistent" => Self::LatestAppConsistent,
+            _ => Self::Id(s),
+        }
+    }
+}
+
+impl From<RecoveryPointSelector> for String {
+    fn from(s: RecoveryPointSelector) -> Self {
+        match s {
+            RecoveryPointSelector::Latest => "Latest".into(),
+            RecoveryPointSelector::LatestProcessed => "LatestProcessed".into(),
+            RecoveryPointSelector::LatestAppConsistent => "LatestAppConsistent".into(),
+            RecoveryPointSelector::Id(id) => id,
+        }
+    }
+}
+
+impl std::fmt::Display for RecoveryPointSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&String::from(self.clone()))
+    }
+}
+
+/// `POST /v1/vms/{vm}/failover`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverRequest {
+    pub operation_id: String,
+    pub recovery_point: RecoveryPointSelector,
+}
+
+/// `POST /v1/vms/{vm}/test-failover`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestFailoverRequest {
+    pub operation_id: String,
+    pub recovery_point: RecoveryPointSelector,
+    pub network: String,
+}
+
+/// Answer of `replication/sync`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncResult {
+    pub recovery_point: RecoveryPoint,
+}
+
+/// Answer of `failover`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FailoverResult {
+    pub recovery_point: RecoveryPoint,
+}
+
+/// Answer of `test-failover`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TestFailoverResult {
+    pub vm_name: String,
+    pub recovery_point: RecoveryPoint,
+}
+
+/// Answer of `test-failover/cleanup`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CleanupResult {
+    /// Name of the drill copy that was (or would have been) deleted.
+    pub vm_name: String,
+    /// False when there was no copy to delete.
+    pub deleted: bool,
+}
+
+/// Answer of `commit`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CommitResult {
+    /// How many recovery points were deleted.
+    pub deleted_recovery_points: u64,
+}
+
+/// Answer of `delete`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeleteResult {
+    pub deleted: bool,
+}
+
+/// Answer of `GET /v1/vms/{vm}/recovery-points`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecoveryPointList {
+    pub recovery_points: Vec<RecoveryPoint>,
+}
+
+/// Answer of the digest route.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestResponse {
+    pub sha256: String,
+}
+
+/// Error body of every refused call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_round_trips_as_string() {
+        for s in [
+            "Latest",
+            "LatestProcessed",
+            "LatestAppConsistent",
+            "rp-000003",
+        ] {
+            let sel: RecoveryPointSelector = serde_json::from_value(s.into()).unwrap();
+            assert_eq!(serde_json::to_value(&sel).unwrap(), serde_json::json!(s));
+        }
+        let sel: RecoveryPointSelector = serde_json::from_str("\"rp-000001\"").unwrap();
+        assert_eq!(sel, RecoveryPointSelector::Id("rp-000001".into()));
+    }
+
+    #[test]
+    fn vm_matches_documented_json() {
+        let doc = serde_json::json!({"name": "web-01", "power": "Running", "role": "Primary", "integrationServices": true,
+         "disks": [{"name": "disk0", "sizeBytes": 1048576}],
+         "replication": {"state": "Replicating", "direction": "Outbound", "peerSite": "secondary",
+                         "intervalSeconds": 300, "lastSyncTime": "2026-01-02T03:04:05Z", "pendingBytes": 0,
+                         "bytesSent": 123, "lastError": null},
+         "recoveryPoints": {"count": 3, "latest": {"id": "rp-000003", "time": "2026-01-02T03:04:05Z", "appConsistent": false, "kind": "CrashConsistent"},
+                            "latestAppConsistent": null},
+         "testCopy": null});
+        let vm: Vm = serde_json::from_value(doc.clone()).unwrap();
+        assert_eq!(vm.replication.state, ReplicationState::Replicating);
+        assert_eq!(vm.recovery_points.count, 3);
+        assert_eq!(serde_json::to_value(&vm).unwrap(), doc);
+    }
+}

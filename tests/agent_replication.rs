@@ -1,0 +1,238 @@
+//! Replication between two real agent processes on loopback.
+
+mod common_agent;
+
+use std::time::{Duration, Instant};
+
+use common_agent::{AgentProc, TOKEN};
+use twinsite::site::{
+    AgentClient, CreateVm, DiskSpec, EnableReplication, Power, PowerAction, RecoveryPointSelector,
+    ReplicationMode, Role, SiteProvider,
+};
+
+const MIB: u64 = 1 << 20;
+const VM: &str = "web-01";
+
+fn spec(size: u64) -> CreateVm {
+    CreateVm {
+        disks: vec![DiskSpec {
+            name: "disk0".into(),
+            size_bytes: size,
+        }],
+        power: Power::Running,
+        integration_services: true,
+    }
+}
+
+fn enable(op: &str, peer: &AgentProc, mode: ReplicationMode) -> EnableReplication {
+    EnableReplication {
+        operation_id: op.into(),
+        peer_site: peer.site.clone(),
+        peer_url: peer.url.clone(),
+        peer_token: TOKEN.into(),
+        peer_ca_pem: None,
+        interval_seconds: 30,
+        recovery_point_retention_hours: 24,
+        app_consistent_frequency_hours: 0,
+        mode,
+    }
+}
+
+/// Writes a pseudo-random pattern to a few places of the disk.
+async fn scribble(c: &AgentClient, vm: &str, seed: u8, size: u64) {
+    for i in 0..5u64 {
+        let off = (i * 7919 * 4096 + seed as u64 * 12345) % (size - 100_000);
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|j| (j as u8).wrapping_mul(seed).wrapping_add(i as u8))
+            .collect();
+        c.write_disk(vm, "disk0", off, data).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn replicate_cycle_failover_to_older_point_and_reverse_resync() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 8 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+
+    // Initial replication, then sync-now: equal digests.
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    let rp1 = ca.sync(VM, "sync-1").await.unwrap().recovery_point;
+    let d1 = ca.digest(VM, "disk0").await.unwrap();
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d1);
+    let replica = cb.get_vm(VM).await.unwrap();
+    assert_eq!((replica.role, replica.power), (Role::Replica, Power::Off));
+
+    // Writes and a cycle: the newest point has the source's digest at cycle time.
+    scribble(&ca, VM, 2, size).await;
+    assert!(ca.get_vm(VM).await.unwrap().replication.pending_bytes > 0);
+    let d2 = ca.digest(VM, "disk0").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d2);
+    // The same operation id answers the same point without a new cycle.
+    assert_eq!(ca.sync(VM, "sync-2").await.unwrap().recovery_point, rp2);
+    let sent_after_2 = ca.get_vm(VM).await.unwrap().replication.bytes_sent;
+
+    scribble(&ca, VM, 3, size).await;
+    let d3 = ca.digest(VM, "disk0").await.unwrap();
+    ca.sync(VM, "sync-3").await.unwrap();
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
+    // A cycle sends what changed, not the disk.
+    let sent_cycle = ca.get_vm(VM).await.unwrap().replication.bytes_sent - sent_after_2;
+    assert!(sent_cycle < size / 2, "cycle sent {sent_cycle} bytes");
+
+    let rps = cb.recovery_points(VM).await.unwrap();
+    let ids: Vec<&str> = rps.iter().map(|p| p.id.as_str()).collect();
+    assert!(
+        ids.contains(&rp1.id.as_str()) && ids.contains(&rp2.id.as_str()),
+        "{ids:?}"
+    );
+    // The first point comes from the initial replication itself, then one per sync.
+    assert_eq!(rps.len(), 4);
+
+    // Test failover to the older point: a separate copy with that point's digest.
+    let t = cb
+        .test_failover(
+            VM,
+            &RecoveryPointSelector::Id(rp2.id.clone()),
+            "isolated",
+            "tf-1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.vm_name, format!("{VM}-test"));
+    assert_eq!(cb.digest(&t.vm_name, "disk0").await.unwrap(), d2);
+    assert_eq!(
+        cb.get_vm(VM).await.unwrap().test_copy.unwrap().vm_name,
+        t.vm_name
+    );
+    assert!(cb.test_failover_cleanup(VM, "tfc-1").await.unwrap().deleted);
+    assert!(cb.get_vm(&t.vm_name).await.is_err());
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
+
+    // Failover to the older point rp2: the VM runs at B with rp2's content.
+    ca.power(VM, PowerAction::Shutdown, "sd-1").await.unwrap();
+    ca.stop_replication(VM, "stop-1").await.unwrap();
+    let fo = cb
+        .failover(VM, &RecoveryPointSelector::Id(rp2.id.clone()), "fo-1")
+        .await
+        .unwrap();
+    assert_eq!(fo.recovery_point.id, rp2.id);
+    // Repeating the operation does it once.
+    assert_eq!(
+        cb.failover(VM, &RecoveryPointSelector::Id(rp2.id.clone()), "fo-1")
+            .await
+            .unwrap(),
+        fo
+    );
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d2);
+    let v = cb.get_vm(VM).await.unwrap();
+    assert_eq!((v.role, v.power), (Role::Primary, Power::Running));
+    assert_eq!(
+        cb.commit(VM, "commit-1")
+            .await
+            .unwrap()
+            .deleted_recovery_points,
+        3
+    );
+
+    // Reverse replication with resync: only differing blocks travel, digests end equal.
+    scribble(&cb, VM, 4, size).await;
+    cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
+        .await
+        .unwrap();
+    cb.sync(VM, "sync-r1").await.unwrap();
+    let db = cb.digest(VM, "disk0").await.unwrap();
+    assert_eq!(ca.digest(VM, "disk0").await.unwrap(), db);
+    let sent = cb.get_vm(VM).await.unwrap().replication.bytes_sent;
+    assert!(sent < size / 2, "resync sent {sent} of {size}");
+    assert_eq!(ca.get_vm(VM).await.unwrap().role, Role::Replica);
+}
+
+#[tokio::test]
+async fn receiver_killed_mid_cycle_loses_no_acknowledged_point() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let mut b = AgentProc::start_with_env(
+        "secondary",
+        root.path(),
+        &[("TWINSITE_FAULT_HANG_BLOCKS", "1")],
+    );
+    let (ca, cb) = (a.client(), b.client());
+    let size = 8 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    let rp1 = ca.sync(VM, "sync-1").await.unwrap().recovery_point;
+    let d1 = ca.digest(VM, "disk0").await.unwrap();
+
+    // The next cycle hangs in the receiver after it staged blocks; kill it there.
+    scribble(&ca, VM, 2, size).await;
+    std::fs::write(b.data_dir.join("hang-blocks"), b"").unwrap();
+    let ca2 = ca.clone();
+    let pending = tokio::spawn(async move { ca2.sync(VM, "sync-2").await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !b.data_dir.join("hang-reached").exists() {
+        assert!(
+            Instant::now() < deadline,
+            "cycle never reached the receiver"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    std::fs::remove_file(b.data_dir.join("hang-blocks")).unwrap();
+    b.kill_and_restart();
+    assert!(
+        pending.await.unwrap().is_err(),
+        "the interrupted cycle cannot have succeeded"
+    );
+
+    // The acknowledged point is intact.
+    let rps = cb.recovery_points(VM).await.unwrap();
+    assert_eq!(rps.last().unwrap().id, rp1.id);
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d1);
+
+    // The next cycle completes and carries the writes the killed one did not deliver.
+    let d2 = ca.digest(VM, "disk0").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-3").await.unwrap().recovery_point;
+    assert_ne!(rp2.id, rp1.id);
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d2);
+}
+
+#[tokio::test]
+async fn block_corrupted_in_transit_is_refused_and_resent() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start_with_env(
+        "primary",
+        root.path(),
+        &[("TWINSITE_FAULT_CORRUPT_BLOCKS", "1")],
+    );
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 2 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 5, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    assert_eq!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap()
+    );
+    assert!(
+        cb.get_vm(VM).await.unwrap().replication.blocks_refused >= 1,
+        "receiver refused nothing"
+    );
+    assert!(
+        ca.get_vm(VM).await.unwrap().replication.blocks_refused >= 1,
+        "source resent nothing"
+    );
+}

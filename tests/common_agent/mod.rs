@@ -1,0 +1,113 @@
+//! Helpers for tests that run real `twinsite agent` processes.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-1234";
+
+/// A running agent; killed (and waited for) when dropped, on panic too.
+pub struct AgentProc {
+    pub child: Option<Child>,
+    pub url: String,
+    pub port: u16,
+    pub site: String,
+    pub data_dir: PathBuf,
+    pub token_file: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl AgentProc {
+    pub fn start(site: &str, root: &Path) -> Self {
+        Self::start_with_env(site, root, &[])
+    }
+
+    pub fn start_with_env(site: &str, root: &Path, env: &[(&str, &str)]) -> Self {
+        let data_dir = root.join(site);
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let token_file = root.join(format!("{site}.token"));
+        std::fs::write(&token_file, TOKEN).unwrap();
+        let mut a = AgentProc {
+            child: None,
+            url: String::new(),
+            port: free_port(),
+            site: site.into(),
+            data_dir,
+            token_file,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        a.spawn();
+        a
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_twinsite"))
+            .args(["agent", "--site", &self.site, "--listen"])
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(["--max-disk-bytes", "1073741824"])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        self.url = format!("http://127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(st)) = c.try_wait()
+            {
+                panic!("agent {} exited: {st}", self.site);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not listen",
+                self.site
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, then start again on the same port and data dir.
+    pub fn kill_and_restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self) -> twinsite::site::AgentClient {
+        twinsite::init_crypto();
+        twinsite::site::AgentClient::new(&self.url, TOKEN, None).unwrap()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
