@@ -18,7 +18,7 @@ use common::*;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use twinsite::api::{ReplicatedVM, VmPhase};
-use twinsite::controller::provider::{CreateVm, DiskSpec, Power, SiteProvider};
+use twinsite::site::{CreateVm, DiskSpec, Power, SiteProvider};
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -14,7 +14,6 @@ use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the twinsite agent binary (`twinsite agent`), which is not built yet"]
 async fn killed_mid_job_resumes_and_every_job_ends_once() {
     let w = Arc::new(tokio::sync::Mutex::new(World::start("crash").await));
     let (p, s, rvms) = {
@@ -211,10 +210,10 @@ async fn killed_mid_job_resumes_and_every_job_ends_once() {
     // The VM runs at the primary only, and the data path is whole.
     assert_eq!(
         w.primary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Running
+        twinsite::site::Power::Running
     );
     assert_eq!(
         w.secondary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Off
+        twinsite::site::Power::Off
     );
 }

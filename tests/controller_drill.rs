@@ -37,7 +37,6 @@ async fn replication_advances(w: &World, vm: &str, after: Option<String>, tag: &
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the twinsite agent binary (`twinsite agent`), which is not built yet"]
 async fn drill_and_cleanup_with_replication_running() {
     let w = World::start("drill").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
@@ -71,13 +70,13 @@ async fn drill_and_cleanup_with_replication_running() {
         .vm(&tf.vm_name)
         .await
         .expect("drill copy at the secondary");
-    assert_eq!(copy.power, twinsite::controller::provider::Power::Running);
-    assert_eq!(copy.role, twinsite::controller::provider::Role::TestCopy);
+    assert_eq!(copy.power, twinsite::site::Power::Running);
+    assert_eq!(copy.role, twinsite::site::Role::TestCopy);
     let drill = st.last_drill.unwrap();
     // The real VM still runs at the primary and replicates.
     assert_eq!(
         w.primary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Running
+        twinsite::site::Power::Running
     );
     let before = newest_rp(&w, vm).await;
     replication_advances(&w, vm, before, "during-drill").await;
@@ -111,12 +110,9 @@ async fn drill_and_cleanup_with_replication_running() {
     }
     assert!(w.secondary.vm(vm).await.is_none(), "replica removed");
     let at_primary = w.primary.vm(vm).await.expect("the VM stays");
-    assert_eq!(
-        at_primary.power,
-        twinsite::controller::provider::Power::Running
-    );
+    assert_eq!(at_primary.power, twinsite::site::Power::Running);
     assert_eq!(
         at_primary.replication.state,
-        twinsite::controller::provider::ReplicationState::Disabled
+        twinsite::site::ReplicationState::Disabled
     );
 }

@@ -41,7 +41,6 @@ async fn wait_site(w: &World, name: &str, want: (&str, &str)) -> Site {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the twinsite agent binary (`twinsite agent`), which is not built yet"]
 async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
     let w = World::start("noint").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
@@ -106,11 +105,11 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
     // The VM runs at one site only, with the data (fenced, then synced).
     assert_eq!(
         w.primary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Off
+        twinsite::site::Power::Off
     );
     assert_eq!(
         w.secondary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Running
+        twinsite::site::Power::Running
     );
     assert_eq!(w.secondary.read(vm, 0, data.len() as u64).await, data);
     let events = w.events(vm).await;

@@ -10,7 +10,6 @@ use common::*;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the twinsite agent binary (`twinsite agent`), which is not built yet"]
 async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
     let w = World::start("proc").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
@@ -72,11 +71,11 @@ async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
     // Runs at the secondary only, with the data written before the failover.
     assert_eq!(
         w.primary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Off
+        twinsite::site::Power::Off
     );
     assert_eq!(
         w.secondary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Running
+        twinsite::site::Power::Running
     );
     assert_eq!(w.secondary.read(vm, 0, first.len() as u64).await, first);
 
@@ -129,7 +128,7 @@ async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
     assert_eq!(w.primary.read(vm, 65536, second.len() as u64).await, second);
     assert_eq!(
         w.secondary.vm(vm).await.unwrap().power,
-        twinsite::controller::provider::Power::Off
+        twinsite::site::Power::Off
     );
 
     // Replication from primary to secondary again: a new write reaches the replica.

@@ -21,7 +21,6 @@ async fn newest_rp(w: &World, vm: &str) -> Option<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the twinsite agent binary (`twinsite agent`), which is not built yet"]
 async fn steady_protected_vm_writes_status_rarely() {
     let w = World::start("quiet").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());

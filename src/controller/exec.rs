@@ -3,11 +3,11 @@
 
 use super::observe::ObservedRecoveryPoint;
 use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
-use super::provider::{
+use super::sites::Sites;
+use crate::site::{
     EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector, ReplicationMode,
     SiteError, SiteProvider,
 };
-use super::sites::Sites;
 
 fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
     ObservedRecoveryPoint {
@@ -160,7 +160,7 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                 Err(SiteError::NotFound(_)) => Outcome::ok(),
                 Err(e) => failed(tgt, e),
                 // Never touch a VM that runs.
-                Ok(v) if v.power == super::provider::Power::Running => Outcome::Failed(format!(
+                Ok(v) if v.power == crate::site::Power::Running => Outcome::Failed(format!(
                     "VM {vm} runs at {tgt}; a running VM is never removed"
                 )),
                 Ok(_) => match p.delete_vm(vm, op).await {

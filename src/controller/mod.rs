@@ -16,7 +16,6 @@ pub mod failover_plan;
 pub mod metrics;
 pub mod observe;
 pub mod planner;
-pub mod provider;
 pub mod rvm;
 pub mod site;
 pub mod sites;
@@ -80,7 +79,7 @@ pub enum Error {
     #[error("kubeconfig: {0}")]
     Kubeconfig(#[from] kube::config::KubeconfigError),
     #[error("site: {0}")]
-    Site(#[from] provider::SiteError),
+    Site(#[from] crate::site::SiteError),
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
     #[error("finalizer: {0}")]

@@ -15,9 +15,9 @@ use tracing::{debug, info, warn};
 
 use super::observe::SiteView;
 use super::planner::{self, Input, Note, Plan, Update};
-use super::provider::SiteError;
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
 use crate::api::{COMMIT_ANNOTATION, ReplicatedVM, ReplicatedVMStatus};
+use crate::site::SiteError;
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
 /// Plans acted on in one reconcile before handing the VM back to the queue (fairness).
@@ -353,7 +353,7 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
                 .map(|_| ()))?;
         }
         match p.get_vm(&vm).await {
-            Ok(v) if v.power == super::provider::Power::Running => {
+            Ok(v) if v.power == crate::site::Power::Running => {
                 warn!(rvm = %name, site = %other, "VM runs at the replica site; left alone");
             }
             Ok(_) => ok(p.delete_vm(&vm, &format!("{uid}-delete-replica")).await)?,

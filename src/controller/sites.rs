@@ -13,7 +13,7 @@ use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedRecoveryPoints, ObservedReplication,
     ObservedReplicationState, ObservedVm, Power, Role, SiteView,
 };
-use super::provider::{self as site, AgentClient, SiteError, SiteProvider, Vm};
+use crate::site::{self, AgentClient, SiteError, SiteProvider, Vm};
 
 /// How to reach a site and what it showed last.
 struct Entry {

@@ -14,8 +14,8 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use twinsite::api::{ReplicatedVM, Site};
-use twinsite::controller::provider::{AgentClient, CreateVm, DiskSpec, Power, SiteProvider};
 use twinsite::envtest::{self, ControlPlane, ManagedChild};
+use twinsite::site::{AgentClient, CreateVm, DiskSpec, Power, SiteProvider};
 
 pub const DISK: &str = "disk0";
 pub const DISK_BYTES: u64 = 1 << 20;
@@ -123,7 +123,7 @@ impl Agent {
         self.client.digest(vm, DISK).await.unwrap()
     }
 
-    pub async fn vm(&self, vm: &str) -> Option<twinsite::controller::provider::Vm> {
+    pub async fn vm(&self, vm: &str) -> Option<twinsite::site::Vm> {
         self.client.get_vm(vm).await.ok()
     }
 }
