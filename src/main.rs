@@ -11,7 +11,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller that reconciles Site, ReplicatedVM and FailoverPlan objects.
-    Controller,
+    Controller(twinsite::controller::ControllerArgs),
     /// Run a site agent: it holds a site's VMs and replicates them to a peer site.
     Agent(twinsite::agent::AgentArgs),
     /// Print the three CustomResourceDefinitions as YAML.
@@ -27,8 +27,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Crds => print!("{}", twinsite::api::crds_yaml()?),
         Command::Local(args) => twinsite::local::run(args).await?,
+        Command::Controller(args) => twinsite::controller::run(args).await?,
         Command::Agent(args) => twinsite::agent::run(args).await?,
-        Command::Controller => anyhow::bail!("not built yet"),
     }
     Ok(())
 }

@@ -1,4 +1,338 @@
-//! The controller: reconcilers that drive the sites toward the resources.
+//! The controller: reconcilers that drive the sites toward the ReplicatedVM and Site objects.
+//!
+//! - [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
+//! - [`planner`]: the pure planner, every rule of the procedure.
+//! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
+//! - [`sites`]: the site registry and the shared per-site VM listings.
+//! - [`exec`]: carries out one planned step against the sites.
+//! - `rvm`, `site`: the two reconcilers; `metrics` and the HTTP endpoints.
+//!
+//! Only the leader (a Lease held through kube-lease-manager) runs the reconcilers; a second
+//! replica waits. SIGTERM stops the reconcilers gracefully and releases the lease.
 
 pub mod conditions;
+pub mod exec;
 pub mod failover_plan;
+pub mod metrics;
+pub mod observe;
+pub mod planner;
+pub mod rvm;
+pub mod site;
+pub mod sites;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::controller::{Config as CtlConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use tokio::sync::Notify;
+use tracing::{error, info, warn};
+
+use crate::api::{ReplicatedVM, Site};
+use metrics::Metrics;
+use sites::Sites;
+
+/// `twinsite controller` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControllerArgs {
+    /// Kubeconfig file; without it KUBECONFIG, ~/.kube/config or the in-cluster config is used.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Namespace of the leader election Lease.
+    #[arg(
+        long,
+        default_value = "twinsite-system",
+        env = "TWINSITE_LEASE_NAMESPACE"
+    )]
+    pub lease_namespace: String,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "twinsite-controller")]
+    pub lease_name: String,
+    /// How long a lease holder that stops renewing keeps the lease.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// How often each site's VMs are listed (one call per site for all its VMs).
+    #[arg(long, default_value_t = 10)]
+    pub site_poll_seconds: u64,
+    /// ReplicatedVMs reconciled at once.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: u16,
+    /// Logs as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("site: {0}")]
+    Site(#[from] crate::site::SiteError),
+    #[error("json: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("leader election: {0}")]
+    Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error("serving {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub sites: Arc<Sites>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Site listing period.
+    pub poll: Duration,
+    /// When this process began leading.
+    pub started: std::time::Instant,
+    /// Status this process wrote last, per ReplicatedVM.
+    pub written: rvm::Written,
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+async fn client(args: &ControllerArgs) -> Result<Client, Error> {
+    match &args.kubeconfig {
+        Some(path) => {
+            let kc = kube::config::Kubeconfig::read_from(path)?;
+            let cfg = kube::Config::from_custom_kubeconfig(
+                kc,
+                &kube::config::KubeConfigOptions::default(),
+            )
+            .await?;
+            Ok(Client::try_from(cfg)?)
+        }
+        None => Ok(Client::try_default().await?),
+    }
+}
+
+/// Runs the controller until SIGTERM or Ctrl-C.
+pub async fn run(args: ControllerArgs) -> Result<(), Error> {
+    crate::init_crypto();
+    init_tracing(args.log_json);
+    let client = client(&args).await?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(Notify::new());
+    let stopping = Arc::new(AtomicBool::new(false));
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| Error::Serve {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    let http = tokio::spawn(serve(listener, metrics.clone(), ready.clone()));
+
+    {
+        let stop = stop.clone();
+        let stopping = stopping.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            info!("stop requested; finishing reconciles in flight");
+            stopping.store(true, Ordering::SeqCst);
+            stop.notify_waiters();
+        });
+    }
+
+    let identity = format!(
+        "{}-{}",
+        std::env::var("HOSTNAME").unwrap_or_else(|_| "twinsite".into()),
+        std::process::id()
+    );
+    ensure_namespace(&client, &args.lease_namespace).await;
+    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+        .with_namespace(&args.lease_namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration_seconds)
+        .with_grace(args.lease_duration_seconds.div_ceil(3).max(2))
+        .build()
+        .await?;
+    let (mut leader, lease_task) = lease.watch().await;
+    ready.store(true, Ordering::SeqCst);
+    info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "waiting for leadership");
+
+    let sites = Arc::new(Sites::new());
+    loop {
+        // Wait to lead (or to be told to stop).
+        tokio::select! {
+            r = leader.wait_for(|l| *l) => if r.is_err() { break },
+            _ = stop.notified() => {},
+        }
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        info!(%identity, "leading: reconcilers start");
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            sites: sites.clone(),
+            metrics: metrics.clone(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "twinsite-controller".into(),
+                    instance: Some(identity.clone()),
+                },
+            ),
+            poll: Duration::from_secs(args.site_poll_seconds.max(1)),
+            started: std::time::Instant::now(),
+            written: Default::default(),
+        });
+        let halt = Arc::new(Notify::new());
+        let lost = {
+            let mut leader = leader.clone();
+            let halt = halt.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = leader.wait_for(|l| !*l) => warn!("leadership lost: reconcilers stop"),
+                    _ = stop.notified() => {},
+                }
+                halt.notify_waiters();
+            })
+        };
+        let trigger = |n: Arc<Notify>| async move { n.notified().await };
+        let rvms = Controller::new(
+            Api::<ReplicatedVM>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .with_config(CtlConfig::default().concurrency(args.concurrency))
+        .graceful_shutdown_on(trigger(halt.clone()))
+        .run(rvm::reconcile, rvm::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "ReplicatedVM reconcile");
+            }
+        });
+        let site_ctl =
+            Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default())
+                .with_config(CtlConfig::default().concurrency(8))
+                .graceful_shutdown_on(trigger(halt.clone()))
+                .run(site::reconcile, site::error_policy, ctx.clone())
+                .for_each(|r| async move {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, "Site reconcile");
+                    }
+                });
+        tokio::join!(rvms, site_ctl);
+        lost.abort();
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    // Closing the channel makes the lease task release the lease.
+    drop(leader);
+    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
+        Ok(Ok(Err(e))) => warn!(error = %e, "releasing the lease"),
+        Err(_) => warn!("releasing the lease timed out"),
+        _ => {}
+    }
+    http.abort();
+    info!("stopped");
+    Ok(())
+}
+
+/// The Lease lives in a namespace that a fresh cluster may not have yet.
+async fn ensure_namespace(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    if let Ok(None) = api.get_opt(ns).await {
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.to_string());
+        if let Err(e) = api.create(&kube::api::PostParams::default(), &n).await {
+            warn!(namespace = ns, error = %e, "creating the lease namespace");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(Ordering::SeqCst) {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                        .into_response()
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        error!(error = %e, "metrics server stopped");
+    }
+}

@@ -1,0 +1,235 @@
+//! Carries out one planned step against the sites. Every call carries the step's operation id,
+//! so a repeat after a crash is answered from the site's record instead of done twice.
+
+use super::observe::ObservedRecoveryPoint;
+use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
+use super::sites::Sites;
+use crate::site::{
+    EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector, ReplicationMode,
+    SiteError, SiteProvider,
+};
+
+fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
+    ObservedRecoveryPoint {
+        id: p.id.clone(),
+        time: Some(p.time),
+        app_consistent: p.app_consistent,
+    }
+}
+
+fn with_rp(p: &RecoveryPoint) -> Outcome {
+    Outcome::Succeeded {
+        message: None,
+        recovery_point: Some(rp(p)),
+        test_vm: None,
+    }
+}
+
+/// A site error as a step outcome: a site that does not answer (or refuses the token, which a
+/// person fixes in the Secret) is retried; anything else is the step's failure.
+fn failed(site: &str, e: SiteError) -> Outcome {
+    match e {
+        SiteError::Unreachable(m) => Outcome::Unreachable(format!("site {site} unreachable: {m}")),
+        SiteError::Unauthorized(m) => {
+            Outcome::Unreachable(format!("site {site} refused the token: {m}"))
+        }
+        other => Outcome::Failed(format!("site {site}: {other}")),
+    }
+}
+
+fn provider(sites: &Sites, site: &str) -> Result<std::sync::Arc<dyn SiteProvider>, Outcome> {
+    sites
+        .provider(site)
+        .ok_or_else(|| Outcome::Unreachable(format!("site {site} is not known (no Site object)")))
+}
+
+/// Runs the step's site calls.
+pub async fn run(sites: &Sites, c: &StepCall) -> Outcome {
+    match run_inner(sites, c).await {
+        Ok(o) | Err(o) => o,
+    }
+}
+
+async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
+    let vm = c.vm.as_str();
+    let op = c.op_id.as_str();
+    let (src, tgt) = (c.source.as_str(), c.target.as_str());
+    Ok(match c.step_name {
+        StepName::EnableReplication => {
+            let p = provider(sites, src)?;
+            let peer = sites.peer(tgt).ok_or_else(|| {
+                Outcome::Unreachable(format!("site {tgt} is not known (no Site object)"))
+            })?;
+            let params = EnableReplication {
+                operation_id: op.to_string(),
+                peer_site: tgt.to_string(),
+                peer_url: peer.url,
+                peer_token: peer.token,
+                peer_ca_pem: peer.ca_pem,
+                interval_seconds: u64::try_from(c.replication.interval_seconds).unwrap_or(300),
+                recovery_point_retention_hours: u64::try_from(
+                    c.replication.recovery_point_retention_hours,
+                )
+                .unwrap_or(0),
+                app_consistent_frequency_hours: u64::try_from(
+                    c.replication.app_consistent_frequency_hours,
+                )
+                .unwrap_or(0),
+                mode: match c.mode {
+                    EnableMode::Initial => ReplicationMode::Initial,
+                    EnableMode::Resync => ReplicationMode::Resync,
+                },
+            };
+            match p.enable_replication(vm, &params).await {
+                Ok(_) => Outcome::ok(),
+                Err(e) => failed(src, e),
+            }
+        }
+        StepName::InitialReplication | StepName::Resynchronize => Outcome::ok(),
+        StepName::ShutdownSource => power(sites, src, vm, PowerAction::Shutdown, op).await?,
+        StepName::FenceSource => power(sites, src, vm, PowerAction::PowerOff, op).await?,
+        StepName::RestartSource => power(sites, src, vm, PowerAction::Start, op).await?,
+        StepName::SyncRemaining => match provider(sites, src)?.sync(vm, op).await {
+            Ok(r) => with_rp(&r.recovery_point),
+            Err(e) => failed(src, e),
+        },
+        StepName::VerifyDigests => verify_digests(sites, src, tgt, vm).await?,
+        StepName::StopReplication => {
+            // The source side is best effort (it may be gone); the target must stop accepting.
+            let mut notes = Vec::new();
+            if let Some(p) = sites.provider(src)
+                && let Err(e) = p.stop_replication(vm, &format!("{op}-source")).await
+            {
+                notes.push(format!("at {src}: {e}"));
+            }
+            match provider(sites, tgt)?
+                .stop_replication(vm, &format!("{op}-target"))
+                .await
+            {
+                Ok(_) | Err(SiteError::Conflict(_)) | Err(SiteError::NotFound(_)) => {
+                    Outcome::Succeeded {
+                        message: (!notes.is_empty()).then(|| notes.join("; ")),
+                        recovery_point: None,
+                        test_vm: None,
+                    }
+                }
+                Err(e) => failed(tgt, e),
+            }
+        }
+        StepName::StartAtTarget => {
+            let sel = RecoveryPointSelector::from(c.recovery_point.clone());
+            match provider(sites, tgt)?.failover(vm, &sel, op).await {
+                Ok(r) => with_rp(&r.recovery_point),
+                Err(e) => failed(tgt, e),
+            }
+        }
+        StepName::Commit => match provider(sites, tgt)?.commit(vm, op).await {
+            Ok(r) => Outcome::Succeeded {
+                message: Some(format!(
+                    "{} recovery points deleted",
+                    r.deleted_recovery_points
+                )),
+                recovery_point: None,
+                test_vm: None,
+            },
+            Err(e) => failed(tgt, e),
+        },
+        StepName::CreateTestCopy => {
+            let sel = RecoveryPointSelector::from(c.recovery_point.clone());
+            match provider(sites, tgt)?
+                .test_failover(vm, &sel, &c.network, op)
+                .await
+            {
+                Ok(r) => Outcome::Succeeded {
+                    message: Some(format!("drill copy {} on network {}", r.vm_name, c.network)),
+                    recovery_point: Some(rp(&r.recovery_point)),
+                    test_vm: Some(r.vm_name),
+                },
+                Err(e) => failed(tgt, e),
+            }
+        }
+        StepName::DeleteTestCopy => {
+            match provider(sites, tgt)?.test_failover_cleanup(vm, op).await {
+                Ok(_) | Err(SiteError::NotFound(_)) => Outcome::ok(),
+                Err(e) => failed(tgt, e),
+            }
+        }
+        StepName::RemoveReplica => {
+            let p = provider(sites, tgt)?;
+            match p.get_vm(vm).await {
+                Err(SiteError::NotFound(_)) => Outcome::ok(),
+                Err(e) => failed(tgt, e),
+                // Never touch a VM that runs.
+                Ok(v) if v.power == crate::site::Power::Running => Outcome::Failed(format!(
+                    "VM {vm} runs at {tgt}; a running VM is never removed"
+                )),
+                Ok(_) => match p.delete_vm(vm, op).await {
+                    Ok(()) | Err(SiteError::NotFound(_)) => Outcome::ok(),
+                    Err(e) => failed(tgt, e),
+                },
+            }
+        }
+    })
+}
+
+async fn power(
+    sites: &Sites,
+    site: &str,
+    vm: &str,
+    action: PowerAction,
+    op: &str,
+) -> Result<Outcome, Outcome> {
+    Ok(match provider(sites, site)?.power(vm, action, op).await {
+        Ok(_) => Outcome::ok(),
+        Err(e) => failed(site, e),
+    })
+}
+
+/// Zero data loss, proven: every disk's digest at the source equals the digest of the target's
+/// newest recovery point.
+async fn verify_digests(sites: &Sites, src: &str, tgt: &str, vm: &str) -> Result<Outcome, Outcome> {
+    let s = provider(sites, src)?;
+    let t = provider(sites, tgt)?;
+    let disks = match s.get_vm(vm).await {
+        Ok(v) => v.disks,
+        Err(e) => return Ok(failed(src, e)),
+    };
+    let mut checked = Vec::new();
+    for d in &disks {
+        let a = match s.digest(vm, &d.name).await {
+            Ok(x) => x,
+            Err(e) => return Ok(failed(src, e)),
+        };
+        let b = match t.digest(vm, &d.name).await {
+            Ok(x) => x,
+            Err(e) => return Ok(failed(tgt, e)),
+        };
+        if a != b {
+            return Ok(Outcome::Failed(format!(
+                "disk {} differs: {src} {a}, {tgt} {b}",
+                d.name
+            )));
+        }
+        checked.push(format!("{} sha256 {}", d.name, short(&a)));
+    }
+    Ok(Outcome::Succeeded {
+        message: Some(format!("digests match: {}", checked.join(", "))),
+        recovery_point: None,
+        test_vm: None,
+    })
+}
+
+fn short(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
+}
+
+/// Powers a VM off where it must not run.
+pub async fn fence(sites: &Sites, f: &FenceCall) -> Outcome {
+    match sites.provider(&f.site) {
+        None => Outcome::Unreachable(format!("site {} is not known", f.site)),
+        Some(p) => match p.power(&f.vm, PowerAction::PowerOff, &f.op_id).await {
+            Ok(_) => Outcome::ok(),
+            Err(e) => failed(&f.site, e),
+        },
+    }
+}

@@ -1,0 +1,1509 @@
+//! The pure planner: `(spec, status, what the sites show) -> next action`.
+//!
+//! Every rule of the procedure lives here and nowhere else, so it is tested without I/O:
+//! which job to start, the steps of each job, which steps may fail without failing the job,
+//! when a step is skipped, what a finished job changes in status, when a VM running where it
+//! must not is fenced, and how phase and conditions follow from all that.
+//!
+//! The reconciler repeats: plan, act on the plan (write status, call a site, or wait), plan
+//! again. A step is written as `Running` with its operation id before the site is called, so
+//! a controller killed at any moment calls it again with the same id and the site does the
+//! work once.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::conditions::{self, COMMIT_PENDING, Cond, READY, RECONCILING, STALLED};
+use super::observe::{Direction, ObservedRecoveryPoint, ObservedReplicationState, SiteView};
+use crate::api::{
+    CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
+    RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth, ReplicationSpec,
+    ReplicationState, ReplicationStatus, StepState, TestFailoverStatus, VmPhase,
+};
+
+/// Jobs kept in status, newest last.
+pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
+/// A steady VM's replication figures (RPO, last sync, recovery points) are rewritten in status
+/// at most this often; live RPO is in the metrics.
+pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// How long to wait before retrying a step whose site did not answer.
+pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
+
+/// The steps jobs are made of (their names in `status.jobs[].steps[].name`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum StepName {
+    /// Enable replication at the source (initial copy or delta resync).
+    EnableReplication,
+    /// Wait until the initial copy is done.
+    InitialReplication,
+    /// Wait until the delta resync is done.
+    Resynchronize,
+    /// Graceful shutdown of the source VM.
+    ShutdownSource,
+    /// Power the source VM off (it could not be shut down, or was not asked to).
+    FenceSource,
+    /// Send everything not yet sent and make a recovery point.
+    SyncRemaining,
+    /// Compare disk digests of the source and the target's newest recovery point.
+    VerifyDigests,
+    /// Stop replication at both sides (recovery points stay).
+    StopReplication,
+    /// Bring the VM up at the target from a recovery point.
+    StartAtTarget,
+    /// A planned failover that failed after shutting the source down starts it again.
+    RestartSource,
+    /// Delete every recovery point of the failed-over VM.
+    Commit,
+    CreateTestCopy,
+    DeleteTestCopy,
+    /// Delete the replica at the target.
+    RemoveReplica,
+}
+
+impl StepName {
+    pub const ALL: [StepName; 14] = [
+        StepName::EnableReplication,
+        StepName::InitialReplication,
+        StepName::Resynchronize,
+        StepName::ShutdownSource,
+        StepName::FenceSource,
+        StepName::SyncRemaining,
+        StepName::VerifyDigests,
+        StepName::StopReplication,
+        StepName::StartAtTarget,
+        StepName::RestartSource,
+        StepName::Commit,
+        StepName::CreateTestCopy,
+        StepName::DeleteTestCopy,
+        StepName::RemoveReplica,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepName::EnableReplication => "EnableReplication",
+            StepName::InitialReplication => "InitialReplication",
+            StepName::Resynchronize => "Resynchronize",
+            StepName::ShutdownSource => "ShutdownSource",
+            StepName::FenceSource => "FenceSource",
+            StepName::SyncRemaining => "SyncRemaining",
+            StepName::VerifyDigests => "VerifyDigests",
+            StepName::StopReplication => "StopReplication",
+            StepName::StartAtTarget => "StartAtTarget",
+            StepName::RestartSource => "RestartSource",
+            StepName::Commit => "Commit",
+            StepName::CreateTestCopy => "CreateTestCopy",
+            StepName::DeleteTestCopy => "DeleteTestCopy",
+            StepName::RemoveReplica => "RemoveReplica",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<StepName> {
+        Self::ALL.into_iter().find(|n| n.as_str() == s)
+    }
+
+    /// Steps that call no site: they wait for the site listing to show an outcome.
+    pub fn is_wait(self) -> bool {
+        matches!(self, StepName::InitialReplication | StepName::Resynchronize)
+    }
+}
+
+/// The steps of a job, in order.
+pub fn steps_of(t: JobType) -> &'static [StepName] {
+    use StepName::*;
+    match t {
+        JobType::EnableReplication => &[EnableReplication, InitialReplication],
+        JobType::ReverseReplicate => &[StopReplication, EnableReplication, Resynchronize],
+        JobType::UnplannedFailover => &[
+            ShutdownSource,
+            FenceSource,
+            SyncRemaining,
+            StopReplication,
+            StartAtTarget,
+        ],
+        JobType::PlannedFailover => &[
+            ShutdownSource,
+            SyncRemaining,
+            VerifyDigests,
+            StopReplication,
+            StartAtTarget,
+        ],
+        JobType::Commit => &[Commit],
+        JobType::TestFailover => &[CreateTestCopy],
+        JobType::TestFailoverCleanup => &[DeleteTestCopy],
+        JobType::DisableReplication => &[StopReplication, RemoveReplica],
+        JobType::PlanFailover | JobType::PlanTestFailover | JobType::PlanTestFailoverCleanup => &[],
+    }
+}
+
+/// A step whose failure does not fail its job: an unplanned failover goes on when the source
+/// cannot be shut down, fenced or synced (the disaster does not wait).
+pub fn is_optional(t: JobType, s: StepName) -> bool {
+    t == JobType::UnplannedFailover
+        && matches!(
+            s,
+            StepName::ShutdownSource | StepName::FenceSource | StepName::SyncRemaining
+        )
+}
+
+/// The short word of a job type in job names (`web-01-failover-3`).
+pub fn job_word(t: JobType) -> &'static str {
+    match t {
+        JobType::EnableReplication => "enable",
+        JobType::PlannedFailover | JobType::UnplannedFailover => "failover",
+        JobType::Commit => "commit",
+        JobType::ReverseReplicate => "reprotect",
+        JobType::TestFailover => "testfailover",
+        JobType::TestFailoverCleanup => "testcleanup",
+        JobType::DisableReplication => "disable",
+        JobType::PlanFailover => "planfailover",
+        JobType::PlanTestFailover => "plantestfailover",
+        JobType::PlanTestFailoverCleanup => "plantestcleanup",
+    }
+}
+
+pub fn job_type_str(t: JobType) -> &'static str {
+    match t {
+        JobType::EnableReplication => "EnableReplication",
+        JobType::PlannedFailover => "PlannedFailover",
+        JobType::UnplannedFailover => "UnplannedFailover",
+        JobType::Commit => "Commit",
+        JobType::ReverseReplicate => "ReverseReplicate",
+        JobType::TestFailover => "TestFailover",
+        JobType::TestFailoverCleanup => "TestFailoverCleanup",
+        JobType::DisableReplication => "DisableReplication",
+        JobType::PlanFailover => "PlanFailover",
+        JobType::PlanTestFailover => "PlanTestFailover",
+        JobType::PlanTestFailoverCleanup => "PlanTestFailoverCleanup",
+    }
+}
+
+fn is_failover(t: JobType) -> bool {
+    matches!(t, JobType::PlannedFailover | JobType::UnplannedFailover)
+}
+
+/// The next job name: jobs are numbered per VM, and the number survives trimming because the
+/// newest jobs are the ones kept.
+pub fn next_job_name(rvm: &str, t: JobType, jobs: &[Job]) -> String {
+    let n = jobs
+        .iter()
+        .filter_map(|j| j.name.rsplit('-').next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    format!("{rvm}-{}-{n}", job_word(t))
+}
+
+/// The idempotency key of a step at the sites.
+pub fn operation_id(uid: &str, job: &str, step: StepName) -> String {
+    format!("{uid}-{job}-{}", step.as_str())
+}
+
+/// Everything the planner looks at.
+#[derive(Clone, Debug)]
+pub struct Input<'a> {
+    pub name: &'a str,
+    /// metadata.uid (or the name when there is none): prefixes operation ids.
+    pub uid: &'a str,
+    pub generation: Option<i64>,
+    pub vm_name: &'a str,
+    pub spec: &'a ReplicatedVMSpec,
+    /// Value of the `twinsite.io/commit` annotation.
+    pub commit_annotation: Option<&'a str>,
+    pub status: &'a ReplicatedVMStatus,
+    /// What spec.primarySite and spec.recoverySite show of this VM.
+    pub primary: &'a SiteView,
+    pub recovery: &'a SiteView,
+    pub now: Timestamp,
+    /// How often the sites are listed: how soon a waiting step can see progress.
+    pub poll: Duration,
+}
+
+static UNKNOWN: SiteView = SiteView::Unknown;
+
+impl Input<'_> {
+    pub fn view(&self, site: &str) -> &SiteView {
+        if site == self.spec.primary_site {
+            self.primary
+        } else if site == self.spec.recovery_site {
+            self.recovery
+        } else {
+            &UNKNOWN
+        }
+    }
+
+    pub fn other(&self, site: &str) -> &str {
+        if site == self.spec.primary_site {
+            &self.spec.recovery_site
+        } else {
+            &self.spec.primary_site
+        }
+    }
+
+    pub fn desired(&self) -> &str {
+        self.spec
+            .active_site
+            .as_deref()
+            .unwrap_or(&self.spec.primary_site)
+    }
+
+    fn now(&self) -> Time {
+        Time(self.now)
+    }
+
+    /// The newest job failed and nobody changed the spec since: a person has to look.
+    fn stalled(&self) -> bool {
+        self.status
+            .jobs
+            .last()
+            .is_some_and(|j| j.state == JobState::Failed)
+            && self.status.observed_generation == self.generation
+    }
+}
+
+/// An Event to publish for the object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    /// What the event is about (a job, a job's step, a fence): events about different
+    /// subjects are never folded into one series.
+    pub subject: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// A status to write, with what it says happened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Update {
+    pub status: ReplicatedVMStatus,
+    pub events: Vec<Note>,
+    /// Jobs that ended in this update (for metrics).
+    pub finished: Vec<(JobType, JobState)>,
+}
+
+/// How replication is enabled at the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnableMode {
+    /// Send the whole disk.
+    Initial,
+    /// Compare block hashes with the peer's copy and send only what differs.
+    Resync,
+}
+
+/// A site call for the Running step `step` of job `job` (already persisted as Running).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCall {
+    pub job: usize,
+    pub step: usize,
+    pub job_name: String,
+    pub job_type: JobType,
+    pub step_name: StepName,
+    pub vm: String,
+    pub source: String,
+    pub target: String,
+    pub op_id: String,
+    pub recovery_point: String,
+    pub network: String,
+    pub mode: EnableMode,
+    pub replication: ReplicationSpec,
+    pub optional: bool,
+    /// Name of the drill copy (cleanup).
+    pub test_vm: Option<String>,
+}
+
+/// Power the VM off at `site`, where it runs although it must not.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FenceCall {
+    pub site: String,
+    pub vm: String,
+    pub op_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// Write this status, publish its events, then plan again.
+    Write(Box<Update>),
+    /// Call a site for a step already written as Running, then [`record_outcome`].
+    Execute(Box<StepCall>),
+    /// Power off a VM that runs where it must not, then [`record_fence`].
+    Fence(FenceCall),
+    /// Nothing to do now; plan again after this long.
+    Idle(Duration),
+}
+
+/// What a site call gave.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Succeeded {
+        message: Option<String>,
+        recovery_point: Option<ObservedRecoveryPoint>,
+        test_vm: Option<String>,
+    },
+    Failed(String),
+    /// The site did not answer: a required step is retried with the same operation id.
+    Unreachable(String),
+}
+
+impl Outcome {
+    pub fn ok() -> Self {
+        Outcome::Succeeded {
+            message: None,
+            recovery_point: None,
+            test_vm: None,
+        }
+    }
+}
+
+/// Why no job can start yet (shown in the Ready condition).
+struct Wait {
+    reason: &'static str,
+    message: String,
+}
+
+/// The next action for this VM.
+pub fn plan(input: &Input) -> Plan {
+    if let Some(f) = fence_needed(input) {
+        return Plan::Fence(f);
+    }
+    let mut st = input.status.clone();
+    let mut events = Vec::new();
+    let mut finished = Vec::new();
+    let mut wait = None;
+    let mut requeue = steady_requeue(input);
+
+    if st.active_site.is_none() {
+        match locate(input) {
+            Ok(site) => st.active_site = Some(site),
+            Err(w) => {
+                wait = Some(w);
+                requeue = input.poll;
+            }
+        }
+    }
+
+    if st.active_site.is_some() {
+        if let Some(ji) = running_job(&st) {
+            let job = &st.jobs[ji];
+            match current_step(job) {
+                Some((si, StepState::Running)) => {
+                    let step = &job.steps[si];
+                    let name = StepName::parse(&step.name);
+                    match name {
+                        Some(n) if n.is_wait() => {
+                            match check_wait(input, job, step) {
+                                WaitCheck::Done => {
+                                    apply_step_success(input, &mut st, ji, si, &Outcome::ok());
+                                    advance(input, &mut st, &mut events, &mut finished);
+                                }
+                                WaitCheck::Message(m) => {
+                                    st.jobs[ji].steps[si].message = m;
+                                }
+                            }
+                            requeue = input.poll;
+                        }
+                        Some(n) => {
+                            return Plan::Execute(Box::new(step_call(input, &st, ji, si, n)));
+                        }
+                        None => {
+                            // A step this controller does not know (written by a newer one):
+                            // fail it rather than guess.
+                            let s = &mut st.jobs[ji].steps[si];
+                            s.state = StepState::Failed;
+                            s.message = Some("unknown step".into());
+                            s.end_time = Some(input.now());
+                            advance(input, &mut st, &mut events, &mut finished);
+                        }
+                    }
+                }
+                _ => advance(input, &mut st, &mut events, &mut finished),
+            }
+        } else {
+            match next_job(input, &st) {
+                Next::Start(t, source, target) => {
+                    start_job(input, &mut st, t, source, target, &mut events);
+                    advance(input, &mut st, &mut events, &mut finished);
+                }
+                Next::Wait(w) => {
+                    wait = Some(w);
+                    requeue = input.poll;
+                }
+                Next::Nothing => {}
+            }
+        }
+    }
+
+    if running_job(&st).is_none() {
+        refresh_replication(input, &mut st);
+    }
+    finalize(input, &mut st, wait);
+    if st != *input.status {
+        Plan::Write(Box::new(Update {
+            status: st,
+            events,
+            finished,
+        }))
+    } else {
+        Plan::Idle(requeue)
+    }
+}
+
+fn steady_requeue(input: &Input) -> Duration {
+    let interval = u64::try_from(input.spec.replication.interval_seconds.max(1)).unwrap_or(300);
+    Duration::from_secs(interval.clamp(15, 60))
+}
+
+/// Where the VM runs now, for a VM the controller has not seen yet.
+fn locate(input: &Input) -> Result<String, Wait> {
+    let p = &input.spec.primary_site;
+    let r = &input.spec.recovery_site;
+    let role_primary = |v: &SiteView| {
+        v.vm()
+            .is_some_and(|vm| vm.role == super::observe::Role::Primary)
+    };
+    // A VM that runs somewhere is where it is; otherwise a stopped one at the primary site.
+    if input.primary.vm().is_some_and(|v| v.runs()) {
+        return Ok(p.clone());
+    }
+    if input.recovery.vm().is_some_and(|v| v.runs()) {
+        return Ok(r.clone());
+    }
+    if role_primary(input.primary) {
+        return Ok(p.clone());
+    }
+    if role_primary(input.recovery) {
+        return Ok(r.clone());
+    }
+    let unreachable: Vec<&str> = [(p, input.primary), (r, input.recovery)]
+        .into_iter()
+        .filter(|(_, v)| !v.reachable())
+        .map(|(n, _)| n.as_str())
+        .collect();
+    if unreachable.is_empty() {
+        Err(Wait {
+            reason: "VMNotFound",
+            message: format!("VM {} is at neither {p} nor {r}", input.vm_name),
+        })
+    } else {
+        Err(Wait {
+            reason: "SiteUnreachable",
+            message: format!("waiting for site {}", unreachable.join(", ")),
+        })
+    }
+}
+
+fn running_job(st: &ReplicatedVMStatus) -> Option<usize> {
+    st.jobs.iter().rposition(|j| j.state == JobState::Running)
+}
+
+/// The first step that is not done, with its state.
+fn current_step(job: &Job) -> Option<(usize, StepState)> {
+    job.steps
+        .iter()
+        .enumerate()
+        .find(|(_, s)| matches!(s.state, StepState::Pending | StepState::Running))
+        .map(|(i, s)| (i, s.state))
+}
+
+enum WaitCheck {
+    Done,
+    Message(Option<String>),
+}
+
+/// A waiting step is done when a listing taken after the step began shows the source
+/// replicating to the target.
+fn check_wait(input: &Input, job: &Job, step: &JobStep) -> WaitCheck {
+    let (Some(source), Some(target)) = (&job.source_site, &job.target_site) else {
+        return WaitCheck::Done;
+    };
+    let since = step.start_time.as_ref().map(|t| t.0);
+    let Some(vm) = input.view(source).vm_since(since) else {
+        return WaitCheck::Message(step.message.clone());
+    };
+    match &vm.replication {
+        Some(r)
+            if r.state == ObservedReplicationState::Replicating
+                && r.direction != Some(Direction::Inbound)
+                && r.peer_site.as_deref().is_none_or(|p| p == target) =>
+        {
+            WaitCheck::Done
+        }
+        Some(r) if r.state == ObservedReplicationState::Error => WaitCheck::Message(Some(format!(
+            "replication error: {}",
+            r.last_error.as_deref().unwrap_or("unknown")
+        ))),
+        _ => WaitCheck::Message(step.message.clone()),
+    }
+}
+
+fn step_call(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+    ji: usize,
+    si: usize,
+    n: StepName,
+) -> StepCall {
+    let job = &st.jobs[ji];
+    let source = job.source_site.clone().unwrap_or_default();
+    let target = job.target_site.clone().unwrap_or_default();
+    let recovery_point = match job.type_ {
+        // A planned failover brings up everything the final sync sent.
+        JobType::PlannedFailover => "Latest".to_string(),
+        _ => input.spec.failover.recovery_point.clone(),
+    };
+    StepCall {
+        job: ji,
+        step: si,
+        job_name: job.name.clone(),
+        job_type: job.type_,
+        step_name: n,
+        vm: input.vm_name.to_string(),
+        source,
+        target,
+        op_id: job.steps[si]
+            .operation_id
+            .clone()
+            .unwrap_or_else(|| operation_id(input.uid, &job.name, n)),
+        recovery_point,
+        network: input.spec.test_failover.network.clone(),
+        mode: if job.type_ == JobType::ReverseReplicate {
+            EnableMode::Resync
+        } else {
+            EnableMode::Initial
+        },
+        replication: input.spec.replication.clone(),
+        optional: is_optional(job.type_, n),
+        test_vm: st.test_failover.as_ref().map(|t| t.vm_name.clone()),
+    }
+}
+
+enum Next {
+    Start(JobType, String, String),
+    Wait(Wait),
+    Nothing,
+}
+
+/// Newest failover job that succeeded and is not committed yet.
+fn uncommitted_failover(st: &ReplicatedVMStatus) -> Option<&Job> {
+    let fi = st.jobs.iter().rposition(|j| is_failover(j.type_))?;
+    let f = &st.jobs[fi];
+    if f.state != JobState::Succeeded {
+        return None;
+    }
+    let committed = st.jobs[fi + 1..]
+        .iter()
+        .any(|j| j.type_ == JobType::Commit && j.state == JobState::Succeeded);
+    (!committed).then_some(f)
+}
+
+/// The replication the status records, when it is on (any state but Disabled).
+fn replication_on(st: &ReplicatedVMStatus) -> Option<&ReplicationStatus> {
+    st.replication
+        .as_ref()
+        .filter(|r| r.state != ReplicationState::Disabled)
+}
+
+/// The target holds a replica that a failover can start from.
+fn has_replica(st: &ReplicatedVMStatus, source: &str, target: &str) -> bool {
+    replication_on(st).is_some_and(|r| {
+        r.source_site.as_deref() == Some(source)
+            && r.target_site.as_deref() == Some(target)
+            && matches!(
+                r.state,
+                ReplicationState::Replicating | ReplicationState::Paused | ReplicationState::Error
+            )
+    })
+}
+
+/// The sites a job needs must answer, and their listings must postdate the newest job's end
+/// (decisions are never made on a picture older than the controller's own last action).
+fn need_sites(input: &Input, sites: &[&str]) -> Option<Wait> {
+    let down: Vec<&str> = sites
+        .iter()
+        .copied()
+        .filter(|s| !input.view(s).reachable())
+        .collect();
+    if !down.is_empty() {
+        return Some(Wait {
+            reason: "SiteUnreachable",
+            message: format!("waiting for site {}", down.join(", ")),
+        });
+    }
+    let since = input
+        .status
+        .jobs
+        .last()
+        .and_then(|j| j.end_time.as_ref())
+        .map(|t| t.0);
+    let stale: Vec<&str> = sites
+        .iter()
+        .copied()
+        .filter(|s| !input.view(s).fetched_since(since))
+        .collect();
+    (!stale.is_empty()).then(|| Wait {
+        reason: "Observing",
+        message: format!("waiting for a fresh listing of site {}", stale.join(", ")),
+    })
+}
+
+/// Which job to start, given no job runs. Order matters: commit before anything; a drill
+/// copy is cleaned up before a failover; a failover needs a current replica at its target
+/// (reverse-replicate first otherwise); replication follows the spec; drills last.
+fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
+    if input.stalled() {
+        return Next::Nothing;
+    }
+    let Some(active) = st.active_site.clone() else {
+        return Next::Nothing;
+    };
+    let other = input.other(&active).to_string();
+    let desired = input.desired().to_string();
+    let spec = input.spec;
+
+    let start =
+        |t: JobType, source: &str, target: &str, need: &[&str]| match need_sites(input, need) {
+            Some(w) => Next::Wait(w),
+            None => Next::Start(t, source.to_string(), target.to_string()),
+        };
+
+    if let Some(f) = uncommitted_failover(st) {
+        let (src, tgt) = (
+            f.source_site.clone().unwrap_or_default(),
+            f.target_site.clone().unwrap_or_else(|| active.clone()),
+        );
+        if spec.failover.commit == CommitMode::Automatic
+            || input.commit_annotation == Some(f.name.as_str())
+        {
+            return start(JobType::Commit, &src, &tgt, &[&tgt]);
+        }
+        return Next::Wait(Wait {
+            reason: "CommitPending",
+            message: format!(
+                "failover {} waits for commit: kubectl annotate rvm {} {}={}",
+                f.name,
+                input.name,
+                crate::api::COMMIT_ANNOTATION,
+                f.name
+            ),
+        });
+    }
+
+    let drill_site = st.test_failover.as_ref().map(|t| t.site.clone());
+    if let Some(ds) = &drill_site
+        && (!spec.test_failover.enabled || desired != active)
+    {
+        return start(JobType::TestFailoverCleanup, &active, ds, &[ds]);
+    }
+
+    if desired != active {
+        if has_replica(st, &active, &desired) {
+            return match spec.failover.type_ {
+                FailoverType::Planned => start(
+                    JobType::PlannedFailover,
+                    &active,
+                    &desired,
+                    &[&active, &desired],
+                ),
+                FailoverType::Unplanned => {
+                    start(JobType::UnplannedFailover, &active, &desired, &[&desired])
+                }
+            };
+        }
+        // A failback to a site without a current replica: protect toward it first.
+        if replication_on(st).is_some_and(|r| r.target_site.as_deref() == Some(&desired)) {
+            // Replication toward it is being set up; wait for it.
+            return Next::Nothing;
+        }
+        if let Some(w) = need_sites(input, &[&active, &desired]) {
+            return Next::Wait(w);
+        }
+        let t = if input.view(&desired).vm().is_some() {
+            JobType::ReverseReplicate
+        } else {
+            JobType::EnableReplication
+        };
+        return Next::Start(t, active, desired);
+    }
+
+    let on = replication_on(st).is_some();
+    if spec.replication.enabled && !on {
+        if let Some(w) = need_sites(input, &[&active, &other]) {
+            return Next::Wait(w);
+        }
+        if input.view(&active).vm().is_none() {
+            return Next::Wait(Wait {
+                reason: "VMNotFound",
+                message: format!("VM {} is not at site {active}", input.vm_name),
+            });
+        }
+        let t = if input.view(&other).vm().is_some() {
+            JobType::ReverseReplicate
+        } else {
+            JobType::EnableReplication
+        };
+        return Next::Start(t, active, other);
+    }
+    if !spec.replication.enabled && on {
+        return start(JobType::DisableReplication, &active, &other, &[&other]);
+    }
+
+    if spec.test_failover.enabled && drill_site.is_none() {
+        let replicating =
+            replication_on(st).is_some_and(|r| r.state == ReplicationState::Replicating);
+        let last_drill_failed = st
+            .jobs
+            .iter()
+            .rev()
+            .find(|j| j.type_ == JobType::TestFailover)
+            .is_some_and(|j| j.state == JobState::Failed)
+            && input.status.observed_generation == input.generation;
+        if replicating && !last_drill_failed {
+            return start(JobType::TestFailover, &active, &other, &[&other]);
+        }
+        if !replicating {
+            return Next::Wait(Wait {
+                reason: "WaitingForReplication",
+                message: "a drill needs replication to be running".into(),
+            });
+        }
+    }
+    Next::Nothing
+}
+
+fn start_job(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    t: JobType,
+    source: String,
+    target: String,
+    events: &mut Vec<Note>,
+) {
+    let name = next_job_name(input.name, t, &st.jobs);
+    events.push(Note {
+        warning: false,
+        subject: name.clone(),
+        reason: "JobStarted",
+        message: format!("{} {name} started: {source} -> {target}", job_type_str(t)),
+    });
+    st.jobs.push(Job {
+        name,
+        type_: t,
+        source_site: Some(source),
+        target_site: Some(target),
+        state: JobState::Running,
+        start_time: Some(input.now()),
+        end_time: None,
+        recovery_point: None,
+        recovery_point_age_seconds: None,
+        cut_id: None,
+        message: None,
+        steps: steps_of(t)
+            .iter()
+            .map(|s| JobStep {
+                name: s.as_str().to_string(),
+                state: StepState::Pending,
+                message: None,
+                operation_id: None,
+                start_time: None,
+                end_time: None,
+            })
+            .collect(),
+    });
+    trim_jobs(st);
+}
+
+/// Keeps the newest [`MAX_JOBS`] jobs, never dropping a running one.
+fn trim_jobs(st: &mut ReplicatedVMStatus) {
+    while st.jobs.len() > MAX_JOBS {
+        match st.jobs.iter().position(|j| j.state != JobState::Running) {
+            Some(i) => {
+                st.jobs.remove(i);
+            }
+            None => break,
+        }
+    }
+}
+
+/// Why a pending step is skipped, if it is.
+fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<&'static str> {
+    let step_state = |n: StepName| {
+        job.steps
+            .iter()
+            .find(|s| s.name == n.as_str())
+            .map(|s| s.state)
+    };
+    match (job.type_, step) {
+        (JobType::UnplannedFailover, StepName::ShutdownSource | StepName::SyncRemaining)
+            if !input.spec.failover.shutdown_source =>
+        {
+            Some("shutdownSource is false")
+        }
+        (JobType::UnplannedFailover, StepName::FenceSource)
+            if step_state(StepName::ShutdownSource) == Some(StepState::Succeeded) =>
+        {
+            Some("source shut down")
+        }
+        _ => None,
+    }
+}
+
+/// Moves the running job forward: skips what is to be skipped, marks the next step Running
+/// with its operation id (persisted before the site is called), or ends the job.
+fn advance(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    events: &mut Vec<Note>,
+    finished: &mut Vec<(JobType, JobState)>,
+) {
+    let Some(ji) = running_job(st) else { return };
+    loop {
+        let job = &st.jobs[ji];
+        match current_step(job) {
+            Some((_, StepState::Running)) => return,
+            Some((si, _)) => {
+                let name = StepName::parse(&job.steps[si].name);
+                let skip = name.and_then(|n| skip_reason(input, job, n));
+                let op = name.map(|n| operation_id(input.uid, &job.name, n));
+                let s = &mut st.jobs[ji].steps[si];
+                match skip {
+                    Some(why) => {
+                        s.state = StepState::Skipped;
+                        s.message = Some(why.to_string());
+                        s.end_time = Some(input.now());
+                    }
+                    None => {
+                        s.state = StepState::Running;
+                        s.operation_id = op;
+                        s.start_time = Some(input.now());
+                        return;
+                    }
+                }
+            }
+            None => {
+                finish_job(input, st, ji, events, finished);
+                return;
+            }
+        }
+    }
+}
+
+fn finish_job(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    ji: usize,
+    events: &mut Vec<Note>,
+    finished: &mut Vec<(JobType, JobState)>,
+) {
+    let t = st.jobs[ji].type_;
+    let failed_step = st.jobs[ji]
+        .steps
+        .iter()
+        .find(|s| {
+            s.state == StepState::Failed
+                && StepName::parse(&s.name).is_none_or(|n| !is_optional(t, n))
+        })
+        .map(|s| format!("{} failed: {}", s.name, s.message.as_deref().unwrap_or("")));
+    let state = if failed_step.is_some() {
+        JobState::Failed
+    } else {
+        JobState::Succeeded
+    };
+    let now = input.now();
+    let job = &mut st.jobs[ji];
+    job.state = state;
+    job.end_time = Some(now.clone());
+    if job.message.is_none() || state == JobState::Failed {
+        job.message = failed_step.or_else(|| job.message.clone());
+    }
+    let name = job.name.clone();
+    let source = job.source_site.clone();
+    let target = job.target_site.clone();
+    if state == JobState::Succeeded {
+        match t {
+            JobType::PlannedFailover | JobType::UnplannedFailover => {
+                st.active_site = target.clone();
+                st.replication = Some(disabled_replication());
+            }
+            JobType::EnableReplication | JobType::ReverseReplicate => {
+                st.replication = Some(ReplicationStatus {
+                    state: ReplicationState::Replicating,
+                    source_site: source,
+                    target_site: target,
+                    health: Some(ReplicationHealth::Healthy),
+                    last_sync_time: None,
+                    rpo_seconds: None,
+                });
+                // Figures from the listing right away, not in five minutes.
+                refresh_replication_now(input, st);
+            }
+            JobType::Commit => st.recovery_points = None,
+            JobType::DisableReplication => {
+                st.replication = Some(disabled_replication());
+                st.recovery_points = None;
+            }
+            JobType::TestFailoverCleanup => st.test_failover = None,
+            _ => {}
+        }
+    }
+    if t == JobType::TestFailover {
+        st.last_drill = Some(DrillRecord {
+            job: name.clone(),
+            time: Some(now),
+            result: if state == JobState::Succeeded {
+                "Succeeded".into()
+            } else {
+                "Failed".into()
+            },
+        });
+    }
+    let job = &st.jobs[ji];
+    events.push(Note {
+        warning: state == JobState::Failed,
+        subject: name.clone(),
+        reason: if state == JobState::Failed {
+            "JobFailed"
+        } else {
+            "JobSucceeded"
+        },
+        message: match &job.message {
+            Some(m) => format!("{} {name} {state:?}: {m}", job_type_str(t)),
+            None => format!("{} {name} {state:?}", job_type_str(t)),
+        },
+    });
+    finished.push((t, state));
+}
+
+fn disabled_replication() -> ReplicationStatus {
+    ReplicationStatus {
+        state: ReplicationState::Disabled,
+        source_site: None,
+        target_site: None,
+        health: None,
+        last_sync_time: None,
+        rpo_seconds: None,
+    }
+}
+
+/// Records what a site call gave for the step it was made for, and moves the job on.
+pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan {
+    let mut st = input.status.clone();
+    let valid = st
+        .jobs
+        .get(call.job)
+        .filter(|j| j.name == call.job_name && j.state == JobState::Running)
+        .and_then(|j| j.steps.get(call.step))
+        .is_some_and(|s| s.state == StepState::Running);
+    if !valid {
+        // The status moved on meanwhile (another writer): plan again from it.
+        return Plan::Idle(Duration::ZERO);
+    }
+    let mut events = Vec::new();
+    let mut finished = Vec::new();
+    match outcome {
+        Outcome::Unreachable(m) if !call.optional => {
+            // Retried with the same operation id; the site does the work once.
+            let s = &mut st.jobs[call.job].steps[call.step];
+            let msg = Some(format!("retrying: {m}"));
+            if s.message == msg {
+                return Plan::Idle(RETRY_UNREACHABLE);
+            }
+            s.message = msg;
+        }
+        Outcome::Succeeded { .. } => {
+            apply_step_success(input, &mut st, call.job, call.step, &outcome);
+            advance(input, &mut st, &mut events, &mut finished);
+        }
+        Outcome::Failed(m) | Outcome::Unreachable(m) => {
+            let job = &mut st.jobs[call.job];
+            let s = &mut job.steps[call.step];
+            s.state = StepState::Failed;
+            s.end_time = Some(input.now());
+            let msg = if call.optional {
+                format!("{m}; {} continues", job_word(call.job_type))
+            } else {
+                m
+            };
+            s.message = Some(msg.clone());
+            events.push(Note {
+                warning: true,
+                subject: format!("{}/{}", job.name, s.name),
+                reason: "StepFailed",
+                message: format!("{}: {} failed: {msg}", job.name, s.name),
+            });
+            if !call.optional {
+                fail_remaining(input, &mut st, call.job);
+            }
+            advance(input, &mut st, &mut events, &mut finished);
+        }
+    }
+    finalize(input, &mut st, None);
+    Plan::Write(Box::new(Update {
+        status: st,
+        events,
+        finished,
+    }))
+}
+
+/// A required step failed: the steps after it are skipped, and a planned failover that had
+/// shut the source down starts it again (the VM keeps running where it was).
+fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
+    let now = input.now();
+    let job = &mut st.jobs[ji];
+    for s in job
+        .steps
+        .iter_mut()
+        .filter(|s| s.state == StepState::Pending)
+    {
+        s.state = StepState::Skipped;
+        s.message = Some("an earlier step failed".into());
+        s.end_time = Some(now.clone());
+    }
+    let shut_down = job
+        .steps
+        .iter()
+        .any(|s| s.name == StepName::ShutdownSource.as_str() && s.state == StepState::Succeeded);
+    let started = job
+        .steps
+        .iter()
+        .any(|s| s.name == StepName::StartAtTarget.as_str() && s.state == StepState::Succeeded);
+    let restarting = job
+        .steps
+        .iter()
+        .any(|s| s.name == StepName::RestartSource.as_str());
+    if job.type_ == JobType::PlannedFailover && shut_down && !started && !restarting {
+        job.steps.push(JobStep {
+            name: StepName::RestartSource.as_str().into(),
+            state: StepState::Pending,
+            message: None,
+            operation_id: None,
+            start_time: None,
+            end_time: None,
+        });
+    }
+}
+
+fn apply_step_success(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    ji: usize,
+    si: usize,
+    outcome: &Outcome,
+) {
+    let now = input.now();
+    let job = &mut st.jobs[ji];
+    let name = StepName::parse(&job.steps[si].name);
+    let (message, rp, test_vm) = match outcome {
+        Outcome::Succeeded {
+            message,
+            recovery_point,
+            test_vm,
+        } => (message.clone(), recovery_point.clone(), test_vm.clone()),
+        _ => (None, None, None),
+    };
+    {
+        let s = &mut job.steps[si];
+        s.state = StepState::Succeeded;
+        s.end_time = Some(now.clone());
+        s.message = message;
+    }
+    let source = job.source_site.clone();
+    let target = job.target_site.clone();
+    match name {
+        Some(StepName::StartAtTarget) => {
+            if let Some(rp) = &rp {
+                job.recovery_point = Some(rp.id.clone());
+                job.recovery_point_age_seconds =
+                    rp.time.map(|t| (input.now - t).get_seconds().max(0));
+            }
+            // The VM runs at the target from here on, whatever happens next.
+            st.active_site = target;
+        }
+        Some(StepName::CreateTestCopy) => {
+            if let Some(rp) = &rp {
+                job.recovery_point = Some(rp.id.clone());
+                job.recovery_point_age_seconds =
+                    rp.time.map(|t| (input.now - t).get_seconds().max(0));
+            }
+            st.test_failover = Some(TestFailoverStatus {
+                state: "Running".into(),
+                vm_name: test_vm.unwrap_or_else(|| format!("{}-test", input.vm_name)),
+                site: target.unwrap_or_default(),
+            });
+        }
+        Some(StepName::DeleteTestCopy) => st.test_failover = None,
+        Some(StepName::EnableReplication) => {
+            st.replication = Some(ReplicationStatus {
+                state: if job.type_ == JobType::ReverseReplicate {
+                    ReplicationState::Resynchronizing
+                } else {
+                    ReplicationState::InitialReplication
+                },
+                source_site: source,
+                target_site: target,
+                health: None,
+                last_sync_time: None,
+                rpo_seconds: None,
+            });
+        }
+        Some(StepName::RemoveReplica) => st.recovery_points = None,
+        Some(StepName::Commit) => st.recovery_points = None,
+        _ => {}
+    }
+}
+
+/// A VM that runs at the site it must not (the VM runs at status.activeSite). Never while a
+/// failover job runs (its steps own both sites then), and only on a listing taken after the
+/// newest job ended, so the controller's own recent actions are never mistaken for drift.
+fn fence_needed(input: &Input) -> Option<FenceCall> {
+    let st = input.status;
+    let active = st.active_site.as_deref()?;
+    if running_job(st).is_some_and(|ji| is_failover(st.jobs[ji].type_)) {
+        return None;
+    }
+    let since = st.jobs.last().and_then(|j| {
+        j.steps
+            .iter()
+            .filter_map(|s| s.end_time.as_ref().or(s.start_time.as_ref()))
+            .chain(j.end_time.as_ref())
+            .chain(j.start_time.as_ref())
+            .map(|t| t.0)
+            .max()
+    });
+    // A listing from the same second as our last action may predate it: ask for a later one.
+    let since = since.and_then(|t| t.checked_add(jiff::SignedDuration::from_secs(1)).ok());
+    let other = input.other(active);
+    let view = input.view(other);
+    let vm = view.vm_since(since)?;
+    if !vm.runs() {
+        return None;
+    }
+    let at = match view {
+        SiteView::Reachable { fetched_at, .. } => fetched_at.as_second(),
+        _ => input.now.as_second(),
+    };
+    Some(FenceCall {
+        site: other.to_string(),
+        vm: input.vm_name.to_string(),
+        op_id: format!("{}-fence-{other}-{at}", input.uid),
+    })
+}
+
+/// Records a fence. The failover that left the VM behind carries it: its FenceSource step
+/// (failed at the time, the site did not answer) becomes Succeeded, or one is added.
+pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan {
+    let mut st = input.status.clone();
+    let mut events = Vec::new();
+    match outcome {
+        Outcome::Succeeded { .. } => {
+            let msg = format!(
+                "VM {} found running at {} where it must not run; powered off",
+                fence.vm, fence.site
+            );
+            let job = st.jobs.iter_mut().rev().find(|j| {
+                is_failover(j.type_) && j.source_site.as_deref() == Some(fence.site.as_str())
+            });
+            if let Some(job) = job {
+                let existing = job.steps.iter_mut().find(|s| {
+                    s.name == StepName::FenceSource.as_str() && s.state != StepState::Succeeded
+                });
+                match existing {
+                    Some(s) => {
+                        s.state = StepState::Succeeded;
+                        s.message = Some(msg.clone());
+                        s.operation_id = Some(fence.op_id.clone());
+                        s.end_time = Some(input.now());
+                    }
+                    None => job.steps.push(JobStep {
+                        name: StepName::FenceSource.as_str().into(),
+                        state: StepState::Succeeded,
+                        message: Some(msg.clone()),
+                        operation_id: Some(fence.op_id.clone()),
+                        start_time: Some(input.now()),
+                        end_time: Some(input.now()),
+                    }),
+                }
+            }
+            events.push(Note {
+                warning: true,
+                subject: fence.op_id.clone(),
+                reason: "Fenced",
+                message: msg,
+            });
+        }
+        Outcome::Failed(m) | Outcome::Unreachable(m) => {
+            events.push(Note {
+                warning: true,
+                subject: format!("fence-{}", fence.site),
+                reason: "FenceFailed",
+                message: format!(
+                    "VM {} runs at {} where it must not; power off failed: {m}",
+                    fence.vm, fence.site
+                ),
+            });
+            return Plan::Write(Box::new(Update {
+                status: st,
+                events,
+                finished: vec![],
+            }));
+        }
+    }
+    finalize(input, &mut st, None);
+    Plan::Write(Box::new(Update {
+        status: st,
+        events,
+        finished: vec![],
+    }))
+}
+
+/// Live RPO: age of the newest recovery point at the replication target.
+pub fn live_rpo(input: &Input, st: &ReplicatedVMStatus) -> Option<i64> {
+    let r = replication_on(st)?;
+    let target = r.target_site.as_deref()?;
+    let source = r.source_site.as_deref()?;
+    let t = input
+        .view(target)
+        .vm()
+        .and_then(|v| v.recovery_points.as_ref()?.latest.as_ref()?.time)
+        .or_else(|| {
+            input
+                .view(source)
+                .vm()?
+                .replication
+                .as_ref()?
+                .last_sync_time
+        })?;
+    Some((input.now - t).get_seconds().max(0))
+}
+
+/// Health from RPO: Warning over 2x the interval, Critical at 3x or more.
+pub fn health_of(rpo: i64, interval: i64) -> ReplicationHealth {
+    let interval = interval.max(1);
+    if rpo >= 3 * interval {
+        ReplicationHealth::Critical
+    } else if rpo > 2 * interval {
+        ReplicationHealth::Warning
+    } else {
+        ReplicationHealth::Healthy
+    }
+}
+
+fn observed_state(s: ObservedReplicationState) -> Option<ReplicationState> {
+    Some(match s {
+        ObservedReplicationState::Disabled => ReplicationState::Disabled,
+        ObservedReplicationState::InitialReplication => ReplicationState::InitialReplication,
+        ObservedReplicationState::Replicating => ReplicationState::Replicating,
+        ObservedReplicationState::Resynchronizing => ReplicationState::Resynchronizing,
+        ObservedReplicationState::Error => ReplicationState::Error,
+        ObservedReplicationState::Other => return None,
+    })
+}
+
+/// The replication block and recovery point summary as the listings show them now.
+fn observed_replication(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+) -> Option<(ReplicationStatus, Option<RecoveryPointSummary>)> {
+    let r = replication_on(st)?;
+    let source = r.source_site.as_deref()?;
+    let target = r.target_site.as_deref()?;
+    let mut new = r.clone();
+    let src = input.view(source).vm();
+    if let Some(state) = src
+        .and_then(|v| v.replication.as_ref())
+        .and_then(|rep| observed_state(rep.state))
+        && state != ReplicationState::Disabled
+    {
+        new.state = state;
+    }
+    if let Some(t) = src.and_then(|v| v.replication.as_ref()?.last_sync_time) {
+        new.last_sync_time = Some(Time(t));
+    }
+    let rps = input
+        .view(target)
+        .vm()
+        .and_then(|v| v.recovery_points.as_ref())
+        .map(|p| RecoveryPointSummary {
+            count: p.count,
+            latest: p.latest.as_ref().map(rp_ref),
+            latest_app_consistent: p.latest_app_consistent.as_ref().map(rp_ref),
+        });
+    if new.last_sync_time.is_none()
+        && let Some(t) = rps.as_ref().and_then(|p| p.latest.as_ref()?.time.clone())
+    {
+        new.last_sync_time = Some(t);
+    }
+    new.rpo_seconds = live_rpo(input, st);
+    new.health = match (new.state, new.rpo_seconds) {
+        (
+            ReplicationState::Replicating | ReplicationState::Error | ReplicationState::Paused,
+            Some(rpo),
+        ) => Some(health_of(rpo, input.spec.replication.interval_seconds)),
+        (ReplicationState::Error, None) => Some(ReplicationHealth::Critical),
+        _ => new.health,
+    };
+    Some((new, rps.or_else(|| st.recovery_points.clone())))
+}
+
+fn rp_ref(p: &ObservedRecoveryPoint) -> RecoveryPointRef {
+    RecoveryPointRef {
+        id: p.id.clone(),
+        time: p.time.map(Time),
+        app_consistent: p.app_consistent,
+    }
+}
+
+/// Brings the replication figures up to date, but only at a coarse period: at once when the
+/// state, direction or health changes, otherwise when the recorded last sync is at least
+/// [`STATUS_REFRESH`] older than the observed one. A steady VM writes its status rarely.
+fn refresh_replication(input: &Input, st: &mut ReplicatedVMStatus) {
+    let Some((new, rps)) = observed_replication(input, st) else {
+        return;
+    };
+    let Some(old) = st.replication.as_ref() else {
+        return;
+    };
+    let significant = old.state != new.state
+        || old.health != new.health
+        || old.source_site != new.source_site
+        || old.target_site != new.target_site
+        || old.rpo_seconds.is_none() && new.rpo_seconds.is_some();
+    let stale = match (&old.last_sync_time, &new.last_sync_time) {
+        (None, Some(_)) => true,
+        (Some(o), Some(n)) => (n.0 - o.0).get_seconds() >= STATUS_REFRESH.as_secs() as i64,
+        _ => false,
+    };
+    if significant || stale {
+        st.replication = Some(new);
+        st.recovery_points = rps;
+    }
+}
+
+fn refresh_replication_now(input: &Input, st: &mut ReplicatedVMStatus) {
+    if let Some((new, rps)) = observed_replication(input, st) {
+        st.replication = Some(new);
+        st.recovery_points = rps;
+    }
+}
+
+/// Phase and conditions from the status and the spec, computed in one place.
+fn finalize(input: &Input, st: &mut ReplicatedVMStatus, wait: Option<Wait>) {
+    st.observed_generation = input.generation;
+    let running = running_job(st).map(|i| st.jobs[i].clone());
+    let running = running.as_ref();
+    let stalled = running.is_none()
+        && st.jobs.last().is_some_and(|j| j.state == JobState::Failed)
+        && input
+            .status
+            .observed_generation
+            .is_none_or(|g| Some(g) == input.generation)
+        && wait.is_none();
+    let commit = uncommitted_failover(st)
+        .filter(|_| running.is_none())
+        .cloned();
+    let commit_pending = commit.is_some() && input.spec.failover.commit == CommitMode::Manual;
+    let rep_state = replication_on(st).map(|r| r.state);
+
+    let base_phase = if st.active_site.is_none() {
+        VmPhase::Pending
+    } else {
+        match rep_state {
+            Some(ReplicationState::InitialReplication) => VmPhase::InitialReplication,
+            Some(ReplicationState::Resynchronizing) => VmPhase::Reprotecting,
+            Some(_) => VmPhase::Protected,
+            None => VmPhase::Unprotected,
+        }
+    };
+    let phase = match running.map(|j| j.type_) {
+        Some(JobType::EnableReplication) => VmPhase::InitialReplication,
+        Some(JobType::PlannedFailover | JobType::UnplannedFailover) => VmPhase::FailingOver,
+        Some(JobType::ReverseReplicate) => VmPhase::Reprotecting,
+        Some(JobType::Commit) => VmPhase::FailedOver,
+        Some(_) => base_phase,
+        None if stalled => VmPhase::Failed,
+        None if commit.is_some() => VmPhase::FailedOver,
+        None => base_phase,
+    };
+    st.phase = Some(phase);
+
+    let mut want = Vec::new();
+    match running {
+        Some(j) => {
+            let step = current_step(j)
+                .map(|(i, _)| j.steps[i].name.clone())
+                .unwrap_or_default();
+            let msg = format!("{} {} at step {step}", job_type_str(j.type_), j.name);
+            want.push(Cond::new(READY, false, "JobRunning", msg.clone()));
+            want.push(Cond::new(RECONCILING, true, job_type_str(j.type_), msg));
+        }
+        None => {
+            let desired = input.desired();
+            let in_place = st.active_site.as_deref() == Some(desired);
+            let replication_matches = input.spec.replication.enabled
+                == rep_state.is_some_and(|s| s == ReplicationState::Replicating)
+                || !input.spec.replication.enabled && rep_state.is_none();
+            let drill_matches = input.spec.test_failover.enabled == st.test_failover.is_some();
+            if stalled {
+                let j = st.jobs.last();
+                let msg = j
+                    .map(|j| {
+                        format!(
+                            "{} {} failed: {}",
+                            job_type_str(j.type_),
+                            j.name,
+                            j.message.as_deref().unwrap_or("")
+                        )
+                    })
+                    .unwrap_or_default();
+                want.push(Cond::new(READY, false, "JobFailed", msg));
+            } else if let Some(w) = &wait {
+                want.push(Cond::new(READY, false, w.reason, w.message.clone()));
+            } else if in_place && replication_matches && drill_matches {
+                let reason = match phase {
+                    VmPhase::Protected => "Protected",
+                    _ => "Unprotected",
+                };
+                want.push(Cond::new(
+                    READY,
+                    true,
+                    reason,
+                    format!("runs at {desired} as the spec says"),
+                ));
+            } else {
+                want.push(Cond::new(
+                    READY,
+                    false,
+                    "Progressing",
+                    "the next job is being planned",
+                ));
+            }
+            want.push(Cond::new(RECONCILING, false, "Idle", "no job runs"));
+        }
+    }
+    want.push(if stalled {
+        Cond::new(
+            STALLED,
+            true,
+            "JobFailed",
+            "the newest job failed; change the spec to try again",
+        )
+    } else {
+        Cond::new(STALLED, false, "NotStalled", "")
+    });
+    want.push(match (commit_pending, &commit) {
+        (true, Some(j)) => Cond::new(
+            COMMIT_PENDING,
+            true,
+            "WaitingForCommit",
+            format!(
+                "annotate the ReplicatedVM with {}={} to commit",
+                crate::api::COMMIT_ANNOTATION,
+                j.name
+            ),
+        ),
+        _ => Cond::new(COMMIT_PENDING, false, "NoCommitPending", ""),
+    });
+    conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,1234 @@
+//! Planner tests: a small in-memory model of two sites answers the planner's calls, so whole
+//! procedures run without I/O. The model is idempotent by operation id, as agents are.
+
+use std::collections::{HashMap, HashSet};
+
+use super::*;
+use crate::api::{FailoverSpec, TestFailoverSpec};
+use crate::controller::observe::{ObservedReplication, ObservedVm, Power, Role};
+
+const P: &str = "primary";
+const S: &str = "secondary";
+
+fn ts(s: i64) -> Timestamp {
+    Timestamp::from_second(1_800_000_000 + s).unwrap()
+}
+
+fn spec() -> ReplicatedVMSpec {
+    ReplicatedVMSpec {
+        vm_name: None,
+        primary_site: P.into(),
+        recovery_site: S.into(),
+        active_site: None,
+        replication: ReplicationSpec {
+            interval_seconds: 30,
+            ..Default::default()
+        },
+        failover: FailoverSpec::default(),
+        test_failover: TestFailoverSpec::default(),
+    }
+}
+
+fn running_vm(integration: bool) -> SimVm {
+    SimVm {
+        vm: ObservedVm {
+            power: Power::Running,
+            role: Role::Primary,
+            replication: None,
+            recovery_points: None,
+            test_copy: None,
+        },
+        integration,
+        digest_ok: true,
+    }
+}
+
+#[derive(Clone)]
+struct SimVm {
+    vm: ObservedVm,
+    integration: bool,
+    digest_ok: bool,
+}
+
+struct World {
+    spec: ReplicatedVMSpec,
+    status: ReplicatedVMStatus,
+    generation: i64,
+    annotation: Option<String>,
+    sites: HashMap<String, Option<SimVm>>,
+    down: HashSet<String>,
+    now: i64,
+    /// (step, site call went to, operation id) in call order.
+    calls: Vec<(StepName, String)>,
+    /// Operation ids the sites have done, with their results.
+    done: HashMap<String, Outcome>,
+    events: Vec<Note>,
+    writes: usize,
+    rp_seq: u32,
+}
+
+impl World {
+    fn new(integration: bool) -> Self {
+        let mut sites = HashMap::new();
+        sites.insert(P.to_string(), Some(running_vm(integration)));
+        sites.insert(S.to_string(), None);
+        World {
+            spec: spec(),
+            status: ReplicatedVMStatus::default(),
+            generation: 1,
+            annotation: None,
+            sites,
+            down: HashSet::new(),
+            now: 0,
+            calls: vec![],
+            done: HashMap::new(),
+            events: vec![],
+            writes: 0,
+            rp_seq: 0,
+        }
+    }
+
+    fn view(&self, site: &str) -> SiteView {
+        if self.down.contains(site) {
+            return SiteView::Unreachable {
+                since: ts(self.now),
+                reason: "connection refused".into(),
+            };
+        }
+        SiteView::Reachable {
+            fetched_at: ts(self.now),
+            vm: self.sites[site].as_ref().map(|s| s.vm.clone()),
+        }
+    }
+
+    fn with_input<R>(&self, f: impl FnOnce(&Input) -> R) -> R {
+        let p = self.view(P);
+        let s = self.view(S);
+        let input = Input {
+            name: "web-01",
+            uid: "uid1",
+            generation: Some(self.generation),
+            vm_name: "web-01",
+            spec: &self.spec,
+            commit_annotation: self.annotation.as_deref(),
+            status: &self.status,
+            primary: &p,
+            recovery: &s,
+            now: ts(self.now),
+            poll: Duration::from_secs(5),
+        };
+        f(&input)
+    }
+
+    fn set_spec(&mut self, f: impl FnOnce(&mut ReplicatedVMSpec)) {
+        f(&mut self.spec);
+        self.generation += 1;
+    }
+
+    fn vm_mut(&mut self, site: &str) -> &mut SimVm {
+        self.sites.get_mut(site).unwrap().as_mut().unwrap()
+    }
+
+    fn new_rp(&mut self) -> ObservedRecoveryPoint {
+        self.rp_seq += 1;
+        ObservedRecoveryPoint {
+            id: format!("rp-{:06}", self.rp_seq),
+            time: Some(ts(self.now)),
+            app_consistent: false,
+        }
+    }
+
+    /// Adds a recovery point at `site`.
+    fn add_rp(&mut self, site: &str) -> ObservedRecoveryPoint {
+        let rp = self.new_rp();
+        let vm = self.vm_mut(site);
+        let rps = vm.vm.recovery_points.get_or_insert_with(Default::default);
+        rps.count += 1;
+        rps.latest = Some(rp.clone());
+        rp
+    }
+
+    /// What the sites do for a call (idempotent by operation id).
+    fn execute(&mut self, c: &StepCall) -> Outcome {
+        if let Some(o) = self.done.get(&c.op_id) {
+            return o.clone();
+        }
+        let site_of_call = match c.step_name {
+            StepName::ShutdownSource
+            | StepName::FenceSource
+            | StepName::SyncRemaining
+            | StepName::EnableReplication
+            | StepName::RestartSource => c.source.clone(),
+            _ => c.target.clone(),
+        };
+        if self.down.contains(&site_of_call) {
+            return Outcome::Unreachable(format!("site {site_of_call} does not answer"));
+        }
+        self.calls.push((c.step_name, site_of_call.clone()));
+        let o = self.do_step(c);
+        self.done.insert(c.op_id.clone(), o.clone());
+        o
+    }
+
+    fn do_step(&mut self, c: &StepCall) -> Outcome {
+        let (src, tgt) = (c.source.as_str(), c.target.as_str());
+        match c.step_name {
+            StepName::ShutdownSource => {
+                let vm = self.vm_mut(src);
+                if !vm.integration {
+                    return Outcome::Failed("no integration services".into());
+                }
+                vm.vm.power = Power::Off;
+                Outcome::ok()
+            }
+            StepName::FenceSource => {
+                self.vm_mut(src).vm.power = Power::Off;
+                Outcome::ok()
+            }
+            StepName::RestartSource => {
+                self.vm_mut(src).vm.power = Power::Running;
+                Outcome::ok()
+            }
+            StepName::SyncRemaining => {
+                let rp = self.add_rp(tgt);
+                Outcome::Succeeded {
+                    message: None,
+                    recovery_point: Some(rp),
+                    test_vm: None,
+                }
+            }
+            StepName::VerifyDigests => {
+                if self.vm_mut(src).digest_ok {
+                    Outcome::ok()
+                } else {
+                    Outcome::Failed("digest of disk0 differs".into())
+                }
+            }
+            StepName::EnableReplication => {
+                let state = match c.mode {
+                    EnableMode::Initial => ObservedReplicationState::InitialReplication,
+                    EnableMode::Resync => ObservedReplicationState::Resynchronizing,
+                };
+                let now = ts(self.now);
+                let vm = self.vm_mut(src);
+                vm.vm.replication = Some(ObservedReplication {
+                    state,
+                    direction: Some(Direction::Outbound),
+                    peer_site: Some(tgt.into()),
+                    last_sync_time: Some(now),
+                    bytes_sent: 0,
+                    last_error: None,
+                });
+                let integration = vm.integration;
+                let t = self.sites.get_mut(tgt).unwrap();
+                match t {
+                    Some(t) => {
+                        t.vm.role = Role::Replica;
+                        t.vm.power = Power::Off;
+                        t.vm.replication = None;
+                    }
+                    None => {
+                        *t = Some(SimVm {
+                            vm: ObservedVm {
+                                power: Power::Off,
+                                role: Role::Replica,
+                                replication: None,
+                                recovery_points: None,
+                                test_copy: None,
+                            },
+                            integration,
+                            digest_ok: true,
+                        })
+                    }
+                }
+                Outcome::ok()
+            }
+            StepName::StopReplication => {
+                for s in [src, tgt] {
+                    if self.down.contains(s) {
+                        continue;
+                    }
+                    if let Some(vm) = self.sites.get_mut(s).unwrap() {
+                        vm.vm.replication = None;
+                    }
+                }
+                Outcome::ok()
+            }
+            StepName::StartAtTarget => {
+                let Some(rp) = self.sites[tgt]
+                    .as_ref()
+                    .and_then(|v| v.vm.recovery_points.as_ref()?.latest.clone())
+                else {
+                    return Outcome::Failed("no recovery point".into());
+                };
+                let vm = self.vm_mut(tgt);
+                vm.vm.role = Role::Primary;
+                vm.vm.power = Power::Running;
+                Outcome::Succeeded {
+                    message: None,
+                    recovery_point: Some(rp),
+                    test_vm: None,
+                }
+            }
+            StepName::Commit => {
+                self.vm_mut(tgt).vm.recovery_points = None;
+                Outcome::ok()
+            }
+            StepName::CreateTestCopy => {
+                let rp = self.sites[tgt]
+                    .as_ref()
+                    .and_then(|v| v.vm.recovery_points.as_ref()?.latest.clone());
+                self.vm_mut(tgt).vm.test_copy = Some("web-01-test".into());
+                Outcome::Succeeded {
+                    message: None,
+                    recovery_point: rp,
+                    test_vm: Some("web-01-test".into()),
+                }
+            }
+            StepName::DeleteTestCopy => {
+                self.vm_mut(tgt).vm.test_copy = None;
+                Outcome::ok()
+            }
+            StepName::RemoveReplica => {
+                *self.sites.get_mut(tgt).unwrap() = None;
+                Outcome::ok()
+            }
+            StepName::InitialReplication | StepName::Resynchronize => {
+                panic!("wait steps call no site")
+            }
+        }
+    }
+
+    /// The agents' background work: finish initial copies and resyncs, make a recovery point.
+    fn tick(&mut self, secs: i64) {
+        self.now += secs;
+        let names: Vec<String> = self.sites.keys().cloned().collect();
+        for s in names {
+            if self.down.contains(&s) {
+                continue;
+            }
+            let Some(vm) = self.sites[&s].clone() else {
+                continue;
+            };
+            if let Some(r) = &vm.vm.replication
+                && r.direction == Some(Direction::Outbound)
+            {
+                let peer = r.peer_site.clone().unwrap();
+                if self.down.contains(&peer) {
+                    continue;
+                }
+                self.add_rp(&peer);
+                let now = ts(self.now);
+                let r = self.vm_mut(&s).vm.replication.as_mut().unwrap();
+                r.state = ObservedReplicationState::Replicating;
+                r.last_sync_time = Some(now);
+            }
+        }
+    }
+
+    /// One plan and its effect. Returns the plan.
+    fn step(&mut self) -> Plan {
+        let plan = self.with_input(plan);
+        match &plan {
+            Plan::Write(u) => self.apply(u),
+            Plan::Execute(c) => {
+                let o = self.execute(c);
+                let p = self.with_input(|i| record_outcome(i, c, o));
+                match p {
+                    Plan::Write(u) => self.apply(&u),
+                    Plan::Idle(_) => self.tick(5),
+                    other => panic!("record_outcome gave {other:?}"),
+                }
+            }
+            Plan::Fence(f) => {
+                let site = f.site.clone();
+                self.calls.push((StepName::FenceSource, site.clone()));
+                self.vm_mut(&site).vm.power = Power::Off;
+                let p = self.with_input(|i| record_fence(i, f, Outcome::ok()));
+                let Plan::Write(u) = p else { panic!() };
+                self.apply(&u);
+            }
+            Plan::Idle(_) => {}
+        }
+        plan
+    }
+
+    fn apply(&mut self, u: &Update) {
+        // One job at a time, always.
+        assert!(
+            u.status
+                .jobs
+                .iter()
+                .filter(|j| j.state == JobState::Running)
+                .count()
+                <= 1
+        );
+        self.status = u.status.clone();
+        self.events.extend(u.events.iter().cloned());
+        self.writes += 1;
+    }
+
+    /// Plans until nothing is left to do (the agents progressing in between), at most `n` plans.
+    fn settle(&mut self) {
+        let mut idle = 0;
+        for _ in 0..500 {
+            match self.step() {
+                Plan::Idle(_) => {
+                    idle += 1;
+                    if idle > 4 {
+                        return;
+                    }
+                    self.tick(5);
+                }
+                _ => idle = 0,
+            }
+        }
+        panic!("did not settle: {:#?}", self.status);
+    }
+
+    fn job_types(&self) -> Vec<JobType> {
+        self.status.jobs.iter().map(|j| j.type_).collect()
+    }
+
+    fn job(&self, t: JobType) -> &Job {
+        self.status
+            .jobs
+            .iter()
+            .rev()
+            .find(|j| j.type_ == t)
+            .unwrap()
+    }
+
+    fn cond(&self, t: &str) -> bool {
+        conditions::is_true(&self.status.conditions, t)
+    }
+
+    fn steps(&self, t: JobType) -> Vec<(String, StepState)> {
+        self.job(t)
+            .steps
+            .iter()
+            .map(|s| (s.name.clone(), s.state))
+            .collect()
+    }
+
+    fn protected(integration: bool) -> Self {
+        let mut w = World::new(integration);
+        w.settle();
+        assert_eq!(w.status.phase, Some(VmPhase::Protected));
+        w.calls.clear();
+        w.events.clear();
+        w
+    }
+}
+
+fn st(v: &[(&str, StepState)]) -> Vec<(String, StepState)> {
+    v.iter().map(|(n, s)| (n.to_string(), *s)).collect()
+}
+
+use StepState::{Failed as F, Skipped as K, Succeeded as OK};
+
+#[test]
+fn enable_replication_ends_protected() {
+    let mut w = World::new(true);
+    w.settle();
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
+    let j = &w.status.jobs[0];
+    assert_eq!(j.name, "web-01-enable-1");
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!(
+        w.steps(JobType::EnableReplication),
+        st(&[("EnableReplication", OK), ("InitialReplication", OK)])
+    );
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    let r = w.status.replication.as_ref().unwrap();
+    assert_eq!(r.state, ReplicationState::Replicating);
+    assert_eq!(r.source_site.as_deref(), Some(P));
+    assert_eq!(r.target_site.as_deref(), Some(S));
+    assert_eq!(r.health, Some(ReplicationHealth::Healthy));
+    assert!(w.status.recovery_points.as_ref().unwrap().count >= 1);
+    assert!(w.cond(READY));
+    assert!(!w.cond(RECONCILING));
+    assert!(!w.cond(STALLED));
+    assert_eq!(w.status.observed_generation, Some(1));
+    let reasons: Vec<_> = w.events.iter().map(|e| e.reason).collect();
+    assert_eq!(reasons, ["JobStarted", "JobSucceeded"]);
+}
+
+#[test]
+fn step_is_written_running_with_operation_id_before_the_site_is_called() {
+    let mut w = World::new(true);
+    // First plan: locate the VM, start the job, first step Running: one write.
+    let Plan::Write(u) = w.step() else { panic!() };
+    let s = &u.status.jobs[0].steps[0];
+    assert_eq!(s.state, StepState::Running);
+    assert_eq!(
+        s.operation_id.as_deref(),
+        Some("uid1-web-01-enable-1-EnableReplication")
+    );
+    assert!(
+        w.calls.is_empty(),
+        "no site call before the step is written"
+    );
+    assert_eq!(u.status.phase, Some(VmPhase::InitialReplication));
+    assert!(conditions::is_true(&u.status.conditions, RECONCILING));
+    // Next plan: the call, with that id.
+    let plan = w.with_input(plan);
+    let Plan::Execute(c) = plan else {
+        panic!("{plan:?}")
+    };
+    assert_eq!(c.op_id, "uid1-web-01-enable-1-EnableReplication");
+    assert_eq!(c.step_name, StepName::EnableReplication);
+    assert_eq!(c.mode, EnableMode::Initial);
+}
+
+#[test]
+fn a_crash_after_the_call_repeats_it_with_the_same_id_and_the_job_ends_once() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    // Every call is made, then "the controller dies" before recording it: the next plan
+    // must repeat the same call with the same id.
+    let mut repeated = 0;
+    for _ in 0..300 {
+        let p = w.with_input(plan);
+        match &p {
+            Plan::Execute(c) => {
+                let first = w.execute(c);
+                let again = w.with_input(plan);
+                let Plan::Execute(c2) = again else { panic!() };
+                assert_eq!(c2.op_id, c.op_id);
+                assert_eq!(w.execute(&c2), first);
+                repeated += 1;
+                let p = w.with_input(|i| record_outcome(i, &c2, first));
+                if let Plan::Write(u) = p {
+                    w.apply(&u)
+                }
+            }
+            Plan::Write(u) => w.apply(u),
+            Plan::Fence(_) => panic!("no fence here"),
+            Plan::Idle(_) => {
+                if w.status.phase == Some(VmPhase::Protected)
+                    && w.status.active_site.as_deref() == Some(S)
+                {
+                    break;
+                }
+                w.tick(5)
+            }
+        }
+    }
+    assert!(repeated >= 5);
+    // Each step was done once at the site.
+    let mut per_step: HashMap<StepName, usize> = HashMap::new();
+    for (s, _) in &w.calls {
+        *per_step.entry(*s).or_default() += 1;
+    }
+    assert_eq!(per_step[&StepName::StartAtTarget], 1);
+    assert_eq!(per_step[&StepName::Commit], 1);
+    let names: Vec<_> = w.status.jobs.iter().map(|j| j.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "web-01-enable-1",
+            "web-01-failover-2",
+            "web-01-commit-3",
+            "web-01-reprotect-4"
+        ]
+    );
+    assert!(w.status.jobs.iter().all(|j| j.state == JobState::Succeeded));
+    let ends = w
+        .events
+        .iter()
+        .filter(|e| e.reason == "JobSucceeded")
+        .count();
+    assert_eq!(ends, 3);
+}
+
+#[test]
+fn unplanned_failover_with_shutdown_commit_and_reverse_replication() {
+    let mut w = World::protected(true);
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.shutdown_source = true;
+    });
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [
+            JobType::EnableReplication,
+            JobType::UnplannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("FenceSource", K),
+            ("SyncRemaining", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+    let f = w.job(JobType::UnplannedFailover);
+    assert!(f.recovery_point.as_deref().unwrap().starts_with("rp-"));
+    assert!(f.recovery_point_age_seconds.is_some());
+    assert_eq!(f.source_site.as_deref(), Some(P));
+    assert_eq!(f.target_site.as_deref(), Some(S));
+    // Replication stopped before the VM started at the target.
+    let order: Vec<StepName> = w.calls.iter().map(|c| c.0).collect();
+    let stop = order
+        .iter()
+        .position(|s| *s == StepName::StopReplication)
+        .unwrap();
+    let start = order
+        .iter()
+        .position(|s| *s == StepName::StartAtTarget)
+        .unwrap();
+    assert!(stop < start);
+    // Commit came before reverse replication, and reverse replication is a resync.
+    assert_eq!(
+        w.steps(JobType::ReverseReplicate),
+        st(&[
+            ("StopReplication", OK),
+            ("EnableReplication", OK),
+            ("Resynchronize", OK)
+        ])
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    let r = w.status.replication.as_ref().unwrap();
+    assert_eq!(
+        (r.source_site.as_deref(), r.target_site.as_deref()),
+        (Some(S), Some(P))
+    );
+    assert!(w.cond(READY));
+    assert!(!w.cond(COMMIT_PENDING));
+    // Never running at both sites.
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+}
+
+#[test]
+fn unplanned_failover_goes_on_when_shutdown_fails_and_fences_the_source() {
+    let mut w = World::protected(false);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", F),
+            ("FenceSource", OK),
+            ("SyncRemaining", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Succeeded);
+    let msg = f.steps[0].message.as_deref().unwrap();
+    assert!(
+        msg.contains("no integration services") && msg.contains("continues"),
+        "{msg}"
+    );
+    assert!(
+        w.events
+            .iter()
+            .any(|e| e.reason == "StepFailed" && e.warning)
+    );
+    // Fenced before the VM started at the target.
+    let order: Vec<StepName> = w.calls.iter().map(|c| c.0).collect();
+    let fence = order
+        .iter()
+        .position(|s| *s == StepName::FenceSource)
+        .unwrap();
+    let start = order
+        .iter()
+        .position(|s| *s == StepName::StartAtTarget)
+        .unwrap();
+    assert!(fence < start);
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn unplanned_failover_without_shutdown_source_skips_shutdown_and_sync_but_fences() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.shutdown_source = false;
+        s.failover.recovery_point = "LatestProcessed".into();
+    });
+    // Check the recovery point reaches the call.
+    let mut saw = false;
+    for _ in 0..100 {
+        if let Plan::Execute(c) = w.with_input(plan)
+            && c.step_name == StepName::StartAtTarget
+        {
+            assert_eq!(c.recovery_point, "LatestProcessed");
+            saw = true;
+        }
+        if let Plan::Idle(_) = w.step() {
+            w.tick(5);
+        }
+        if w.status.active_site.as_deref() == Some(S) {
+            break;
+        }
+    }
+    assert!(saw);
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", K),
+            ("FenceSource", OK),
+            ("SyncRemaining", K),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+}
+
+#[test]
+fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
+    let mut w = World::protected(true);
+    w.down.insert(P.into());
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", F),
+            ("FenceSource", F),
+            ("SyncRemaining", F),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    // Committed; reverse replication waits for the old site.
+    assert_eq!(w.job_types().last(), Some(&JobType::Commit));
+    assert!(!w.cond(READY));
+    let ready = w
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY)
+        .unwrap();
+    assert_eq!(ready.reason, "SiteUnreachable");
+    // The old site comes back with the VM still running: powered off before anything else.
+    w.down.clear();
+    w.tick(1);
+    let plan = w.step();
+    assert!(
+        matches!(plan, Plan::Fence(ref f) if f.site == P),
+        "{plan:?}"
+    );
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    let fence = w
+        .job(JobType::UnplannedFailover)
+        .steps
+        .iter()
+        .find(|s| s.name == "FenceSource")
+        .unwrap();
+    assert_eq!(fence.state, StepState::Succeeded);
+    assert!(fence.message.as_deref().unwrap().contains("powered off"));
+    assert!(w.events.iter().any(|e| e.reason == "Fenced"));
+    w.settle();
+    assert_eq!(w.job_types().last(), Some(&JobType::ReverseReplicate));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn planned_failover_fails_when_shutdown_fails_and_the_source_keeps_running() {
+    let mut w = World::protected(false);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    let f = w.job(JobType::PlannedFailover);
+    assert_eq!(f.state, JobState::Failed);
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", F),
+            ("SyncRemaining", K),
+            ("VerifyDigests", K),
+            ("StopReplication", K),
+            ("StartAtTarget", K),
+        ])
+    );
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    assert!(w.cond(STALLED));
+    assert!(!w.cond(READY));
+    assert!(
+        w.events
+            .iter()
+            .any(|e| e.reason == "JobFailed" && e.warning)
+    );
+    // Not retried on its own.
+    assert_eq!(w.job_types().len(), 2);
+    // A spec change (here: go unplanned) is a new attempt.
+    w.set_spec(|s| s.failover.type_ = FailoverType::Unplanned);
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert!(!w.cond(STALLED));
+}
+
+#[test]
+fn planned_failover_syncs_verifies_digests_and_loses_nothing() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("SyncRemaining", OK),
+            ("VerifyDigests", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+    let order: Vec<StepName> = w.calls.iter().map(|c| c.0).collect();
+    assert_eq!(
+        &order[..5],
+        [
+            StepName::ShutdownSource,
+            StepName::SyncRemaining,
+            StepName::VerifyDigests,
+            StepName::StopReplication,
+            StepName::StartAtTarget
+        ]
+    );
+    // The point that came up is the final sync's.
+    let sync_rp = format!("rp-{:06}", {
+        // the final sync made the newest point at the target before StartAtTarget
+        w.job(JobType::PlannedFailover)
+            .recovery_point
+            .as_deref()
+            .unwrap()
+            .trim_start_matches("rp-")
+            .parse::<u32>()
+            .unwrap()
+    });
+    assert_eq!(
+        w.job(JobType::PlannedFailover).recovery_point,
+        Some(sync_rp)
+    );
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn planned_failover_with_digest_mismatch_restarts_the_source_and_fails() {
+    let mut w = World::protected(true);
+    w.vm_mut(P).digest_ok = false;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("SyncRemaining", OK),
+            ("VerifyDigests", F),
+            ("StopReplication", K),
+            ("StartAtTarget", K),
+            ("RestartSource", OK),
+        ])
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert!(w.cond(STALLED));
+}
+
+#[test]
+fn manual_commit_waits_for_the_annotation_naming_the_job() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.commit = CommitMode::Manual;
+    });
+    w.settle();
+    assert_eq!(w.job_types().last(), Some(&JobType::PlannedFailover));
+    assert_eq!(w.status.phase, Some(VmPhase::FailedOver));
+    assert!(w.cond(COMMIT_PENDING));
+    assert!(!w.cond(READY));
+    let job = w.job(JobType::PlannedFailover).name.clone();
+    assert_eq!(job, "web-01-failover-2");
+    let msg = &w
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == COMMIT_PENDING)
+        .unwrap()
+        .message;
+    assert!(
+        msg.contains("twinsite.io/commit=web-01-failover-2"),
+        "{msg}"
+    );
+    // The recovery points are still there until the commit.
+    assert!(w.sites[S].as_ref().unwrap().vm.recovery_points.is_some());
+    w.annotation = Some("web-01-failover-1".into());
+    w.settle();
+    assert_eq!(w.job_types().last(), Some(&JobType::PlannedFailover));
+    w.annotation = Some(job);
+    w.settle();
+    assert_eq!(
+        &w.job_types()[2..],
+        [JobType::Commit, JobType::ReverseReplicate]
+    );
+    assert!(!w.cond(COMMIT_PENDING));
+    assert!(w.cond(READY));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    // The commit deleted the recovery points at the new active site (the VM there holds
+    // only what reverse replication made since, which is at the other site).
+    assert!(w.calls.iter().any(|c| c.0 == StepName::Commit && c.1 == S));
+}
+
+#[test]
+fn commit_clears_recovery_points_and_replication_stays_off_when_disabled() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.replication.enabled = false;
+    });
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [
+            JobType::EnableReplication,
+            JobType::PlannedFailover,
+            JobType::Commit
+        ]
+    );
+    assert_eq!(w.status.recovery_points, None);
+    assert!(w.sites[S].as_ref().unwrap().vm.recovery_points.is_none());
+    assert_eq!(w.status.phase, Some(VmPhase::Unprotected));
+    assert!(w.cond(READY));
+}
+
+#[test]
+fn failback_to_a_site_without_a_current_replica_reverse_replicates_first() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.replication.enabled = false;
+    });
+    w.settle();
+    assert_eq!(w.status.phase, Some(VmPhase::Unprotected));
+    w.calls.clear();
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(
+        &w.job_types()[3..],
+        [
+            JobType::ReverseReplicate,
+            JobType::PlannedFailover,
+            JobType::Commit,
+        ]
+    );
+    let rr = w.job(JobType::ReverseReplicate);
+    assert_eq!(rr.source_site.as_deref(), Some(S));
+    assert_eq!(rr.target_site.as_deref(), Some(P));
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.status.phase, Some(VmPhase::Unprotected));
+    assert!(w.cond(READY));
+    // The copy left at the old site does not run.
+    assert_eq!(w.sites[S].as_ref().map(|v| v.vm.power), Some(Power::Off));
+}
+
+#[test]
+fn failback_with_a_current_replica_fails_over_directly() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(
+        &w.job_types()[4..],
+        [
+            JobType::PlannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    let r = w.status.replication.as_ref().unwrap();
+    assert_eq!(
+        (r.source_site.as_deref(), r.target_site.as_deref()),
+        (Some(P), Some(S))
+    );
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn drill_and_cleanup_leave_replication_alone_and_keep_last_drill() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.test_failover.enabled = true);
+    w.settle();
+    let j = w.job(JobType::TestFailover);
+    assert_eq!(j.state, JobState::Succeeded);
+    assert_eq!(j.name, "web-01-testfailover-2");
+    let tf = w.status.test_failover.as_ref().unwrap();
+    assert_eq!(
+        (tf.vm_name.as_str(), tf.site.as_str(), tf.state.as_str()),
+        ("web-01-test", S, "Running")
+    );
+    let d = w.status.last_drill.clone().unwrap();
+    assert_eq!(
+        (d.job.as_str(), d.result.as_str()),
+        ("web-01-testfailover-2", "Succeeded")
+    );
+    assert!(w.cond(READY));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert!(
+        !w.calls.iter().any(|c| c.0 == StepName::StopReplication),
+        "a drill never stops replication"
+    );
+    w.set_spec(|s| s.test_failover.enabled = false);
+    w.settle();
+    assert_eq!(w.job_types().last(), Some(&JobType::TestFailoverCleanup));
+    assert_eq!(w.status.test_failover, None);
+    assert_eq!(w.status.last_drill, Some(d));
+    assert_eq!(
+        w.status.replication.as_ref().unwrap().state,
+        ReplicationState::Replicating
+    );
+    assert!(w.cond(READY));
+}
+
+#[test]
+fn disable_replication_removes_the_replica() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.replication.enabled = false);
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::DisableReplication),
+        st(&[("StopReplication", OK), ("RemoveReplica", OK)])
+    );
+    assert!(w.sites[S].is_none());
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.phase, Some(VmPhase::Unprotected));
+    assert_eq!(
+        w.status.replication.as_ref().unwrap().state,
+        ReplicationState::Disabled
+    );
+    assert!(w.cond(READY));
+    // And on again.
+    w.set_spec(|s| s.replication.enabled = true);
+    w.settle();
+    assert_eq!(w.job_types().last(), Some(&JobType::EnableReplication));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn one_job_at_a_time_a_change_waits_for_the_running_job() {
+    let mut w = World::new(true);
+    // Start the enable job and stop in the middle of it.
+    for _ in 0..3 {
+        w.step();
+    }
+    assert_eq!(w.status.jobs[0].state, JobState::Running);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    for _ in 0..5 {
+        w.step();
+        assert_eq!(w.status.jobs.len(), 1);
+    }
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [
+            JobType::EnableReplication,
+            JobType::PlannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+}
+
+#[test]
+fn at_most_ten_jobs_kept_newest_last() {
+    let mut w = World::protected(true);
+    for _ in 0..6 {
+        w.set_spec(|s| s.test_failover.enabled = true);
+        w.settle();
+        w.set_spec(|s| s.test_failover.enabled = false);
+        w.settle();
+    }
+    assert_eq!(w.status.jobs.len(), MAX_JOBS);
+    let nums: Vec<u64> = w
+        .status
+        .jobs
+        .iter()
+        .map(|j| j.name.rsplit('-').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(nums.windows(2).all(|p| p[0] < p[1]), "{nums:?}");
+    assert_eq!(*nums.last().unwrap(), 13);
+    assert_eq!(
+        next_job_name("web-01", JobType::Commit, &w.status.jobs),
+        "web-01-commit-14"
+    );
+}
+
+#[test]
+fn unreachable_required_step_is_retried_with_the_same_id() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    // Run until StartAtTarget is next, then take the target away.
+    loop {
+        if let Plan::Execute(c) = w.with_input(plan)
+            && c.step_name == StepName::StartAtTarget
+        {
+            break;
+        }
+        if let Plan::Idle(_) = w.step() {
+            w.tick(5)
+        }
+    }
+    w.down.insert(S.into());
+    let Plan::Execute(c) = w.with_input(plan) else {
+        panic!()
+    };
+    let o = w.execute(&c);
+    assert!(matches!(o, Outcome::Unreachable(_)));
+    let Plan::Write(u) = w.with_input(|i| record_outcome(i, &c, o.clone())) else {
+        panic!()
+    };
+    w.apply(&u);
+    // Same message again: no write.
+    assert!(matches!(
+        w.with_input(|i| record_outcome(i, &c, o)),
+        Plan::Idle(_)
+    ));
+    let Plan::Execute(c2) = w.with_input(plan) else {
+        panic!()
+    };
+    assert_eq!(c2.op_id, c.op_id);
+    w.down.clear();
+    w.settle();
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+}
+
+#[test]
+fn steady_protected_vm_writes_status_at_most_once_per_five_minutes() {
+    let mut w = World::protected(true);
+    // Let the first refresh land.
+    w.settle();
+    let start = w.writes;
+    // 30 minutes of 30-second cycles, planning every 10 seconds.
+    for i in 0..180 {
+        w.now += 10;
+        if i % 3 == 0 {
+            w.tick(0);
+        }
+        w.step();
+    }
+    let writes = w.writes - start;
+    assert!((5..=7).contains(&writes), "{writes} writes in 30 minutes");
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn health_changes_are_written_at_once() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert_eq!(
+        w.status.replication.as_ref().unwrap().health,
+        Some(ReplicationHealth::Healthy)
+    );
+    // The target stops receiving: RPO grows past 2x, then 3x the interval.
+    w.down.insert(S.into());
+    w.now += 70;
+    w.step();
+    assert_eq!(
+        w.status.replication.as_ref().unwrap().health,
+        Some(ReplicationHealth::Warning)
+    );
+    w.now += 30;
+    w.step();
+    assert_eq!(
+        w.status.replication.as_ref().unwrap().health,
+        Some(ReplicationHealth::Critical)
+    );
+}
+
+#[test]
+fn health_thresholds() {
+    assert_eq!(health_of(60, 30), ReplicationHealth::Healthy);
+    assert_eq!(health_of(61, 30), ReplicationHealth::Warning);
+    assert_eq!(health_of(89, 30), ReplicationHealth::Warning);
+    assert_eq!(health_of(90, 30), ReplicationHealth::Critical);
+}
+
+#[test]
+fn no_fence_from_a_listing_older_than_the_last_job() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    // A stale listing (taken before the failover) shows the VM running at the old site.
+    let stale = SiteView::Reachable {
+        fetched_at: ts(0),
+        vm: Some(running_vm(true).vm),
+    };
+    let s = w.view(S);
+    let input = Input {
+        name: "web-01",
+        uid: "uid1",
+        generation: Some(w.generation),
+        vm_name: "web-01",
+        spec: &w.spec,
+        commit_annotation: None,
+        status: &w.status,
+        primary: &stale,
+        recovery: &s,
+        now: ts(w.now),
+        poll: Duration::from_secs(5),
+    };
+    assert!(!matches!(plan(&input), Plan::Fence(_)));
+    // A fresh one does fence.
+    let fresh = SiteView::Reachable {
+        fetched_at: ts(w.now),
+        vm: Some(running_vm(true).vm),
+    };
+    let input = Input {
+        primary: &fresh,
+        ..input
+    };
+    assert!(matches!(plan(&input), Plan::Fence(ref f) if f.site == P));
+}
+
+#[test]
+fn a_vm_not_found_anywhere_waits_pending() {
+    let mut w = World::new(true);
+    *w.sites.get_mut(P).unwrap() = None;
+    let plan = w.step();
+    assert!(matches!(plan, Plan::Write(_)));
+    assert_eq!(w.status.phase, Some(VmPhase::Pending));
+    let ready = &w.status.conditions[0];
+    assert_eq!(
+        (ready.type_.as_str(), ready.reason.as_str()),
+        (READY, "VMNotFound")
+    );
+    assert!(matches!(w.step(), Plan::Idle(_)));
+}
+
+#[test]
+fn step_names_round_trip() {
+    for n in StepName::ALL {
+        assert_eq!(StepName::parse(n.as_str()), Some(n));
+    }
+    assert_eq!(operation_id("u", "j", StepName::Commit), "u-j-Commit");
+}

@@ -1,0 +1,388 @@
+//! The ReplicatedVM reconciler: observe (the shared site listings), plan (the pure planner),
+//! act (one step), write status; repeat until the planner has nothing to do right now.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::{Map, Value, json};
+use tracing::{debug, info, warn};
+
+use super::observe::SiteView;
+use super::planner::{self, Input, Note, Plan, Update};
+use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
+use crate::api::{COMMIT_ANNOTATION, ReplicatedVM, ReplicatedVMStatus};
+use crate::site::SiteError;
+
+pub const FINALIZER: &str = "twinsite.io/cleanup";
+/// Plans acted on in one reconcile before handing the VM back to the queue (fairness).
+const MAX_ACTIONS: usize = 24;
+
+/// The last status this process wrote per object (by uid), with the resourceVersion the API
+/// server gave it.
+#[derive(Default)]
+pub struct Written(std::sync::Mutex<std::collections::HashMap<String, (u64, ReplicatedVMStatus)>>);
+
+impl Written {
+    fn get(&self, uid: &str) -> Option<(u64, ReplicatedVMStatus)> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(uid).cloned()
+    }
+
+    fn put(&self, uid: &str, rv: u64, st: &ReplicatedVMStatus) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.insert(uid.to_string(), (rv, st.clone()));
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(uid);
+    }
+}
+
+/// Seconds-precision now: status times are whole seconds, so comparisons stay exact.
+pub fn now() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
+}
+
+pub async fn reconcile(rvm: Arc<ReplicatedVM>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = rvm.namespace().unwrap_or_default();
+    let api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer::finalizer(&api, FINALIZER, rvm, |ev| async {
+        match ev {
+            Finalizer::Apply(rvm) => apply(&rvm, &ctx, &api).await,
+            Finalizer::Cleanup(rvm) => cleanup(&rvm, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(rvm: Arc<ReplicatedVM>, err: &Error, ctx: Arc<Context>) -> Action {
+    let conflict = is_conflict(err);
+    let kind = if conflict { "conflict" } else { "other" };
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&KindLabels {
+            kind: format!("ReplicatedVM/{kind}"),
+        })
+        .inc();
+    if conflict {
+        debug!(rvm = %rvm.name_any(), "status moved on meanwhile; planning again");
+        Action::requeue(Duration::from_millis(200))
+    } else {
+        warn!(rvm = %rvm.name_any(), error = %err, "reconcile failed");
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// A write refused because the object moved on (409), however deep it is wrapped.
+fn is_conflict(err: &Error) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    match err {
+        Error::Kube(kube::Error::Api(s)) => s.code == 409,
+        Error::Finalizer(f) => match f.as_ref() {
+            F::ApplyFailed(e) | F::CleanupFailed(e) => is_conflict(e),
+            F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) => {
+                s.code == 409
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+async fn apply(
+    rvm: &ReplicatedVM,
+    ctx: &Context,
+    api: &Api<ReplicatedVM>,
+) -> Result<Action, Error> {
+    let name = rvm.name_any();
+    let ns = rvm.namespace().unwrap_or_default();
+    let uid = rvm.uid().unwrap_or_else(|| name.clone());
+    let vm_name = rvm.vm_name();
+    let mut status = rvm.status.clone().unwrap_or_default();
+    let mut rv = rvm.resource_version();
+    // The watch cache may not have our own last write yet (its event is in flight): plan from
+    // what we wrote rather than from an older picture, which would only end in a conflict.
+    if let Some((wrv, wst)) = ctx.written.get(&uid)
+        && let Some(orv) = rv.as_deref().and_then(|v| v.parse::<u64>().ok())
+        && orv < wrv
+    {
+        status = wst;
+        rv = Some(wrv.to_string());
+    }
+    let spec = &rvm.spec;
+    let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
+    let labels = VmLabels {
+        namespace: ns.clone(),
+        name: name.clone(),
+    };
+
+    let mut fresh = false;
+    for _ in 0..MAX_ACTIONS {
+        let primary = ctx.sites.view(&spec.primary_site, &vm_name);
+        let recovery = ctx.sites.view(&spec.recovery_site, &vm_name);
+        if (primary == SiteView::Unknown || recovery == SiteView::Unknown)
+            && ctx.started.elapsed() < ctx.poll * 2 + Duration::from_secs(10)
+        {
+            // Just started: the sites have not been listed yet. Planning now would report
+            // them unreachable (and fail optional steps) for nothing.
+            return Ok(Action::requeue(Duration::from_secs(1)));
+        }
+        let input = Input {
+            name: &name,
+            uid: &uid,
+            generation: rvm.meta().generation,
+            vm_name: &vm_name,
+            spec,
+            commit_annotation: commit.as_deref(),
+            status: &status,
+            primary: &primary,
+            recovery: &recovery,
+            now: now(),
+            poll: ctx.poll,
+        };
+        let update = match planner::plan(&input) {
+            Plan::Idle(d) => {
+                record_gauges(ctx, &input, &labels);
+                return Ok(Action::requeue(d));
+            }
+            Plan::Write(u) => u,
+            Plan::Execute(call) => {
+                debug!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "calling site");
+                let outcome = exec::run(&ctx.sites, &call).await;
+                let input = Input {
+                    now: now(),
+                    ..input
+                };
+                match planner::record_outcome(&input, &call, outcome) {
+                    Plan::Write(u) => u,
+                    Plan::Idle(d) => return Ok(Action::requeue(d)),
+                    _ => return Ok(Action::requeue(Duration::ZERO)),
+                }
+            }
+            Plan::Fence(_) if !fresh => {
+                // Powering a VM off is the one action never taken on a cached picture: read
+                // the object from the API server and plan again.
+                let cur = api.get_status(&name).await?;
+                status = cur.status.clone().unwrap_or_default();
+                rv = cur.resource_version();
+                fresh = true;
+                continue;
+            }
+            Plan::Fence(f) => {
+                info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
+                let outcome = exec::fence(&ctx.sites, &f).await;
+                let input = Input {
+                    now: now(),
+                    ..input
+                };
+                match planner::record_fence(&input, &f, outcome) {
+                    Plan::Write(u) => u,
+                    _ => return Ok(Action::requeue(ctx.poll)),
+                }
+            }
+        };
+        let Update {
+            status: new,
+            events,
+            finished,
+        } = *update;
+        rv = write_status(api, &name, &status, &new, rv.as_deref(), ctx).await?;
+        if let Some(v) = rv.as_deref().and_then(|v| v.parse::<u64>().ok()) {
+            ctx.written.put(&uid, v, &new);
+        }
+        for n in &events {
+            publish(ctx, rvm, n).await;
+        }
+        for (t, s) in &finished {
+            ctx.metrics
+                .jobs
+                .get_or_create(&JobKind {
+                    r#type: planner::job_type_str(*t).to_string(),
+                    outcome: format!("{s:?}"),
+                })
+                .inc();
+        }
+        if !finished.is_empty() {
+            // The next decision needs a picture newer than the job that just ended.
+            let t = Some(Timestamp::now());
+            let _ = tokio::join!(
+                ctx.sites.refresh(&spec.primary_site, t),
+                ctx.sites.refresh(&spec.recovery_site, t)
+            );
+        }
+        status = new;
+    }
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+fn record_gauges(ctx: &Context, input: &Input, labels: &VmLabels) {
+    if let Some(rpo) = planner::live_rpo(input, input.status) {
+        ctx.metrics.rpo_seconds.get_or_create(labels).set(rpo);
+    }
+    if let Some(r) = &input.status.replication
+        && let Some(src) = &r.source_site
+        && let Some(b) = ctx.sites.bytes_sent(src, input.vm_name)
+    {
+        ctx.metrics
+            .bytes_replicated
+            .get_or_create(labels)
+            .set(i64::try_from(b).unwrap_or(i64::MAX));
+    }
+}
+
+/// Merge-patches the fields of status that changed, with the resourceVersion the plan was made
+/// from: a writer that moved the object on meanwhile makes this fail (409) instead of being
+/// overwritten, so a job can never be started twice.
+async fn write_status(
+    api: &Api<ReplicatedVM>,
+    name: &str,
+    old: &ReplicatedVMStatus,
+    new: &ReplicatedVMStatus,
+    rv: Option<&str>,
+    ctx: &Context,
+) -> Result<Option<String>, Error> {
+    let changed = diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
+    if changed.is_empty() {
+        return Ok(rv.map(str::to_string));
+    }
+    let mut patch = json!({ "status": Value::Object(changed) });
+    if let Some(rv) = rv {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    let out = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    ctx.metrics
+        .status_writes
+        .get_or_create(&KindLabels {
+            kind: "ReplicatedVM".into(),
+        })
+        .inc();
+    Ok(out.resource_version())
+}
+
+/// Top-level fields of `new` that differ from `old` (removed ones as null).
+pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
+    let empty = Map::new();
+    let o = old.as_object().unwrap_or(&empty);
+    let n = new.as_object().unwrap_or(&empty);
+    let mut out = Map::new();
+    for (k, v) in n {
+        if o.get(k) != Some(v) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for k in o.keys() {
+        if !n.contains_key(k) {
+            out.insert(k.clone(), Value::Null);
+        }
+    }
+    out
+}
+
+async fn publish(ctx: &Context, rvm: &ReplicatedVM, n: &Note) {
+    let ev = Event {
+        type_: if n.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: n.reason.to_string(),
+        note: Some(n.message.chars().take(1000).collect()),
+        // The recorder folds events with the same action and reason into one series; the
+        // subject (a job, a step) keeps each job's events apart.
+        action: n.subject.chars().take(128).collect(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &rvm.object_ref(&())).await {
+        warn!(error = %e, "publishing an event failed");
+    }
+}
+
+/// Deleting a ReplicatedVM stops replication and removes the replica and any drill copy. The
+/// VM where it runs is never touched: only replication is stopped there.
+async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
+    let name = rvm.name_any();
+    let uid = rvm.uid().unwrap_or_else(|| name.clone());
+    let vm = rvm.vm_name();
+    let status = rvm.status.clone().unwrap_or_default();
+    let spec = &rvm.spec;
+    let active = status
+        .active_site
+        .clone()
+        .unwrap_or_else(|| spec.primary_site.clone());
+    let other = if active == spec.primary_site {
+        spec.recovery_site.clone()
+    } else {
+        spec.primary_site.clone()
+    };
+    // A site whose Site object exists but whose listing has not been registered yet (the
+    // controller just started) is waited for; a site whose Site object is gone is skipped.
+    let sites_api: Api<crate::api::Site> = Api::all(ctx.client.clone());
+    for site in [&active, &other] {
+        if !ctx.sites.known(site) && sites_api.get_opt(site).await?.is_some() {
+            return Ok(Action::requeue(ctx.poll));
+        }
+    }
+    let ok = |r: Result<(), SiteError>| match r {
+        Ok(()) | Err(SiteError::NotFound(_)) | Err(SiteError::Conflict(_)) => Ok(()),
+        Err(e) => Err(Error::Site(e)),
+    };
+    for site in [&active, &other] {
+        if let Some(p) = ctx.sites.provider(site) {
+            ok(
+                p.stop_replication(&vm, &format!("{uid}-delete-stop-{site}"))
+                    .await
+                    .map(|_| ()),
+            )?;
+        }
+    }
+    if let Some(p) = ctx.sites.provider(&other) {
+        if let Some(tf) = &status.test_failover {
+            let p = ctx.sites.provider(&tf.site).unwrap_or_else(|| p.clone());
+            ok(p.test_failover_cleanup(&vm, &format!("{uid}-delete-drill"))
+                .await
+                .map(|_| ()))?;
+        }
+        match p.get_vm(&vm).await {
+            Ok(v) if v.power == crate::site::Power::Running => {
+                warn!(rvm = %name, site = %other, "VM runs at the replica site; left alone");
+            }
+            Ok(_) => ok(p.delete_vm(&vm, &format!("{uid}-delete-replica")).await)?,
+            Err(e) => ok(Err(e))?,
+        }
+    }
+    ctx.metrics.rpo_seconds.remove(&VmLabels {
+        namespace: rvm.namespace().unwrap_or_default(),
+        name: name.clone(),
+    });
+    ctx.written.forget(&uid);
+    info!(rvm = %name, "replication stopped and replica removed");
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+    use serde_json::json;
+
+    #[test]
+    fn diff_keeps_only_changed_top_level_fields() {
+        let old = json!({"phase": "Protected", "jobs": [1], "testFailover": {"a": 1}});
+        let new = json!({"phase": "Protected", "jobs": [1, 2], "activeSite": "b"});
+        let d = diff(&old, &new);
+        assert_eq!(
+            serde_json::Value::Object(d),
+            json!({"jobs": [1, 2], "activeSite": "b", "testFailover": null})
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+}

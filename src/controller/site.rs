@@ -1,0 +1,173 @@
+//! The Site reconciler: reads the token Secret, lists the site's VMs once per period (the
+//! listing every ReplicatedVM reconcile reads) and reports the agent's health in status.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+use tracing::{debug, warn};
+
+use super::conditions::{self, Cond, READY};
+use super::metrics::{KindLabels, SiteLabels};
+use super::rvm::{diff, now};
+use super::sites::ListError;
+use super::{Context, Error};
+use crate::api::{SecretKeyRef, Site};
+
+/// lastHeartbeatTime is rewritten at most this often while nothing else changes.
+const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
+
+async fn secret_value(ctx: &Context, r: &SecretKeyRef) -> Result<String, String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let s = api
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| format!("reading Secret {}/{}: {e}", r.namespace, r.name))?
+        .ok_or_else(|| format!("Secret {}/{} not found", r.namespace, r.name))?;
+    let bytes = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .map(|b| b.0.clone())
+        .or_else(|| {
+            s.string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .map(|v| v.clone().into_bytes())
+        })
+        .ok_or_else(|| format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key))?;
+    String::from_utf8(bytes)
+        .map(|s| s.trim().to_string())
+        .map_err(|_| {
+            format!(
+                "Secret {}/{} key {} is not UTF-8",
+                r.namespace, r.name, r.key
+            )
+        })
+}
+
+pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let name = site.name_any();
+    let agent = &site.spec.agent;
+    let t0 = now();
+    let (cond, count) = match secret_value(&ctx, &agent.token_secret_ref).await {
+        Err(m) => (Cond::new(READY, false, "Unauthorized", m), None),
+        Ok(token) => {
+            let ca = match &agent.ca_secret_ref {
+                Some(r) => match secret_value(&ctx, r).await {
+                    Ok(v) => Some(v),
+                    Err(m) => {
+                        warn!(site = %name, "{m}");
+                        None
+                    }
+                },
+                None => None,
+            };
+            match ctx.sites.upsert(&name, &agent.url, &token, ca) {
+                Err(e) => (Cond::new(READY, false, "Unreachable", e.to_string()), None),
+                Ok(()) => {
+                    ctx.metrics
+                        .site_listings
+                        .get_or_create(&SiteLabels { site: name.clone() })
+                        .inc();
+                    // A listing another reconcile took since this one began is as good.
+                    match ctx.sites.refresh(&name, Some(t0)).await {
+                        None => (
+                            Cond::new(READY, false, "Unreachable", "site not registered"),
+                            None,
+                        ),
+                        Some(o) => match o.result {
+                            Ok(n) => (
+                                Cond::new(
+                                    READY,
+                                    true,
+                                    "Connected",
+                                    format!("agent at {} answers", agent.url),
+                                ),
+                                Some(n),
+                            ),
+                            Err(ListError::Unauthorized(m)) => (
+                                Cond::new(
+                                    READY,
+                                    false,
+                                    "Unauthorized",
+                                    format!("token refused: {m}"),
+                                ),
+                                None,
+                            ),
+                            Err(ListError::Unreachable(m)) | Err(ListError::Other(m)) => {
+                                (Cond::new(READY, false, "Unreachable", m), None)
+                            }
+                        },
+                    }
+                }
+            }
+        }
+    };
+    write_status(&site, &ctx, &cond, count, t0).await?;
+    Ok(Action::requeue(ctx.poll))
+}
+
+async fn write_status(
+    site: &Site,
+    ctx: &Context,
+    cond: &Cond,
+    count: Option<usize>,
+    t: Timestamp,
+) -> Result<(), Error> {
+    let old = site.status.clone().unwrap_or_default();
+    let mut new = old.clone();
+    new.observed_generation = site.meta().generation;
+    conditions::set_all(
+        &mut new.conditions,
+        std::slice::from_ref(cond),
+        new.observed_generation,
+        t,
+    );
+    if let Some(n) = count {
+        new.vm_count = Some(i64::try_from(n).unwrap_or(i64::MAX));
+        let stale = old
+            .last_heartbeat_time
+            .as_ref()
+            .is_none_or(|h| (t - h.0).get_seconds() >= HEARTBEAT_WRITE.as_secs() as i64);
+        if stale || new != old {
+            new.last_heartbeat_time = Some(Time(t));
+        }
+    }
+    if new == old {
+        return Ok(());
+    }
+    let changed = diff(&serde_json::to_value(&old)?, &serde_json::to_value(&new)?);
+    let api: Api<Site> = Api::all(ctx.client.clone());
+    api.patch_status(
+        &site.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&json!({ "status": changed })),
+    )
+    .await?;
+    ctx.metrics
+        .status_writes
+        .get_or_create(&KindLabels {
+            kind: "Site".into(),
+        })
+        .inc();
+    debug!(site = %site.name_any(), ready = cond.status, "site status written");
+    Ok(())
+}
+
+pub fn error_policy(site: Arc<Site>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .reconcile_errors
+        .get_or_create(&KindLabels {
+            kind: "Site".into(),
+        })
+        .inc();
+    warn!(site = %site.name_any(), error = %err, "site reconcile failed");
+    Action::requeue(ctx.poll)
+}

@@ -1,0 +1,276 @@
+//! The shared site registry: one provider per Site and the newest VM listing of each site.
+//!
+//! The Site reconciler lists every site once per period (`GET /v1/vms`, one call for all its
+//! VMs) and stores the answer here; ReplicatedVM reconciles read it. No reconcile polls a
+//! site for one VM, so a thousand protected VMs cost one call per site per period.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use jiff::Timestamp;
+
+use super::observe::{
+    Direction, ObservedRecoveryPoint, ObservedRecoveryPoints, ObservedReplication,
+    ObservedReplicationState, ObservedVm, Power, Role, SiteView,
+};
+use crate::site::{self, AgentClient, SiteError, SiteProvider, Vm};
+
+/// How to reach a site and what it showed last.
+struct Entry {
+    url: String,
+    token: String,
+    ca_pem: Option<String>,
+    provider: Arc<dyn SiteProvider>,
+    listing: Option<Listing>,
+    /// Serializes listings of this site, so concurrent refreshes coalesce into one call.
+    refresh: Arc<tokio::sync::Mutex<()>>,
+}
+
+#[derive(Clone)]
+struct Listing {
+    fetched_at: Timestamp,
+    result: Result<Arc<HashMap<String, Vm>>, ListError>,
+}
+
+/// Why a listing failed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ListError {
+    Unreachable(String),
+    Unauthorized(String),
+    Other(String),
+}
+
+impl ListError {
+    fn message(&self) -> &str {
+        match self {
+            ListError::Unreachable(m) | ListError::Unauthorized(m) | ListError::Other(m) => m,
+        }
+    }
+}
+
+/// What a peer agent needs to reach a site.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    pub url: String,
+    pub token: String,
+    pub ca_pem: Option<String>,
+}
+
+/// The result of one listing, for the Site's status.
+#[derive(Clone, Debug)]
+pub struct ListOutcome {
+    pub at: Timestamp,
+    pub result: Result<usize, ListError>,
+}
+
+#[derive(Default)]
+pub struct Sites {
+    inner: RwLock<HashMap<String, Entry>>,
+}
+
+impl Sites {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a site or updates how to reach it (a new URL or token makes a new client).
+    pub fn upsert(
+        &self,
+        name: &str,
+        url: &str,
+        token: &str,
+        ca_pem: Option<String>,
+    ) -> Result<(), SiteError> {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get(name)
+            && e.url == url
+            && e.token == token
+            && e.ca_pem == ca_pem
+        {
+            return Ok(());
+        }
+        let client = AgentClient::new(url, token, ca_pem.as_deref().map(str::as_bytes))?;
+        let refresh = map.get(name).map(|e| e.refresh.clone()).unwrap_or_default();
+        map.insert(
+            name.to_string(),
+            Entry {
+                url: url.to_string(),
+                token: token.to_string(),
+                ca_pem,
+                provider: Arc::new(client),
+                listing: None,
+                refresh,
+            },
+        );
+        Ok(())
+    }
+
+    /// Registers a site served by any provider (tests of the registry itself).
+    pub fn insert_provider(&self, name: &str, url: &str, provider: Arc<dyn SiteProvider>) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.insert(
+            name.to_string(),
+            Entry {
+                url: url.to_string(),
+                token: String::new(),
+                ca_pem: None,
+                provider,
+                listing: None,
+                refresh: Default::default(),
+            },
+        );
+    }
+
+    pub fn remove(&self, name: &str) {
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        map.remove(name);
+    }
+
+    pub fn known(&self, name: &str) -> bool {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.contains_key(name)
+    }
+
+    pub fn provider(&self, name: &str) -> Option<Arc<dyn SiteProvider>> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).map(|e| e.provider.clone())
+    }
+
+    pub fn peer(&self, name: &str) -> Option<PeerInfo> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).map(|e| PeerInfo {
+            url: e.url.clone(),
+            token: e.token.clone(),
+            ca_pem: e.ca_pem.clone(),
+        })
+    }
+
+    /// Lists the site's VMs unless a listing taken at or after `not_before` is already there
+    /// (callers asking at once share one call).
+    pub async fn refresh(&self, name: &str, not_before: Option<Timestamp>) -> Option<ListOutcome> {
+        let (provider, lock) = {
+            let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            let e = map.get(name)?;
+            (e.provider.clone(), e.refresh.clone())
+        };
+        let _guard = lock.lock().await;
+        if let Some(nb) = not_before
+            && let Some(l) = self.listing(name)
+            && l.fetched_at >= nb
+        {
+            return Some(outcome(&l));
+        }
+        let started = Timestamp::now();
+        let result = match provider.list_vms().await {
+            Ok(list) => Ok(Arc::new(
+                list.vms
+                    .into_iter()
+                    .map(|vm| (vm.name.clone(), vm))
+                    .collect::<HashMap<_, _>>(),
+            )),
+            Err(SiteError::Unreachable(m)) => Err(ListError::Unreachable(m)),
+            Err(SiteError::Unauthorized(m)) => Err(ListError::Unauthorized(m)),
+            Err(e) => Err(ListError::Other(e.to_string())),
+        };
+        // The listing is as old as the moment it was asked for.
+        let listing = Listing {
+            fetched_at: started,
+            result,
+        };
+        let out = outcome(&listing);
+        let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = map.get_mut(name) {
+            e.listing = Some(listing);
+        }
+        Some(out)
+    }
+
+    fn listing(&self, name: &str) -> Option<Listing> {
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name)?.listing.clone()
+    }
+
+    /// The site's view of one VM, from the newest listing.
+    pub fn view(&self, site: &str, vm: &str) -> SiteView {
+        match self.listing(site) {
+            None => SiteView::Unknown,
+            Some(Listing {
+                fetched_at,
+                result: Ok(vms),
+            }) => SiteView::Reachable {
+                fetched_at,
+                vm: vms.get(vm).map(observed),
+            },
+            Some(Listing {
+                fetched_at,
+                result: Err(e),
+            }) => SiteView::Unreachable {
+                since: fetched_at,
+                reason: e.message().to_string(),
+            },
+        }
+    }
+
+    /// Bytes the VM's source has sent to its peer, from the newest listing.
+    pub fn bytes_sent(&self, site: &str, vm: &str) -> Option<u64> {
+        match self.listing(site)?.result {
+            Ok(vms) => vms.get(vm).map(|v| v.replication.bytes_sent),
+            Err(_) => None,
+        }
+    }
+}
+
+fn outcome(l: &Listing) -> ListOutcome {
+    ListOutcome {
+        at: l.fetched_at,
+        result: l.result.as_ref().map(|m| m.len()).map_err(Clone::clone),
+    }
+}
+
+/// The agent's VM as the planner sees it.
+pub fn observed(vm: &Vm) -> ObservedVm {
+    let r = &vm.replication;
+    let replication = (r.state != site::ReplicationState::Disabled).then(|| ObservedReplication {
+        state: match r.state {
+            site::ReplicationState::Disabled => ObservedReplicationState::Disabled,
+            site::ReplicationState::InitialReplication => {
+                ObservedReplicationState::InitialReplication
+            }
+            site::ReplicationState::Replicating => ObservedReplicationState::Replicating,
+            site::ReplicationState::Resynchronizing => ObservedReplicationState::Resynchronizing,
+            site::ReplicationState::Error => ObservedReplicationState::Error,
+        },
+        direction: r.direction.map(|d| match d {
+            site::Direction::Outbound => Direction::Outbound,
+            site::Direction::Inbound => Direction::Inbound,
+        }),
+        peer_site: r.peer_site.clone(),
+        last_sync_time: r.last_sync_time,
+        bytes_sent: r.bytes_sent,
+        last_error: r.last_error.clone(),
+    });
+    let rp = |p: &site::RecoveryPoint| ObservedRecoveryPoint {
+        id: p.id.clone(),
+        time: Some(p.time),
+        app_consistent: p.app_consistent,
+    };
+    let rps = &vm.recovery_points;
+    ObservedVm {
+        power: match vm.power {
+            site::Power::Running => Power::Running,
+            site::Power::Off => Power::Off,
+        },
+        role: match vm.role {
+            site::Role::Primary => Role::Primary,
+            site::Role::Replica => Role::Replica,
+            site::Role::TestCopy => Role::TestCopy,
+        },
+        replication,
+        recovery_points: (rps.count > 0).then(|| ObservedRecoveryPoints {
+            count: i64::try_from(rps.count).unwrap_or(i64::MAX),
+            latest: rps.latest.as_ref().map(rp),
+            latest_app_consistent: rps.latest_app_consistent.as_ref().map(rp),
+        }),
+        test_copy: vm.test_copy.as_ref().map(|t| t.vm_name.clone()),
+    }
+}

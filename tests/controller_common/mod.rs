@@ -1,0 +1,459 @@
+//! Shared pieces of the controller's integration tests: a real API server (one per test
+//! binary), real agent processes and a real controller process, each killed when its guard
+//! drops (on panic too).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use twinsite::api::{ReplicatedVM, Site};
+use twinsite::envtest::{self, ControlPlane, ManagedChild};
+use twinsite::site::{AgentClient, CreateVm, DiskSpec, Power, SiteProvider};
+
+pub const DISK: &str = "disk0";
+pub const DISK_BYTES: u64 = 1 << 20;
+/// Generous: machines are shared and slow; no test asserts on timing.
+pub const LONG: Duration = Duration::from_secs(240);
+
+fn unique() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_twinsite"))
+}
+
+/// One site agent process.
+pub struct Agent {
+    pub site: String,
+    pub url: String,
+    pub token: String,
+    pub client: AgentClient,
+    pub dir: PathBuf,
+    port: u16,
+    child: Option<ManagedChild>,
+}
+
+impl Agent {
+    pub async fn start(site: &str, tmp: &tempfile::TempDir) -> Agent {
+        let port = envtest::free_port().unwrap();
+        let dir = tmp.path().join(site);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = format!("token-{site}-{}", unique());
+        let mut a = Agent {
+            site: site.into(),
+            url: format!("http://127.0.0.1:{port}"),
+            client: AgentClient::new(&format!("http://127.0.0.1:{port}"), &token, None).unwrap(),
+            token,
+            dir,
+            port,
+            child: None,
+        };
+        a.spawn().await;
+        a
+    }
+
+    async fn spawn(&mut self) {
+        let token_file = self.dir.join("token");
+        std::fs::write(&token_file, &self.token).unwrap();
+        let data = self.dir.join("data");
+        let mut cmd = std::process::Command::new(exe());
+        cmd.arg("agent")
+            .args(["--site", &self.site])
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--token-file")
+            .arg(&token_file)
+            .env("RUST_LOG", "info");
+        let log = self.dir.join("agent.log");
+        self.child = Some(ManagedChild::spawn(&format!("agent {}", self.site), cmd, &log).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.client.health().await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent {} did not start",
+                self.site
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn create_vm(&self, vm: &str, integration: bool) {
+        self.client
+            .create_vm(
+                vm,
+                &CreateVm {
+                    disks: vec![DiskSpec {
+                        name: DISK.into(),
+                        size_bytes: DISK_BYTES,
+                    }],
+                    power: Power::Running,
+                    integration_services: integration,
+                },
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn write(&self, vm: &str, offset: u64, data: &[u8]) {
+        self.client
+            .write_disk(vm, DISK, offset, data.to_vec())
+            .await
+            .unwrap();
+    }
+
+    pub async fn read(&self, vm: &str, offset: u64, len: u64) -> Vec<u8> {
+        self.client.read_disk(vm, DISK, offset, len).await.unwrap()
+    }
+
+    pub async fn digest(&self, vm: &str) -> String {
+        self.client.digest(vm, DISK).await.unwrap()
+    }
+
+    pub async fn vm(&self, vm: &str) -> Option<twinsite::site::Vm> {
+        self.client.get_vm(vm).await.ok()
+    }
+}
+
+/// The controller process.
+pub struct ControllerProc {
+    child: Option<ManagedChild>,
+    log: PathBuf,
+    metrics_port: u16,
+    args: Vec<String>,
+    kubeconfig: PathBuf,
+    pub starts: u32,
+}
+
+impl ControllerProc {
+    pub fn start(cp: &ControlPlane, ns: &str, tmp: &tempfile::TempDir) -> ControllerProc {
+        Self::start_with(cp, ns, tmp, &[])
+    }
+
+    pub fn start_with(
+        cp: &ControlPlane,
+        ns: &str,
+        tmp: &tempfile::TempDir,
+        extra: &[&str],
+    ) -> ControllerProc {
+        let metrics_port = envtest::free_port().unwrap();
+        let mut c = ControllerProc {
+            child: None,
+            log: tmp.path().join("controller.log"),
+            metrics_port,
+            args: vec![
+                "controller".into(),
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{metrics_port}"),
+                "--lease-namespace".into(),
+                ns.into(),
+                "--lease-duration-seconds".into(),
+                "4".into(),
+                "--site-poll-seconds".into(),
+                "2".into(),
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect(),
+            kubeconfig: cp.kubeconfig_path().to_path_buf(),
+            starts: 0,
+        };
+        c.spawn();
+        c
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = std::process::Command::new(exe());
+        cmd.args(&self.args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,twinsite=debug,kube=warn");
+        self.starts += 1;
+        self.child = Some(ManagedChild::spawn("controller", cmd, &self.log).unwrap());
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(c) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe {
+                libc::kill(c.pid() as i32, libc::SIGKILL);
+            }
+        }
+        // The guard reaps it.
+        self.child = None;
+    }
+
+    /// SIGTERM, waiting for the process to end (SIGKILL only after a long grace).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(30));
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn metrics_url(&self) -> String {
+        self.url("/metrics")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.metrics_port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.pid())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A test's world: its namespace, two agents, the Site objects and the controller.
+pub struct World {
+    pub cp: &'static ControlPlane,
+    pub client: Client,
+    pub ns: String,
+    pub primary: Agent,
+    pub secondary: Agent,
+    pub controller: ControllerProc,
+    pub tmp: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start(prefix: &str) -> World {
+        Self::start_with(prefix, &[]).await
+    }
+
+    pub async fn start_with(prefix: &str, controller_args: &[&str]) -> World {
+        twinsite::init_crypto();
+        let cp = envtest::shared().await;
+        let client = cp.client().await.unwrap();
+        let id = unique();
+        let ns = format!("{prefix}-{id}");
+        let nsapi: Api<Namespace> = Api::all(client.clone());
+        let mut n = Namespace::default();
+        n.metadata.name = Some(ns.clone());
+        nsapi.create(&PostParams::default(), &n).await.unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let primary = Agent::start(&format!("{prefix}-{id}-primary"), &tmp).await;
+        let secondary = Agent::start(&format!("{prefix}-{id}-secondary"), &tmp).await;
+        for a in [&primary, &secondary] {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+            let s: Secret = serde_json::from_value(json!({
+                "metadata": {"name": format!("{}-agent", a.site)},
+                "stringData": {"token": a.token},
+            }))
+            .unwrap();
+            secrets.create(&PostParams::default(), &s).await.unwrap();
+            let sites: Api<Site> = Api::all(client.clone());
+            let site: Site = serde_json::from_value(json!({
+                "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+                "metadata": {"name": a.site},
+                "spec": {"agent": {"url": a.url,
+                    "tokenSecretRef": {"namespace": ns, "name": format!("{}-agent", a.site), "key": "token"}}},
+            }))
+            .unwrap();
+            sites.create(&PostParams::default(), &site).await.unwrap();
+        }
+        let controller = ControllerProc::start_with(cp, &ns, &tmp, controller_args);
+        World {
+            cp,
+            client,
+            ns,
+            primary,
+            secondary,
+            controller,
+            tmp,
+        }
+    }
+
+    pub fn rvms(&self) -> Api<ReplicatedVM> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a ReplicatedVM for `vm` from primary to secondary.
+    pub async fn create_rvm(&self, vm: &str, failover: serde_json::Value) {
+        let rvm: ReplicatedVM = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+            "metadata": {"name": vm},
+            "spec": {
+                "primarySite": self.primary.site,
+                "recoverySite": self.secondary.site,
+                "replication": {"enabled": true, "intervalSeconds": 30},
+                "failover": failover,
+            },
+        }))
+        .unwrap();
+        self.rvms()
+            .create(&PostParams::default(), &rvm)
+            .await
+            .unwrap();
+    }
+
+    pub async fn patch_spec(&self, vm: &str, spec: serde_json::Value) {
+        self.rvms()
+            .patch(
+                vm,
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": spec })),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn get(&self, vm: &str) -> ReplicatedVM {
+        self.rvms().get(vm).await.unwrap()
+    }
+
+    /// Polls the object until `f` holds; panics with the object and the controller log after
+    /// [`LONG`].
+    pub async fn wait_for(
+        &self,
+        vm: &str,
+        what: &str,
+        f: impl Fn(&ReplicatedVM) -> bool,
+    ) -> ReplicatedVM {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Ok(r) = self.rvms().get(vm).await
+                && f(&r)
+            {
+                return r;
+            }
+            if Instant::now() > deadline {
+                let r = self.rvms().get(vm).await.ok();
+                let log = self.controller.log();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(60)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                panic!(
+                    "timed out waiting for {what}\nobject: {}\ncontroller log tail:\n{tail}",
+                    serde_json::to_string_pretty(&r.map(|r| r.status)).unwrap()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits for the VM to be Protected and Ready, running at `site`, replicating to `to`.
+    pub async fn wait_protected(&self, vm: &str, site: &str, to: &str) -> ReplicatedVM {
+        self.wait_for(vm, &format!("{vm} Protected at {site} -> {to}"), |r| {
+            let Some(s) = &r.status else { return false };
+            s.phase == Some(twinsite::api::VmPhase::Protected)
+                && s.active_site.as_deref() == Some(site)
+                && s.replication.as_ref().is_some_and(|x| {
+                    x.source_site.as_deref() == Some(site) && x.target_site.as_deref() == Some(to)
+                })
+                && ready(r)
+        })
+        .await
+    }
+
+    pub fn agent(&self, site: &str) -> &Agent {
+        if site == self.primary.site {
+            &self.primary
+        } else {
+            &self.secondary
+        }
+    }
+
+    /// Events recorded for the object, as (reason, note).
+    pub async fn events(&self, vm: &str) -> Vec<(String, String)> {
+        let api: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let list = api.list(&ListParams::default()).await.unwrap();
+        let mut out: Vec<_> = list
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(vm))
+            .map(|e| {
+                (
+                    e.reason.clone().unwrap_or_default(),
+                    e.note.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+pub fn ready(r: &ReplicatedVM) -> bool {
+    cond(r, "Ready")
+}
+
+pub fn cond(r: &ReplicatedVM, t: &str) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == t && c.status == "True" && c.observed_generation == r.metadata.generation
+        })
+    })
+}
+
+/// (type, state) of every job, oldest first.
+pub fn jobs(r: &ReplicatedVM) -> Vec<(String, String)> {
+    r.status
+        .as_ref()
+        .map(|s| {
+            s.jobs
+                .iter()
+                .map(|j| (format!("{:?}", j.type_), format!("{:?}", j.state)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (step, state) of the newest job of type `t`.
+pub fn steps(r: &ReplicatedVM, t: &str) -> Vec<(String, String)> {
+    r.status
+        .as_ref()
+        .and_then(|s| s.jobs.iter().rev().find(|j| format!("{:?}", j.type_) == t))
+        .map(|j| {
+            j.steps
+                .iter()
+                .map(|s| (s.name.clone(), format!("{:?}", s.state)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// sha256 of a disk of [`DISK_BYTES`] zero bytes with `writes` applied in order.
+pub fn expected_digest(writes: &[(u64, &[u8])]) -> String {
+    let mut disk = vec![0u8; DISK_BYTES as usize];
+    for (off, data) in writes {
+        let o = *off as usize;
+        disk[o..o + data.len()].copy_from_slice(data);
+    }
+    hex::encode(Sha256::digest(&disk))
+}
+
+pub fn pattern(tag: &str, len: usize) -> Vec<u8> {
+    tag.bytes().cycle().take(len).collect()
+}
+
+pub fn name_of(r: &ReplicatedVM) -> String {
+    r.name_any()
+}

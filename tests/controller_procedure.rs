@@ -1,0 +1,169 @@
+//! The seed's procedure end to end against a real API server, two agent processes and the
+//! controller process: protect, write, unplanned failover with shutdown, commit, reverse
+//! replication, write at the secondary, planned failback with no data lost (digests prove it),
+//! replication from primary to secondary again.
+
+#[path = "controller_common/mod.rs"]
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
+    let w = World::start("proc").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "web-01";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "commit": "Automatic"}),
+    )
+    .await;
+
+    // Protect.
+    let r = w.wait_protected(vm, &p, &s).await;
+    assert_eq!(jobs(&r), [("EnableReplication".into(), "Succeeded".into())]);
+    assert!(
+        w.secondary.vm(vm).await.is_some(),
+        "replica at the secondary"
+    );
+
+    // Write data at the primary; the unplanned failover with shutdown syncs it.
+    let first = pattern("first-write", 8192);
+    w.primary.write(vm, 0, &first).await;
+
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w.wait_protected(vm, &s, &p).await;
+    let types: Vec<String> = jobs(&r).into_iter().map(|j| j.0).collect();
+    assert_eq!(
+        types,
+        [
+            "EnableReplication",
+            "UnplannedFailover",
+            "Commit",
+            "ReverseReplicate"
+        ]
+    );
+    assert!(
+        jobs(&r).iter().all(|j| j.1 == "Succeeded"),
+        "{:?}",
+        jobs(&r)
+    );
+    assert_eq!(
+        steps(&r, "UnplannedFailover"),
+        [
+            ("ShutdownSource".into(), "Succeeded".into()),
+            ("FenceSource".into(), "Skipped".into()),
+            ("SyncRemaining".into(), "Succeeded".into()),
+            ("StopReplication".into(), "Succeeded".into()),
+            ("StartAtTarget".into(), "Succeeded".into()),
+        ]
+    );
+    let st = r.status.as_ref().unwrap();
+    let f = st
+        .jobs
+        .iter()
+        .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+        .unwrap();
+    assert!(f.recovery_point.as_deref().unwrap_or("").starts_with("rp-"));
+    assert!(f.recovery_point_age_seconds.is_some());
+    // Runs at the secondary only, with the data written before the failover.
+    assert_eq!(
+        w.primary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Off
+    );
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+    assert_eq!(w.secondary.read(vm, 0, first.len() as u64).await, first);
+
+    // Events at job start, end.
+    // (published right after the status write that ends a job: poll a little)
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let events = w.events(vm).await;
+        let started = events.iter().filter(|e| e.0 == "JobStarted").count();
+        let ended = events.iter().filter(|e| e.0 == "JobSucceeded").count();
+        if (started, ended) == (4, 4) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && started <= 4 && ended <= 4,
+            "{events:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+
+    // Write at the secondary, then fail back, planned: nothing may be lost.
+    let second = pattern("second-write", 4096);
+    w.secondary.write(vm, 65536, &second).await;
+    let want = expected_digest(&[(0, &first), (65536, &second)]);
+    assert_eq!(w.secondary.digest(vm).await, want);
+
+    w.patch_spec(
+        vm,
+        json!({"activeSite": p, "failover": {"type": "Planned"}}),
+    )
+    .await;
+    let r = w.wait_protected(vm, &p, &s).await;
+    let types: Vec<String> = jobs(&r).into_iter().map(|j| j.0).collect();
+    assert_eq!(
+        &types[4..],
+        ["PlannedFailover", "Commit", "ReverseReplicate"]
+    );
+    assert_eq!(
+        steps(&r, "PlannedFailover"),
+        [
+            ("ShutdownSource".into(), "Succeeded".into()),
+            ("SyncRemaining".into(), "Succeeded".into()),
+            ("VerifyDigests".into(), "Succeeded".into()),
+            ("StopReplication".into(), "Succeeded".into()),
+            ("StartAtTarget".into(), "Succeeded".into()),
+        ]
+    );
+    // No data lost: the primary's disk is exactly what the secondary held.
+    assert_eq!(w.primary.digest(vm).await, want);
+    assert_eq!(w.primary.read(vm, 65536, second.len() as u64).await, second);
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Off
+    );
+
+    // Replication from primary to secondary again: a new write reaches the replica.
+    let third = pattern("third-write", 4096);
+    w.primary.write(vm, 131072, &third).await;
+    let want = expected_digest(&[(0, &first), (65536, &second), (131072, &third)]);
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        if w.secondary.digest(vm).await == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never caught up with the primary"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+    let r = w.get(vm).await;
+    assert!(ready(&r));
+    assert!(!cond(&r, "Stalled"));
+    assert!(!cond(&r, "Reconciling"));
+
+    // Metrics: jobs by type and outcome, RPO per VM.
+    let m = reqwest::get(w.controller.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "twinsite_jobs_total{type=\"UnplannedFailover\",outcome=\"Succeeded\"} 1",
+        "twinsite_jobs_total{type=\"PlannedFailover\",outcome=\"Succeeded\"} 1",
+        "twinsite_jobs_total{type=\"Commit\",outcome=\"Succeeded\"} 2",
+    ] {
+        assert!(m.contains(line), "{line} missing from:\n{m}");
+    }
+    assert!(m.contains("twinsite_rpo_seconds{"), "{m}");
+}
