@@ -15,7 +15,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use super::RETRY_ANNOTATION;
@@ -301,7 +301,7 @@ async fn write_status(
     new: &FailoverPlanStatus,
     rv: Option<&str>,
 ) -> Result<Option<String>, Error> {
-    let changed = diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
+    let changed = crate::controller::rvm::diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
     if changed.is_empty() {
         return Ok(rv.map(str::to_string));
     }
@@ -313,25 +313,6 @@ async fn write_status(
         .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(out.resource_version())
-}
-
-/// Top-level fields of `new` that differ from `old` (removed ones as null).
-fn diff(old: &Value, new: &Value) -> Map<String, Value> {
-    let empty = Map::new();
-    let o = old.as_object().unwrap_or(&empty);
-    let n = new.as_object().unwrap_or(&empty);
-    let mut out = Map::new();
-    for (k, v) in n {
-        if o.get(k) != Some(v) {
-            out.insert(k.clone(), v.clone());
-        }
-    }
-    for k in o.keys() {
-        if !n.contains_key(k) {
-            out.insert(k.clone(), Value::Null);
-        }
-    }
-    out
 }
 
 async fn publish(ctx: &Context, fp: &FailoverPlan, n: &Note) {
@@ -356,17 +337,6 @@ async fn publish(ctx: &Context, fp: &FailoverPlan, n: &Note) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn diff_keeps_only_changed_top_level_fields() {
-        let old = json!({"phase": "Pending", "jobs": [1], "lastDrill": {"a": 1}});
-        let new = json!({"phase": "Pending", "jobs": [1, 2], "groupsSummary": "0/2"});
-        assert_eq!(
-            Value::Object(diff(&old, &new)),
-            json!({"jobs": [1, 2], "groupsSummary": "0/2", "lastDrill": null})
-        );
-        assert!(diff(&new, &new).is_empty());
-    }
 
     #[test]
     fn approvals_are_comma_separated() {
