@@ -301,7 +301,8 @@ async fn write_status(
     new: &FailoverPlanStatus,
     rv: Option<&str>,
 ) -> Result<Option<String>, Error> {
-    let changed = crate::controller::rvm::diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
+    let changed =
+        crate::controller::rvm::diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
     if changed.is_empty() {
         return Ok(rv.map(str::to_string));
     }
