@@ -243,7 +243,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                         tracing::debug!(error = %e, "Site reconcile");
                     }
                 });
-        tokio::join!(rvms, site_ctl);
+        let plans = async {
+            if let Err(e) = failover_plan::run(client.clone(), trigger(halt.clone())).await {
+                warn!(error = %e, "FailoverPlan controller stopped");
+            }
+        };
+        tokio::join!(rvms, site_ctl, plans);
         lost.abort();
         if stopping.load(Ordering::SeqCst) {
             break;

@@ -20,6 +20,8 @@ use crate::controller::conditions::{self, Cond};
 
 pub const WAITING_FOR_APPROVAL: &str = "WaitingForApproval";
 pub const CONFLICT: &str = "Conflict";
+/// True while a ReplicatedVM named in `vms` does not exist (the plan waits for it).
+pub const MEMBERS_MISSING: &str = "MembersMissing";
 
 /// States of a VM within a plan group.
 pub const VM_PENDING: &str = "Pending";
@@ -40,10 +42,14 @@ pub struct Member {
     pub busy: bool,
     /// The VM's newest job failed.
     pub failed: bool,
+    /// When the VM's newest job started: a failure from before the plan job is not the plan's.
+    pub job_started: Option<Timestamp>,
     /// The VM has a drill copy now.
     pub drill_running: bool,
     /// The VM's newest drill (status.lastDrill) result, when it has one.
     pub drill_result: Option<String>,
+    /// When that drill was recorded: an older drill is not the plan's.
+    pub drill_time: Option<Timestamp>,
 }
 
 /// Everything the planner looks at.
@@ -55,10 +61,15 @@ pub struct Input<'a> {
     pub status: &'a FailoverPlanStatus,
     /// `<group>/<action>` values of the `twinsite.io/approve` annotation.
     pub approvals: Vec<String>,
+    /// The `twinsite.io/retry` annotation: the name of a failed plan job to run again.
+    pub retry: Option<String>,
     /// Members per group, in spec order.
     pub groups: Vec<Vec<Member>>,
     /// Conflicts found (a VM in two plans, a VM whose own activeSite disagrees).
     pub conflicts: Vec<String>,
+    /// Named members that do not exist (yet); they appear in `groups` as members that are
+    /// nowhere, so a group waits for them.
+    pub missing: Vec<String>,
     pub now: Timestamp,
 }
 
@@ -77,6 +88,8 @@ pub struct WebhookCall {
     pub step: usize,
     pub group: String,
     pub action: String,
+    /// `pre` or `post`: before or after the group's VMs move.
+    pub stage: String,
     pub url: String,
     pub timeout: Duration,
     /// `failover`, `testFailover` or `testFailoverCleanup`, and the target site.
@@ -240,9 +253,12 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
                 format!("plan job {} is running", j.name)
             } else if let Some(j) = failed {
                 format!(
-                    "plan job {} failed: {}; fix the cause and change the plan to run it again",
+                    "plan job {} failed: {}; fix the cause, then run it again with \
+                     kubectl annotate fp {} twinsite.io/retry={} (or change the plan's spec)",
                     j.name,
-                    j.message.clone().unwrap_or_default()
+                    j.message.clone().unwrap_or_default(),
+                    input.name,
+                    j.name
                 )
             } else {
                 format!("every VM of the plan is at {}", input.spec.target_site)
@@ -289,6 +305,19 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
         Some(msg) => Cond::new(WAITING_FOR_APPROVAL, true, "WaitingForApproval", msg),
         None => Cond::new(WAITING_FOR_APPROVAL, false, "NotWaiting", ""),
     });
+    want.push(if input.missing.is_empty() {
+        Cond::new(MEMBERS_MISSING, false, "AllFound", "")
+    } else {
+        Cond::new(
+            MEMBERS_MISSING,
+            true,
+            "NotFound",
+            format!(
+                "ReplicatedVMs not found in the namespace (the plan waits for them): {}",
+                input.missing.join(", ")
+            ),
+        )
+    });
     conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
     st.observed_generation = input.generation;
     st.groups_summary = Some(groups_summary(st));
@@ -314,6 +343,7 @@ pub fn plan(input: &Input) -> Action {
                 || j.target_site.as_deref() != Some(&input.spec.target_site)
                 || j.state == JobState::Succeeded
                 || input.status.observed_generation != input.generation
+                || (j.state == JobState::Failed && input.retry.as_deref() == Some(&j.name))
         });
         if input.conflicts.is_empty() && new_spec && work_remains(input, t) {
             let name = next_job_name(input.name, t, &st.jobs);
@@ -328,7 +358,7 @@ pub fn plan(input: &Input) -> Action {
                 end_time: None,
                 recovery_point: None,
                 recovery_point_age_seconds: None,
-                cut_id: None,
+                cut_id: consistent_cut(input.spec, t, &name),
                 message: None,
                 steps: step_names(input.spec, with_actions)
                     .into_iter()
@@ -377,7 +407,14 @@ pub fn plan(input: &Input) -> Action {
         return write_or_idle(input, st, notes);
     };
 
+    if !input.conflicts.is_empty() {
+        // Nothing moves while a conflict lasts: no step advances, no VM is released.
+        settle(input, &mut st, None);
+        return write_or_idle(input, st, notes);
+    }
+
     let job_type = st.jobs[ji].type_;
+    let job_start = st.jobs[ji].start_time.as_ref().map(|t| t.0);
     let target = st.jobs[ji]
         .target_site
         .clone()
@@ -471,6 +508,11 @@ pub fn plan(input: &Input) -> Action {
                         step: si,
                         group: group.clone(),
                         action: action.name.clone(),
+                        stage: if step.name.starts_with("pre:") {
+                            "pre".into()
+                        } else {
+                            "post".into()
+                        },
                         url: hook.url.clone(),
                         timeout: Duration::from_secs(hook.timeout_seconds.max(1) as u64),
                         direction: direction(job_type).into(),
@@ -494,7 +536,9 @@ pub fn plan(input: &Input) -> Action {
                 else {
                     break;
                 };
-                // Members added since the job started join as Pending.
+                // Members that left the group (labels changed) leave its status; members
+                // added since the job started join as Pending.
+                gs.vms.retain(|v| members.iter().any(|m| m.name == v.name));
                 for m in members {
                     if !gs.vms.iter().any(|v| v.name == m.name) {
                         gs.vms.push(GroupVmStatus {
@@ -510,7 +554,11 @@ pub fn plan(input: &Input) -> Action {
                     if v.state == VM_RELEASED || v.state == VM_PENDING {
                         if member_done(job_type, &target, m) {
                             v.state = VM_SUCCEEDED.into();
-                        } else if v.state == VM_RELEASED && m.failed && !m.busy {
+                        } else if v.state == VM_RELEASED
+                            && m.failed
+                            && !m.busy
+                            && since(m.job_started, job_start)
+                        {
                             v.state = VM_FAILED.into();
                         }
                     }
@@ -578,17 +626,26 @@ pub fn plan(input: &Input) -> Action {
     write_or_idle(input, st, notes)
 }
 
+/// The consistent cut of an Unplanned plan failover from LatestProcessed: every member that
+/// fails over from one source site comes back from recovery points cut at one instant, named
+/// by this id (the ReplicatedVM controller asks the site for the cut by it).
+fn consistent_cut(spec: &FailoverPlanSpec, t: JobType, job: &str) -> Option<String> {
+    (t == JobType::PlanFailover
+        && spec.failover.type_ == FailoverType::Unplanned
+        && spec.failover.recovery_point == "LatestProcessed")
+        .then(|| format!("{job}-cut"))
+}
+
 /// After a drill's cleanup: the drill counts as done, with the members' outcome.
 fn drill_record(input: &Input, jobs: &[Job]) -> Option<crate::api::DrillRecord> {
     let drill = jobs
         .iter()
         .rev()
         .find(|j| j.type_ == JobType::PlanTestFailover)?;
-    let failed = input
-        .groups
-        .iter()
-        .flatten()
-        .any(|m| m.drill_result.as_deref().is_some_and(|r| r != "Succeeded"));
+    let start = drill.start_time.as_ref().map(|t| t.0);
+    let failed = input.groups.iter().flatten().any(|m| {
+        m.drill_result.as_deref().is_some_and(|r| r != "Succeeded") && since(m.drill_time, start)
+    });
     Some(crate::api::DrillRecord {
         job: drill.name.clone(),
         time: Some(Time(input.now)),
@@ -600,7 +657,29 @@ fn drill_record(input: &Input, jobs: &[Job]) -> Option<crate::api::DrillRecord> 
     })
 }
 
-fn write_or_idle(input: &Input, st: FailoverPlanStatus, notes: Vec<Note>) -> Action {
+/// Whether something that happened at `t` belongs to a job that started at `start`
+/// (unknown times count: better a failure reported twice than one missed).
+fn since(t: Option<Timestamp>, start: Option<Timestamp>) -> bool {
+    match (t, start) {
+        (Some(t), Some(s)) => t >= s,
+        _ => true,
+    }
+}
+
+fn write_or_idle(input: &Input, st: FailoverPlanStatus, mut notes: Vec<Note>) -> Action {
+    // A conflict or a missing member is news once, when its condition turns True.
+    for (type_, reason) in [(CONFLICT, "Conflict"), (MEMBERS_MISSING, "MembersMissing")] {
+        if conditions::is_true(&st.conditions, type_)
+            && !conditions::is_true(&input.status.conditions, type_)
+            && let Some(c) = st.conditions.iter().find(|c| c.type_ == type_)
+        {
+            notes.push(Note {
+                warning: true,
+                reason,
+                message: c.message.clone(),
+            });
+        }
+    }
     if st != *input.status {
         Action::Write(Box::new(st), notes)
     } else if st.jobs.last().is_some_and(|j| j.state == JobState::Running) {

@@ -36,6 +36,8 @@ fn member(name: &str, at: &str) -> Member {
         failed: false,
         drill_running: false,
         drill_result: None,
+        job_started: None,
+        drill_time: None,
     }
 }
 
@@ -53,8 +55,10 @@ fn drive(
             spec,
             status,
             approvals: approvals.iter().map(|s| s.to_string()).collect(),
+            retry: None,
             groups: groups.to_vec(),
             conflicts: vec![],
+            missing: vec![],
             now: t(i),
         };
         match plan(&input) {
@@ -265,8 +269,10 @@ fn conflicts_block_everything() {
         spec: &sp,
         status: &st,
         approvals: vec![],
+        retry: None,
         groups: vec![vec![member("db-1", "primary")]],
         conflicts: vec!["db-1 is also selected by plan other".into()],
+        missing: vec![],
         now: t(0),
     };
     let Action::Write(st, _) = plan(&input) else {
@@ -333,4 +339,207 @@ fn drill_then_cleanup_records_the_drill() {
     let drill = st.last_drill.clone().unwrap();
     assert_eq!(drill.job, st.jobs[0].name);
     assert_eq!(drill.result, "Succeeded");
+}
+
+#[test]
+fn a_failure_from_before_the_plan_job_does_not_fail_it() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![vec![member("db-1", "primary")]];
+    // The VM's newest job failed long before the plan job.
+    groups[0][0].failed = true;
+    groups[0][0].job_started = Some(t(-1000));
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+    assert_eq!(st.jobs[0].state, JobState::Running);
+    // A failure of a job started for the plan does.
+    groups[0][0].job_started = Some(t(30));
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_FAILED);
+    assert_eq!(st.jobs[0].state, JobState::Failed);
+}
+
+#[test]
+fn a_conflict_holds_a_running_job() {
+    let sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    groups[0][0].active_site = Some("secondary".into());
+    let input = Input {
+        name: "app",
+        generation: Some(2),
+        spec: &sp,
+        status: &st,
+        approvals: vec![],
+        retry: None,
+        groups: groups.clone(),
+        conflicts: vec!["web-1 is also in plan other".into()],
+        missing: vec![],
+        now: t(100),
+    };
+    let Action::Write(held, notes) = plan(&input) else {
+        panic!("expected the Conflict condition to be written");
+    };
+    assert!(conditions::is_true(&held.conditions, CONFLICT));
+    assert_eq!(vm_state(&held, "web-1"), VM_PENDING, "nothing is released");
+    assert_eq!(vm_state(&held, "db-1"), VM_RELEASED, "no step advances");
+    assert!(notes.iter().any(|n| n.reason == "Conflict" && n.warning));
+    // Once the conflict is gone the job goes on.
+    st = *held;
+    drive(&sp, &mut st, &groups, &[]);
+    assert!(!conditions::is_true(&st.conditions, CONFLICT));
+    assert_eq!(vm_state(&st, "web-1"), VM_RELEASED);
+}
+
+#[test]
+fn a_missing_member_is_reported_and_waited_for() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let mut nowhere = member("db-1", "x");
+    nowhere.active_site = None;
+    let groups = vec![vec![nowhere]];
+    let input = Input {
+        name: "app",
+        generation: Some(1),
+        spec: &sp,
+        status: &st,
+        approvals: vec![],
+        retry: None,
+        groups: groups.clone(),
+        conflicts: vec![],
+        missing: vec!["db-1".into()],
+        now: t(0),
+    };
+    let Action::Write(next, _) = plan(&input) else {
+        panic!("expected a write");
+    };
+    st = *next;
+    assert!(conditions::is_true(&st.conditions, MEMBERS_MISSING));
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == MEMBERS_MISSING)
+        .unwrap();
+    assert!(c.message.contains("db-1"));
+    assert_eq!(st.jobs[0].state, JobState::Running);
+    // The VM appears and arrives: the group completes and the condition clears.
+    drive(&sp, &mut st, &[vec![member("db-1", "secondary")]], &[]);
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+    assert!(!conditions::is_true(&st.conditions, MEMBERS_MISSING));
+}
+
+#[test]
+fn a_vm_that_leaves_the_group_leaves_its_status() {
+    let sp = spec(
+        vec![group("web", &["web-1", "web-2"])],
+        FailoverType::Planned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![vec![member("web-1", "primary"), member("web-2", "primary")]];
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.groups[0].vms.len(), 2);
+    // web-2's labels no longer match: only web-1 is waited for.
+    drive(&sp, &mut st, &[vec![member("web-1", "secondary")]], &[]);
+    assert_eq!(st.groups[0].vms.len(), 1);
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+}
+
+#[test]
+fn an_older_failed_drill_does_not_taint_the_plan_drill() {
+    let mut sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    sp.test_failover.enabled = true;
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![vec![member("db-1", "primary")]];
+    groups[0][0].drill_result = Some("Failed".into());
+    groups[0][0].drill_time = Some(t(-500));
+    drive(&sp, &mut st, &groups, &[]);
+    groups[0][0].drill_running = true;
+    drive(&sp, &mut st, &groups, &[]);
+    sp.test_failover.enabled = false;
+    drive(&sp, &mut st, &groups, &[]);
+    groups[0][0].drill_running = false;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.last_drill.as_ref().unwrap().result, "Succeeded");
+}
+
+#[test]
+fn webhook_call_names_its_stage() {
+    let sp = with_webhook(FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![
+        vec![member("db-1", "secondary")],
+        vec![member("web-1", "primary")],
+    ];
+    let Action::CallWebhook(call) = drive(&sp, &mut st, &groups, &[]) else {
+        panic!("expected a webhook call");
+    };
+    assert_eq!(call.stage, "post");
+    assert_eq!(call.direction, "failover");
+    assert_eq!(call.target_site, "secondary");
+}
+
+#[test]
+fn a_failed_job_runs_again_when_the_retry_annotation_names_it() {
+    let sp = with_webhook(FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let groups = vec![
+        vec![member("db-1", "secondary")],
+        vec![member("web-1", "primary")],
+    ];
+    let Action::CallWebhook(call) = drive(&sp, &mut st, &groups, &[]) else {
+        panic!("expected a webhook call");
+    };
+    st = record_webhook(&st, &call, Err("HTTP 500".into()), t(99)).0;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].state, JobState::Failed);
+    let failed = st.jobs[0].name.clone();
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(
+        ready
+            .message
+            .contains(&format!("twinsite.io/retry={failed}"))
+    );
+
+    let retry = |st: &FailoverPlanStatus, name: &str| {
+        plan(&Input {
+            name: "app",
+            generation: Some(2),
+            spec: &sp,
+            status: st,
+            approvals: vec![],
+            retry: Some(name.into()),
+            groups: groups.clone(),
+            conflicts: vec![],
+            missing: vec![],
+            now: t(200),
+        })
+    };
+    // A retry naming another job does nothing.
+    assert!(matches!(retry(&st, "app-failover-7"), Action::Idle(_)));
+    let Action::Write(next, _) = retry(&st, &failed) else {
+        panic!("expected a new job");
+    };
+    assert_eq!(next.jobs.len(), 2);
+    assert_eq!(next.jobs[1].state, JobState::Running);
+    assert_eq!(next.jobs[1].name, "app-failover-2");
+}
+
+#[test]
+fn an_unplanned_plan_from_latest_processed_names_a_consistent_cut() {
+    let mut sp = spec(vec![group("db", &["db-1"])], FailoverType::Unplanned);
+    let groups = vec![vec![member("db-1", "primary")]];
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].cut_id, None, "Latest needs no cut");
+    sp.failover.recovery_point = "LatestProcessed".into();
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(st.jobs[0].cut_id.as_deref(), Some("app-failover-1-cut"));
 }

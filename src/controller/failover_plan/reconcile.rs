@@ -1,0 +1,388 @@
+//! The FailoverPlan reconciler: observe (the plans and ReplicatedVMs of the namespace), plan
+//! (the pure planner), act (write status, or call a webhook and record it); repeat until the
+//! planner has nothing to do right now.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Map, Value, json};
+use tracing::{debug, info, warn};
+
+use super::RETRY_ANNOTATION;
+use super::members::{self, now};
+use super::planner::{self, Input, Note};
+use super::webhook::{self, Payload};
+use crate::api::{APPROVE_ANNOTATION, FailoverPlan, FailoverPlanStatus, JobState, ReplicatedVM};
+
+/// Actions taken in one reconcile before handing the plan back to the queue (fairness).
+const MAX_ACTIONS: usize = 32;
+/// The name plan Events are reported under.
+const REPORTER: &str = "twinsite-failoverplan";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serializing status: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("building the webhook HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Shared by every reconcile of the plan controller.
+pub struct Context {
+    client: Client,
+    recorder: Recorder,
+    http: reqwest::Client,
+    /// Resolves when the controller shuts down: a webhook call in flight is abandoned (its
+    /// step stays Running, and the next controller calls again).
+    shutdown: Shared<BoxFuture<'static, ()>>,
+    /// Consecutive failed reconciles per plan (by uid), for the retry backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    fn failed(&self, uid: &str) -> u32 {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(uid.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn succeeded(&self, uid: &str) {
+        let mut m = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(uid);
+    }
+}
+
+/// Runs the FailoverPlan controller until `shutdown` resolves (then waits for reconciles in
+/// flight; webhook calls in flight are abandoned). It watches FailoverPlans and ReplicatedVMs
+/// in every namespace: a change of a VM wakes every plan of its namespace, a change of a plan
+/// wakes the other plans of its namespace (a conflict between two plans shows on both).
+///
+/// Run it beside the ReplicatedVM controller, under the same leader election.
+pub async fn run(
+    client: Client,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    run_scoped(client, None, shutdown).await
+}
+
+/// [`run`] for the plans and ReplicatedVMs of one namespace only (an install scoped to a
+/// namespace; tests, which give each case a namespace and a controller of its own).
+pub async fn run_in_namespace(
+    client: Client,
+    namespace: &str,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    run_scoped(client, Some(namespace), shutdown).await
+}
+
+async fn run_scoped(
+    client: Client,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let shutdown: Shared<BoxFuture<'static, ()>> = shutdown.boxed().shared();
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: REPORTER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        http: webhook::client()?,
+        shutdown: shutdown.clone(),
+        failures: Mutex::default(),
+        client: client.clone(),
+    });
+    let (plans, rvms): (Api<FailoverPlan>, Api<ReplicatedVM>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let ctrl = Controller::new(plans.clone(), watcher::Config::default());
+    let store = ctrl.store();
+    let by_vm = store.clone();
+    let by_plan = store;
+    ctrl.watches(rvms, watcher::Config::default(), move |rvm| {
+        plans_of(&by_vm, rvm.namespace().as_deref(), None)
+    })
+    .watches(plans, watcher::Config::default(), move |fp| {
+        plans_of(&by_plan, fp.namespace().as_deref(), Some(&fp.name_any()))
+    })
+    .graceful_shutdown_on(shutdown)
+    .run(reconcile, error_policy, ctx)
+    .for_each(|res| async move {
+        match res {
+            Ok((obj, _)) => debug!(plan = %obj.name, "reconciled"),
+            Err(e) => debug!(error = %e, "plan reconcile failed"),
+        }
+    })
+    .await;
+    info!("FailoverPlan controller stopped");
+    Ok(())
+}
+
+/// Every plan of namespace `ns` but `except`.
+fn plans_of(
+    store: &Store<FailoverPlan>,
+    ns: Option<&str>,
+    except: Option<&str>,
+) -> Vec<ObjectRef<FailoverPlan>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == ns)
+        .filter(|p| except.is_none_or(|e| p.name_any() != e))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+pub fn error_policy(fp: Arc<FailoverPlan>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Error::Kube(kube::Error::Api(s)) = err
+        && s.code == 409
+    {
+        // Someone (often our own previous write, seen late) moved the plan on: plan again.
+        debug!(plan = %fp.name_any(), "plan moved on meanwhile; planning again");
+        return Action::requeue(Duration::from_millis(200));
+    }
+    let n = ctx.failed(&fp.uid().unwrap_or_else(|| fp.name_any()));
+    let delay =
+        Duration::from_millis(500u64.saturating_mul(1 << n.min(7))).min(Duration::from_secs(60));
+    warn!(plan = %fp.name_any(), error = %err, retry_in = ?delay, "plan reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The `<group>/<action>` values of the approve annotation (comma-separated).
+pub fn approvals(fp: &FailoverPlan) -> Vec<String> {
+    fp.annotations()
+        .get(APPROVE_ANNOTATION)
+        .map(|v| {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = trigger.namespace().unwrap_or_default();
+    let name = trigger.name_any();
+    let plans_api: Api<FailoverPlan> = Api::namespaced(ctx.client.clone(), &ns);
+    let rvm_api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
+    let lp = ListParams::default();
+    let (plans, rvms) = tokio::try_join!(plans_api.list(&lp), rvm_api.list(&lp))?;
+    // A list is a consistent read, so the plan in it is at least as new as the cached one
+    // that woke us (which may lag our own last write).
+    let Some(fp) = plans
+        .items
+        .iter()
+        .find(|p| p.name_any() == name && p.uid() == trigger.uid())
+    else {
+        return Ok(Action::await_change());
+    };
+    if fp.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let uid = fp.uid().unwrap_or_else(|| name.clone());
+    let resolved = members::resolve(fp, &plans.items, &rvms.items);
+    let mut approvals = approvals(fp);
+    let mut status = fp.status.clone().unwrap_or_default();
+    let mut rv = fp.resource_version();
+
+    for _ in 0..MAX_ACTIONS {
+        let input = Input {
+            name: &name,
+            generation: fp.meta().generation,
+            spec: &fp.spec,
+            status: &status,
+            approvals: approvals.clone(),
+            retry: fp
+                .annotations()
+                .get(RETRY_ANNOTATION)
+                .map(|s| s.trim().to_string()),
+            groups: resolved.groups.clone(),
+            conflicts: resolved.conflicts.clone(),
+            missing: resolved.missing.clone(),
+            now: now(),
+        };
+        let (new, notes) = match planner::plan(&input) {
+            planner::Action::Idle(d) => {
+                ctx.succeeded(&uid);
+                return Ok(Action::requeue(d));
+            }
+            planner::Action::Write(st, notes) => (*st, notes),
+            planner::Action::CallWebhook(call) => {
+                let payload = Payload {
+                    plan: name.clone(),
+                    namespace: ns.clone(),
+                    group: call.group.clone(),
+                    action: call.action.clone(),
+                    stage: call.stage.clone(),
+                    direction: call.direction.clone(),
+                    target_site: call.target_site.clone(),
+                    failover_type: format!("{:?}", fp.spec.failover.type_),
+                    job: status
+                        .jobs
+                        .get(call.job)
+                        .map(|j| j.name.clone())
+                        .unwrap_or_default(),
+                };
+                info!(plan = %name, group = %call.group, action = %call.action, url = %call.url, "calling webhook");
+                let outcome = tokio::select! {
+                    r = webhook::call(&ctx.http, &call.url, &payload, call.timeout) => r,
+                    _ = ctx.shutdown.clone() => return Ok(Action::await_change()),
+                };
+                if let Err(e) = &outcome {
+                    warn!(plan = %name, group = %call.group, action = %call.action, error = %e, "webhook failed");
+                }
+                planner::record_webhook(&status, &call, outcome, now())
+            }
+        };
+        rv = write_status(&plans_api, &name, &status, &new, rv.as_deref()).await?;
+        for n in &notes {
+            publish(&ctx, fp, n).await;
+        }
+        if job_ended(&status, &new) && !approvals.is_empty() {
+            // Approvals count for the job that ran: the next run of the plan asks again.
+            rv = clear_approvals(&plans_api, &name).await?.or(rv);
+            approvals.clear();
+        }
+        status = new;
+    }
+    ctx.succeeded(&uid);
+    Ok(Action::requeue(Duration::ZERO))
+}
+
+/// Whether the newest job was running in `old` and has ended in `new`.
+fn job_ended(old: &FailoverPlanStatus, new: &FailoverPlanStatus) -> bool {
+    let running = |st: &FailoverPlanStatus, name: &str| {
+        st.jobs
+            .iter()
+            .any(|j| j.name == name && j.state == JobState::Running)
+    };
+    old.jobs
+        .iter()
+        .filter(|j| j.state == JobState::Running)
+        .any(|j| !running(new, &j.name))
+}
+
+async fn clear_approvals(api: &Api<FailoverPlan>, name: &str) -> Result<Option<String>, Error> {
+    let patch = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: null}}});
+    let out = api
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(out.resource_version())
+}
+
+/// Merge-patches the top-level status fields that changed, with the resourceVersion the plan
+/// was made from: if anything moved the plan on meanwhile the write fails (409) and the plan is
+/// made again from the newer object, so a step is never taken twice.
+async fn write_status(
+    api: &Api<FailoverPlan>,
+    name: &str,
+    old: &FailoverPlanStatus,
+    new: &FailoverPlanStatus,
+    rv: Option<&str>,
+) -> Result<Option<String>, Error> {
+    let changed = diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
+    if changed.is_empty() {
+        return Ok(rv.map(str::to_string));
+    }
+    let mut patch = json!({ "status": Value::Object(changed) });
+    if let Some(rv) = rv {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    let out = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(out.resource_version())
+}
+
+/// Top-level fields of `new` that differ from `old` (removed ones as null).
+fn diff(old: &Value, new: &Value) -> Map<String, Value> {
+    let empty = Map::new();
+    let o = old.as_object().unwrap_or(&empty);
+    let n = new.as_object().unwrap_or(&empty);
+    let mut out = Map::new();
+    for (k, v) in n {
+        if o.get(k) != Some(v) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for k in o.keys() {
+        if !n.contains_key(k) {
+            out.insert(k.clone(), Value::Null);
+        }
+    }
+    out
+}
+
+async fn publish(ctx: &Context, fp: &FailoverPlan, n: &Note) {
+    let ev = Event {
+        type_: if n.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: n.reason.to_string(),
+        note: Some(n.message.chars().take(1000).collect()),
+        // The recorder folds events with the same action and reason into one series: the
+        // message keeps different jobs and steps apart, and repeats of one together.
+        action: n.message.chars().take(128).collect(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&ev, &fp.object_ref(&())).await {
+        warn!(plan = %fp.name_any(), error = %e, "publishing an event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_keeps_only_changed_top_level_fields() {
+        let old = json!({"phase": "Pending", "jobs": [1], "lastDrill": {"a": 1}});
+        let new = json!({"phase": "Pending", "jobs": [1, 2], "groupsSummary": "0/2"});
+        assert_eq!(
+            Value::Object(diff(&old, &new)),
+            json!({"jobs": [1, 2], "groupsSummary": "0/2", "lastDrill": null})
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+
+    #[test]
+    fn approvals_are_comma_separated() {
+        let mut fp = FailoverPlan::new(
+            "p",
+            crate::api::FailoverPlanSpec {
+                target_site: "s".into(),
+                failover: Default::default(),
+                test_failover: Default::default(),
+                groups: vec![],
+                max_parallel: None,
+            },
+        );
+        assert!(approvals(&fp).is_empty());
+        fp.annotations_mut()
+            .insert(APPROVE_ANNOTATION.into(), " db/fenced, web/smoke ,".into());
+        assert_eq!(approvals(&fp), vec!["db/fenced", "web/smoke"]);
+    }
+}
