@@ -35,7 +35,7 @@ use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
-use crate::api::{ReplicatedVM, Site};
+use crate::api::{FailoverPlan, ReplicatedVM, Site};
 use metrics::Metrics;
 use sites::Sites;
 
@@ -135,6 +135,17 @@ async fn client(args: &ControllerArgs) -> Result<Client, Error> {
     }
 }
 
+/// The ReplicatedVMs a plan's status names.
+fn plan_members(fp: FailoverPlan) -> Vec<kube::runtime::reflector::ObjectRef<ReplicatedVM>> {
+    let ns = fp.metadata.namespace.clone().unwrap_or_default();
+    fp.status
+        .iter()
+        .flat_map(|s| s.groups.iter())
+        .flat_map(|g| g.vms.iter())
+        .map(|v| kube::runtime::reflector::ObjectRef::new(&v.name).within(&ns))
+        .collect()
+}
+
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     crate::init_crypto();
@@ -224,6 +235,12 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         let rvms = Controller::new(
             Api::<ReplicatedVM>::all(client.clone()),
             watcher::Config::default(),
+        )
+        // A plan releasing a group wakes the VMs it names.
+        .watches(
+            Api::<FailoverPlan>::all(client.clone()),
+            watcher::Config::default(),
+            plan_members,
         )
         .with_config(CtlConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(trigger(halt.clone()))

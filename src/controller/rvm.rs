@@ -16,7 +16,10 @@ use tracing::{debug, info, warn};
 use super::observe::SiteView;
 use super::planner::{self, Input, Note, Plan, Update};
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
-use crate::api::{COMMIT_ANNOTATION, ReplicatedVM, ReplicatedVMStatus};
+use super::failover_plan::{self, Hold};
+use crate::api::{
+    COMMIT_ANNOTATION, FailoverPlan, ReplicatedVM, ReplicatedVMSpec, ReplicatedVMStatus,
+};
 use crate::site::SiteError;
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
@@ -117,7 +120,13 @@ async fn apply(
         status = wst;
         rv = Some(wrv.to_string());
     }
-    let spec = &rvm.spec;
+    // A FailoverPlan that selects the VM decides where it should be and when.
+    let plans = Api::<FailoverPlan>::namespaced(ctx.client.clone(), &ns)
+        .list(&Default::default())
+        .await?
+        .items;
+    let effective = plan_spec(rvm, &status, &failover_plan::hold(rvm, &plans));
+    let spec = &effective;
     let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
     let labels = VmLabels {
         namespace: ns.clone(),
@@ -221,6 +230,41 @@ async fn apply(
         status = new;
     }
     Ok(Action::requeue(Duration::ZERO))
+}
+
+/// The spec the planner follows: the VM's own, or the one its FailoverPlan gives it. A VM that a
+/// plan holds but has not released stays where it runs, drill copy included.
+fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> ReplicatedVMSpec {
+    let mut spec = rvm.spec.clone();
+    let here = status
+        .active_site
+        .clone()
+        .or_else(|| rvm.spec.active_site.clone());
+    let drilling = status.test_failover.is_some();
+    match hold {
+        Hold::Free => {}
+        Hold::Held { .. } | Hold::Conflict { .. } => {
+            spec.active_site = here;
+            spec.test_failover.enabled = drilling;
+        }
+        Hold::Failover {
+            target, failover, ..
+        } => {
+            spec.active_site = Some(target.clone());
+            spec.failover = failover.clone();
+            spec.test_failover.enabled = drilling;
+        }
+        Hold::Drill { network, .. } => {
+            spec.active_site = here;
+            spec.test_failover.enabled = true;
+            spec.test_failover.network = network.clone();
+        }
+        Hold::DrillCleanup { .. } => {
+            spec.active_site = here;
+            spec.test_failover.enabled = false;
+        }
+    }
+    spec
 }
 
 fn record_gauges(ctx: &Context, input: &Input, labels: &VmLabels) {
