@@ -13,10 +13,10 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
+use super::failover_plan::{self, Hold};
 use super::observe::SiteView;
 use super::planner::{self, Input, Note, Plan, Update};
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
-use super::failover_plan::{self, Hold};
 use crate::api::{
     COMMIT_ANNOTATION, FailoverPlan, ReplicatedVM, ReplicatedVMSpec, ReplicatedVMStatus,
 };
