@@ -15,4 +15,5 @@ echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
 echo "== cargo test"
-cargo test --locked
+# Library, binary and integration tests (there are no doctests).
+cargo test --locked --lib --bins --tests
