@@ -59,6 +59,7 @@ impl RpMeta {
             time: self.time,
             app_consistent: self.kind == RecoveryPointKind::AppConsistent,
             kind: self.kind,
+            cut_id: None,
         }
     }
 }

@@ -235,6 +235,13 @@ impl SiteProvider for AgentClient {
         })
     }
 
+    fn cut<'a>(&'a self, req: &'a CutRequest) -> SiteFuture<'a, CutResult> {
+        Box::pin(async move {
+            self.call(Method::POST, "/v1/cuts", Some(req), LONG_TIMEOUT)
+                .await
+        })
+    }
+
     fn stop_replication<'a>(
         &'a self,
         vm: &'a str,

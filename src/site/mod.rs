@@ -61,6 +61,8 @@ pub trait SiteProvider: Send + Sync {
     ) -> SiteFuture<'a, ReplicationInfo>;
     /// At the source: sends everything not yet sent and returns the acknowledged point.
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult>;
+    /// At the source: one recovery point per listed outbound VM, all cut at one instant.
+    fn cut<'a>(&'a self, req: &'a CutRequest) -> SiteFuture<'a, CutResult>;
     /// At either side: stops cycles (source) or stops accepting (replica).
     fn stop_replication<'a>(
         &'a self,

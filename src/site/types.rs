@@ -97,6 +97,9 @@ pub struct RecoveryPoint {
     pub time: Timestamp,
     pub app_consistent: bool,
     pub kind: RecoveryPointKind,
+    /// Id of the consistent cut that made this point, when a cut made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_id: Option<String>,
 }
 
 /// The `recoveryPoints` block of a VM.
@@ -270,6 +273,36 @@ pub struct TestFailoverRequest {
     pub operation_id: String,
     pub recovery_point: RecoveryPointSelector,
     pub network: String,
+}
+
+/// `POST /v1/cuts` at a source site: one recovery point for each listed VM that replicates
+/// outbound from this site, all cut at the same instant (writes to every one of them are held
+/// off while the cut is taken). Idempotent by `cutId`: a repeated call answers the first cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CutRequest {
+    pub cut_id: String,
+    /// Candidate VMs; those that do not replicate outbound from this site are left out.
+    pub vms: Vec<String>,
+}
+
+/// One VM's point of a cut.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CutPoint {
+    pub vm: String,
+    /// The acknowledged point at the replica; its `cutId` is the cut's id.
+    pub recovery_point: RecoveryPoint,
+}
+
+/// Answer of `POST /v1/cuts`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CutResult {
+    pub cut_id: String,
+    /// The instant of the cut.
+    pub time: Timestamp,
+    pub points: Vec<CutPoint>,
 }
 
 /// Answer of `replication/sync`.
