@@ -149,6 +149,17 @@ impl Peer {
     }
 }
 
+/// The HTTP client for a peer agent; an https peer is trusted through `ca_pem` only.
+fn peer_http(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    if let Some(pem) = ca_pem {
+        let certs = reqwest::Certificate::from_pem_bundle(pem.as_bytes())
+            .map_err(|e| format!("peer CA: {e}"))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    builder.build().map_err(|e| e.to_string())
+}
+
 fn new_cycle_id() -> String {
     let n = Timestamp::now().as_nanosecond();
     format!("c{n:x}")
@@ -170,10 +181,7 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
     .await
     .map_err(|e| e.message)?;
     let peer = Peer {
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| e.to_string())?,
+        http: peer_http(o.peer_ca_pem.as_deref())?,
         base: o.peer_url.trim_end_matches('/').to_string(),
         token: o.peer_token.clone(),
     };

@@ -40,11 +40,11 @@ pub struct AgentArgs {
     /// File holding the bearer token callers must present.
     #[arg(long)]
     pub token_file: PathBuf,
-    /// PEM certificate for https (not supported yet).
-    #[arg(long)]
+    /// PEM certificate chain: serve https instead of http (with --tls-key).
+    #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for https (not supported yet).
-    #[arg(long)]
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// Largest disk a VM may have, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
@@ -58,8 +58,8 @@ pub enum AgentError {
     Token(std::io::Error),
     #[error("token file is empty")]
     EmptyToken,
-    #[error("TLS is not supported by this agent build")]
-    TlsUnsupported,
+    #[error("loading TLS certificate or key: {0}")]
+    Tls(std::io::Error),
     #[error("data directory: {0}")]
     Store(#[from] ApiError),
     #[error("listening: {0}")]
@@ -126,9 +126,18 @@ type Shared = Arc<AppState>;
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
-    if args.tls_cert.is_some() || args.tls_key.is_some() {
-        return Err(AgentError::TlsUnsupported);
-    }
+    // Load TLS material before anything else, so a bad certificate fails the start at once.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            crate::init_crypto();
+            Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(AgentError::Tls)?,
+            )
+        }
+        _ => None,
+    };
     let token = std::fs::read_to_string(&args.token_file)
         .map_err(AgentError::Token)?
         .trim()
@@ -154,14 +163,39 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     for vm in outbound {
         driver::spawn(&state, &vm);
     }
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
+    let std_listener = std::net::TcpListener::bind(args.listen).map_err(AgentError::Listen)?;
+    std_listener
+        .set_nonblocking(true)
         .map_err(AgentError::Listen)?;
-    tracing::info!(site = %args.site, addr = %args.listen, "agent listening");
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(AgentError::Listen)
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(site = %args.site, addr = %args.listen, scheme, "agent listening");
+    let handle = axum_server::Handle::new();
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            shutdown_signal().await;
+            // In-flight requests (a guest write, a block batch) get a moment to finish.
+            handle.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+        }
+    });
+    let app = router(state).into_make_service();
+    match tls {
+        Some(config) => {
+            axum_server::from_tcp_rustls(std_listener, config)
+                .map_err(AgentError::Listen)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+        None => {
+            axum_server::from_tcp(std_listener)
+                .map_err(AgentError::Listen)?
+                .handle(handle)
+                .serve(app)
+                .await
+        }
+    }
+    .map_err(AgentError::Listen)
 }
 
 async fn shutdown_signal() {
@@ -404,6 +438,7 @@ async fn enable(
                 peer_site: req.peer_site.clone(),
                 peer_url: req.peer_url.clone(),
                 peer_token: req.peer_token.clone(),
+                peer_ca_pem: req.peer_ca_pem.clone(),
                 interval_seconds: req.interval_seconds,
                 retention_hours: req.recovery_point_retention_hours,
                 app_consistent_hours: req.app_consistent_frequency_hours,

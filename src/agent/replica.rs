@@ -24,6 +24,9 @@ pub struct Outbound {
     pub peer_site: String,
     pub peer_url: String,
     pub peer_token: String,
+    /// CA of an https peer.
+    #[serde(default)]
+    pub peer_ca_pem: Option<String>,
     pub interval_seconds: u64,
     pub retention_hours: u64,
     pub app_consistent_hours: u64,

@@ -32,6 +32,30 @@ fn ca(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>, rcgen::Error> {
     CertifiedIssuer::self_signed(params, KeyPair::generate()?)
 }
 
+/// Writes a CA (`agent-ca.crt`) and, for each site, `<site>.crt` and `<site>.key` valid for
+/// 127.0.0.1 and localhost: what `twinsite agent --tls-cert/--tls-key` and a Site's
+/// `caSecretRef` need on one machine. Returns the CA's PEM.
+pub fn agent_certificates(dir: &Path, sites: &[&str]) -> Result<String, EnvtestError> {
+    let write = |name: &str, contents: String| {
+        std::fs::write(dir.join(name), contents).map_err(|e| EnvtestError::io(dir.join(name), e))
+    };
+    let ca = ca("twinsite-agent-ca")?;
+    for site in sites {
+        let mut params =
+            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("twinsite agent {site}"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca)?;
+        write(&format!("{site}.crt"), cert.pem())?;
+        write(&format!("{site}.key"), key.serialize_pem())?;
+    }
+    write("agent-ca.crt", ca.pem())?;
+    Ok(ca.pem())
+}
+
 /// Writes every certificate and key the control plane needs into `dir`.
 pub fn generate(dir: &Path) -> Result<(), EnvtestError> {
     let write = |name: &str, contents: String| {

@@ -16,6 +16,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, Patch, PatchParams};
 use tokio::sync::OnceCell;
 
+pub use certs::agent_certificates;
 pub use process::ManagedChild;
 
 #[derive(Debug, thiserror::Error)]

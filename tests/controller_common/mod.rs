@@ -43,22 +43,39 @@ pub struct Agent {
     pub client: AgentClient,
     pub dir: PathBuf,
     port: u16,
+    /// Certificate and key when the agent serves https.
+    tls: Option<(PathBuf, PathBuf)>,
     child: Option<ManagedChild>,
 }
 
 impl Agent {
     pub async fn start(site: &str, tmp: &tempfile::TempDir) -> Agent {
+        Self::start_opts(site, tmp, None).await
+    }
+
+    /// `tls`: the CA's PEM; the agent then serves https with `<site>.crt`/`<site>.key` from
+    /// `tmp/certs` (written by `envtest::agent_certificates`).
+    pub async fn start_opts(site: &str, tmp: &tempfile::TempDir, tls: Option<&str>) -> Agent {
         let port = envtest::free_port().unwrap();
         let dir = tmp.path().join(site);
         std::fs::create_dir_all(&dir).unwrap();
         let token = format!("token-{site}-{}", unique());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}");
+        let certs = tmp.path().join("certs");
         let mut a = Agent {
             site: site.into(),
-            url: format!("http://127.0.0.1:{port}"),
-            client: AgentClient::new(&format!("http://127.0.0.1:{port}"), &token, None).unwrap(),
+            client: AgentClient::new(&url, &token, tls.map(str::as_bytes)).unwrap(),
+            url,
             token,
             dir,
             port,
+            tls: tls.map(|_| {
+                (
+                    certs.join(format!("{site}.crt")),
+                    certs.join(format!("{site}.key")),
+                )
+            }),
             child: None,
         };
         a.spawn().await;
@@ -78,6 +95,9 @@ impl Agent {
             .arg("--token-file")
             .arg(&token_file)
             .env("RUST_LOG", "info");
+        if let Some((cert, key)) = &self.tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
         let log = self.dir.join("agent.log");
         self.child = Some(ManagedChild::spawn(&format!("agent {}", self.site), cmd, &log).unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -242,6 +262,12 @@ impl World {
     }
 
     pub async fn start_with(prefix: &str, controller_args: &[&str]) -> World {
+        Self::start_opts(prefix, controller_args, false).await
+    }
+
+    /// With `tls`, both agents serve https with certificates of one CA, and each Site names
+    /// that CA through `caSecretRef`.
+    pub async fn start_opts(prefix: &str, controller_args: &[&str], tls: bool) -> World {
         twinsite::init_crypto();
         let cp = envtest::shared().await;
         let client = cp.client().await.unwrap();
@@ -252,22 +278,35 @@ impl World {
         n.metadata.name = Some(ns.clone());
         nsapi.create(&PostParams::default(), &n).await.unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let primary = Agent::start(&format!("{prefix}-{id}-primary"), &tmp).await;
-        let secondary = Agent::start(&format!("{prefix}-{id}-secondary"), &tmp).await;
+        let (p, s) = (
+            format!("{prefix}-{id}-primary"),
+            format!("{prefix}-{id}-secondary"),
+        );
+        let ca_pem = tls.then(|| {
+            let dir = tmp.path().join("certs");
+            std::fs::create_dir_all(&dir).unwrap();
+            envtest::agent_certificates(&dir, &[&p, &s]).unwrap()
+        });
+        let primary = Agent::start_opts(&p, &tmp, ca_pem.as_deref()).await;
+        let secondary = Agent::start_opts(&s, &tmp, ca_pem.as_deref()).await;
         for a in [&primary, &secondary] {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
             let s: Secret = serde_json::from_value(json!({
                 "metadata": {"name": format!("{}-agent", a.site)},
-                "stringData": {"token": a.token},
+                "stringData": {"token": a.token, "ca.crt": ca_pem.clone().unwrap_or_default()},
             }))
             .unwrap();
             secrets.create(&PostParams::default(), &s).await.unwrap();
             let sites: Api<Site> = Api::all(client.clone());
+            let secret = |key: &str| json!({"namespace": ns, "name": format!("{}-agent", a.site), "key": key});
+            let mut agent = json!({"url": a.url, "tokenSecretRef": secret("token")});
+            if tls {
+                agent["caSecretRef"] = secret("ca.crt");
+            }
             let site: Site = serde_json::from_value(json!({
                 "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
                 "metadata": {"name": a.site},
-                "spec": {"agent": {"url": a.url,
-                    "tokenSecretRef": {"namespace": ns, "name": format!("{}-agent", a.site), "key": "token"}}},
+                "spec": {"agent": agent},
             }))
             .unwrap();
             sites.create(&PostParams::default(), &site).await.unwrap();
