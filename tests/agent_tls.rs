@@ -89,41 +89,32 @@ async fn agents_serve_https_and_replicate_over_tls() {
     );
 }
 
+/// Runs `twinsite agent` with TLS arguments and answers its stderr; it must fail to start.
+fn failed_start(root: &Path, tls_args: &[&Path]) -> String {
+    let token = root.join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsite"));
+    cmd.args(["agent", "--site", "primary", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(root.join("data"))
+        .arg("--token-file")
+        .arg(&token);
+    for (flag, file) in ["--tls-cert", "--tls-key"].iter().zip(tls_args) {
+        cmd.arg(flag).arg(file);
+    }
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the agent started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn a_bad_certificate_stops_the_start_with_a_reason() {
     let root = tempfile::tempdir().unwrap();
-    let token = root.path().join("token");
-    std::fs::write(&token, TOKEN).unwrap();
     let cert = root.path().join("agent.crt");
     std::fs::write(&cert, "not a certificate").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_twinsite"))
-        .args(["agent", "--site", "primary", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(root.path().join("data"))
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .arg("--tls-key")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(root.path(), &[&cert, &cert]);
     assert!(err.contains("TLS"), "{err}");
-
     // --tls-cert without --tls-key is refused by the command line.
-    let out = Command::new(env!("CARGO_BIN_EXE_twinsite"))
-        .args(["agent", "--site", "primary", "--listen", "127.0.0.1:0"])
-        .arg("--data-dir")
-        .arg(root.path().join("data"))
-        .arg("--token-file")
-        .arg(&token)
-        .arg("--tls-cert")
-        .arg(&cert)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = failed_start(root.path(), &[&cert]);
     assert!(err.contains("--tls-key"), "{err}");
 }
