@@ -99,6 +99,31 @@ impl AgentClient {
     }
 
     /// Guest write of `data` at `offset`; returns once durable at the site.
+    /// `POST /v1/vms/{vm}/{route}` with a JSON body.
+    async fn vm_post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        vm: &str,
+        route: &str,
+        body: &B,
+        timeout: Duration,
+    ) -> Result<T, SiteError> {
+        let path = format!("/v1/vms/{}/{route}", enc(vm));
+        self.call(Method::POST, &path, Some(body), timeout).await
+    }
+
+    /// `POST /v1/vms/{vm}/{route}` of an operation that carries only its id.
+    async fn vm_op<T: DeserializeOwned>(
+        &self,
+        vm: &str,
+        route: &str,
+        op_id: &str,
+    ) -> Result<T, SiteError> {
+        let body = OperationRequest {
+            operation_id: op_id.to_string(),
+        };
+        self.vm_post(vm, route, &body, LONG_TIMEOUT).await
+    }
+
     pub async fn write_disk(
         &self,
         vm: &str,
@@ -202,13 +227,11 @@ impl SiteProvider for AgentClient {
 
     fn power<'a>(&'a self, vm: &'a str, action: PowerAction, op_id: &'a str) -> SiteFuture<'a, Vm> {
         Box::pin(async move {
-            let path = format!("/v1/vms/{}/power", enc(vm));
             let body = PowerRequest {
                 action,
                 operation_id: Some(op_id.to_string()),
             };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
+            self.vm_post(vm, "power", &body, LONG_TIMEOUT).await
         })
     }
 
@@ -217,22 +240,11 @@ impl SiteProvider for AgentClient {
         vm: &'a str,
         params: &'a EnableReplication,
     ) -> SiteFuture<'a, ReplicationInfo> {
-        Box::pin(async move {
-            let path = format!("/v1/vms/{}/replication/enable", enc(vm));
-            self.call(Method::POST, &path, Some(params), SHORT_TIMEOUT)
-                .await
-        })
+        Box::pin(self.vm_post(vm, "replication/enable", params, SHORT_TIMEOUT))
     }
 
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult> {
-        Box::pin(async move {
-            let path = format!("/v1/vms/{}/replication/sync", enc(vm));
-            let body = OperationRequest {
-                operation_id: op_id.to_string(),
-            };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
-        })
+        Box::pin(self.vm_op(vm, "replication/sync", op_id))
     }
 
     fn cut<'a>(&'a self, req: &'a CutRequest) -> SiteFuture<'a, CutResult> {
@@ -247,14 +259,7 @@ impl SiteProvider for AgentClient {
         vm: &'a str,
         op_id: &'a str,
     ) -> SiteFuture<'a, ReplicationInfo> {
-        Box::pin(async move {
-            let path = format!("/v1/vms/{}/replication/stop", enc(vm));
-            let body = OperationRequest {
-                operation_id: op_id.to_string(),
-            };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
-        })
+        Box::pin(self.vm_op(vm, "replication/stop", op_id))
     }
 
     fn recovery_points<'a>(&'a self, vm: &'a str) -> SiteFuture<'a, Vec<RecoveryPoint>> {
@@ -273,13 +278,11 @@ impl SiteProvider for AgentClient {
         op_id: &'a str,
     ) -> SiteFuture<'a, FailoverResult> {
         Box::pin(async move {
-            let path = format!("/v1/vms/{}/failover", enc(vm));
             let body = FailoverRequest {
                 operation_id: op_id.to_string(),
                 recovery_point: rp.clone(),
             };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
+            self.vm_post(vm, "failover", &body, LONG_TIMEOUT).await
         })
     }
 
@@ -291,14 +294,12 @@ impl SiteProvider for AgentClient {
         op_id: &'a str,
     ) -> SiteFuture<'a, TestFailoverResult> {
         Box::pin(async move {
-            let path = format!("/v1/vms/{}/test-failover", enc(vm));
             let body = TestFailoverRequest {
                 operation_id: op_id.to_string(),
                 recovery_point: rp.clone(),
                 network: network.to_string(),
             };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
+            self.vm_post(vm, "test-failover", &body, LONG_TIMEOUT).await
         })
     }
 
@@ -307,25 +308,11 @@ impl SiteProvider for AgentClient {
         vm: &'a str,
         op_id: &'a str,
     ) -> SiteFuture<'a, CleanupResult> {
-        Box::pin(async move {
-            let path = format!("/v1/vms/{}/test-failover/cleanup", enc(vm));
-            let body = OperationRequest {
-                operation_id: op_id.to_string(),
-            };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
-        })
+        Box::pin(self.vm_op(vm, "test-failover/cleanup", op_id))
     }
 
     fn commit<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, CommitResult> {
-        Box::pin(async move {
-            let path = format!("/v1/vms/{}/commit", enc(vm));
-            let body = OperationRequest {
-                operation_id: op_id.to_string(),
-            };
-            self.call(Method::POST, &path, Some(&body), LONG_TIMEOUT)
-                .await
-        })
+        Box::pin(self.vm_op(vm, "commit", op_id))
     }
 
     fn digest<'a>(&'a self, vm: &'a str, disk: &'a str) -> SiteFuture<'a, String> {
