@@ -1,6 +1,9 @@
 //! The source side of replication: one task per protected VM runs the bulk transfer (initial or
 //! resync) and then a cycle every interval or on sync-now.
 
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -9,9 +12,9 @@ use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
 use super::replica::{BatchResult, BeginCycle, CommitCycle};
-use super::{ApiError, Shared, with_store};
+use super::{ApiError, Shared, Store, with_store};
 use crate::replication::tracker::Sealed;
-use crate::replication::{block_count, block_hash, frame, read_block};
+use crate::replication::{BLOCK_SIZE, block_count, block_hash, block_len, frame, read_block};
 use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
@@ -89,7 +92,12 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
                 r = rx.recv() => match r { Some(r) => Some(r), None => return },
             }
         };
-        let res = run_once(&st, &vm).await;
+        let res = {
+            // A cycle of this VM never overlaps another one (a cut's, a sync-now's).
+            let lock = cycle_lock(&st, &vm);
+            let _guard = lock.lock().await;
+            run_once(&st, &vm, None).await
+        };
         if let Err(e) = &res {
             tracing::warn!(vm, error = %e, "replication cycle failed");
             let msg = e.clone();
@@ -154,8 +162,161 @@ fn new_cycle_id() -> String {
     format!("c{n:x}")
 }
 
-/// One step of replication: the pending bulk transfer if any, then a cycle.
-async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
+/// The lock that serializes the cycles of `vm` (its driver's, sync-now's and cuts').
+pub fn cycle_lock(st: &Shared, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = st
+        .cycle_locks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    locks.entry(vm.to_string()).or_default().clone()
+}
+
+/// The blocks of one cycle, captured at one instant: the sealed dirty set and a spool file
+/// holding the content of every one of its blocks at that instant (slot `i` at `i * BLOCK_SIZE`
+/// in the order of `sealed.sets`).
+pub struct Capture {
+    pub vm: String,
+    pub cycle: String,
+    pub sealed: Sealed,
+    pub spool: PathBuf,
+    pub blocks: u64,
+    pub time: Timestamp,
+    pub kind: RecoveryPointKind,
+    pub cut_id: Option<String>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.spool);
+    }
+}
+
+/// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
+/// VM can join a cut.
+pub fn cuttable(s: &Store, vm: &str) -> bool {
+    s.rec(vm).is_ok_and(|r| {
+        r.meta.role == crate::site::Role::Primary
+            && r.meta
+                .outbound
+                .as_ref()
+                .is_some_and(|o| !o.stopped && o.bulk.is_none())
+    })
+}
+
+/// Seals the tracker of `vm` and copies its dirty blocks into a spool file. Runs inside the
+/// store lock, so no guest write of any VM interleaves: calling it for several VMs under one
+/// lock is a consistent cut of all of them.
+pub fn capture(
+    s: &mut Store,
+    vm: &str,
+    time: Timestamp,
+    cut_id: Option<String>,
+) -> Result<Capture, ApiError> {
+    let dir = s.vm_dir(vm).join("spool");
+    std::fs::create_dir_all(&dir).map_err(ApiError::io)?;
+    let cycle = new_cycle_id();
+    let spool = dir.join(format!("{cycle}.blocks"));
+    let r = s.rec_mut(vm)?;
+    let sealed = r.tracker.seal().map_err(ApiError::io)?;
+    let copied = (|| -> std::io::Result<u64> {
+        let out = std::fs::File::create(&spool)?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut slot = 0u64;
+        for (d, set) in sealed.sets.iter().enumerate() {
+            let size = r.meta.disks[d].size_bytes;
+            for b in set.iter() {
+                let len = block_len(size, b);
+                r.disks[d].read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
+                out.write_all_at(&buf[..len], slot * BLOCK_SIZE)?;
+                slot += 1;
+            }
+        }
+        Ok(slot)
+    })();
+    let blocks = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            r.tracker.abort(sealed);
+            let _ = std::fs::remove_file(&spool);
+            return Err(ApiError::io(e));
+        }
+    };
+    let o = r.meta.outbound.as_ref();
+    let due = o.is_some_and(|o| {
+        o.app_consistent_hours > 0
+            && o.last_app_consistent.is_none_or(|t| {
+                time.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
+            })
+    });
+    let kind = if due && r.meta.integration_services {
+        RecoveryPointKind::AppConsistent
+    } else {
+        RecoveryPointKind::CrashConsistent
+    };
+    Ok(Capture {
+        vm: vm.to_string(),
+        cycle,
+        sealed,
+        spool,
+        blocks,
+        time,
+        kind,
+        cut_id,
+    })
+}
+
+/// Where the next batch of a capture starts: disk, block, spool slot.
+#[derive(Default, Clone, Copy)]
+struct Cursor {
+    disk: usize,
+    block: u64,
+    slot: u64,
+}
+
+/// Reads the next `n` blocks of a capture's spool, advancing `cur`.
+fn spool_batch(
+    c: &Capture,
+    sizes: &[u64],
+    cur: &mut Cursor,
+    n: u64,
+) -> std::io::Result<Vec<Block>> {
+    let f = std::fs::File::open(&c.spool)?;
+    let mut out = Vec::new();
+    while (out.len() as u64) < n && cur.disk < c.sealed.sets.len() {
+        let set = &c.sealed.sets[cur.disk];
+        match set.iter_from(cur.block).next() {
+            Some(b) => {
+                let mut data = vec![0u8; block_len(sizes[cur.disk], b)];
+                f.read_exact_at(&mut data, cur.slot * BLOCK_SIZE)?;
+                out.push((cur.disk as u32, b, data));
+                cur.slot += 1;
+                cur.block = b + 1;
+            }
+            None => {
+                cur.disk += 1;
+                cur.block = 0;
+            }
+        }
+    }
+    Ok(out)
+}
+
+type Block = (u32, u64, Vec<u8>);
+
+/// One step of replication: the pending bulk transfer if any, then a cycle (of the blocks
+/// captured by a cut when `pre` is given). The caller holds the VM's cycle lock.
+pub async fn run_once(
+    st: &Shared,
+    vm: &str,
+    pre: Option<Capture>,
+) -> Result<RecoveryPoint, String> {
+    // Until a sealed set is acknowledged or put back, the guard puts it back if this cycle
+    // ends early (an error, or the driver task aborted mid-cycle).
+    let mut unsent = Unsent {
+        st: st.clone(),
+        vm: vm.to_string(),
+        sealed: pre.as_ref().map(|c| c.sealed.clone()),
+    };
     let vm_s = vm.to_string();
     let (o, disks, is) = with_store(st, move |s| {
         let r = s.rec(&vm_s)?;
@@ -186,7 +347,7 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         retention_hours: o.retention_hours,
         bulk,
     };
-    if let Some(mode) = o.bulk {
+    if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
         let body = serde_json::to_value(begin(true, &cycle)).map_err(|e| e.to_string())?;
         peer.call(
@@ -197,6 +358,7 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         )
         .await?;
         let sealed = seal(st, vm).await?;
+        unsent.sealed = Some(sealed.clone());
         let res = bulk(st, &peer, vm, &cycle, mode, &disks).await;
         let res = match res {
             Ok(sent) => {
@@ -205,6 +367,7 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
                     bulk: true,
                     time: Timestamp::now(),
                     kind: RecoveryPointKind::CrashConsistent,
+                    cut_id: None,
                 };
                 let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
                 peer.call(
@@ -218,42 +381,26 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
             }
             Err(e) => Err(e),
         };
+        unsent.sealed = None;
         finish(st, vm, sealed, res.as_ref().ok().copied(), true, None).await?;
         res?;
     }
-    // A cycle: the blocks dirty now, read while writes are held off (a crash-consistent cut).
-    let vm_s = vm.to_string();
-    let (sealed, blocks, time, kind) = with_store(st, move |s| {
-        let r = s.rec_mut(&vm_s)?;
-        let sealed = r.tracker.seal().map_err(ApiError::io)?;
-        let mut blocks = Vec::new();
-        for (d, set) in sealed.sets.iter().enumerate() {
-            let size = r.meta.disks[d].size_bytes;
-            for b in set.iter() {
-                let data = read_block(&r.disks[d], size, b).map_err(ApiError::io)?;
-                blocks.push((d as u32, b, data));
-            }
+    // A cycle: the blocks dirty now, copied while writes are held off (a crash-consistent
+    // cut), unless a cut captured them already.
+    let cap = match pre {
+        Some(c) => c,
+        None => {
+            let vm_s = vm.to_string();
+            let c = with_store(st, move |s| capture(s, &vm_s, Timestamp::now(), None))
+                .await
+                .map_err(|e| e.message)?;
+            unsent.sealed = Some(c.sealed.clone());
+            c
         }
-        let now = Timestamp::now();
-        let o = r.meta.outbound.as_ref();
-        let due = o.is_some_and(|o| {
-            o.app_consistent_hours > 0
-                && o.last_app_consistent.is_none_or(|t| {
-                    now.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
-                })
-        });
-        let kind = if due && r.meta.integration_services {
-            RecoveryPointKind::AppConsistent
-        } else {
-            RecoveryPointKind::CrashConsistent
-        };
-        Ok((sealed, blocks, now, kind))
-    })
-    .await
-    .map_err(|e| e.message)?;
-    let cycle = new_cycle_id();
+    };
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
     let res: Result<(u64, RecoveryPoint), String> = async {
-        let body = serde_json::to_value(begin(false, &cycle)).map_err(|e| e.to_string())?;
+        let body = serde_json::to_value(begin(false, &cap.cycle)).map_err(|e| e.to_string())?;
         peer.call(
             Method::POST,
             &format!("/v1/replica/{vm}/begin"),
@@ -262,14 +409,23 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         )
         .await?;
         let mut sent = 0;
-        for chunk in blocks.chunks(BATCH_BLOCKS as usize) {
-            sent += send_batch(st, &peer, vm, &cycle, false, chunk).await?;
+        let mut cur = Cursor::default();
+        while cur.slot < cap.blocks {
+            let _slot = st.send_slots.acquire().await.map_err(|e| e.to_string())?;
+            let blocks =
+                tokio::task::block_in_place(|| spool_batch(&cap, &sizes, &mut cur, BATCH_BLOCKS))
+                    .map_err(|e| e.to_string())?;
+            if blocks.is_empty() {
+                return Err("spool shorter than its capture".to_string());
+            }
+            sent += send_batch(st, &peer, vm, &cap.cycle, false, &blocks).await?;
         }
         let c = CommitCycle {
-            cycle_id: cycle.clone(),
+            cycle_id: cap.cycle.clone(),
             bulk: false,
-            time,
-            kind,
+            time: cap.time,
+            kind: cap.kind,
+            cut_id: cap.cut_id.clone(),
         };
         let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
         let bytes = peer
@@ -286,7 +442,11 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         Ok((sent, rp))
     }
     .await;
-    let app = (kind == RecoveryPointKind::AppConsistent).then_some(time);
+    let time = cap.time;
+    let app = (cap.kind == RecoveryPointKind::AppConsistent).then_some(time);
+    let sealed = cap.sealed.clone();
+    drop(cap);
+    unsent.sealed = None;
     match res {
         Ok((sent, rp)) => {
             finish(st, vm, sealed, Some(sent), false, Some((time, app))).await?;
@@ -295,6 +455,31 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         Err(e) => {
             finish(st, vm, sealed, None, false, None).await?;
             Err(e)
+        }
+    }
+}
+
+/// A sealed set not yet acknowledged nor put back: dropped while set, it is put back.
+struct Unsent {
+    st: Shared,
+    vm: String,
+    sealed: Option<Sealed>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(sealed) = self.sealed.take() {
+            let st = self.st.clone();
+            let vm = std::mem::take(&mut self.vm);
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    let _ = with_store(&st, move |s| {
+                        s.rec_mut(&vm)?.tracker.abort(sealed);
+                        Ok(())
+                    })
+                    .await;
+                });
+            }
         }
     }
 }
@@ -427,6 +612,7 @@ async fn bulk(
             let vm2 = vm.to_string();
             let size = disk.size_bytes;
             let hashes = peer_hashes.clone();
+            let _slot = st.send_slots.acquire().await.map_err(|e| e.to_string())?;
             let blocks = with_store(st, move |s| {
                 let r = s.rec(&vm2)?;
                 let mut out = Vec::new();

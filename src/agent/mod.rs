@@ -120,9 +120,18 @@ struct AppState {
     token: String,
     store: Mutex<Store>,
     drivers: Mutex<Drivers>,
+    /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
+    cycle_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Block batches in flight at once over all VMs (bounds the memory of transfers).
+    send_slots: tokio::sync::Semaphore,
+    /// Cuts run one at a time.
+    cut_lock: tokio::sync::Mutex<()>,
 }
 
 type Shared = Arc<AppState>;
+
+/// Block batches (64 blocks of 64 KiB each) sent at once over all VMs.
+const SEND_SLOTS: usize = 4;
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -150,6 +159,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         token,
         store: Mutex::new(store),
         drivers: Mutex::new(Default::default()),
+        cycle_locks: Mutex::new(Default::default()),
+        send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
+        cut_lock: tokio::sync::Mutex::new(()),
     });
     for vm in outbound {
         driver::spawn(&state, &vm);
@@ -197,6 +209,7 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/test-failover", post(test_failover))
         .route("/vms/{vm}/test-failover/cleanup", post(test_cleanup))
         .route("/vms/{vm}/commit", post(commit))
+        .route("/cuts", post(cut))
         .route("/replica/{vm}/begin", post(replica_begin))
         .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
         .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
@@ -462,6 +475,112 @@ async fn sync(
         to_json(crate::site::SyncResult { recovery_point: rp })
     })
     .await
+}
+
+/// `POST /v1/cuts`: one recovery point per listed outbound VM, all cut at the same instant.
+async fn cut(
+    State(st): State<Shared>,
+    body: Result<Json<crate::site::CutRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.cut_id.is_empty() {
+        return Err(ApiError::bad("cutId must not be empty"));
+    }
+    let op = format!("cut/{}", req.cut_id);
+    // One cut at a time: a repeated cut id waits for the first and answers its result.
+    let _one = st.cut_lock.lock().await;
+    let id = op.clone();
+    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await? {
+        return Ok(Json(v).into_response());
+    }
+    let mut names = req.vms.clone();
+    names.sort();
+    names.dedup();
+    // Candidates now; checked again under the store lock once their cycles are held.
+    let names2 = names.clone();
+    let candidates: Vec<String> = with_store(&st, move |s| {
+        Ok(names2
+            .into_iter()
+            .filter(|n| driver::cuttable(s, n))
+            .collect())
+    })
+    .await?;
+    // Sorted order: no two holders of several cycle locks can deadlock.
+    let mut guards = Vec::new();
+    for vm in &candidates {
+        guards.push(driver::cycle_lock(&st, vm).lock_owned().await);
+    }
+    let cut_id = req.cut_id.clone();
+    let (time, captures) = with_store(&st, move |s| {
+        let time = jiff::Timestamp::now();
+        let mut caps = Vec::new();
+        for vm in &candidates {
+            if !driver::cuttable(s, vm) {
+                continue;
+            }
+            match driver::capture(s, vm, time, Some(cut_id.clone())) {
+                Ok(c) => caps.push(c),
+                Err(e) => {
+                    // Nothing was sent: every captured set is dirty again.
+                    for c in caps {
+                        abort_capture(s, c);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok((time, caps))
+    })
+    .await?;
+    if captures.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "none of the VMs {names:?} replicates outbound from site {} with its initial \
+             transfer done",
+            st.site
+        )));
+    }
+    let runs = captures.into_iter().map(|c| {
+        let st = st.clone();
+        async move {
+            let vm = c.vm.clone();
+            let res = driver::run_once(&st, &vm, Some(c)).await;
+            (vm, res)
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    drop(guards);
+    let mut points = Vec::new();
+    let mut failed = Vec::new();
+    for (vm, res) in results {
+        match res {
+            Ok(rp) => points.push(crate::site::CutPoint {
+                vm,
+                recovery_point: rp,
+            }),
+            Err(e) => failed.push(format!("{vm}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("cut {} failed: {}", req.cut_id, failed.join("; ")),
+        ));
+    }
+    let v = to_json(crate::site::CutResult {
+        cut_id: req.cut_id.clone(),
+        time,
+        points,
+    })?;
+    let v2 = v.clone();
+    with_store(&st, move |s| s.op_save(&op, &v2)).await?;
+    Ok(Json(v).into_response())
+}
+
+/// A capture that will not be sent: its blocks are dirty again.
+fn abort_capture(s: &mut Store, c: driver::Capture) {
+    if let Ok(r) = s.rec_mut(&c.vm) {
+        r.tracker.abort(c.sealed.clone());
+    }
 }
 
 async fn stop(

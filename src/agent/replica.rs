@@ -50,6 +50,9 @@ pub struct RpMeta {
     /// Staging file still to be applied to the image (crash between commit and apply).
     #[serde(default)]
     pub staged: Option<String>,
+    /// Id of the consistent cut that made this point.
+    #[serde(default)]
+    pub cut_id: Option<String>,
 }
 
 impl RpMeta {
@@ -59,7 +62,7 @@ impl RpMeta {
             time: self.time,
             app_consistent: self.kind == RecoveryPointKind::AppConsistent,
             kind: self.kind,
-            cut_id: None,
+            cut_id: self.cut_id.clone(),
         }
     }
 }
@@ -158,6 +161,9 @@ pub struct CommitCycle {
     pub bulk: bool,
     pub time: Timestamp,
     pub kind: RecoveryPointKind,
+    /// Set when a consistent cut made this cycle; recorded on the point.
+    #[serde(default)]
+    pub cut_id: Option<String>,
 }
 
 /// Answer of a block batch.
@@ -220,10 +226,13 @@ impl Store {
                 }
                 self.save(&vm)?;
             }
-            // Blocks of a cycle that never committed are dropped; the source resends them.
-            let dir = self.vm_dir(&vm).join("staging");
-            if dir.exists() {
-                fs::remove_dir_all(&dir).map_err(ApiError::io)?;
+            // Blocks of a cycle that never committed are dropped; the source resends them
+            // (their journals are still there), as are spools of unfinished outbound cycles.
+            for sub in ["staging", "spool"] {
+                let dir = self.vm_dir(&vm).join(sub);
+                if dir.exists() {
+                    fs::remove_dir_all(&dir).map_err(ApiError::io)?;
+                }
             }
         }
         Ok(())
@@ -462,6 +471,7 @@ impl Store {
             kind: c.kind,
             undo: if first { vec![] } else { vec![seg] },
             staged: stage.file_name().map(|n| n.to_string_lossy().to_string()),
+            cut_id: c.cut_id.clone(),
         };
         let view = point.view();
         {

@@ -87,17 +87,31 @@ impl Bitmap {
 
     /// Indices of the set bits, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, w)| {
-            let mut w = *w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
+        self.iter_from(0)
+    }
+
+    /// Indices of the set bits from `start` on, ascending.
+    pub fn iter_from(&self, start: u64) -> impl Iterator<Item = u64> + '_ {
+        let first = (start / 64) as usize;
+        let skip = start % 64;
+        self.words
+            .iter()
+            .enumerate()
+            .skip(first)
+            .flat_map(move |(wi, w)| {
+                let mut w = *w;
+                if wi == first {
+                    w &= u64::MAX << skip;
                 }
-                let bit = w.trailing_zeros() as u64;
-                w &= w - 1;
-                Some(wi as u64 * 64 + bit)
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    Some(wi as u64 * 64 + bit)
+                })
             })
-        })
     }
 }
 
@@ -149,6 +163,9 @@ mod tests {
             b.set(i);
         }
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 63, 64, 130, 199]);
+        assert_eq!(b.iter_from(63).collect::<Vec<_>>(), vec![63, 64, 130, 199]);
+        assert_eq!(b.iter_from(65).collect::<Vec<_>>(), vec![130, 199]);
+        assert_eq!(b.iter_from(500).count(), 0);
         assert_eq!(b.count(), 5);
         let mut c = Bitmap::new(200);
         c.set(1);
