@@ -385,24 +385,54 @@ impl Store {
         Ok(res)
     }
 
+    /// Writes the blocks of a staging file into the image, one frame at a time.
     fn apply_staging(&mut self, vm: &str, path: &std::path::Path) -> ApiResult<()> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
+        let file = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(ApiError::io(e)),
         };
-        let frames = frame::parse(&bytes)
-            .ok_or_else(|| ApiError::io(std::io::Error::other("torn staging file")))?;
         let r = self.rec(vm)?;
-        for f in &frames {
-            r.disks[f.disk as usize]
-                .write_all_at(f.data, f.block * BLOCK_SIZE)
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
+        while let Some(h) = rd.header().map_err(ApiError::io)? {
+            rd.data(&h, &mut buf).map_err(ApiError::io)?;
+            let disk = r
+                .disks
+                .get(h.disk as usize)
+                .ok_or_else(|| ApiError::io(std::io::Error::other("staged block of no disk")))?;
+            disk.write_all_at(&buf, h.block * BLOCK_SIZE)
                 .map_err(ApiError::io)?;
         }
         for d in &r.disks {
             d.sync_all().map_err(ApiError::io)?;
         }
         Ok(())
+    }
+
+    /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
+    /// when the file is torn.
+    fn staged_blocks(&self, vm: &str, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
+        let r = self.rec(vm)?;
+        let mut sets: Vec<Bitmap> = r
+            .meta
+            .disks
+            .iter()
+            .map(|d| Bitmap::new(block_count(d.size_bytes)))
+            .collect();
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sets),
+            Err(e) => return Err(ApiError::io(e)),
+        };
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(64 << 10, file));
+        while let Some(h) = rd.header().map_err(|_| ApiError::bad("torn staging"))? {
+            rd.skip(&h).map_err(|_| ApiError::bad("torn staging"))?;
+            sets.get_mut(h.disk as usize)
+                .ok_or_else(|| ApiError::bad("staged block of no disk"))?
+                .set(h.block);
+        }
+        Ok(sets)
     }
 
     /// Receiver: makes the cycle durable and a recovery point, then acknowledges it.
@@ -434,17 +464,12 @@ impl Store {
             return Ok(None);
         }
         let stage = staging(self, vm, &c.cycle_id);
-        let bytes = match fs::read(&stage) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        match File::open(&stage) {
+            Ok(f) => f.sync_all().map_err(ApiError::io)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(ApiError::io(e)),
-        };
-        if !bytes.is_empty() {
-            File::open(&stage)
-                .and_then(|f| f.sync_all())
-                .map_err(ApiError::io)?;
         }
-        let frames = frame::parse(&bytes).ok_or_else(|| ApiError::bad("torn staging"))?;
+        let staged = self.staged_blocks(vm, &stage)?;
         let seq = inbound.next_seq.max(1);
         let seg = format!("u{seq:06}");
         let udir = undo_dir(self, vm);
@@ -453,11 +478,7 @@ impl Store {
         let first = inbound.rps.is_empty();
         if !first {
             for (d, size) in sizes.iter().enumerate() {
-                let mut set = Bitmap::new(block_count(*size));
-                for f in frames.iter().filter(|f| f.disk as usize == d) {
-                    set.set(f.block);
-                }
-                let blocks: Vec<u64> = set.iter().collect();
+                let blocks: Vec<u64> = staged[d].iter().collect();
                 if !blocks.is_empty() {
                     undo::write(&udir, &seg, d, &r.disks[d], *size, &blocks)
                         .map_err(ApiError::io)?;
