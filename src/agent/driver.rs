@@ -11,10 +11,12 @@ use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
-use super::replica::{BatchResult, BeginCycle, CommitCycle};
+use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
 use super::{ApiError, Shared, Store, with_store};
 use crate::replication::tracker::Sealed;
-use crate::replication::{BLOCK_SIZE, block_count, block_hash, block_len, frame, read_block};
+use crate::replication::{
+    BLOCK_SIZE, Bitmap, block_count, block_hash, block_len, frame, read_block,
+};
 use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
@@ -346,20 +348,63 @@ pub async fn run_once(
         integration_services: is,
         retention_hours: o.retention_hours,
         bulk,
+        zero: false,
     };
     if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
-        let body = serde_json::to_value(begin(true, &cycle)).map_err(|e| e.to_string())?;
-        peer.call(
-            Method::POST,
-            &format!("/v1/replica/{vm}/begin"),
-            Some(body),
-            None,
-        )
-        .await?;
-        let sealed = seal(st, vm).await?;
+        // Resync: the old source's changes since its journal base, asked for before `begin`
+        // makes it a replica (which forgets them).
+        let peer_dirty = if mode == ReplicationMode::Resync {
+            peer_dirty_set(&peer, vm, &disks).await
+        } else {
+            None
+        };
+        let mut b = begin(true, &cycle);
+        b.zero = mode == ReplicationMode::Initial;
+        let body = serde_json::to_value(b).map_err(|e| e.to_string())?;
+        let answer = peer
+            .call(
+                Method::POST,
+                &format!("/v1/replica/{vm}/begin"),
+                Some(body),
+                None,
+            )
+            .await?;
+        let zeroed = serde_json::from_slice::<BeginAnswer>(&answer).is_ok_and(|a| a.zeroed);
+        let vm_s = vm.to_string();
+        let (sealed, my_base) = with_store(st, move |s| {
+            let r = s.rec_mut(&vm_s)?;
+            let sealed = r.tracker.seal().map_err(ApiError::io)?;
+            Ok((sealed, r.meta.journal_base.clone()))
+        })
+        .await
+        .map_err(|e| e.message)?;
         unsent.sealed = Some(sealed.clone());
-        let res = bulk(st, &peer, vm, &cycle, mode, &disks).await;
+        let plan = match (mode, peer_dirty) {
+            (ReplicationMode::Initial, _) => Plan::All { skip_zero: zeroed },
+            (ReplicationMode::Resync, Some((base, mut sets)))
+                if my_base.as_deref() == Some(base.as_str()) =>
+            {
+                // Both sides tracked every change since the same cycle: only the union of
+                // their changes can differ.
+                for (a, b) in sets.iter_mut().zip(&sealed.sets) {
+                    a.union(b);
+                }
+                let n: u64 = sets.iter().map(Bitmap::count).sum();
+                tracing::info!(vm, base, blocks = n, "resync from change journals");
+                Plan::Blocks(Arc::new(sets))
+            }
+            (ReplicationMode::Resync, theirs) => {
+                tracing::info!(
+                    vm,
+                    ours = ?my_base,
+                    theirs = ?theirs.map(|t| t.0),
+                    "resync by block hashes: no common journal base"
+                );
+                Plan::Hash
+            }
+        };
+        let res = bulk(st, &peer, vm, &cycle, plan, &disks).await;
         let res = match res {
             Ok(sent) => {
                 let c = CommitCycle {
@@ -382,7 +427,8 @@ pub async fn run_once(
             Err(e) => Err(e),
         };
         unsent.sealed = None;
-        finish(st, vm, sealed, res.as_ref().ok().copied(), true, None).await?;
+        let acked = res.as_ref().ok().map(|n| (*n, cycle.clone()));
+        finish(st, vm, sealed, acked, true, None).await?;
         res?;
     }
     // A cycle: the blocks dirty now, copied while writes are held off (a crash-consistent
@@ -445,11 +491,20 @@ pub async fn run_once(
     let time = cap.time;
     let app = (cap.kind == RecoveryPointKind::AppConsistent).then_some(time);
     let sealed = cap.sealed.clone();
+    let cycle = cap.cycle.clone();
     drop(cap);
     unsent.sealed = None;
     match res {
         Ok((sent, rp)) => {
-            finish(st, vm, sealed, Some(sent), false, Some((time, app))).await?;
+            finish(
+                st,
+                vm,
+                sealed,
+                Some((sent, cycle)),
+                false,
+                Some((time, app)),
+            )
+            .await?;
             Ok(rp)
         }
         Err(e) => {
@@ -484,21 +539,12 @@ impl Drop for Unsent {
     }
 }
 
-async fn seal(st: &Shared, vm: &str) -> Result<Sealed, String> {
-    let vm = vm.to_string();
-    with_store(st, move |s| {
-        s.rec_mut(&vm)?.tracker.seal().map_err(ApiError::io)
-    })
-    .await
-    .map_err(|e| e.message)
-}
-
 /// Records the outcome of a transfer: acknowledged blocks are forgotten, failed ones stay dirty.
 async fn finish(
     st: &Shared,
     vm: &str,
     sealed: Sealed,
-    sent: Option<u64>,
+    sent: Option<(u64, String)>,
     bulk: bool,
     synced: Option<(Timestamp, Option<Timestamp>)>,
 ) -> Result<(), String> {
@@ -506,8 +552,10 @@ async fn finish(
     with_store(st, move |s| {
         let r = s.rec_mut(&vm)?;
         match sent {
-            Some(n) => {
+            Some((n, cycle)) => {
                 r.tracker.ack(&sealed).map_err(ApiError::io)?;
+                // The tracker now holds every change since the state this cycle left.
+                r.meta.journal_base = Some(cycle);
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bytes_sent += n;
                     o.last_error = None;
@@ -581,19 +629,79 @@ async fn send_batch(
     Err("peer kept refusing blocks".into())
 }
 
-/// The bulk transfer: every block (initial) or the blocks whose hashes differ (resync).
+/// Which blocks a bulk transfer sends.
+enum Plan {
+    /// Every block (initial replication); with `skip_zero`, blocks that read as zeros are left
+    /// out (the replica emptied its image).
+    All { skip_zero: bool },
+    /// The blocks whose hash differs from the peer's (resync without a common journal base).
+    Hash,
+    /// The blocks both sides changed since their common journal base (resync).
+    Blocks(Arc<Vec<Bitmap>>),
+}
+
+/// The old source's dirty set and journal base, if it has one and it fits our disks.
+async fn peer_dirty_set(
+    peer: &Peer,
+    vm: &str,
+    disks: &[crate::site::DiskSpec],
+) -> Option<(String, Vec<Bitmap>)> {
+    let bytes = match peer
+        .call(Method::GET, &format!("/v1/replica/{vm}/dirty"), None, None)
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::info!(vm, error = %e, "peer has no dirty set for resync");
+            return None;
+        }
+    };
+    let d: DirtySet = serde_json::from_slice(&bytes).ok()?;
+    let base = d.journal_base?;
+    if d.disks.len() != disks.len() {
+        return None;
+    }
+    let mut sets = Vec::new();
+    for (h, disk) in d.disks.iter().zip(disks) {
+        let raw = hex::decode(h).ok()?;
+        sets.push(Bitmap::from_bytes(block_count(disk.size_bytes), &raw)?);
+    }
+    Some((base, sets))
+}
+
+/// The first block at or after `b` that may hold data: holes of a sparse file are skipped.
+fn next_data_block(file: &std::fs::File, nblocks: u64, b: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    if b >= nblocks {
+        return None;
+    }
+    let off = i64::try_from(b * BLOCK_SIZE).ok()?;
+    // SAFETY: lseek on a file descriptor this function borrows; it changes only the file
+    // offset, which no reader or writer of the disks uses (they all read and write at offsets).
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if pos < 0 {
+        let err = std::io::Error::last_os_error();
+        // ENXIO: no data after `off`. Anything else (no SEEK_DATA here): assume data.
+        return (err.raw_os_error() != Some(libc::ENXIO)).then_some(b);
+    }
+    let nb = pos as u64 / BLOCK_SIZE;
+    (nb < nblocks).then_some(nb.max(b))
+}
+
+/// The bulk transfer, sending the blocks `plan` names; returns payload bytes sent.
 async fn bulk(
     st: &Shared,
     peer: &Peer,
     vm: &str,
     cycle: &str,
-    mode: ReplicationMode,
+    plan: Plan,
     disks: &[crate::site::DiskSpec],
 ) -> Result<u64, String> {
     let mut sent = 0;
+    let plan = Arc::new(plan);
     for (d, disk) in disks.iter().enumerate() {
         let n = block_count(disk.size_bytes);
-        let peer_hashes = if mode == ReplicationMode::Resync {
+        let peer_hashes = if matches!(*plan, Plan::Hash) {
             Some(
                 peer.call(
                     Method::GET,
@@ -606,34 +714,54 @@ async fn bulk(
         } else {
             None
         };
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_BLOCKS).min(n);
+        let mut next = 0;
+        while next < n {
             let vm2 = vm.to_string();
             let size = disk.size_bytes;
             let hashes = peer_hashes.clone();
+            let plan = plan.clone();
             let _slot = st.send_slots.acquire().await.map_err(|e| e.to_string())?;
-            let blocks = with_store(st, move |s| {
+            let (blocks, after) = with_store(st, move |s| {
                 let r = s.rec(&vm2)?;
+                let file = &r.disks[d];
                 let mut out = Vec::new();
-                for b in start..end {
-                    let data = read_block(&r.disks[d], size, b).map_err(ApiError::io)?;
+                let mut b = next;
+                // Bounded work per store lock, so guest writes are not held off long.
+                let mut examined = 0;
+                while (out.len() as u64) < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
+                    let cand = match &*plan {
+                        Plan::Blocks(sets) => sets.get(d).and_then(|s| s.iter_from(b).next()),
+                        Plan::All { skip_zero: true } => next_data_block(file, n, b),
+                        _ => (b < n).then_some(b),
+                    };
+                    let Some(cb) = cand else {
+                        b = n;
+                        break;
+                    };
+                    b = cb + 1;
+                    examined += 1;
+                    let data = read_block(file, size, cb).map_err(ApiError::io)?;
                     if let Some(h) = &hashes {
-                        let i = (b * 32) as usize;
+                        let i = (cb * 32) as usize;
                         if h.get(i..i + 32) == Some(&block_hash(&data)[..]) {
                             continue;
                         }
                     }
-                    out.push((d as u32, b, data));
+                    if matches!(*plan, Plan::All { skip_zero: true })
+                        && data.iter().all(|x| *x == 0)
+                    {
+                        continue;
+                    }
+                    out.push((d as u32, cb, data));
                 }
-                Ok(out)
+                Ok((out, b))
             })
             .await
             .map_err(|e| e.message)?;
             if !blocks.is_empty() {
                 sent += send_batch(st, peer, vm, cycle, true, &blocks).await?;
             }
-            start = end;
+            next = after;
         }
     }
     Ok(sent)

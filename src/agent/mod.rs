@@ -212,6 +212,7 @@ fn router(state: Shared) -> Router {
         .route("/cuts", post(cut))
         .route("/replica/{vm}/begin", post(replica_begin))
         .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
+        .route("/replica/{vm}/dirty", get(replica_dirty))
         .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
         .route("/replica/{vm}/commit", post(replica_commit))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -670,11 +671,7 @@ async fn replica_begin(
     body: Result<Json<replica::BeginCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.begin(&vm, &req)?;
-        Ok(Json(serde_json::json!({})).into_response())
-    })
-    .await
+    with_store(&st, move |s| Ok(Json(s.begin(&vm, &req)?).into_response())).await
 }
 
 async fn replica_hashes(
@@ -682,6 +679,10 @@ async fn replica_hashes(
     Path((vm, disk)): Path<(String, usize)>,
 ) -> ApiResult<Response> {
     with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+}
+
+async fn replica_dirty(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(Json(s.dirty_set(&vm)?).into_response())).await
 }
 
 #[derive(Deserialize)]

@@ -151,6 +151,19 @@ pub struct BeginCycle {
     pub retention_hours: u64,
     /// Bulk transfers write straight into the image and drop older points.
     pub bulk: bool,
+    /// Initial transfer: the replica empties its images first (sparse, all zeros), so the
+    /// source can skip blocks that hold only zeros. The answer says whether it did.
+    #[serde(default)]
+    pub zero: bool,
+}
+
+/// Answer of `POST /v1/replica/{vm}/begin`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BeginAnswer {
+    /// The images were emptied: every block not sent reads as zeros.
+    #[serde(default)]
+    pub zeroed: bool,
 }
 
 /// Body of `POST /v1/replica/{vm}/commit`.
@@ -164,6 +177,16 @@ pub struct CommitCycle {
     /// Set when a consistent cut made this cycle; recorded on the point.
     #[serde(default)]
     pub cut_id: Option<String>,
+}
+
+/// Answer of `GET /v1/replica/{vm}/dirty`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirtySet {
+    /// The cycle since whose state `disks` holds every change; `None` when unknown.
+    pub journal_base: Option<String>,
+    /// Per disk, the dirty bitmap (bit `b % 8` of byte `b / 8` is block `b`), hex.
+    pub disks: Vec<String>,
 }
 
 /// Answer of a block batch.
@@ -239,7 +262,7 @@ impl Store {
     }
 
     /// Receiver: a cycle or bulk transfer starts; creates the replica VM when needed.
-    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<()> {
+    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
         if !self.vms.contains_key(vm) {
             let meta = VmMeta {
                 name: vm.to_string(),
@@ -250,6 +273,7 @@ impl Store {
                 network: None,
                 outbound: None,
                 inbound: None,
+                journal_base: None,
             };
             let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
             self.vms.insert(vm.to_string(), rec);
@@ -277,7 +301,14 @@ impl Store {
         let was_replica = r.meta.role == Role::Replica && r.meta.inbound.is_some();
         r.meta.role = Role::Replica;
         r.meta.outbound = None;
+        // The image now follows the peer: this side's journal vouches for nothing.
+        r.meta.journal_base = None;
         let mut inbound = r.meta.inbound.take().unwrap_or_default();
+        if b.bulk {
+            // Blocks are about to be written out of order: the image matches no cycle until
+            // the bulk transfer commits.
+            inbound.last_cycle = None;
+        }
         inbound.source_site = b.source_site.clone();
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
@@ -299,7 +330,43 @@ impl Store {
             fs::remove_dir_all(&dir).map_err(ApiError::io)?;
         }
         fs::create_dir_all(&dir).map_err(ApiError::io)?;
-        Ok(())
+        let mut answer = BeginAnswer::default();
+        if b.bulk && b.zero {
+            // Every block is about to be sent anyway; an emptied sparse image lets the source
+            // skip the zeros (most of a new disk) and frees the space they held.
+            for (f, d) in self.rec(vm)?.disks.iter().zip(&b.disks) {
+                f.set_len(0).map_err(ApiError::io)?;
+                f.set_len(d.size_bytes).map_err(ApiError::io)?;
+                f.sync_all().map_err(ApiError::io)?;
+            }
+            answer.zeroed = true;
+        }
+        Ok(answer)
+    }
+
+    /// The old source of a reverse resync: the blocks it changed since its journal base (its
+    /// last acknowledged cycle), asked for before `begin` makes it a replica.
+    pub fn dirty_set(&self, vm: &str) -> ApiResult<DirtySet> {
+        let r = self.rec(vm)?;
+        if r.meta.power == Power::Running {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} runs at this site; its changes are not final"
+            )));
+        }
+        let base = r
+            .meta
+            .journal_base
+            .clone()
+            .filter(|_| r.meta.role == Role::Primary);
+        Ok(DirtySet {
+            journal_base: base,
+            disks: r
+                .tracker
+                .dirty()
+                .iter()
+                .map(|b| hex::encode(b.to_bytes()))
+                .collect(),
+        })
     }
 
     /// Receiver: blake3 of every block of a disk, for resync.
@@ -458,7 +525,11 @@ impl Store {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
             }
-            let i = self.rec_mut(vm)?.meta.inbound.get_or_insert_default();
+            let r = self.rec_mut(vm)?;
+            // The image is now the peer's: what this side tracked before is history, and a
+            // later failback must start from a clean journal.
+            r.tracker.reset().map_err(ApiError::io)?;
+            let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
             self.save(vm)?;
             return Ok(None);
@@ -652,6 +723,14 @@ impl Store {
         }
         r.meta.role = Role::Primary;
         r.meta.power = Power::Running;
+        // The image held the last committed cycle; the tracker now holds every change since
+        // (the rolled-back blocks and, from now on, guest writes).
+        r.meta.journal_base = r
+            .meta
+            .inbound
+            .as_ref()
+            .and_then(|i| i.last_cycle.as_ref())
+            .map(|(id, _)| id.clone());
         if let Some(i) = r.meta.inbound.as_mut() {
             i.accepting = false;
             i.failed_over = true;
@@ -690,6 +769,7 @@ impl Store {
             network: Some(network.to_string()),
             outbound: None,
             inbound: None,
+            journal_base: None,
         };
         let tmp = self.root.join("vms").join(format!(".tmp-{name}"));
         let _ = fs::remove_dir_all(&tmp);
