@@ -130,7 +130,7 @@ impl Peer {
         method: Method,
         path: &str,
         json: Option<serde_json::Value>,
-        body: Option<Vec<u8>>,
+        body: Option<bytes::Bytes>,
     ) -> Result<bytes::Bytes, String> {
         let mut req = self
             .http
@@ -275,22 +275,24 @@ struct Cursor {
     slot: u64,
 }
 
-/// Reads the next `n` blocks of a capture's spool, advancing `cur`.
-fn spool_batch(
-    c: &Capture,
-    sizes: &[u64],
-    cur: &mut Cursor,
-    n: u64,
-) -> std::io::Result<Vec<Block>> {
+/// Frames the next `n` blocks of a capture's spool into one batch, advancing `cur`.
+fn spool_batch(c: &Capture, sizes: &[u64], cur: &mut Cursor, n: u64) -> std::io::Result<Vec<u8>> {
     let f = std::fs::File::open(&c.spool)?;
     let mut out = Vec::new();
-    while (out.len() as u64) < n && cur.disk < c.sealed.sets.len() {
+    let mut count = 0;
+    while count < n && cur.disk < c.sealed.sets.len() {
         let set = &c.sealed.sets[cur.disk];
         match set.iter_from(cur.block).next() {
             Some(b) => {
-                let mut data = vec![0u8; block_len(sizes[cur.disk], b)];
-                f.read_exact_at(&mut data, cur.slot * BLOCK_SIZE)?;
-                out.push((cur.disk as u32, b, data));
+                let slot = cur.slot;
+                frame::push_from(
+                    &mut out,
+                    cur.disk as u32,
+                    b,
+                    block_len(sizes[cur.disk], b),
+                    |d| f.read_exact_at(d, slot * BLOCK_SIZE),
+                )?;
+                count += 1;
                 cur.slot += 1;
                 cur.block = b + 1;
             }
@@ -302,8 +304,6 @@ fn spool_batch(
     }
     Ok(out)
 }
-
-type Block = (u32, u64, Vec<u8>);
 
 /// One step of replication: the pending bulk transfer if any, then a cycle (of the blocks
 /// captured by a cut when `pre` is given). The caller holds the VM's cycle lock.
@@ -464,7 +464,7 @@ pub async fn run_once(
             if blocks.is_empty() {
                 return Err("spool shorter than its capture".to_string());
             }
-            sent += send_batch(st, &peer, vm, &cap.cycle, false, &blocks).await?;
+            sent += send_batch(st, &peer, vm, &cap.cycle, false, blocks).await?;
         }
         let c = CommitCycle {
             cycle_id: cap.cycle.clone(),
@@ -579,32 +579,37 @@ async fn finish(
     .map_err(|e| e.message)
 }
 
-/// Sends one batch, resending refused blocks; returns payload bytes sent.
+/// Sends one batch of frames, resending refused blocks; returns payload bytes sent.
 async fn send_batch(
     st: &Shared,
     peer: &Peer,
     vm: &str,
     cycle: &str,
     bulk: bool,
-    blocks: &[(u32, u64, Vec<u8>)],
+    frames: Vec<u8>,
 ) -> Result<u64, String> {
-    let mut todo: Vec<&(u32, u64, Vec<u8>)> = blocks.iter().collect();
+    let mut todo = bytes::Bytes::from(frames);
     let mut sent = 0u64;
     for attempt in 0..MAX_RESENDS {
-        let mut buf = Vec::new();
-        for (d, b, data) in &todo {
-            let hash = block_hash(data);
-            if take_corruption() {
-                let mut bad = data.clone();
-                bad[0] ^= 0xff;
-                frame::push_with_hash(&mut buf, *d, *b, &hash, &bad);
-            } else {
-                frame::push_with_hash(&mut buf, *d, *b, &hash, data);
+        let parsed = frame::parse(&todo).ok_or("malformed batch")?;
+        sent += parsed.iter().map(|f| f.data.len() as u64).sum::<u64>();
+        // Fault injection damages a copy; the batch itself stays intact for resends.
+        let damage: Vec<usize> = parsed
+            .iter()
+            .filter(|_| take_corruption())
+            .map(|f| f.data.as_ptr() as usize - todo.as_ptr() as usize)
+            .collect();
+        let body = if damage.is_empty() {
+            todo.clone()
+        } else {
+            let mut bad = todo.to_vec();
+            for at in damage {
+                bad[at] ^= 0xff;
             }
-            sent += data.len() as u64;
-        }
+            bytes::Bytes::from(bad)
+        };
         let path = format!("/v1/replica/{vm}/cycles/{cycle}/blocks?bulk={bulk}");
-        let bytes = peer.call(Method::PUT, &path, None, Some(buf)).await?;
+        let bytes = peer.call(Method::PUT, &path, None, Some(body)).await?;
         let res: BatchResult = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         if res.refused.is_empty() {
             return Ok(sent);
@@ -624,7 +629,13 @@ async fn send_batch(
             Ok(())
         })
         .await;
-        todo.retain(|(d, b, _)| res.refused.contains(&(*d, *b)));
+        let mut again = Vec::new();
+        for f in parsed {
+            if res.refused.contains(&(f.disk, f.block)) {
+                frame::push_with_hash(&mut again, f.disk, f.block, &f.hash, f.data);
+            }
+        }
+        todo = bytes::Bytes::from(again);
     }
     Err("peer kept refusing blocks".into())
 }
@@ -728,7 +739,8 @@ async fn bulk(
                 let mut b = next;
                 // Bounded work per store lock, so guest writes are not held off long.
                 let mut examined = 0;
-                while (out.len() as u64) < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
+                let mut framed = 0u64;
+                while framed < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
                     let cand = match &*plan {
                         Plan::Blocks(sets) => sets.get(d).and_then(|s| s.iter_from(b).next()),
                         Plan::All { skip_zero: true } => next_data_block(file, n, b),
@@ -752,14 +764,15 @@ async fn bulk(
                     {
                         continue;
                     }
-                    out.push((d as u32, cb, data));
+                    frame::push(&mut out, d as u32, cb, &data);
+                    framed += 1;
                 }
                 Ok((out, b))
             })
             .await
             .map_err(|e| e.message)?;
             if !blocks.is_empty() {
-                sent += send_batch(st, peer, vm, cycle, true, &blocks).await?;
+                sent += send_batch(st, peer, vm, cycle, true, blocks).await?;
             }
             next = after;
         }

@@ -49,6 +49,9 @@ pub struct AgentArgs {
     /// Largest disk a VM may have, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     pub max_disk_bytes: u64,
+    /// How long a graceful Shutdown waits for the guest before it fails (use PowerOff then).
+    #[arg(long, default_value_t = 60)]
+    pub shutdown_timeout_seconds: u64,
 }
 
 /// Errors of the agent's startup.
@@ -126,6 +129,19 @@ struct AppState {
     send_slots: tokio::sync::Semaphore,
     /// Cuts run one at a time.
     cut_lock: tokio::sync::Mutex<()>,
+    /// Guest writes in flight and graceful shutdowns under way, per VM.
+    guests: Mutex<std::collections::HashMap<String, Guest>>,
+    /// How long a graceful shutdown waits for the guest.
+    shutdown_timeout: std::time::Duration,
+}
+
+/// What the agent knows of a VM's guest between requests.
+#[derive(Default)]
+struct Guest {
+    /// Guest writes accepted and not finished.
+    in_flight: u64,
+    /// A graceful shutdown is under way: new guest writes are refused.
+    shutting_down: bool,
 }
 
 type Shared = Arc<AppState>;
@@ -147,6 +163,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
     store.recover()?;
+    tune_allocator();
     let outbound: Vec<String> = store
         .vms
         .iter()
@@ -162,6 +179,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cycle_locks: Mutex::new(Default::default()),
         send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
         cut_lock: tokio::sync::Mutex::new(()),
+        guests: Mutex::new(Default::default()),
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
     });
     for vm in outbound {
         driver::spawn(&state, &vm);
@@ -174,6 +193,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .map_err(AgentError::Listen)
+}
+
+/// Keeps the agent's resident memory near what it uses: block batches are megabytes and are
+/// allocated and freed all the time, from many threads. glibc would otherwise raise its mmap
+/// threshold after the first such free and keep later batches in per-thread heaps that seldom
+/// shrink (measured: 146 MiB instead of 77 MiB resident with 100 protected VMs).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before the agent's threads
+    // allocate in earnest, and a refused setting (return 0) changes nothing.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
 }
 
 async fn shutdown_signal() {
@@ -318,10 +351,131 @@ async fn power(
     body: Result<Json<PowerRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    if req.action != crate::site::PowerAction::Shutdown {
+        return with_store(&st, move |s| {
+            s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+        })
+        .await;
+    }
+    if let Some(id) = req.operation_id.clone()
+        && let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await?
+    {
+        return Ok(Json(v).into_response());
+    }
+    let vm2 = vm.clone();
+    let running = with_store(&st, move |s| {
+        let r = s.rec(&vm2)?;
+        if r.meta.power == crate::site::Power::Running && !r.meta.integration_services {
+            return Err(ApiError::conflict(format!(
+                "VM {vm2} has no integration services: it cannot be shut down gracefully"
+            )));
+        }
+        Ok(r.meta.power == crate::site::Power::Running)
+    })
+    .await?;
+    // Held until the VM is Off: no guest write slips in between.
+    let _quiet = if running {
+        Some(guest_shutdown(&st, &vm).await?)
+    } else {
+        None
+    };
     with_store(&st, move |s| {
         s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
     })
     .await
+}
+
+/// A graceful shutdown of the guest: new guest writes are refused, the ones in flight finish,
+/// the guest stops. Fails (the VM keeps running and takes writes again) when that does not
+/// happen within the agent's shutdown timeout.
+async fn guest_shutdown(st: &Shared, vm: &str) -> ApiResult<ShuttingDown> {
+    let limit = st.shutdown_timeout;
+    let ignores = guest_ignores_shutdown(vm);
+    set_shutting_down(st, vm, true);
+    let quiet = ShuttingDown {
+        st: st.clone(),
+        vm: vm.to_string(),
+    };
+    let wait = async {
+        loop {
+            let idle = st
+                .guests
+                .lock()
+                .map(|g| g.get(vm).is_none_or(|g| g.in_flight == 0))
+                .unwrap_or(false);
+            if idle && !ignores {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(limit, wait).await.is_err() {
+        // `quiet` is dropped: the guest takes writes again.
+        return Err(ApiError::conflict(format!(
+            "guest did not shut down within {}s; use PowerOff",
+            limit.as_secs()
+        )));
+    }
+    Ok(quiet)
+}
+
+/// New guest writes of a VM are refused while this lives (a shutdown under way).
+struct ShuttingDown {
+    st: Shared,
+    vm: String,
+}
+
+impl Drop for ShuttingDown {
+    fn drop(&mut self) {
+        set_shutting_down(&self.st, &self.vm, false);
+    }
+}
+
+fn set_shutting_down(st: &Shared, vm: &str, on: bool) {
+    if let Ok(mut g) = st.guests.lock() {
+        g.entry(vm.to_string()).or_default().shutting_down = on;
+    }
+}
+
+/// Test-only fault injection: `TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN=vm1,vm2` makes those
+/// guests ignore a graceful shutdown.
+fn guest_ignores_shutdown(vm: &str) -> bool {
+    std::env::var("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN")
+        .is_ok_and(|v| v.split(',').any(|n| n.trim() == vm))
+}
+
+/// A guest write accepted: counted until dropped.
+struct InFlight {
+    st: Shared,
+    vm: String,
+}
+
+impl InFlight {
+    fn start(st: &Shared, vm: &str) -> ApiResult<Self> {
+        let mut g = st
+            .guests
+            .lock()
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "guests poisoned"))?;
+        let e = g.entry(vm.to_string()).or_default();
+        if e.shutting_down {
+            return Err(ApiError::conflict(format!("VM {vm} is shutting down")));
+        }
+        e.in_flight += 1;
+        Ok(Self {
+            st: st.clone(),
+            vm: vm.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.st.guests.lock()
+            && let Some(e) = g.get_mut(&self.vm)
+        {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -343,7 +497,9 @@ async fn write_disk(
     body: Bytes,
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
+    let in_flight = InFlight::start(&st, &vm)?;
     with_store(&st, move |s| {
+        let _in_flight = in_flight;
         s.write(&vm, &disk, offset, &body)?;
         Ok(Json(serde_json::json!({"written": body.len()})).into_response())
     })

@@ -435,16 +435,21 @@ impl Store {
                     .map_err(ApiError::io)?;
             }
         } else {
-            let mut buf = Vec::new();
-            for f in &good {
-                frame::push_with_hash(&mut buf, f.disk, f.block, &f.hash, f.data);
-            }
             let mut file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&stage_path)
                 .map_err(ApiError::io)?;
-            file.write_all(&buf).map_err(ApiError::io)?;
+            if res.refused.is_empty() {
+                // Every frame is good: the batch is staged as it came.
+                file.write_all(batch).map_err(ApiError::io)?;
+            } else {
+                let mut buf = Vec::new();
+                for f in &good {
+                    frame::push_with_hash(&mut buf, f.disk, f.block, &f.hash, f.data);
+                }
+                file.write_all(&buf).map_err(ApiError::io)?;
+            }
         }
         if !res.refused.is_empty() {
             tracing::warn!(vm, refused = res.refused.len(), "refused damaged blocks");

@@ -35,6 +35,30 @@ pub fn push_with_hash(buf: &mut Vec<u8>, disk: u32, block: u64, hash: &[u8; 32],
     buf.extend_from_slice(data);
 }
 
+/// Appends one block of `len` bytes whose data `fill` writes in place (read straight from a
+/// file into the batch, with no copy of its own), with its checksum.
+pub fn push_from(
+    buf: &mut Vec<u8>,
+    disk: u32,
+    block: u64,
+    len: usize,
+    fill: impl FnOnce(&mut [u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let start = buf.len();
+    buf.resize(start + HEADER + len, 0);
+    let (head, data) = buf[start..].split_at_mut(HEADER);
+    if let Err(e) = fill(data) {
+        buf.truncate(start);
+        return Err(e);
+    }
+    let hash = block_hash(data);
+    head[0..4].copy_from_slice(&disk.to_le_bytes());
+    head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    head[8..16].copy_from_slice(&block.to_le_bytes());
+    head[16..48].copy_from_slice(&hash);
+    Ok(())
+}
+
 /// Splits a batch into frames; `None` when it is truncated or malformed.
 pub fn parse(mut buf: &[u8]) -> Option<Vec<Frame<'_>>> {
     let mut out = Vec::new();
@@ -180,6 +204,14 @@ mod tests {
         assert!(frames.iter().all(Frame::verify));
         frames[1].data = &[4u8; 100];
         assert!(!frames[1].verify());
+        let mut c = Vec::new();
+        push_from(&mut c, 0, 7, 5, |d| {
+            d.copy_from_slice(b"hello");
+            Ok(())
+        })
+        .unwrap();
+        assert!(push_from(&mut c, 0, 8, 5, |_| Err(std::io::Error::other("x"))).is_err());
+        assert_eq!(c, b[..HEADER + 5]);
         assert!(parse(&b[..b.len() - 1]).is_none());
     }
 }

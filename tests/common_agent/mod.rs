@@ -17,6 +17,8 @@ pub struct AgentProc {
     pub data_dir: PathBuf,
     pub token_file: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Extra command-line arguments of the agent.
+    pub args: Vec<String>,
 }
 
 pub fn free_port() -> u16 {
@@ -33,6 +35,10 @@ impl AgentProc {
     }
 
     pub fn start_with_env(site: &str, root: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with(site, root, env, &[])
+    }
+
+    pub fn start_with(site: &str, root: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let data_dir = root.join(site);
         std::fs::create_dir_all(&data_dir).unwrap();
         let token_file = root.join(format!("{site}.token"));
@@ -48,6 +54,7 @@ impl AgentProc {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         a.spawn();
         a
@@ -63,6 +70,7 @@ impl AgentProc {
             .arg("--token-file")
             .arg(&self.token_file)
             .args(["--max-disk-bytes", "1073741824"])
+            .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .spawn()
