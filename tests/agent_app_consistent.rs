@@ -105,7 +105,11 @@ async fn app_consistent_points_only_with_integration_services() {
         .unwrap();
     ca.stop_replication("with-is", "stop-1").await.unwrap();
     let fo = cb
-        .failover("with-is", &RecoveryPointSelector::LatestAppConsistent, "fo-1")
+        .failover(
+            "with-is",
+            &RecoveryPointSelector::LatestAppConsistent,
+            "fo-1",
+        )
         .await
         .unwrap();
     assert_eq!(fo.recovery_point, rp1);
