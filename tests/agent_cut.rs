@@ -225,15 +225,49 @@ async fn cuts_taken_during_writes_are_consistent_across_vms() {
             n
         })
     };
+    // Sync-now cycles of the same VMs run meanwhile: a VM's cycles never overlap (the
+    // replica refuses blocks and commits of a cycle another `begin` superseded).
+    let syncer = {
+        let (ca, stop) = (ca.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let vm = VMS[(n % 3) as usize];
+                ca.sync(vm, &format!("bg-{n}")).await.unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
     let mut seen = Vec::new();
     for i in 0..6 {
         let res = ca.cut(&cut(&format!("cut-{i}"), &VMS)).await.unwrap();
         assert_eq!(res.points.len(), 3);
         let mut vals = Vec::new();
+        for p in &res.points {
+            assert_eq!(
+                p.recovery_point.cut_id.as_deref(),
+                Some(format!("cut-{i}").as_str())
+            );
+        }
         for vm in VMS {
-            // The replica's image is its newest point: this cut's.
-            let bytes = cb.read_disk(vm, "disk0", 0, 8).await.unwrap();
+            // A test copy of the cut's point shows what the cut captured (newer sync points
+            // may exist by now).
+            let p = res.points.iter().find(|p| p.vm == vm).unwrap();
+            let t = cb
+                .test_failover(
+                    vm,
+                    &RecoveryPointSelector::Id(p.recovery_point.id.clone()),
+                    "isolated",
+                    &format!("tf-{i}-{vm}"),
+                )
+                .await
+                .unwrap();
+            let bytes = cb.read_disk(&t.vm_name, "disk0", 0, 8).await.unwrap();
             vals.push(u64::from_le_bytes(bytes.try_into().unwrap()));
+            cb.test_failover_cleanup(vm, &format!("tfc-{i}-{vm}"))
+                .await
+                .unwrap();
         }
         assert!(
             vals[0] >= vals[1] && vals[1] >= vals[2] && vals[2] + 1 >= vals[0],
@@ -244,6 +278,7 @@ async fn cuts_taken_during_writes_are_consistent_across_vms() {
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let written = writer.await.unwrap();
     assert!(written > 1, "the writer never ran");
+    syncer.await.unwrap();
     // The cuts saw the writes go on.
     assert!(seen.last().unwrap()[0] >= seen[0][0]);
 }

@@ -78,6 +78,10 @@ pub struct Inbound {
     pub rps: Vec<RpMeta>,
     /// Cycle id and point of the last commit, so a repeated commit answers the same point.
     pub last_cycle: Option<(String, Option<RecoveryPoint>)>,
+    /// The cycle `begin` opened and that has not committed: blocks and a commit of any other
+    /// cycle are refused (a second `begin` discarded that cycle's staged blocks).
+    #[serde(default)]
+    pub open_cycle: Option<String>,
     pub last_sync_time: Option<Timestamp>,
     pub blocks_refused: u64,
     /// Recovery points are history of the replica only until the VM runs here.
@@ -197,6 +201,22 @@ pub struct BatchResult {
     pub refused: Vec<(u32, u64)>,
 }
 
+/// Blocks and commits belong to the cycle `begin` opened last.
+fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
+    let open = r
+        .meta
+        .inbound
+        .as_ref()
+        .and_then(|i| i.open_cycle.as_deref());
+    if open != Some(cycle) {
+        return Err(ApiError::conflict(format!(
+            "cycle {cycle} of {vm} is not open here (open: {})",
+            open.unwrap_or("none")
+        )));
+    }
+    Ok(())
+}
+
 fn undo_dir(store: &Store, vm: &str) -> std::path::PathBuf {
     store.vm_dir(vm).join("undo")
 }
@@ -251,6 +271,11 @@ impl Store {
             }
             // Blocks of a cycle that never committed are dropped; the source resends them
             // (their journals are still there), as are spools of unfinished outbound cycles.
+            if let Some(i) = self.rec_mut(&vm)?.meta.inbound.as_mut()
+                && i.open_cycle.take().is_some()
+            {
+                self.save(&vm)?;
+            }
             for sub in ["staging", "spool"] {
                 let dir = self.vm_dir(&vm).join(sub);
                 if dir.exists() {
@@ -310,6 +335,7 @@ impl Store {
             inbound.last_cycle = None;
         }
         inbound.source_site = b.source_site.clone();
+        inbound.open_cycle = Some(b.cycle_id.clone());
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
         if b.bulk || !was_replica {
@@ -407,6 +433,7 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
+        check_open(r, vm, cycle)?;
         let mut res = BatchResult::default();
         let mut good = Vec::new();
         for f in &frames {
@@ -525,6 +552,7 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
+        check_open(r, vm, &c.cycle_id)?;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         if c.bulk {
             for d in &r.disks {
@@ -536,6 +564,7 @@ impl Store {
             r.tracker.reset().map_err(ApiError::io)?;
             let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
+            i.open_cycle = None;
             self.save(vm)?;
             return Ok(None);
         }
@@ -576,6 +605,7 @@ impl Store {
             i.rps.push(point);
             i.next_seq = seq + 1;
             i.last_cycle = Some((c.cycle_id.clone(), Some(view.clone())));
+            i.open_cycle = None;
             i.last_sync_time = Some(c.time);
         }
         // The point is recorded (with its staging file) before the image changes, so a crash
