@@ -13,7 +13,8 @@ Measures, on one disk of GiB (default 4) filled with random data:
 
 With --memory N: N protected VMs of 1 GiB each (sparse, a few MiB written to each), initial
 replication of all, then rounds of writes and cycles; reports the peak resident memory
-(VmHWM) and the last VmRSS of both agents from /proc.
+(VmHWM) and the last VmRSS of both agents from /proc; then one cycle of 256 MiB of one VM and
+the peak again.
 """
 import json
 import os
@@ -155,6 +156,18 @@ def memory(n):
             time.sleep(0.2)
         hwm_a, rss_a = mem_of(pa)
         hwm_b, rss_b = mem_of(pb)
+        # One big cycle: 256 MiB written to one VM, then a sync; neither side may hold it.
+        big = names[0]
+        for i in range(64):
+            call(f"{ua}/v1/vms/{big}/disks/disk0/data?offset={i * (4 << 20)}", "PUT",
+                 raw=os.urandom(4 << 20))
+        t = time.monotonic()
+        call(f"{ua}/v1/vms/{big}/replication/sync", "POST", {"operationId": "big-" + big})
+        big_s = time.monotonic() - t
+        da_ = call(f"{ua}/v1/vms/{big}/disks/disk0/digest")["sha256"]
+        db_ = call(f"{ub}/v1/vms/{big}/disks/disk0/digest")["sha256"]
+        hwm_a2, _ = mem_of(pa)
+        hwm_b2, _ = mem_of(pb)
         du = subprocess.run(["du", "-sk", da, db], capture_output=True, text=True).stdout
         print(f"{n} VMs of {GIB} GiB, 4 MiB written to each, then {rounds} rounds of 512 KiB "
               f"per VM with a sync of every VM, then 35 s of periodic cycles")
@@ -164,6 +177,8 @@ def memory(n):
               f"(highest sampled RSS {peak['a'] / 1024:.1f} MiB)")
         print(f"replica agent: VmHWM {hwm_b / 1024:.1f} MiB   VmRSS {rss_b / 1024:.1f} MiB   "
               f"(highest sampled RSS {peak['b'] / 1024:.1f} MiB)")
+        print(f"then one cycle of 256 MiB of {big}: {big_s:.1f} s, digests equal: {da_ == db_}; "
+              f"VmHWM after it: source {hwm_a2 / 1024:.1f} MiB, replica {hwm_b2 / 1024:.1f} MiB")
         print("space used (KiB):", " ".join(du.split()))
     finally:
         for p in procs:
