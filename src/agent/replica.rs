@@ -384,14 +384,12 @@ impl Store {
             .journal_base
             .clone()
             .filter(|_| r.meta.role == Role::Primary);
+        // Not just the dirty set: a cycle of this side may be in flight (sealed, never to be
+        // acknowledged now), and its blocks differ from the peer's too.
+        let sets = r.tracker.unacknowledged().map_err(ApiError::io)?;
         Ok(DirtySet {
             journal_base: base,
-            disks: r
-                .tracker
-                .dirty()
-                .iter()
-                .map(|b| hex::encode(b.to_bytes()))
-                .collect(),
+            disks: sets.iter().map(|b| hex::encode(b.to_bytes())).collect(),
         })
     }
 
