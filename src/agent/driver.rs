@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +23,9 @@ use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, Replication
 
 /// Blocks per request of the block stream.
 const BATCH_BLOCKS: u64 = 64;
+/// Batches of one transfer in flight at once: the source reads and frames the next batch
+/// while the peer verifies and writes the one before.
+const PIPELINE: usize = 2;
 /// Attempts at a batch whose blocks the peer keeps refusing.
 const MAX_RESENDS: usize = 5;
 
@@ -456,15 +461,26 @@ pub async fn run_once(
         .await?;
         let mut sent = 0;
         let mut cur = Cursor::default();
+        let mut inflight = FuturesUnordered::new();
         while cur.slot < cap.blocks {
-            let _slot = st.send_slots.acquire().await.map_err(|e| e.to_string())?;
+            let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
             let blocks =
                 tokio::task::block_in_place(|| spool_batch(&cap, &sizes, &mut cur, BATCH_BLOCKS))
                     .map_err(|e| e.to_string())?;
             if blocks.is_empty() {
                 return Err("spool shorter than its capture".to_string());
             }
-            sent += send_batch(st, &peer, vm, &cap.cycle, false, blocks).await?;
+            let (peer, cycle) = (&peer, &cap.cycle);
+            inflight.push(async move {
+                let _permit = permit;
+                send_batch(st, peer, vm, cycle, false, blocks).await
+            });
+            while inflight.len() >= PIPELINE {
+                sent += inflight.next().await.unwrap_or(Ok(0))?;
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            sent += r?;
         }
         let c = CommitCycle {
             cycle_id: cap.cycle.clone(),
@@ -577,6 +593,24 @@ async fn finish(
     })
     .await
     .map_err(|e| e.message)
+}
+
+/// Waits for a send slot while the batches already in flight go on (they hold slots
+/// themselves: waiting without polling them could wait forever).
+async fn acquire_polling<'a, F>(
+    st: &'a Shared,
+    inflight: &mut FuturesUnordered<F>,
+    sent: &mut u64,
+) -> Result<tokio::sync::SemaphorePermit<'a>, String>
+where
+    F: std::future::Future<Output = Result<u64, String>>,
+{
+    loop {
+        tokio::select! {
+            p = st.send_slots.acquire() => return p.map_err(|e| e.to_string()),
+            Some(r) = inflight.next(), if !inflight.is_empty() => *sent += r?,
+        }
+    }
 }
 
 /// Sends one batch of frames, resending refused blocks; returns payload bytes sent.
@@ -726,12 +760,13 @@ async fn bulk(
             None
         };
         let mut next = 0;
+        let mut inflight = FuturesUnordered::new();
         while next < n {
             let vm2 = vm.to_string();
             let size = disk.size_bytes;
             let hashes = peer_hashes.clone();
             let plan = plan.clone();
-            let _slot = st.send_slots.acquire().await.map_err(|e| e.to_string())?;
+            let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
             let (blocks, after) = with_store(st, move |s| {
                 let r = s.rec(&vm2)?;
                 let file = &r.disks[d];
@@ -772,9 +807,18 @@ async fn bulk(
             .await
             .map_err(|e| e.message)?;
             if !blocks.is_empty() {
-                sent += send_batch(st, peer, vm, cycle, true, blocks).await?;
+                inflight.push(async move {
+                    let _permit = permit;
+                    send_batch(st, peer, vm, cycle, true, blocks).await
+                });
+            }
+            while inflight.len() >= PIPELINE {
+                sent += inflight.next().await.unwrap_or(Ok(0))?;
             }
             next = after;
+        }
+        while let Some(r) = inflight.next().await {
+            sent += r?;
         }
     }
     Ok(sent)
