@@ -1,12 +1,21 @@
 #!/usr/bin/env python3
-"""Replication speed of two twinsite agents on loopback, with cp and rsync beside it.
+"""Replication speed and memory of two twinsite agents on loopback, with cp and rsync beside it.
 
 Usage: cargo build --release && python3 benches/agent_bench.py [target/release/twinsite] [GiB]
+       python3 benches/agent_bench.py target/release/twinsite --memory 100
 
 Measures, on one disk of GiB (default 4) filled with random data:
   - initial replication (enable + first acknowledged point) vs `cp` of the same file;
   - a steady-state cycle after 1% of the 64 KiB blocks changed vs
-    `rsync --inplace --no-whole-file` of the same disk pair; bytes sent vs bytes changed.
+    `rsync --inplace --no-whole-file --ignore-times` of the same disk pair; bytes sent vs bytes
+    changed;
+  - reverse resync after a failover with writes at both sides (0.5% of the blocks each, 1% in
+    all) vs the same rsync of the same disk pair.
+
+With --memory N: N protected VMs of 1 GiB each (sparse, a few MiB written to each), initial
+replication of all, then rounds of writes and cycles; reports the peak resident memory
+(VmHWM) and the last VmRSS of both agents from /proc; then one cycle of 256 MiB of one VM and
+the peak again.
 """
 import json
 import os
@@ -19,11 +28,20 @@ import tempfile
 import time
 import urllib.request
 
-BIN = sys.argv[1] if len(sys.argv) > 1 else "target/release/twinsite"
-GIB = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+ARGS = [a for a in sys.argv[1:]]
+MEMORY_VMS = None
+if "--memory" in ARGS:
+    i = ARGS.index("--memory")
+    MEMORY_VMS = int(ARGS[i + 1])
+    del ARGS[i:i + 2]
+BIN = ARGS[0] if len(ARGS) > 0 else "target/release/twinsite"
+GIB = int(ARGS[1]) if len(ARGS) > 1 else (1 if MEMORY_VMS else 4)
 SIZE = GIB << 30
 BLOCK = 64 << 10
 TOKEN = "bench-token"
+# --ignore-times: rsync's quick check (same size and modification time) must not skip the file;
+# on a small disk the copy can share the second of the last write.
+RSYNC = ["rsync", "--inplace", "--no-whole-file", "--ignore-times"]
 
 
 def free_port():
@@ -65,7 +83,117 @@ def start(root, site):
     raise SystemExit("agent did not start")
 
 
+def mem_of(p):
+    """(VmHWM, VmRSS) of a process in KiB."""
+    out = {}
+    with open(f"/proc/{p.pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("VmHWM", "VmRSS"):
+                out[k] = int(v.split()[0])
+    return out.get("VmHWM", 0), out.get("VmRSS", 0)
+
+
+def memory(n):
+    """N protected VMs of 1 GiB: resident memory of both agents while cycles run."""
+    import concurrent.futures as cf
+    root = tempfile.mkdtemp(prefix="twinsite-bench-")
+    procs = []
+    try:
+        pa, ua, da = start(root, "a")
+        pb, ub, db = start(root, "b")
+        procs += [pa, pb]
+        names = [f"vm-{i:03d}" for i in range(n)]
+        nblocks = SIZE // BLOCK
+
+        def scribble(vm, count):
+            for b in random.sample(range(nblocks), count):
+                call(f"{ua}/v1/vms/{vm}/disks/disk0/data?offset={b * BLOCK}", "PUT",
+                     raw=os.urandom(BLOCK))
+
+        peak = {"a": 0, "b": 0}
+
+        def sample():
+            for k, p in (("a", pa), ("b", pb)):
+                peak[k] = max(peak[k], mem_of(p)[1])
+
+        for vm in names:
+            call(f"{ua}/v1/vms/{vm}", "PUT",
+                 {"disks": [{"name": "disk0", "sizeBytes": SIZE}], "power": "Running",
+                  "integrationServices": True})
+            scribble(vm, 64)  # 4 MiB per VM
+        t = time.monotonic()
+        for vm in names:
+            call(f"{ua}/v1/vms/{vm}/replication/enable", "POST",
+                 {"operationId": "en-" + vm, "peerSite": "b", "peerUrl": ub, "peerToken": TOKEN,
+                  "intervalSeconds": 30, "recoveryPointRetentionHours": 24,
+                  "appConsistentFrequencyHours": 0, "mode": "Initial"})
+        with cf.ThreadPoolExecutor(16) as ex:
+            futs = [ex.submit(call, f"{ua}/v1/vms/{vm}/replication/sync", "POST",
+                              {"operationId": "s0-" + vm}) for vm in names]
+            while not all(f.done() for f in futs):
+                sample()
+                time.sleep(0.2)
+            for f in futs:
+                f.result()
+        init_s = time.monotonic() - t
+        rounds = 3
+        t = time.monotonic()
+        for r in range(rounds):
+            with cf.ThreadPoolExecutor(16) as ex:
+                list(ex.map(lambda vm: scribble(vm, 8), names))
+            sample()
+            with cf.ThreadPoolExecutor(16) as ex:
+                futs = [ex.submit(call, f"{ua}/v1/vms/{vm}/replication/sync", "POST",
+                                  {"operationId": f"s{r + 1}-{vm}"}) for vm in names]
+                while not all(f.done() for f in futs):
+                    sample()
+                    time.sleep(0.2)
+                for f in futs:
+                    f.result()
+        cycles_s = time.monotonic() - t
+        # Periodic cycles (every 30 s) run on their own meanwhile: let a period pass.
+        end = time.monotonic() + 35
+        while time.monotonic() < end:
+            scribble(random.choice(names), 1)
+            sample()
+            time.sleep(0.2)
+        hwm_a, rss_a = mem_of(pa)
+        hwm_b, rss_b = mem_of(pb)
+        # One big cycle: 256 MiB written to one VM, then a sync; neither side may hold it.
+        big = names[0]
+        for i in range(64):
+            call(f"{ua}/v1/vms/{big}/disks/disk0/data?offset={i * (4 << 20)}", "PUT",
+                 raw=os.urandom(4 << 20))
+        t = time.monotonic()
+        call(f"{ua}/v1/vms/{big}/replication/sync", "POST", {"operationId": "big-" + big})
+        big_s = time.monotonic() - t
+        da_ = call(f"{ua}/v1/vms/{big}/disks/disk0/digest")["sha256"]
+        db_ = call(f"{ub}/v1/vms/{big}/disks/disk0/digest")["sha256"]
+        hwm_a2, _ = mem_of(pa)
+        hwm_b2, _ = mem_of(pb)
+        du = subprocess.run(["du", "-sk", da, db], capture_output=True, text=True).stdout
+        print(f"{n} VMs of {GIB} GiB, 4 MiB written to each, then {rounds} rounds of 512 KiB "
+              f"per VM with a sync of every VM, then 35 s of periodic cycles")
+        print(f"initial replication of all: {init_s:.1f} s   {rounds} cycle rounds: "
+              f"{cycles_s:.1f} s")
+        print(f"source agent:  VmHWM {hwm_a / 1024:.1f} MiB   VmRSS {rss_a / 1024:.1f} MiB   "
+              f"(highest sampled RSS {peak['a'] / 1024:.1f} MiB)")
+        print(f"replica agent: VmHWM {hwm_b / 1024:.1f} MiB   VmRSS {rss_b / 1024:.1f} MiB   "
+              f"(highest sampled RSS {peak['b'] / 1024:.1f} MiB)")
+        print(f"then one cycle of 256 MiB of {big}: {big_s:.1f} s, digests equal: {da_ == db_}; "
+              f"VmHWM after it: source {hwm_a2 / 1024:.1f} MiB, replica {hwm_b2 / 1024:.1f} MiB")
+        print("space used (KiB):", " ".join(du.split()))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
+    if MEMORY_VMS:
+        return memory(MEMORY_VMS)
     root = tempfile.mkdtemp(prefix="twinsite-bench-")
     procs = []
     try:
@@ -109,7 +237,7 @@ def main():
         # Warm page cache for rsync's reads, as for the agent's.
         subprocess.run(["cat", img_a, pair], stdout=subprocess.DEVNULL, check=True)
         t = time.monotonic()
-        subprocess.run(["rsync", "--inplace", "--no-whole-file", img_a, pair], check=True)
+        subprocess.run(RSYNC + [img_a, pair], check=True)
         rsync_s = time.monotonic() - t
         os.remove(pair)
 
@@ -129,6 +257,45 @@ def main():
         print(f"cycle bytes sent: {sent}   changed: {changed_bytes}   "
               f"overhead: {100.0 * (sent - changed_bytes) / changed_bytes:.2f}%")
         print(f"digests equal after cycle: {da_ == db_}")
+
+        # Reverse resync: A writes 0.5% of the blocks it never sends and shuts down, B fails
+        # over to the latest point and writes another 0.5%; then B resyncs back to A.
+        sample = random.sample(range(nblocks), nblocks // 100)
+        a_blocks, b_blocks = sample[: len(sample) // 2], sample[len(sample) // 2:]
+        for b in a_blocks:
+            call(f"{ua}/v1/vms/bench/disks/disk0/data?offset={b * BLOCK}", "PUT",
+                 raw=os.urandom(BLOCK))
+        call(ua + "/v1/vms/bench/power", "POST", {"action": "Shutdown", "operationId": "sd-1"})
+        call(ua + "/v1/vms/bench/replication/stop", "POST", {"operationId": "stop-1"})
+        call(ub + "/v1/vms/bench/failover", "POST",
+             {"operationId": "fo-1", "recoveryPoint": "Latest"})
+        call(ub + "/v1/vms/bench/commit", "POST", {"operationId": "commit-1"})
+        for b in b_blocks:
+            call(f"{ub}/v1/vms/bench/disks/disk0/data?offset={b * BLOCK}", "PUT",
+                 raw=os.urandom(BLOCK))
+        pair = os.path.join(root, "rsync-dst.img")
+        shutil.copyfile(img_a, pair)
+        subprocess.run(["cat", img_b, pair], stdout=subprocess.DEVNULL, check=True)
+        t = time.monotonic()
+        subprocess.run(RSYNC + [img_b, pair], check=True)
+        rsync_r = time.monotonic() - t
+        os.remove(pair)
+        subprocess.run(["cat", img_a, img_b], stdout=subprocess.DEVNULL, check=True)
+        t = time.monotonic()
+        call(ub + "/v1/vms/bench/replication/enable", "POST",
+             {"operationId": "en-2", "peerSite": "a", "peerUrl": ua, "peerToken": TOKEN,
+              "intervalSeconds": 900, "recoveryPointRetentionHours": 24,
+              "appConsistentFrequencyHours": 0, "mode": "Resync"})
+        call(ub + "/v1/vms/bench/replication/sync", "POST", {"operationId": "s-r1"})
+        resync_s = time.monotonic() - t
+        rsent = call(ub + "/v1/vms/bench")["replication"]["bytesSent"]
+        da_ = call(ua + "/v1/vms/bench/disks/disk0/digest")["sha256"]
+        db_ = call(ub + "/v1/vms/bench/disks/disk0/digest")["sha256"]
+        differing = len(set(sample)) * BLOCK
+        print(f"reverse resync ({len(a_blocks)} blocks written at A, {len(b_blocks)} at B): "
+              f"{resync_s:.3f} s   rsync: {rsync_r:.2f} s   speedup: {rsync_r / resync_s:.1f}x")
+        print(f"resync bytes sent: {rsent}   differing: {differing}")
+        print(f"digests equal after resync: {da_ == db_}")
     finally:
         for p in procs:
             p.kill()

@@ -1,21 +1,31 @@
 //! The source side of replication: one task per protected VM runs the bulk transfer (initial or
 //! resync) and then a cycle every interval or on sync-now.
 
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
-use super::replica::{BatchResult, BeginCycle, CommitCycle};
-use super::{ApiError, Shared, with_store};
+use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
+use super::{ApiError, Shared, Store, with_store};
 use crate::replication::tracker::Sealed;
-use crate::replication::{block_count, block_hash, frame, read_block};
+use crate::replication::{
+    BLOCK_SIZE, Bitmap, block_count, block_hash, block_len, frame, read_block,
+};
 use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
 const BATCH_BLOCKS: u64 = 64;
+/// Batches of one transfer in flight at once: the source reads and frames the next batch
+/// while the peer verifies and writes the one before.
+const PIPELINE: usize = 2;
 /// Attempts at a batch whose blocks the peer keeps refusing.
 const MAX_RESENDS: usize = 5;
 
@@ -89,7 +99,12 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
                 r = rx.recv() => match r { Some(r) => Some(r), None => return },
             }
         };
-        let res = run_once(&st, &vm).await;
+        let res = {
+            // A cycle of this VM never overlaps another one (a cut's, a sync-now's).
+            let lock = cycle_lock(&st, &vm);
+            let _guard = lock.lock().await;
+            run_once(&st, &vm, None).await
+        };
         if let Err(e) = &res {
             tracing::warn!(vm, error = %e, "replication cycle failed");
             let msg = e.clone();
@@ -120,7 +135,7 @@ impl Peer {
         method: Method,
         path: &str,
         json: Option<serde_json::Value>,
-        body: Option<Vec<u8>>,
+        body: Option<bytes::Bytes>,
     ) -> Result<bytes::Bytes, String> {
         let mut req = self
             .http
@@ -165,8 +180,161 @@ fn new_cycle_id() -> String {
     format!("c{n:x}")
 }
 
-/// One step of replication: the pending bulk transfer if any, then a cycle.
-async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
+/// The lock that serializes the cycles of `vm` (its driver's, sync-now's and cuts').
+pub fn cycle_lock(st: &Shared, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = st
+        .cycle_locks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    locks.entry(vm.to_string()).or_default().clone()
+}
+
+/// The blocks of one cycle, captured at one instant: the sealed dirty set and a spool file
+/// holding the content of every one of its blocks at that instant (slot `i` at `i * BLOCK_SIZE`
+/// in the order of `sealed.sets`).
+pub struct Capture {
+    pub vm: String,
+    pub cycle: String,
+    pub sealed: Sealed,
+    pub spool: PathBuf,
+    pub blocks: u64,
+    pub time: Timestamp,
+    pub kind: RecoveryPointKind,
+    pub cut_id: Option<String>,
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.spool);
+    }
+}
+
+/// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
+/// VM can join a cut.
+pub fn cuttable(s: &Store, vm: &str) -> bool {
+    s.rec(vm).is_ok_and(|r| {
+        r.meta.role == crate::site::Role::Primary
+            && r.meta
+                .outbound
+                .as_ref()
+                .is_some_and(|o| !o.stopped && o.bulk.is_none())
+    })
+}
+
+/// Seals the tracker of `vm` and copies its dirty blocks into a spool file. Runs inside the
+/// store lock, so no guest write of any VM interleaves: calling it for several VMs under one
+/// lock is a consistent cut of all of them.
+pub fn capture(
+    s: &mut Store,
+    vm: &str,
+    time: Timestamp,
+    cut_id: Option<String>,
+) -> Result<Capture, ApiError> {
+    let dir = s.vm_dir(vm).join("spool");
+    std::fs::create_dir_all(&dir).map_err(ApiError::io)?;
+    let cycle = new_cycle_id();
+    let spool = dir.join(format!("{cycle}.blocks"));
+    let r = s.rec_mut(vm)?;
+    let sealed = r.tracker.seal().map_err(ApiError::io)?;
+    let copied = (|| -> std::io::Result<u64> {
+        let out = std::fs::File::create(&spool)?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut slot = 0u64;
+        for (d, set) in sealed.sets.iter().enumerate() {
+            let size = r.meta.disks[d].size_bytes;
+            for b in set.iter() {
+                let len = block_len(size, b);
+                r.disks[d].read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
+                out.write_all_at(&buf[..len], slot * BLOCK_SIZE)?;
+                slot += 1;
+            }
+        }
+        Ok(slot)
+    })();
+    let blocks = match copied {
+        Ok(n) => n,
+        Err(e) => {
+            r.tracker.abort(sealed);
+            let _ = std::fs::remove_file(&spool);
+            return Err(ApiError::io(e));
+        }
+    };
+    let o = r.meta.outbound.as_ref();
+    let due = o.is_some_and(|o| {
+        o.app_consistent_hours > 0
+            && o.last_app_consistent.is_none_or(|t| {
+                time.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
+            })
+    });
+    let kind = if due && r.meta.integration_services {
+        RecoveryPointKind::AppConsistent
+    } else {
+        RecoveryPointKind::CrashConsistent
+    };
+    Ok(Capture {
+        vm: vm.to_string(),
+        cycle,
+        sealed,
+        spool,
+        blocks,
+        time,
+        kind,
+        cut_id,
+    })
+}
+
+/// Where the next batch of a capture starts: disk, block, spool slot.
+#[derive(Default, Clone, Copy)]
+struct Cursor {
+    disk: usize,
+    block: u64,
+    slot: u64,
+}
+
+/// Frames the next `n` blocks of a capture's spool into one batch, advancing `cur`.
+fn spool_batch(c: &Capture, sizes: &[u64], cur: &mut Cursor, n: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::File::open(&c.spool)?;
+    let mut out = Vec::new();
+    let mut count = 0;
+    while count < n && cur.disk < c.sealed.sets.len() {
+        let set = &c.sealed.sets[cur.disk];
+        match set.iter_from(cur.block).next() {
+            Some(b) => {
+                let slot = cur.slot;
+                frame::push_from(
+                    &mut out,
+                    cur.disk as u32,
+                    b,
+                    block_len(sizes[cur.disk], b),
+                    |d| f.read_exact_at(d, slot * BLOCK_SIZE),
+                )?;
+                count += 1;
+                cur.slot += 1;
+                cur.block = b + 1;
+            }
+            None => {
+                cur.disk += 1;
+                cur.block = 0;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One step of replication: the pending bulk transfer if any, then a cycle (of the blocks
+/// captured by a cut when `pre` is given). The caller holds the VM's cycle lock.
+pub async fn run_once(
+    st: &Shared,
+    vm: &str,
+    pre: Option<Capture>,
+) -> Result<RecoveryPoint, String> {
+    // Until a sealed set is acknowledged or put back, the guard puts it back if this cycle
+    // ends early (an error, or the driver task aborted mid-cycle).
+    let mut unsent = Unsent {
+        st: st.clone(),
+        vm: vm.to_string(),
+        sealed: pre.as_ref().map(|c| c.sealed.clone()),
+    };
     let vm_s = vm.to_string();
     let (o, disks, is) = with_store(st, move |s| {
         let r = s.rec(&vm_s)?;
@@ -193,19 +361,63 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         integration_services: is,
         retention_hours: o.retention_hours,
         bulk,
+        zero: false,
     };
-    if let Some(mode) = o.bulk {
+    if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
-        let body = serde_json::to_value(begin(true, &cycle)).map_err(|e| e.to_string())?;
-        peer.call(
-            Method::POST,
-            &format!("/v1/replica/{vm}/begin"),
-            Some(body),
-            None,
-        )
-        .await?;
-        let sealed = seal(st, vm).await?;
-        let res = bulk(st, &peer, vm, &cycle, mode, &disks).await;
+        // Resync: the old source's changes since its journal base, asked for before `begin`
+        // makes it a replica (which forgets them).
+        let peer_dirty = if mode == ReplicationMode::Resync {
+            peer_dirty_set(&peer, vm, &disks).await
+        } else {
+            None
+        };
+        let mut b = begin(true, &cycle);
+        b.zero = mode == ReplicationMode::Initial;
+        let body = serde_json::to_value(b).map_err(|e| e.to_string())?;
+        let answer = peer
+            .call(
+                Method::POST,
+                &format!("/v1/replica/{vm}/begin"),
+                Some(body),
+                None,
+            )
+            .await?;
+        let zeroed = serde_json::from_slice::<BeginAnswer>(&answer).is_ok_and(|a| a.zeroed);
+        let vm_s = vm.to_string();
+        let (sealed, my_base) = with_store(st, move |s| {
+            let r = s.rec_mut(&vm_s)?;
+            let sealed = r.tracker.seal().map_err(ApiError::io)?;
+            Ok((sealed, r.meta.journal_base.clone()))
+        })
+        .await
+        .map_err(|e| e.message)?;
+        unsent.sealed = Some(sealed.clone());
+        let plan = match (mode, peer_dirty) {
+            (ReplicationMode::Initial, _) => Plan::All { skip_zero: zeroed },
+            (ReplicationMode::Resync, Some((base, mut sets)))
+                if my_base.as_deref() == Some(base.as_str()) =>
+            {
+                // Both sides tracked every change since the same cycle: only the union of
+                // their changes can differ.
+                for (a, b) in sets.iter_mut().zip(&sealed.sets) {
+                    a.union(b);
+                }
+                let n: u64 = sets.iter().map(Bitmap::count).sum();
+                tracing::info!(vm, base, blocks = n, "resync from change journals");
+                Plan::Blocks(Arc::new(sets))
+            }
+            (ReplicationMode::Resync, theirs) => {
+                tracing::info!(
+                    vm,
+                    ours = ?my_base,
+                    theirs = ?theirs.map(|t| t.0),
+                    "resync by block hashes: no common journal base"
+                );
+                Plan::Hash
+            }
+        };
+        let res = bulk(st, &peer, vm, &cycle, plan, &disks).await;
         let res = match res {
             Ok(sent) => {
                 let c = CommitCycle {
@@ -213,6 +425,7 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
                     bulk: true,
                     time: Timestamp::now(),
                     kind: RecoveryPointKind::CrashConsistent,
+                    cut_id: None,
                 };
                 let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
                 peer.call(
@@ -226,42 +439,27 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
             }
             Err(e) => Err(e),
         };
-        finish(st, vm, sealed, res.as_ref().ok().copied(), true, None).await?;
+        unsent.sealed = None;
+        let acked = res.as_ref().ok().map(|n| (*n, cycle.clone()));
+        finish(st, vm, sealed, acked, true, None).await?;
         res?;
     }
-    // A cycle: the blocks dirty now, read while writes are held off (a crash-consistent cut).
-    let vm_s = vm.to_string();
-    let (sealed, blocks, time, kind) = with_store(st, move |s| {
-        let r = s.rec_mut(&vm_s)?;
-        let sealed = r.tracker.seal().map_err(ApiError::io)?;
-        let mut blocks = Vec::new();
-        for (d, set) in sealed.sets.iter().enumerate() {
-            let size = r.meta.disks[d].size_bytes;
-            for b in set.iter() {
-                let data = read_block(&r.disks[d], size, b).map_err(ApiError::io)?;
-                blocks.push((d as u32, b, data));
-            }
+    // A cycle: the blocks dirty now, copied while writes are held off (a crash-consistent
+    // cut), unless a cut captured them already.
+    let cap = match pre {
+        Some(c) => c,
+        None => {
+            let vm_s = vm.to_string();
+            let c = with_store(st, move |s| capture(s, &vm_s, Timestamp::now(), None))
+                .await
+                .map_err(|e| e.message)?;
+            unsent.sealed = Some(c.sealed.clone());
+            c
         }
-        let now = Timestamp::now();
-        let o = r.meta.outbound.as_ref();
-        let due = o.is_some_and(|o| {
-            o.app_consistent_hours > 0
-                && o.last_app_consistent.is_none_or(|t| {
-                    now.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
-                })
-        });
-        let kind = if due && r.meta.integration_services {
-            RecoveryPointKind::AppConsistent
-        } else {
-            RecoveryPointKind::CrashConsistent
-        };
-        Ok((sealed, blocks, now, kind))
-    })
-    .await
-    .map_err(|e| e.message)?;
-    let cycle = new_cycle_id();
+    };
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
     let res: Result<(u64, RecoveryPoint), String> = async {
-        let body = serde_json::to_value(begin(false, &cycle)).map_err(|e| e.to_string())?;
+        let body = serde_json::to_value(begin(false, &cap.cycle)).map_err(|e| e.to_string())?;
         peer.call(
             Method::POST,
             &format!("/v1/replica/{vm}/begin"),
@@ -270,14 +468,34 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         )
         .await?;
         let mut sent = 0;
-        for chunk in blocks.chunks(BATCH_BLOCKS as usize) {
-            sent += send_batch(st, &peer, vm, &cycle, false, chunk).await?;
+        let mut cur = Cursor::default();
+        let mut inflight = FuturesUnordered::new();
+        while cur.slot < cap.blocks {
+            let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
+            let blocks =
+                tokio::task::block_in_place(|| spool_batch(&cap, &sizes, &mut cur, BATCH_BLOCKS))
+                    .map_err(|e| e.to_string())?;
+            if blocks.is_empty() {
+                return Err("spool shorter than its capture".to_string());
+            }
+            let (peer, cycle) = (&peer, &cap.cycle);
+            inflight.push(async move {
+                let _permit = permit;
+                send_batch(st, peer, vm, cycle, false, blocks).await
+            });
+            while inflight.len() >= PIPELINE {
+                sent += inflight.next().await.unwrap_or(Ok(0))?;
+            }
+        }
+        while let Some(r) = inflight.next().await {
+            sent += r?;
         }
         let c = CommitCycle {
-            cycle_id: cycle.clone(),
+            cycle_id: cap.cycle.clone(),
             bulk: false,
-            time,
-            kind,
+            time: cap.time,
+            kind: cap.kind,
+            cut_id: cap.cut_id.clone(),
         };
         let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
         let bytes = peer
@@ -294,10 +512,23 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
         Ok((sent, rp))
     }
     .await;
-    let app = (kind == RecoveryPointKind::AppConsistent).then_some(time);
+    let time = cap.time;
+    let app = (cap.kind == RecoveryPointKind::AppConsistent).then_some(time);
+    let sealed = cap.sealed.clone();
+    let cycle = cap.cycle.clone();
+    drop(cap);
+    unsent.sealed = None;
     match res {
         Ok((sent, rp)) => {
-            finish(st, vm, sealed, Some(sent), false, Some((time, app))).await?;
+            finish(
+                st,
+                vm,
+                sealed,
+                Some((sent, cycle)),
+                false,
+                Some((time, app)),
+            )
+            .await?;
             Ok(rp)
         }
         Err(e) => {
@@ -307,13 +538,29 @@ async fn run_once(st: &Shared, vm: &str) -> Result<RecoveryPoint, String> {
     }
 }
 
-async fn seal(st: &Shared, vm: &str) -> Result<Sealed, String> {
-    let vm = vm.to_string();
-    with_store(st, move |s| {
-        s.rec_mut(&vm)?.tracker.seal().map_err(ApiError::io)
-    })
-    .await
-    .map_err(|e| e.message)
+/// A sealed set not yet acknowledged nor put back: dropped while set, it is put back.
+struct Unsent {
+    st: Shared,
+    vm: String,
+    sealed: Option<Sealed>,
+}
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(sealed) = self.sealed.take() {
+            let st = self.st.clone();
+            let vm = std::mem::take(&mut self.vm);
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    let _ = with_store(&st, move |s| {
+                        s.rec_mut(&vm)?.tracker.abort(sealed);
+                        Ok(())
+                    })
+                    .await;
+                });
+            }
+        }
+    }
 }
 
 /// Records the outcome of a transfer: acknowledged blocks are forgotten, failed ones stay dirty.
@@ -321,7 +568,7 @@ async fn finish(
     st: &Shared,
     vm: &str,
     sealed: Sealed,
-    sent: Option<u64>,
+    sent: Option<(u64, String)>,
     bulk: bool,
     synced: Option<(Timestamp, Option<Timestamp>)>,
 ) -> Result<(), String> {
@@ -329,8 +576,10 @@ async fn finish(
     with_store(st, move |s| {
         let r = s.rec_mut(&vm)?;
         match sent {
-            Some(n) => {
+            Some((n, cycle)) => {
                 r.tracker.ack(&sealed).map_err(ApiError::io)?;
+                // The tracker now holds every change since the state this cycle left.
+                r.meta.journal_base = Some(cycle);
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bytes_sent += n;
                     o.last_error = None;
@@ -354,32 +603,55 @@ async fn finish(
     .map_err(|e| e.message)
 }
 
-/// Sends one batch, resending refused blocks; returns payload bytes sent.
+/// Waits for a send slot while the batches already in flight go on (they hold slots
+/// themselves: waiting without polling them could wait forever).
+async fn acquire_polling<'a, F>(
+    st: &'a Shared,
+    inflight: &mut FuturesUnordered<F>,
+    sent: &mut u64,
+) -> Result<tokio::sync::SemaphorePermit<'a>, String>
+where
+    F: std::future::Future<Output = Result<u64, String>>,
+{
+    loop {
+        tokio::select! {
+            p = st.send_slots.acquire() => return p.map_err(|e| e.to_string()),
+            Some(r) = inflight.next(), if !inflight.is_empty() => *sent += r?,
+        }
+    }
+}
+
+/// Sends one batch of frames, resending refused blocks; returns payload bytes sent.
 async fn send_batch(
     st: &Shared,
     peer: &Peer,
     vm: &str,
     cycle: &str,
     bulk: bool,
-    blocks: &[(u32, u64, Vec<u8>)],
+    frames: Vec<u8>,
 ) -> Result<u64, String> {
-    let mut todo: Vec<&(u32, u64, Vec<u8>)> = blocks.iter().collect();
+    let mut todo = bytes::Bytes::from(frames);
     let mut sent = 0u64;
     for attempt in 0..MAX_RESENDS {
-        let mut buf = Vec::new();
-        for (d, b, data) in &todo {
-            let hash = block_hash(data);
-            if take_corruption() {
-                let mut bad = data.clone();
-                bad[0] ^= 0xff;
-                frame::push_with_hash(&mut buf, *d, *b, &hash, &bad);
-            } else {
-                frame::push_with_hash(&mut buf, *d, *b, &hash, data);
+        let parsed = frame::parse(&todo).ok_or("malformed batch")?;
+        sent += parsed.iter().map(|f| f.data.len() as u64).sum::<u64>();
+        // Fault injection damages a copy; the batch itself stays intact for resends.
+        let damage: Vec<usize> = parsed
+            .iter()
+            .filter(|_| take_corruption())
+            .map(|f| f.data.as_ptr() as usize - todo.as_ptr() as usize)
+            .collect();
+        let body = if damage.is_empty() {
+            todo.clone()
+        } else {
+            let mut bad = todo.to_vec();
+            for at in damage {
+                bad[at] ^= 0xff;
             }
-            sent += data.len() as u64;
-        }
+            bytes::Bytes::from(bad)
+        };
         let path = format!("/v1/replica/{vm}/cycles/{cycle}/blocks?bulk={bulk}");
-        let bytes = peer.call(Method::PUT, &path, None, Some(buf)).await?;
+        let bytes = peer.call(Method::PUT, &path, None, Some(body)).await?;
         let res: BatchResult = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         if res.refused.is_empty() {
             return Ok(sent);
@@ -399,24 +671,90 @@ async fn send_batch(
             Ok(())
         })
         .await;
-        todo.retain(|(d, b, _)| res.refused.contains(&(*d, *b)));
+        let mut again = Vec::new();
+        for f in parsed {
+            if res.refused.contains(&(f.disk, f.block)) {
+                frame::push_with_hash(&mut again, f.disk, f.block, &f.hash, f.data);
+            }
+        }
+        todo = bytes::Bytes::from(again);
     }
     Err("peer kept refusing blocks".into())
 }
 
-/// The bulk transfer: every block (initial) or the blocks whose hashes differ (resync).
+/// Which blocks a bulk transfer sends.
+enum Plan {
+    /// Every block (initial replication); with `skip_zero`, blocks that read as zeros are left
+    /// out (the replica emptied its image).
+    All { skip_zero: bool },
+    /// The blocks whose hash differs from the peer's (resync without a common journal base).
+    Hash,
+    /// The blocks both sides changed since their common journal base (resync).
+    Blocks(Arc<Vec<Bitmap>>),
+}
+
+/// The old source's dirty set and journal base, if it has one and it fits our disks.
+async fn peer_dirty_set(
+    peer: &Peer,
+    vm: &str,
+    disks: &[crate::site::DiskSpec],
+) -> Option<(String, Vec<Bitmap>)> {
+    let bytes = match peer
+        .call(Method::GET, &format!("/v1/replica/{vm}/dirty"), None, None)
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::info!(vm, error = %e, "peer has no dirty set for resync");
+            return None;
+        }
+    };
+    let d: DirtySet = serde_json::from_slice(&bytes).ok()?;
+    let base = d.journal_base?;
+    if d.disks.len() != disks.len() {
+        return None;
+    }
+    let mut sets = Vec::new();
+    for (h, disk) in d.disks.iter().zip(disks) {
+        let raw = hex::decode(h).ok()?;
+        sets.push(Bitmap::from_bytes(block_count(disk.size_bytes), &raw)?);
+    }
+    Some((base, sets))
+}
+
+/// The first block at or after `b` that may hold data: holes of a sparse file are skipped.
+fn next_data_block(file: &std::fs::File, nblocks: u64, b: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    if b >= nblocks {
+        return None;
+    }
+    let off = i64::try_from(b * BLOCK_SIZE).ok()?;
+    // SAFETY: lseek on a file descriptor this function borrows; it changes only the file
+    // offset, which no reader or writer of the disks uses (they all read and write at offsets).
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if pos < 0 {
+        let err = std::io::Error::last_os_error();
+        // ENXIO: no data after `off`. Anything else (no SEEK_DATA here): assume data.
+        return (err.raw_os_error() != Some(libc::ENXIO)).then_some(b);
+    }
+    let nb = pos as u64 / BLOCK_SIZE;
+    (nb < nblocks).then_some(nb.max(b))
+}
+
+/// The bulk transfer, sending the blocks `plan` names; returns payload bytes sent.
 async fn bulk(
     st: &Shared,
     peer: &Peer,
     vm: &str,
     cycle: &str,
-    mode: ReplicationMode,
+    plan: Plan,
     disks: &[crate::site::DiskSpec],
 ) -> Result<u64, String> {
     let mut sent = 0;
+    let plan = Arc::new(plan);
     for (d, disk) in disks.iter().enumerate() {
         let n = block_count(disk.size_bytes);
-        let peer_hashes = if mode == ReplicationMode::Resync {
+        let peer_hashes = if matches!(*plan, Plan::Hash) {
             Some(
                 peer.call(
                     Method::GET,
@@ -429,33 +767,66 @@ async fn bulk(
         } else {
             None
         };
-        let mut start = 0;
-        while start < n {
-            let end = (start + BATCH_BLOCKS).min(n);
+        let mut next = 0;
+        let mut inflight = FuturesUnordered::new();
+        while next < n {
             let vm2 = vm.to_string();
             let size = disk.size_bytes;
             let hashes = peer_hashes.clone();
-            let blocks = with_store(st, move |s| {
+            let plan = plan.clone();
+            let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
+            let (blocks, after) = with_store(st, move |s| {
                 let r = s.rec(&vm2)?;
+                let file = &r.disks[d];
                 let mut out = Vec::new();
-                for b in start..end {
-                    let data = read_block(&r.disks[d], size, b).map_err(ApiError::io)?;
+                let mut b = next;
+                // Bounded work per store lock, so guest writes are not held off long.
+                let mut examined = 0;
+                let mut framed = 0u64;
+                while framed < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
+                    let cand = match &*plan {
+                        Plan::Blocks(sets) => sets.get(d).and_then(|s| s.iter_from(b).next()),
+                        Plan::All { skip_zero: true } => next_data_block(file, n, b),
+                        _ => (b < n).then_some(b),
+                    };
+                    let Some(cb) = cand else {
+                        b = n;
+                        break;
+                    };
+                    b = cb + 1;
+                    examined += 1;
+                    let data = read_block(file, size, cb).map_err(ApiError::io)?;
                     if let Some(h) = &hashes {
-                        let i = (b * 32) as usize;
+                        let i = (cb * 32) as usize;
                         if h.get(i..i + 32) == Some(&block_hash(&data)[..]) {
                             continue;
                         }
                     }
-                    out.push((d as u32, b, data));
+                    if matches!(*plan, Plan::All { skip_zero: true })
+                        && data.iter().all(|x| *x == 0)
+                    {
+                        continue;
+                    }
+                    frame::push(&mut out, d as u32, cb, &data);
+                    framed += 1;
                 }
-                Ok(out)
+                Ok((out, b))
             })
             .await
             .map_err(|e| e.message)?;
             if !blocks.is_empty() {
-                sent += send_batch(st, peer, vm, cycle, true, &blocks).await?;
+                inflight.push(async move {
+                    let _permit = permit;
+                    send_batch(st, peer, vm, cycle, true, blocks).await
+                });
             }
-            start = end;
+            while inflight.len() >= PIPELINE {
+                sent += inflight.next().await.unwrap_or(Ok(0))?;
+            }
+            next = after;
+        }
+        while let Some(r) = inflight.next().await {
+            sent += r?;
         }
     }
     Ok(sent)

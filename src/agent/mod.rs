@@ -49,6 +49,9 @@ pub struct AgentArgs {
     /// Largest disk a VM may have, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     pub max_disk_bytes: u64,
+    /// How long a graceful Shutdown waits for the guest before it fails (use PowerOff then).
+    #[arg(long, default_value_t = 60)]
+    pub shutdown_timeout_seconds: u64,
 }
 
 /// Errors of the agent's startup.
@@ -120,9 +123,31 @@ struct AppState {
     token: String,
     store: Mutex<Store>,
     drivers: Mutex<Drivers>,
+    /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
+    cycle_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Block batches in flight at once over all VMs (bounds the memory of transfers).
+    send_slots: tokio::sync::Semaphore,
+    /// Cuts run one at a time.
+    cut_lock: tokio::sync::Mutex<()>,
+    /// Guest writes in flight and graceful shutdowns under way, per VM.
+    guests: Mutex<std::collections::HashMap<String, Guest>>,
+    /// How long a graceful shutdown waits for the guest.
+    shutdown_timeout: std::time::Duration,
+}
+
+/// What the agent knows of a VM's guest between requests.
+#[derive(Default)]
+struct Guest {
+    /// Guest writes accepted and not finished.
+    in_flight: u64,
+    /// A graceful shutdown is under way: new guest writes are refused.
+    shutting_down: bool,
 }
 
 type Shared = Arc<AppState>;
+
+/// Block batches (64 blocks of 64 KiB each) sent at once over all VMs.
+const SEND_SLOTS: usize = 4;
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
@@ -147,6 +172,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     }
     let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
     store.recover()?;
+    tune_allocator();
     let outbound: Vec<String> = store
         .vms
         .iter()
@@ -159,6 +185,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         token,
         store: Mutex::new(store),
         drivers: Mutex::new(Default::default()),
+        cycle_locks: Mutex::new(Default::default()),
+        send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
+        cut_lock: tokio::sync::Mutex::new(()),
+        guests: Mutex::new(Default::default()),
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
     });
     for vm in outbound {
         driver::spawn(&state, &vm);
@@ -198,6 +229,20 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     .map_err(AgentError::Listen)
 }
 
+/// Keeps the agent's resident memory near what it uses: block batches are megabytes and are
+/// allocated and freed all the time, from many threads. glibc would otherwise raise its mmap
+/// threshold after the first such free and keep later batches in per-thread heaps that seldom
+/// shrink (measured: 146 MiB instead of 77 MiB resident with 100 protected VMs).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; it is called before the agent's threads
+    // allocate in earnest, and a refused setting (return 0) changes nothing.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 async fn shutdown_signal() {
     let term = async {
         if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -231,8 +276,10 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/test-failover", post(test_failover))
         .route("/vms/{vm}/test-failover/cleanup", post(test_cleanup))
         .route("/vms/{vm}/commit", post(commit))
+        .route("/cuts", post(cut))
         .route("/replica/{vm}/begin", post(replica_begin))
         .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
+        .route("/replica/{vm}/dirty", get(replica_dirty))
         .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
         .route("/replica/{vm}/commit", post(replica_commit))
         .fallback(|| async { ApiError::not_found("no such route") })
@@ -338,10 +385,131 @@ async fn power(
     body: Result<Json<PowerRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    if req.action != crate::site::PowerAction::Shutdown {
+        return with_store(&st, move |s| {
+            s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+        })
+        .await;
+    }
+    if let Some(id) = req.operation_id.clone()
+        && let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await?
+    {
+        return Ok(Json(v).into_response());
+    }
+    let vm2 = vm.clone();
+    let running = with_store(&st, move |s| {
+        let r = s.rec(&vm2)?;
+        if r.meta.power == crate::site::Power::Running && !r.meta.integration_services {
+            return Err(ApiError::conflict(format!(
+                "VM {vm2} has no integration services: it cannot be shut down gracefully"
+            )));
+        }
+        Ok(r.meta.power == crate::site::Power::Running)
+    })
+    .await?;
+    // Held until the VM is Off: no guest write slips in between.
+    let _quiet = if running {
+        Some(guest_shutdown(&st, &vm).await?)
+    } else {
+        None
+    };
     with_store(&st, move |s| {
         s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
     })
     .await
+}
+
+/// A graceful shutdown of the guest: new guest writes are refused, the ones in flight finish,
+/// the guest stops. Fails (the VM keeps running and takes writes again) when that does not
+/// happen within the agent's shutdown timeout.
+async fn guest_shutdown(st: &Shared, vm: &str) -> ApiResult<ShuttingDown> {
+    let limit = st.shutdown_timeout;
+    let ignores = guest_ignores_shutdown(vm);
+    set_shutting_down(st, vm, true);
+    let quiet = ShuttingDown {
+        st: st.clone(),
+        vm: vm.to_string(),
+    };
+    let wait = async {
+        loop {
+            let idle = st
+                .guests
+                .lock()
+                .map(|g| g.get(vm).is_none_or(|g| g.in_flight == 0))
+                .unwrap_or(false);
+            if idle && !ignores {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(limit, wait).await.is_err() {
+        // `quiet` is dropped: the guest takes writes again.
+        return Err(ApiError::conflict(format!(
+            "guest did not shut down within {}s; use PowerOff",
+            limit.as_secs()
+        )));
+    }
+    Ok(quiet)
+}
+
+/// New guest writes of a VM are refused while this lives (a shutdown under way).
+struct ShuttingDown {
+    st: Shared,
+    vm: String,
+}
+
+impl Drop for ShuttingDown {
+    fn drop(&mut self) {
+        set_shutting_down(&self.st, &self.vm, false);
+    }
+}
+
+fn set_shutting_down(st: &Shared, vm: &str, on: bool) {
+    if let Ok(mut g) = st.guests.lock() {
+        g.entry(vm.to_string()).or_default().shutting_down = on;
+    }
+}
+
+/// Test-only fault injection: `TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN=vm1,vm2` makes those
+/// guests ignore a graceful shutdown.
+fn guest_ignores_shutdown(vm: &str) -> bool {
+    std::env::var("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN")
+        .is_ok_and(|v| v.split(',').any(|n| n.trim() == vm))
+}
+
+/// A guest write accepted: counted until dropped.
+struct InFlight {
+    st: Shared,
+    vm: String,
+}
+
+impl InFlight {
+    fn start(st: &Shared, vm: &str) -> ApiResult<Self> {
+        let mut g = st
+            .guests
+            .lock()
+            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "guests poisoned"))?;
+        let e = g.entry(vm.to_string()).or_default();
+        if e.shutting_down {
+            return Err(ApiError::conflict(format!("VM {vm} is shutting down")));
+        }
+        e.in_flight += 1;
+        Ok(Self {
+            st: st.clone(),
+            vm: vm.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.st.guests.lock()
+            && let Some(e) = g.get_mut(&self.vm)
+        {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -363,7 +531,9 @@ async fn write_disk(
     body: Bytes,
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
+    let in_flight = InFlight::start(&st, &vm)?;
     with_store(&st, move |s| {
+        let _in_flight = in_flight;
         s.write(&vm, &disk, offset, &body)?;
         Ok(Json(serde_json::json!({"written": body.len()})).into_response())
     })
@@ -499,6 +669,112 @@ async fn sync(
     .await
 }
 
+/// `POST /v1/cuts`: one recovery point per listed outbound VM, all cut at the same instant.
+async fn cut(
+    State(st): State<Shared>,
+    body: Result<Json<crate::site::CutRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.cut_id.is_empty() {
+        return Err(ApiError::bad("cutId must not be empty"));
+    }
+    let op = format!("cut/{}", req.cut_id);
+    // One cut at a time: a repeated cut id waits for the first and answers its result.
+    let _one = st.cut_lock.lock().await;
+    let id = op.clone();
+    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await? {
+        return Ok(Json(v).into_response());
+    }
+    let mut names = req.vms.clone();
+    names.sort();
+    names.dedup();
+    // Candidates now; checked again under the store lock once their cycles are held.
+    let names2 = names.clone();
+    let candidates: Vec<String> = with_store(&st, move |s| {
+        Ok(names2
+            .into_iter()
+            .filter(|n| driver::cuttable(s, n))
+            .collect())
+    })
+    .await?;
+    // Sorted order: no two holders of several cycle locks can deadlock.
+    let mut guards = Vec::new();
+    for vm in &candidates {
+        guards.push(driver::cycle_lock(&st, vm).lock_owned().await);
+    }
+    let cut_id = req.cut_id.clone();
+    let (time, captures) = with_store(&st, move |s| {
+        let time = jiff::Timestamp::now();
+        let mut caps = Vec::new();
+        for vm in &candidates {
+            if !driver::cuttable(s, vm) {
+                continue;
+            }
+            match driver::capture(s, vm, time, Some(cut_id.clone())) {
+                Ok(c) => caps.push(c),
+                Err(e) => {
+                    // Nothing was sent: every captured set is dirty again.
+                    for c in caps {
+                        abort_capture(s, c);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok((time, caps))
+    })
+    .await?;
+    if captures.is_empty() {
+        return Err(ApiError::conflict(format!(
+            "none of the VMs {names:?} replicates outbound from site {} with its initial \
+             transfer done",
+            st.site
+        )));
+    }
+    let runs = captures.into_iter().map(|c| {
+        let st = st.clone();
+        async move {
+            let vm = c.vm.clone();
+            let res = driver::run_once(&st, &vm, Some(c)).await;
+            (vm, res)
+        }
+    });
+    let results = futures::future::join_all(runs).await;
+    drop(guards);
+    let mut points = Vec::new();
+    let mut failed = Vec::new();
+    for (vm, res) in results {
+        match res {
+            Ok(rp) => points.push(crate::site::CutPoint {
+                vm,
+                recovery_point: rp,
+            }),
+            Err(e) => failed.push(format!("{vm}: {e}")),
+        }
+    }
+    if !failed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("cut {} failed: {}", req.cut_id, failed.join("; ")),
+        ));
+    }
+    let v = to_json(crate::site::CutResult {
+        cut_id: req.cut_id.clone(),
+        time,
+        points,
+    })?;
+    let v2 = v.clone();
+    with_store(&st, move |s| s.op_save(&op, &v2)).await?;
+    Ok(Json(v).into_response())
+}
+
+/// A capture that will not be sent: its blocks are dirty again.
+fn abort_capture(s: &mut Store, c: driver::Capture) {
+    if let Ok(r) = s.rec_mut(&c.vm) {
+        r.tracker.abort(c.sealed.clone());
+    }
+}
+
 async fn stop(
     State(st): State<Shared>,
     Path(vm): Path<String>,
@@ -586,11 +862,7 @@ async fn replica_begin(
     body: Result<Json<replica::BeginCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.begin(&vm, &req)?;
-        Ok(Json(serde_json::json!({})).into_response())
-    })
-    .await
+    with_store(&st, move |s| Ok(Json(s.begin(&vm, &req)?).into_response())).await
 }
 
 async fn replica_hashes(
@@ -598,6 +870,10 @@ async fn replica_hashes(
     Path((vm, disk)): Path<(String, usize)>,
 ) -> ApiResult<Response> {
     with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+}
+
+async fn replica_dirty(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(Json(s.dirty_set(&vm)?).into_response())).await
 }
 
 #[derive(Deserialize)]

@@ -53,6 +53,9 @@ pub struct RpMeta {
     /// Staging file still to be applied to the image (crash between commit and apply).
     #[serde(default)]
     pub staged: Option<String>,
+    /// Id of the consistent cut that made this point.
+    #[serde(default)]
+    pub cut_id: Option<String>,
 }
 
 impl RpMeta {
@@ -62,7 +65,7 @@ impl RpMeta {
             time: self.time,
             app_consistent: self.kind == RecoveryPointKind::AppConsistent,
             kind: self.kind,
-            cut_id: None,
+            cut_id: self.cut_id.clone(),
         }
     }
 }
@@ -78,6 +81,10 @@ pub struct Inbound {
     pub rps: Vec<RpMeta>,
     /// Cycle id and point of the last commit, so a repeated commit answers the same point.
     pub last_cycle: Option<(String, Option<RecoveryPoint>)>,
+    /// The cycle `begin` opened and that has not committed: blocks and a commit of any other
+    /// cycle are refused (a second `begin` discarded that cycle's staged blocks).
+    #[serde(default)]
+    pub open_cycle: Option<String>,
     pub last_sync_time: Option<Timestamp>,
     pub blocks_refused: u64,
     /// Recovery points are history of the replica only until the VM runs here.
@@ -151,6 +158,19 @@ pub struct BeginCycle {
     pub retention_hours: u64,
     /// Bulk transfers write straight into the image and drop older points.
     pub bulk: bool,
+    /// Initial transfer: the replica empties its images first (sparse, all zeros), so the
+    /// source can skip blocks that hold only zeros. The answer says whether it did.
+    #[serde(default)]
+    pub zero: bool,
+}
+
+/// Answer of `POST /v1/replica/{vm}/begin`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BeginAnswer {
+    /// The images were emptied: every block not sent reads as zeros.
+    #[serde(default)]
+    pub zeroed: bool,
 }
 
 /// Body of `POST /v1/replica/{vm}/commit`.
@@ -161,6 +181,19 @@ pub struct CommitCycle {
     pub bulk: bool,
     pub time: Timestamp,
     pub kind: RecoveryPointKind,
+    /// Set when a consistent cut made this cycle; recorded on the point.
+    #[serde(default)]
+    pub cut_id: Option<String>,
+}
+
+/// Answer of `GET /v1/replica/{vm}/dirty`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DirtySet {
+    /// The cycle since whose state `disks` holds every change; `None` when unknown.
+    pub journal_base: Option<String>,
+    /// Per disk, the dirty bitmap (bit `b % 8` of byte `b / 8` is block `b`), hex.
+    pub disks: Vec<String>,
 }
 
 /// Answer of a block batch.
@@ -169,6 +202,22 @@ pub struct CommitCycle {
 pub struct BatchResult {
     /// (disk, block) of every block whose checksum did not match: send them again.
     pub refused: Vec<(u32, u64)>,
+}
+
+/// Blocks and commits belong to the cycle `begin` opened last.
+fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
+    let open = r
+        .meta
+        .inbound
+        .as_ref()
+        .and_then(|i| i.open_cycle.as_deref());
+    if open != Some(cycle) {
+        return Err(ApiError::conflict(format!(
+            "cycle {cycle} of {vm} is not open here (open: {})",
+            open.unwrap_or("none")
+        )));
+    }
+    Ok(())
 }
 
 fn undo_dir(store: &Store, vm: &str) -> std::path::PathBuf {
@@ -223,17 +272,25 @@ impl Store {
                 }
                 self.save(&vm)?;
             }
-            // Blocks of a cycle that never committed are dropped; the source resends them.
-            let dir = self.vm_dir(&vm).join("staging");
-            if dir.exists() {
-                fs::remove_dir_all(&dir).map_err(ApiError::io)?;
+            // Blocks of a cycle that never committed are dropped; the source resends them
+            // (their journals are still there), as are spools of unfinished outbound cycles.
+            if let Some(i) = self.rec_mut(&vm)?.meta.inbound.as_mut()
+                && i.open_cycle.take().is_some()
+            {
+                self.save(&vm)?;
+            }
+            for sub in ["staging", "spool"] {
+                let dir = self.vm_dir(&vm).join(sub);
+                if dir.exists() {
+                    fs::remove_dir_all(&dir).map_err(ApiError::io)?;
+                }
             }
         }
         Ok(())
     }
 
     /// Receiver: a cycle or bulk transfer starts; creates the replica VM when needed.
-    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<()> {
+    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
         if !self.vms.contains_key(vm) {
             let meta = VmMeta {
                 name: vm.to_string(),
@@ -244,6 +301,7 @@ impl Store {
                 network: None,
                 outbound: None,
                 inbound: None,
+                journal_base: None,
             };
             let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
             self.vms.insert(vm.to_string(), rec);
@@ -271,8 +329,16 @@ impl Store {
         let was_replica = r.meta.role == Role::Replica && r.meta.inbound.is_some();
         r.meta.role = Role::Replica;
         r.meta.outbound = None;
+        // The image now follows the peer: this side's journal vouches for nothing.
+        r.meta.journal_base = None;
         let mut inbound = r.meta.inbound.take().unwrap_or_default();
+        if b.bulk {
+            // Blocks are about to be written out of order: the image matches no cycle until
+            // the bulk transfer commits.
+            inbound.last_cycle = None;
+        }
         inbound.source_site = b.source_site.clone();
+        inbound.open_cycle = Some(b.cycle_id.clone());
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
         if b.bulk || !was_replica {
@@ -293,7 +359,41 @@ impl Store {
             fs::remove_dir_all(&dir).map_err(ApiError::io)?;
         }
         fs::create_dir_all(&dir).map_err(ApiError::io)?;
-        Ok(())
+        let mut answer = BeginAnswer::default();
+        if b.bulk && b.zero {
+            // Every block is about to be sent anyway; an emptied sparse image lets the source
+            // skip the zeros (most of a new disk) and frees the space they held.
+            for (f, d) in self.rec(vm)?.disks.iter().zip(&b.disks) {
+                f.set_len(0).map_err(ApiError::io)?;
+                f.set_len(d.size_bytes).map_err(ApiError::io)?;
+                f.sync_all().map_err(ApiError::io)?;
+            }
+            answer.zeroed = true;
+        }
+        Ok(answer)
+    }
+
+    /// The old source of a reverse resync: the blocks it changed since its journal base (its
+    /// last acknowledged cycle), asked for before `begin` makes it a replica.
+    pub fn dirty_set(&self, vm: &str) -> ApiResult<DirtySet> {
+        let r = self.rec(vm)?;
+        if r.meta.power == Power::Running {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} runs at this site; its changes are not final"
+            )));
+        }
+        let base = r
+            .meta
+            .journal_base
+            .clone()
+            .filter(|_| r.meta.role == Role::Primary);
+        // Not just the dirty set: a cycle of this side may be in flight (sealed, never to be
+        // acknowledged now), and its blocks differ from the peer's too.
+        let sets = r.tracker.unacknowledged().map_err(ApiError::io)?;
+        Ok(DirtySet {
+            journal_base: base,
+            disks: sets.iter().map(|b| hex::encode(b.to_bytes())).collect(),
+        })
     }
 
     /// Receiver: blake3 of every block of a disk, for resync.
@@ -334,6 +434,7 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
+        check_open(r, vm, cycle)?;
         let mut res = BatchResult::default();
         let mut good = Vec::new();
         for f in &frames {
@@ -362,16 +463,21 @@ impl Store {
                     .map_err(ApiError::io)?;
             }
         } else {
-            let mut buf = Vec::new();
-            for f in &good {
-                frame::push_with_hash(&mut buf, f.disk, f.block, &f.hash, f.data);
-            }
             let mut file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&stage_path)
                 .map_err(ApiError::io)?;
-            file.write_all(&buf).map_err(ApiError::io)?;
+            if res.refused.is_empty() {
+                // Every frame is good: the batch is staged as it came.
+                file.write_all(batch).map_err(ApiError::io)?;
+            } else {
+                let mut buf = Vec::new();
+                for f in &good {
+                    frame::push_with_hash(&mut buf, f.disk, f.block, &f.hash, f.data);
+                }
+                file.write_all(&buf).map_err(ApiError::io)?;
+            }
         }
         if !res.refused.is_empty() {
             tracing::warn!(vm, refused = res.refused.len(), "refused damaged blocks");
@@ -379,24 +485,54 @@ impl Store {
         Ok(res)
     }
 
+    /// Writes the blocks of a staging file into the image, one frame at a time.
     fn apply_staging(&mut self, vm: &str, path: &std::path::Path) -> ApiResult<()> {
-        let bytes = match fs::read(path) {
-            Ok(b) => b,
+        let file = match File::open(path) {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(ApiError::io(e)),
         };
-        let frames = frame::parse(&bytes)
-            .ok_or_else(|| ApiError::io(std::io::Error::other("torn staging file")))?;
         let r = self.rec(vm)?;
-        for f in &frames {
-            r.disks[f.disk as usize]
-                .write_all_at(f.data, f.block * BLOCK_SIZE)
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
+        while let Some(h) = rd.header().map_err(ApiError::io)? {
+            rd.data(&h, &mut buf).map_err(ApiError::io)?;
+            let disk = r
+                .disks
+                .get(h.disk as usize)
+                .ok_or_else(|| ApiError::io(std::io::Error::other("staged block of no disk")))?;
+            disk.write_all_at(&buf, h.block * BLOCK_SIZE)
                 .map_err(ApiError::io)?;
         }
         for d in &r.disks {
             d.sync_all().map_err(ApiError::io)?;
         }
         Ok(())
+    }
+
+    /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
+    /// when the file is torn.
+    fn staged_blocks(&self, vm: &str, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
+        let r = self.rec(vm)?;
+        let mut sets: Vec<Bitmap> = r
+            .meta
+            .disks
+            .iter()
+            .map(|d| Bitmap::new(block_count(d.size_bytes)))
+            .collect();
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sets),
+            Err(e) => return Err(ApiError::io(e)),
+        };
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(64 << 10, file));
+        while let Some(h) = rd.header().map_err(|_| ApiError::bad("torn staging"))? {
+            rd.skip(&h).map_err(|_| ApiError::bad("torn staging"))?;
+            sets.get_mut(h.disk as usize)
+                .ok_or_else(|| ApiError::bad("staged block of no disk"))?
+                .set(h.block);
+        }
+        Ok(sets)
     }
 
     /// Receiver: makes the cycle durable and a recovery point, then acknowledges it.
@@ -417,28 +553,29 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
+        check_open(r, vm, &c.cycle_id)?;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         if c.bulk {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
             }
-            let i = self.rec_mut(vm)?.meta.inbound.get_or_insert_default();
+            let r = self.rec_mut(vm)?;
+            // The image is now the peer's: what this side tracked before is history, and a
+            // later failback must start from a clean journal.
+            r.tracker.reset().map_err(ApiError::io)?;
+            let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
+            i.open_cycle = None;
             self.save(vm)?;
             return Ok(None);
         }
         let stage = staging(self, vm, &c.cycle_id);
-        let bytes = match fs::read(&stage) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        match File::open(&stage) {
+            Ok(f) => f.sync_all().map_err(ApiError::io)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(ApiError::io(e)),
-        };
-        if !bytes.is_empty() {
-            File::open(&stage)
-                .and_then(|f| f.sync_all())
-                .map_err(ApiError::io)?;
         }
-        let frames = frame::parse(&bytes).ok_or_else(|| ApiError::bad("torn staging"))?;
+        let staged = self.staged_blocks(vm, &stage)?;
         let seq = inbound.next_seq.max(1);
         let seg = format!("u{seq:06}");
         let udir = undo_dir(self, vm);
@@ -447,11 +584,7 @@ impl Store {
         let first = inbound.rps.is_empty();
         if !first {
             for (d, size) in sizes.iter().enumerate() {
-                let mut set = Bitmap::new(block_count(*size));
-                for f in frames.iter().filter(|f| f.disk as usize == d) {
-                    set.set(f.block);
-                }
-                let blocks: Vec<u64> = set.iter().collect();
+                let blocks: Vec<u64> = staged[d].iter().collect();
                 if !blocks.is_empty() {
                     undo::write(&udir, &seg, d, &r.disks[d], *size, &blocks)
                         .map_err(ApiError::io)?;
@@ -465,6 +598,7 @@ impl Store {
             kind: c.kind,
             undo: if first { vec![] } else { vec![seg] },
             staged: stage.file_name().map(|n| n.to_string_lossy().to_string()),
+            cut_id: c.cut_id.clone(),
         };
         let view = point.view();
         {
@@ -472,6 +606,7 @@ impl Store {
             i.rps.push(point);
             i.next_seq = seq + 1;
             i.last_cycle = Some((c.cycle_id.clone(), Some(view.clone())));
+            i.open_cycle = None;
             i.last_sync_time = Some(c.time);
         }
         // The point is recorded (with its staging file) before the image changes, so a crash
@@ -624,6 +759,14 @@ impl Store {
         }
         r.meta.role = Role::Primary;
         r.meta.power = Power::Running;
+        // The image held the last committed cycle; the tracker now holds every change since
+        // (the rolled-back blocks and, from now on, guest writes).
+        r.meta.journal_base = r
+            .meta
+            .inbound
+            .as_ref()
+            .and_then(|i| i.last_cycle.as_ref())
+            .map(|(id, _)| id.clone());
         if let Some(i) = r.meta.inbound.as_mut() {
             i.accepting = false;
             i.failed_over = true;
@@ -662,6 +805,7 @@ impl Store {
             network: Some(network.to_string()),
             outbound: None,
             inbound: None,
+            journal_base: None,
         };
         let tmp = self.root.join("vms").join(format!(".tmp-{name}"));
         let _ = fs::remove_dir_all(&tmp);

@@ -40,6 +40,12 @@ pub(super) struct VmMeta {
     /// Inbound replication and recovery points (at the replica).
     #[serde(default)]
     pub(super) inbound: Option<super::replica::Inbound>,
+    /// Id of the cycle (as the peer committed it) since whose state the change tracker holds
+    /// every change of the disks: the last cycle acknowledged (a source), or the last cycle
+    /// committed before a failover (a replica that became primary). Reverse resync sends only
+    /// tracked blocks when both sides name the same cycle. `None`: unknown.
+    #[serde(default)]
+    pub(super) journal_base: Option<String>,
 }
 
 pub(super) struct VmRec {
@@ -198,6 +204,7 @@ impl Store {
             network: None,
             outbound: None,
             inbound: None,
+            journal_base: None,
         };
         let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
         let v = self.view(&rec);
@@ -379,7 +386,11 @@ impl Store {
     }
 }
 
-pub(super) fn open_vm(dir: &Path, meta: VmMeta) -> io::Result<VmRec> {
+pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
+    if !dir.join("track").is_dir() {
+        // The change journal is gone: the tracker cannot vouch for any base.
+        meta.journal_base = None;
+    }
     let mut disks = Vec::new();
     for d in &meta.disks {
         disks.push(

@@ -81,23 +81,66 @@ impl Bitmap {
         }
     }
 
+    /// The bits as bytes: bit `i % 8` of byte `i / 8` is block `i`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out: Vec<u8> = self.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.truncate(self.len.div_ceil(8) as usize);
+        out
+    }
+
+    /// The inverse of [`Self::to_bytes`]; `None` when `bytes` does not fit `len` bits.
+    pub fn from_bytes(len: u64, bytes: &[u8]) -> Option<Self> {
+        if bytes.len() as u64 != len.div_ceil(8) {
+            return None;
+        }
+        let mut b = Self::new(len);
+        for (i, w) in b.words.iter_mut().enumerate() {
+            let mut word = [0u8; 8];
+            let chunk = bytes.get(i * 8..).unwrap_or_default();
+            let n = chunk.len().min(8);
+            word[..n].copy_from_slice(&chunk[..n]);
+            *w = u64::from_le_bytes(word);
+        }
+        if !len.is_multiple_of(64)
+            && let Some(last) = b.words.last()
+            && last >> (len % 64) != 0
+        {
+            return None;
+        }
+        Some(b)
+    }
+
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
     /// Indices of the set bits, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
-        self.words.iter().enumerate().flat_map(|(wi, w)| {
-            let mut w = *w;
-            std::iter::from_fn(move || {
-                if w == 0 {
-                    return None;
+        self.iter_from(0)
+    }
+
+    /// Indices of the set bits from `start` on, ascending.
+    pub fn iter_from(&self, start: u64) -> impl Iterator<Item = u64> + '_ {
+        let first = (start / 64) as usize;
+        let skip = start % 64;
+        self.words
+            .iter()
+            .enumerate()
+            .skip(first)
+            .flat_map(move |(wi, w)| {
+                let mut w = *w;
+                if wi == first {
+                    w &= u64::MAX << skip;
                 }
-                let bit = w.trailing_zeros() as u64;
-                w &= w - 1;
-                Some(wi as u64 * 64 + bit)
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    Some(wi as u64 * 64 + bit)
+                })
             })
-        })
     }
 }
 
@@ -149,7 +192,14 @@ mod tests {
             b.set(i);
         }
         assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 63, 64, 130, 199]);
+        assert_eq!(b.iter_from(63).collect::<Vec<_>>(), vec![63, 64, 130, 199]);
+        assert_eq!(b.iter_from(65).collect::<Vec<_>>(), vec![130, 199]);
+        assert_eq!(b.iter_from(500).count(), 0);
         assert_eq!(b.count(), 5);
+        let back = Bitmap::from_bytes(200, &b.to_bytes()).unwrap();
+        assert_eq!(back, b);
+        assert_eq!(b.to_bytes().len(), 25);
+        assert!(Bitmap::from_bytes(201, &b.to_bytes()).is_none());
         let mut c = Bitmap::new(200);
         c.set(1);
         c.union(&b);

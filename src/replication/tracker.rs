@@ -36,22 +36,7 @@ impl Tracker {
     pub fn open(dir: &Path, sizes: &[u64]) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         let mut dirty: Vec<Bitmap> = sizes.iter().map(|s| Bitmap::new(block_count(*s))).collect();
-        let mut max_gen = 0;
-        for gen_ in list_gens(dir)? {
-            max_gen = max_gen.max(gen_);
-            let bytes = fs::read(journal_path(dir, gen_))?;
-            // A torn last record (crash during append) was never acknowledged: skip it.
-            for rec in bytes.chunks_exact(RECORD) {
-                let disk = u32::from_le_bytes(rec[0..4].try_into().unwrap_or_default()) as usize;
-                let start = u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default());
-                let count = u64::from_le_bytes(rec[16..24].try_into().unwrap_or_default());
-                if let Some(b) = dirty.get_mut(disk) {
-                    for i in start..start.saturating_add(count).min(b.len()) {
-                        b.set(i);
-                    }
-                }
-            }
-        }
+        let max_gen = read_journals(dir, &mut dirty)?;
         let gen_ = max_gen + 1;
         let journal = open_journal(dir, gen_)?;
         Ok(Self {
@@ -97,23 +82,33 @@ impl Tracker {
         &self.dirty
     }
 
+    /// Every block changed and not yet acknowledged: the dirty set plus the sets of cycles
+    /// sealed and still in flight (their journals are only deleted when acknowledged).
+    pub fn unacknowledged(&self) -> io::Result<Vec<Bitmap>> {
+        let mut sets = self.dirty.clone();
+        read_journals(&self.dir, &mut sets)?;
+        Ok(sets)
+    }
+
     /// Number of dirty blocks over all disks.
     pub fn dirty_blocks(&self) -> u64 {
         self.dirty.iter().map(Bitmap::count).sum()
     }
 
-    /// Takes the dirty set for a cycle and starts a new journal generation.
+    /// Takes the dirty set for a cycle and starts a new journal generation. The set also
+    /// holds every block of the journals it seals, so acknowledging it (which deletes them)
+    /// never forgets a block, even one of an earlier sealed set that was lost without `abort`.
     pub fn seal(&mut self) -> io::Result<Sealed> {
+        let mut sets = self.dirty.clone();
+        read_journals(&self.dir, &mut sets)?;
         let next = open_journal(&self.dir, self.gen_ + 1)?;
         sync_dir(&self.dir)?;
         let upto_gen = self.gen_;
         self.gen_ += 1;
         self.journal = next;
-        let sets = self
-            .dirty
-            .iter_mut()
-            .map(|b| std::mem::replace(b, Bitmap::new(b.len())))
-            .collect();
+        for b in self.dirty.iter_mut() {
+            *b = Bitmap::new(b.len());
+        }
         Ok(Sealed { sets, upto_gen })
     }
 
@@ -139,6 +134,32 @@ impl Tracker {
         let sealed = self.seal()?;
         self.ack(&sealed)
     }
+}
+
+/// Marks every block any journal in `dir` names; returns the highest generation found.
+fn read_journals(dir: &Path, dirty: &mut [Bitmap]) -> io::Result<u64> {
+    let mut max_gen = 0;
+    for gen_ in list_gens(dir)? {
+        max_gen = max_gen.max(gen_);
+        let bytes = match fs::read(journal_path(dir, gen_)) {
+            Ok(b) => b,
+            // Acknowledged (and removed) meanwhile.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // A torn last record (crash during append) was never acknowledged: skip it.
+        for rec in bytes.chunks_exact(RECORD) {
+            let disk = u32::from_le_bytes(rec[0..4].try_into().unwrap_or_default()) as usize;
+            let start = u64::from_le_bytes(rec[8..16].try_into().unwrap_or_default());
+            let count = u64::from_le_bytes(rec[16..24].try_into().unwrap_or_default());
+            if let Some(b) = dirty.get_mut(disk) {
+                for i in start..start.saturating_add(count).min(b.len()) {
+                    b.set(i);
+                }
+            }
+        }
+    }
+    Ok(max_gen)
 }
 
 fn encode(disk: usize, start: u64, count: u64) -> [u8; RECORD] {
@@ -203,7 +224,22 @@ mod tests {
         t.record(0, 9..10).unwrap();
         t.ack(&s2).unwrap();
         drop(s);
-        let t = Tracker::open(d.path(), &[10 * super::super::BLOCK_SIZE]).unwrap();
+        let mut t = Tracker::open(d.path(), &[10 * super::super::BLOCK_SIZE]).unwrap();
         assert_eq!(t.dirty()[0].iter().collect::<Vec<_>>(), vec![9]);
+        // A sealed set in flight is still unacknowledged, though no longer dirty.
+        let s3 = t.seal().unwrap();
+        t.record(0, 1..2).unwrap();
+        assert_eq!(t.dirty()[0].iter().collect::<Vec<_>>(), vec![1]);
+        let un = t.unacknowledged().unwrap();
+        assert_eq!(un[0].iter().collect::<Vec<_>>(), vec![1, 9]);
+        t.ack(&s3).unwrap();
+        let un = t.unacknowledged().unwrap();
+        assert_eq!(un[0].iter().collect::<Vec<_>>(), vec![1]);
+        // A sealed set dropped without abort (a cycle cut short) is in the next seal anyway.
+        let lost = t.seal().unwrap();
+        drop(lost);
+        t.record(0, 5..6).unwrap();
+        let s4 = t.seal().unwrap();
+        assert_eq!(s4.sets[0].iter().collect::<Vec<_>>(), vec![1, 5]);
     }
 }

@@ -60,7 +60,8 @@ impl AgentProc {
         a
     }
 
-    fn spawn(&mut self) {
+    /// Starts the agent process (again, after [`Self::kill`]) on the same port and data dir.
+    pub fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_twinsite"))
             .args(["agent", "--site", &self.site, "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
