@@ -20,16 +20,6 @@ use serde_json::json;
 use twinsite::api::{ReplicatedVM, VmPhase};
 use twinsite::site::{CreateVm, DiskSpec, Power, SiteProvider};
 
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Sum of apiserver_request_total for a resource (and subresource) and verbs.
 fn requests(w: &World, resource: &str, subresource: &str, verbs: &[&str]) -> f64 {
     let out =

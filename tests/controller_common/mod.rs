@@ -496,3 +496,14 @@ pub fn pattern(tag: &str, len: usize) -> Vec<u8> {
 pub fn name_of(r: &ReplicatedVM) -> String {
     r.name_any()
 }
+
+/// Peak resident memory (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
