@@ -637,6 +637,15 @@ async fn enable(
     Ok((StatusCode::ACCEPTED, resp).into_response())
 }
 
+/// Runs storage work once per operation id: a repeated id answers the first call's result.
+async fn store_op(
+    st: &Shared,
+    op_id: String,
+    f: impl FnOnce(&mut Store) -> ApiResult<serde_json::Value> + Send + 'static,
+) -> ApiResult<Response> {
+    with_store(st, move |s| s.idempotent(Some(&op_id), f)).await
+}
+
 /// Runs an async operation once per id, storing its answer.
 async fn once(
     st: &Shared,
@@ -782,11 +791,9 @@ async fn stop(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     driver::stop(&st, &vm);
-    with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id), |s| {
-            s.stop_inbound(&vm)?;
-            to_json(s.vm(&vm)?.replication)
-        })
+    store_op(&st, req.operation_id.clone(), move |s| {
+        s.stop_inbound(&vm)?;
+        to_json(s.vm(&vm)?.replication)
     })
     .await
 }
@@ -797,11 +804,9 @@ async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id), |s| {
-            let rp = s.failover(&vm, &req.recovery_point)?;
-            to_json(crate::site::FailoverResult { recovery_point: rp })
-        })
+    store_op(&st, req.operation_id.clone(), move |s| {
+        let rp = s.failover(&vm, &req.recovery_point)?;
+        to_json(crate::site::FailoverResult { recovery_point: rp })
     })
     .await
 }
@@ -812,13 +817,11 @@ async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id), |s| {
-            let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
-            to_json(crate::site::TestFailoverResult {
-                vm_name,
-                recovery_point: rp,
-            })
+    store_op(&st, req.operation_id.clone(), move |s| {
+        let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
+        to_json(crate::site::TestFailoverResult {
+            vm_name,
+            recovery_point: rp,
         })
     })
     .await
@@ -830,11 +833,9 @@ async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id), |s| {
-            let (vm_name, deleted) = s.test_cleanup(&vm)?;
-            to_json(crate::site::CleanupResult { vm_name, deleted })
-        })
+    store_op(&st, req.operation_id.clone(), move |s| {
+        let (vm_name, deleted) = s.test_cleanup(&vm)?;
+        to_json(crate::site::CleanupResult { vm_name, deleted })
     })
     .await
 }
@@ -845,12 +846,10 @@ async fn commit(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id), |s| {
-            let n = s.commit_points(&vm)?;
-            to_json(crate::site::CommitResult {
-                deleted_recovery_points: n,
-            })
+    store_op(&st, req.operation_id.clone(), move |s| {
+        let n = s.commit_points(&vm)?;
+        to_json(crate::site::CommitResult {
+            deleted_recovery_points: n,
         })
     })
     .await
