@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::failover_plan::{self, Hold};
 use super::observe::SiteView;
-use super::planner::{self, Input, Note, Plan, Update};
+use super::planner::{self, Input, Note, Plan, StepName, Update};
 use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
 use crate::api::{
     COMMIT_ANNOTATION, FailoverPlan, ReplicatedVM, ReplicatedVMSpec, ReplicatedVMStatus,
@@ -125,8 +125,20 @@ async fn apply(
         .list(&Default::default())
         .await?
         .items;
-    let effective = plan_spec(rvm, &status, &failover_plan::hold(rvm, &plans));
+    let hold = failover_plan::hold(rvm, &plans);
+    let effective = plan_spec(rvm, &status, &hold);
     let spec = &effective;
+    let (conflict, cut) = match &hold {
+        Hold::Conflict { reason, message } => (
+            Some(planner::Conflict {
+                reason: reason.to_string(),
+                message: message.clone(),
+            }),
+            None,
+        ),
+        Hold::Failover { cut, .. } => (None, cut.clone()),
+        _ => (None, None),
+    };
     let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
     let labels = VmLabels {
         namespace: ns.clone(),
@@ -156,6 +168,8 @@ async fn apply(
             recovery: &recovery,
             now: now(),
             poll: ctx.poll,
+            conflict: conflict.as_ref(),
+            cut: cut.as_ref(),
         };
         let update = match planner::plan(&input) {
             Plan::Idle(d) => {
@@ -163,8 +177,11 @@ async fn apply(
                 return Ok(Action::requeue(d));
             }
             Plan::Write(u) => u,
-            Plan::Execute(call) => {
+            Plan::Execute(mut call) => {
                 debug!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "calling site");
+                if call.step_name == StepName::ConsistentCut {
+                    call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
+                }
                 let outcome = exec::run(&ctx.sites, &call).await;
                 let input = Input {
                     now: now(),
@@ -232,6 +249,27 @@ async fn apply(
     Ok(Action::requeue(Duration::ZERO))
 }
 
+/// The names of the VMs at the sites (`spec.vmName`) of the ReplicatedVMs `names` of namespace
+/// `ns`; a name without a ReplicatedVM (or when the list fails) stands for itself.
+async fn vm_names(client: &kube::Client, ns: &str, names: &[String]) -> Vec<String> {
+    let rvms = match Api::<ReplicatedVM>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+    {
+        Ok(l) => l.items,
+        Err(e) => {
+            warn!(namespace = ns, error = %e, "listing ReplicatedVMs for a consistent cut");
+            Vec::new()
+        }
+    };
+    let by_name: std::collections::HashMap<String, String> =
+        rvms.iter().map(|r| (r.name_any(), r.vm_name())).collect();
+    names
+        .iter()
+        .map(|n| by_name.get(n).cloned().unwrap_or_else(|| n.clone()))
+        .collect()
+}
+
 /// The spec the planner follows: the VM's own, or the one its FailoverPlan gives it. A VM that a
 /// plan holds but has not released stays where it runs, drill copy included.
 fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> ReplicatedVMSpec {
@@ -243,6 +281,7 @@ fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> Re
     let drilling = status.test_failover.is_some();
     match hold {
         Hold::Free => {}
+        // A conflict holds the VM where it runs too (and shows as condition Conflict).
         Hold::Held { .. } | Hold::Conflict { .. } => {
             spec.active_site = here;
             spec.test_failover.enabled = drilling;

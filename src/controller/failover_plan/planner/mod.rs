@@ -19,7 +19,7 @@ use crate::api::{
 use crate::controller::conditions::{self, Cond};
 
 pub const WAITING_FOR_APPROVAL: &str = "WaitingForApproval";
-pub const CONFLICT: &str = "Conflict";
+pub const CONFLICT: &str = conditions::CONFLICT;
 /// True while a ReplicatedVM named in `vms` does not exist (the plan waits for it).
 pub const MEMBERS_MISSING: &str = "MembersMissing";
 
