@@ -65,27 +65,29 @@ async fn a_conflict_shows_on_the_vm_nothing_moves_and_the_fix_clears_it() {
     create_plan(&w, "plan-b", &s, "both-01").await;
     create_plan(&w, "plan-c", &s, "own-01").await;
 
-    let both = w
-        .wait_for("both-01", "Conflict on both-01", conflict_true)
-        .await;
-    let (_, reason, message) = conflict(&both).unwrap();
-    assert_eq!(reason, "SelectedByTwoPlans");
-    assert!(
-        message.contains("plan-a") && message.contains("plan-b"),
-        "{message}"
-    );
-    assert!(!ready(&both), "a VM in conflict is not Ready");
-    let own = w
-        .wait_for("own-01", "Conflict on own-01", conflict_true)
-        .await;
-    let (_, reason, message) = conflict(&own).unwrap();
-    assert_eq!(reason, "ActiveSiteDisagrees");
-    assert!(
-        message.contains(&format!("spec.activeSite {p}"))
-            && message.contains("plan-c")
-            && message.contains("unset spec.activeSite"),
-        "{message}"
-    );
+    // Each VM shows its own cause, naming the plans (or the sites) and the fix.
+    let own_site = format!("spec.activeSite {p}");
+    let want: [(&str, &str, &[&str]); 2] = [
+        (
+            "both-01",
+            "SelectedByTwoPlans",
+            &["plan-a", "plan-b", "remove it"],
+        ),
+        (
+            "own-01",
+            "ActiveSiteDisagrees",
+            &[&own_site, "plan-c", "unset spec.activeSite"],
+        ),
+    ];
+    for (vm, want_reason, words) in want {
+        let r = w
+            .wait_for(vm, &format!("Conflict on {vm}"), conflict_true)
+            .await;
+        let (_, reason, message) = conflict(&r).unwrap();
+        assert_eq!(reason, want_reason, "{vm}");
+        assert!(words.iter().all(|x| message.contains(x)), "{vm}: {message}");
+        assert!(!ready(&r), "{vm} in conflict is Ready");
+    }
 
     // Each conflict is announced by a Warning Event on the VM.
     for vm in ["both-01", "own-01"] {

@@ -10,6 +10,35 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use twinsite::api::{FailoverPlan, PlanPhase};
 
+/// Creates plan `name` (`spec` without targetSite) targeting the primary site, where every VM
+/// runs, then turns it to the secondary site: the plan job starts.
+async fn run_plan(w: &World, name: &str, mut spec: serde_json::Value) -> Api<FailoverPlan> {
+    let plans: Api<FailoverPlan> = Api::namespaced(w.client.clone(), &w.ns);
+    spec["targetSite"] = json!(w.primary.site);
+    let fp: FailoverPlan = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    plans.create(&PostParams::default(), &fp).await.unwrap();
+    let target = json!({"spec": {"targetSite": w.secondary.site}});
+    plans
+        .patch(name, &PatchParams::default(), &Patch::Merge(target))
+        .await
+        .unwrap();
+    plans
+}
+
+/// `kubectl annotate fp <plan> twinsite.io/approve=<what>`.
+fn approve(w: &World, plan: &str, what: &str) {
+    let value = format!("twinsite.io/approve={what}");
+    let args = ["annotate", "fp", plan, "-n", &w.ns, &value];
+    let out = w.cp.kubectl().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl annotate: {err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_fails_over_group_after_group_with_an_approval_between() {
     let w = World::start("plane2e").await;
@@ -25,30 +54,19 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
     let data = pattern("database-rows", 16384);
     w.primary.write("db-01", 4096, &data).await;
 
-    let plans: Api<FailoverPlan> = Api::namespaced(w.client.clone(), &w.ns);
-    let fp: FailoverPlan = serde_json::from_value(json!({
-        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
-        "metadata": {"name": "app-dr"},
-        "spec": {
-            "targetSite": p,
+    let plans = run_plan(
+        &w,
+        "app-dr",
+        json!({
             "failover": {"type": "Planned"},
             "groups": [
                 {"name": "databases", "vms": ["db-01"]},
                 {"name": "web", "vms": ["web-01"],
                  "preActions": [{"name": "go", "manualApproval": {"message": "check the databases"}}]},
             ],
-        },
-    }))
-    .unwrap();
-    plans.create(&PostParams::default(), &fp).await.unwrap();
-    plans
-        .patch(
-            "app-dr",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"targetSite": s}})),
-        )
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
 
     // The databases move first, with every acknowledged write.
     w.wait_protected("db-01", &s, &p).await;
@@ -78,23 +96,7 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
         "web-01 moved before its group was approved"
     );
 
-    let out =
-        w.cp.kubectl()
-            .args([
-                "annotate",
-                "fp",
-                "app-dr",
-                "-n",
-                &w.ns,
-                "twinsite.io/approve=web/go",
-            ])
-            .output()
-            .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    approve(&w, "app-dr", "web/go");
 
     w.wait_protected("web-01", &s, &p).await;
     let deadline = std::time::Instant::now() + LONG;
@@ -146,12 +148,10 @@ async fn an_unplanned_plan_from_latest_processed_fails_over_from_one_consistent_
         w.primary.write(vm, 8192, d).await;
     }
 
-    let plans: Api<FailoverPlan> = Api::namespaced(w.client.clone(), &w.ns);
-    let fp: FailoverPlan = serde_json::from_value(json!({
-        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
-        "metadata": {"name": "cut-dr"},
-        "spec": {
-            "targetSite": p,
+    let plans = run_plan(
+        &w,
+        "cut-dr",
+        json!({
             // Manual commit keeps the recovery points at the target to look at.
             "failover": {"type": "Unplanned", "recoveryPoint": "LatestProcessed",
                          "shutdownSource": true, "commit": "Manual"},
@@ -160,18 +160,9 @@ async fn an_unplanned_plan_from_latest_processed_fails_over_from_one_consistent_
                 {"name": "front", "vms": ["app-01", "web-01"],
                  "preActions": [{"name": "go", "manualApproval": {"message": "data is up"}}]},
             ],
-        },
-    }))
-    .unwrap();
-    plans.create(&PostParams::default(), &fp).await.unwrap();
-    plans
-        .patch(
-            "cut-dr",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"targetSite": s}})),
-        )
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
 
     // The data group fails over first; its ConsistentCut step took the cut for every VM.
     w.wait_for("db-01", "db-01 failed over", |r| {
@@ -184,23 +175,7 @@ async fn an_unplanned_plan_from_latest_processed_fails_over_from_one_consistent_
     // the approval): its failover comes back from the cut, so this write is not at the target.
     let late = pattern("written-after-the-cut", 4096);
     w.primary.write("web-01", 65536, &late).await;
-    let out =
-        w.cp.kubectl()
-            .args([
-                "annotate",
-                "fp",
-                "cut-dr",
-                "-n",
-                &w.ns,
-                "twinsite.io/approve=front/go",
-            ])
-            .output()
-            .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    approve(&w, "cut-dr", "front/go");
 
     let plan_cut = plans
         .get("cut-dr")

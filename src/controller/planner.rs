@@ -293,16 +293,7 @@ impl Input<'_> {
     }
 }
 
-/// An Event to publish for the object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Note {
-    pub warning: bool,
-    /// What the event is about (a job, a job's step, a fence): events about different
-    /// subjects are never folded into one series.
-    pub subject: String,
-    pub reason: &'static str,
-    pub message: String,
-}
+pub use super::writes::Note;
 
 /// A status to write, with what it says happened.
 #[derive(Clone, Debug, PartialEq)]

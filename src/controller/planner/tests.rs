@@ -437,6 +437,14 @@ impl World {
         conditions::is_true(&self.status.conditions, t)
     }
 
+    fn condition(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        self.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
+    }
+
     fn steps(&self, t: JobType) -> Vec<(String, StepState)> {
         self.job(t)
             .steps
@@ -754,13 +762,7 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
     // Committed; reverse replication waits for the old site.
     assert_eq!(w.job_types().last(), Some(&JobType::Commit));
     assert!(!w.cond(READY));
-    let ready = w
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .unwrap();
-    assert_eq!(ready.reason, "SiteUnreachable");
+    assert_eq!(w.condition(READY).reason, "SiteUnreachable");
     // The old site comes back with the VM still running: powered off before anything else.
     w.down.clear();
     w.tick(1);
@@ -1383,12 +1385,7 @@ fn a_cut_only_goes_into_unplanned_failovers() {
 fn a_conflict_holds_the_vm_shows_once_and_clears() {
     let mut w = World::protected(true);
     assert!(!w.cond(CONFLICT));
-    let c = w
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == CONFLICT)
-        .unwrap();
+    let c = w.condition(CONFLICT);
     assert_eq!(
         (c.status.as_str(), c.reason.as_str()),
         ("False", "NoConflict")
@@ -1399,12 +1396,7 @@ fn a_conflict_holds_the_vm_shows_once_and_clears() {
     });
     w.settle();
     assert!(w.cond(CONFLICT) && w.cond(STALLED) && !w.cond(READY));
-    let c = w
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == CONFLICT)
-        .unwrap();
+    let c = w.condition(CONFLICT);
     assert_eq!(c.reason, "SelectedByTwoPlans");
     assert!(c.message.contains("a, b"));
     let conflicts: Vec<_> = w.events.iter().filter(|e| e.reason == "Conflict").collect();

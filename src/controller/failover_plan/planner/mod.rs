@@ -81,6 +81,19 @@ pub struct Note {
     pub message: String,
 }
 
+impl From<&Note> for crate::controller::writes::Note {
+    /// A plan's events are told apart by their message: different jobs and steps stay apart,
+    /// and repeats of one fold together.
+    fn from(n: &Note) -> Self {
+        Self {
+            warning: n.warning,
+            subject: n.message.clone(),
+            reason: n.reason,
+            message: n.message.clone(),
+        }
+    }
+}
+
 /// A webhook to call for a step already written as Running.
 #[derive(Clone, Debug, PartialEq)]
 pub struct WebhookCall {
