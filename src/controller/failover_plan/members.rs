@@ -544,6 +544,23 @@ mod tests {
                 cut: None,
             }
         );
+        // A plan job that names a cut hands it on with every member of the plan.
+        let mut with_cut = st.clone();
+        with_cut.jobs[0].cut_id = Some("a-failover-1-cut".into());
+        with_cut.groups.push(GroupStatus {
+            name: "web".into(),
+            state: "Pending".into(),
+            vms: vec![GroupVmStatus {
+                name: "web-1".into(),
+                state: planner::VM_PENDING.into(),
+            }],
+        });
+        a.status = Some(with_cut);
+        let Hold::Failover { cut: Some(cut), .. } = hold(&rvms[0], std::slice::from_ref(&a)) else {
+            panic!("expected a failover with a cut");
+        };
+        assert_eq!(cut.id, "a-failover-1-cut");
+        assert_eq!(cut.members, ["db-1", "web-1"]);
         st.jobs = vec![job(JobType::PlanTestFailover)];
         a.status = Some(st.clone());
         assert_eq!(
