@@ -111,6 +111,13 @@ impl Agent {
         }
     }
 
+    /// Stops the agent process (SIGTERM, then SIGKILL): the site no longer answers.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(5));
+        }
+    }
+
     pub async fn create_vm(&self, vm: &str, integration: bool) {
         self.client
             .create_vm(
