@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use twinsite::api::{FailoverPlan, PlanPhase};
 
@@ -25,30 +24,19 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
     let data = pattern("database-rows", 16384);
     w.primary.write("db-01", 4096, &data).await;
 
-    let plans: Api<FailoverPlan> = Api::namespaced(w.client.clone(), &w.ns);
-    let fp: FailoverPlan = serde_json::from_value(json!({
-        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
-        "metadata": {"name": "app-dr"},
-        "spec": {
-            "targetSite": p,
+    let plans = run_plan(
+        &w,
+        "app-dr",
+        json!({
             "failover": {"type": "Planned"},
             "groups": [
                 {"name": "databases", "vms": ["db-01"]},
                 {"name": "web", "vms": ["web-01"],
                  "preActions": [{"name": "go", "manualApproval": {"message": "check the databases"}}]},
             ],
-        },
-    }))
-    .unwrap();
-    plans.create(&PostParams::default(), &fp).await.unwrap();
-    plans
-        .patch(
-            "app-dr",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"targetSite": s}})),
-        )
-        .await
-        .unwrap();
+        }),
+    )
+    .await;
 
     // The databases move first, with every acknowledged write.
     w.wait_protected("db-01", &s, &p).await;
@@ -78,23 +66,7 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
         "web-01 moved before its group was approved"
     );
 
-    let out =
-        w.cp.kubectl()
-            .args([
-                "annotate",
-                "fp",
-                "app-dr",
-                "-n",
-                &w.ns,
-                "twinsite.io/approve=web/go",
-            ])
-            .output()
-            .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    approve(&w, "app-dr", "web/go");
 
     w.wait_protected("web-01", &s, &p).await;
     let deadline = std::time::Instant::now() + LONG;

@@ -1,5 +1,5 @@
 //! Conditions in one place: kstatus-compatible Ready / Reconciling / Stalled and the
-//! ReplicatedVM's CommitPending. A condition's lastTransitionTime only moves when its status
+//! ReplicatedVM's CommitPending, and Conflict (ReplicatedVM and FailoverPlan). A condition's lastTransitionTime only moves when its status
 //! does, so rewriting the same conditions is a no-op and costs no API write.
 
 use jiff::Timestamp;
@@ -9,6 +9,9 @@ pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 pub const COMMIT_PENDING: &str = "CommitPending";
+/// A FailoverPlan conflict (two plans, or a VM's own settings disagree with its plan): True on
+/// the plans concerned and on the VM, False ("NoConflict") otherwise.
+pub const CONFLICT: &str = "Conflict";
 
 /// A condition to set, before times and generations are filled in.
 #[derive(Clone, Debug, PartialEq)]
@@ -69,7 +72,7 @@ pub fn set_all(conds: &mut Vec<Condition>, want: &[Cond], generation: Option<i64
         set(conds, c, generation, now);
     }
     let order = |t: &str| {
-        [READY, RECONCILING, STALLED, COMMIT_PENDING]
+        [READY, RECONCILING, STALLED, COMMIT_PENDING, CONFLICT]
             .iter()
             .position(|x| *x == t)
             .unwrap_or(usize::MAX)

@@ -5,8 +5,8 @@ use super::observe::ObservedRecoveryPoint;
 use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
 use super::sites::Sites;
 use crate::site::{
-    EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector, ReplicationMode,
-    SiteError, SiteProvider,
+    CutRequest, EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector,
+    ReplicationMode, SiteError, SiteProvider,
 };
 
 fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
@@ -85,6 +85,7 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                 Err(e) => failed(src, e),
             }
         }
+        StepName::ConsistentCut => consistent_cut(sites, c).await?,
         StepName::InitialReplication | StepName::Resynchronize => Outcome::ok(),
         StepName::ShutdownSource => power(sites, src, vm, PowerAction::Shutdown, op).await?,
         StepName::FenceSource => power(sites, src, vm, PowerAction::PowerOff, op).await?,
@@ -169,6 +170,55 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                 },
             }
         }
+    })
+}
+
+/// This VM's point of the plan's consistent cut, asked of the source site (the cut id is the
+/// step's operation id: the site cuts once per id and answers every repeat the same). The point
+/// must still be at the target for the failover to start from it.
+async fn consistent_cut(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
+    let (vm, cut_id, src, tgt) = (
+        c.vm.as_str(),
+        c.op_id.as_str(),
+        c.source.as_str(),
+        c.target.as_str(),
+    );
+    let req = CutRequest {
+        cut_id: cut_id.to_string(),
+        vms: c.cut_vms.clone(),
+    };
+    let answer = match provider(sites, src)?.cut(&req).await {
+        Ok(a) => a,
+        Err(e) => return Ok(failed(src, e)),
+    };
+    let Some(point) = answer.points.iter().find(|p| p.vm == vm) else {
+        return Ok(Outcome::Failed(format!(
+            "VM {vm} is not in cut {cut_id} at {src} (it did not replicate outbound from \
+             there when the cut was taken); the failover starts from {} without a cut",
+            c.recovery_point
+        )));
+    };
+    let rp_id = &point.recovery_point.id;
+    // Retention at the target may have merged the point away since the cut was taken (a later
+    // group fails over long after it): then it cannot be started from.
+    if let Some(t) = sites.provider(tgt)
+        && let Ok(points) = t.recovery_points(vm).await
+        && !points.iter().any(|p| &p.id == rp_id)
+    {
+        return Ok(Outcome::Failed(format!(
+            "recovery point {rp_id} of cut {cut_id} is no longer at {tgt}; the failover starts \
+             from {} without a cut",
+            c.recovery_point
+        )));
+    }
+    Ok(Outcome::Succeeded {
+        message: Some(format!(
+            "recovery point {rp_id} of cut {cut_id} (cut at {}, {} VMs at {src})",
+            answer.time,
+            answer.points.len()
+        )),
+        recovery_point: Some(rp(&point.recovery_point)),
+        test_vm: None,
     })
 }
 

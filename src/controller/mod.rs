@@ -5,6 +5,7 @@
 //! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
 //! - [`sites`]: the site registry and the shared per-site VM listings.
 //! - [`exec`]: carries out one planned step against the sites.
+//! - [`writes`]: status merge patches and Events, shared by the reconcilers.
 //! - `rvm`, `site`: the two reconcilers; `metrics` and the HTTP endpoints.
 //!
 //! Only the leader (a Lease held through kube-lease-manager) runs the reconcilers; a second
@@ -19,6 +20,7 @@ pub mod planner;
 pub mod rvm;
 pub mod site;
 pub mod sites;
+pub mod writes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

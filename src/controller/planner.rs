@@ -15,7 +15,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::conditions::{self, COMMIT_PENDING, Cond, READY, RECONCILING, STALLED};
+use super::conditions::{self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED};
 use super::observe::{Direction, ObservedRecoveryPoint, ObservedReplicationState, SiteView};
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
@@ -34,6 +34,9 @@ pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
 /// The steps jobs are made of (their names in `status.jobs[].steps[].name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum StepName {
+    /// Ask the source site for this VM's point of the plan's consistent cut (an Unplanned plan
+    /// failover from LatestProcessed); the failover then starts from that point.
+    ConsistentCut,
     /// Enable replication at the source (initial copy or delta resync).
     EnableReplication,
     /// Wait until the initial copy is done.
@@ -63,7 +66,8 @@ pub enum StepName {
 }
 
 impl StepName {
-    pub const ALL: [StepName; 14] = [
+    pub const ALL: [StepName; 15] = [
+        StepName::ConsistentCut,
         StepName::EnableReplication,
         StepName::InitialReplication,
         StepName::Resynchronize,
@@ -82,6 +86,7 @@ impl StepName {
 
     pub fn as_str(self) -> &'static str {
         match self {
+            StepName::ConsistentCut => "ConsistentCut",
             StepName::EnableReplication => "EnableReplication",
             StepName::InitialReplication => "InitialReplication",
             StepName::Resynchronize => "Resynchronize",
@@ -138,12 +143,15 @@ pub fn steps_of(t: JobType) -> &'static [StepName] {
 }
 
 /// A step whose failure does not fail its job: an unplanned failover goes on when the source
-/// cannot be shut down, fenced or synced (the disaster does not wait).
+/// cannot be cut, shut down, fenced or synced (the disaster does not wait).
 pub fn is_optional(t: JobType, s: StepName) -> bool {
     t == JobType::UnplannedFailover
         && matches!(
             s,
-            StepName::ShutdownSource | StepName::FenceSource | StepName::SyncRemaining
+            StepName::ConsistentCut
+                | StepName::ShutdownSource
+                | StepName::FenceSource
+                | StepName::SyncRemaining
         )
 }
 
@@ -218,6 +226,29 @@ pub struct Input<'a> {
     pub now: Timestamp,
     /// How often the sites are listed: how soon a waiting step can see progress.
     pub poll: Duration,
+    /// A FailoverPlan conflict: the VM stays where it runs and shows condition Conflict.
+    pub conflict: Option<&'a Conflict>,
+    /// The consistent cut a plan failover of this VM starts from (Unplanned, LatestProcessed).
+    pub cut: Option<&'a Cut>,
+}
+
+/// Why the FailoverPlans of the VM's namespace hold it where it runs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conflict {
+    /// Condition reason (`SelectedByTwoPlans`, `ActiveSiteDisagrees`, ...).
+    pub reason: String,
+    /// The cause and what to do about it.
+    pub message: String,
+}
+
+/// A plan's consistent cut: an unplanned failover of the VM first asks its source site for the
+/// cut `id` over every member of the plan (the site cuts those that replicate outbound from it,
+/// all at one instant, once per id) and then fails over to this VM's point of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cut {
+    pub id: String,
+    /// The plan's members (ReplicatedVM names, from its status groups).
+    pub members: Vec<String>,
 }
 
 static UNKNOWN: SiteView = SiteView::Unknown;
@@ -262,16 +293,7 @@ impl Input<'_> {
     }
 }
 
-/// An Event to publish for the object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Note {
-    pub warning: bool,
-    /// What the event is about (a job, a job's step, a fence): events about different
-    /// subjects are never folded into one series.
-    pub subject: String,
-    pub reason: &'static str,
-    pub message: String,
-}
+pub use super::writes::Note;
 
 /// A status to write, with what it says happened.
 #[derive(Clone, Debug, PartialEq)]
@@ -310,6 +332,9 @@ pub struct StepCall {
     pub optional: bool,
     /// Name of the drill copy (cleanup).
     pub test_vm: Option<String>,
+    /// ConsistentCut: the VMs the cut is asked for (the plan's members, this VM among them).
+    /// The cut id is the step's operation id.
+    pub cut_vms: Vec<String>,
 }
 
 /// Power the VM off at `site`, where it runs although it must not.
@@ -436,7 +461,7 @@ pub fn plan(input: &Input) -> Plan {
     if running_job(&st).is_none() {
         refresh_replication(input, &mut st);
     }
-    finalize(input, &mut st, wait);
+    finalize(input, &mut st, wait, &mut events);
     if st != *input.status {
         Plan::Write(Box::new(Update {
             status: st,
@@ -546,10 +571,23 @@ fn step_call(
     let job = &st.jobs[ji];
     let source = job.source_site.clone().unwrap_or_default();
     let target = job.target_site.clone().unwrap_or_default();
-    let recovery_point = match job.type_ {
+    let recovery_point = match (job.type_, &job.cut_id, &job.recovery_point) {
         // A planned failover brings up everything the final sync sent.
-        JobType::PlannedFailover => "Latest".to_string(),
+        (JobType::PlannedFailover, _, _) => "Latest".to_string(),
+        // The ConsistentCut step succeeded: this VM's point of the cut.
+        (_, Some(_), Some(rp)) => rp.clone(),
         _ => input.spec.failover.recovery_point.clone(),
+    };
+    let cut_vms = match (n, input.cut) {
+        (StepName::ConsistentCut, Some(c)) => {
+            let mut vms = c.members.clone();
+            if !vms.iter().any(|v| v == input.name) {
+                vms.push(input.name.to_string());
+            }
+            vms
+        }
+        (StepName::ConsistentCut, None) => vec![input.name.to_string()],
+        _ => Vec::new(),
     };
     StepCall {
         job: ji,
@@ -574,6 +612,7 @@ fn step_call(
         replication: input.spec.replication.clone(),
         optional: is_optional(job.type_, n),
         test_vm: st.test_failover.as_ref().map(|t| t.vm_name.clone()),
+        cut_vms,
     }
 }
 
@@ -779,6 +818,9 @@ fn start_job(
     events: &mut Vec<Note>,
 ) {
     let name = next_job_name(input.name, t, &st.jobs);
+    // A plan's unplanned failover first takes its point of the plan's consistent cut; the
+    // cut id is the step's operation id (the site is idempotent by it).
+    let cut = input.cut.filter(|_| t == JobType::UnplannedFailover);
     events.push(Note {
         warning: false,
         subject: name.clone(),
@@ -797,13 +839,15 @@ fn start_job(
         recovery_point_age_seconds: None,
         cut_id: None,
         message: None,
-        steps: steps_of(t)
+        steps: cut
             .iter()
-            .map(|s| JobStep {
+            .map(|c| (StepName::ConsistentCut, Some(c.id.clone())))
+            .chain(steps_of(t).iter().map(|s| (*s, None)))
+            .map(|(s, operation_id)| JobStep {
                 name: s.as_str().to_string(),
                 state: StepState::Pending,
                 message: None,
-                operation_id: None,
+                operation_id,
                 start_time: None,
                 end_time: None,
             })
@@ -873,7 +917,8 @@ fn advance(
                     }
                     None => {
                         s.state = StepState::Running;
-                        s.operation_id = op;
+                        // A step that names its operation id already (ConsistentCut) keeps it.
+                        s.operation_id = s.operation_id.take().or(op);
                         s.start_time = Some(input.now());
                         return;
                     }
@@ -1036,7 +1081,7 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             advance(input, &mut st, &mut events, &mut finished);
         }
     }
-    finalize(input, &mut st, None);
+    finalize(input, &mut st, None, &mut events);
     Plan::Write(Box::new(Update {
         status: st,
         events,
@@ -1109,6 +1154,14 @@ fn apply_step_success(
     let source = job.source_site.clone();
     let target = job.target_site.clone();
     match name {
+        Some(StepName::ConsistentCut) => {
+            // The cut id is recorded only when the cut gave this VM its point; StartAtTarget
+            // then starts from that point.
+            if let Some(rp) = &rp {
+                job.cut_id = job.steps[si].operation_id.clone();
+                job.recovery_point = Some(rp.id.clone());
+            }
+        }
         Some(StepName::StartAtTarget) => {
             if let Some(rp) = &rp {
                 job.recovery_point = Some(rp.id.clone());
@@ -1247,7 +1300,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
             }));
         }
     }
-    finalize(input, &mut st, None);
+    finalize(input, &mut st, None, &mut events);
     Plan::Write(Box::new(Update {
         status: st,
         events,
@@ -1386,7 +1439,12 @@ fn refresh_replication_now(input: &Input, st: &mut ReplicatedVMStatus) {
 }
 
 /// Phase and conditions from the status and the spec, computed in one place.
-fn finalize(input: &Input, st: &mut ReplicatedVMStatus, wait: Option<Wait>) {
+fn finalize(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    wait: Option<Wait>,
+    events: &mut Vec<Note>,
+) {
     st.observed_generation = input.generation;
     let running = running_job(st).map(|i| st.jobs[i].clone());
     let running = running.as_ref();
@@ -1455,6 +1513,8 @@ fn finalize(input: &Input, st: &mut ReplicatedVMStatus, wait: Option<Wait>) {
                     })
                     .unwrap_or_default();
                 want.push(Cond::new(READY, false, "JobFailed", msg));
+            } else if let Some(c) = input.conflict {
+                want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
             } else if in_place && replication_matches && drill_matches {
@@ -1479,15 +1539,18 @@ fn finalize(input: &Input, st: &mut ReplicatedVMStatus, wait: Option<Wait>) {
             want.push(Cond::new(RECONCILING, false, "Idle", "no job runs"));
         }
     }
-    want.push(if stalled {
-        Cond::new(
+    want.push(match (stalled, input.conflict) {
+        (true, _) => Cond::new(
             STALLED,
             true,
             "JobFailed",
             "the newest job failed; change the spec to try again",
-        )
-    } else {
-        Cond::new(STALLED, false, "NotStalled", "")
+        ),
+        // A conflict needs a person too; a job already running still ends first.
+        (false, Some(c)) if running.is_none() => {
+            Cond::new(STALLED, true, "Conflict", c.message.clone())
+        }
+        _ => Cond::new(STALLED, false, "NotStalled", ""),
     });
     want.push(match (commit_pending, &commit) {
         (true, Some(j)) => Cond::new(
@@ -1502,7 +1565,22 @@ fn finalize(input: &Input, st: &mut ReplicatedVMStatus, wait: Option<Wait>) {
         ),
         _ => Cond::new(COMMIT_PENDING, false, "NoCommitPending", ""),
     });
+    want.push(match input.conflict {
+        Some(c) => Cond::new(CONFLICT, true, c.reason.clone(), c.message.clone()),
+        None => Cond::new(CONFLICT, false, "NoConflict", ""),
+    });
     conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
+    // A conflict is news once, when its condition turns True.
+    if let Some(c) = input.conflict
+        && !conditions::is_true(&input.status.conditions, CONFLICT)
+    {
+        events.push(Note {
+            warning: true,
+            subject: format!("conflict: {}", c.message),
+            reason: "Conflict",
+            message: format!("held where it runs, no job starts: {}", c.message),
+        });
+    }
 }
 
 #[cfg(test)]

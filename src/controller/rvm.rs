@@ -5,18 +5,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
-use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
 use super::failover_plan::{self, Hold};
 use super::observe::SiteView;
-use super::planner::{self, Input, Note, Plan, Update};
-use super::{Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels};
+use super::planner::{self, Input, Plan, StepName, Update};
+use super::{
+    Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels, writes,
+};
 use crate::api::{
     COMMIT_ANNOTATION, FailoverPlan, ReplicatedVM, ReplicatedVMSpec, ReplicatedVMStatus,
 };
@@ -125,8 +125,20 @@ async fn apply(
         .list(&Default::default())
         .await?
         .items;
-    let effective = plan_spec(rvm, &status, &failover_plan::hold(rvm, &plans));
+    let hold = failover_plan::hold(rvm, &plans);
+    let effective = plan_spec(rvm, &status, &hold);
     let spec = &effective;
+    let (conflict, cut) = match &hold {
+        Hold::Conflict { reason, message } => (
+            Some(planner::Conflict {
+                reason: reason.to_string(),
+                message: message.clone(),
+            }),
+            None,
+        ),
+        Hold::Failover { cut, .. } => (None, cut.clone()),
+        _ => (None, None),
+    };
     let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
     let labels = VmLabels {
         namespace: ns.clone(),
@@ -156,6 +168,8 @@ async fn apply(
             recovery: &recovery,
             now: now(),
             poll: ctx.poll,
+            conflict: conflict.as_ref(),
+            cut: cut.as_ref(),
         };
         let update = match planner::plan(&input) {
             Plan::Idle(d) => {
@@ -163,8 +177,11 @@ async fn apply(
                 return Ok(Action::requeue(d));
             }
             Plan::Write(u) => u,
-            Plan::Execute(call) => {
+            Plan::Execute(mut call) => {
                 debug!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "calling site");
+                if call.step_name == StepName::ConsistentCut {
+                    call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
+                }
                 let outcome = exec::run(&ctx.sites, &call).await;
                 let input = Input {
                     now: now(),
@@ -203,13 +220,21 @@ async fn apply(
             events,
             finished,
         } = *update;
-        rv = write_status(api, &name, &status, &new, rv.as_deref(), ctx).await?;
+        let w =
+            writes::write_status::<_, _, Error>(api, &name, &status, &new, rv.as_deref()).await?;
+        if w.written {
+            ctx.metrics
+                .status_writes
+                .get_or_create(&KindLabels {
+                    kind: "ReplicatedVM".into(),
+                })
+                .inc();
+        }
+        rv = w.resource_version;
         if let Some(v) = rv.as_deref().and_then(|v| v.parse::<u64>().ok()) {
             ctx.written.put(&uid, v, &new);
         }
-        for n in &events {
-            publish(ctx, rvm, n).await;
-        }
+        writes::publish(&ctx.recorder, &rvm.object_ref(&()), &events).await;
         for (t, s) in &finished {
             ctx.metrics
                 .jobs
@@ -232,6 +257,27 @@ async fn apply(
     Ok(Action::requeue(Duration::ZERO))
 }
 
+/// The names of the VMs at the sites (`spec.vmName`) of the ReplicatedVMs `names` of namespace
+/// `ns`; a name without a ReplicatedVM (or when the list fails) stands for itself.
+async fn vm_names(client: &kube::Client, ns: &str, names: &[String]) -> Vec<String> {
+    let rvms = match Api::<ReplicatedVM>::namespaced(client.clone(), ns)
+        .list(&Default::default())
+        .await
+    {
+        Ok(l) => l.items,
+        Err(e) => {
+            warn!(namespace = ns, error = %e, "listing ReplicatedVMs for a consistent cut");
+            Vec::new()
+        }
+    };
+    let by_name: std::collections::HashMap<String, String> =
+        rvms.iter().map(|r| (r.name_any(), r.vm_name())).collect();
+    names
+        .iter()
+        .map(|n| by_name.get(n).cloned().unwrap_or_else(|| n.clone()))
+        .collect()
+}
+
 /// The spec the planner follows: the VM's own, or the one its FailoverPlan gives it. A VM that a
 /// plan holds but has not released stays where it runs, drill copy included.
 fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> ReplicatedVMSpec {
@@ -243,6 +289,7 @@ fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> Re
     let drilling = status.test_failover.is_some();
     match hold {
         Hold::Free => {}
+        // A conflict holds the VM where it runs too (and shows as condition Conflict).
         Hold::Held { .. } | Hold::Conflict { .. } => {
             spec.active_site = here;
             spec.test_failover.enabled = drilling;
@@ -279,75 +326,6 @@ fn record_gauges(ctx: &Context, input: &Input, labels: &VmLabels) {
             .bytes_replicated
             .get_or_create(labels)
             .set(i64::try_from(b).unwrap_or(i64::MAX));
-    }
-}
-
-/// Merge-patches the fields of status that changed, with the resourceVersion the plan was made
-/// from: a writer that moved the object on meanwhile makes this fail (409) instead of being
-/// overwritten, so a job can never be started twice.
-async fn write_status(
-    api: &Api<ReplicatedVM>,
-    name: &str,
-    old: &ReplicatedVMStatus,
-    new: &ReplicatedVMStatus,
-    rv: Option<&str>,
-    ctx: &Context,
-) -> Result<Option<String>, Error> {
-    let changed = diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
-    if changed.is_empty() {
-        return Ok(rv.map(str::to_string));
-    }
-    let mut patch = json!({ "status": Value::Object(changed) });
-    if let Some(rv) = rv {
-        patch["metadata"] = json!({ "resourceVersion": rv });
-    }
-    let out = api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    ctx.metrics
-        .status_writes
-        .get_or_create(&KindLabels {
-            kind: "ReplicatedVM".into(),
-        })
-        .inc();
-    Ok(out.resource_version())
-}
-
-/// Top-level fields of `new` that differ from `old` (removed ones as null).
-pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
-    let empty = Map::new();
-    let o = old.as_object().unwrap_or(&empty);
-    let n = new.as_object().unwrap_or(&empty);
-    let mut out = Map::new();
-    for (k, v) in n {
-        if o.get(k) != Some(v) {
-            out.insert(k.clone(), v.clone());
-        }
-    }
-    for k in o.keys() {
-        if !n.contains_key(k) {
-            out.insert(k.clone(), Value::Null);
-        }
-    }
-    out
-}
-
-async fn publish(ctx: &Context, rvm: &ReplicatedVM, n: &Note) {
-    let ev = Event {
-        type_: if n.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: n.reason.to_string(),
-        note: Some(n.message.chars().take(1000).collect()),
-        // The recorder folds events with the same action and reason into one series; the
-        // subject (a job, a step) keeps each job's events apart.
-        action: n.subject.chars().take(128).collect(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &rvm.object_ref(&())).await {
-        warn!(error = %e, "publishing an event failed");
     }
 }
 
@@ -411,22 +389,4 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
     ctx.written.forget(&uid);
     info!(rvm = %name, "replication stopped and replica removed");
     Ok(Action::await_change())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::diff;
-    use serde_json::json;
-
-    #[test]
-    fn diff_keeps_only_changed_top_level_fields() {
-        let old = json!({"phase": "Protected", "jobs": [1], "testFailover": {"a": 1}});
-        let new = json!({"phase": "Protected", "jobs": [1, 2], "activeSite": "b"});
-        let d = diff(&old, &new);
-        assert_eq!(
-            serde_json::Value::Object(d),
-            json!({"jobs": [1, 2], "activeSite": "b", "testFailover": null})
-        );
-        assert!(diff(&new, &new).is_empty());
-    }
 }

@@ -7,16 +7,16 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{debug, warn};
 
 use super::conditions::{self, Cond, READY};
 use super::metrics::{KindLabels, SiteLabels};
-use super::rvm::{diff, now};
+use super::rvm::now;
 use super::sites::ListError;
+use super::writes;
 use super::{Context, Error};
 use crate::api::{SecretKeyRef, Site};
 
@@ -140,17 +140,14 @@ async fn write_status(
             new.last_heartbeat_time = Some(Time(t));
         }
     }
-    if new == old {
+    let api: Api<Site> = Api::all(ctx.client.clone());
+    // The Site reconciler is the only writer of Site status: no resourceVersion guard.
+    if !writes::write_status::<_, _, Error>(&api, &site.name_any(), &old, &new, None)
+        .await?
+        .written
+    {
         return Ok(());
     }
-    let changed = diff(&serde_json::to_value(&old)?, &serde_json::to_value(&new)?);
-    let api: Api<Site> = Api::all(ctx.client.clone());
-    api.patch_status(
-        &site.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&json!({ "status": changed })),
-    )
-    .await?;
     ctx.metrics
         .status_writes
         .get_or_create(&KindLabels {

@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use twinsite::api::{ReplicatedVM, Site};
+use twinsite::api::{FailoverPlan, ReplicatedVM, Site};
 use twinsite::envtest::{self, ControlPlane, ManagedChild};
 use twinsite::site::{AgentClient, CreateVm, DiskSpec, Power, SiteProvider};
 
@@ -108,6 +108,13 @@ impl Agent {
                 self.site
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the agent process (SIGTERM, then SIGKILL): the site no longer answers.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(5));
         }
     }
 
@@ -487,6 +494,35 @@ pub fn expected_digest(writes: &[(u64, &[u8])]) -> String {
         disk[o..o + data.len()].copy_from_slice(data);
     }
     hex::encode(Sha256::digest(&disk))
+}
+
+/// Creates plan `name` (`spec` without targetSite) targeting the primary site, where every VM
+/// runs, then turns it to the secondary site: the plan job starts.
+pub async fn run_plan(w: &World, name: &str, mut spec: serde_json::Value) -> Api<FailoverPlan> {
+    let plans: Api<FailoverPlan> = Api::namespaced(w.client.clone(), &w.ns);
+    spec["targetSite"] = json!(w.primary.site);
+    let fp: FailoverPlan = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap();
+    plans.create(&PostParams::default(), &fp).await.unwrap();
+    let target = json!({"spec": {"targetSite": w.secondary.site}});
+    plans
+        .patch(name, &PatchParams::default(), &Patch::Merge(target))
+        .await
+        .unwrap();
+    plans
+}
+
+/// `kubectl annotate fp <plan> twinsite.io/approve=<what>`.
+pub fn approve(w: &World, plan: &str, what: &str) {
+    let value = format!("twinsite.io/approve={what}");
+    let args = ["annotate", "fp", plan, "-n", &w.ns, &value];
+    let out = w.cp.kubectl().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl annotate: {err}");
 }
 
 pub fn pattern(tag: &str, len: usize) -> Vec<u8> {

@@ -11,6 +11,7 @@ use kube::core::{Selector, SelectorExt};
 use super::planner::{self, Member};
 use crate::api::{FailoverPlan, FailoverSpec, JobState, JobType, ReplicatedVM};
 use crate::controller::conditions;
+use crate::controller::planner::Cut;
 
 /// A plan's members, resolved against the ReplicatedVMs of its namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -94,23 +95,30 @@ fn absent(name: &str) -> Member {
     }
 }
 
-/// Why a VM selected by `plan` may not move under it, if anything (its own settings).
-fn vm_conflict(plan: &FailoverPlan, rvm: &ReplicatedVM) -> Option<String> {
+/// Why a VM selected by `plan` may not move under it, if anything (its own settings): the
+/// condition reason and a message that names the cause and the fix.
+fn vm_conflict(plan: &FailoverPlan, rvm: &ReplicatedVM) -> Option<(&'static str, String)> {
     let name = rvm.name_any();
     let target = &plan.spec.target_site;
     if *target != rvm.spec.primary_site && *target != rvm.spec.recovery_site {
-        return Some(format!(
-            "ReplicatedVM {name} is replicated between {} and {}; the plan's targetSite {target} is neither",
-            rvm.spec.primary_site, rvm.spec.recovery_site
+        return Some((
+            "TargetNotASite",
+            format!(
+                "ReplicatedVM {name} is replicated between {} and {}; the plan's targetSite {target} is neither",
+                rvm.spec.primary_site, rvm.spec.recovery_site
+            ),
         ));
     }
     if let Some(own) = &rvm.spec.active_site
         && own != target
     {
-        return Some(format!(
-            "ReplicatedVM {name} sets spec.activeSite {own} but plan {} targets {target}; \
-             unset spec.activeSite on the VM or set it to {target}",
-            plan.name_any()
+        return Some((
+            "ActiveSiteDisagrees",
+            format!(
+                "ReplicatedVM {name} sets spec.activeSite {own} but plan {} targets {target}; \
+                 unset spec.activeSite on the VM or set it to {target}",
+                plan.name_any()
+            ),
         ));
     }
     None
@@ -171,7 +179,7 @@ pub fn resolve(plan: &FailoverPlan, plans: &[FailoverPlan], rvms: &[ReplicatedVM
         for n in vms {
             match by_name.get(n) {
                 Some(r) => {
-                    if let Some(c) = vm_conflict(plan, r) {
+                    if let Some((_, c)) = vm_conflict(plan, r) {
                         out.conflicts.push(c);
                     }
                     members.push(member(r));
@@ -201,13 +209,14 @@ pub enum Hold {
     /// failover settings (type, shutdownSource, recoveryPoint, commit) instead of the VM's.
     /// `job` is the plan job, for the VM's job records. `cut` (Unplanned from LatestProcessed)
     /// names the consistent cut the VM's recovery point must come from: one cut per source
-    /// site over every VM of the plan (`status.groups[].vms`) failing over from that site.
+    /// site over every VM of the plan (`status.groups[].vms`, carried as its members) failing
+    /// over from that site.
     Failover {
         plan: String,
         job: String,
         target: String,
         failover: FailoverSpec,
-        cut: Option<String>,
+        cut: Option<Cut>,
     },
     /// Released for a plan drill: a drill copy at the other site on the plan's drill network;
     /// the VM itself stays at status.activeSite.
@@ -219,8 +228,12 @@ pub enum Hold {
     /// Released for a plan drill's cleanup: no drill copy; the VM itself stays.
     DrillCleanup { plan: String, job: String },
     /// The VM is in conflict (two plans, or its own activeSite disagrees with its plan): it
-    /// stays at status.activeSite and shows condition Conflict with this message.
-    Conflict { message: String },
+    /// stays at status.activeSite and shows condition Conflict with this reason and message
+    /// (the cause and what to do about it).
+    Conflict {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 /// How many groups of `plan` select `rvm` (by name or by label); an invalid selector selects
@@ -264,19 +277,26 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
     if holders.len() > 1 {
         let names: Vec<String> = holders.iter().map(|p| p.name_any()).collect();
         return Hold::Conflict {
+            reason: "SelectedByTwoPlans",
             message: format!(
-                "selected by more than one FailoverPlan: {}; a VM can follow one plan only",
+                "ReplicatedVM {name} is selected by more than one FailoverPlan: {}; a VM can \
+                 follow one plan only: remove it from all but one of them (its name in a \
+                 group's vms, or the labels a group's selector matches)",
                 names.join(", ")
             ),
         };
     }
     if let Some(p) = in_two_groups {
         return Hold::Conflict {
-            message: format!("in two groups of FailoverPlan {p}"),
+            reason: "InTwoGroups",
+            message: format!(
+                "ReplicatedVM {name} is in two groups of FailoverPlan {p}; remove it from one \
+                 of them"
+            ),
         };
     }
-    if let Some(message) = vm_conflict(plan, rvm) {
-        return Hold::Conflict { message };
+    if let Some((reason, message)) = vm_conflict(plan, rvm) {
+        return Hold::Conflict { reason, message };
     }
     let plan_name = plan.name_any();
     let status = plan.status.clone().unwrap_or_default();
@@ -288,7 +308,18 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
         .last()
         .map(|j| j.name.clone())
         .unwrap_or_default();
-    let cut = status.jobs.last().and_then(|j| j.cut_id.clone());
+    let cut = status
+        .jobs
+        .last()
+        .and_then(|j| j.cut_id.clone())
+        .map(|id| Cut {
+            id,
+            members: status
+                .groups
+                .iter()
+                .flat_map(|g| g.vms.iter().map(|v| v.name.clone()))
+                .collect(),
+        });
     match planner::released_target(&status, &name) {
         Some((JobType::PlanTestFailover, _)) => Hold::Drill {
             plan: plan_name,
@@ -417,10 +448,11 @@ mod tests {
             "{:?}",
             rb.conflicts
         );
-        let Hold::Conflict { message } = hold(&rvms[0], &plans) else {
+        let Hold::Conflict { message, reason } = hold(&rvms[0], &plans) else {
             panic!("expected a conflict");
         };
         assert!(message.contains("a, b"));
+        assert_eq!(reason, "SelectedByTwoPlans");
     }
 
     #[test]
@@ -512,6 +544,23 @@ mod tests {
                 cut: None,
             }
         );
+        // A plan job that names a cut hands it on with every member of the plan.
+        let mut with_cut = st.clone();
+        with_cut.jobs[0].cut_id = Some("a-failover-1-cut".into());
+        with_cut.groups.push(GroupStatus {
+            name: "web".into(),
+            state: "Pending".into(),
+            vms: vec![GroupVmStatus {
+                name: "web-1".into(),
+                state: planner::VM_PENDING.into(),
+            }],
+        });
+        a.status = Some(with_cut);
+        let Hold::Failover { cut: Some(cut), .. } = hold(&rvms[0], std::slice::from_ref(&a)) else {
+            panic!("expected a failover with a cut");
+        };
+        assert_eq!(cut.id, "a-failover-1-cut");
+        assert_eq!(cut.members, ["db-1", "web-1"]);
         st.jobs = vec![job(JobType::PlanTestFailover)];
         a.status = Some(st.clone());
         assert_eq!(

@@ -11,18 +11,19 @@ use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::RETRY_ANNOTATION;
 use super::members::{self, now};
-use super::planner::{self, Input, Note};
+use super::planner::{self, Input};
 use super::webhook::{self, Payload};
 use crate::api::{APPROVE_ANNOTATION, FailoverPlan, FailoverPlanStatus, JobState, ReplicatedVM};
+use crate::controller::writes;
 
 /// Actions taken in one reconcile before handing the plan back to the queue (fairness).
 const MAX_ACTIONS: usize = 32;
@@ -255,10 +256,11 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
                 planner::record_webhook(&status, &call, outcome, now())
             }
         };
-        rv = write_status(&plans_api, &name, &status, &new, rv.as_deref()).await?;
-        for n in &notes {
-            publish(&ctx, fp, n).await;
-        }
+        rv = writes::write_status::<_, _, Error>(&plans_api, &name, &status, &new, rv.as_deref())
+            .await?
+            .resource_version;
+        let notes: Vec<writes::Note> = notes.iter().map(Into::into).collect();
+        writes::publish(&ctx.recorder, &fp.object_ref(&()), &notes).await;
         if job_ended(&status, &new) && !approvals.is_empty() {
             // Approvals count for the job that ran: the next run of the plan asks again.
             rv = clear_approvals(&plans_api, &name).await?.or(rv);
@@ -289,50 +291,6 @@ async fn clear_approvals(api: &Api<FailoverPlan>, name: &str) -> Result<Option<S
         .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
     Ok(out.resource_version())
-}
-
-/// Merge-patches the top-level status fields that changed, with the resourceVersion the plan
-/// was made from: if anything moved the plan on meanwhile the write fails (409) and the plan is
-/// made again from the newer object, so a step is never taken twice.
-async fn write_status(
-    api: &Api<FailoverPlan>,
-    name: &str,
-    old: &FailoverPlanStatus,
-    new: &FailoverPlanStatus,
-    rv: Option<&str>,
-) -> Result<Option<String>, Error> {
-    let changed =
-        crate::controller::rvm::diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
-    if changed.is_empty() {
-        return Ok(rv.map(str::to_string));
-    }
-    let mut patch = json!({ "status": Value::Object(changed) });
-    if let Some(rv) = rv {
-        patch["metadata"] = json!({ "resourceVersion": rv });
-    }
-    let out = api
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(out.resource_version())
-}
-
-async fn publish(ctx: &Context, fp: &FailoverPlan, n: &Note) {
-    let ev = Event {
-        type_: if n.warning {
-            EventType::Warning
-        } else {
-            EventType::Normal
-        },
-        reason: n.reason.to_string(),
-        note: Some(n.message.chars().take(1000).collect()),
-        // The recorder folds events with the same action and reason into one series: the
-        // message keeps different jobs and steps apart, and repeats of one together.
-        action: n.message.chars().take(128).collect(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&ev, &fp.object_ref(&())).await {
-        warn!(plan = %fp.name_any(), error = %e, "publishing an event failed");
-    }
 }
 
 #[cfg(test)]

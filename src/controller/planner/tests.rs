@@ -65,6 +65,16 @@ struct World {
     events: Vec<Note>,
     writes: usize,
     rp_seq: u32,
+    /// A plan's conflict holding the VM.
+    conflict: Option<Conflict>,
+    /// A plan's consistent cut for the VM's failover.
+    cut: Option<Cut>,
+    /// The source's answer to a cut leaves this VM out.
+    cut_leaves_out: bool,
+    /// (cut id, VMs asked for) of every cut call, and the recovery point each StartAtTarget
+    /// was asked for.
+    cut_calls: Vec<(String, Vec<String>)>,
+    started_from: Vec<String>,
 }
 
 impl World {
@@ -85,6 +95,11 @@ impl World {
             events: vec![],
             writes: 0,
             rp_seq: 0,
+            conflict: None,
+            cut: None,
+            cut_leaves_out: false,
+            cut_calls: vec![],
+            started_from: vec![],
         }
     }
 
@@ -116,6 +131,8 @@ impl World {
             recovery: &s,
             now: ts(self.now),
             poll: Duration::from_secs(5),
+            conflict: self.conflict.as_ref(),
+            cut: self.cut.as_ref(),
         };
         f(&input)
     }
@@ -154,7 +171,8 @@ impl World {
             return o.clone();
         }
         let site_of_call = match c.step_name {
-            StepName::ShutdownSource
+            StepName::ConsistentCut
+            | StepName::ShutdownSource
             | StepName::FenceSource
             | StepName::SyncRemaining
             | StepName::EnableReplication
@@ -173,6 +191,18 @@ impl World {
     fn do_step(&mut self, c: &StepCall) -> Outcome {
         let (src, tgt) = (c.source.as_str(), c.target.as_str());
         match c.step_name {
+            StepName::ConsistentCut => {
+                self.cut_calls.push((c.op_id.clone(), c.cut_vms.clone()));
+                if self.cut_leaves_out {
+                    return Outcome::Failed(format!("VM {} is not in cut {}", c.vm, c.op_id));
+                }
+                let rp = self.add_rp(tgt);
+                Outcome::Succeeded {
+                    message: Some(format!("recovery point {} of cut {}", rp.id, c.op_id)),
+                    recovery_point: Some(rp),
+                    test_vm: None,
+                }
+            }
             StepName::ShutdownSource => {
                 let vm = self.vm_mut(src);
                 if !vm.integration {
@@ -255,12 +285,16 @@ impl World {
                 Outcome::ok()
             }
             StepName::StartAtTarget => {
-                let Some(rp) = self.sites[tgt]
+                self.started_from.push(c.recovery_point.clone());
+                let Some(mut rp) = self.sites[tgt]
                     .as_ref()
                     .and_then(|v| v.vm.recovery_points.as_ref()?.latest.clone())
                 else {
                     return Outcome::Failed("no recovery point".into());
                 };
+                if c.recovery_point.starts_with("rp-") {
+                    rp.id = c.recovery_point.clone();
+                }
                 let vm = self.vm_mut(tgt);
                 vm.vm.role = Role::Primary;
                 vm.vm.power = Power::Running;
@@ -401,6 +435,14 @@ impl World {
 
     fn cond(&self, t: &str) -> bool {
         conditions::is_true(&self.status.conditions, t)
+    }
+
+    fn condition(&self, t: &str) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        self.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap()
     }
 
     fn steps(&self, t: JobType) -> Vec<(String, StepState)> {
@@ -720,13 +762,7 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
     // Committed; reverse replication waits for the old site.
     assert_eq!(w.job_types().last(), Some(&JobType::Commit));
     assert!(!w.cond(READY));
-    let ready = w
-        .status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == READY)
-        .unwrap();
-    assert_eq!(ready.reason, "SiteUnreachable");
+    assert_eq!(w.condition(READY).reason, "SiteUnreachable");
     // The old site comes back with the VM still running: powered off before anything else.
     w.down.clear();
     w.tick(1);
@@ -1196,6 +1232,8 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         recovery: &s,
         now: ts(w.now),
         poll: Duration::from_secs(5),
+        conflict: None,
+        cut: None,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
     // A fresh one does fence.
@@ -1231,4 +1269,152 @@ fn step_names_round_trip() {
         assert_eq!(StepName::parse(n.as_str()), Some(n));
     }
     assert_eq!(operation_id("u", "j", StepName::Commit), "u-j-Commit");
+}
+
+fn plan_cut() -> Cut {
+    Cut {
+        id: "dr-failover-1-cut".into(),
+        members: vec!["db-01".into(), "web-01".into(), "app-01".into()],
+    }
+}
+
+fn unplanned_from_latest_processed(w: &mut World) {
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.recovery_point = "LatestProcessed".into();
+    });
+}
+
+#[test]
+fn a_plan_failover_with_a_cut_starts_from_the_vms_point_of_the_cut() {
+    let mut w = World::protected(true);
+    w.cut = Some(plan_cut());
+    unplanned_from_latest_processed(&mut w);
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ConsistentCut", OK),
+            ("ShutdownSource", OK),
+            ("FenceSource", K),
+            ("SyncRemaining", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", OK),
+        ])
+    );
+    // The cut is asked of the source, by the cut id, for every member of the plan.
+    assert_eq!(
+        w.cut_calls,
+        vec![(
+            "dr-failover-1-cut".to_string(),
+            vec!["db-01".to_string(), "web-01".into(), "app-01".into()]
+        )]
+    );
+    assert_eq!(w.calls[0], (StepName::ConsistentCut, P.to_string()));
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Succeeded);
+    assert_eq!(f.cut_id.as_deref(), Some("dr-failover-1-cut"));
+    let cut_step = &f.steps[0];
+    assert_eq!(
+        cut_step.operation_id.as_deref(),
+        Some("dr-failover-1-cut"),
+        "the cut id is the step's operation id"
+    );
+    let msg = cut_step.message.as_deref().unwrap();
+    // The failover started from the cut's point, not from the newer one the sync made.
+    assert_eq!(w.started_from.len(), 1);
+    let point = &w.started_from[0];
+    assert!(
+        point.starts_with("rp-") && msg.contains(point.as_str()),
+        "{msg}"
+    );
+    assert_eq!(f.recovery_point.as_deref(), Some(point.as_str()));
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_failed_cut_is_recorded_and_the_failover_goes_on_from_latest_processed() {
+    // The source site does not answer (the usual case in a disaster).
+    let mut w = World::protected(true);
+    w.cut = Some(plan_cut());
+    unplanned_from_latest_processed(&mut w);
+    w.down.insert(P.into());
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Succeeded, "{f:?}");
+    assert_eq!(f.steps[0].name, "ConsistentCut");
+    assert_eq!(f.steps[0].state, F);
+    let msg = f.steps[0].message.as_deref().unwrap();
+    assert!(msg.contains(P) && msg.contains("continues"), "{msg}");
+    assert_eq!(f.cut_id, None, "no cut was used");
+    assert_eq!(w.started_from, vec!["LatestProcessed".to_string()]);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(
+        w.events
+            .iter()
+            .any(|e| e.reason == "StepFailed" && e.message.contains("ConsistentCut"))
+    );
+
+    // The source answers but leaves the VM out of the cut: the same.
+    let mut w = World::protected(true);
+    w.cut = Some(plan_cut());
+    w.cut_leaves_out = true;
+    unplanned_from_latest_processed(&mut w);
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Succeeded);
+    assert_eq!(f.steps[0].state, F);
+    assert_eq!(f.cut_id, None);
+    assert_eq!(w.started_from, vec!["LatestProcessed".to_string()]);
+}
+
+#[test]
+fn a_cut_only_goes_into_unplanned_failovers() {
+    let mut w = World::protected(true);
+    w.cut = Some(plan_cut());
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert!(w.cut_calls.is_empty());
+    let f = w.job(JobType::PlannedFailover);
+    assert!(f.steps.iter().all(|s| s.name != "ConsistentCut"));
+    assert_eq!(f.cut_id, None);
+}
+
+#[test]
+fn a_conflict_holds_the_vm_shows_once_and_clears() {
+    let mut w = World::protected(true);
+    assert!(!w.cond(CONFLICT));
+    let c = w.condition(CONFLICT);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "NoConflict")
+    );
+    w.conflict = Some(Conflict {
+        reason: "SelectedByTwoPlans".into(),
+        message: "ReplicatedVM web-01 is selected by more than one FailoverPlan: a, b".into(),
+    });
+    w.settle();
+    assert!(w.cond(CONFLICT) && w.cond(STALLED) && !w.cond(READY));
+    let c = w.condition(CONFLICT);
+    assert_eq!(c.reason, "SelectedByTwoPlans");
+    assert!(c.message.contains("a, b"));
+    let conflicts: Vec<_> = w.events.iter().filter(|e| e.reason == "Conflict").collect();
+    assert_eq!(conflicts.len(), 1, "{:?}", w.events);
+    assert!(conflicts[0].warning);
+    // Steady: no more writes while the conflict lasts.
+    let writes = w.writes;
+    for _ in 0..10 {
+        assert!(matches!(w.step(), Plan::Idle(_)));
+        w.tick(5);
+    }
+    assert_eq!(w.writes, writes);
+    // Fixed: the condition turns False, Ready again.
+    w.conflict = None;
+    w.settle();
+    assert!(!w.cond(CONFLICT) && !w.cond(STALLED) && w.cond(READY));
+    assert_eq!(
+        w.events.iter().filter(|e| e.reason == "Conflict").count(),
+        1
+    );
 }

@@ -19,7 +19,7 @@ use crate::api::{
 use crate::controller::conditions::{self, Cond};
 
 pub const WAITING_FOR_APPROVAL: &str = "WaitingForApproval";
-pub const CONFLICT: &str = "Conflict";
+pub const CONFLICT: &str = conditions::CONFLICT;
 /// True while a ReplicatedVM named in `vms` does not exist (the plan waits for it).
 pub const MEMBERS_MISSING: &str = "MembersMissing";
 
@@ -79,6 +79,19 @@ pub struct Note {
     pub warning: bool,
     pub reason: &'static str,
     pub message: String,
+}
+
+impl From<&Note> for crate::controller::writes::Note {
+    /// A plan's events are told apart by their message: different jobs and steps stay apart,
+    /// and repeats of one fold together.
+    fn from(n: &Note) -> Self {
+        Self {
+            warning: n.warning,
+            subject: n.message.clone(),
+            reason: n.reason,
+            message: n.message.clone(),
+        }
+    }
 }
 
 /// A webhook to call for a step already written as Running.

@@ -1,0 +1,134 @@
+//! What the reconcilers write to the API server, in one place: status as a JSON merge patch of
+//! the fields that changed (guarded by the resourceVersion the decision was made from), and
+//! Events.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use tracing::warn;
+
+/// What [`write_status`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusWrite {
+    /// The object's resourceVersion after the write (the one given when nothing was written).
+    pub resource_version: Option<String>,
+    /// Whether a patch went to the API server.
+    pub written: bool,
+}
+
+/// Merge-patches the top-level fields of status that differ between `old` and `new`, with the
+/// resourceVersion `rv` the decision was made from: a writer that moved the object on
+/// meanwhile makes this fail (409) instead of being overwritten, so a job or a step is never
+/// started twice. Nothing changed, nothing written.
+pub async fn write_status<K, S, E>(
+    api: &Api<K>,
+    name: &str,
+    old: &S,
+    new: &S,
+    rv: Option<&str>,
+) -> Result<StatusWrite, E>
+where
+    K: Resource + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+    E: From<kube::Error> + From<serde_json::Error>,
+{
+    let changed = diff(&serde_json::to_value(old)?, &serde_json::to_value(new)?);
+    if changed.is_empty() {
+        return Ok(StatusWrite {
+            resource_version: rv.map(str::to_string),
+            written: false,
+        });
+    }
+    let mut patch = json!({ "status": Value::Object(changed) });
+    if let Some(rv) = rv {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
+    let out = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(StatusWrite {
+        resource_version: out.resource_version(),
+        written: true,
+    })
+}
+
+/// Top-level fields of `new` that differ from `old` (removed ones as null).
+pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
+    let empty = Map::new();
+    let o = old.as_object().unwrap_or(&empty);
+    let n = new.as_object().unwrap_or(&empty);
+    let mut out = Map::new();
+    for (k, v) in n {
+        if o.get(k) != Some(v) {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for k in o.keys() {
+        if !n.contains_key(k) {
+            out.insert(k.clone(), Value::Null);
+        }
+    }
+    out
+}
+
+/// An Event to publish for an object.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Note {
+    pub warning: bool,
+    /// What the event is about (a job, a job's step, a fence, a conflict): the recorder folds
+    /// events with the same subject and reason into one series, so events about different
+    /// subjects are never folded together, and repeats of one are.
+    pub subject: String,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Publishes `notes` as Events about `regarding`, in order. A failure is logged, never
+/// returned: an Event is not worth failing a reconcile for.
+pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, notes: &[Note]) {
+    for n in notes {
+        let ev = Event {
+            type_: if n.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: n.reason.to_string(),
+            note: Some(n.message.chars().take(1000).collect()),
+            action: n.subject.chars().take(128).collect(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, regarding).await {
+            warn!(
+                kind = regarding.kind.as_deref().unwrap_or_default(),
+                name = regarding.name.as_deref().unwrap_or_default(),
+                error = %e,
+                "publishing an event failed"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::diff;
+    use serde_json::json;
+
+    #[test]
+    fn diff_keeps_only_changed_top_level_fields() {
+        let old = json!({"phase": "Protected", "jobs": [1], "testFailover": {"a": 1}});
+        let new = json!({"phase": "Protected", "jobs": [1, 2], "activeSite": "b"});
+        let d = diff(&old, &new);
+        assert_eq!(
+            serde_json::Value::Object(d),
+            json!({"jobs": [1, 2], "activeSite": "b", "testFailover": null})
+        );
+        assert!(diff(&new, &new).is_empty());
+    }
+}
