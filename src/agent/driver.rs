@@ -16,9 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
 use super::{ApiError, Shared, Store, with_store};
 use crate::replication::tracker::Sealed;
-use crate::replication::{
-    BLOCK_SIZE, Bitmap, block_count, block_hash, block_len, frame, read_block,
-};
+use crate::replication::{BLOCK_SIZE, Bitmap, block_count, block_len, frame};
 use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
@@ -778,7 +776,9 @@ async fn bulk(
             let (blocks, after) = with_store(st, move |s| {
                 let r = s.rec(&vm2)?;
                 let file = &r.disks[d];
-                let mut out = Vec::new();
+                let mut out = Vec::with_capacity(
+                    BATCH_BLOCKS as usize * (frame::HEADER + BLOCK_SIZE as usize),
+                );
                 let mut b = next;
                 // Bounded work per store lock, so guest writes are not held off long.
                 let mut examined = 0;
@@ -795,19 +795,23 @@ async fn bulk(
                     };
                     b = cb + 1;
                     examined += 1;
-                    let data = read_block(file, size, cb).map_err(ApiError::io)?;
-                    if let Some(h) = &hashes {
+                    // Read straight into the batch; a block that need not travel is cut off.
+                    let start = out.len();
+                    frame::push_from(&mut out, d as u32, cb, block_len(size, cb), |buf| {
+                        file.read_exact_at(buf, cb * BLOCK_SIZE)
+                    })
+                    .map_err(ApiError::io)?;
+                    let hash = &out[start + 16..start + frame::HEADER];
+                    let same = hashes.as_ref().is_some_and(|h| {
                         let i = (cb * 32) as usize;
-                        if h.get(i..i + 32) == Some(&block_hash(&data)[..]) {
-                            continue;
-                        }
-                    }
-                    if matches!(*plan, Plan::All { skip_zero: true })
-                        && data.iter().all(|x| *x == 0)
-                    {
+                        h.get(i..i + 32) == Some(hash)
+                    });
+                    let zero = matches!(*plan, Plan::All { skip_zero: true })
+                        && out[start + frame::HEADER..].iter().all(|x| *x == 0);
+                    if same || zero {
+                        out.truncate(start);
                         continue;
                     }
-                    frame::push(&mut out, d as u32, cb, &data);
                     framed += 1;
                 }
                 Ok((out, b))

@@ -22,6 +22,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+use crate::replication::frame;
 use crate::site::{CreateVm, ErrorBody, PowerRequest};
 pub use store::Store;
 
@@ -229,17 +230,23 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     .map_err(AgentError::Listen)
 }
 
-/// Keeps the agent's resident memory near what it uses: block batches are megabytes and are
-/// allocated and freed all the time, from many threads. glibc would otherwise raise its mmap
-/// threshold after the first such free and keep later batches in per-thread heaps that seldom
-/// shrink (measured: 146 MiB instead of 77 MiB resident with 100 protected VMs).
+/// Keeps the agent's resident memory near what it uses without slowing the block stream:
+/// batches of megabytes are allocated and freed all the time, from many threads. Two heaps at
+/// most (glibc would make one per thread) that keep at most 16 MiB free each; batches reuse heap
+/// memory instead of fresh mappings whose pages fault in again (measured: initial replication
+/// of 4 GiB 3.7 s instead of 7.0 s; 100 protected VMs 66 MiB resident instead of 146 MiB with
+/// glibc's defaults).
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; it is called before the agent's threads
     // allocate in earnest, and a refused setting (return 0) changes nothing.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        // Block batches (about 4 MiB) come from the heap and are reused: as fresh mappings
+        // every batch would fault in its pages again. Freed memory above 16 MiB per heap goes
+        // back to the system.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
@@ -888,7 +895,16 @@ async fn replica_blocks(
     body: Bytes,
 ) -> ApiResult<Response> {
     let bulk = q.bulk;
-    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body)).await?;
+    // Checksums are verified before the store lock is taken, so batches in flight verify in
+    // parallel with the writes of the one before.
+    let (body, verified) = tokio::task::spawn_blocking(move || {
+        let verified = frame::verify_batch(&body);
+        (body, verified)
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let verified = verified.ok_or_else(|| ApiError::bad("malformed block batch"))?;
+    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body, &verified)).await?;
     if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
         hang_if_marked(&st).await;
     }

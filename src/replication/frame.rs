@@ -59,6 +59,12 @@ pub fn push_from(
     Ok(())
 }
 
+/// Whether each frame of a batch matches its checksum, in order; `None` when the batch is
+/// malformed.
+pub fn verify_batch(buf: &[u8]) -> Option<Vec<bool>> {
+    Some(parse(buf)?.iter().map(Frame::verify).collect())
+}
+
 /// Splits a batch into frames; `None` when it is truncated or malformed.
 pub fn parse(mut buf: &[u8]) -> Option<Vec<Frame<'_>>> {
     let mut out = Vec::new();
