@@ -2,36 +2,22 @@
 
 mod common_agent;
 
-use common_agent::{AgentProc, TOKEN};
+use common_agent::AgentProc;
 use twinsite::site::{
-    AgentClient, CreateVm, DiskSpec, EnableReplication, Power, PowerAction, RecoveryPointKind,
+    AgentClient, CreateVm, EnableReplication, Power, PowerAction, RecoveryPointKind,
     RecoveryPointSelector, ReplicationMode, SiteError, SiteProvider,
 };
 
 const MIB: u64 = 1 << 20;
 
 fn spec(integration_services: bool) -> CreateVm {
-    CreateVm {
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size_bytes: 2 * MIB,
-        }],
-        power: Power::Running,
-        integration_services,
-    }
+    common_agent::vm_spec(2 * MIB, integration_services)
 }
 
 fn enable(op: &str, peer: &AgentProc) -> EnableReplication {
     EnableReplication {
-        operation_id: op.into(),
-        peer_site: peer.site.clone(),
-        peer_url: peer.url.clone(),
-        peer_token: TOKEN.into(),
-        peer_ca_pem: None,
-        interval_seconds: 900,
-        recovery_point_retention_hours: 24,
         app_consistent_frequency_hours: 1,
-        mode: ReplicationMode::Initial,
+        ..common_agent::enable_to(op, peer, ReplicationMode::Initial)
     }
 }
 

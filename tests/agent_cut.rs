@@ -2,39 +2,21 @@
 
 mod common_agent;
 
-use common_agent::{AgentProc, TOKEN};
+use common_agent::AgentProc;
 use twinsite::site::{
-    AgentClient, CreateVm, CutRequest, DiskSpec, EnableReplication, Power, PowerAction,
-    RecoveryPointSelector, ReplicationMode, SiteError, SiteProvider,
+    AgentClient, CreateVm, CutRequest, EnableReplication, PowerAction, RecoveryPointSelector,
+    ReplicationMode, SiteError, SiteProvider,
 };
 
 const MIB: u64 = 1 << 20;
 const VMS: [&str; 3] = ["db-01", "app-01", "web-01"];
 
 fn spec(size: u64) -> CreateVm {
-    CreateVm {
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size_bytes: size,
-        }],
-        power: Power::Running,
-        integration_services: true,
-    }
+    common_agent::vm_spec(size, true)
 }
 
 fn enable(op: &str, peer: &AgentProc) -> EnableReplication {
-    EnableReplication {
-        operation_id: op.into(),
-        peer_site: peer.site.clone(),
-        peer_url: peer.url.clone(),
-        peer_token: TOKEN.into(),
-        peer_ca_pem: None,
-        // Long enough that no periodic cycle runs during the test.
-        interval_seconds: 900,
-        recovery_point_retention_hours: 24,
-        app_consistent_frequency_hours: 0,
-        mode: ReplicationMode::Initial,
-    }
+    common_agent::enable_to(op, peer, ReplicationMode::Initial)
 }
 
 async fn scribble(c: &AgentClient, vm: &str, seed: u8, size: u64) {

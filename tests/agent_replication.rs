@@ -4,7 +4,7 @@ mod common_agent;
 
 use std::time::{Duration, Instant};
 
-use common_agent::{AgentProc, TOKEN};
+use common_agent::AgentProc;
 use twinsite::site::{
     AgentClient, CreateVm, DiskSpec, EnableReplication, Power, PowerAction, RecoveryPointSelector,
     ReplicationMode, Role, SiteProvider,
@@ -14,27 +14,13 @@ const MIB: u64 = 1 << 20;
 const VM: &str = "web-01";
 
 fn spec(size: u64) -> CreateVm {
-    CreateVm {
-        disks: vec![DiskSpec {
-            name: "disk0".into(),
-            size_bytes: size,
-        }],
-        power: Power::Running,
-        integration_services: true,
-    }
+    common_agent::vm_spec(size, true)
 }
 
 fn enable(op: &str, peer: &AgentProc, mode: ReplicationMode) -> EnableReplication {
     EnableReplication {
-        operation_id: op.into(),
-        peer_site: peer.site.clone(),
-        peer_url: peer.url.clone(),
-        peer_token: TOKEN.into(),
-        peer_ca_pem: None,
         interval_seconds: 30,
-        recovery_point_retention_hours: 24,
-        app_consistent_frequency_hours: 0,
-        mode,
+        ..common_agent::enable_to(op, peer, mode)
     }
 }
 

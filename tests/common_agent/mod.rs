@@ -125,3 +125,35 @@ impl Drop for AgentProc {
         self.kill();
     }
 }
+
+/// A running VM with one disk `disk0` of `size` bytes.
+pub fn vm_spec(size: u64, integration_services: bool) -> twinsite::site::CreateVm {
+    twinsite::site::CreateVm {
+        disks: vec![twinsite::site::DiskSpec {
+            name: "disk0".into(),
+            size_bytes: size,
+        }],
+        power: twinsite::site::Power::Running,
+        integration_services,
+    }
+}
+
+/// Replication to `peer` over plain http: 900 s between cycles (none runs during a test unless
+/// it asks), 24 h of recovery points, no app-consistent points.
+pub fn enable_to(
+    op: &str,
+    peer: &AgentProc,
+    mode: twinsite::site::ReplicationMode,
+) -> twinsite::site::EnableReplication {
+    twinsite::site::EnableReplication {
+        operation_id: op.into(),
+        peer_site: peer.site.clone(),
+        peer_url: peer.url.clone(),
+        peer_token: TOKEN.into(),
+        peer_ca_pem: None,
+        interval_seconds: 900,
+        recovery_point_retention_hours: 24,
+        app_consistent_frequency_hours: 0,
+        mode,
+    }
+}
