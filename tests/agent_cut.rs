@@ -19,6 +19,18 @@ fn enable(op: &str, peer: &AgentProc) -> EnableReplication {
     common_agent::enable_to(op, peer, ReplicationMode::Initial)
 }
 
+/// Creates VMS at the source, writes to each and replicates them to `peer`, synced.
+async fn protect_all(ca: &AgentClient, peer: &AgentProc, size: u64) {
+    for (i, vm) in VMS.iter().enumerate() {
+        ca.create_vm(vm, &spec(size)).await.unwrap();
+        scribble(ca, vm, i as u8 + 1, size).await;
+        ca.enable_replication(vm, &enable(&format!("en-{vm}"), peer))
+            .await
+            .unwrap();
+        ca.sync(vm, &format!("sync-{vm}")).await.unwrap();
+    }
+}
+
 async fn scribble(c: &AgentClient, vm: &str, seed: u8, size: u64) {
     for i in 0..4u64 {
         let off = (i * 7919 * 4096 + seed as u64 * 12345) % (size - 100_000);
@@ -43,14 +55,7 @@ async fn cut_makes_one_point_per_vm_at_one_instant() {
     let b = AgentProc::start("secondary", root.path());
     let (ca, cb) = (a.client(), b.client());
     let size = 4 * MIB;
-    for (i, vm) in VMS.iter().enumerate() {
-        ca.create_vm(vm, &spec(size)).await.unwrap();
-        scribble(&ca, vm, i as u8 + 1, size).await;
-        ca.enable_replication(vm, &enable(&format!("en-{vm}"), &b))
-            .await
-            .unwrap();
-        ca.sync(vm, &format!("sync-{vm}")).await.unwrap();
-    }
+    protect_all(&ca, &b, size).await;
     // A VM that is not replicated is left out of a cut, not an error.
     ca.create_vm("solo", &spec(MIB)).await.unwrap();
 
@@ -140,14 +145,7 @@ async fn cut_whose_peer_fails_keeps_its_blocks_pending() {
     let mut b = AgentProc::start("secondary", root.path());
     let (ca, cb) = (a.client(), b.client());
     let size = 2 * MIB;
-    for (i, vm) in VMS.iter().enumerate() {
-        ca.create_vm(vm, &spec(size)).await.unwrap();
-        scribble(&ca, vm, i as u8 + 1, size).await;
-        ca.enable_replication(vm, &enable(&format!("en-{vm}"), &b))
-            .await
-            .unwrap();
-        ca.sync(vm, &format!("sync-{vm}")).await.unwrap();
-    }
+    protect_all(&ca, &b, size).await;
     for (i, vm) in VMS.iter().enumerate() {
         scribble(&ca, vm, i as u8 + 11, size).await;
     }

@@ -302,6 +302,18 @@ async fn diverge(ca: &AgentClient, cb: &AgentClient, b: &AgentProc, size: u64) {
     cb.write_disk(VM, "disk0", 100 * BLOCK, same).await.unwrap();
 }
 
+/// `from` resyncs `peer` (whose client is `to`) and syncs; both disks are then equal.
+async fn resync(from: &AgentClient, peer: &AgentProc, to: &AgentClient, en: &str, sync: &str) {
+    from.enable_replication(VM, &enable(en, peer, ReplicationMode::Resync))
+        .await
+        .unwrap();
+    from.sync(VM, sync).await.unwrap();
+    assert_eq!(
+        from.digest(VM, "disk0").await.unwrap(),
+        to.digest(VM, "disk0").await.unwrap()
+    );
+}
+
 #[tokio::test]
 async fn reverse_resync_sends_only_the_blocks_both_journals_name() {
     let root = tempfile::tempdir().unwrap();
@@ -310,14 +322,7 @@ async fn reverse_resync_sends_only_the_blocks_both_journals_name() {
     let (ca, cb) = (a.client(), b.client());
     let size = 8 * MIB;
     diverge(&ca, &cb, &b, size).await;
-    cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
-        .await
-        .unwrap();
-    cb.sync(VM, "sync-r1").await.unwrap();
-    assert_eq!(
-        ca.digest(VM, "disk0").await.unwrap(),
-        cb.digest(VM, "disk0").await.unwrap()
-    );
+    resync(&cb, &a, &ca, "en-2", "sync-r1").await;
     // A's unsent blocks 3, 4, 50, B's writes 4, 90 and B's rewrite of 100 (tracked, though its
     // content did not change): 5 blocks. Hashing would have sent 4.
     let sent = cb.get_vm(VM).await.unwrap().replication.bytes_sent;
@@ -334,14 +339,7 @@ async fn reverse_resync_sends_only_the_blocks_both_journals_name() {
         .unwrap();
     ca.commit(VM, "commit-2").await.unwrap();
     write_blocks(&ca, &[60], 13).await;
-    ca.enable_replication(VM, &enable("en-3", &b, ReplicationMode::Resync))
-        .await
-        .unwrap();
-    ca.sync(VM, "sync-f1").await.unwrap();
-    assert_eq!(
-        ca.digest(VM, "disk0").await.unwrap(),
-        cb.digest(VM, "disk0").await.unwrap()
-    );
+    resync(&ca, &b, &cb, "en-3", "sync-f1").await;
     let sent = ca.get_vm(VM).await.unwrap().replication.bytes_sent;
     assert_eq!(sent, BLOCK, "failback resync sent {sent} bytes");
 }
@@ -358,14 +356,7 @@ async fn reverse_resync_hashes_blocks_when_a_journal_is_lost() {
     a.kill();
     std::fs::remove_dir_all(a.data_dir.join("vms").join(VM).join("track")).unwrap();
     a.spawn();
-    cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
-        .await
-        .unwrap();
-    cb.sync(VM, "sync-r1").await.unwrap();
-    assert_eq!(
-        ca.digest(VM, "disk0").await.unwrap(),
-        cb.digest(VM, "disk0").await.unwrap()
-    );
+    resync(&cb, &a, &ca, "en-2", "sync-r1").await;
     // Hashing finds exactly the blocks that differ: 3, 4, 50 and 90 (not the rewritten 100).
     let sent = cb.get_vm(VM).await.unwrap().replication.bytes_sent;
     assert_eq!(sent, 4 * BLOCK, "hash resync sent {sent} bytes");

@@ -18,7 +18,6 @@ use common::*;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use twinsite::api::{ReplicatedVM, VmPhase};
-use twinsite::site::{CreateVm, DiskSpec, Power, SiteProvider};
 
 /// Sum of apiserver_request_total for a resource (and subresource) and verbs.
 fn requests(w: &World, resource: &str, subresource: &str, verbs: &[&str]) -> f64 {
@@ -66,21 +65,7 @@ async fn thousand_vms_protect_and_fail_over() {
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let names: Vec<String> = (0..n).map(|i| format!("vm-{i:04}")).collect();
     for name in &names {
-        w.primary
-            .client
-            .create_vm(
-                name,
-                &CreateVm {
-                    disks: vec![DiskSpec {
-                        name: DISK.into(),
-                        size_bytes: 64 * 1024,
-                    }],
-                    power: Power::Running,
-                    integration_services: true,
-                },
-            )
-            .await
-            .unwrap();
+        w.primary.create_vm_of(name, 64 * 1024, true).await;
     }
     let writes0 = requests(&w, "replicatedvms", "status", &["PATCH", "UPDATE"]);
     let t0 = Instant::now();

@@ -20,7 +20,6 @@ use common::*;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use twinsite::api::{FailoverPlan, PlanPhase, ReplicatedVM, VmPhase};
-use twinsite::site::{CreateVm, DiskSpec, Power, SiteProvider};
 
 const GROUPS: usize = 5;
 
@@ -47,21 +46,7 @@ async fn five_hundred_vms_in_five_groups_planned_failover() {
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let names: Vec<String> = (0..n).map(|i| format!("vm-{i:04}")).collect();
     for (i, name) in names.iter().enumerate() {
-        w.primary
-            .client
-            .create_vm(
-                name,
-                &CreateVm {
-                    disks: vec![DiskSpec {
-                        name: DISK.into(),
-                        size_bytes: 64 * 1024,
-                    }],
-                    power: Power::Running,
-                    integration_services: true,
-                },
-            )
-            .await
-            .unwrap();
+        w.primary.create_vm_of(name, 64 * 1024, true).await;
         let rvm: ReplicatedVM = serde_json::from_value(json!({
             "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
             "metadata": {"name": name, "labels": {"tier": format!("g{}", i * GROUPS / n)}},

@@ -119,13 +119,18 @@ impl Agent {
     }
 
     pub async fn create_vm(&self, vm: &str, integration: bool) {
+        self.create_vm_of(vm, DISK_BYTES, integration).await;
+    }
+
+    /// A running VM with one disk of `size` bytes.
+    pub async fn create_vm_of(&self, vm: &str, size: u64, integration: bool) {
         self.client
             .create_vm(
                 vm,
                 &CreateVm {
                     disks: vec![DiskSpec {
                         name: DISK.into(),
-                        size_bytes: DISK_BYTES,
+                        size_bytes: size,
                     }],
                     power: Power::Running,
                     integration_services: integration,
