@@ -801,10 +801,12 @@ async fn bulk(
                         file.read_exact_at(buf, cb * BLOCK_SIZE)
                     })
                     .map_err(ApiError::io)?;
-                    let hash = &out[start + 16..start + frame::HEADER];
+                    // The peer's hashes cover the data only (the frame's checksum covers
+                    // its header too).
                     let same = hashes.as_ref().is_some_and(|h| {
                         let i = (cb * 32) as usize;
-                        h.get(i..i + 32) == Some(hash)
+                        let data = &out[start + frame::HEADER..];
+                        h.get(i..i + 32) == Some(&crate::replication::block_hash(data)[..])
                     });
                     let zero = matches!(*plan, Plan::All { skip_zero: true })
                         && out[start + frame::HEADER..].iter().all(|x| *x == 0);

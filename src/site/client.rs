@@ -243,6 +243,14 @@ impl SiteProvider for AgentClient {
         Box::pin(self.vm_post(vm, "replication/enable", params, SHORT_TIMEOUT))
     }
 
+    fn accept_replication<'a>(
+        &'a self,
+        vm: &'a str,
+        params: &'a AcceptReplication,
+    ) -> SiteFuture<'a, AcceptResult> {
+        Box::pin(self.vm_post(vm, "replication/accept", params, SHORT_TIMEOUT))
+    }
+
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult> {
         Box::pin(self.vm_op(vm, "replication/sync", op_id))
     }

@@ -59,6 +59,13 @@ pub trait SiteProvider: Send + Sync {
         vm: &'a str,
         params: &'a EnableReplication,
     ) -> SiteFuture<'a, ReplicationInfo>;
+    /// At the target: lets `params.source_site` replicate into `vm` here (called before
+    /// enabling replication at the source; a VM that is not a replica accepts no cycle without it).
+    fn accept_replication<'a>(
+        &'a self,
+        vm: &'a str,
+        params: &'a AcceptReplication,
+    ) -> SiteFuture<'a, AcceptResult>;
     /// At the source: sends everything not yet sent and returns the acknowledged point.
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult>;
     /// At the source: one recovery point per listed outbound VM, all cut at one instant.

@@ -212,6 +212,23 @@ pub struct EnableReplication {
     pub mode: ReplicationMode,
 }
 
+/// Body of `POST /v1/vms/{vm}/replication/accept`, at the target of replication: the VM here
+/// may become (or stay) a replica of `sourceSite`. The data path never turns a VM that is not a
+/// replica into one on its own; this call, from the controller, is the only way.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptReplication {
+    pub operation_id: String,
+    pub source_site: String,
+}
+
+/// Answer of `POST /v1/vms/{vm}/replication/accept`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptResult {
+    pub source_site: String,
+}
+
 /// Body of calls that carry only an operation id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
