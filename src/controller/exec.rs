@@ -5,8 +5,8 @@ use super::observe::ObservedRecoveryPoint;
 use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
 use super::sites::Sites;
 use crate::site::{
-    CutRequest, EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector,
-    ReplicationMode, SiteError, SiteProvider,
+    AcceptReplication, CutRequest, EnableReplication, PowerAction, RecoveryPoint,
+    RecoveryPointSelector, ReplicationMode, SiteError, SiteProvider,
 };
 
 fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
@@ -60,6 +60,16 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
             let peer = sites.peer(tgt).ok_or_else(|| {
                 Outcome::Unreachable(format!("site {tgt} is not known (no Site object)"))
             })?;
+            // The target first: the data path never makes a VM a replica on its own, so the
+            // target is told to accept this source before the source starts sending (an
+            // initial copy and a resync alike). Its own operation id keeps a repeat idempotent.
+            let accept = AcceptReplication {
+                operation_id: format!("{op}-accept"),
+                source_site: src.to_string(),
+            };
+            if let Err(e) = provider(sites, tgt)?.accept_replication(vm, &accept).await {
+                return Ok(failed(tgt, e));
+            }
             let params = EnableReplication {
                 operation_id: op.to_string(),
                 peer_site: tgt.to_string(),
@@ -283,3 +293,6 @@ pub async fn fence(sites: &Sites, f: &FenceCall) -> Outcome {
         },
     }
 }
+
+#[cfg(test)]
+mod tests;
