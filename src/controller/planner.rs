@@ -283,12 +283,10 @@ impl Input<'_> {
         Time(self.now)
     }
 
-    /// The newest job failed and nobody changed the spec since: a person has to look.
+    /// The newest job failed (the resync after a digest mismatch aside, see [`standing_job`])
+    /// and nobody changed the spec since: a person has to look.
     fn stalled(&self) -> bool {
-        self.status
-            .jobs
-            .last()
-            .is_some_and(|j| j.state == JobState::Failed)
+        standing_job(self.status).is_some_and(|j| j.state == JobState::Failed)
             && self.status.observed_generation == self.generation
     }
 }
@@ -459,7 +457,9 @@ pub fn plan(input: &Input) -> Plan {
     }
 
     if running_job(&st).is_none() {
+        let before = st.replication.as_ref().map(|r| r.state);
         refresh_replication(input, &mut st);
+        note_source_resync(input, &st, before, &mut events);
     }
     finalize(input, &mut st, wait, &mut events);
     if st != *input.status {
@@ -654,6 +654,115 @@ fn has_replica(st: &ReplicatedVMStatus, source: &str, target: &str) -> bool {
     })
 }
 
+/// A planned failover that failed at VerifyDigests: the replica at its target is not what the
+/// source holds (or could not be compared).
+fn digest_mismatch(j: &Job) -> bool {
+    j.type_ == JobType::PlannedFailover
+        && j.state == JobState::Failed
+        && j.steps
+            .iter()
+            .any(|s| s.name == StepName::VerifyDigests.as_str() && s.state == StepState::Failed)
+}
+
+/// (source, target) of the resync to start now: the newest job is a failover that failed on
+/// its digests, and the VM still runs at that failover's source.
+fn resync_due(st: &ReplicatedVMStatus) -> Option<(&str, &str)> {
+    let j = st.jobs.last().filter(|j| digest_mismatch(j))?;
+    let (source, target) = (j.source_site.as_deref()?, j.target_site.as_deref()?);
+    (st.active_site.as_deref() == Some(source)).then_some((source, target))
+}
+
+/// Job `i` is the resync the planner started after a digest mismatch: a ReverseReplicate
+/// right after that failover, in the same direction.
+fn is_mismatch_resync(st: &ReplicatedVMStatus, i: usize) -> bool {
+    let (Some(j), Some(f)) = (
+        st.jobs.get(i),
+        i.checked_sub(1).and_then(|p| st.jobs.get(p)),
+    ) else {
+        return false;
+    };
+    j.type_ == JobType::ReverseReplicate
+        && digest_mismatch(f)
+        && j.source_site == f.source_site
+        && j.target_site == f.target_site
+}
+
+fn mismatch_resync_running(st: &ReplicatedVMStatus) -> bool {
+    running_job(st).is_some_and(|i| is_mismatch_resync(st, i))
+}
+
+/// The job whose outcome stands for the VM: the newest, except that the resync after a digest
+/// mismatch (running or succeeded) leaves the failed failover standing. The failover is not
+/// tried again on its own (it shuts the VM down); a person changes the spec to try again.
+pub(crate) fn standing_job(st: &ReplicatedVMStatus) -> Option<&Job> {
+    let i = st.jobs.len().checked_sub(1)?;
+    if is_mismatch_resync(st, i) && st.jobs[i].state != JobState::Failed {
+        st.jobs.get(i - 1)
+    } else {
+        st.jobs.get(i)
+    }
+}
+
+/// Why replication is not yet what the spec asks when the source is still copying or
+/// resynchronizing (a resync the source agent started on its own after the replica refused a
+/// cycle, or one the controller started): Ready's reason and message.
+fn replication_in_progress(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+) -> Option<(&'static str, String)> {
+    let r = replication_on(st)?;
+    let (source, target) = (r.source_site.as_deref()?, r.target_site.as_deref()?);
+    let why = input
+        .view(source)
+        .vm()
+        .and_then(|v| v.replication.as_ref()?.last_error.clone())
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    match r.state {
+        ReplicationState::Resynchronizing => Some((
+            "Resynchronizing",
+            format!(
+                "replication {source} -> {target} is resynchronizing: {source} compares block \
+                 hashes with the replica and sends the blocks that differ{why}"
+            ),
+        )),
+        ReplicationState::InitialReplication => Some((
+            "InitialReplication",
+            format!("replication {source} -> {target}: the initial copy is running{why}"),
+        )),
+        _ => None,
+    }
+}
+
+/// A Warning Event when the listing shows the source resynchronizing on its own (the replica
+/// refused a cycle: its copy was lost or is not the one the source built on).
+fn note_source_resync(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+    before: Option<ReplicationState>,
+    events: &mut Vec<Note>,
+) {
+    if before != Some(ReplicationState::Replicating) {
+        return;
+    }
+    let Some(r) = replication_on(st).filter(|r| r.state == ReplicationState::Resynchronizing)
+    else {
+        return;
+    };
+    if let Some((_, msg)) = replication_in_progress(input, st) {
+        events.push(Note {
+            warning: true,
+            subject: format!(
+                "resync {} -> {}",
+                r.source_site.as_deref().unwrap_or_default(),
+                r.target_site.as_deref().unwrap_or_default()
+            ),
+            reason: "Resynchronizing",
+            message: msg,
+        });
+    }
+}
+
 /// The sites a job needs must answer, and their listings must postdate the newest job's end
 /// (decisions are never made on a picture older than the controller's own last action).
 fn need_sites(input: &Input, sites: &[&str]) -> Option<Wait> {
@@ -689,6 +798,20 @@ fn need_sites(input: &Input, sites: &[&str]) -> Option<Wait> {
 /// copy is cleaned up before a failover; a failover needs a current replica at its target
 /// (reverse-replicate first otherwise); replication follows the spec; drills last.
 fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
+    // A planned failover found the replica different from the source: resynchronize it before
+    // anything else (a failover must never start that copy), whether the VM is stalled or not.
+    if input.spec.replication.enabled
+        && let Some((source, target)) = resync_due(st)
+    {
+        return match need_sites(input, &[source, target]) {
+            Some(w) => Next::Wait(w),
+            None => Next::Start(
+                JobType::ReverseReplicate,
+                source.to_string(),
+                target.to_string(),
+            ),
+        };
+    }
     if input.stalled() {
         return Next::Nothing;
     }
@@ -1078,6 +1201,15 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             if !call.optional {
                 fail_remaining(input, &mut st, call.job);
             }
+            if call.step_name == StepName::VerifyDigests
+                && let Some(r) = st
+                    .replication
+                    .as_mut()
+                    .filter(|r| r.state != ReplicationState::Disabled)
+            {
+                // The replica is not what the source holds: never Healthy until resynchronized.
+                r.health = Some(ReplicationHealth::Critical);
+            }
             advance(input, &mut st, &mut events, &mut finished);
         }
     }
@@ -1193,7 +1325,8 @@ fn apply_step_success(
                 },
                 source_site: source,
                 target_site: target,
-                health: None,
+                // No replica to fail over to until the copy or resync ends.
+                health: Some(ReplicationHealth::Warning),
                 last_sync_time: None,
                 rpo_seconds: None,
             });
@@ -1386,14 +1519,27 @@ fn observed_replication(
         new.last_sync_time = Some(t);
     }
     new.rpo_seconds = live_rpo(input, st);
+    let interval = input.spec.replication.interval_seconds;
     new.health = match (new.state, new.rpo_seconds) {
         (
             ReplicationState::Replicating | ReplicationState::Error | ReplicationState::Paused,
             Some(rpo),
-        ) => Some(health_of(rpo, input.spec.replication.interval_seconds)),
+        ) => Some(health_of(rpo, interval)),
         (ReplicationState::Error, None) => Some(ReplicationHealth::Critical),
+        // The target holds no replica a failover can trust until the copy or resync ends:
+        // Warning at best, Critical once the RPO says so.
+        (ReplicationState::InitialReplication | ReplicationState::Resynchronizing, rpo) => {
+            Some(match rpo.map(|r| health_of(r, interval)) {
+                Some(ReplicationHealth::Critical) => ReplicationHealth::Critical,
+                _ => ReplicationHealth::Warning,
+            })
+        }
         _ => new.health,
     };
+    if resync_due(st).is_some() {
+        // A failed digest verification: the replica differs until the resync has run.
+        new.health = Some(ReplicationHealth::Critical);
+    }
     Some((new, rps.or_else(|| st.recovery_points.clone())))
 }
 
@@ -1445,11 +1591,19 @@ fn finalize(
     wait: Option<Wait>,
     events: &mut Vec<Note>,
 ) {
-    st.observed_generation = input.generation;
+    // A spec change while the resync after a digest mismatch runs is the answer to the failed
+    // failover: it is observed only once that resync has ended, so the failover's stall does
+    // not swallow it.
+    st.observed_generation = if mismatch_resync_running(input.status) || mismatch_resync_running(st)
+    {
+        input.status.observed_generation.or(input.generation)
+    } else {
+        input.generation
+    };
     let running = running_job(st).map(|i| st.jobs[i].clone());
     let running = running.as_ref();
     let stalled = running.is_none()
-        && st.jobs.last().is_some_and(|j| j.state == JobState::Failed)
+        && standing_job(st).is_some_and(|j| j.state == JobState::Failed)
         && input
             .status
             .observed_generation
@@ -1501,7 +1655,7 @@ fn finalize(
                 || !input.spec.replication.enabled && rep_state.is_none();
             let drill_matches = input.spec.test_failover.enabled == st.test_failover.is_some();
             if stalled {
-                let j = st.jobs.last();
+                let j = standing_job(st);
                 let msg = j
                     .map(|j| {
                         format!(
@@ -1517,6 +1671,11 @@ fn finalize(
                 want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
+            } else if let Some((reason, msg)) = replication_in_progress(input, st)
+                && in_place
+                && input.spec.replication.enabled
+            {
+                want.push(Cond::new(READY, false, reason, msg));
             } else if in_place && replication_matches && drill_matches {
                 let reason = match phase {
                     VmPhase::Protected => "Protected",

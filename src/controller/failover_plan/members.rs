@@ -56,14 +56,16 @@ pub fn selected(plan: &FailoverPlan, rvms: &[ReplicatedVM]) -> Result<Vec<Vec<St
 pub fn member(rvm: &ReplicatedVM) -> Member {
     let st = rvm.status.clone().unwrap_or_default();
     let newest = st.jobs.last();
+    // The resync a failed digest verification starts leaves that failover's failure standing.
+    let standing = crate::controller::planner::standing_job(&st);
     Member {
         name: rvm.name_any(),
         active_site: st.active_site.clone(),
         // Replication jobs (the reverse replication after a failover, for one) do not hold a
         // group back: the VM already runs where it runs.
         busy: newest.is_some_and(|j| j.state == JobState::Running && !replication_only(j.type_)),
-        failed: newest.is_some_and(|j| j.state == JobState::Failed),
-        job_started: newest.and_then(|j| j.start_time.as_ref()).map(|t| t.0),
+        failed: standing.is_some_and(|j| j.state == JobState::Failed),
+        job_started: standing.and_then(|j| j.start_time.as_ref()).map(|t| t.0),
         drill_running: st.test_failover.is_some(),
         drill_result: st.last_drill.as_ref().map(|d| d.result.clone()),
         drill_time: st
@@ -350,10 +352,10 @@ pub fn now() -> Timestamp {
 mod tests {
     use super::*;
     use crate::api::{
-        FailoverPlanSpec, FailoverPlanStatus, GroupStatus, GroupVmStatus, Job, PlanGroup,
-        ReplicatedVMSpec, ReplicatedVMStatus,
+        FailoverPlanSpec, FailoverPlanStatus, GroupStatus, GroupVmStatus, Job, JobStep, PlanGroup,
+        ReplicatedVMSpec, ReplicatedVMStatus, StepState,
     };
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, Time};
 
     fn rvm(name: &str, labels: &[(&str, &str)], own: Option<&str>) -> ReplicatedVM {
         let mut r = ReplicatedVM::new(
@@ -612,5 +614,56 @@ mod tests {
         assert!(!member(&r).busy);
         r.status.as_mut().unwrap().jobs = vec![job(JobType::PlannedFailover, JobState::Failed)];
         assert!(member(&r).failed);
+    }
+
+    #[test]
+    fn the_resync_after_a_digest_mismatch_leaves_the_failover_failed() {
+        let mut r = rvm("db-1", &[], None);
+        let t = |s: i64| Time(jiff::Timestamp::from_second(1_800_000_000 + s).unwrap());
+        let job = |name: &str, t_: JobType, s: JobState, start: i64, step: (&str, StepState)| Job {
+            name: name.into(),
+            type_: t_,
+            source_site: Some("primary".into()),
+            target_site: Some("secondary".into()),
+            state: s,
+            start_time: Some(t(start)),
+            end_time: None,
+            recovery_point: None,
+            recovery_point_age_seconds: None,
+            cut_id: None,
+            message: None,
+            steps: vec![JobStep {
+                name: step.0.into(),
+                state: step.1,
+                message: None,
+                operation_id: None,
+                start_time: None,
+                end_time: None,
+            }],
+        };
+        let failover = job(
+            "db-1-failover-2",
+            JobType::PlannedFailover,
+            JobState::Failed,
+            10,
+            ("VerifyDigests", StepState::Failed),
+        );
+        for state in [JobState::Running, JobState::Succeeded] {
+            let resync = job(
+                "db-1-reprotect-3",
+                JobType::ReverseReplicate,
+                state,
+                20,
+                ("EnableReplication", StepState::Succeeded),
+            );
+            r.status = Some(ReplicatedVMStatus {
+                active_site: Some("primary".into()),
+                jobs: vec![failover.clone(), resync],
+                ..Default::default()
+            });
+            let m = member(&r);
+            assert!(m.failed && !m.busy, "{state:?}");
+            assert_eq!(m.job_started, Some(t(10).0));
+        }
     }
 }

@@ -75,6 +75,8 @@ struct World {
     /// was asked for.
     cut_calls: Vec<(String, Vec<String>)>,
     started_from: Vec<String>,
+    /// (source, target, mode) of every EnableReplication call.
+    enables: Vec<(String, String, EnableMode)>,
 }
 
 impl World {
@@ -100,6 +102,7 @@ impl World {
             cut_leaves_out: false,
             cut_calls: vec![],
             started_from: vec![],
+            enables: vec![],
         }
     }
 
@@ -235,12 +238,15 @@ impl World {
                 }
             }
             StepName::EnableReplication => {
+                self.enables.push((src.into(), tgt.into(), c.mode));
                 let state = match c.mode {
                     EnableMode::Initial => ObservedReplicationState::InitialReplication,
                     EnableMode::Resync => ObservedReplicationState::Resynchronizing,
                 };
                 let now = ts(self.now);
                 let vm = self.vm_mut(src);
+                // A whole copy or a resync (every block compared): the replica equals the source.
+                vm.digest_ok = true;
                 vm.vm.replication = Some(ObservedReplication {
                     state,
                     direction: Some(Direction::Outbound),
@@ -1416,5 +1422,254 @@ fn a_conflict_holds_the_vm_shows_once_and_clears() {
     assert_eq!(
         w.events.iter().filter(|e| e.reason == "Conflict").count(),
         1
+    );
+}
+
+fn health(w: &World) -> Option<ReplicationHealth> {
+    w.status.replication.as_ref().and_then(|r| r.health)
+}
+
+fn rep_state(w: &World) -> Option<ReplicationState> {
+    w.status.replication.as_ref().map(|r| r.state)
+}
+
+/// Plans (the agents progressing in between) until `f` holds, checking `each` on every status
+/// written on the way.
+fn run_until(w: &mut World, f: impl Fn(&World) -> bool, each: impl Fn(&World)) {
+    for _ in 0..500 {
+        if f(w) {
+            return;
+        }
+        if let Plan::Idle(_) = w.step() {
+            w.tick(5);
+        }
+        each(w);
+    }
+    panic!("never reached: {:#?}", w.status);
+}
+
+fn digest_mismatch_failed(w: &World) -> bool {
+    w.status
+        .jobs
+        .iter()
+        .any(|j| j.type_ == JobType::PlannedFailover && j.state == JobState::Failed)
+}
+
+#[test]
+fn digest_mismatch_resynchronizes_the_replica_and_is_never_healthy_meanwhile() {
+    let mut w = World::protected(true);
+    w.vm_mut(P).digest_ok = false;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    run_until(&mut w, digest_mismatch_failed, |_| {});
+    // The failover failed on the digests: the replica is known to differ.
+    assert_eq!(w.job(JobType::PlannedFailover).steps[2].state, F);
+    assert_ne!(health(&w), Some(ReplicationHealth::Healthy));
+    assert_ne!(w.status.phase, Some(VmPhase::Protected));
+    // Replication to the same target is resynchronized on its own; until it ends the VM is
+    // never shown Healthy nor Protected.
+    let resynced = |w: &World| {
+        w.status
+            .jobs
+            .last()
+            .is_some_and(|j| j.type_ == JobType::ReverseReplicate && j.state == JobState::Succeeded)
+    };
+    let mut saw_resync = false;
+    for _ in 0..500 {
+        if resynced(&w) {
+            break;
+        }
+        if let Plan::Idle(_) = w.step() {
+            w.tick(5);
+        }
+        if resynced(&w) {
+            break;
+        }
+        assert_ne!(
+            health(&w),
+            Some(ReplicationHealth::Healthy),
+            "{:#?}",
+            w.status
+        );
+        assert_ne!(w.status.phase, Some(VmPhase::Protected));
+        saw_resync |= rep_state(&w) == Some(ReplicationState::Resynchronizing);
+    }
+    assert!(resynced(&w), "{:#?}", w.status);
+    assert!(
+        saw_resync,
+        "REPLICATION showed Resynchronizing during the resync"
+    );
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [
+            JobType::EnableReplication,
+            JobType::PlannedFailover,
+            JobType::ReverseReplicate
+        ]
+    );
+    let rr = w.job(JobType::ReverseReplicate);
+    assert_eq!(rr.name, "web-01-reprotect-3");
+    assert_eq!(
+        (rr.source_site.as_deref(), rr.target_site.as_deref()),
+        (Some(P), Some(S))
+    );
+    assert_eq!(
+        w.steps(JobType::ReverseReplicate),
+        st(&[
+            ("StopReplication", OK),
+            ("EnableReplication", OK),
+            ("Resynchronize", OK)
+        ])
+    );
+    assert_eq!(
+        w.enables.last(),
+        Some(&(P.to_string(), S.to_string(), EnableMode::Resync))
+    );
+    let r = w.status.replication.as_ref().unwrap();
+    assert_eq!(r.state, ReplicationState::Replicating);
+    assert_eq!(r.health, Some(ReplicationHealth::Healthy));
+    // The VM runs where it ran; the failed failover still needs a person (it is not tried
+    // again on its own: it shuts the VM down).
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    assert!(w.cond(STALLED) && !w.cond(READY));
+    assert!(
+        w.condition(READY).message.contains("web-01-failover-2"),
+        "{:?}",
+        w.condition(READY)
+    );
+    // A spec change is a new attempt, from the resynchronized replica.
+    w.set_spec(|_| {});
+    w.settle();
+    assert_eq!(
+        &w.job_types()[3..],
+        [
+            JobType::PlannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_spec_change_while_the_resync_after_a_digest_mismatch_runs_is_acted_on_after_it() {
+    let mut w = World::protected(true);
+    w.vm_mut(P).digest_ok = false;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    run_until(&mut w, digest_mismatch_failed, |_| {});
+    run_until(
+        &mut w,
+        |w| w.status.jobs.last().map(|j| j.type_) == Some(JobType::ReverseReplicate),
+        |_| {},
+    );
+    // The person answers the failed failover at once, while the resync runs: go Unplanned.
+    w.set_spec(|s| s.failover.type_ = FailoverType::Unplanned);
+    w.settle();
+    assert_eq!(
+        &w.job_types()[2..],
+        [
+            JobType::ReverseReplicate,
+            JobType::UnplannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(!w.cond(STALLED));
+}
+
+#[test]
+fn an_unplanned_failover_asked_for_after_a_digest_mismatch_waits_for_the_resync() {
+    let mut w = World::protected(true);
+    w.vm_mut(P).digest_ok = false;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    run_until(&mut w, digest_mismatch_failed, |_| {});
+    // Straight away, before the resync started: the damaged copy is never started.
+    w.set_spec(|s| s.failover.type_ = FailoverType::Unplanned);
+    w.settle();
+    assert_eq!(
+        &w.job_types()[2..4],
+        [JobType::ReverseReplicate, JobType::UnplannedFailover]
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_resync_the_source_started_on_its_own_is_shown_and_not_healthy() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    w.events.clear();
+    // The replica refused a cycle (its copy was lost): the source agent resynchronizes.
+    {
+        let r = w.vm_mut(P).vm.replication.as_mut().unwrap();
+        r.state = ObservedReplicationState::Resynchronizing;
+        r.last_error = Some("the replica refused cycle 7: wrong parent".into());
+    }
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Write(_)));
+    assert_eq!(rep_state(&w), Some(ReplicationState::Resynchronizing));
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    assert_eq!(w.status.phase, Some(VmPhase::Reprotecting));
+    assert!(!w.cond(READY));
+    let ready = w.condition(READY);
+    assert_eq!(ready.reason, "Resynchronizing");
+    assert!(ready.message.contains("wrong parent"), "{}", ready.message);
+    assert!(w.status.jobs.iter().all(|j| j.state != JobState::Running));
+    let notes: Vec<_> = w
+        .events
+        .iter()
+        .filter(|e| e.reason == "Resynchronizing")
+        .collect();
+    assert_eq!(notes.len(), 1, "{:?}", w.events);
+    assert!(notes[0].warning && notes[0].message.contains("wrong parent"));
+    // Steady while it lasts: no more writes.
+    let writes = w.writes;
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Idle(_)));
+    assert_eq!(w.writes, writes);
+    // The RPO grows past 3x the interval meanwhile: Critical.
+    w.now += 120;
+    w.step();
+    assert_eq!(health(&w), Some(ReplicationHealth::Critical));
+    // The resync ends: Replicating and Healthy again, no job was needed.
+    w.settle();
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert!(w.cond(READY));
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
+}
+
+#[test]
+fn an_initial_copy_the_source_restarted_is_not_healthy() {
+    let mut w = World::protected(true);
+    w.settle();
+    w.vm_mut(P).vm.replication.as_mut().unwrap().state =
+        ObservedReplicationState::InitialReplication;
+    w.now += 5;
+    w.step();
+    assert_eq!(rep_state(&w), Some(ReplicationState::InitialReplication));
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    assert_eq!(w.status.phase, Some(VmPhase::InitialReplication));
+    assert_eq!(w.condition(READY).reason, "InitialReplication");
+}
+
+#[test]
+fn replication_being_set_up_is_never_shown_healthy() {
+    let mut w = World::new(true);
+    run_until(
+        &mut w,
+        |w| w.status.phase == Some(VmPhase::Protected),
+        |w| {
+            if rep_state(w) == Some(ReplicationState::InitialReplication) {
+                assert_eq!(health(w), Some(ReplicationHealth::Warning));
+            }
+        },
     );
 }
