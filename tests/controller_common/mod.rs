@@ -118,6 +118,17 @@ impl Agent {
         }
     }
 
+    /// Starts the agent again after [`Agent::stop`]: same port, token and data directory.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    /// Where the agent keeps a VM: `<data dir>/vms/<vm>`.
+    pub fn vm_dir(&self, vm: &str) -> PathBuf {
+        self.dir.join("data").join("vms").join(vm)
+    }
+
     pub async fn create_vm(&self, vm: &str, integration: bool) {
         self.create_vm_of(vm, DISK_BYTES, integration).await;
     }
