@@ -13,11 +13,14 @@ use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
-use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
+use super::replica::{
+    BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, RESYNC_REQUIRED,
+};
 use super::{ApiError, Shared, Store, with_store};
+use crate::fault;
 use crate::replication::tracker::Sealed;
 use crate::replication::{BLOCK_SIZE, Bitmap, block_count, block_len, frame};
-use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
+use crate::site::{ErrorBody, RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
 const BATCH_BLOCKS: u64 = 64;
@@ -127,6 +130,34 @@ struct Peer {
     token: String,
 }
 
+/// Why a cycle or transfer ended early.
+#[derive(Debug, thiserror::Error)]
+enum CycleError {
+    /// The replica does not hold the parent the cycle names: resynchronize.
+    #[error("{0}")]
+    Resync(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for CycleError {
+    fn from(m: String) -> Self {
+        Self::Other(m)
+    }
+}
+
+impl From<CycleError> for String {
+    fn from(e: CycleError) -> Self {
+        e.to_string()
+    }
+}
+
+impl From<&str> for CycleError {
+    fn from(m: &str) -> Self {
+        Self::Other(m.to_string())
+    }
+}
+
 impl Peer {
     async fn call(
         &self,
@@ -134,7 +165,7 @@ impl Peer {
         path: &str,
         json: Option<serde_json::Value>,
         body: Option<bytes::Bytes>,
-    ) -> Result<bytes::Bytes, String> {
+    ) -> Result<bytes::Bytes, CycleError> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
@@ -153,10 +184,18 @@ impl Peer {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| format!("peer: {e}"))?;
         if !status.is_success() {
-            return Err(format!(
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
+            let msg = format!(
                 "peer answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            ));
+                body.as_ref().map_or_else(
+                    || String::from_utf8_lossy(&bytes).to_string(),
+                    |b| { b.error.clone() }
+                )
+            );
+            if body.and_then(|b| b.reason).as_deref() == Some(RESYNC_REQUIRED) {
+                return Err(CycleError::Resync(msg));
+            }
+            return Err(CycleError::Other(msg));
         }
         Ok(bytes)
     }
@@ -173,9 +212,17 @@ fn peer_http(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
+/// A cycle id that cannot repeat: the clock for reading order, 64 random bits for uniqueness
+/// (a clock stepped back or two agents in one instant cannot make two cycles share an id).
 fn new_cycle_id() -> String {
     let n = Timestamp::now().as_nanosecond();
-    format!("c{n:x}")
+    let mut r = [0u8; 8];
+    if getrandom::fill(&mut r).is_err() {
+        // No entropy source: a process-wide counter keeps ids of this process apart.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        r = NEXT.fetch_add(1, Ordering::SeqCst).to_le_bytes();
+    }
+    format!("c{n:x}-{}", hex::encode(r))
 }
 
 /// The lock that serializes the cycles of `vm` (its driver's, sync-now's and cuts').
@@ -234,6 +281,7 @@ pub fn capture(
     let spool = dir.join(format!("{cycle}.blocks"));
     let r = s.rec_mut(vm)?;
     let sealed = r.tracker.seal().map_err(ApiError::io)?;
+    fault::hit("source.seal");
     let copied = (|| -> std::io::Result<u64> {
         let out = std::fs::File::create(&spool)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -250,7 +298,10 @@ pub fn capture(
         Ok(slot)
     })();
     let blocks = match copied {
-        Ok(n) => n,
+        Ok(n) => {
+            fault::hit("source.spool");
+            n
+        }
         Err(e) => {
             r.tracker.abort(sealed);
             let _ = std::fs::remove_file(&spool);
@@ -326,6 +377,36 @@ pub async fn run_once(
     vm: &str,
     pre: Option<Capture>,
 ) -> Result<RecoveryPoint, String> {
+    let cut = pre.is_some();
+    match cycle(st, vm, pre).await {
+        Ok(rp) => Ok(rp),
+        Err(CycleError::Resync(msg)) => {
+            // The replica is not at the cycle's parent (its data was lost, it was replaced,
+            // it runs elsewhere now): its blocks only apply after a resync, which compares
+            // block hashes and sends what differs. A cut's capture cannot wait for that.
+            tracing::warn!(vm, error = %msg, "replica refused the cycle's parent: resynchronizing");
+            let vm_s = vm.to_string();
+            let m = msg.clone();
+            with_store(st, move |s| {
+                if let Some(o) = s.rec_mut(&vm_s)?.meta.outbound.as_mut() {
+                    o.bulk = Some(ReplicationMode::Resync);
+                    o.state = ReplicationState::Resynchronizing;
+                    o.last_error = Some(m);
+                }
+                s.save(&vm_s)
+            })
+            .await
+            .map_err(|e| e.message)?;
+            if cut {
+                return Err(msg);
+            }
+            cycle(st, vm, None).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPoint, CycleError> {
     // Until a sealed set is acknowledged or put back, the guard puts it back if this cycle
     // ends early (an error, or the driver task aborted mid-cycle).
     let mut unsent = Unsent {
@@ -360,6 +441,8 @@ pub async fn run_once(
         retention_hours: o.retention_hours,
         bulk,
         zero: false,
+        parent: None,
+        in_doubt: None,
     };
     if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
@@ -435,7 +518,7 @@ pub async fn run_once(
                 .await
                 .map(|_| sent)
             }
-            Err(e) => Err(e),
+            Err(e) => Err(CycleError::Other(e)),
         };
         unsent.sealed = None;
         let acked = res.as_ref().ok().map(|n| (*n, cycle.clone()));
@@ -456,8 +539,24 @@ pub async fn run_once(
         }
     };
     let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
-    let res: Result<(u64, RecoveryPoint), String> = async {
-        let body = serde_json::to_value(begin(false, &cap.cycle)).map_err(|e| e.to_string())?;
+    let res: Result<(u64, RecoveryPoint), CycleError> = async {
+        // The parent as it is now (a bulk transfer just above moves it).
+        let vm_s = vm.to_string();
+        let (parent, in_doubt) = with_store(st, move |s| {
+            let r = s.rec(&vm_s)?;
+            Ok((
+                r.meta.journal_base.clone(),
+                r.meta.outbound.as_ref().and_then(|o| o.in_doubt.clone()),
+            ))
+        })
+        .await
+        .map_err(|e| e.message)?;
+        let b = BeginCycle {
+            parent,
+            in_doubt,
+            ..begin(false, &cap.cycle)
+        };
+        let body = serde_json::to_value(b).map_err(|e| e.to_string())?;
         peer.call(
             Method::POST,
             &format!("/v1/replica/{vm}/begin"),
@@ -474,7 +573,7 @@ pub async fn run_once(
                 tokio::task::block_in_place(|| spool_batch(&cap, &sizes, &mut cur, BATCH_BLOCKS))
                     .map_err(|e| e.to_string())?;
             if blocks.is_empty() {
-                return Err("spool shorter than its capture".to_string());
+                return Err("spool shorter than its capture".into());
             }
             let (peer, cycle) = (&peer, &cap.cycle);
             inflight.push(async move {
@@ -496,6 +595,18 @@ pub async fn run_once(
             cut_id: cap.cut_id.clone(),
         };
         let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
+        // From here the replica may hold this cycle whatever we hear back: say so durably, so
+        // the next cycle may name it as the parent.
+        let (vm_s, id) = (vm.to_string(), cap.cycle.clone());
+        with_store(st, move |s| {
+            if let Some(o) = s.rec_mut(&vm_s)?.meta.outbound.as_mut() {
+                o.in_doubt = Some(id);
+            }
+            s.save(&vm_s)
+        })
+        .await
+        .map_err(|e| e.message)?;
+        fault::hit("source.inflight");
         let bytes = peer
             .call(
                 Method::POST,
@@ -504,6 +615,7 @@ pub async fn run_once(
                 None,
             )
             .await?;
+        fault::hit("source.ack");
         let rp: Option<RecoveryPoint> =
             serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         let rp = rp.ok_or("peer made no recovery point")?;
@@ -581,6 +693,7 @@ async fn finish(
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bytes_sent += n;
                     o.last_error = None;
+                    o.in_doubt = None;
                     if bulk {
                         o.bulk = None;
                     }

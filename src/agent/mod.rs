@@ -76,6 +76,8 @@ pub enum AgentError {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Machine-readable reason, where a caller acts on it.
+    pub reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -83,6 +85,14 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            reason: None,
+        }
+    }
+    /// 409 that sends the source of a cycle to resynchronize.
+    pub fn resync(m: impl Into<String>) -> Self {
+        Self {
+            reason: Some(replica::RESYNC_REQUIRED),
+            ..Self::conflict(m)
         }
     }
     pub fn bad(m: impl Into<String>) -> Self {
@@ -103,6 +113,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(ErrorBody {
             error: self.message,
+            reason: self.reason.map(str::to_string),
         });
         (self.status, body).into_response()
     }
@@ -277,6 +288,7 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/disks/{disk}/digest", get(digest))
         .route("/vms/{vm}/recovery-points", get(recovery_points))
         .route("/vms/{vm}/replication/enable", post(enable))
+        .route("/vms/{vm}/replication/accept", post(accept))
         .route("/vms/{vm}/replication/sync", post(sync))
         .route("/vms/{vm}/replication/stop", post(stop))
         .route("/vms/{vm}/failover", post(failover))
@@ -381,7 +393,8 @@ async fn delete_vm(
         driver::stop(&st, &vm);
     }
     with_store(&st, move |s| {
-        s.idempotent(q.operation_id.as_deref(), |s| s.delete(&vm))
+        let v = s.idempotent(&vm.clone(), q.operation_id.as_deref(), |s| s.delete(&vm))?;
+        Ok(Json(v).into_response())
     })
     .await
 }
@@ -394,14 +407,18 @@ async fn power(
     let req = parse(body)?;
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
-            s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+            let v = s.idempotent(&vm, req.operation_id.as_deref(), |s| {
+                s.power(&vm, req.action)
+            })?;
+            Ok(Json(v).into_response())
         })
         .await;
     }
-    if let Some(id) = req.operation_id.clone()
-        && let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await?
-    {
-        return Ok(Json(v).into_response());
+    if let Some(id) = req.operation_id.clone() {
+        let vm2 = vm.clone();
+        if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(Some(&vm2), &id))).await? {
+            return Ok(Json(v).into_response());
+        }
     }
     let vm2 = vm.clone();
     let running = with_store(&st, move |s| {
@@ -421,7 +438,10 @@ async fn power(
         None
     };
     with_store(&st, move |s| {
-        s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+        let v = s.idempotent(&vm, req.operation_id.as_deref(), |s| {
+            s.power(&vm, req.action)
+        })?;
+        Ok(Json(v).into_response())
     })
     .await
 }
@@ -602,7 +622,8 @@ async fn enable(
     }
     let vm2 = vm.clone();
     let resp = with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id.clone()), |s| {
+        let op = req.operation_id.clone();
+        s.idempotent(&vm2.clone(), Some(&op), |s| {
             let r = s.rec_mut(&vm2)?;
             if r.meta.role != crate::site::Role::Primary {
                 return Err(ApiError::conflict(format!(
@@ -634,23 +655,48 @@ async fn enable(
                 bytes_sent: 0,
                 blocks_resent: 0,
                 last_error: None,
+                in_doubt: None,
             });
+            // The answer is saved with the settings: a retry after a crash never starts the
+            // initial transfer again (which would drop the replica's points).
+            let answer = to_json(s.vm(&vm2)?.replication)?;
+            s.rec_mut(&vm2)?.meta.note_op(Some(&op), &answer);
             s.save(&vm2)?;
-            to_json(s.vm(&vm2)?.replication)
+            Ok(answer)
         })
     })
     .await?;
     driver::spawn(&st, &vm);
-    Ok((StatusCode::ACCEPTED, resp).into_response())
+    Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+}
+
+/// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.
+async fn accept(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.source_site.is_empty() || req.source_site.len() > 253 {
+        return Err(ApiError::bad("sourceSite must be a site name"));
+    }
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
+        let op = req.operation_id.clone();
+        to_json(s.accept(&vm, &req.source_site, Some(&op))?)
+    })
+    .await
 }
 
 /// Runs storage work once per operation id: a repeated id answers the first call's result.
 async fn store_op(
     st: &Shared,
+    vm: &str,
     op_id: String,
     f: impl FnOnce(&mut Store) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<Response> {
-    with_store(st, move |s| s.idempotent(Some(&op_id), f)).await
+    let vm = vm.to_string();
+    let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
+    Ok(Json(v).into_response())
 }
 
 /// Runs an async operation once per id, storing its answer.
@@ -660,7 +706,7 @@ async fn once(
     f: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
 ) -> ApiResult<Response> {
     let id = op.to_string();
-    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(&id))).await? {
+    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(None, &id))).await? {
         return Ok(Json(v).into_response());
     }
     let v = f.await?;
@@ -698,7 +744,7 @@ async fn cut(
     // One cut at a time: a repeated cut id waits for the first and answers its result.
     let _one = st.cut_lock.lock().await;
     let id = op.clone();
-    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await? {
+    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(None, &id))).await? {
         return Ok(Json(v).into_response());
     }
     let mut names = req.vms.clone();
@@ -798,7 +844,7 @@ async fn stop(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     driver::stop(&st, &vm);
-    store_op(&st, req.operation_id.clone(), move |s| {
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
         s.stop_inbound(&vm)?;
         to_json(s.vm(&vm)?.replication)
     })
@@ -811,8 +857,8 @@ async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let rp = s.failover(&vm, &req.recovery_point)?;
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
+        let rp = s.failover(&vm, &req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
     })
     .await
@@ -824,12 +870,13 @@ async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
-        to_json(crate::site::TestFailoverResult {
-            vm_name,
-            recovery_point: rp,
-        })
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
+        to_json(s.test_failover(
+            &vm,
+            &req.recovery_point,
+            &req.network,
+            Some(&req.operation_id),
+        )?)
     })
     .await
 }
@@ -840,7 +887,7 @@ async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
         let (vm_name, deleted) = s.test_cleanup(&vm)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
     })
@@ -853,11 +900,8 @@ async fn commit(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let n = s.commit_points(&vm)?;
-        to_json(crate::site::CommitResult {
-            deleted_recovery_points: n,
-        })
+    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
+        to_json(s.commit_points(&vm, Some(&req.operation_id))?)
     })
     .await
 }

@@ -13,15 +13,20 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use axum::Json;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiResult};
+use crate::fault;
 use crate::replication::tracker::{Tracker, sync_dir};
 use crate::replication::{blocks_of_range, sha256_file};
-use crate::site::{CreateVm, DeleteResult, DiskSpec, Power, PowerAction, Role, Vm, VmList};
+use crate::site::{
+    BrokenVm, CreateVm, DeleteResult, DiskSpec, Power, PowerAction, ReplicationMode,
+    ReplicationState, Role, Vm, VmList,
+};
+
+/// Answers of the last operations of a VM kept in its `vm.json` (older ones are dropped).
+const OPS_KEPT: usize = 32;
 
 /// Persisted part of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +51,61 @@ pub(super) struct VmMeta {
     /// tracked blocks when both sides name the same cycle. `None`: unknown.
     #[serde(default)]
     pub(super) journal_base: Option<String>,
+    /// The controller allowed this site to replicate into this VM (`replication/accept`): the
+    /// next bulk transfer from it may turn the VM into its replica. Nothing else does.
+    #[serde(default)]
+    pub(super) accept_from: Option<String>,
+    /// Answers of operations on this VM, saved in the same write as their effect, so a retry
+    /// after a crash answers the first result instead of doing (or refusing) it again.
+    #[serde(default)]
+    pub(super) ops: Vec<OpDone>,
+}
+
+/// A finished operation of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct OpDone {
+    pub(super) id: String,
+    pub(super) answer: serde_json::Value,
+}
+
+impl VmMeta {
+    /// A new VM's metadata.
+    pub(super) fn new(name: &str, power: Power, role: Role, spec: (&[DiskSpec], bool)) -> Self {
+        Self {
+            name: name.to_string(),
+            power,
+            role,
+            integration_services: spec.1,
+            disks: spec.0.to_vec(),
+            network: None,
+            outbound: None,
+            inbound: None,
+            journal_base: None,
+            accept_from: None,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Records the answer of operation `id`; saved with the next `save`.
+    pub(super) fn note_op(&mut self, id: Option<&str>, answer: &serde_json::Value) {
+        let Some(id) = id else { return };
+        if self.ops.iter().any(|o| o.id == id) {
+            return;
+        }
+        self.ops.push(OpDone {
+            id: id.to_string(),
+            answer: answer.clone(),
+        });
+        let extra = self.ops.len().saturating_sub(OPS_KEPT);
+        self.ops.drain(..extra);
+    }
+
+    fn op_answer(&self, id: &str) -> Option<serde_json::Value> {
+        self.ops
+            .iter()
+            .find(|o| o.id == id)
+            .map(|o| o.answer.clone())
+    }
 }
 
 pub(super) struct VmRec {
@@ -60,6 +120,8 @@ pub struct Store {
     pub(super) site: String,
     max_disk_bytes: u64,
     pub(super) vms: BTreeMap<String, VmRec>,
+    /// VMs whose state could not be loaded, with the reason: reported, never touched.
+    pub(super) broken: BTreeMap<String, String>,
 }
 
 /// A stored answer of an operation.
@@ -97,6 +159,7 @@ impl Store {
         fs::create_dir_all(&vms_dir).map_err(ApiError::io)?;
         fs::create_dir_all(root.join("ops")).map_err(ApiError::io)?;
         let mut vms = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for e in fs::read_dir(&vms_dir).map_err(ApiError::io)? {
             let e = e.map_err(ApiError::io)?;
             let name = e.file_name().to_string_lossy().to_string();
@@ -105,25 +168,31 @@ impl Store {
                 fs::remove_dir_all(e.path()).map_err(ApiError::io)?;
                 continue;
             }
-            let meta: VmMeta = fs::read(e.path().join("vm.json"))
-                .map_err(ApiError::io)
-                .and_then(|b| {
-                    serde_json::from_slice(&b).map_err(|err| {
-                        ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("vm.json of {name}: {err}"),
-                        )
-                    })
-                })?;
-            let rec = open_vm(&e.path(), meta).map_err(ApiError::io)?;
-            vms.insert(name, rec);
+            // One VM that does not load is reported broken; the others serve.
+            match load_vm(&e.path(), &name) {
+                Ok(rec) => {
+                    vms.insert(name, rec);
+                }
+                Err(err) => {
+                    tracing::error!(vm = %name, error = %err, "VM does not load; reported broken");
+                    broken.insert(name, err);
+                }
+            }
         }
         Ok(Self {
             root: root.to_path_buf(),
             site: site.to_string(),
             max_disk_bytes,
             vms,
+            broken,
         })
+    }
+
+    /// Marks a loaded VM broken (its recovery at start failed): it is no longer served.
+    pub(super) fn mark_broken(&mut self, vm: &str, reason: String) {
+        tracing::error!(vm, error = %reason, "VM reported broken");
+        self.vms.remove(vm);
+        self.broken.insert(vm.to_string(), reason);
     }
 
     pub(super) fn vm_dir(&self, vm: &str) -> PathBuf {
@@ -131,9 +200,18 @@ impl Store {
     }
 
     pub(super) fn rec(&self, vm: &str) -> ApiResult<&VmRec> {
-        self.vms
-            .get(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
+        self.vms.get(vm).ok_or_else(|| self.missing(vm))
+    }
+
+    /// The error for a VM that is not served: broken, or not here.
+    pub(super) fn missing(&self, vm: &str) -> ApiError {
+        match self.broken.get(vm) {
+            Some(reason) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("VM {vm} is broken at this site: {reason}"),
+            ),
+            None => ApiError::not_found(format!("VM {vm} is not at this site")),
+        }
     }
 
     fn view(&self, r: &VmRec) -> Vm {
@@ -154,6 +232,14 @@ impl Store {
         VmList {
             site: self.site.clone(),
             vms: self.vms.values().map(|r| self.view(r)).collect(),
+            broken: self
+                .broken
+                .iter()
+                .map(|(name, error)| BrokenVm {
+                    name: name.clone(),
+                    error: error.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -184,6 +270,9 @@ impl Store {
                 )));
             }
         }
+        if self.broken.contains_key(vm) {
+            return Err(self.missing(vm));
+        }
         if let Some(r) = self.vms.get(vm) {
             if r.meta.disks == spec.disks
                 && r.meta.integration_services == spec.integration_services
@@ -195,17 +284,12 @@ impl Store {
                 "VM {vm} already exists with another definition"
             )));
         }
-        let meta = VmMeta {
-            name: vm.to_string(),
-            power: spec.power,
-            role: Role::Primary,
-            integration_services: spec.integration_services,
-            disks: spec.disks.clone(),
-            network: None,
-            outbound: None,
-            inbound: None,
-            journal_base: None,
-        };
+        let meta = VmMeta::new(
+            vm,
+            spec.power,
+            Role::Primary,
+            (&spec.disks, spec.integration_services),
+        );
         let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
         let v = self.view(&rec);
         self.vms.insert(vm.to_string(), rec);
@@ -257,10 +341,7 @@ impl Store {
     }
 
     pub fn power(&mut self, vm: &str, action: PowerAction) -> ApiResult<serde_json::Value> {
-        let r = self
-            .vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
+        let r = self.rec_mut(vm)?;
         match action {
             PowerAction::Start => {
                 if r.meta.role == Role::Replica {
@@ -304,10 +385,7 @@ impl Store {
                 "write of {len} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
             )));
         }
-        let r = self
-            .vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
+        let r = self.rec_mut(vm)?;
         if r.meta.power != Power::Running || r.meta.role == Role::Replica {
             return Err(ApiError::conflict(format!("VM {vm} does not run here")));
         }
@@ -315,9 +393,11 @@ impl Store {
         r.tracker
             .record(i, blocks_of_range(offset, len))
             .map_err(ApiError::io)?;
+        fault::hit("guest.journal");
         r.disks[i]
             .write_all_at(data, offset)
             .map_err(ApiError::io)?;
+        fault::hit("guest.data");
         r.disks[i].sync_data().map_err(ApiError::io)
     }
 
@@ -349,48 +429,72 @@ impl Store {
             .join(format!("{}.json", hex::encode(id)))
     }
 
-    /// The stored answer of operation `id`, if it finished.
-    pub(super) fn op_lookup(&self, id: &str) -> Option<serde_json::Value> {
+    /// The stored answer of operation `id`, if it finished: in the VM's metadata (operations on
+    /// a VM) or under `DATA/ops` (operations whose VM is gone, cuts, syncs).
+    pub(super) fn op_lookup(&self, vm: Option<&str>, id: &str) -> Option<serde_json::Value> {
+        if let Some(v) = vm.and_then(|vm| self.vms.get(vm))
+            && let Some(a) = v.meta.op_answer(id)
+        {
+            return Some(a);
+        }
         let bytes = fs::read(self.op_path(id)).ok()?;
         serde_json::from_slice::<OpRecord>(&bytes)
             .ok()
             .map(|r| r.body)
     }
 
-    /// Stores the answer of operation `id`, durably.
+    /// Stores the answer of operation `id` under `DATA/ops`, durably (for answers no VM keeps).
     pub(super) fn op_save(&self, id: &str, body: &serde_json::Value) -> ApiResult<()> {
         let rec = OpRecord {
             status: 200,
             body: body.clone(),
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
+        fault::hit("op.record");
         write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
     }
 
-    /// Runs `f` once per operation id: a repeated id answers the stored result.
+    /// Runs `f` on `vm` once per operation id: a repeated id answers the stored result. `f` may
+    /// note the answer in the VM's metadata itself, to save it in the same write as its effect
+    /// (operations that are not naturally repeatable do); otherwise it is saved right after.
     pub fn idempotent(
         &mut self,
+        vm: &str,
         op_id: Option<&str>,
         f: impl FnOnce(&mut Self) -> ApiResult<serde_json::Value>,
-    ) -> ApiResult<Response> {
+    ) -> ApiResult<serde_json::Value> {
         if let Some(id) = op_id
-            && let Some(v) = self.op_lookup(id)
+            && let Some(v) = self.op_lookup(Some(vm), id)
         {
-            return Ok(Json(v).into_response());
+            return Ok(v);
         }
         let body = f(self)?;
         if let Some(id) = op_id {
-            self.op_save(id, &body)?;
+            match self.vms.get_mut(vm) {
+                Some(r) if r.meta.op_answer(id).is_none() => {
+                    r.meta.note_op(Some(id), &body);
+                    self.save(vm)?;
+                }
+                Some(_) => {}
+                None => self.op_save(id, &body)?,
+            }
         }
-        Ok(Json(body).into_response())
+        Ok(body)
     }
 }
 
-pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
-    if !dir.join("track").is_dir() {
-        // The change journal is gone: the tracker cannot vouch for any base.
-        meta.journal_base = None;
+/// Loads one VM from its directory; the error is the reason it is reported broken.
+fn load_vm(dir: &Path, name: &str) -> Result<VmRec, String> {
+    let bytes = fs::read(dir.join("vm.json")).map_err(|e| format!("vm.json: {e}"))?;
+    let meta: VmMeta = serde_json::from_slice(&bytes).map_err(|e| format!("vm.json: {e}"))?;
+    if meta.name != name {
+        return Err(format!("vm.json names another VM ({})", meta.name));
     }
+    open_vm(dir, meta).map_err(|e| format!("opening disks or journal: {e}"))
+}
+
+pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
+    let journal_lost = !dir.join("track").is_dir();
     let mut disks = Vec::new();
     for d in &meta.disks {
         disks.push(
@@ -402,6 +506,18 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
     }
     let sizes: Vec<u64> = meta.disks.iter().map(|d| d.size_bytes).collect();
     let tracker = Tracker::open(&dir.join("track"), &sizes)?;
+    if journal_lost || tracker.damaged() {
+        // The change journal cannot vouch for the dirty set: no base, and a source resyncs
+        // (block hashes compared) instead of cycling from a tracker that may miss changes.
+        meta.journal_base = None;
+        if let Some(o) = meta.outbound.as_mut().filter(|o| o.bulk.is_none()) {
+            tracing::warn!(vm = %meta.name, "change journal lost or damaged: resynchronizing");
+            o.bulk = Some(ReplicationMode::Resync);
+            o.state = ReplicationState::Resynchronizing;
+        }
+        let bytes = serde_json::to_vec_pretty(&meta)?;
+        write_atomic(&dir.join("vm.json"), &bytes)?;
+    }
     Ok(VmRec {
         meta,
         disks,

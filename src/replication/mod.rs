@@ -22,10 +22,15 @@ pub fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE)
 }
 
-/// Length of block `idx` of a disk of `size` bytes.
+/// Length of block `idx` of a disk of `size` bytes (0 past the end).
 pub fn block_len(size: u64, idx: u64) -> usize {
-    let start = idx * BLOCK_SIZE;
+    let start = idx.saturating_mul(BLOCK_SIZE);
     (size.saturating_sub(start)).min(BLOCK_SIZE) as usize
+}
+
+/// Whether block `idx` lies inside a disk of `size` bytes.
+pub fn block_in_range(size: u64, idx: u64) -> bool {
+    idx < block_count(size)
 }
 
 /// Blocks touched by a write of `len` bytes at `offset` (empty for `len == 0`).

@@ -77,6 +77,11 @@ impl Tracker {
         Ok(())
     }
 
+    /// True when the journal could not be read back whole: it cannot vouch for the dirty set.
+    pub fn damaged(&self) -> bool {
+        false
+    }
+
     /// Blocks dirty now, per disk.
     pub fn dirty(&self) -> &[Bitmap] {
         &self.dirty
@@ -195,6 +200,25 @@ fn list_gens(dir: &Path) -> io::Result<Vec<u64>> {
     }
     gens.sort_unstable();
     Ok(gens)
+}
+
+/// Creates `dir` (and missing parents) so that the new entries survive a crash.
+pub fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
 }
 
 /// fsync of a directory, so created, renamed and removed entries survive a crash.
