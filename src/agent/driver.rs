@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::replica::{
     BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, RESYNC_REQUIRED,
 };
-use super::{ApiError, Shared, Store, with_store};
+use super::store::VmRec;
+use super::{ApiError, Shared, read_vm, with_vm};
 use crate::fault;
 use crate::replication::tracker::Sealed;
 use crate::replication::{BLOCK_SIZE, Bitmap, block_count, block_len, frame};
@@ -72,15 +73,8 @@ pub fn stop(st: &Shared, vm: &str) {
 }
 
 async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
-    let interval = with_store(&st, {
-        let vm = vm.clone();
-        move |s| {
-            Ok(s.rec(&vm)?
-                .meta
-                .outbound
-                .as_ref()
-                .map(|o| o.interval_seconds))
-        }
+    let interval = read_vm(&st, &vm, |r| {
+        Ok(r.meta.outbound.as_ref().map(|o| o.interval_seconds))
     })
     .await
     .ok()
@@ -110,11 +104,11 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
             tracing::warn!(vm, error = %e, "replication cycle failed");
             let msg = e.clone();
             let vm2 = vm.clone();
-            let _ = with_store(&st, move |s| {
-                if let Some(o) = s.rec_mut(&vm2)?.meta.outbound.as_mut() {
+            let _ = with_vm(&st, &vm2, move |r| {
+                if let Some(o) = r.meta.outbound.as_mut() {
                     o.last_error = Some(msg);
                 }
-                s.save(&vm2)
+                r.save()
             })
             .await;
         }
@@ -256,32 +250,42 @@ impl Drop for Capture {
 
 /// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
 /// VM can join a cut.
-pub fn cuttable(s: &Store, vm: &str) -> bool {
-    s.rec(vm).is_ok_and(|r| {
-        r.meta.role == crate::site::Role::Primary
-            && r.meta
-                .outbound
-                .as_ref()
-                .is_some_and(|o| !o.stopped && o.bulk.is_none())
-    })
+pub fn cuttable(r: &VmRec) -> bool {
+    r.meta.role == crate::site::Role::Primary
+        && r.meta
+            .outbound
+            .as_ref()
+            .is_some_and(|o| !o.stopped && o.bulk.is_none())
 }
 
-/// Seals the tracker of `vm` and copies its dirty blocks into a spool file. Runs inside the
-/// store lock, so no guest write of any VM interleaves: calling it for several VMs under one
-/// lock is a consistent cut of all of them.
+/// Seals the tracker of `r` and copies its dirty blocks into a spool file. Runs with the VM
+/// locked, so no guest write of it interleaves: calling it for several VMs while holding all
+/// their locks is a consistent cut of all of them.
 pub fn capture(
-    s: &mut Store,
-    vm: &str,
+    r: &mut VmRec,
     time: Timestamp,
     cut_id: Option<String>,
 ) -> Result<Capture, ApiError> {
-    let dir = s.vm_dir(vm).join("spool");
+    let dir = r.dir.join("spool");
     std::fs::create_dir_all(&dir).map_err(ApiError::io)?;
     let cycle = new_cycle_id();
     let spool = dir.join(format!("{cycle}.blocks"));
-    let r = s.rec_mut(vm)?;
+    let vm = r.name().to_string();
     let sealed = r.tracker.seal().map_err(ApiError::io)?;
     fault::hit("source.seal");
+    if r.tracker.damaged() {
+        // A journal went bad on disk: this dirty set cannot be trusted; resync instead.
+        r.tracker.abort(sealed);
+        if let Some(o) = r.meta.outbound.as_mut() {
+            o.bulk = Some(ReplicationMode::Resync);
+            o.state = ReplicationState::Resynchronizing;
+        }
+        r.meta.journal_base = None;
+        r.save()?;
+        return Err(ApiError::conflict(format!(
+            "change journal of {vm} is damaged: resynchronizing"
+        )));
+    }
     let copied = (|| -> std::io::Result<u64> {
         let out = std::fs::File::create(&spool)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -387,13 +391,13 @@ pub async fn run_once(
             tracing::warn!(vm, error = %msg, "replica refused the cycle's parent: resynchronizing");
             let vm_s = vm.to_string();
             let m = msg.clone();
-            with_store(st, move |s| {
-                if let Some(o) = s.rec_mut(&vm_s)?.meta.outbound.as_mut() {
+            with_vm(st, &vm_s, move |r| {
+                if let Some(o) = r.meta.outbound.as_mut() {
                     o.bulk = Some(ReplicationMode::Resync);
                     o.state = ReplicationState::Resynchronizing;
                     o.last_error = Some(m);
                 }
-                s.save(&vm_s)
+                r.save()
             })
             .await
             .map_err(|e| e.message)?;
@@ -415,8 +419,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         sealed: pre.as_ref().map(|c| c.sealed.clone()),
     };
     let vm_s = vm.to_string();
-    let (o, disks, is) = with_store(st, move |s| {
-        let r = s.rec(&vm_s)?;
+    let (o, disks, is) = read_vm(st, &vm_s, move |r| {
         let o = r
             .meta
             .outbound
@@ -466,8 +469,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
             .await?;
         let zeroed = serde_json::from_slice::<BeginAnswer>(&answer).is_ok_and(|a| a.zeroed);
         let vm_s = vm.to_string();
-        let (sealed, my_base) = with_store(st, move |s| {
-            let r = s.rec_mut(&vm_s)?;
+        let (sealed, my_base) = with_vm(st, &vm_s, move |r| {
             let sealed = r.tracker.seal().map_err(ApiError::io)?;
             Ok((sealed, r.meta.journal_base.clone()))
         })
@@ -531,7 +533,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         Some(c) => c,
         None => {
             let vm_s = vm.to_string();
-            let c = with_store(st, move |s| capture(s, &vm_s, Timestamp::now(), None))
+            let c = with_vm(st, &vm_s, move |r| capture(r, Timestamp::now(), None))
                 .await
                 .map_err(|e| e.message)?;
             unsent.sealed = Some(c.sealed.clone());
@@ -542,8 +544,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
     let res: Result<(u64, RecoveryPoint), CycleError> = async {
         // The parent as it is now (a bulk transfer just above moves it).
         let vm_s = vm.to_string();
-        let (parent, in_doubt) = with_store(st, move |s| {
-            let r = s.rec(&vm_s)?;
+        let (parent, in_doubt) = read_vm(st, &vm_s, move |r| {
             Ok((
                 r.meta.journal_base.clone(),
                 r.meta.outbound.as_ref().and_then(|o| o.in_doubt.clone()),
@@ -598,11 +599,11 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         // From here the replica may hold this cycle whatever we hear back: say so durably, so
         // the next cycle may name it as the parent.
         let (vm_s, id) = (vm.to_string(), cap.cycle.clone());
-        with_store(st, move |s| {
-            if let Some(o) = s.rec_mut(&vm_s)?.meta.outbound.as_mut() {
+        with_vm(st, &vm_s, move |r| {
+            if let Some(o) = r.meta.outbound.as_mut() {
                 o.in_doubt = Some(id);
             }
-            s.save(&vm_s)
+            r.save()
         })
         .await
         .map_err(|e| e.message)?;
@@ -662,8 +663,8 @@ impl Drop for Unsent {
             let vm = std::mem::take(&mut self.vm);
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(async move {
-                    let _ = with_store(&st, move |s| {
-                        s.rec_mut(&vm)?.tracker.abort(sealed);
+                    let _ = with_vm(&st, &vm, move |r| {
+                        r.tracker.abort(sealed);
                         Ok(())
                     })
                     .await;
@@ -683,8 +684,7 @@ async fn finish(
     synced: Option<(Timestamp, Option<Timestamp>)>,
 ) -> Result<(), String> {
     let vm = vm.to_string();
-    with_store(st, move |s| {
-        let r = s.rec_mut(&vm)?;
+    with_vm(st, &vm.clone(), move |r| {
         match sent {
             Some((n, cycle)) => {
                 r.tracker.ack(&sealed).map_err(ApiError::io)?;
@@ -708,7 +708,7 @@ async fn finish(
             }
             None => r.tracker.abort(sealed),
         }
-        s.save(&vm)
+        r.save()
     })
     .await
     .map_err(|e| e.message)
@@ -775,8 +775,8 @@ async fn send_batch(
         );
         let n = res.refused.len() as u64;
         let vm2 = vm.to_string();
-        let _ = with_store(st, move |s| {
-            if let Some(o) = s.rec_mut(&vm2)?.meta.outbound.as_mut() {
+        let _ = with_vm(st, &vm2, move |r| {
+            if let Some(o) = r.meta.outbound.as_mut() {
                 o.blocks_resent += n;
             }
             Ok(())
@@ -886,8 +886,7 @@ async fn bulk(
             let hashes = peer_hashes.clone();
             let plan = plan.clone();
             let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
-            let (blocks, after) = with_store(st, move |s| {
-                let r = s.rec(&vm2)?;
+            let (blocks, after) = read_vm(st, &vm2, move |r| {
                 let file = &r.disks[d];
                 let mut out = Vec::with_capacity(
                     BATCH_BLOCKS as usize * (frame::HEADER + BLOCK_SIZE as usize),

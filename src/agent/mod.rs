@@ -133,7 +133,7 @@ struct AppState {
     site: String,
     data_dir: PathBuf,
     token: String,
-    store: Mutex<Store>,
+    store: Store,
     drivers: Mutex<Drivers>,
     /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
     cycle_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -182,20 +182,25 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if token.is_empty() {
         return Err(AgentError::EmptyToken);
     }
-    let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
-    store.recover()?;
+    let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    store.recover();
     tune_allocator();
     let outbound: Vec<String> = store
-        .vms
-        .iter()
-        .filter(|(_, r)| r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
-        .map(|(n, _)| n.clone())
+        .names()
+        .into_iter()
+        .filter(|n| {
+            store
+                .read_vm(n, |r| {
+                    Ok(r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
+                })
+                .unwrap_or(false)
+        })
         .collect();
     let state = Arc::new(AppState {
         site: args.site.clone(),
         data_dir: args.data_dir.clone(),
         token,
-        store: Mutex::new(store),
+        store,
         drivers: Mutex::new(Default::default()),
         cycle_locks: Mutex::new(Default::default()),
         send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
@@ -333,21 +338,35 @@ fn parse<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> ApiResult
         .map_err(|e| ApiError::bad(format!("malformed body: {}", e.body_text())))
 }
 
-/// Runs storage work off the async threads, with the store locked.
+/// Runs storage work off the async threads.
 async fn with_store<T: Send + 'static>(
     st: &Shared,
-    f: impl FnOnce(&mut Store) -> ApiResult<T> + Send + 'static,
+    f: impl FnOnce(&Store) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let st = st.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut store = st
-            .store
-            .lock()
-            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store poisoned"))?;
-        f(&mut store)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    tokio::task::spawn_blocking(move || f(&st.store))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// Runs storage work on one VM, locked for writing, off the async threads.
+async fn with_vm<T: Send + 'static>(
+    st: &Shared,
+    vm: &str,
+    f: impl FnOnce(&mut store::VmRec) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let vm = vm.to_string();
+    with_store(st, move |s| s.write_vm(&vm, f)).await
+}
+
+/// Runs storage work on one VM, locked for reading, off the async threads.
+async fn read_vm<T: Send + 'static>(
+    st: &Shared,
+    vm: &str,
+    f: impl FnOnce(&store::VmRec) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let vm = vm.to_string();
+    with_store(st, move |s| s.read_vm(&vm, f)).await
 }
 
 async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
@@ -393,7 +412,9 @@ async fn delete_vm(
         driver::stop(&st, &vm);
     }
     with_store(&st, move |s| {
-        let v = s.idempotent(&vm.clone(), q.operation_id.as_deref(), |s| s.delete(&vm))?;
+        let v = s.idempotent(&vm, q.operation_id.as_deref(), |s, r| {
+            s.delete_locked(&vm, r)
+        })?;
         Ok(Json(v).into_response())
     })
     .await
@@ -407,22 +428,18 @@ async fn power(
     let req = parse(body)?;
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
-            let v = s.idempotent(&vm, req.operation_id.as_deref(), |s| {
-                s.power(&vm, req.action)
-            })?;
+            let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
             Ok(Json(v).into_response())
         })
         .await;
     }
-    if let Some(id) = req.operation_id.clone() {
-        let vm2 = vm.clone();
-        if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(Some(&vm2), &id))).await? {
-            return Ok(Json(v).into_response());
-        }
+    if let Some(id) = req.operation_id.clone()
+        && let Some(v) = read_vm(&st, &vm, move |r| Ok(r.meta.op_answer(&id))).await?
+    {
+        return Ok(Json(v).into_response());
     }
     let vm2 = vm.clone();
-    let running = with_store(&st, move |s| {
-        let r = s.rec(&vm2)?;
+    let running = read_vm(&st, &vm.clone(), move |r| {
         if r.meta.power == crate::site::Power::Running && !r.meta.integration_services {
             return Err(ApiError::conflict(format!(
                 "VM {vm2} has no integration services: it cannot be shut down gracefully"
@@ -438,9 +455,7 @@ async fn power(
         None
     };
     with_store(&st, move |s| {
-        let v = s.idempotent(&vm, req.operation_id.as_deref(), |s| {
-            s.power(&vm, req.action)
-        })?;
+        let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
         Ok(Json(v).into_response())
     })
     .await
@@ -559,9 +574,9 @@ async fn write_disk(
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
     let in_flight = InFlight::start(&st, &vm)?;
-    with_store(&st, move |s| {
+    with_vm(&st, &vm.clone(), move |r| {
         let _in_flight = in_flight;
-        s.write(&vm, &disk, offset, &body)?;
+        r.write(&disk, offset, &body)?;
         Ok(Json(serde_json::json!({"written": body.len()})).into_response())
     })
     .await
@@ -574,8 +589,8 @@ async fn read_disk(
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
     let length = number(q.length, "length")?;
-    with_store(&st, move |s| {
-        let data = s.read(&vm, &disk, offset, length)?;
+    read_vm(&st, &vm, move |r| {
+        let data = r.read(&disk, offset, length)?;
         Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
     })
     .await
@@ -585,9 +600,9 @@ async fn digest(
     State(st): State<Shared>,
     Path((vm, disk)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    with_store(&st, move |s| {
+    read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::DigestResponse {
-            sha256: s.digest(&vm, &disk)?,
+            sha256: r.digest(&disk)?,
         })
         .into_response())
     })
@@ -599,9 +614,9 @@ fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
 }
 
 async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
-    with_store(&st, move |s| {
+    read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::RecoveryPointList {
-            recovery_points: s.recovery_points(&vm)?,
+            recovery_points: r.recovery_points()?,
         })
         .into_response())
     })
@@ -623,8 +638,7 @@ async fn enable(
     let vm2 = vm.clone();
     let resp = with_store(&st, move |s| {
         let op = req.operation_id.clone();
-        s.idempotent(&vm2.clone(), Some(&op), |s| {
-            let r = s.rec_mut(&vm2)?;
+        s.idempotent(&vm2.clone(), Some(&op), |_, r| {
             if r.meta.role != crate::site::Role::Primary {
                 return Err(ApiError::conflict(format!(
                     "VM {vm2} is not a primary here"
@@ -659,9 +673,9 @@ async fn enable(
             });
             // The answer is saved with the settings: a retry after a crash never starts the
             // initial transfer again (which would drop the replica's points).
-            let answer = to_json(s.vm(&vm2)?.replication)?;
-            s.rec_mut(&vm2)?.meta.note_op(Some(&op), &answer);
-            s.save(&vm2)?;
+            let answer = to_json(r.view().replication)?;
+            r.meta.note_op(Some(&op), &answer);
+            r.save()?;
             Ok(answer)
         })
     })
@@ -680,11 +694,20 @@ async fn accept(
     if req.source_site.is_empty() || req.source_site.len() > 253 {
         return Err(ApiError::bad("sourceSite must be a site name"));
     }
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
-        let op = req.operation_id.clone();
+    let op = req.operation_id.clone();
+    if let Some(v) = with_store(&st, {
+        let op = op.clone();
+        move |s| Ok(s.op_lookup(&op))
+    })
+    .await?
+    {
+        return Ok(Json(v).into_response());
+    }
+    let v = with_store(&st, move |s| {
         to_json(s.accept(&vm, &req.source_site, Some(&op))?)
     })
-    .await
+    .await?;
+    Ok(Json(v).into_response())
 }
 
 /// Runs storage work once per operation id: a repeated id answers the first call's result.
@@ -692,7 +715,7 @@ async fn store_op(
     st: &Shared,
     vm: &str,
     op_id: String,
-    f: impl FnOnce(&mut Store) -> ApiResult<serde_json::Value> + Send + 'static,
+    f: impl FnOnce(&Store, &mut store::VmRec) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<Response> {
     let vm = vm.to_string();
     let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
@@ -706,7 +729,7 @@ async fn once(
     f: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
 ) -> ApiResult<Response> {
     let id = op.to_string();
-    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(None, &id))).await? {
+    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(&id))).await? {
         return Ok(Json(v).into_response());
     }
     let v = f.await?;
@@ -723,7 +746,7 @@ async fn sync(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     let vm2 = vm.clone();
-    with_store(&st, move |s| s.rec(&vm2).map(|_| ())).await?;
+    read_vm(&st, &vm2, |_| Ok(())).await?;
     once(&st, &req.operation_id, async {
         let rp = driver::sync_now(&st, &vm).await?;
         to_json(crate::site::SyncResult { recovery_point: rp })
@@ -744,7 +767,7 @@ async fn cut(
     // One cut at a time: a repeated cut id waits for the first and answers its result.
     let _one = st.cut_lock.lock().await;
     let id = op.clone();
-    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(None, &id))).await? {
+    if let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await? {
         return Ok(Json(v).into_response());
     }
     let mut names = req.vms.clone();
@@ -755,7 +778,7 @@ async fn cut(
     let candidates: Vec<String> = with_store(&st, move |s| {
         Ok(names2
             .into_iter()
-            .filter(|n| driver::cuttable(s, n))
+            .filter(|n| s.read_vm(n, |r| Ok(driver::cuttable(r))).unwrap_or(false))
             .collect())
     })
     .await?;
@@ -765,25 +788,30 @@ async fn cut(
         guards.push(driver::cycle_lock(&st, vm).lock_owned().await);
     }
     let cut_id = req.cut_id.clone();
+    // Every VM of the cut locked at once: no guest write of any of them interleaves.
     let (time, captures) = with_store(&st, move |s| {
-        let time = jiff::Timestamp::now();
-        let mut caps = Vec::new();
-        for vm in &candidates {
-            if !driver::cuttable(s, vm) {
-                continue;
-            }
-            match driver::capture(s, vm, time, Some(cut_id.clone())) {
-                Ok(c) => caps.push(c),
-                Err(e) => {
-                    // Nothing was sent: every captured set is dirty again.
-                    for c in caps {
-                        abort_capture(s, c);
+        s.write_many(&candidates, |recs| {
+            let time = jiff::Timestamp::now();
+            let mut caps: Vec<driver::Capture> = Vec::new();
+            for i in 0..recs.len() {
+                if !driver::cuttable(recs[i].1) {
+                    continue;
+                }
+                match driver::capture(recs[i].1, time, Some(cut_id.clone())) {
+                    Ok(c) => caps.push(c),
+                    Err(e) => {
+                        // Nothing was sent: every captured set is dirty again.
+                        for c in caps {
+                            if let Some((_, r)) = recs.iter_mut().find(|(n, _)| *n == c.vm) {
+                                r.tracker.abort(c.sealed.clone());
+                            }
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
             }
-        }
-        Ok((time, caps))
+            Ok((time, caps))
+        })
     })
     .await?;
     if captures.is_empty() {
@@ -830,13 +858,6 @@ async fn cut(
     Ok(Json(v).into_response())
 }
 
-/// A capture that will not be sent: its blocks are dirty again.
-fn abort_capture(s: &mut Store, c: driver::Capture) {
-    if let Ok(r) = s.rec_mut(&c.vm) {
-        r.tracker.abort(c.sealed.clone());
-    }
-}
-
 async fn stop(
     State(st): State<Shared>,
     Path(vm): Path<String>,
@@ -844,9 +865,9 @@ async fn stop(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     driver::stop(&st, &vm);
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
-        s.stop_inbound(&vm)?;
-        to_json(s.vm(&vm)?.replication)
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        r.stop_inbound()?;
+        to_json(r.view().replication)
     })
     .await
 }
@@ -857,8 +878,8 @@ async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
-        let rp = s.failover(&vm, &req.recovery_point, Some(&req.operation_id))?;
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
     })
     .await
@@ -870,9 +891,9 @@ async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         to_json(s.test_failover(
-            &vm,
+            r,
             &req.recovery_point,
             &req.network,
             Some(&req.operation_id),
@@ -887,8 +908,8 @@ async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
-        let (vm_name, deleted) = s.test_cleanup(&vm)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
     })
     .await
@@ -900,8 +921,8 @@ async fn commit(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm.clone(), req.operation_id.clone(), move |s| {
-        to_json(s.commit_points(&vm, Some(&req.operation_id))?)
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        to_json(r.commit_points(Some(&req.operation_id))?)
     })
     .await
 }
@@ -919,11 +940,11 @@ async fn replica_hashes(
     State(st): State<Shared>,
     Path((vm, disk)): Path<(String, usize)>,
 ) -> ApiResult<Response> {
-    with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+    read_vm(&st, &vm, move |r| Ok(r.block_hashes(disk)?.into_response())).await
 }
 
 async fn replica_dirty(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
-    with_store(&st, move |s| Ok(Json(s.dirty_set(&vm)?).into_response())).await
+    read_vm(&st, &vm, move |r| Ok(Json(r.dirty_set()?).into_response())).await
 }
 
 #[derive(Deserialize)]
@@ -948,7 +969,10 @@ async fn replica_blocks(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let verified = verified.ok_or_else(|| ApiError::bad("malformed block batch"))?;
-    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body, &verified)).await?;
+    let res = with_vm(&st, &vm.clone(), move |r| {
+        r.receive(&cycle, bulk, &body, &verified)
+    })
+    .await?;
     if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
         hang_if_marked(&st).await;
     }
@@ -971,8 +995,8 @@ async fn replica_commit(
     body: Result<Json<replica::CommitCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        Ok(Json(s.commit_cycle(&vm, &req)?).into_response())
+    with_vm(&st, &vm.clone(), move |r| {
+        Ok(Json(r.commit_cycle(&req)?).into_response())
     })
     .await
 }

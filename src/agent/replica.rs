@@ -20,6 +20,7 @@ use crate::site::{
     RecoveryPointKind, RecoveryPointSelector, RecoveryPointsSummary, ReplicationInfo,
     ReplicationMode, ReplicationState, Role, TestCopyInfo, TestFailoverResult,
 };
+use axum::http::StatusCode;
 
 /// Outbound replication settings and progress (at the source).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,7 +236,8 @@ pub struct BatchResult {
 }
 
 /// Blocks and commits belong to the cycle `begin` opened last.
-fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
+fn check_open(r: &VmRec, cycle: &str) -> ApiResult<()> {
+    let vm = r.name();
     let open = r
         .meta
         .inbound
@@ -250,14 +252,8 @@ fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn undo_dir(store: &Store, vm: &str) -> std::path::PathBuf {
-    store.vm_dir(vm).join("undo")
-}
-
-fn staging(store: &Store, vm: &str, cycle: &str) -> std::path::PathBuf {
-    store
-        .vm_dir(vm)
-        .join("staging")
+fn staging(dir: &std::path::Path, cycle: &str) -> std::path::PathBuf {
+    dir.join("staging")
         .join(format!("{}.blocks", hex::encode(cycle)))
 }
 
@@ -288,75 +284,114 @@ fn start_writeback(disks: &[File], frames: &[&frame::Frame<'_>]) {
     }
 }
 
+pub(super) fn test_copy_of(r: &VmRec) -> Option<TestCopyInfo> {
+    let (name, network, rp) = r.meta.inbound.as_ref()?.test_copy.clone()?;
+    Some(TestCopyInfo {
+        vm_name: name,
+        network,
+        recovery_point: rp,
+    })
+}
+
 impl Store {
-    pub(super) fn test_copy_of(&self, r: &VmRec) -> Option<TestCopyInfo> {
-        let (name, network, rp) = r.meta.inbound.as_ref()?.test_copy.clone()?;
-        Some(TestCopyInfo {
-            vm_name: name,
-            network,
-            recovery_point: rp,
-        })
-    }
-
-    pub(super) fn rec_mut(&mut self, vm: &str) -> ApiResult<&mut VmRec> {
-        if !self.vms.contains_key(vm) {
-            return Err(self.missing(vm));
-        }
-        self.vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
-    }
-
     /// Finishes what a crash interrupted, VM by VM: a failover's rollback, commits recorded and
     /// not applied; drops unfinished cycles, spools and undo segments no point lists. A VM whose
     /// recovery fails is reported broken; the others serve.
-    pub(super) fn recover(&mut self) -> ApiResult<()> {
-        let names: Vec<String> = self.vms.keys().cloned().collect();
-        for vm in names {
-            if let Err(e) = self.recover_vm(&vm) {
+    pub(super) fn recover(&self) {
+        for vm in self.names() {
+            if let Err(e) = self.write_vm(&vm, VmRec::recover) {
                 self.mark_broken(&vm, e.message);
             }
         }
-        Ok(())
     }
 
-    fn recover_vm(&mut self, vm: &str) -> ApiResult<()> {
-        if let Some(rb) = self
-            .rec(vm)?
-            .meta
-            .inbound
-            .as_ref()
-            .and_then(|i| i.rollback.clone())
-        {
+    /// Controller: lets `source` replicate into `vm` here. An existing VM that is not that
+    /// source's replica becomes one only through this (at the next bulk transfer from it).
+    pub fn accept(&self, vm: &str, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+        if !self.exists(vm) {
+            if self.is_broken(vm) {
+                return Err(self.missing(vm));
+            }
+            // Nothing here to protect: the first bulk transfer creates the replica.
+            return Ok(AcceptResult {
+                source_site: source.to_string(),
+            });
+        }
+        self.write_vm(vm, |r| r.accept(source, op))
+    }
+
+    /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
+    /// creates the replica where no VM of that name exists.
+    pub fn begin(&self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        if !self.exists(vm) {
+            if !b.bulk {
+                return Err(ApiError::resync(format!(
+                    "VM {vm} has no replica at this site; resynchronize"
+                )));
+            }
+            if self.is_broken(vm) {
+                return Err(self.missing(vm));
+            }
+            if !super::store::valid_name(vm) {
+                return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
+            }
+            let mut meta = VmMeta::new(
+                vm,
+                Power::Off,
+                Role::Replica,
+                (&b.disks, b.integration_services),
+            );
+            meta.inbound = Some(Inbound {
+                source_site: b.source_site.clone(),
+                accepting: true,
+                ..Default::default()
+            });
+            match self.insert_new(vm, meta) {
+                // Made meanwhile by another begin: go on with it.
+                Ok(())
+                | Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_vm(vm, |r| r.begin(b))
+    }
+}
+
+impl VmRec {
+    fn recover(&mut self) -> ApiResult<()> {
+        let vm = self.meta.name.clone();
+        if let Some(rb) = self.meta.inbound.as_ref().and_then(|i| i.rollback.clone()) {
             tracing::warn!(
                 vm,
                 to_seq = rb.to_seq,
                 "finishing a failover a crash interrupted"
             );
-            self.finish_failover(vm, &rb)?;
+            self.finish_failover(&rb)?;
         }
-        self.finish_pending(vm)?;
+        self.finish_pending()?;
         // Blocks of a cycle that never committed are dropped; the source resends them (their
         // journals are still there), as are spools of unfinished outbound cycles.
-        if let Some(i) = self.rec_mut(vm)?.meta.inbound.as_mut()
+        if let Some(i) = self.meta.inbound.as_mut()
             && i.open_cycle.take().is_some()
         {
-            self.save(vm)?;
+            self.save()?;
         }
-        self.clear_staging(vm)?;
-        let spool = self.vm_dir(vm).join("spool");
+        self.clear_staging()?;
+        let spool = self.dir.join("spool");
         if spool.exists() {
             fs::remove_dir_all(&spool).map_err(ApiError::io)?;
         }
-        self.sweep_undo(vm)
+        self.sweep_undo()
     }
 
     /// Applies the staging file of every recorded point not yet applied (a crash or an I/O
     /// error between recording a point and applying it). A listed point whose staging file is
     /// gone is an error: the image cannot be what the list promises.
-    fn finish_pending(&mut self, vm: &str) -> ApiResult<()> {
+    fn finish_pending(&mut self) -> ApiResult<()> {
         let pending: Vec<(u64, String)> = self
-            .rec(vm)?
             .meta
             .inbound
             .iter()
@@ -364,9 +399,9 @@ impl Store {
             .filter_map(|p| p.staged.clone().map(|s| (p.seq, s)))
             .collect();
         for (seq, file) in pending {
-            let path = self.vm_dir(vm).join("staging").join(&file);
-            self.apply_staging(vm, &path)?;
-            let r = self.rec_mut(vm)?;
+            let path = self.dir.join("staging").join(&file);
+            self.apply_staging(&path)?;
+            let r = &mut *self;
             if let Some(p) = r
                 .meta
                 .inbound
@@ -375,17 +410,16 @@ impl Store {
             {
                 p.staged = None;
             }
-            self.save(vm)?;
+            self.save()?;
             let _ = fs::remove_file(&path);
         }
         Ok(())
     }
 
     /// Removes staging files no recorded point needs (blocks of unfinished cycles).
-    fn clear_staging(&self, vm: &str) -> ApiResult<()> {
-        let dir = self.vm_dir(vm).join("staging");
+    fn clear_staging(&self) -> ApiResult<()> {
+        let dir = self.dir.join("staging");
         let keep: Vec<String> = self
-            .rec(vm)?
             .meta
             .inbound
             .iter()
@@ -408,10 +442,10 @@ impl Store {
     }
 
     /// Removes undo segments no point lists (left by a crash after the metadata dropped them).
-    fn sweep_undo(&self, vm: &str) -> ApiResult<()> {
-        let dir = undo_dir(self, vm);
+    fn sweep_undo(&self) -> ApiResult<()> {
+        let vm = self.meta.name.clone();
+        let dir = self.dir.join("undo");
         let listed: std::collections::BTreeSet<String> = self
-            .rec(vm)?
             .meta
             .inbound
             .iter()
@@ -446,8 +480,8 @@ impl Store {
 
     /// Drops every recovery point of `inbound`: the metadata stops listing them first, then
     /// their undo segments go (a crash between leaves orphans, removed at the next start).
-    fn drop_points(&mut self, vm: &str) -> ApiResult<()> {
-        let r = self.rec_mut(vm)?;
+    fn drop_points(&mut self) -> ApiResult<()> {
+        let r = &mut *self;
         let ndisks = r.meta.disks.len();
         let Some(i) = r.meta.inbound.as_mut() else {
             return Ok(());
@@ -456,9 +490,9 @@ impl Store {
             return Ok(());
         }
         let gone: Vec<RpMeta> = i.rps.drain(..).collect();
-        self.save(vm)?;
+        self.save()?;
         fault::hit("commit.points");
-        let udir = undo_dir(self, vm);
+        let udir = self.dir.join("undo");
         for p in gone {
             for seg in p.undo {
                 for d in 0..ndisks {
@@ -469,20 +503,13 @@ impl Store {
         Ok(())
     }
 
-    /// Controller: lets `source` replicate into `vm` here. An existing VM that is not that
-    /// source's replica becomes one only through this (at the next bulk transfer from it).
-    pub fn accept(&mut self, vm: &str, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+    /// See [`Store::accept`].
+    fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+        let vm = self.meta.name.clone();
         let answer = AcceptResult {
             source_site: source.to_string(),
         };
-        if !self.vms.contains_key(vm) {
-            if self.broken.contains_key(vm) {
-                return Err(self.missing(vm));
-            }
-            // Nothing here to protect: the first bulk transfer creates the replica.
-            return Ok(answer);
-        }
-        let r = self.rec_mut(vm)?;
+        let r = &mut *self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; power it off before it can become a replica"
@@ -491,7 +518,7 @@ impl Store {
         r.meta.accept_from = Some(source.to_string());
         let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
         r.meta.note_op(op, &json);
-        self.save(vm)?;
+        self.save()?;
         Ok(answer)
     }
 
@@ -502,35 +529,12 @@ impl Store {
     /// Anything else answers 409 `ResyncRequired`. A bulk transfer creates the replica where no
     /// VM exists, continues this source's replica, or takes over a VM the controller allowed
     /// (`accept`); it never turns another VM into a replica.
-    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
-        if !self.vms.contains_key(vm) {
-            if !b.bulk {
-                return Err(ApiError::resync(format!(
-                    "VM {vm} has no replica at this site; resynchronize"
-                )));
-            }
-            if self.broken.contains_key(vm) {
-                return Err(self.missing(vm));
-            }
-            let meta = VmMeta::new(
-                vm,
-                Power::Off,
-                Role::Replica,
-                (&b.disks, b.integration_services),
-            );
-            let mut meta = meta;
-            meta.inbound = Some(Inbound {
-                source_site: b.source_site.clone(),
-                accepting: true,
-                ..Default::default()
-            });
-            let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
-            self.vms.insert(vm.to_string(), rec);
-        }
+    fn begin(&mut self, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        let vm = self.meta.name.clone();
         // A commit recorded and never applied is finished before anything else touches the
         // image (its staging file must not be cleared with the unfinished cycles').
-        self.finish_pending(vm)?;
-        let r = self.rec(vm)?;
+        self.finish_pending()?;
+        let r = &*self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; it cannot receive replication"
@@ -578,7 +582,7 @@ impl Store {
                 b.source_site
             )));
         }
-        let r = self.rec_mut(vm)?;
+        let r = &mut *self;
         r.meta.accept_from = None;
         r.meta.role = Role::Replica;
         r.meta.outbound = None;
@@ -596,20 +600,20 @@ impl Store {
         inbound.open_cycle = Some(b.cycle_id.clone());
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
-        self.rec_mut(vm)?.meta.inbound = Some(inbound);
+        self.meta.inbound = Some(inbound);
         if b.bulk {
             // Saved with the open cycle; the points' undo data goes after the metadata.
-            self.drop_points(vm)?;
+            self.drop_points()?;
         }
-        self.save(vm)?;
+        self.save()?;
         fault::hit("replica.begin");
-        self.clear_staging(vm)?;
-        create_dir_durable(&self.vm_dir(vm).join("staging")).map_err(ApiError::io)?;
+        self.clear_staging()?;
+        create_dir_durable(&self.dir.join("staging")).map_err(ApiError::io)?;
         let mut answer = BeginAnswer::default();
         if b.bulk && b.zero {
             // Every block is about to be sent anyway; an emptied sparse image lets the source
             // skip the zeros (most of a new disk) and frees the space they held.
-            for (f, d) in self.rec(vm)?.disks.iter().zip(&b.disks) {
+            for (f, d) in self.disks.iter().zip(&b.disks) {
                 f.set_len(0).map_err(ApiError::io)?;
                 f.set_len(d.size_bytes).map_err(ApiError::io)?;
                 f.sync_all().map_err(ApiError::io)?;
@@ -621,8 +625,9 @@ impl Store {
 
     /// The old source of a reverse resync: the blocks it changed since its journal base (its
     /// last acknowledged cycle), asked for before `begin` makes it a replica.
-    pub fn dirty_set(&self, vm: &str) -> ApiResult<DirtySet> {
-        let r = self.rec(vm)?;
+    pub fn dirty_set(&self) -> ApiResult<DirtySet> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; its changes are not final"
@@ -643,8 +648,8 @@ impl Store {
     }
 
     /// Receiver: blake3 of every block of a disk, for resync.
-    pub fn block_hashes(&self, vm: &str, disk: usize) -> ApiResult<Vec<u8>> {
-        let r = self.rec(vm)?;
+    pub fn block_hashes(&self, disk: usize) -> ApiResult<Vec<u8>> {
+        let r = &*self;
         let size = r
             .meta
             .disks
@@ -667,24 +672,24 @@ impl Store {
     /// damaged ones are refused.
     pub fn receive(
         &mut self,
-        vm: &str,
         cycle: &str,
         bulk: bool,
         batch: &[u8],
         verified: &[bool],
     ) -> ApiResult<BatchResult> {
+        let vm = self.meta.name.clone();
         let frames = frame::parse(batch).ok_or_else(|| ApiError::bad("malformed block batch"))?;
         if frames.len() != verified.len() {
             return Err(ApiError::bad("verification does not match the batch"));
         }
-        let stage_path = staging(self, vm, cycle);
-        let r = self.rec_mut(vm)?;
+        let stage_path = staging(&self.dir, cycle);
+        let r = &mut *self;
         if r.meta.role != Role::Replica || !r.meta.inbound.as_ref().is_some_and(|i| i.accepting) {
             return Err(ApiError::conflict(format!(
                 "VM {vm} does not accept replication here"
             )));
         }
-        check_open(r, vm, cycle)?;
+        check_open(r, cycle)?;
         let mut res = BatchResult::default();
         let mut good = Vec::new();
         for (f, ok) in frames.iter().zip(verified) {
@@ -751,14 +756,14 @@ impl Store {
 
     /// Writes the blocks of a recorded point's staging file into the image, one frame at a
     /// time, then fsyncs. A missing or torn file is an error: the point would lie.
-    fn apply_staging(&mut self, vm: &str, path: &std::path::Path) -> ApiResult<()> {
+    fn apply_staging(&mut self, path: &std::path::Path) -> ApiResult<()> {
         let file = File::open(path).map_err(|e| {
             ApiError::io(std::io::Error::new(
                 e.kind(),
                 format!("staging file {} of a recorded point: {e}", path.display()),
             ))
         })?;
-        let r = self.rec(vm)?;
+        let r = &*self;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
         let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
@@ -790,8 +795,8 @@ impl Store {
 
     /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
     /// when the file is torn or names a block outside its disk.
-    fn staged_blocks(&self, vm: &str, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
-        let r = self.rec(vm)?;
+    fn staged_blocks(&self, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
+        let r = &*self;
         let mut sets: Vec<Bitmap> = r
             .meta
             .disks
@@ -824,8 +829,9 @@ impl Store {
     /// point recorded in `vm.json` with its staging file → blocks applied and fsynced → staging
     /// mark cleared. A crash before the point is recorded leaves no point (the source resends);
     /// after it, the next start (or the next `begin`) finishes the apply.
-    pub fn commit_cycle(&mut self, vm: &str, c: &CommitCycle) -> ApiResult<Option<RecoveryPoint>> {
-        let r = self.rec(vm)?;
+    pub fn commit_cycle(&mut self, c: &CommitCycle) -> ApiResult<Option<RecoveryPoint>> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         let inbound = r
             .meta
             .inbound
@@ -841,39 +847,39 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
-        check_open(r, vm, &c.cycle_id)?;
+        check_open(r, &c.cycle_id)?;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         if c.bulk {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
             }
             fault::hit("replica.bulk-commit");
-            let r = self.rec_mut(vm)?;
+            let r = &mut *self;
             // The image is now the peer's: what this side tracked before is history, and a
             // later failback must start from a clean journal.
             r.tracker.reset().map_err(ApiError::io)?;
             let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
             i.open_cycle = None;
-            self.save(vm)?;
+            self.save()?;
             return Ok(None);
         }
-        let stage = staging(self, vm, &c.cycle_id);
+        let stage = staging(&self.dir, &c.cycle_id);
         let staged_file = match File::open(&stage) {
             Ok(f) => {
                 f.sync_all().map_err(ApiError::io)?;
-                sync_dir(&self.vm_dir(vm).join("staging")).map_err(ApiError::io)?;
+                sync_dir(&self.dir.join("staging")).map_err(ApiError::io)?;
                 true
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(ApiError::io(e)),
         };
-        let staged = self.staged_blocks(vm, &stage)?;
+        let staged = self.staged_blocks(&stage)?;
         let seq = inbound.next_seq.max(1);
         let seg = format!("u{seq:06}");
-        let udir = undo_dir(self, vm);
+        let udir = self.dir.join("undo");
         create_dir_durable(&udir).map_err(ApiError::io)?;
-        let r = self.rec(vm)?;
+        let r = &*self;
         let first = inbound.rps.is_empty();
         if !first {
             // Every disk gets its index, empty or not: a missing index is then damage.
@@ -896,7 +902,7 @@ impl Store {
         };
         let view = point.view();
         {
-            let i = self.rec_mut(vm)?.meta.inbound.get_or_insert_default();
+            let i = self.meta.inbound.get_or_insert_default();
             i.rps.push(point);
             i.next_seq = seq + 1;
             i.last_cycle = Some((c.cycle_id.clone(), Some(view.clone())));
@@ -905,30 +911,24 @@ impl Store {
         }
         // The point is recorded (with its staging file) before the image changes, so a crash
         // or a failed apply is finished by `finish_pending` before the image is used again.
-        self.save(vm)?;
+        self.save()?;
         fault::hit("replica.point");
         if staged_file {
-            self.apply_staging(vm, &stage)?;
+            self.apply_staging(&stage)?;
             fault::hit("replica.applied");
-            if let Some(p) = self
-                .rec_mut(vm)?
-                .meta
-                .inbound
-                .as_mut()
-                .and_then(|i| i.rps.last_mut())
-            {
+            if let Some(p) = self.meta.inbound.as_mut().and_then(|i| i.rps.last_mut()) {
                 p.staged = None;
             }
-            self.save(vm)?;
+            self.save()?;
             let _ = fs::remove_file(&stage);
         }
-        self.apply_retention(vm, Timestamp::now())?;
+        self.apply_retention(Timestamp::now())?;
         Ok(Some(view))
     }
 
-    fn apply_retention(&mut self, vm: &str, now: Timestamp) -> ApiResult<()> {
-        let udir = undo_dir(self, vm);
-        let r = self.rec_mut(vm)?;
+    fn apply_retention(&mut self, now: Timestamp) -> ApiResult<()> {
+        let udir = self.dir.join("undo");
+        let r = &mut *self;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         let Some(i) = r.meta.inbound.as_mut() else {
             return Ok(());
@@ -987,7 +987,7 @@ impl Store {
             fault::hit("replica.retention");
             return Ok(());
         }
-        self.save(vm)?;
+        self.save()?;
         fault::hit("replica.retention");
         for seg in dropped {
             for d in 0..sizes.len() {
@@ -997,8 +997,9 @@ impl Store {
         Ok(())
     }
 
-    fn select(&self, vm: &str, sel: &RecoveryPointSelector) -> ApiResult<usize> {
-        let r = self.rec(vm)?;
+    fn select(&self, sel: &RecoveryPointSelector) -> ApiResult<usize> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         let i = r
             .meta
             .inbound
@@ -1021,9 +1022,9 @@ impl Store {
     /// Rolls `target` back from the newest point to point `pos` and returns the blocks changed.
     /// Applying the segments again from the start gives the same image (each holds absolute
     /// contents), so a rollback cut short by a crash is finished by running it again.
-    fn roll_back(&self, vm: &str, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
-        let r = self.rec(vm)?;
-        let udir = undo_dir(self, vm);
+    fn roll_back(&self, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
+        let r = &*self;
+        let udir = self.dir.join("undo");
         let mut changed: Vec<Bitmap> = r
             .meta
             .disks
@@ -1050,8 +1051,8 @@ impl Store {
         Ok(changed)
     }
 
-    pub fn recovery_points(&self, vm: &str) -> ApiResult<Vec<RecoveryPoint>> {
-        let r = self.rec(vm)?;
+    pub fn recovery_points(&self) -> ApiResult<Vec<RecoveryPoint>> {
+        let r = &*self;
         Ok(r.meta
             .inbound
             .as_ref()
@@ -1066,14 +1067,13 @@ impl Store {
     /// answer) is one metadata write. A crash between is finished at the next start.
     pub fn failover(
         &mut self,
-        vm: &str,
         sel: &RecoveryPointSelector,
         op: Option<&str>,
     ) -> ApiResult<RecoveryPoint> {
         // A commit recorded and not applied is finished first: the rollback starts from it.
-        self.finish_pending(vm)?;
-        let pos = self.select(vm, sel)?;
-        let r = self.rec_mut(vm)?;
+        self.finish_pending()?;
+        let pos = self.select(sel)?;
+        let r = &mut *self;
         let i = r
             .meta
             .inbound
@@ -1087,15 +1087,15 @@ impl Store {
         i.rollback = Some(rb.clone());
         i.accepting = false;
         i.open_cycle = None;
-        self.save(vm)?;
+        self.save()?;
         fault::hit("failover.intent");
-        self.finish_failover(vm, &rb)?;
+        self.finish_failover(&rb)?;
         Ok(rp)
     }
 
     /// The part of a failover after its intent is recorded; run again after a crash.
-    fn finish_failover(&mut self, vm: &str, rb: &Rollback) -> ApiResult<()> {
-        let r = self.rec(vm)?;
+    fn finish_failover(&mut self, rb: &Rollback) -> ApiResult<()> {
+        let r = &*self;
         let pos = r
             .meta
             .inbound
@@ -1113,9 +1113,9 @@ impl Store {
             .map(|f| f.try_clone())
             .collect::<Result<_, _>>()
             .map_err(ApiError::io)?;
-        let changed = self.roll_back(vm, pos, &files)?;
+        let changed = self.roll_back(pos, &files)?;
         fault::hit("failover.rolled-back");
-        let r = self.rec_mut(vm)?;
+        let r = &mut *self;
         // The rolled-back blocks differ from what the old source holds: a later resync sends
         // them (recording them again after a crash is harmless).
         for (d, set) in changed.iter().enumerate() {
@@ -1147,47 +1147,74 @@ impl Store {
             let json = serde_json::to_value(a).map_err(|e| ApiError::io(e.into()))?;
             r.meta.note_op(rb.operation_id.as_deref(), &json);
         }
-        self.save(vm)?;
-        self.sweep_undo(vm)
+        self.save()?;
+        self.sweep_undo()
     }
 
-    /// Replica: a running drill copy `<vm>-test`.
-    pub fn test_failover(
-        &mut self,
-        vm: &str,
+    /// Deletes every recovery point of `vm`; the answer is saved with the metadata that stops
+    /// listing them.
+    pub fn commit_points(&mut self, op: Option<&str>) -> ApiResult<CommitResult> {
+        let r = &mut *self;
+        let n = r.meta.inbound.as_ref().map_or(0, |i| i.rps.len() as u64);
+        let answer = CommitResult {
+            deleted_recovery_points: n,
+        };
+        let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
+        r.meta.note_op(op, &json);
+        if n == 0 {
+            self.save()?;
+        } else {
+            self.drop_points()?;
+        }
+        Ok(answer)
+    }
+
+    /// Replica: stop accepting cycles.
+    pub fn stop_inbound(&mut self) -> ApiResult<()> {
+        let r = &mut *self;
+        if let Some(o) = r.meta.outbound.as_mut() {
+            o.stopped = true;
+        }
+        if let Some(i) = r.meta.inbound.as_mut() {
+            i.accepting = false;
+        }
+        self.save()
+    }
+}
+
+impl Store {
+    /// Replica: a running drill copy `<vm>-test` (`r` is `vm`, locked).
+    pub(super) fn test_failover(
+        &self,
+        r: &mut VmRec,
         sel: &RecoveryPointSelector,
         network: &str,
         op: Option<&str>,
     ) -> ApiResult<TestFailoverResult> {
-        self.finish_pending(vm)?;
-        let pos = self.select(vm, sel)?;
-        let r = self.rec(vm)?;
+        r.finish_pending()?;
+        let pos = r.select(sel)?;
         let rp = r
             .meta
             .inbound
             .as_ref()
             .map(|i| i.rps[pos].view())
             .ok_or_else(|| ApiError::conflict("no recovery points"))?;
-        let name = format!("{vm}-test");
+        let name = format!("{}-test", r.name());
         let recorded = r
             .meta
             .inbound
             .as_ref()
             .is_some_and(|i| i.test_copy.is_some());
-        if self.vms.contains_key(&name) {
-            let leftover = !recorded
-                && self
-                    .vms
-                    .get(&name)
-                    .is_some_and(|t| t.meta.role == Role::TestCopy);
-            if !leftover {
-                return Err(ApiError::conflict(format!("{name} already exists")));
-            }
-            // A drill copy a crash left before it was recorded: made again from scratch.
-            self.rec_mut(&name)?.meta.power = Power::Off;
-            self.delete(&name)?;
+        if self.exists(&name) {
+            self.write_vm(&name, |t| {
+                if recorded || t.meta.role != Role::TestCopy {
+                    return Err(ApiError::conflict(format!("{name} already exists")));
+                }
+                // A drill copy a crash left before it was recorded: made again from scratch.
+                t.meta.power = Power::Off;
+                self.delete_locked(&name, t).map(|_| ())
+            })?;
         }
-        let r = self.rec(vm)?;
         let mut meta = VmMeta::new(
             &name,
             Power::Off,
@@ -1201,13 +1228,8 @@ impl Store {
         let mut files = Vec::new();
         for d in &meta.disks {
             let dst = tmp.join("disks").join(format!("{}.img", d.name));
-            fs::copy(
-                self.vm_dir(vm)
-                    .join("disks")
-                    .join(format!("{}.img", d.name)),
-                &dst,
-            )
-            .map_err(ApiError::io)?;
+            fs::copy(r.dir.join("disks").join(format!("{}.img", d.name)), &dst)
+                .map_err(ApiError::io)?;
             files.push(
                 OpenOptions::new()
                     .read(true)
@@ -1216,7 +1238,7 @@ impl Store {
                     .map_err(ApiError::io)?,
             );
         }
-        self.roll_back(vm, pos, &files)?;
+        r.roll_back(pos, &files)?;
         sync_dir(&tmp.join("disks")).map_err(ApiError::io)?;
         meta.power = Power::Running;
         write_atomic(
@@ -1228,67 +1250,35 @@ impl Store {
         fs::rename(&tmp, &dst).map_err(ApiError::io)?;
         sync_dir(&self.root.join("vms")).map_err(ApiError::io)?;
         let rec = open_vm(&dst, meta).map_err(ApiError::io)?;
-        self.vms.insert(name.clone(), rec);
+        self.insert_opened(&name, rec)?;
         let answer = TestFailoverResult {
             vm_name: name.clone(),
             recovery_point: rp.clone(),
         };
         let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
-        let r = self.rec_mut(vm)?;
         if let Some(i) = r.meta.inbound.as_mut() {
             i.test_copy = Some((name, network.to_string(), rp));
         }
         r.meta.note_op(op, &json);
-        self.save(vm)?;
+        r.save()?;
         Ok(answer)
     }
 
-    /// Deletes the drill copy of `vm`.
-    pub fn test_cleanup(&mut self, vm: &str) -> ApiResult<(String, bool)> {
-        self.rec(vm)?;
-        let name = format!("{vm}-test");
-        let exists = self
-            .vms
-            .get(&name)
-            .is_some_and(|r| r.meta.role == Role::TestCopy);
-        if exists {
-            self.rec_mut(&name)?.meta.power = Power::Off;
-            self.delete(&name)?;
-        }
-        if let Some(i) = self.rec_mut(vm)?.meta.inbound.as_mut() {
+    /// Deletes the drill copy of `vm` (`r`, locked).
+    pub(super) fn test_cleanup(&self, r: &mut VmRec) -> ApiResult<(String, bool)> {
+        let name = format!("{}-test", r.name());
+        let exists = self.exists(&name)
+            && self.write_vm(&name, |t| {
+                if t.meta.role != Role::TestCopy {
+                    return Ok(false);
+                }
+                t.meta.power = Power::Off;
+                self.delete_locked(&name, t).map(|_| true)
+            })?;
+        if let Some(i) = r.meta.inbound.as_mut() {
             i.test_copy = None;
         }
-        self.save(vm)?;
+        r.save()?;
         Ok((name, exists))
-    }
-
-    /// Deletes every recovery point of `vm`; the answer is saved with the metadata that stops
-    /// listing them.
-    pub fn commit_points(&mut self, vm: &str, op: Option<&str>) -> ApiResult<CommitResult> {
-        let r = self.rec_mut(vm)?;
-        let n = r.meta.inbound.as_ref().map_or(0, |i| i.rps.len() as u64);
-        let answer = CommitResult {
-            deleted_recovery_points: n,
-        };
-        let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
-        r.meta.note_op(op, &json);
-        if n == 0 {
-            self.save(vm)?;
-        } else {
-            self.drop_points(vm)?;
-        }
-        Ok(answer)
-    }
-
-    /// Replica: stop accepting cycles.
-    pub fn stop_inbound(&mut self, vm: &str) -> ApiResult<()> {
-        let r = self.rec_mut(vm)?;
-        if let Some(o) = r.meta.outbound.as_mut() {
-            o.stopped = true;
-        }
-        if let Some(i) = r.meta.inbound.as_mut() {
-            i.accepting = false;
-        }
-        self.save(vm)
     }
 }
