@@ -966,3 +966,14 @@ pub async fn sync_now(st: &Shared, vm: &str) -> Result<RecoveryPoint, ApiError> 
         .map_err(|_| ApiError::conflict("replication stopped"))?
         .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_GATEWAY, e))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::new_cycle_id;
+
+    #[test]
+    fn cycle_ids_do_not_repeat_within_one_instant() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| new_cycle_id()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
+}
