@@ -326,3 +326,55 @@ async fn orphaned_undo_data_is_removed_and_a_broken_vm_does_not_stop_the_agent()
     let e = cb.get_vm("bad-vm").await.unwrap_err().to_string();
     assert!(e.contains("broken"), "{e}");
 }
+
+#[tokio::test]
+async fn merged_points_fold_their_undo_data_and_still_read_back_exactly() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    ca.create_vm(VM, &common_agent::vm_spec(2 * MIB, true))
+        .await
+        .unwrap();
+    write(&ca, 0, 2 * BLOCK, 1).await;
+    // No retention beyond the newest point and the newest app-consistent one: every cycle
+    // merges the point before it away, so undo lists grow and are folded.
+    let en = EnableReplication {
+        recovery_point_retention_hours: 0,
+        app_consistent_frequency_hours: 1,
+        ..enable("en-1", &b, ReplicationMode::Initial)
+    };
+    ca.enable_replication(VM, &en).await.unwrap();
+    // The first cycle (right after the initial transfer) is the app-consistent one.
+    ca.sync(VM, "sync-0").await.unwrap();
+    let d_app = ca.digest(VM, "disk0").await.unwrap();
+    let app = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.app_consistent)
+        .expect("an app-consistent point");
+    let mut last = (String::new(), String::new());
+    for i in 0..4u64 {
+        write(&ca, (i + 1) * BLOCK, 2 * BLOCK, 10 + i as u8).await;
+        let rp = ca.sync(VM, &format!("sync-{}", i + 1)).await.unwrap();
+        last = (rp.recovery_point.id, ca.digest(VM, "disk0").await.unwrap());
+    }
+    let listed: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(listed, vec![app.id.clone(), last.0.clone()]);
+    // One folded segment per disk for the newest point: the merged-away points left nothing.
+    let undo = b.data_dir.join("vms").join(VM).join("undo");
+    let files: Vec<String> = std::fs::read_dir(&undo)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert_points(&cb, &[(app.id.clone(), d_app), last]).await;
+}
