@@ -1,0 +1,1 @@
+//! Crash injection: placeholder until the suite lands.
