@@ -90,15 +90,6 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                     EnableMode::Resync => ReplicationMode::Resync,
                 },
             };
-            // The target takes replication from the source only when told so: the data path
-            // never turns a VM that is not a replica into one on its own.
-            let accept = AcceptReplication {
-                operation_id: format!("{op}-accept"),
-                source_site: src.to_string(),
-            };
-            if let Err(e) = provider(sites, tgt)?.accept_replication(vm, &accept).await {
-                return Ok(failed(tgt, e));
-            }
             match p.enable_replication(vm, &params).await {
                 Ok(_) => Outcome::ok(),
                 Err(e) => failed(src, e),
