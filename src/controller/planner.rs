@@ -1536,6 +1536,25 @@ fn observed_replication(
         }
         _ => new.health,
     };
+    // The target, listed after the newest job ended, holds no recovery point of the VM (its
+    // copy was lost, or a resync is filling a new one): nothing a failover could start from,
+    // whatever the source still reports.
+    let since = st
+        .jobs
+        .last()
+        .and_then(|j| j.end_time.as_ref())
+        .map(|t| t.0);
+    let target_view = input.view(target);
+    let no_point = target_view.fetched_since(since)
+        && target_view.vm().is_none_or(|v| v.recovery_points.is_none());
+    if no_point
+        && matches!(
+            new.state,
+            ReplicationState::Replicating | ReplicationState::Error | ReplicationState::Paused
+        )
+    {
+        new.health = Some(ReplicationHealth::Critical);
+    }
     if resync_due(st).is_some() {
         // A failed digest verification: the replica differs until the resync has run.
         new.health = Some(ReplicationHealth::Critical);

@@ -1673,3 +1673,30 @@ fn replication_being_set_up_is_never_shown_healthy() {
         },
     );
 }
+
+#[test]
+fn a_target_without_a_replica_point_is_critical_until_it_holds_one_again() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    // The replica's copy is lost; the source has not noticed yet (still Replicating).
+    let replica = w.sites[S].clone().unwrap();
+    *w.sites.get_mut(S).unwrap() = None;
+    w.now += 5;
+    w.step();
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(health(&w), Some(ReplicationHealth::Critical));
+    // A replica is back but holds no recovery point yet (a resync is filling it).
+    let mut empty = replica;
+    empty.vm.recovery_points = None;
+    *w.sites.get_mut(S).unwrap() = Some(empty);
+    w.now += 5;
+    w.step();
+    assert_eq!(health(&w), Some(ReplicationHealth::Critical));
+    // Its first point lands: Healthy again.
+    w.add_rp(S);
+    w.now += 1;
+    w.step();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
+}
