@@ -627,7 +627,7 @@ impl VmRec {
     /// last acknowledged cycle), asked for before `begin` makes it a replica.
     pub fn dirty_set(&self) -> ApiResult<DirtySet> {
         let vm = self.meta.name.clone();
-        let r = &*self;
+        let r = self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; its changes are not final"
@@ -649,7 +649,7 @@ impl VmRec {
 
     /// Receiver: blake3 of every block of a disk, for resync.
     pub fn block_hashes(&self, disk: usize) -> ApiResult<Vec<u8>> {
-        let r = &*self;
+        let r = self;
         let size = r
             .meta
             .disks
@@ -796,7 +796,7 @@ impl VmRec {
     /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
     /// when the file is torn or names a block outside its disk.
     fn staged_blocks(&self, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
-        let r = &*self;
+        let r = self;
         let mut sets: Vec<Bitmap> = r
             .meta
             .disks
@@ -999,7 +999,7 @@ impl VmRec {
 
     fn select(&self, sel: &RecoveryPointSelector) -> ApiResult<usize> {
         let vm = self.meta.name.clone();
-        let r = &*self;
+        let r = self;
         let i = r
             .meta
             .inbound
@@ -1023,7 +1023,7 @@ impl VmRec {
     /// Applying the segments again from the start gives the same image (each holds absolute
     /// contents), so a rollback cut short by a crash is finished by running it again.
     fn roll_back(&self, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
-        let r = &*self;
+        let r = self;
         let udir = self.dir.join("undo");
         let mut changed: Vec<Bitmap> = r
             .meta
@@ -1052,7 +1052,7 @@ impl VmRec {
     }
 
     pub fn recovery_points(&self) -> ApiResult<Vec<RecoveryPoint>> {
-        let r = &*self;
+        let r = self;
         Ok(r.meta
             .inbound
             .as_ref()
