@@ -28,7 +28,8 @@ use axum::http::StatusCode;
 pub struct Outbound {
     pub peer_site: String,
     pub peer_url: String,
-    pub peer_token: String,
+    /// Bearer token of the peer agent (kept in vm.json, never printed by `Debug`).
+    pub peer_token: crate::secret::Secret,
     /// CA of an https peer.
     #[serde(default)]
     pub peer_ca_pem: Option<String>,
@@ -195,6 +196,36 @@ pub struct BeginCycle {
 /// Reason of the 409 that sends a source to resynchronize.
 pub const RESYNC_REQUIRED: &str = "ResyncRequired";
 
+/// The name of `vm`'s drill copy.
+pub(super) fn drill_copy_name(vm: &str) -> String {
+    format!("{vm}-test")
+}
+
+impl BeginCycle {
+    /// What a peer sends, checked before the store sees it (the disks are checked by the
+    /// store, against `--max-disk-bytes`).
+    pub(super) fn check(&self) -> ApiResult<()> {
+        use super::input;
+        input::site_name("sourceSite", &self.source_site)?;
+        input::cycle_id("cycleId", &self.cycle_id)?;
+        if let Some(p) = &self.parent {
+            input::cycle_id("parent", p)?;
+        }
+        if let Some(p) = &self.in_doubt {
+            input::cycle_id("inDoubt", p)?;
+        }
+        input::in_range("retentionHours", self.retention_hours, 0..=input::MAX_HOURS)
+    }
+}
+
+impl CommitCycle {
+    pub(super) fn check(&self) -> ApiResult<()> {
+        use super::input;
+        input::cycle_id("cycleId", &self.cycle_id)?;
+        input::opt_op_id("cutId", self.cut_id.as_deref())
+    }
+}
+
 /// Answer of `POST /v1/replica/{vm}/begin`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -323,6 +354,7 @@ impl Store {
     /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
     /// creates the replica where no VM of that name exists.
     pub fn begin(&self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        self.check_disks(&b.disks)?;
         if !self.exists(vm) {
             if !b.bulk {
                 return Err(ApiError::resync(format!(
@@ -654,7 +686,13 @@ impl VmRec {
             .meta
             .disks
             .get(disk)
-            .ok_or_else(|| ApiError::not_found("no such disk"))?
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "{{index}} {disk} is out of range: VM {} has {} disks",
+                    r.name(),
+                    r.meta.disks.len()
+                ))
+            })?
             .size_bytes;
         let mut out = Vec::with_capacity(block_count(size) as usize * 32);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -1199,7 +1237,7 @@ impl Store {
             .as_ref()
             .map(|i| i.rps[pos].view())
             .ok_or_else(|| ApiError::conflict("no recovery points"))?;
-        let name = format!("{}-test", r.name());
+        let name = drill_copy_name(r.name());
         let recorded = r
             .meta
             .inbound
@@ -1266,7 +1304,7 @@ impl Store {
 
     /// Deletes the drill copy of `vm` (`r`, locked).
     pub(super) fn test_cleanup(&self, r: &mut VmRec) -> ApiResult<(String, bool)> {
-        let name = format!("{}-test", r.name());
+        let name = drill_copy_name(r.name());
         let exists = self.exists(&name)
             && self.write_vm(&name, |t| {
                 if t.meta.role != Role::TestCopy {
@@ -1280,5 +1318,40 @@ impl Store {
         }
         r.save()?;
         Ok((name, exists))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_outbound_hides_the_peer_token() {
+        let o = Outbound {
+            peer_site: "secondary".into(),
+            peer_url: "https://secondary:7101".into(),
+            peer_token: "s3cr3t-peer-token".into(),
+            peer_ca_pem: None,
+            interval_seconds: 30,
+            retention_hours: 1,
+            app_consistent_hours: 0,
+            state: ReplicationState::Replicating,
+            bulk: None,
+            stopped: false,
+            last_sync_time: None,
+            last_app_consistent: None,
+            bytes_sent: 0,
+            blocks_resent: 0,
+            last_error: None,
+            in_doubt: None,
+        };
+        let dbg = format!("{o:?} {o:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("secondary"), "{dbg}");
+        // vm.json keeps the token (the agent needs it after a restart), in the same format.
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["peerToken"], "s3cr3t-peer-token");
+        let back: Outbound = serde_json::from_value(json).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{o:?}"));
     }
 }
