@@ -12,6 +12,9 @@ Measures, on one disk of GiB (default 4) filled with random data:
   - reverse resync after a failover with writes at both sides (0.5% of the blocks each, 1% in
     all) vs the same rsync of the same disk pair.
 
+With --latency: guest write latency (4 KiB writes, p50 and p99) on a small VM while another VM
+of the same agent runs a whole-disk digest of GiB, beside the same writes with the agent idle.
+
 With --memory N: N protected VMs of 1 GiB each (sparse, a few MiB written to each), initial
 replication of all, then rounds of writes and cycles; reports the peak resident memory
 (VmHWM) and the last VmRSS of both agents from /proc; then one cycle of 256 MiB of one VM and
@@ -30,6 +33,9 @@ import urllib.request
 
 ARGS = [a for a in sys.argv[1:]]
 MEMORY_VMS = None
+LATENCY = "--latency" in ARGS
+if LATENCY:
+    ARGS.remove("--latency")
 if "--memory" in ARGS:
     i = ARGS.index("--memory")
     MEMORY_VMS = int(ARGS[i + 1])
@@ -191,9 +197,77 @@ def memory(n):
         shutil.rmtree(root, ignore_errors=True)
 
 
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def latency():
+    """Guest write latency on one VM while another VM of the same agent is digested."""
+    import threading
+    root = tempfile.mkdtemp(prefix="twinsite-bench-")
+    procs = []
+    try:
+        pa, ua, da = start(root, "a")
+        procs.append(pa)
+        for vm, size in (("big", SIZE), ("small", 64 << 20)):
+            call(f"{ua}/v1/vms/{vm}", "PUT",
+                 {"disks": [{"name": "disk0", "sizeBytes": size}], "power": "Running",
+                  "integrationServices": True})
+        img = os.path.join(da, "vms", "big", "disks", "disk0.img")
+        chunk = os.urandom(64 << 20)
+        with open(img, "r+b") as f:
+            for i in range(SIZE // len(chunk)):
+                f.write(bytes([i & 0xff]) + chunk[1:])
+            f.flush()
+            os.fsync(f.fileno())
+        data = os.urandom(4096)
+
+        def writes(n):
+            out = []
+            for i in range(n):
+                t = time.monotonic()
+                call(f"{ua}/v1/vms/small/disks/disk0/data?offset={(i % 1000) * 65536}", "PUT",
+                     raw=data)
+                out.append(time.monotonic() - t)
+            return out
+
+        idle = writes(300)
+        done = threading.Event()
+        digest_s = []
+
+        def digest():
+            t = time.monotonic()
+            call(f"{ua}/v1/vms/big/disks/disk0/digest")
+            digest_s.append(time.monotonic() - t)
+            done.set()
+
+        # Cold cache for the digest, as after a long run of other work.
+        subprocess.run(["sh", "-c", "sync; echo 1 > /proc/sys/vm/drop_caches"],
+                       stderr=subprocess.DEVNULL, check=False)
+        th = threading.Thread(target=digest)
+        th.start()
+        busy = []
+        while not done.is_set():
+            busy += writes(20)
+        th.join()
+        ms = lambda x: f"{1000 * x:.1f} ms"
+        print(f"digest of {GIB} GiB: {digest_s[0]:.2f} s; {len(busy)} writes during it")
+        print(f"guest write 4 KiB, idle: p50 {ms(pct(idle, .5))}  p99 {ms(pct(idle, .99))}")
+        print(f"guest write 4 KiB, other VM digesting: p50 {ms(pct(busy, .5))}  "
+              f"p99 {ms(pct(busy, .99))}  max {ms(max(busy))}")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main():
     if MEMORY_VMS:
         return memory(MEMORY_VMS)
+    if LATENCY:
+        return latency()
     root = tempfile.mkdtemp(prefix="twinsite-bench-")
     procs = []
     try:
@@ -288,6 +362,8 @@ def main():
         os.remove(pair)
         subprocess.run(["cat", img_a, img_b], stdout=subprocess.DEVNULL, check=True)
         t = time.monotonic()
+        call(ua + "/v1/vms/bench/replication/accept", "POST",
+             {"operationId": "acc-2", "sourceSite": "b"})
         call(ub + "/v1/vms/bench/replication/enable", "POST",
              {"operationId": "en-2", "peerSite": "a", "peerUrl": ua, "peerToken": TOKEN,
               "intervalSeconds": 900, "recoveryPointRetentionHours": 24,

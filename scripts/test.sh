@@ -11,9 +11,12 @@ export TWINSITE_ENVTEST_BIN="$bin"
 echo "== cargo fmt --check"
 cargo fmt --check
 
-echo "== cargo clippy --all-targets -- -D warnings"
+echo "== cargo clippy --all-targets -- -D warnings (with and without the failpoints feature)"
 cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features failpoints -- -D warnings
 
 echo "== cargo test"
-# Library, binary and integration tests (there are no doctests).
-cargo test --locked --lib --bins --tests
+# Library, binary and integration tests (there are no doctests). The failpoints feature compiles
+# the crash points into the agent, for the crash-injection suite and the integrity tests; a
+# release build never has them.
+cargo test --locked --features failpoints --lib --bins --tests

@@ -6,6 +6,8 @@
 //! `TWINSITE_FAILPOINT=NAME` kills the process with SIGKILL the first time the data path
 //! reaches `NAME`; `NAME@N` on the N-th time. The process dies as a power cut would leave it,
 //! minus the page cache: no destructor runs, no buffer is flushed, nothing is answered.
+//! `NAME:error` (or `NAME:error@N`) makes the step fail with an I/O error instead, where the
+//! code checks with [`fail`] (a disk error, not a crash: the process goes on).
 
 /// Every failpoint, in the order the data path reaches them (the suite iterates this list).
 pub const ALL: &[&str] = &[
@@ -34,34 +36,76 @@ pub const ALL: &[&str] = &[
     "op.record",
 ];
 
+/// How a failpoint is armed.
+#[cfg(feature = "failpoints")]
+struct Armed {
+    name: String,
+    nth: u64,
+    error: bool,
+}
+
+#[cfg(feature = "failpoints")]
+fn armed() -> Option<&'static Armed> {
+    use std::sync::OnceLock;
+    static ARMED: OnceLock<Option<Armed>> = OnceLock::new();
+    ARMED
+        .get_or_init(|| {
+            let v = std::env::var("TWINSITE_FAILPOINT").ok()?;
+            let (spec, nth) = match v.split_once('@') {
+                Some((n, k)) => (n.to_string(), k.parse().ok()?),
+                None => (v, 1),
+            };
+            let (name, error) = match spec.strip_suffix(":error") {
+                Some(n) => (n.to_string(), true),
+                None => (spec, false),
+            };
+            Some(Armed { name, nth, error })
+        })
+        .as_ref()
+}
+
+/// True when this is the armed failpoint's N-th hit.
+#[cfg(feature = "failpoints")]
+fn triggered(name: &str) -> Option<&'static Armed> {
+    use std::sync::Mutex;
+    static HITS: Mutex<u64> = Mutex::new(0);
+    let a = armed().filter(|a| a.name == name)?;
+    let mut hits = HITS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *hits += 1;
+    (*hits == a.nth).then_some(a)
+}
+
 /// Crashes the process here when the environment armed failpoint `name`.
 #[cfg(feature = "failpoints")]
 pub fn hit(name: &str) {
-    use std::sync::Mutex;
-    use std::sync::OnceLock;
-    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
-    static HITS: Mutex<u64> = Mutex::new(0);
-    let armed = ARMED.get_or_init(|| {
-        let v = std::env::var("TWINSITE_FAILPOINT").ok()?;
-        match v.split_once('@') {
-            Some((n, k)) => Some((n.to_string(), k.parse().ok()?)),
-            None => Some((v, 1)),
-        }
-    });
-    let Some((want, nth)) = armed else {
-        return;
-    };
-    if want != name {
-        return;
+    if triggered(name).is_some() {
+        kill(name);
     }
-    let mut hits = HITS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    *hits += 1;
-    if *hits == *nth {
-        eprintln!("failpoint {name} reached: killing the process");
-        // SAFETY: sends SIGKILL to this process; nothing after it runs.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
+}
+
+/// Like [`hit`], and where the failpoint is armed with `:error`, fails the step instead.
+#[cfg(feature = "failpoints")]
+pub fn fail(name: &str) -> std::io::Result<()> {
+    match triggered(name) {
+        Some(a) if a.error => Err(std::io::Error::other(format!(
+            "injected I/O error at {name}"
+        ))),
+        Some(_) => {
+            kill(name);
+            Ok(())
         }
+        None => Ok(()),
+    }
+}
+
+#[cfg(feature = "failpoints")]
+fn kill(name: &str) {
+    eprintln!("failpoint {name} reached: killing the process");
+    // SAFETY: sends SIGKILL to this process; nothing after it runs.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
     }
 }
 
@@ -69,3 +113,10 @@ pub fn hit(name: &str) {
 #[cfg(not(feature = "failpoints"))]
 #[inline(always)]
 pub fn hit(_name: &str) {}
+
+/// Fails the step here when armed (not compiled in).
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn fail(_name: &str) -> std::io::Result<()> {
+    Ok(())
+}

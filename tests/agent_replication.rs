@@ -130,6 +130,7 @@ async fn replicate_cycle_failover_to_older_point_and_reverse_resync() {
 
     // Reverse replication with resync: only differing blocks travel, digests end equal.
     scribble(&cb, VM, 4, size).await;
+    common_agent::accept(&ca, VM, &b, "acc-2").await;
     cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
         .await
         .unwrap();
@@ -304,6 +305,16 @@ async fn diverge(ca: &AgentClient, cb: &AgentClient, b: &AgentProc, size: u64) {
 
 /// `from` resyncs `peer` (whose client is `to`) and syncs; both disks are then equal.
 async fn resync(from: &AgentClient, peer: &AgentProc, to: &AgentClient, en: &str, sync: &str) {
+    let source = from.list_vms().await.unwrap().site;
+    to.accept_replication(
+        VM,
+        &twinsite::site::AcceptReplication {
+            operation_id: format!("{en}-accept"),
+            source_site: source,
+        },
+    )
+    .await
+    .unwrap();
     from.enable_replication(VM, &enable(en, peer, ReplicationMode::Resync))
         .await
         .unwrap();

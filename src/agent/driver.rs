@@ -13,11 +13,15 @@ use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
-use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
-use super::{ApiError, Shared, Store, with_store};
+use super::replica::{
+    BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, RESYNC_REQUIRED,
+};
+use super::store::VmRec;
+use super::{ApiError, Shared, read_vm, with_vm};
+use crate::fault;
 use crate::replication::tracker::Sealed;
 use crate::replication::{BLOCK_SIZE, Bitmap, block_count, block_len, frame};
-use crate::site::{RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
+use crate::site::{ErrorBody, RecoveryPoint, RecoveryPointKind, ReplicationMode, ReplicationState};
 
 /// Blocks per request of the block stream.
 const BATCH_BLOCKS: u64 = 64;
@@ -69,15 +73,8 @@ pub fn stop(st: &Shared, vm: &str) {
 }
 
 async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
-    let interval = with_store(&st, {
-        let vm = vm.clone();
-        move |s| {
-            Ok(s.rec(&vm)?
-                .meta
-                .outbound
-                .as_ref()
-                .map(|o| o.interval_seconds))
-        }
+    let interval = read_vm(&st, &vm, |r| {
+        Ok(r.meta.outbound.as_ref().map(|o| o.interval_seconds))
     })
     .await
     .ok()
@@ -107,11 +104,11 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
             tracing::warn!(vm, error = %e, "replication cycle failed");
             let msg = e.clone();
             let vm2 = vm.clone();
-            let _ = with_store(&st, move |s| {
-                if let Some(o) = s.rec_mut(&vm2)?.meta.outbound.as_mut() {
+            let _ = with_vm(&st, &vm2, move |r| {
+                if let Some(o) = r.meta.outbound.as_mut() {
                     o.last_error = Some(msg);
                 }
-                s.save(&vm2)
+                r.save()
             })
             .await;
         }
@@ -127,6 +124,34 @@ struct Peer {
     token: String,
 }
 
+/// Why a cycle or transfer ended early.
+#[derive(Debug, thiserror::Error)]
+enum CycleError {
+    /// The replica does not hold the parent the cycle names: resynchronize.
+    #[error("{0}")]
+    Resync(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for CycleError {
+    fn from(m: String) -> Self {
+        Self::Other(m)
+    }
+}
+
+impl From<CycleError> for String {
+    fn from(e: CycleError) -> Self {
+        e.to_string()
+    }
+}
+
+impl From<&str> for CycleError {
+    fn from(m: &str) -> Self {
+        Self::Other(m.to_string())
+    }
+}
+
 impl Peer {
     async fn call(
         &self,
@@ -134,7 +159,7 @@ impl Peer {
         path: &str,
         json: Option<serde_json::Value>,
         body: Option<bytes::Bytes>,
-    ) -> Result<bytes::Bytes, String> {
+    ) -> Result<bytes::Bytes, CycleError> {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
@@ -153,10 +178,18 @@ impl Peer {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| format!("peer: {e}"))?;
         if !status.is_success() {
-            return Err(format!(
+            let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
+            let msg = format!(
                 "peer answered {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            ));
+                body.as_ref().map_or_else(
+                    || String::from_utf8_lossy(&bytes).to_string(),
+                    |b| { b.error.clone() }
+                )
+            );
+            if body.and_then(|b| b.reason).as_deref() == Some(RESYNC_REQUIRED) {
+                return Err(CycleError::Resync(msg));
+            }
+            return Err(CycleError::Other(msg));
         }
         Ok(bytes)
     }
@@ -173,9 +206,17 @@ fn peer_http(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
     builder.build().map_err(|e| e.to_string())
 }
 
+/// A cycle id that cannot repeat: the clock for reading order, 64 random bits for uniqueness
+/// (a clock stepped back or two agents in one instant cannot make two cycles share an id).
 fn new_cycle_id() -> String {
     let n = Timestamp::now().as_nanosecond();
-    format!("c{n:x}")
+    let mut r = [0u8; 8];
+    if getrandom::fill(&mut r).is_err() {
+        // No entropy source: a process-wide counter keeps ids of this process apart.
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        r = NEXT.fetch_add(1, Ordering::SeqCst).to_le_bytes();
+    }
+    format!("c{n:x}-{}", hex::encode(r))
 }
 
 /// The lock that serializes the cycles of `vm` (its driver's, sync-now's and cuts').
@@ -209,31 +250,42 @@ impl Drop for Capture {
 
 /// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
 /// VM can join a cut.
-pub fn cuttable(s: &Store, vm: &str) -> bool {
-    s.rec(vm).is_ok_and(|r| {
-        r.meta.role == crate::site::Role::Primary
-            && r.meta
-                .outbound
-                .as_ref()
-                .is_some_and(|o| !o.stopped && o.bulk.is_none())
-    })
+pub fn cuttable(r: &VmRec) -> bool {
+    r.meta.role == crate::site::Role::Primary
+        && r.meta
+            .outbound
+            .as_ref()
+            .is_some_and(|o| !o.stopped && o.bulk.is_none())
 }
 
-/// Seals the tracker of `vm` and copies its dirty blocks into a spool file. Runs inside the
-/// store lock, so no guest write of any VM interleaves: calling it for several VMs under one
-/// lock is a consistent cut of all of them.
+/// Seals the tracker of `r` and copies its dirty blocks into a spool file. Runs with the VM
+/// locked, so no guest write of it interleaves: calling it for several VMs while holding all
+/// their locks is a consistent cut of all of them.
 pub fn capture(
-    s: &mut Store,
-    vm: &str,
+    r: &mut VmRec,
     time: Timestamp,
     cut_id: Option<String>,
 ) -> Result<Capture, ApiError> {
-    let dir = s.vm_dir(vm).join("spool");
+    let dir = r.dir.join("spool");
     std::fs::create_dir_all(&dir).map_err(ApiError::io)?;
     let cycle = new_cycle_id();
     let spool = dir.join(format!("{cycle}.blocks"));
-    let r = s.rec_mut(vm)?;
+    let vm = r.name().to_string();
     let sealed = r.tracker.seal().map_err(ApiError::io)?;
+    fault::hit("source.seal");
+    if r.tracker.damaged() {
+        // A journal went bad on disk: this dirty set cannot be trusted; resync instead.
+        r.tracker.abort(sealed);
+        if let Some(o) = r.meta.outbound.as_mut() {
+            o.bulk = Some(ReplicationMode::Resync);
+            o.state = ReplicationState::Resynchronizing;
+        }
+        r.meta.journal_base = None;
+        r.save()?;
+        return Err(ApiError::conflict(format!(
+            "change journal of {vm} is damaged: resynchronizing"
+        )));
+    }
     let copied = (|| -> std::io::Result<u64> {
         let out = std::fs::File::create(&spool)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -250,7 +302,10 @@ pub fn capture(
         Ok(slot)
     })();
     let blocks = match copied {
-        Ok(n) => n,
+        Ok(n) => {
+            fault::hit("source.spool");
+            n
+        }
         Err(e) => {
             r.tracker.abort(sealed);
             let _ = std::fs::remove_file(&spool);
@@ -326,6 +381,36 @@ pub async fn run_once(
     vm: &str,
     pre: Option<Capture>,
 ) -> Result<RecoveryPoint, String> {
+    let cut = pre.is_some();
+    match cycle(st, vm, pre).await {
+        Ok(rp) => Ok(rp),
+        Err(CycleError::Resync(msg)) => {
+            // The replica is not at the cycle's parent (its data was lost, it was replaced,
+            // it runs elsewhere now): its blocks only apply after a resync, which compares
+            // block hashes and sends what differs. A cut's capture cannot wait for that.
+            tracing::warn!(vm, error = %msg, "replica refused the cycle's parent: resynchronizing");
+            let vm_s = vm.to_string();
+            let m = msg.clone();
+            with_vm(st, &vm_s, move |r| {
+                if let Some(o) = r.meta.outbound.as_mut() {
+                    o.bulk = Some(ReplicationMode::Resync);
+                    o.state = ReplicationState::Resynchronizing;
+                    o.last_error = Some(m);
+                }
+                r.save()
+            })
+            .await
+            .map_err(|e| e.message)?;
+            if cut {
+                return Err(msg);
+            }
+            cycle(st, vm, None).await.map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPoint, CycleError> {
     // Until a sealed set is acknowledged or put back, the guard puts it back if this cycle
     // ends early (an error, or the driver task aborted mid-cycle).
     let mut unsent = Unsent {
@@ -334,8 +419,7 @@ pub async fn run_once(
         sealed: pre.as_ref().map(|c| c.sealed.clone()),
     };
     let vm_s = vm.to_string();
-    let (o, disks, is) = with_store(st, move |s| {
-        let r = s.rec(&vm_s)?;
+    let (o, disks, is) = read_vm(st, &vm_s, move |r| {
         let o = r
             .meta
             .outbound
@@ -360,6 +444,8 @@ pub async fn run_once(
         retention_hours: o.retention_hours,
         bulk,
         zero: false,
+        parent: None,
+        in_doubt: None,
     };
     if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
@@ -383,8 +469,7 @@ pub async fn run_once(
             .await?;
         let zeroed = serde_json::from_slice::<BeginAnswer>(&answer).is_ok_and(|a| a.zeroed);
         let vm_s = vm.to_string();
-        let (sealed, my_base) = with_store(st, move |s| {
-            let r = s.rec_mut(&vm_s)?;
+        let (sealed, my_base) = with_vm(st, &vm_s, move |r| {
             let sealed = r.tracker.seal().map_err(ApiError::io)?;
             Ok((sealed, r.meta.journal_base.clone()))
         })
@@ -435,7 +520,7 @@ pub async fn run_once(
                 .await
                 .map(|_| sent)
             }
-            Err(e) => Err(e),
+            Err(e) => Err(CycleError::Other(e)),
         };
         unsent.sealed = None;
         let acked = res.as_ref().ok().map(|n| (*n, cycle.clone()));
@@ -448,7 +533,7 @@ pub async fn run_once(
         Some(c) => c,
         None => {
             let vm_s = vm.to_string();
-            let c = with_store(st, move |s| capture(s, &vm_s, Timestamp::now(), None))
+            let c = with_vm(st, &vm_s, move |r| capture(r, Timestamp::now(), None))
                 .await
                 .map_err(|e| e.message)?;
             unsent.sealed = Some(c.sealed.clone());
@@ -456,8 +541,23 @@ pub async fn run_once(
         }
     };
     let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
-    let res: Result<(u64, RecoveryPoint), String> = async {
-        let body = serde_json::to_value(begin(false, &cap.cycle)).map_err(|e| e.to_string())?;
+    let res: Result<(u64, RecoveryPoint), CycleError> = async {
+        // The parent as it is now (a bulk transfer just above moves it).
+        let vm_s = vm.to_string();
+        let (parent, in_doubt) = read_vm(st, &vm_s, move |r| {
+            Ok((
+                r.meta.journal_base.clone(),
+                r.meta.outbound.as_ref().and_then(|o| o.in_doubt.clone()),
+            ))
+        })
+        .await
+        .map_err(|e| e.message)?;
+        let b = BeginCycle {
+            parent,
+            in_doubt,
+            ..begin(false, &cap.cycle)
+        };
+        let body = serde_json::to_value(b).map_err(|e| e.to_string())?;
         peer.call(
             Method::POST,
             &format!("/v1/replica/{vm}/begin"),
@@ -474,7 +574,7 @@ pub async fn run_once(
                 tokio::task::block_in_place(|| spool_batch(&cap, &sizes, &mut cur, BATCH_BLOCKS))
                     .map_err(|e| e.to_string())?;
             if blocks.is_empty() {
-                return Err("spool shorter than its capture".to_string());
+                return Err("spool shorter than its capture".into());
             }
             let (peer, cycle) = (&peer, &cap.cycle);
             inflight.push(async move {
@@ -496,6 +596,18 @@ pub async fn run_once(
             cut_id: cap.cut_id.clone(),
         };
         let body = serde_json::to_value(c).map_err(|e| e.to_string())?;
+        // From here the replica may hold this cycle whatever we hear back: say so durably, so
+        // the next cycle may name it as the parent.
+        let (vm_s, id) = (vm.to_string(), cap.cycle.clone());
+        with_vm(st, &vm_s, move |r| {
+            if let Some(o) = r.meta.outbound.as_mut() {
+                o.in_doubt = Some(id);
+            }
+            r.save()
+        })
+        .await
+        .map_err(|e| e.message)?;
+        fault::hit("source.inflight");
         let bytes = peer
             .call(
                 Method::POST,
@@ -504,6 +616,7 @@ pub async fn run_once(
                 None,
             )
             .await?;
+        fault::hit("source.ack");
         let rp: Option<RecoveryPoint> =
             serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         let rp = rp.ok_or("peer made no recovery point")?;
@@ -550,8 +663,8 @@ impl Drop for Unsent {
             let vm = std::mem::take(&mut self.vm);
             if let Ok(h) = tokio::runtime::Handle::try_current() {
                 h.spawn(async move {
-                    let _ = with_store(&st, move |s| {
-                        s.rec_mut(&vm)?.tracker.abort(sealed);
+                    let _ = with_vm(&st, &vm, move |r| {
+                        r.tracker.abort(sealed);
                         Ok(())
                     })
                     .await;
@@ -571,8 +684,7 @@ async fn finish(
     synced: Option<(Timestamp, Option<Timestamp>)>,
 ) -> Result<(), String> {
     let vm = vm.to_string();
-    with_store(st, move |s| {
-        let r = s.rec_mut(&vm)?;
+    with_vm(st, &vm.clone(), move |r| {
         match sent {
             Some((n, cycle)) => {
                 r.tracker.ack(&sealed).map_err(ApiError::io)?;
@@ -581,6 +693,7 @@ async fn finish(
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bytes_sent += n;
                     o.last_error = None;
+                    o.in_doubt = None;
                     if bulk {
                         o.bulk = None;
                     }
@@ -595,7 +708,7 @@ async fn finish(
             }
             None => r.tracker.abort(sealed),
         }
-        s.save(&vm)
+        r.save()
     })
     .await
     .map_err(|e| e.message)
@@ -662,8 +775,8 @@ async fn send_batch(
         );
         let n = res.refused.len() as u64;
         let vm2 = vm.to_string();
-        let _ = with_store(st, move |s| {
-            if let Some(o) = s.rec_mut(&vm2)?.meta.outbound.as_mut() {
+        let _ = with_vm(st, &vm2, move |r| {
+            if let Some(o) = r.meta.outbound.as_mut() {
                 o.blocks_resent += n;
             }
             Ok(())
@@ -773,8 +886,7 @@ async fn bulk(
             let hashes = peer_hashes.clone();
             let plan = plan.clone();
             let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
-            let (blocks, after) = with_store(st, move |s| {
-                let r = s.rec(&vm2)?;
+            let (blocks, after) = read_vm(st, &vm2, move |r| {
                 let file = &r.disks[d];
                 let mut out = Vec::with_capacity(
                     BATCH_BLOCKS as usize * (frame::HEADER + BLOCK_SIZE as usize),
@@ -853,4 +965,15 @@ pub async fn sync_now(st: &Shared, vm: &str) -> Result<RecoveryPoint, ApiError> 
     rrx.await
         .map_err(|_| ApiError::conflict("replication stopped"))?
         .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_GATEWAY, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::new_cycle_id;
+
+    #[test]
+    fn cycle_ids_do_not_repeat_within_one_instant() {
+        let ids: std::collections::BTreeSet<String> = (0..1000).map(|_| new_cycle_id()).collect();
+        assert_eq!(ids.len(), 1000);
+    }
 }

@@ -76,6 +76,8 @@ pub enum AgentError {
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// Machine-readable reason, where a caller acts on it.
+    pub reason: Option<&'static str>,
 }
 
 impl ApiError {
@@ -83,6 +85,14 @@ impl ApiError {
         Self {
             status,
             message: message.into(),
+            reason: None,
+        }
+    }
+    /// 409 that sends the source of a cycle to resynchronize.
+    pub fn resync(m: impl Into<String>) -> Self {
+        Self {
+            reason: Some(replica::RESYNC_REQUIRED),
+            ..Self::conflict(m)
         }
     }
     pub fn bad(m: impl Into<String>) -> Self {
@@ -103,6 +113,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(ErrorBody {
             error: self.message,
+            reason: self.reason.map(str::to_string),
         });
         (self.status, body).into_response()
     }
@@ -122,7 +133,7 @@ struct AppState {
     site: String,
     data_dir: PathBuf,
     token: String,
-    store: Mutex<Store>,
+    store: Store,
     drivers: Mutex<Drivers>,
     /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
     cycle_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -171,20 +182,25 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if token.is_empty() {
         return Err(AgentError::EmptyToken);
     }
-    let mut store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
-    store.recover()?;
+    let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    store.recover();
     tune_allocator();
     let outbound: Vec<String> = store
-        .vms
-        .iter()
-        .filter(|(_, r)| r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
-        .map(|(n, _)| n.clone())
+        .names()
+        .into_iter()
+        .filter(|n| {
+            store
+                .read_vm(n, |r| {
+                    Ok(r.meta.outbound.as_ref().is_some_and(|o| !o.stopped))
+                })
+                .unwrap_or(false)
+        })
         .collect();
     let state = Arc::new(AppState {
         site: args.site.clone(),
         data_dir: args.data_dir.clone(),
         token,
-        store: Mutex::new(store),
+        store,
         drivers: Mutex::new(Default::default()),
         cycle_locks: Mutex::new(Default::default()),
         send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
@@ -277,6 +293,7 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/disks/{disk}/digest", get(digest))
         .route("/vms/{vm}/recovery-points", get(recovery_points))
         .route("/vms/{vm}/replication/enable", post(enable))
+        .route("/vms/{vm}/replication/accept", post(accept))
         .route("/vms/{vm}/replication/sync", post(sync))
         .route("/vms/{vm}/replication/stop", post(stop))
         .route("/vms/{vm}/failover", post(failover))
@@ -321,21 +338,35 @@ fn parse<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> ApiResult
         .map_err(|e| ApiError::bad(format!("malformed body: {}", e.body_text())))
 }
 
-/// Runs storage work off the async threads, with the store locked.
+/// Runs storage work off the async threads.
 async fn with_store<T: Send + 'static>(
     st: &Shared,
-    f: impl FnOnce(&mut Store) -> ApiResult<T> + Send + 'static,
+    f: impl FnOnce(&Store) -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
     let st = st.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut store = st
-            .store
-            .lock()
-            .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "store poisoned"))?;
-        f(&mut store)
-    })
-    .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    tokio::task::spawn_blocking(move || f(&st.store))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// Runs storage work on one VM, locked for writing, off the async threads.
+async fn with_vm<T: Send + 'static>(
+    st: &Shared,
+    vm: &str,
+    f: impl FnOnce(&mut store::VmRec) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let vm = vm.to_string();
+    with_store(st, move |s| s.write_vm(&vm, f)).await
+}
+
+/// Runs storage work on one VM, locked for reading, off the async threads.
+async fn read_vm<T: Send + 'static>(
+    st: &Shared,
+    vm: &str,
+    f: impl FnOnce(&store::VmRec) -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    let vm = vm.to_string();
+    with_store(st, move |s| s.read_vm(&vm, f)).await
 }
 
 async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
@@ -381,7 +412,10 @@ async fn delete_vm(
         driver::stop(&st, &vm);
     }
     with_store(&st, move |s| {
-        s.idempotent(q.operation_id.as_deref(), |s| s.delete(&vm))
+        let v = s.idempotent(&vm, q.operation_id.as_deref(), |s, r| {
+            s.delete_locked(&vm, r)
+        })?;
+        Ok(Json(v).into_response())
     })
     .await
 }
@@ -394,18 +428,18 @@ async fn power(
     let req = parse(body)?;
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
-            s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+            let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+            Ok(Json(v).into_response())
         })
         .await;
     }
     if let Some(id) = req.operation_id.clone()
-        && let Some(v) = with_store(&st, move |s| Ok(s.op_lookup(&id))).await?
+        && let Some(v) = read_vm(&st, &vm, move |r| Ok(r.meta.op_answer(&id))).await?
     {
         return Ok(Json(v).into_response());
     }
     let vm2 = vm.clone();
-    let running = with_store(&st, move |s| {
-        let r = s.rec(&vm2)?;
+    let running = read_vm(&st, &vm.clone(), move |r| {
         if r.meta.power == crate::site::Power::Running && !r.meta.integration_services {
             return Err(ApiError::conflict(format!(
                 "VM {vm2} has no integration services: it cannot be shut down gracefully"
@@ -421,7 +455,8 @@ async fn power(
         None
     };
     with_store(&st, move |s| {
-        s.idempotent(req.operation_id.as_deref(), |s| s.power(&vm, req.action))
+        let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+        Ok(Json(v).into_response())
     })
     .await
 }
@@ -539,9 +574,9 @@ async fn write_disk(
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
     let in_flight = InFlight::start(&st, &vm)?;
-    with_store(&st, move |s| {
+    with_vm(&st, &vm.clone(), move |r| {
         let _in_flight = in_flight;
-        s.write(&vm, &disk, offset, &body)?;
+        r.write(&disk, offset, &body)?;
         Ok(Json(serde_json::json!({"written": body.len()})).into_response())
     })
     .await
@@ -554,8 +589,8 @@ async fn read_disk(
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
     let length = number(q.length, "length")?;
-    with_store(&st, move |s| {
-        let data = s.read(&vm, &disk, offset, length)?;
+    read_vm(&st, &vm, move |r| {
+        let data = r.read(&disk, offset, length)?;
         Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
     })
     .await
@@ -565,9 +600,9 @@ async fn digest(
     State(st): State<Shared>,
     Path((vm, disk)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    with_store(&st, move |s| {
+    read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::DigestResponse {
-            sha256: s.digest(&vm, &disk)?,
+            sha256: r.digest(&disk)?,
         })
         .into_response())
     })
@@ -579,9 +614,9 @@ fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
 }
 
 async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
-    with_store(&st, move |s| {
+    read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::RecoveryPointList {
-            recovery_points: s.recovery_points(&vm)?,
+            recovery_points: r.recovery_points()?,
         })
         .into_response())
     })
@@ -602,8 +637,8 @@ async fn enable(
     }
     let vm2 = vm.clone();
     let resp = with_store(&st, move |s| {
-        s.idempotent(Some(&req.operation_id.clone()), |s| {
-            let r = s.rec_mut(&vm2)?;
+        let op = req.operation_id.clone();
+        s.idempotent(&vm2.clone(), Some(&op), |_, r| {
             if r.meta.role != crate::site::Role::Primary {
                 return Err(ApiError::conflict(format!(
                     "VM {vm2} is not a primary here"
@@ -634,23 +669,57 @@ async fn enable(
                 bytes_sent: 0,
                 blocks_resent: 0,
                 last_error: None,
+                in_doubt: None,
             });
-            s.save(&vm2)?;
-            to_json(s.vm(&vm2)?.replication)
+            // The answer is saved with the settings: a retry after a crash never starts the
+            // initial transfer again (which would drop the replica's points).
+            let answer = to_json(r.view().replication)?;
+            r.meta.note_op(Some(&op), &answer);
+            r.save()?;
+            Ok(answer)
         })
     })
     .await?;
     driver::spawn(&st, &vm);
-    Ok((StatusCode::ACCEPTED, resp).into_response())
+    Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+}
+
+/// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.
+async fn accept(
+    State(st): State<Shared>,
+    Path(vm): Path<String>,
+    body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    if req.source_site.is_empty() || req.source_site.len() > 253 {
+        return Err(ApiError::bad("sourceSite must be a site name"));
+    }
+    let op = req.operation_id.clone();
+    if let Some(v) = with_store(&st, {
+        let op = op.clone();
+        move |s| Ok(s.op_lookup(&op))
+    })
+    .await?
+    {
+        return Ok(Json(v).into_response());
+    }
+    let v = with_store(&st, move |s| {
+        to_json(s.accept(&vm, &req.source_site, Some(&op))?)
+    })
+    .await?;
+    Ok(Json(v).into_response())
 }
 
 /// Runs storage work once per operation id: a repeated id answers the first call's result.
 async fn store_op(
     st: &Shared,
+    vm: &str,
     op_id: String,
-    f: impl FnOnce(&mut Store) -> ApiResult<serde_json::Value> + Send + 'static,
+    f: impl FnOnce(&Store, &mut store::VmRec) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<Response> {
-    with_store(st, move |s| s.idempotent(Some(&op_id), f)).await
+    let vm = vm.to_string();
+    let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
+    Ok(Json(v).into_response())
 }
 
 /// Runs an async operation once per id, storing its answer.
@@ -677,7 +746,7 @@ async fn sync(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     let vm2 = vm.clone();
-    with_store(&st, move |s| s.rec(&vm2).map(|_| ())).await?;
+    read_vm(&st, &vm2, |_| Ok(())).await?;
     once(&st, &req.operation_id, async {
         let rp = driver::sync_now(&st, &vm).await?;
         to_json(crate::site::SyncResult { recovery_point: rp })
@@ -709,7 +778,7 @@ async fn cut(
     let candidates: Vec<String> = with_store(&st, move |s| {
         Ok(names2
             .into_iter()
-            .filter(|n| driver::cuttable(s, n))
+            .filter(|n| s.read_vm(n, |r| Ok(driver::cuttable(r))).unwrap_or(false))
             .collect())
     })
     .await?;
@@ -719,25 +788,30 @@ async fn cut(
         guards.push(driver::cycle_lock(&st, vm).lock_owned().await);
     }
     let cut_id = req.cut_id.clone();
+    // Every VM of the cut locked at once: no guest write of any of them interleaves.
     let (time, captures) = with_store(&st, move |s| {
-        let time = jiff::Timestamp::now();
-        let mut caps = Vec::new();
-        for vm in &candidates {
-            if !driver::cuttable(s, vm) {
-                continue;
-            }
-            match driver::capture(s, vm, time, Some(cut_id.clone())) {
-                Ok(c) => caps.push(c),
-                Err(e) => {
-                    // Nothing was sent: every captured set is dirty again.
-                    for c in caps {
-                        abort_capture(s, c);
+        s.write_many(&candidates, |recs| {
+            let time = jiff::Timestamp::now();
+            let mut caps: Vec<driver::Capture> = Vec::new();
+            for i in 0..recs.len() {
+                if !driver::cuttable(recs[i].1) {
+                    continue;
+                }
+                match driver::capture(recs[i].1, time, Some(cut_id.clone())) {
+                    Ok(c) => caps.push(c),
+                    Err(e) => {
+                        // Nothing was sent: every captured set is dirty again.
+                        for c in caps {
+                            if let Some((_, r)) = recs.iter_mut().find(|(n, _)| *n == c.vm) {
+                                r.tracker.abort(c.sealed.clone());
+                            }
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
                 }
             }
-        }
-        Ok((time, caps))
+            Ok((time, caps))
+        })
     })
     .await?;
     if captures.is_empty() {
@@ -784,13 +858,6 @@ async fn cut(
     Ok(Json(v).into_response())
 }
 
-/// A capture that will not be sent: its blocks are dirty again.
-fn abort_capture(s: &mut Store, c: driver::Capture) {
-    if let Ok(r) = s.rec_mut(&c.vm) {
-        r.tracker.abort(c.sealed.clone());
-    }
-}
-
 async fn stop(
     State(st): State<Shared>,
     Path(vm): Path<String>,
@@ -798,9 +865,9 @@ async fn stop(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     driver::stop(&st, &vm);
-    store_op(&st, req.operation_id.clone(), move |s| {
-        s.stop_inbound(&vm)?;
-        to_json(s.vm(&vm)?.replication)
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        r.stop_inbound()?;
+        to_json(r.view().replication)
     })
     .await
 }
@@ -811,8 +878,8 @@ async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let rp = s.failover(&vm, &req.recovery_point)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
     })
     .await
@@ -824,12 +891,13 @@ async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let (vm_name, rp) = s.test_failover(&vm, &req.recovery_point, &req.network)?;
-        to_json(crate::site::TestFailoverResult {
-            vm_name,
-            recovery_point: rp,
-        })
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        to_json(s.test_failover(
+            r,
+            &req.recovery_point,
+            &req.network,
+            Some(&req.operation_id),
+        )?)
     })
     .await
 }
@@ -840,8 +908,8 @@ async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let (vm_name, deleted) = s.test_cleanup(&vm)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
     })
     .await
@@ -853,11 +921,8 @@ async fn commit(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, req.operation_id.clone(), move |s| {
-        let n = s.commit_points(&vm)?;
-        to_json(crate::site::CommitResult {
-            deleted_recovery_points: n,
-        })
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        to_json(r.commit_points(Some(&req.operation_id))?)
     })
     .await
 }
@@ -875,11 +940,11 @@ async fn replica_hashes(
     State(st): State<Shared>,
     Path((vm, disk)): Path<(String, usize)>,
 ) -> ApiResult<Response> {
-    with_store(&st, move |s| Ok(s.block_hashes(&vm, disk)?.into_response())).await
+    read_vm(&st, &vm, move |r| Ok(r.block_hashes(disk)?.into_response())).await
 }
 
 async fn replica_dirty(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
-    with_store(&st, move |s| Ok(Json(s.dirty_set(&vm)?).into_response())).await
+    read_vm(&st, &vm, move |r| Ok(Json(r.dirty_set()?).into_response())).await
 }
 
 #[derive(Deserialize)]
@@ -904,7 +969,10 @@ async fn replica_blocks(
     .await
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let verified = verified.ok_or_else(|| ApiError::bad("malformed block batch"))?;
-    let res = with_store(&st, move |s| s.receive(&vm, &cycle, bulk, &body, &verified)).await?;
+    let res = with_vm(&st, &vm.clone(), move |r| {
+        r.receive(&cycle, bulk, &body, &verified)
+    })
+    .await?;
     if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
         hang_if_marked(&st).await;
     }
@@ -927,8 +995,8 @@ async fn replica_commit(
     body: Result<Json<replica::CommitCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| {
-        Ok(Json(s.commit_cycle(&vm, &req)?).into_response())
+    with_vm(&st, &vm.clone(), move |r| {
+        Ok(Json(r.commit_cycle(&req)?).into_response())
     })
     .await
 }

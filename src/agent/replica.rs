@@ -10,12 +10,17 @@ use serde::{Deserialize, Serialize};
 
 use super::store::{Store, VmMeta, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult};
-use crate::replication::tracker::sync_dir;
-use crate::replication::{BLOCK_SIZE, Bitmap, block_count, frame, retention, undo};
-use crate::site::{
-    Direction, DiskSpec, Power, RecoveryPoint, RecoveryPointKind, RecoveryPointSelector,
-    RecoveryPointsSummary, ReplicationInfo, ReplicationMode, ReplicationState, Role, TestCopyInfo,
+use crate::fault;
+use crate::replication::tracker::{create_dir_durable, sync_dir};
+use crate::replication::{
+    BLOCK_SIZE, Bitmap, block_count, block_in_range, block_len, frame, retention, undo,
 };
+use crate::site::{
+    AcceptResult, CommitResult, Direction, DiskSpec, FailoverResult, Power, RecoveryPoint,
+    RecoveryPointKind, RecoveryPointSelector, RecoveryPointsSummary, ReplicationInfo,
+    ReplicationMode, ReplicationState, Role, TestCopyInfo, TestFailoverResult,
+};
+use axum::http::StatusCode;
 
 /// Outbound replication settings and progress (at the source).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +44,10 @@ pub struct Outbound {
     pub bytes_sent: u64,
     pub blocks_resent: u64,
     pub last_error: Option<String>,
+    /// A cycle whose commit was sent and never answered: the replica may hold it, so the next
+    /// cycle names it beside the journal base as a parent the replica may be at.
+    #[serde(default)]
+    pub in_doubt: Option<String>,
 }
 
 /// One recovery point at the replica.
@@ -92,6 +101,18 @@ pub struct Inbound {
     pub failed_over: bool,
     #[serde(default)]
     pub test_copy: Option<(String, String, RecoveryPoint)>,
+    /// A failover under way: the image is being rolled back to point `to_seq`. Recorded before
+    /// the image changes, so a crash mid-rollback is finished at the next start.
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+/// The intent of a failover, recorded before its rollback rewrites the image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollback {
+    pub to_seq: u64,
+    pub operation_id: Option<String>,
 }
 
 pub(super) fn replication_info(r: &VmRec) -> ReplicationInfo {
@@ -162,7 +183,17 @@ pub struct BeginCycle {
     /// source can skip blocks that hold only zeros. The answer says whether it did.
     #[serde(default)]
     pub zero: bool,
+    /// The cycle the source believes the replica holds (its journal base): an incremental cycle
+    /// applies only onto exactly that image.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// A cycle whose commit the source never saw answered: the replica may hold it instead.
+    #[serde(default)]
+    pub in_doubt: Option<String>,
 }
+
+/// Reason of the 409 that sends a source to resynchronize.
+pub const RESYNC_REQUIRED: &str = "ResyncRequired";
 
 /// Answer of `POST /v1/replica/{vm}/begin`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -205,7 +236,8 @@ pub struct BatchResult {
 }
 
 /// Blocks and commits belong to the cycle `begin` opened last.
-fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
+fn check_open(r: &VmRec, cycle: &str) -> ApiResult<()> {
+    let vm = r.name();
     let open = r
         .meta
         .inbound
@@ -220,14 +252,8 @@ fn check_open(r: &VmRec, vm: &str, cycle: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn undo_dir(store: &Store, vm: &str) -> std::path::PathBuf {
-    store.vm_dir(vm).join("undo")
-}
-
-fn staging(store: &Store, vm: &str, cycle: &str) -> std::path::PathBuf {
-    store
-        .vm_dir(vm)
-        .join("staging")
+fn staging(dir: &std::path::Path, cycle: &str) -> std::path::PathBuf {
+    dir.join("staging")
         .join(format!("{}.blocks", hex::encode(cycle)))
 }
 
@@ -258,82 +284,257 @@ fn start_writeback(disks: &[File], frames: &[&frame::Frame<'_>]) {
     }
 }
 
+pub(super) fn test_copy_of(r: &VmRec) -> Option<TestCopyInfo> {
+    let (name, network, rp) = r.meta.inbound.as_ref()?.test_copy.clone()?;
+    Some(TestCopyInfo {
+        vm_name: name,
+        network,
+        recovery_point: rp,
+    })
+}
+
 impl Store {
-    pub(super) fn test_copy_of(&self, r: &VmRec) -> Option<TestCopyInfo> {
-        let (name, network, rp) = r.meta.inbound.as_ref()?.test_copy.clone()?;
-        Some(TestCopyInfo {
-            vm_name: name,
-            network,
-            recovery_point: rp,
-        })
+    /// Finishes what a crash interrupted, VM by VM: a failover's rollback, commits recorded and
+    /// not applied; drops unfinished cycles, spools and undo segments no point lists. A VM whose
+    /// recovery fails is reported broken; the others serve.
+    pub(super) fn recover(&self) {
+        for vm in self.names() {
+            if let Err(e) = self.write_vm(&vm, VmRec::recover) {
+                self.mark_broken(&vm, e.message);
+            }
+        }
     }
 
-    pub(super) fn rec_mut(&mut self, vm: &str) -> ApiResult<&mut VmRec> {
-        self.vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
+    /// Controller: lets `source` replicate into `vm` here. An existing VM that is not that
+    /// source's replica becomes one only through this (at the next bulk transfer from it).
+    pub fn accept(&self, vm: &str, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+        if !self.exists(vm) {
+            if self.is_broken(vm) {
+                return Err(self.missing(vm));
+            }
+            // Nothing here to protect: the first bulk transfer creates the replica.
+            return Ok(AcceptResult {
+                source_site: source.to_string(),
+            });
+        }
+        self.write_vm(vm, |r| r.accept(source, op))
     }
 
-    /// Replays commits that crashed between recording the point and applying its blocks.
-    pub(super) fn recover(&mut self) -> ApiResult<()> {
-        let names: Vec<String> = self.vms.keys().cloned().collect();
-        for vm in names {
-            let pending: Vec<(u64, String)> = self.vms[&vm]
+    /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
+    /// creates the replica where no VM of that name exists.
+    pub fn begin(&self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        if !self.exists(vm) {
+            if !b.bulk {
+                return Err(ApiError::resync(format!(
+                    "VM {vm} has no replica at this site; resynchronize"
+                )));
+            }
+            if self.is_broken(vm) {
+                return Err(self.missing(vm));
+            }
+            if !super::store::valid_name(vm) {
+                return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
+            }
+            let mut meta = VmMeta::new(
+                vm,
+                Power::Off,
+                Role::Replica,
+                (&b.disks, b.integration_services),
+            );
+            meta.inbound = Some(Inbound {
+                source_site: b.source_site.clone(),
+                accepting: true,
+                ..Default::default()
+            });
+            match self.insert_new(vm, meta) {
+                // Made meanwhile by another begin: go on with it.
+                Ok(())
+                | Err(ApiError {
+                    status: StatusCode::CONFLICT,
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_vm(vm, |r| r.begin(b))
+    }
+}
+
+impl VmRec {
+    fn recover(&mut self) -> ApiResult<()> {
+        let vm = self.meta.name.clone();
+        if let Some(rb) = self.meta.inbound.as_ref().and_then(|i| i.rollback.clone()) {
+            tracing::warn!(
+                vm,
+                to_seq = rb.to_seq,
+                "finishing a failover a crash interrupted"
+            );
+            self.finish_failover(&rb)?;
+        }
+        self.finish_pending()?;
+        // Blocks of a cycle that never committed are dropped; the source resends them (their
+        // journals are still there), as are spools of unfinished outbound cycles.
+        if let Some(i) = self.meta.inbound.as_mut()
+            && i.open_cycle.take().is_some()
+        {
+            self.save()?;
+        }
+        self.clear_staging()?;
+        let spool = self.dir.join("spool");
+        if spool.exists() {
+            fs::remove_dir_all(&spool).map_err(ApiError::io)?;
+        }
+        self.sweep_undo()
+    }
+
+    /// Applies the staging file of every recorded point not yet applied (a crash or an I/O
+    /// error between recording a point and applying it). A listed point whose staging file is
+    /// gone is an error: the image cannot be what the list promises.
+    fn finish_pending(&mut self) -> ApiResult<()> {
+        let pending: Vec<(u64, String)> = self
+            .meta
+            .inbound
+            .iter()
+            .flat_map(|i| i.rps.iter())
+            .filter_map(|p| p.staged.clone().map(|s| (p.seq, s)))
+            .collect();
+        for (seq, file) in pending {
+            let path = self.dir.join("staging").join(&file);
+            self.apply_staging(&path)?;
+            let r = &mut *self;
+            if let Some(p) = r
                 .meta
                 .inbound
-                .iter()
-                .flat_map(|i| i.rps.iter())
-                .filter_map(|p| p.staged.clone().map(|s| (p.seq, s)))
-                .collect();
-            for (seq, file) in pending {
-                let path = self.vm_dir(&vm).join("staging").join(&file);
-                self.apply_staging(&vm, &path)?;
-                let r = self.rec_mut(&vm)?;
-                if let Some(p) = r
-                    .meta
-                    .inbound
-                    .as_mut()
-                    .and_then(|i| i.rps.iter_mut().find(|p| p.seq == seq))
-                {
-                    p.staged = None;
-                }
-                self.save(&vm)?;
-            }
-            // Blocks of a cycle that never committed are dropped; the source resends them
-            // (their journals are still there), as are spools of unfinished outbound cycles.
-            if let Some(i) = self.rec_mut(&vm)?.meta.inbound.as_mut()
-                && i.open_cycle.take().is_some()
+                .as_mut()
+                .and_then(|i| i.rps.iter_mut().find(|p| p.seq == seq))
             {
-                self.save(&vm)?;
+                p.staged = None;
             }
-            for sub in ["staging", "spool"] {
-                let dir = self.vm_dir(&vm).join(sub);
-                if dir.exists() {
-                    fs::remove_dir_all(&dir).map_err(ApiError::io)?;
+            self.save()?;
+            let _ = fs::remove_file(&path);
+        }
+        Ok(())
+    }
+
+    /// Removes staging files no recorded point needs (blocks of unfinished cycles).
+    fn clear_staging(&self) -> ApiResult<()> {
+        let dir = self.dir.join("staging");
+        let keep: Vec<String> = self
+            .meta
+            .inbound
+            .iter()
+            .flat_map(|i| i.rps.iter())
+            .filter_map(|p| p.staged.clone())
+            .collect();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ApiError::io(e)),
+        };
+        for e in entries {
+            let e = e.map_err(ApiError::io)?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if !keep.contains(&name) {
+                fs::remove_file(e.path()).map_err(ApiError::io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes undo segments no point lists (left by a crash after the metadata dropped them).
+    fn sweep_undo(&self) -> ApiResult<()> {
+        let vm = self.meta.name.clone();
+        let dir = self.dir.join("undo");
+        let listed: std::collections::BTreeSet<String> = self
+            .meta
+            .inbound
+            .iter()
+            .flat_map(|i| i.rps.iter())
+            .flat_map(|p| p.undo.iter().cloned())
+            .collect();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(ApiError::io(e)),
+        };
+        let mut removed = 0;
+        for e in entries {
+            let e = e.map_err(ApiError::io)?;
+            let name = e.file_name().to_string_lossy().to_string();
+            let orphan = undo::segment_of(&name).is_none_or(|seg| !listed.contains(seg));
+            if orphan {
+                fs::remove_file(e.path()).map_err(ApiError::io)?;
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                vm,
+                files = removed,
+                "removed undo files no recovery point lists"
+            );
+            sync_dir(&dir).map_err(ApiError::io)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every recovery point of `inbound`: the metadata stops listing them first, then
+    /// their undo segments go (a crash between leaves orphans, removed at the next start).
+    fn drop_points(&mut self) -> ApiResult<()> {
+        let r = &mut *self;
+        let ndisks = r.meta.disks.len();
+        let Some(i) = r.meta.inbound.as_mut() else {
+            return Ok(());
+        };
+        if i.rps.is_empty() {
+            return Ok(());
+        }
+        let gone: Vec<RpMeta> = i.rps.drain(..).collect();
+        self.save()?;
+        fault::hit("commit.points");
+        let udir = self.dir.join("undo");
+        for p in gone {
+            for seg in p.undo {
+                for d in 0..ndisks {
+                    undo::remove(&udir, &seg, d).map_err(ApiError::io)?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Receiver: a cycle or bulk transfer starts; creates the replica VM when needed.
-    pub fn begin(&mut self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
-        if !self.vms.contains_key(vm) {
-            let meta = VmMeta {
-                name: vm.to_string(),
-                power: Power::Off,
-                role: Role::Replica,
-                integration_services: b.integration_services,
-                disks: b.disks.clone(),
-                network: None,
-                outbound: None,
-                inbound: None,
-                journal_base: None,
-            };
-            let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
-            self.vms.insert(vm.to_string(), rec);
+    /// See [`Store::accept`].
+    fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+        let vm = self.meta.name.clone();
+        let answer = AcceptResult {
+            source_site: source.to_string(),
+        };
+        let r = &mut *self;
+        if r.meta.power == Power::Running {
+            return Err(ApiError::conflict(format!(
+                "VM {vm} runs at this site; power it off before it can become a replica"
+            )));
         }
-        let r = self.rec_mut(vm)?;
+        r.meta.accept_from = Some(source.to_string());
+        let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
+        r.meta.note_op(op, &json);
+        self.save()?;
+        Ok(answer)
+    }
+
+    /// Receiver: a cycle or bulk transfer starts.
+    ///
+    /// An incremental cycle applies only onto the image it was computed against: the VM must be
+    /// this source's replica, accepting, holding exactly the cycle the source names as parent.
+    /// Anything else answers 409 `ResyncRequired`. A bulk transfer creates the replica where no
+    /// VM exists, continues this source's replica, or takes over a VM the controller allowed
+    /// (`accept`); it never turns another VM into a replica.
+    fn begin(&mut self, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        let vm = self.meta.name.clone();
+        // A commit recorded and never applied is finished before anything else touches the
+        // image (its staging file must not be cleared with the unfinished cycles').
+        self.finish_pending()?;
+        let r = &*self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; it cannot receive replication"
@@ -344,16 +545,45 @@ impl Store {
                 "VM {vm} here has other disks than the source"
             )));
         }
-        if let Some(i) = &r.meta.inbound
-            && !i.accepting
-            && r.meta.role == Role::Replica
-            && !b.bulk
-        {
+        let ours = r.meta.role == Role::Replica
+            && r.meta.inbound.as_ref().is_some_and(|i| {
+                i.source_site == b.source_site
+                    && i.accepting
+                    && !i.failed_over
+                    && i.rollback.is_none()
+            });
+        let granted = r.meta.accept_from.as_deref() == Some(b.source_site.as_str());
+        if !b.bulk {
+            let held = r
+                .meta
+                .inbound
+                .as_ref()
+                .and_then(|i| i.last_cycle.as_ref())
+                .map(|(id, _)| id.as_str());
+            let parent_ok =
+                held.is_some() && (held == b.parent.as_deref() || held == b.in_doubt.as_deref());
+            if !ours || !parent_ok {
+                return Err(ApiError::resync(format!(
+                    "VM {vm} here does not hold the parent of cycle {} (parent {}, held here {}); \
+                     resynchronize",
+                    b.cycle_id,
+                    b.parent.as_deref().unwrap_or("none"),
+                    if ours {
+                        held.unwrap_or("none")
+                    } else {
+                        "not a replica of this source"
+                    }
+                )));
+            }
+        } else if !ours && !granted {
             return Err(ApiError::conflict(format!(
-                "replication of {vm} was stopped here"
+                "VM {vm} at this site is not a replica of {}; replication into it must be \
+                 enabled by the controller",
+                b.source_site
             )));
         }
-        let was_replica = r.meta.role == Role::Replica && r.meta.inbound.is_some();
+        let r = &mut *self;
+        r.meta.accept_from = None;
         r.meta.role = Role::Replica;
         r.meta.outbound = None;
         // The image now follows the peer: this side's journal vouches for nothing.
@@ -361,36 +591,29 @@ impl Store {
         let mut inbound = r.meta.inbound.take().unwrap_or_default();
         if b.bulk {
             // Blocks are about to be written out of order: the image matches no cycle until
-            // the bulk transfer commits.
+            // the bulk transfer commits, and older points cannot survive it.
             inbound.last_cycle = None;
+            inbound.failed_over = false;
+            inbound.rollback = None;
         }
         inbound.source_site = b.source_site.clone();
         inbound.open_cycle = Some(b.cycle_id.clone());
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
-        if b.bulk || !was_replica {
-            // The image is about to be overwritten out of order: older points cannot survive.
-            for p in inbound.rps.drain(..) {
-                for seg in p.undo {
-                    for d in 0..b.disks.len() {
-                        undo::remove(&undo_dir(self, vm), &seg, d).map_err(ApiError::io)?;
-                    }
-                }
-            }
-            inbound.failed_over = false;
+        self.meta.inbound = Some(inbound);
+        if b.bulk {
+            // Saved with the open cycle; the points' undo data goes after the metadata.
+            self.drop_points()?;
         }
-        self.rec_mut(vm)?.meta.inbound = Some(inbound);
-        self.save(vm)?;
-        let dir = self.vm_dir(vm).join("staging");
-        if dir.exists() {
-            fs::remove_dir_all(&dir).map_err(ApiError::io)?;
-        }
-        fs::create_dir_all(&dir).map_err(ApiError::io)?;
+        self.save()?;
+        fault::hit("replica.begin");
+        self.clear_staging()?;
+        create_dir_durable(&self.dir.join("staging")).map_err(ApiError::io)?;
         let mut answer = BeginAnswer::default();
         if b.bulk && b.zero {
             // Every block is about to be sent anyway; an emptied sparse image lets the source
             // skip the zeros (most of a new disk) and frees the space they held.
-            for (f, d) in self.rec(vm)?.disks.iter().zip(&b.disks) {
+            for (f, d) in self.disks.iter().zip(&b.disks) {
                 f.set_len(0).map_err(ApiError::io)?;
                 f.set_len(d.size_bytes).map_err(ApiError::io)?;
                 f.sync_all().map_err(ApiError::io)?;
@@ -402,8 +625,9 @@ impl Store {
 
     /// The old source of a reverse resync: the blocks it changed since its journal base (its
     /// last acknowledged cycle), asked for before `begin` makes it a replica.
-    pub fn dirty_set(&self, vm: &str) -> ApiResult<DirtySet> {
-        let r = self.rec(vm)?;
+    pub fn dirty_set(&self) -> ApiResult<DirtySet> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; its changes are not final"
@@ -424,8 +648,8 @@ impl Store {
     }
 
     /// Receiver: blake3 of every block of a disk, for resync.
-    pub fn block_hashes(&self, vm: &str, disk: usize) -> ApiResult<Vec<u8>> {
-        let r = self.rec(vm)?;
+    pub fn block_hashes(&self, disk: usize) -> ApiResult<Vec<u8>> {
+        let r = &*self;
         let size = r
             .meta
             .disks
@@ -448,24 +672,24 @@ impl Store {
     /// damaged ones are refused.
     pub fn receive(
         &mut self,
-        vm: &str,
         cycle: &str,
         bulk: bool,
         batch: &[u8],
         verified: &[bool],
     ) -> ApiResult<BatchResult> {
+        let vm = self.meta.name.clone();
         let frames = frame::parse(batch).ok_or_else(|| ApiError::bad("malformed block batch"))?;
         if frames.len() != verified.len() {
             return Err(ApiError::bad("verification does not match the batch"));
         }
-        let stage_path = staging(self, vm, cycle);
-        let r = self.rec_mut(vm)?;
+        let stage_path = staging(&self.dir, cycle);
+        let r = &mut *self;
         if r.meta.role != Role::Replica || !r.meta.inbound.as_ref().is_some_and(|i| i.accepting) {
             return Err(ApiError::conflict(format!(
                 "VM {vm} does not accept replication here"
             )));
         }
-        check_open(r, vm, cycle)?;
+        check_open(r, cycle)?;
         let mut res = BatchResult::default();
         let mut good = Vec::new();
         for (f, ok) in frames.iter().zip(verified) {
@@ -475,7 +699,13 @@ impl Store {
                 .get(f.disk as usize)
                 .ok_or_else(|| ApiError::bad("block of an unknown disk"))?
                 .size_bytes;
-            if f.data.len() != crate::replication::block_len(size, f.block) {
+            if !block_in_range(size, f.block) {
+                return Err(ApiError::bad(format!(
+                    "block {} is past the end of disk {} ({size} bytes)",
+                    f.block, f.disk
+                )));
+            }
+            if f.data.len() != block_len(size, f.block) {
                 return Err(ApiError::bad("block length does not match the disk"));
             }
             if *ok {
@@ -500,16 +730,23 @@ impl Store {
                 .append(true)
                 .open(&stage_path)
                 .map_err(ApiError::io)?;
-            if res.refused.is_empty() {
+            let before = file.metadata().map_err(ApiError::io)?.len();
+            let written = if res.refused.is_empty() {
                 // Every frame is good: the batch is staged as it came.
-                file.write_all(batch).map_err(ApiError::io)?;
+                file.write_all(batch)
             } else {
                 let mut buf = Vec::new();
                 for f in &good {
                     frame::push_with_hash(&mut buf, f.disk, f.block, &f.hash, f.data);
                 }
-                file.write_all(&buf).map_err(ApiError::io)?;
+                file.write_all(&buf)
+            };
+            if let Err(e) = written {
+                // No fragment may stay for the next batch to append after.
+                let _ = file.set_len(before);
+                return Err(ApiError::io(e));
             }
+            fault::hit("replica.stage");
         }
         if !res.refused.is_empty() {
             tracing::warn!(vm, refused = res.refused.len(), "refused damaged blocks");
@@ -517,24 +754,38 @@ impl Store {
         Ok(res)
     }
 
-    /// Writes the blocks of a staging file into the image, one frame at a time.
-    fn apply_staging(&mut self, vm: &str, path: &std::path::Path) -> ApiResult<()> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(ApiError::io(e)),
-        };
-        let r = self.rec(vm)?;
+    /// Writes the blocks of a recorded point's staging file into the image, one frame at a
+    /// time, then fsyncs. A missing or torn file is an error: the point would lie.
+    fn apply_staging(&mut self, path: &std::path::Path) -> ApiResult<()> {
+        let file = File::open(path).map_err(|e| {
+            ApiError::io(std::io::Error::new(
+                e.kind(),
+                format!("staging file {} of a recorded point: {e}", path.display()),
+            ))
+        })?;
+        let r = &*self;
+        let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
         let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
+        let mut n = 0u64;
         while let Some(h) = rd.header().map_err(ApiError::io)? {
             rd.data(&h, &mut buf).map_err(ApiError::io)?;
-            let disk = r
+            let (disk, size) = r
                 .disks
                 .get(h.disk as usize)
+                .zip(sizes.get(h.disk as usize))
                 .ok_or_else(|| ApiError::io(std::io::Error::other("staged block of no disk")))?;
+            if !block_in_range(*size, h.block) || buf.len() != block_len(*size, h.block) {
+                return Err(ApiError::io(std::io::Error::other(
+                    "staged block outside its disk",
+                )));
+            }
             disk.write_all_at(&buf, h.block * BLOCK_SIZE)
                 .map_err(ApiError::io)?;
+            n += 1;
+            if n == 1 {
+                fault::fail("replica.apply").map_err(ApiError::io)?;
+            }
         }
         for d in &r.disks {
             d.sync_all().map_err(ApiError::io)?;
@@ -543,9 +794,9 @@ impl Store {
     }
 
     /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
-    /// when the file is torn.
-    fn staged_blocks(&self, vm: &str, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
-        let r = self.rec(vm)?;
+    /// when the file is torn or names a block outside its disk.
+    fn staged_blocks(&self, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
+        let r = &*self;
         let mut sets: Vec<Bitmap> = r
             .meta
             .disks
@@ -554,22 +805,33 @@ impl Store {
             .collect();
         let file = match File::open(path) {
             Ok(f) => f,
+            // A cycle of no blocks (nothing changed) stages nothing.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sets),
             Err(e) => return Err(ApiError::io(e)),
         };
         let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(64 << 10, file));
         while let Some(h) = rd.header().map_err(|_| ApiError::bad("torn staging"))? {
             rd.skip(&h).map_err(|_| ApiError::bad("torn staging"))?;
-            sets.get_mut(h.disk as usize)
-                .ok_or_else(|| ApiError::bad("staged block of no disk"))?
-                .set(h.block);
+            let set = sets
+                .get_mut(h.disk as usize)
+                .ok_or_else(|| ApiError::bad("staged block of no disk"))?;
+            if h.block >= set.len() {
+                return Err(ApiError::bad("staged block outside its disk"));
+            }
+            set.set(h.block);
         }
         Ok(sets)
     }
 
     /// Receiver: makes the cycle durable and a recovery point, then acknowledges it.
-    pub fn commit_cycle(&mut self, vm: &str, c: &CommitCycle) -> ApiResult<Option<RecoveryPoint>> {
-        let r = self.rec(vm)?;
+    ///
+    /// Order: staging fsynced (file and directory) → undo segment of every disk fsynced →
+    /// point recorded in `vm.json` with its staging file → blocks applied and fsynced → staging
+    /// mark cleared. A crash before the point is recorded leaves no point (the source resends);
+    /// after it, the next start (or the next `begin`) finishes the apply.
+    pub fn commit_cycle(&mut self, c: &CommitCycle) -> ApiResult<Option<RecoveryPoint>> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         let inbound = r
             .meta
             .inbound
@@ -585,56 +847,62 @@ impl Store {
                 "VM {vm} does not accept replication here"
             )));
         }
-        check_open(r, vm, &c.cycle_id)?;
+        check_open(r, &c.cycle_id)?;
         let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         if c.bulk {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
             }
-            let r = self.rec_mut(vm)?;
+            fault::hit("replica.bulk-commit");
+            let r = &mut *self;
             // The image is now the peer's: what this side tracked before is history, and a
             // later failback must start from a clean journal.
             r.tracker.reset().map_err(ApiError::io)?;
             let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
             i.open_cycle = None;
-            self.save(vm)?;
+            self.save()?;
             return Ok(None);
         }
-        let stage = staging(self, vm, &c.cycle_id);
-        match File::open(&stage) {
-            Ok(f) => f.sync_all().map_err(ApiError::io)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        let stage = staging(&self.dir, &c.cycle_id);
+        let staged_file = match File::open(&stage) {
+            Ok(f) => {
+                f.sync_all().map_err(ApiError::io)?;
+                sync_dir(&self.dir.join("staging")).map_err(ApiError::io)?;
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(ApiError::io(e)),
-        }
-        let staged = self.staged_blocks(vm, &stage)?;
+        };
+        let staged = self.staged_blocks(&stage)?;
         let seq = inbound.next_seq.max(1);
         let seg = format!("u{seq:06}");
-        let udir = undo_dir(self, vm);
-        fs::create_dir_all(&udir).map_err(ApiError::io)?;
-        let r = self.rec(vm)?;
+        let udir = self.dir.join("undo");
+        create_dir_durable(&udir).map_err(ApiError::io)?;
+        let r = &*self;
         let first = inbound.rps.is_empty();
         if !first {
+            // Every disk gets its index, empty or not: a missing index is then damage.
             for (d, size) in sizes.iter().enumerate() {
                 let blocks: Vec<u64> = staged[d].iter().collect();
-                if !blocks.is_empty() {
-                    undo::write(&udir, &seg, d, &r.disks[d], *size, &blocks)
-                        .map_err(ApiError::io)?;
-                }
+                undo::write(&udir, &seg, d, &r.disks[d], *size, &blocks).map_err(ApiError::io)?;
             }
             sync_dir(&udir).map_err(ApiError::io)?;
+            fault::hit("replica.undo");
         }
         let point = RpMeta {
             seq,
             time: c.time,
             kind: c.kind,
             undo: if first { vec![] } else { vec![seg] },
-            staged: stage.file_name().map(|n| n.to_string_lossy().to_string()),
+            staged: staged_file
+                .then(|| stage.file_name().map(|n| n.to_string_lossy().to_string()))
+                .flatten(),
             cut_id: c.cut_id.clone(),
         };
         let view = point.view();
         {
-            let i = self.rec_mut(vm)?.meta.inbound.get_or_insert_default();
+            let i = self.meta.inbound.get_or_insert_default();
             i.rps.push(point);
             i.next_seq = seq + 1;
             i.last_cycle = Some((c.cycle_id.clone(), Some(view.clone())));
@@ -642,28 +910,26 @@ impl Store {
             i.last_sync_time = Some(c.time);
         }
         // The point is recorded (with its staging file) before the image changes, so a crash
-        // here is finished by `recover` at the next start.
-        self.save(vm)?;
-        self.apply_staging(vm, &stage)?;
-        if let Some(p) = self
-            .rec_mut(vm)?
-            .meta
-            .inbound
-            .as_mut()
-            .and_then(|i| i.rps.last_mut())
-        {
-            p.staged = None;
+        // or a failed apply is finished by `finish_pending` before the image is used again.
+        self.save()?;
+        fault::hit("replica.point");
+        if staged_file {
+            self.apply_staging(&stage)?;
+            fault::hit("replica.applied");
+            if let Some(p) = self.meta.inbound.as_mut().and_then(|i| i.rps.last_mut()) {
+                p.staged = None;
+            }
+            self.save()?;
+            let _ = fs::remove_file(&stage);
         }
-        self.save(vm)?;
-        let _ = fs::remove_file(&stage);
-        self.apply_retention(vm, Timestamp::now())?;
+        self.apply_retention(Timestamp::now())?;
         Ok(Some(view))
     }
 
-    fn apply_retention(&mut self, vm: &str, now: Timestamp) -> ApiResult<()> {
-        let udir = undo_dir(self, vm);
-        let r = self.rec_mut(vm)?;
-        let ndisks = r.meta.disks.len();
+    fn apply_retention(&mut self, now: Timestamp) -> ApiResult<()> {
+        let udir = self.dir.join("undo");
+        let r = &mut *self;
+        let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         let Some(i) = r.meta.inbound.as_mut() else {
             return Ok(());
         };
@@ -698,17 +964,42 @@ impl Store {
                 p.kind = RecoveryPointKind::Hourly;
             }
         }
-        self.save(vm)?;
+        // Lists that grew by merging are folded into one segment each, so a rollback reads
+        // each block once per point. The folded segment is durable before the metadata names
+        // it; the old segments go after the metadata stops naming them.
+        let mut folds = Vec::new();
+        let fold_id = i.next_seq;
+        for p in i.rps.iter_mut().filter(|p| p.undo.len() > 1) {
+            // A name no segment had: the inputs are read while it is written.
+            let out = format!("m{:06}x{fold_id:06}", p.seq);
+            for (d, size) in sizes.iter().enumerate() {
+                undo::merge(&udir, &p.undo, &out, d, *size).map_err(ApiError::io)?;
+            }
+            folds.push((std::mem::replace(&mut p.undo, vec![out.clone()]), out));
+        }
+        if !folds.is_empty() {
+            sync_dir(&udir).map_err(ApiError::io)?;
+        }
+        for (old, out) in folds {
+            dropped.extend(old.into_iter().filter(|s| *s != out));
+        }
+        if plan.delete.is_empty() && dropped.is_empty() && plan.relabel_hourly.is_empty() {
+            fault::hit("replica.retention");
+            return Ok(());
+        }
+        self.save()?;
+        fault::hit("replica.retention");
         for seg in dropped {
-            for d in 0..ndisks {
+            for d in 0..sizes.len() {
                 undo::remove(&udir, &seg, d).map_err(ApiError::io)?;
             }
         }
         Ok(())
     }
 
-    fn select(&self, vm: &str, sel: &RecoveryPointSelector) -> ApiResult<usize> {
-        let r = self.rec(vm)?;
+    fn select(&self, sel: &RecoveryPointSelector) -> ApiResult<usize> {
+        let vm = self.meta.name.clone();
+        let r = &*self;
         let i = r
             .meta
             .inbound
@@ -729,9 +1020,11 @@ impl Store {
     }
 
     /// Rolls `target` back from the newest point to point `pos` and returns the blocks changed.
-    fn roll_back(&self, vm: &str, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
-        let r = self.rec(vm)?;
-        let udir = undo_dir(self, vm);
+    /// Applying the segments again from the start gives the same image (each holds absolute
+    /// contents), so a rollback cut short by a crash is finished by running it again.
+    fn roll_back(&self, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
+        let r = &*self;
+        let udir = self.dir.join("undo");
         let mut changed: Vec<Bitmap> = r
             .meta
             .disks
@@ -747,6 +1040,7 @@ impl Store {
                         }
                         undo::apply(&udir, seg, d, &target[d], disk.size_bytes)
                             .map_err(ApiError::io)?;
+                        fault::hit("failover.rollback");
                     }
                 }
             }
@@ -757,8 +1051,8 @@ impl Store {
         Ok(changed)
     }
 
-    pub fn recovery_points(&self, vm: &str) -> ApiResult<Vec<RecoveryPoint>> {
-        let r = self.rec(vm)?;
+    pub fn recovery_points(&self) -> ApiResult<Vec<RecoveryPoint>> {
+        let r = &*self;
         Ok(r.meta
             .inbound
             .as_ref()
@@ -767,25 +1061,63 @@ impl Store {
     }
 
     /// Replica: bring the VM up from a recovery point.
-    pub fn failover(&mut self, vm: &str, sel: &RecoveryPointSelector) -> ApiResult<RecoveryPoint> {
-        let pos = self.select(vm, sel)?;
-        let rp = self
-            .rec(vm)?
+    ///
+    /// The intent (target point, operation id) is recorded before the rollback rewrites the
+    /// image; the end (points newer than the target dropped, role Primary, the operation's
+    /// answer) is one metadata write. A crash between is finished at the next start.
+    pub fn failover(
+        &mut self,
+        sel: &RecoveryPointSelector,
+        op: Option<&str>,
+    ) -> ApiResult<RecoveryPoint> {
+        // A commit recorded and not applied is finished first: the rollback starts from it.
+        self.finish_pending()?;
+        let pos = self.select(sel)?;
+        let r = &mut *self;
+        let i = r
+            .meta
+            .inbound
+            .as_mut()
+            .ok_or_else(|| ApiError::conflict("no recovery points"))?;
+        let rp = i.rps[pos].view();
+        let rb = Rollback {
+            to_seq: i.rps[pos].seq,
+            operation_id: op.map(str::to_string),
+        };
+        i.rollback = Some(rb.clone());
+        i.accepting = false;
+        i.open_cycle = None;
+        self.save()?;
+        fault::hit("failover.intent");
+        self.finish_failover(&rb)?;
+        Ok(rp)
+    }
+
+    /// The part of a failover after its intent is recorded; run again after a crash.
+    fn finish_failover(&mut self, rb: &Rollback) -> ApiResult<()> {
+        let r = &*self;
+        let pos = r
             .meta
             .inbound
             .as_ref()
-            .map(|i| i.rps[pos].view());
-        let rp = rp.ok_or_else(|| ApiError::conflict("no recovery points"))?;
-        let files: Vec<File> = self
-            .rec(vm)?
+            .and_then(|i| i.rps.iter().position(|p| p.seq == rb.to_seq))
+            .ok_or_else(|| {
+                ApiError::io(std::io::Error::other(format!(
+                    "failover intent names point {} that is not listed",
+                    rb.to_seq
+                )))
+            })?;
+        let files: Vec<File> = r
             .disks
             .iter()
             .map(|f| f.try_clone())
             .collect::<Result<_, _>>()
             .map_err(ApiError::io)?;
-        let changed = self.roll_back(vm, pos, &files)?;
-        let r = self.rec_mut(vm)?;
-        // The rolled-back blocks differ from what the old source holds: a later resync sends them.
+        let changed = self.roll_back(pos, &files)?;
+        fault::hit("failover.rolled-back");
+        let r = &mut *self;
+        // The rolled-back blocks differ from what the old source holds: a later resync sends
+        // them (recording them again after a crash is harmless).
         for (d, set) in changed.iter().enumerate() {
             r.tracker.record_set(d, set).map_err(ApiError::io)?;
         }
@@ -799,59 +1131,105 @@ impl Store {
             .as_ref()
             .and_then(|i| i.last_cycle.as_ref())
             .map(|(id, _)| id.clone());
+        let mut answer = None;
         if let Some(i) = r.meta.inbound.as_mut() {
+            answer = Some(FailoverResult {
+                recovery_point: i.rps[pos].view(),
+            });
             i.accepting = false;
             i.failed_over = true;
-            // Newer points no longer describe this image.
+            i.rollback = None;
+            // Newer points no longer describe this image; their undo data goes after the
+            // metadata stops listing them (orphans are swept at the next start).
             i.rps.truncate(pos + 1);
         }
-        self.save(vm)?;
-        Ok(rp)
+        if let Some(a) = answer {
+            let json = serde_json::to_value(a).map_err(|e| ApiError::io(e.into()))?;
+            r.meta.note_op(rb.operation_id.as_deref(), &json);
+        }
+        self.save()?;
+        self.sweep_undo()
     }
 
-    /// Replica: a running drill copy `<vm>-test`.
-    pub fn test_failover(
-        &mut self,
-        vm: &str,
+    /// Deletes every recovery point of `vm`; the answer is saved with the metadata that stops
+    /// listing them.
+    pub fn commit_points(&mut self, op: Option<&str>) -> ApiResult<CommitResult> {
+        let r = &mut *self;
+        let n = r.meta.inbound.as_ref().map_or(0, |i| i.rps.len() as u64);
+        let answer = CommitResult {
+            deleted_recovery_points: n,
+        };
+        let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
+        r.meta.note_op(op, &json);
+        if n == 0 {
+            self.save()?;
+        } else {
+            self.drop_points()?;
+        }
+        Ok(answer)
+    }
+
+    /// Replica: stop accepting cycles.
+    pub fn stop_inbound(&mut self) -> ApiResult<()> {
+        let r = &mut *self;
+        if let Some(o) = r.meta.outbound.as_mut() {
+            o.stopped = true;
+        }
+        if let Some(i) = r.meta.inbound.as_mut() {
+            i.accepting = false;
+        }
+        self.save()
+    }
+}
+
+impl Store {
+    /// Replica: a running drill copy `<vm>-test` (`r` is `vm`, locked).
+    pub(super) fn test_failover(
+        &self,
+        r: &mut VmRec,
         sel: &RecoveryPointSelector,
         network: &str,
-    ) -> ApiResult<(String, RecoveryPoint)> {
-        let pos = self.select(vm, sel)?;
-        let r = self.rec(vm)?;
+        op: Option<&str>,
+    ) -> ApiResult<TestFailoverResult> {
+        r.finish_pending()?;
+        let pos = r.select(sel)?;
         let rp = r
             .meta
             .inbound
             .as_ref()
             .map(|i| i.rps[pos].view())
             .ok_or_else(|| ApiError::conflict("no recovery points"))?;
-        let name = format!("{vm}-test");
-        if self.vms.contains_key(&name) {
-            return Err(ApiError::conflict(format!("{name} already exists")));
+        let name = format!("{}-test", r.name());
+        let recorded = r
+            .meta
+            .inbound
+            .as_ref()
+            .is_some_and(|i| i.test_copy.is_some());
+        if self.exists(&name) {
+            self.write_vm(&name, |t| {
+                if recorded || t.meta.role != Role::TestCopy {
+                    return Err(ApiError::conflict(format!("{name} already exists")));
+                }
+                // A drill copy a crash left before it was recorded: made again from scratch.
+                t.meta.power = Power::Off;
+                self.delete_locked(&name, t).map(|_| ())
+            })?;
         }
-        let meta = VmMeta {
-            name: name.clone(),
-            power: Power::Off,
-            role: Role::TestCopy,
-            integration_services: r.meta.integration_services,
-            disks: r.meta.disks.clone(),
-            network: Some(network.to_string()),
-            outbound: None,
-            inbound: None,
-            journal_base: None,
-        };
+        let mut meta = VmMeta::new(
+            &name,
+            Power::Off,
+            Role::TestCopy,
+            (&r.meta.disks, r.meta.integration_services),
+        );
+        meta.network = Some(network.to_string());
         let tmp = self.root.join("vms").join(format!(".tmp-{name}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(tmp.join("disks")).map_err(ApiError::io)?;
         let mut files = Vec::new();
         for d in &meta.disks {
             let dst = tmp.join("disks").join(format!("{}.img", d.name));
-            fs::copy(
-                self.vm_dir(vm)
-                    .join("disks")
-                    .join(format!("{}.img", d.name)),
-                &dst,
-            )
-            .map_err(ApiError::io)?;
+            fs::copy(r.dir.join("disks").join(format!("{}.img", d.name)), &dst)
+                .map_err(ApiError::io)?;
             files.push(
                 OpenOptions::new()
                     .read(true)
@@ -860,8 +1238,8 @@ impl Store {
                     .map_err(ApiError::io)?,
             );
         }
-        self.roll_back(vm, pos, &files)?;
-        let mut meta = meta;
+        r.roll_back(pos, &files)?;
+        sync_dir(&tmp.join("disks")).map_err(ApiError::io)?;
         meta.power = Power::Running;
         write_atomic(
             &tmp.join("vm.json"),
@@ -872,62 +1250,35 @@ impl Store {
         fs::rename(&tmp, &dst).map_err(ApiError::io)?;
         sync_dir(&self.root.join("vms")).map_err(ApiError::io)?;
         let rec = open_vm(&dst, meta).map_err(ApiError::io)?;
-        self.vms.insert(name.clone(), rec);
-        if let Some(i) = self.rec_mut(vm)?.meta.inbound.as_mut() {
-            i.test_copy = Some((name.clone(), network.to_string(), rp.clone()));
+        self.insert_opened(&name, rec)?;
+        let answer = TestFailoverResult {
+            vm_name: name.clone(),
+            recovery_point: rp.clone(),
+        };
+        let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
+        if let Some(i) = r.meta.inbound.as_mut() {
+            i.test_copy = Some((name, network.to_string(), rp));
         }
-        self.save(vm)?;
-        Ok((name, rp))
+        r.meta.note_op(op, &json);
+        r.save()?;
+        Ok(answer)
     }
 
-    /// Deletes the drill copy of `vm`.
-    pub fn test_cleanup(&mut self, vm: &str) -> ApiResult<(String, bool)> {
-        self.rec(vm)?;
-        let name = format!("{vm}-test");
-        let exists = self
-            .vms
-            .get(&name)
-            .is_some_and(|r| r.meta.role == Role::TestCopy);
-        if exists {
-            self.rec_mut(&name)?.meta.power = Power::Off;
-            self.delete(&name)?;
-        }
-        if let Some(i) = self.rec_mut(vm)?.meta.inbound.as_mut() {
+    /// Deletes the drill copy of `vm` (`r`, locked).
+    pub(super) fn test_cleanup(&self, r: &mut VmRec) -> ApiResult<(String, bool)> {
+        let name = format!("{}-test", r.name());
+        let exists = self.exists(&name)
+            && self.write_vm(&name, |t| {
+                if t.meta.role != Role::TestCopy {
+                    return Ok(false);
+                }
+                t.meta.power = Power::Off;
+                self.delete_locked(&name, t).map(|_| true)
+            })?;
+        if let Some(i) = r.meta.inbound.as_mut() {
             i.test_copy = None;
         }
-        self.save(vm)?;
+        r.save()?;
         Ok((name, exists))
-    }
-
-    /// Deletes every recovery point of `vm`.
-    pub fn commit_points(&mut self, vm: &str) -> ApiResult<u64> {
-        let udir = undo_dir(self, vm);
-        let r = self.rec_mut(vm)?;
-        let n = r.meta.disks.len();
-        let Some(i) = r.meta.inbound.as_mut() else {
-            return Ok(0);
-        };
-        let gone: Vec<RpMeta> = i.rps.drain(..).collect();
-        self.save(vm)?;
-        for p in &gone {
-            for seg in &p.undo {
-                for d in 0..n {
-                    undo::remove(&udir, seg, d).map_err(ApiError::io)?;
-                }
-            }
-        }
-        Ok(gone.len() as u64)
-    }
-
-    /// Replica: stop accepting cycles.
-    pub fn stop_inbound(&mut self, vm: &str) -> ApiResult<()> {
-        let r = self.rec_mut(vm)?;
-        if let Some(o) = r.meta.outbound.as_mut() {
-            o.stopped = true;
-        }
-        if let Some(i) = r.meta.inbound.as_mut() {
-            i.accepting = false;
-        }
-        self.save(vm)
     }
 }

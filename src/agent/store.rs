@@ -12,16 +12,22 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
-use axum::Json;
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiResult};
+use crate::fault;
 use crate::replication::tracker::{Tracker, sync_dir};
 use crate::replication::{blocks_of_range, sha256_file};
-use crate::site::{CreateVm, DeleteResult, DiskSpec, Power, PowerAction, Role, Vm, VmList};
+use crate::site::{
+    BrokenVm, CreateVm, DeleteResult, DiskSpec, Power, PowerAction, ReplicationMode,
+    ReplicationState, Role, Vm, VmList,
+};
+
+/// Answers of the last operations of a VM kept in its `vm.json` (older ones are dropped).
+const OPS_KEPT: usize = 32;
 
 /// Persisted part of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,20 +52,89 @@ pub(super) struct VmMeta {
     /// tracked blocks when both sides name the same cycle. `None`: unknown.
     #[serde(default)]
     pub(super) journal_base: Option<String>,
+    /// The controller allowed this site to replicate into this VM (`replication/accept`): the
+    /// next bulk transfer from it may turn the VM into its replica. Nothing else does.
+    #[serde(default)]
+    pub(super) accept_from: Option<String>,
+    /// Answers of operations on this VM, saved in the same write as their effect, so a retry
+    /// after a crash answers the first result instead of doing (or refusing) it again.
+    #[serde(default)]
+    pub(super) ops: Vec<OpDone>,
 }
 
+/// A finished operation of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct OpDone {
+    pub(super) id: String,
+    pub(super) answer: serde_json::Value,
+}
+
+impl VmMeta {
+    /// A new VM's metadata.
+    pub(super) fn new(name: &str, power: Power, role: Role, spec: (&[DiskSpec], bool)) -> Self {
+        Self {
+            name: name.to_string(),
+            power,
+            role,
+            integration_services: spec.1,
+            disks: spec.0.to_vec(),
+            network: None,
+            outbound: None,
+            inbound: None,
+            journal_base: None,
+            accept_from: None,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Records the answer of operation `id`; saved with the next `save`.
+    pub(super) fn note_op(&mut self, id: Option<&str>, answer: &serde_json::Value) {
+        let Some(id) = id else { return };
+        if self.ops.iter().any(|o| o.id == id) {
+            return;
+        }
+        self.ops.push(OpDone {
+            id: id.to_string(),
+            answer: answer.clone(),
+        });
+        let extra = self.ops.len().saturating_sub(OPS_KEPT);
+        self.ops.drain(..extra);
+    }
+
+    pub(super) fn op_answer(&self, id: &str) -> Option<serde_json::Value> {
+        self.ops
+            .iter()
+            .find(|o| o.id == id)
+            .map(|o| o.answer.clone())
+    }
+}
+
+/// One VM's state: metadata, open disks, change tracker. Reached only through its cell's lock.
 pub(super) struct VmRec {
+    pub(super) dir: PathBuf,
     pub(super) meta: VmMeta,
     pub(super) disks: Vec<File>,
     pub(super) tracker: Tracker,
+    /// Set when the VM was deleted while its lock was held: it is no longer in the store.
+    pub(super) deleted: bool,
 }
 
-/// Every VM of the site.
+/// One VM behind its own lock, with the view the listing shows while the VM is busy.
+pub(super) struct VmCell {
+    rec: RwLock<VmRec>,
+    view: Mutex<Vm>,
+}
+
+/// Every VM of the site. The map lock is held only to find, add or remove a VM; each VM has
+/// its own lock, so one VM's long operation (a digest, a commit, a drill copy) never holds up
+/// another VM's guest writes or the listing.
 pub struct Store {
     pub(super) root: PathBuf,
     pub(super) site: String,
     max_disk_bytes: u64,
-    pub(super) vms: BTreeMap<String, VmRec>,
+    vms: Mutex<BTreeMap<String, Arc<VmCell>>>,
+    /// VMs whose state could not be loaded, with the reason: reported, never touched.
+    broken: Mutex<BTreeMap<String, String>>,
 }
 
 /// A stored answer of an operation.
@@ -69,7 +144,7 @@ struct OpRecord {
     body: serde_json::Value,
 }
 
-fn valid_name(n: &str) -> bool {
+pub(super) fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
         && n.bytes()
@@ -90,6 +165,20 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+fn poisoned() -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "agent state poisoned")
+}
+
+impl VmCell {
+    fn new(rec: VmRec) -> Arc<Self> {
+        let view = rec.view();
+        Arc::new(Self {
+            rec: RwLock::new(rec),
+            view: Mutex::new(view),
+        })
+    }
+}
+
 impl Store {
     /// Opens the data directory, loading every VM; half-created VMs are removed.
     pub fn open(root: &Path, site: &str, max_disk_bytes: u64) -> Result<Self, ApiError> {
@@ -97,6 +186,7 @@ impl Store {
         fs::create_dir_all(&vms_dir).map_err(ApiError::io)?;
         fs::create_dir_all(root.join("ops")).map_err(ApiError::io)?;
         let mut vms = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         for e in fs::read_dir(&vms_dir).map_err(ApiError::io)? {
             let e = e.map_err(ApiError::io)?;
             let name = e.file_name().to_string_lossy().to_string();
@@ -105,64 +195,177 @@ impl Store {
                 fs::remove_dir_all(e.path()).map_err(ApiError::io)?;
                 continue;
             }
-            let meta: VmMeta = fs::read(e.path().join("vm.json"))
-                .map_err(ApiError::io)
-                .and_then(|b| {
-                    serde_json::from_slice(&b).map_err(|err| {
-                        ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("vm.json of {name}: {err}"),
-                        )
-                    })
-                })?;
-            let rec = open_vm(&e.path(), meta).map_err(ApiError::io)?;
-            vms.insert(name, rec);
+            // One VM that does not load is reported broken; the others serve.
+            match load_vm(&e.path(), &name) {
+                Ok(rec) => {
+                    vms.insert(name, VmCell::new(rec));
+                }
+                Err(err) => {
+                    tracing::error!(vm = %name, error = %err, "VM does not load; reported broken");
+                    broken.insert(name, err);
+                }
+            }
         }
         Ok(Self {
             root: root.to_path_buf(),
             site: site.to_string(),
             max_disk_bytes,
-            vms,
+            vms: Mutex::new(vms),
+            broken: Mutex::new(broken),
         })
+    }
+
+    /// Names of the VMs served.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.vms
+            .lock()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Marks a loaded VM broken (its recovery at start failed): it is no longer served.
+    pub(super) fn mark_broken(&self, vm: &str, reason: String) {
+        tracing::error!(vm, error = %reason, "VM reported broken");
+        if let Ok(mut m) = self.vms.lock() {
+            m.remove(vm);
+        }
+        if let Ok(mut b) = self.broken.lock() {
+            b.insert(vm.to_string(), reason);
+        }
     }
 
     pub(super) fn vm_dir(&self, vm: &str) -> PathBuf {
         self.root.join("vms").join(vm)
     }
 
-    pub(super) fn rec(&self, vm: &str) -> ApiResult<&VmRec> {
-        self.vms
-            .get(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))
+    fn cell(&self, vm: &str) -> ApiResult<Arc<VmCell>> {
+        let found = self.vms.lock().map_err(|_| poisoned())?.get(vm).cloned();
+        found.ok_or_else(|| self.missing(vm))
     }
 
-    fn view(&self, r: &VmRec) -> Vm {
-        Vm {
-            name: r.meta.name.clone(),
-            power: r.meta.power,
-            role: r.meta.role,
-            integration_services: r.meta.integration_services,
-            disks: r.meta.disks.clone(),
-            replication: super::replica::replication_info(r),
-            recovery_points: super::replica::rp_summary(r),
-            test_copy: self.test_copy_of(r),
-            network: r.meta.network.clone(),
+    pub(super) fn exists(&self, vm: &str) -> bool {
+        self.vms.lock().is_ok_and(|m| m.contains_key(vm))
+    }
+
+    pub(super) fn is_broken(&self, vm: &str) -> bool {
+        self.broken.lock().is_ok_and(|b| b.contains_key(vm))
+    }
+
+    /// The error for a VM that is not served: broken, or not here.
+    pub(super) fn missing(&self, vm: &str) -> ApiError {
+        let reason = self.broken.lock().ok().and_then(|b| b.get(vm).cloned());
+        match reason {
+            Some(reason) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("VM {vm} is broken at this site: {reason}"),
+            ),
+            None => ApiError::not_found(format!("VM {vm} is not at this site")),
         }
     }
 
+    /// Runs `f` with `vm` locked for reading (guest writes and other changes of it wait).
+    pub(super) fn read_vm<T>(
+        &self,
+        vm: &str,
+        f: impl FnOnce(&VmRec) -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let cell = self.cell(vm)?;
+        let r = cell.rec.read().map_err(|_| poisoned())?;
+        if r.deleted {
+            return Err(self.missing(vm));
+        }
+        f(&r)
+    }
+
+    /// Runs `f` with `vm` locked for writing; the listing's view of it is refreshed after.
+    pub(super) fn write_vm<T>(
+        &self,
+        vm: &str,
+        f: impl FnOnce(&mut VmRec) -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let cell = self.cell(vm)?;
+        let mut r = cell.rec.write().map_err(|_| poisoned())?;
+        if r.deleted {
+            return Err(self.missing(vm));
+        }
+        let out = f(&mut r);
+        if let Ok(mut v) = cell.view.lock() {
+            *v = r.view();
+        }
+        out
+    }
+
+    /// Runs `f` with all of `vms` locked for writing at once, taken in name order (so two
+    /// callers never wait for each other in a circle): a consistent cut of them.
+    pub(super) fn write_many<T>(
+        &self,
+        vms: &[String],
+        f: impl FnOnce(&mut [(String, &mut VmRec)]) -> ApiResult<T>,
+    ) -> ApiResult<T> {
+        let mut names = vms.to_vec();
+        names.sort();
+        names.dedup();
+        let cells: Vec<(String, Arc<VmCell>)> = names
+            .into_iter()
+            .map(|n| self.cell(&n).map(|c| (n, c)))
+            .collect::<ApiResult<_>>()?;
+        let mut guards = Vec::new();
+        for (n, c) in &cells {
+            guards.push((n.clone(), c.rec.write().map_err(|_| poisoned())?));
+        }
+        let mut recs: Vec<(String, &mut VmRec)> = guards
+            .iter_mut()
+            .map(|(n, g)| (n.clone(), &mut **g))
+            .collect();
+        let out = f(&mut recs);
+        drop(recs);
+        for ((_, c), (_, g)) in cells.iter().zip(&guards) {
+            if let Ok(mut v) = c.view.lock() {
+                *v = g.view();
+            }
+        }
+        out
+    }
+
     pub fn list(&self) -> VmList {
+        let cells: Vec<Arc<VmCell>> = self
+            .vms
+            .lock()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default();
+        // A VM busy with a long operation shows its last view instead of holding the list up.
+        let vms = cells
+            .iter()
+            .filter_map(|c| match c.rec.try_read() {
+                Ok(r) if r.deleted => None,
+                Ok(r) => Some(r.view()),
+                Err(_) => c.view.lock().ok().map(|v| v.clone()),
+            })
+            .collect();
         VmList {
             site: self.site.clone(),
-            vms: self.vms.values().map(|r| self.view(r)).collect(),
+            vms,
+            broken: self
+                .broken
+                .lock()
+                .map(|b| {
+                    b.iter()
+                        .map(|(name, error)| BrokenVm {
+                            name: name.clone(),
+                            error: error.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
     pub fn vm(&self, vm: &str) -> ApiResult<Vm> {
-        self.rec(vm).map(|r| self.view(r))
+        self.read_vm(vm, |r| Ok(r.view()))
     }
 
     /// Creates a VM; repeating the same create answers the VM, a different one is a conflict.
-    pub fn create(&mut self, vm: &str, spec: &CreateVm) -> ApiResult<Vm> {
+    pub fn create(&self, vm: &str, spec: &CreateVm) -> ApiResult<Vm> {
         if !valid_name(vm) {
             return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
         }
@@ -184,37 +387,53 @@ impl Store {
                 )));
             }
         }
-        if let Some(r) = self.vms.get(vm) {
-            if r.meta.disks == spec.disks
-                && r.meta.integration_services == spec.integration_services
-                && r.meta.role == Role::Primary
-            {
-                return Ok(self.view(r));
-            }
-            return Err(ApiError::conflict(format!(
-                "VM {vm} already exists with another definition"
-            )));
+        if self.is_broken(vm) {
+            return Err(self.missing(vm));
         }
-        let meta = VmMeta {
-            name: vm.to_string(),
-            power: spec.power,
-            role: Role::Primary,
-            integration_services: spec.integration_services,
-            disks: spec.disks.clone(),
-            network: None,
-            outbound: None,
-            inbound: None,
-            journal_base: None,
-        };
+        if self.exists(vm) {
+            return self.read_vm(vm, |r| {
+                if r.meta.disks == spec.disks
+                    && r.meta.integration_services == spec.integration_services
+                    && r.meta.role == Role::Primary
+                {
+                    return Ok(r.view());
+                }
+                Err(ApiError::conflict(format!(
+                    "VM {vm} already exists with another definition"
+                )))
+            });
+        }
+        let meta = VmMeta::new(
+            vm,
+            spec.power,
+            Role::Primary,
+            (&spec.disks, spec.integration_services),
+        );
+        self.insert_new(vm, meta)?;
+        self.vm(vm)
+    }
+
+    /// Makes a new VM from `meta` and adds it; a conflict if one of that name appeared.
+    pub(super) fn insert_new(&self, vm: &str, meta: VmMeta) -> ApiResult<()> {
+        let mut map = self.vms.lock().map_err(|_| poisoned())?;
+        if map.contains_key(vm) {
+            return Err(ApiError::conflict(format!("VM {vm} already exists")));
+        }
         let rec = self.materialize(vm, meta).map_err(ApiError::io)?;
-        let v = self.view(&rec);
-        self.vms.insert(vm.to_string(), rec);
-        Ok(v)
+        map.insert(vm.to_string(), VmCell::new(rec));
+        Ok(())
+    }
+
+    /// Adds a VM whose directory was just moved into place.
+    pub(super) fn insert_opened(&self, vm: &str, rec: VmRec) -> ApiResult<()> {
+        let mut map = self.vms.lock().map_err(|_| poisoned())?;
+        map.insert(vm.to_string(), VmCell::new(rec));
+        Ok(())
     }
 
     /// Builds the VM in a temporary directory and renames it into place, so a crash never
     /// leaves half a VM.
-    pub(super) fn materialize(&self, vm: &str, meta: VmMeta) -> io::Result<VmRec> {
+    fn materialize(&self, vm: &str, meta: VmMeta) -> io::Result<VmRec> {
         let tmp = self.root.join("vms").join(format!(".tmp-{vm}"));
         if tmp.exists() {
             fs::remove_dir_all(&tmp)?;
@@ -233,96 +452,182 @@ impl Store {
         open_vm(&dst, meta)
     }
 
-    pub(super) fn save(&self, vm: &str) -> ApiResult<()> {
-        let r = self.rec(vm)?;
-        let bytes = serde_json::to_vec_pretty(&r.meta).map_err(|e| ApiError::io(e.into()))?;
-        write_atomic(&self.vm_dir(vm).join("vm.json"), &bytes).map_err(ApiError::io)
-    }
-
-    pub fn delete(&mut self, vm: &str) -> ApiResult<serde_json::Value> {
-        let r = self.rec(vm)?;
+    /// Removes a VM that does not run; the caller holds its lock (`r`).
+    pub(super) fn delete_locked(&self, vm: &str, r: &mut VmRec) -> ApiResult<serde_json::Value> {
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} is running; power it off first"
             )));
         }
-        self.vms.remove(vm);
-        let dir = self.vm_dir(vm);
+        self.vms.lock().map_err(|_| poisoned())?.remove(vm);
+        r.deleted = true;
         // Rename first so a crash mid-removal leaves a leftover the next start cleans up.
         let tmp = self.root.join("vms").join(format!(".tmp-{vm}"));
-        fs::rename(&dir, &tmp).map_err(ApiError::io)?;
+        fs::rename(&r.dir, &tmp).map_err(ApiError::io)?;
         sync_dir(&self.root.join("vms")).map_err(ApiError::io)?;
         fs::remove_dir_all(&tmp).map_err(ApiError::io)?;
         Ok(serde_json::to_value(DeleteResult { deleted: true }).unwrap_or_default())
     }
 
-    pub fn power(&mut self, vm: &str, action: PowerAction) -> ApiResult<serde_json::Value> {
-        let r = self
-            .vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
+    pub fn delete(&self, vm: &str) -> ApiResult<serde_json::Value> {
+        self.write_vm(vm, |r| self.delete_locked(vm, r))
+    }
+
+    fn op_path(&self, id: &str) -> PathBuf {
+        self.root
+            .join("ops")
+            .join(format!("{}.json", hex::encode(id)))
+    }
+
+    /// The stored answer of operation `id` under `DATA/ops` (operations whose VM is gone,
+    /// cuts, syncs; answers of operations on a VM live in its metadata).
+    pub(super) fn op_lookup(&self, id: &str) -> Option<serde_json::Value> {
+        let bytes = fs::read(self.op_path(id)).ok()?;
+        serde_json::from_slice::<OpRecord>(&bytes)
+            .ok()
+            .map(|r| r.body)
+    }
+
+    /// Stores the answer of operation `id` under `DATA/ops`, durably (for answers no VM keeps).
+    pub(super) fn op_save(&self, id: &str, body: &serde_json::Value) -> ApiResult<()> {
+        let rec = OpRecord {
+            status: 200,
+            body: body.clone(),
+        };
+        let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
+        fault::hit("op.record");
+        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
+    }
+
+    /// Runs `f` on `vm` (locked) once per operation id: a repeated id answers the stored
+    /// result. `f` may note the answer in the VM's metadata itself, to save it in the same
+    /// write as its effect (operations that are not naturally repeatable do); otherwise it is
+    /// saved right after.
+    pub(super) fn idempotent(
+        &self,
+        vm: &str,
+        op_id: Option<&str>,
+        f: impl FnOnce(&Self, &mut VmRec) -> ApiResult<serde_json::Value>,
+    ) -> ApiResult<serde_json::Value> {
+        if let Some(id) = op_id
+            && !self.exists(vm)
+            && let Some(v) = self.op_lookup(id)
+        {
+            return Ok(v);
+        }
+        let body = self.write_vm(vm, |r| {
+            if let Some(id) = op_id
+                && let Some(v) = r.meta.op_answer(id).or_else(|| self.op_lookup(id))
+            {
+                return Ok(Some(v));
+            }
+            let body = f(self, r)?;
+            if let Some(id) = op_id
+                && !r.deleted
+                && r.meta.op_answer(id).is_none()
+            {
+                r.meta.note_op(Some(id), &body);
+                r.save()?;
+            }
+            Ok(Some(body))
+        })?;
+        let body = body.unwrap_or_default();
+        if let Some(id) = op_id
+            && !self.exists(vm)
+        {
+            self.op_save(id, &body)?;
+        }
+        Ok(body)
+    }
+}
+
+impl VmRec {
+    pub(super) fn name(&self) -> &str {
+        &self.meta.name
+    }
+
+    pub(super) fn view(&self) -> Vm {
+        Vm {
+            name: self.meta.name.clone(),
+            power: self.meta.power,
+            role: self.meta.role,
+            integration_services: self.meta.integration_services,
+            disks: self.meta.disks.clone(),
+            replication: super::replica::replication_info(self),
+            recovery_points: super::replica::rp_summary(self),
+            test_copy: super::replica::test_copy_of(self),
+            network: self.meta.network.clone(),
+        }
+    }
+
+    pub(super) fn save(&self) -> ApiResult<()> {
+        let bytes = serde_json::to_vec_pretty(&self.meta).map_err(|e| ApiError::io(e.into()))?;
+        write_atomic(&self.dir.join("vm.json"), &bytes).map_err(ApiError::io)
+    }
+
+    pub fn power(&mut self, action: PowerAction) -> ApiResult<serde_json::Value> {
+        let vm = self.meta.name.clone();
         match action {
             PowerAction::Start => {
-                if r.meta.role == Role::Replica {
+                if self.meta.role == Role::Replica {
                     return Err(ApiError::conflict(format!(
                         "VM {vm} is a replica here; fail it over to start it"
                     )));
                 }
-                r.meta.power = Power::Running;
+                self.meta.power = Power::Running;
             }
             PowerAction::Shutdown => {
-                if r.meta.power == Power::Running && !r.meta.integration_services {
+                if self.meta.power == Power::Running && !self.meta.integration_services {
                     return Err(ApiError::conflict(format!(
                         "VM {vm} has no integration services: it cannot be shut down gracefully"
                     )));
                 }
-                r.meta.power = Power::Off;
+                self.meta.power = Power::Off;
             }
-            PowerAction::PowerOff => r.meta.power = Power::Off,
+            PowerAction::PowerOff => self.meta.power = Power::Off,
         }
-        self.save(vm)?;
-        let v = self.vm(vm)?;
-        serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
+        self.save()?;
+        serde_json::to_value(self.view()).map_err(|e| ApiError::io(e.into()))
     }
 
-    fn disk_index(&self, vm: &str, disk: &str) -> ApiResult<(usize, u64)> {
-        let r = self.rec(vm)?;
-        r.meta
+    fn disk_index(&self, disk: &str) -> ApiResult<(usize, u64)> {
+        self.meta
             .disks
             .iter()
             .position(|d| d.name == disk)
-            .map(|i| (i, r.meta.disks[i].size_bytes))
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} has no disk {disk}")))
+            .map(|i| (i, self.meta.disks[i].size_bytes))
+            .ok_or_else(|| ApiError::not_found(format!("VM {} has no disk {disk}", self.meta.name)))
     }
 
     /// Guest write: tracked, then written, both durable before it returns.
-    pub fn write(&mut self, vm: &str, disk: &str, offset: u64, data: &[u8]) -> ApiResult<()> {
-        let (i, size) = self.disk_index(vm, disk)?;
+    pub fn write(&mut self, disk: &str, offset: u64, data: &[u8]) -> ApiResult<()> {
+        let (i, size) = self.disk_index(disk)?;
         let len = data.len() as u64;
         if offset.checked_add(len).is_none_or(|end| end > size) {
             return Err(ApiError::bad(format!(
                 "write of {len} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
             )));
         }
-        let r = self
-            .vms
-            .get_mut(vm)
-            .ok_or_else(|| ApiError::not_found(format!("VM {vm} is not at this site")))?;
-        if r.meta.power != Power::Running || r.meta.role == Role::Replica {
-            return Err(ApiError::conflict(format!("VM {vm} does not run here")));
+        if self.meta.power != Power::Running || self.meta.role == Role::Replica {
+            return Err(ApiError::conflict(format!(
+                "VM {} does not run here",
+                self.meta.name
+            )));
         }
         // Journal first: a block whose write lands must never be missing from the dirty set.
-        r.tracker
+        self.tracker
             .record(i, blocks_of_range(offset, len))
             .map_err(ApiError::io)?;
-        r.disks[i]
+        fault::hit("guest.journal");
+        self.disks[i]
             .write_all_at(data, offset)
             .map_err(ApiError::io)?;
-        r.disks[i].sync_data().map_err(ApiError::io)
+        fault::hit("guest.data");
+        self.disks[i].sync_data().map_err(ApiError::io)
     }
 
-    pub fn read(&self, vm: &str, disk: &str, offset: u64, length: u64) -> ApiResult<Vec<u8>> {
-        let (i, size) = self.disk_index(vm, disk)?;
+    pub fn read(&self, disk: &str, offset: u64, length: u64) -> ApiResult<Vec<u8>> {
+        let (i, size) = self.disk_index(disk)?;
         if offset.checked_add(length).is_none_or(|end| end > size) {
             return Err(ApiError::bad(format!(
                 "read of {length} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
@@ -332,65 +637,30 @@ impl Store {
             return Err(ApiError::bad("reads are limited to 256 MiB"));
         }
         let mut buf = vec![0u8; length as usize];
-        self.rec(vm)?.disks[i]
+        self.disks[i]
             .read_exact_at(&mut buf, offset)
             .map_err(ApiError::io)?;
         Ok(buf)
     }
 
-    pub fn digest(&self, vm: &str, disk: &str) -> ApiResult<String> {
-        let (i, size) = self.disk_index(vm, disk)?;
-        sha256_file(&self.rec(vm)?.disks[i], size).map_err(ApiError::io)
-    }
-
-    fn op_path(&self, id: &str) -> PathBuf {
-        self.root
-            .join("ops")
-            .join(format!("{}.json", hex::encode(id)))
-    }
-
-    /// The stored answer of operation `id`, if it finished.
-    pub(super) fn op_lookup(&self, id: &str) -> Option<serde_json::Value> {
-        let bytes = fs::read(self.op_path(id)).ok()?;
-        serde_json::from_slice::<OpRecord>(&bytes)
-            .ok()
-            .map(|r| r.body)
-    }
-
-    /// Stores the answer of operation `id`, durably.
-    pub(super) fn op_save(&self, id: &str, body: &serde_json::Value) -> ApiResult<()> {
-        let rec = OpRecord {
-            status: 200,
-            body: body.clone(),
-        };
-        let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
-        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
-    }
-
-    /// Runs `f` once per operation id: a repeated id answers the stored result.
-    pub fn idempotent(
-        &mut self,
-        op_id: Option<&str>,
-        f: impl FnOnce(&mut Self) -> ApiResult<serde_json::Value>,
-    ) -> ApiResult<Response> {
-        if let Some(id) = op_id
-            && let Some(v) = self.op_lookup(id)
-        {
-            return Ok(Json(v).into_response());
-        }
-        let body = f(self)?;
-        if let Some(id) = op_id {
-            self.op_save(id, &body)?;
-        }
-        Ok(Json(body).into_response())
+    pub fn digest(&self, disk: &str) -> ApiResult<String> {
+        let (i, size) = self.disk_index(disk)?;
+        sha256_file(&self.disks[i], size).map_err(ApiError::io)
     }
 }
 
-pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
-    if !dir.join("track").is_dir() {
-        // The change journal is gone: the tracker cannot vouch for any base.
-        meta.journal_base = None;
+/// Loads one VM from its directory; the error is the reason it is reported broken.
+fn load_vm(dir: &Path, name: &str) -> Result<VmRec, String> {
+    let bytes = fs::read(dir.join("vm.json")).map_err(|e| format!("vm.json: {e}"))?;
+    let meta: VmMeta = serde_json::from_slice(&bytes).map_err(|e| format!("vm.json: {e}"))?;
+    if meta.name != name {
+        return Err(format!("vm.json names another VM ({})", meta.name));
     }
+    open_vm(dir, meta).map_err(|e| format!("opening disks or journal: {e}"))
+}
+
+pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
+    let journal_lost = !dir.join("track").is_dir();
     let mut disks = Vec::new();
     for d in &meta.disks {
         disks.push(
@@ -402,9 +672,23 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
     }
     let sizes: Vec<u64> = meta.disks.iter().map(|d| d.size_bytes).collect();
     let tracker = Tracker::open(&dir.join("track"), &sizes)?;
+    if journal_lost || tracker.damaged() {
+        // The change journal cannot vouch for the dirty set: no base, and a source resyncs
+        // (block hashes compared) instead of cycling from a tracker that may miss changes.
+        meta.journal_base = None;
+        if let Some(o) = meta.outbound.as_mut().filter(|o| o.bulk.is_none()) {
+            tracing::warn!(vm = %meta.name, "change journal lost or damaged: resynchronizing");
+            o.bulk = Some(ReplicationMode::Resync);
+            o.state = ReplicationState::Resynchronizing;
+        }
+        let bytes = serde_json::to_vec_pretty(&meta)?;
+        write_atomic(&dir.join("vm.json"), &bytes)?;
+    }
     Ok(VmRec {
+        dir: dir.to_path_buf(),
         meta,
         disks,
         tracker,
+        deleted: false,
     })
 }

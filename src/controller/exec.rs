@@ -5,8 +5,8 @@ use super::observe::ObservedRecoveryPoint;
 use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
 use super::sites::Sites;
 use crate::site::{
-    CutRequest, EnableReplication, PowerAction, RecoveryPoint, RecoveryPointSelector,
-    ReplicationMode, SiteError, SiteProvider,
+    AcceptReplication, CutRequest, EnableReplication, PowerAction, RecoveryPoint,
+    RecoveryPointSelector, ReplicationMode, SiteError, SiteProvider,
 };
 
 fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
@@ -80,6 +80,15 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                     EnableMode::Resync => ReplicationMode::Resync,
                 },
             };
+            // The target takes replication from the source only when told so: the data path
+            // never turns a VM that is not a replica into one on its own.
+            let accept = AcceptReplication {
+                operation_id: format!("{op}-accept"),
+                source_site: src.to_string(),
+            };
+            if let Err(e) = provider(sites, tgt)?.accept_replication(vm, &accept).await {
+                return Ok(failed(tgt, e));
+            }
             match p.enable_replication(vm, &params).await {
                 Ok(_) => Outcome::ok(),
                 Err(e) => failed(src, e),

@@ -1,7 +1,8 @@
 //! The block stream between agents: a batch is a sequence of frames
 //! `[disk u32][len u32][block u64][blake3 32 bytes][data len bytes]`, little endian.
-
-use super::block_hash;
+//!
+//! The checksum is blake3 of the first 16 header bytes (disk, len, block) then the data, so a
+//! damaged disk index, block index or length fails verification like damaged data does.
 
 pub const HEADER: usize = 48;
 
@@ -15,18 +16,30 @@ pub struct Frame<'a> {
 }
 
 impl Frame<'_> {
-    /// True when the data matches the checksum it travelled with.
+    /// True when disk, block, length and data match the checksum they travelled with.
     pub fn verify(&self) -> bool {
-        block_hash(self.data) == self.hash
+        checksum(self.disk, self.block, self.data) == self.hash
     }
+}
+
+/// The checksum a frame travels with: blake3 over its disk, length and block (as framed) and
+/// its data. Not [`super::block_hash`], which covers the data only.
+pub fn checksum(disk: u32, block: u64, data: &[u8]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(&disk.to_le_bytes());
+    h.update(&(data.len() as u32).to_le_bytes());
+    h.update(&block.to_le_bytes());
+    h.update(data);
+    *h.finalize().as_bytes()
 }
 
 /// Appends one block to a batch, with its checksum.
 pub fn push(buf: &mut Vec<u8>, disk: u32, block: u64, data: &[u8]) {
-    push_with_hash(buf, disk, block, &block_hash(data), data);
+    push_with_hash(buf, disk, block, &checksum(disk, block, data), data);
 }
 
-/// Appends a block with a given checksum (fault injection sends a damaged block this way).
+/// Appends a block with a given checksum (a frame resent unchanged, or fault injection sending
+/// a damaged block).
 pub fn push_with_hash(buf: &mut Vec<u8>, disk: u32, block: u64, hash: &[u8; 32], data: &[u8]) {
     buf.extend_from_slice(&disk.to_le_bytes());
     buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -51,7 +64,7 @@ pub fn push_from(
         buf.truncate(start);
         return Err(e);
     }
-    let hash = block_hash(data);
+    let hash = checksum(disk, block, data);
     head[0..4].copy_from_slice(&disk.to_le_bytes());
     head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
     head[8..16].copy_from_slice(&block.to_le_bytes());
@@ -219,5 +232,40 @@ mod tests {
         assert!(push_from(&mut c, 0, 8, 5, |_| Err(std::io::Error::other("x"))).is_err());
         assert_eq!(c, b[..HEADER + 5]);
         assert!(parse(&b[..b.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn checksum_covers_disk_block_and_length() {
+        let mut b = Vec::new();
+        push(&mut b, 2, 7, b"hello");
+        let f = &parse(&b).unwrap()[0];
+        assert!(f.verify());
+        assert!(
+            !Frame {
+                block: 8,
+                ..f.clone()
+            }
+            .verify()
+        );
+        assert!(
+            !Frame {
+                disk: 3,
+                ..f.clone()
+            }
+            .verify()
+        );
+        assert!(
+            !Frame {
+                data: b"hell",
+                ..f.clone()
+            }
+            .verify()
+        );
+        // Damage to the header bytes on the wire is caught the same way.
+        for at in [0, 9] {
+            let mut bad = b.clone();
+            bad[at] ^= 1;
+            assert_eq!(verify_batch(&bad), Some(vec![false]));
+        }
     }
 }

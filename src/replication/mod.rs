@@ -22,10 +22,16 @@ pub fn block_count(size: u64) -> u64 {
     size.div_ceil(BLOCK_SIZE)
 }
 
-/// Length of block `idx` of a disk of `size` bytes.
+/// Length of block `idx` of a disk of `size` bytes; 0 past the end (saturating, as `idx` may
+/// come from the network).
 pub fn block_len(size: u64, idx: u64) -> usize {
-    let start = idx * BLOCK_SIZE;
+    let start = idx.saturating_mul(BLOCK_SIZE);
     (size.saturating_sub(start)).min(BLOCK_SIZE) as usize
+}
+
+/// Whether block `idx` lies inside a disk of `size` bytes.
+pub fn block_in_range(size: u64, idx: u64) -> bool {
+    idx < block_count(size)
 }
 
 /// Blocks touched by a write of `len` bytes at `offset` (empty for `len == 0`).
@@ -147,7 +153,7 @@ impl Bitmap {
 /// Reads block `idx` of `file` (a disk of `size` bytes) into a new buffer.
 pub fn read_block(file: &File, size: u64, idx: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; block_len(size, idx)];
-    file.read_exact_at(&mut buf, idx * BLOCK_SIZE)?;
+    file.read_exact_at(&mut buf, idx.saturating_mul(BLOCK_SIZE))?;
     Ok(buf)
 }
 
@@ -183,6 +189,19 @@ mod tests {
         assert_eq!(blocks_of_range(5, 0), 0..0);
         assert_eq!(block_len(BLOCK_SIZE + 10, 1), 10);
         assert_eq!(block_count(BLOCK_SIZE + 10), 2);
+    }
+
+    #[test]
+    fn block_len_of_a_block_past_the_end_is_zero() {
+        // An index from the network must not overflow (a panic in debug builds).
+        assert_eq!(block_len(BLOCK_SIZE * 3, u64::MAX), 0);
+        assert_eq!(block_len(BLOCK_SIZE * 3, u64::MAX / BLOCK_SIZE + 1), 0);
+        assert_eq!(block_len(BLOCK_SIZE * 3, 3), 0);
+        assert_eq!(block_len(BLOCK_SIZE * 3, 2), BLOCK_SIZE as usize);
+        assert!(block_in_range(BLOCK_SIZE * 3, 2));
+        assert!(!block_in_range(BLOCK_SIZE * 3, 3));
+        assert!(!block_in_range(BLOCK_SIZE * 3, u64::MAX));
+        assert!(block_in_range(BLOCK_SIZE + 1, 1));
     }
 
     #[test]

@@ -64,16 +64,27 @@ fn write_index(path: &Path, blocks: &[u64]) -> io::Result<()> {
     f.sync_all()
 }
 
-/// Block numbers of segment `name` of disk `disk` (empty when the disk has none).
+/// Block numbers of segment `name` of disk `disk`. Every segment has an index for every disk
+/// (empty when the disk had no change), so a missing or torn index is an error: the point that
+/// lists the segment cannot be materialized.
 pub fn index(dir: &Path, name: &str, disk: usize) -> io::Result<Vec<u64>> {
-    match fs::read(idx_path(dir, name, disk)) {
-        Ok(bytes) => Ok(bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-            .collect()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(e),
+    let path = idx_path(dir, name, disk);
+    let bytes = fs::read(&path).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("undo index {} of a listed point: {e}", path.display()),
+        )
+    })?;
+    if bytes.len() % 8 != 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("undo index {} is torn", path.display()),
+        ));
     }
+    Ok(bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect())
 }
 
 /// Writes segment `name` of disk `disk` back into `target` (a disk of `size` bytes).
@@ -159,6 +170,10 @@ mod tests {
         };
         fill(0, 1);
         fill(1, 1);
+        assert!(
+            index(d.path(), "a", 0).is_err(),
+            "a missing index is an error"
+        );
         write(d.path(), "a", 0, &img, size, &[0, 1]).unwrap(); // state 1
         fill(0, 2);
         fill(1, 2);

@@ -147,6 +147,16 @@ pub struct Vm {
 pub struct VmList {
     pub site: String,
     pub vms: Vec<Vm>,
+    /// VMs whose state on disk could not be loaded (the others serve): name and reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub broken: Vec<BrokenVm>,
+}
+
+/// A VM the agent could not load: its data needs a person.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BrokenVm {
+    pub name: String,
+    pub error: String,
 }
 
 /// `PUT /v1/vms/{vm}`.
@@ -386,6 +396,10 @@ pub struct DigestResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+    /// A machine-readable reason where the caller acts on it (`ResyncRequired`: the replica
+    /// does not hold the parent the cycle names; the source must resynchronize).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[cfg(test)]

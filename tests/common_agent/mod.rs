@@ -188,6 +188,22 @@ pub fn vm_spec(size: u64, integration_services: bool) -> twinsite::site::CreateV
 
 /// Replication to `peer` over plain http: 900 s between cycles (none runs during a test unless
 /// it asks), 24 h of recovery points, no app-consistent points.
+/// At the agent of `target` (client `target`), lets `source` replicate into `vm`: what the
+/// controller does before enabling replication at the source.
+pub async fn accept(target: &twinsite::site::AgentClient, vm: &str, source: &AgentProc, op: &str) {
+    use twinsite::site::SiteProvider;
+    target
+        .accept_replication(
+            vm,
+            &twinsite::site::AcceptReplication {
+                operation_id: op.into(),
+                source_site: source.site.clone(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
 pub fn enable_to(
     op: &str,
     peer: &AgentProc,
