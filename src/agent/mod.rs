@@ -903,16 +903,15 @@ async fn accept(
     input::op_id("operationId", &req.operation_id)?;
     input::site_name("sourceSite", &req.source_site)?;
     let op = req.operation_id.clone();
-    if let Some(v) = with_store(&st, {
-        let op = op.clone();
-        move |s| Ok(s.op_lookup(&op))
-    })
-    .await?
-    {
-        return Ok(Json(v).into_response());
-    }
     let v = with_store(&st, move |s| {
-        to_json(s.accept(&vm, &req.source_site, Some(&op))?)
+        if !s.exists(&vm) {
+            // Nothing here to protect: the first bulk transfer creates the replica.
+            return to_json(s.accept_missing(&vm, &req.source_site)?);
+        }
+        // Once per operation id: a retry must not grant again what a transfer used up.
+        s.idempotent(&vm, Some(&op), |_, r| {
+            to_json(r.accept(&req.source_site, Some(&op))?)
+        })
     })
     .await?;
     Ok(Json(v).into_response())
@@ -1190,7 +1189,11 @@ async fn replica_begin(
             ),
         ));
     }
-    with_store(&st, move |s| Ok(Json(s.begin(&vm, &req)?).into_response())).await
+    let vm2 = vm.clone();
+    let answer = with_store(&st, move |s| s.begin(&vm2, &req)).await?;
+    // This VM follows the peer now: a replication task of its own (an old source's) must end.
+    driver::stop(&st, &vm);
+    Ok(Json(answer).into_response())
 }
 
 async fn replica_hashes(

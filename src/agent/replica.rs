@@ -336,19 +336,15 @@ impl Store {
         }
     }
 
-    /// Controller: lets `source` replicate into `vm` here. An existing VM that is not that
-    /// source's replica becomes one only through this (at the next bulk transfer from it).
-    pub fn accept(&self, vm: &str, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
-        if !self.exists(vm) {
-            if self.is_broken(vm) {
-                return Err(self.missing(vm));
-            }
-            // Nothing here to protect: the first bulk transfer creates the replica.
-            return Ok(AcceptResult {
-                source_site: source.to_string(),
-            });
+    /// Controller: lets `source` replicate into `vm` here, where no VM of that name exists:
+    /// nothing to protect, the first bulk transfer creates the replica.
+    pub fn accept_missing(&self, vm: &str, source: &str) -> ApiResult<AcceptResult> {
+        if self.is_broken(vm) {
+            return Err(self.missing(vm));
         }
-        self.write_vm(vm, |r| r.accept(source, op))
+        Ok(AcceptResult {
+            source_site: source.to_string(),
+        })
     }
 
     /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
@@ -535,8 +531,9 @@ impl VmRec {
         Ok(())
     }
 
-    /// See [`Store::accept`].
-    fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+    /// Controller: lets `source` replicate into this VM. A VM that is not that source's replica
+    /// becomes one only through this (at the next bulk transfer from it).
+    pub(super) fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
         let vm = self.meta.name.clone();
         let answer = AcceptResult {
             source_site: source.to_string(),

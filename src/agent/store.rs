@@ -760,14 +760,17 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
     if journal_lost || tracker.damaged() {
         // The change journal cannot vouch for the dirty set: no base, and a source resyncs
         // (block hashes compared) instead of cycling from a tracker that may miss changes.
-        meta.journal_base = None;
+        let mut changed = meta.journal_base.take().is_some();
         if let Some(o) = meta.outbound.as_mut().filter(|o| o.bulk.is_none()) {
             tracing::warn!(vm = %meta.name, "change journal lost or damaged: resynchronizing");
             o.bulk = Some(ReplicationMode::Resync);
             o.state = ReplicationState::Resynchronizing;
+            changed = true;
         }
-        let bytes = serde_json::to_vec_pretty(&meta)?;
-        write_atomic(&dir.join("vm.json"), &bytes)?;
+        if changed {
+            let bytes = serde_json::to_vec_pretty(&meta)?;
+            write_atomic(&dir.join("vm.json"), &bytes)?;
+        }
     }
     Ok(VmRec {
         dir: dir.to_path_buf(),
