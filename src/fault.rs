@@ -8,6 +8,9 @@
 //! minus the page cache: no destructor runs, no buffer is flushed, nothing is answered.
 //! `NAME:error` (or `NAME:error@N`) makes the step fail with an I/O error instead, where the
 //! code checks with [`fail`] (a disk error, not a crash: the process goes on).
+//!
+//! The environment switches of the agent's other fault-injection hooks (`TWINSITE_FAULT_*`) are
+//! read through [`switch`], which is compiled in only with the same feature.
 
 /// Every failpoint, in the order the data path reaches them (the suite iterates this list).
 pub const ALL: &[&str] = &[
@@ -119,4 +122,33 @@ pub fn hit(_name: &str) {}
 #[inline(always)]
 pub fn fail(_name: &str) -> std::io::Result<()> {
     Ok(())
+}
+
+/// The value of the test-only environment switch `name` (`TWINSITE_FAULT_*`, docs/agent.md):
+/// the fault-injection hooks of the agent read their switches only through this. Without the
+/// feature it is `None` and the environment is never read, so the hooks compile to nothing.
+#[cfg(feature = "failpoints")]
+pub fn switch(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Not compiled in: no environment switch is ever on.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn switch(_name: &str) -> Option<String> {
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::switch;
+
+    /// PATH is set wherever tests run: the switch reads it only when the hooks are compiled in.
+    #[test]
+    fn environment_switches_are_read_only_with_the_feature() {
+        #[cfg(feature = "failpoints")]
+        assert!(switch("PATH").is_some());
+        #[cfg(not(feature = "failpoints"))]
+        assert_eq!(switch("PATH"), None);
+    }
 }

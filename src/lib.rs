@@ -5,6 +5,7 @@
 //! - [`site`]: the provider seam the controller talks to sites through, and the agent client.
 //! - [`agent`]: the site agent's HTTP server and VM runtime.
 //! - [`replication`]: change tracking, the block stream, recovery points and resync.
+//! - [`secret`]: credentials whose `Debug` never shows them.
 //! - [`fault`]: failpoints for crash injection (test builds only).
 //! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
 //! - [`local`]: `twinsite local`, the whole stack on one machine.
@@ -16,6 +17,7 @@ pub mod envtest;
 pub mod fault;
 pub mod local;
 pub mod replication;
+pub mod secret;
 pub mod site;
 
 /// Installs the process-wide TLS crypto provider (ring). Safe to call more than once.

@@ -156,3 +156,663 @@ async fn bad_input_is_refused_with_4xx_and_nothing_applied() {
         .collect();
     assert_eq!(names, vec!["vm1", "vm3"]);
 }
+
+/// One raw HTTP/1.1 request, the path sent exactly as given (an HTTP client would normalize
+/// `..` and `%2e%2e` away before the agent sees them). Answers the status and the JSON body.
+async fn raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Vec<u8>,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    // Written beside the read: an agent that refuses a large body answers before reading it.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(head.as_bytes()).await;
+        let _ = wr.write_all(&body).await;
+        wr
+    });
+    let mut resp = Vec::new();
+    let _ = rd.read_to_end(&mut resp).await;
+    drop(writer.await);
+    let text = String::from_utf8_lossy(&resp).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{method} {path}: no HTTP answer: {text:?}"));
+    let json = match (text.find('{'), text.rfind('}')) {
+        (Some(a), Some(b)) if a < b => serde_json::from_str(&text[a..=b]).unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    };
+    (status, json)
+}
+
+/// Every file under `dir` with its length and content digest.
+fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, (u64, String)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let key = p.strip_prefix(dir).unwrap().to_string_lossy().to_string();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(format!("{key}/"), (0, String::new()));
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.insert(
+                    key,
+                    (
+                        bytes.len() as u64,
+                        hex::encode(sha2::Sha256::digest(&bytes)),
+                    ),
+                );
+            }
+        }
+    }
+    out
+}
+
+const BAD_NAMES: &[&str] = &[
+    "..",
+    "%2e%2e",
+    "%2E%2E",
+    "a%2Fb",
+    "..%2F..%2Fescaped",
+    ".hidden",
+    "a%00b",
+    "a%20b",
+];
+
+#[tokio::test]
+async fn hostile_input_on_every_route_is_refused_and_changes_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start("primary", root.path());
+    let c = agent.client();
+    c.create_vm("vm1", &spec(4 * MIB, true)).await.unwrap();
+    // The guest write route still takes bodies beyond the JSON limit.
+    c.write_disk("vm1", "disk0", 0, vec![7u8; 2 * MIB as usize])
+        .await
+        .unwrap();
+    // Valid (63 characters), but its drill copy `<vm>-test` would not be.
+    let long_vm = "l".repeat(60);
+    c.create_vm(&long_vm, &spec(MIB, true)).await.unwrap();
+    let before_root = snapshot(root.path());
+    let before_vms = c.list_vms().await.unwrap();
+
+    let long = "a".repeat(64);
+    let mut names: Vec<&str> = BAD_NAMES.to_vec();
+    names.push(&long);
+    let create =
+        serde_json::json!({"disks": [{"name": "disk0", "sizeBytes": 1048576}], "power": "Running"});
+    let dead_peer = format!("http://127.0.0.1:{}", common_agent::free_port());
+    let enable = |op: &str| {
+        serde_json::json!({"operationId": op, "peerSite": "secondary", "peerUrl": dead_peer,
+            "peerToken": "t", "intervalSeconds": 30, "recoveryPointRetentionHours": 1,
+            "appConsistentFrequencyHours": 0, "mode": "Initial"})
+    };
+    let begin = serde_json::json!({"sourceSite": "secondary", "cycleId": "c1-00",
+        "disks": [{"name": "disk0", "sizeBytes": 1048576}], "integrationServices": true,
+        "retentionHours": 1, "bulk": true});
+    let commit = serde_json::json!({"cycleId": "c1-00", "bulk": true, "time": "2026-01-01T00:00:00Z", "kind": "CrashConsistent"});
+    let op = |id: &str| serde_json::json!({"operationId": id});
+    // (method, path with {vm} {disk} {cycle} {index}, body)
+    let routes: Vec<(&str, &str, serde_json::Value)> = vec![
+        ("GET", "/v1/vms/{vm}", serde_json::Value::Null),
+        ("PUT", "/v1/vms/{vm}", create.clone()),
+        (
+            "DELETE",
+            "/v1/vms/{vm}?operationId=del-1",
+            serde_json::Value::Null,
+        ),
+        (
+            "POST",
+            "/v1/vms/{vm}/power",
+            serde_json::json!({"action": "PowerOff", "operationId": "pw-1"}),
+        ),
+        (
+            "PUT",
+            "/v1/vms/{vm}/disks/{disk}/data?offset=0",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/{vm}/disks/{disk}/data?offset=0&length=10",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/{vm}/disks/{disk}/digest",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/{vm}/recovery-points",
+            serde_json::Value::Null,
+        ),
+        ("POST", "/v1/vms/{vm}/replication/enable", enable("en-1")),
+        (
+            "POST",
+            "/v1/vms/{vm}/replication/accept",
+            serde_json::json!({"operationId": "ac-1", "sourceSite": "secondary"}),
+        ),
+        ("POST", "/v1/vms/{vm}/replication/sync", op("sy-1")),
+        ("POST", "/v1/vms/{vm}/replication/stop", op("st-1")),
+        (
+            "POST",
+            "/v1/vms/{vm}/failover",
+            serde_json::json!({"operationId": "fo-1", "recoveryPoint": "Latest"}),
+        ),
+        (
+            "POST",
+            "/v1/vms/{vm}/test-failover",
+            serde_json::json!({"operationId": "tf-1", "recoveryPoint": "Latest", "network": "n"}),
+        ),
+        ("POST", "/v1/vms/{vm}/test-failover/cleanup", op("tc-1")),
+        ("POST", "/v1/vms/{vm}/commit", op("cm-1")),
+        ("POST", "/v1/replica/{vm}/begin", begin.clone()),
+        (
+            "GET",
+            "/v1/replica/{vm}/disks/{index}/hashes",
+            serde_json::Value::Null,
+        ),
+        ("GET", "/v1/replica/{vm}/dirty", serde_json::Value::Null),
+        (
+            "PUT",
+            "/v1/replica/{vm}/cycles/{cycle}/blocks?bulk=true",
+            serde_json::Value::Null,
+        ),
+        ("POST", "/v1/replica/{vm}/commit", commit.clone()),
+    ];
+    let body_of = |v: &serde_json::Value| {
+        if v.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(v).unwrap()
+        }
+    };
+    let fill = |path: &str, vm: &str, disk: &str, cycle: &str, index: &str| {
+        path.replace("{vm}", vm)
+            .replace("{disk}", disk)
+            .replace("{cycle}", cycle)
+            .replace("{index}", index)
+    };
+    let long_cycle = "c".repeat(101);
+    // Every case runs; the failures are reported together at the end.
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (method, path, body) in &routes {
+        let mut cases: Vec<(&str, String)> = names
+            .iter()
+            .map(|n| ("{vm}", fill(path, n, "disk0", "c1-00", "0")))
+            .collect();
+        if path.contains("{disk}") {
+            cases.extend(
+                names
+                    .iter()
+                    .map(|n| ("{disk}", fill(path, "vm1", n, "c1-00", "0"))),
+            );
+        }
+        if path.contains("{cycle}") {
+            // Cycle ids may be longer than names: up to 100 characters.
+            cases.extend(
+                BAD_NAMES
+                    .iter()
+                    .chain([&long_cycle.as_str()])
+                    .map(|n| ("{cycle}", fill(path, "vm1", "disk0", n, "0"))),
+            );
+        }
+        if path.contains("{index}") {
+            for n in ["x", "-1", "99999999999999999999", "1", "%2e%2e"] {
+                cases.push(("{index}", fill(path, "vm1", "disk0", "c1-00", n)));
+            }
+        }
+        for (param, p) in cases {
+            let (status, answer) = raw(agent.port, method, &p, TOKEN, body_of(body)).await;
+            let msg = answer["error"].as_str().unwrap_or_default();
+            if status != 400 || !msg.contains(param) {
+                failures.push(format!(
+                    "{method} {p}: {status} {answer} (want 400 naming {param})"
+                ));
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 200, "{checked} cases");
+
+    // Operation ids: 1 to 512 bytes, on every route that takes one.
+    let big = "o".repeat(513);
+    let en_big = enable(&big);
+    let op_cases: Vec<(&str, String, serde_json::Value)> = vec![
+        (
+            "DELETE",
+            format!("/v1/vms/vm1?operationId={big}"),
+            serde_json::Value::Null,
+        ),
+        (
+            "DELETE",
+            "/v1/vms/vm1?operationId=".to_string(),
+            serde_json::Value::Null,
+        ),
+        (
+            "POST",
+            "/v1/vms/vm1/power".into(),
+            serde_json::json!({"action": "Start", "operationId": big}),
+        ),
+        (
+            "POST",
+            "/v1/vms/vm1/power".into(),
+            serde_json::json!({"action": "Start", "operationId": ""}),
+        ),
+        ("POST", "/v1/vms/vm1/replication/enable".into(), en_big),
+        (
+            "POST",
+            "/v1/vms/vm1/replication/accept".into(),
+            serde_json::json!({"operationId": big, "sourceSite": "secondary"}),
+        ),
+        ("POST", "/v1/vms/vm1/replication/sync".into(), op(&big)),
+        ("POST", "/v1/vms/vm1/replication/stop".into(), op(&big)),
+        (
+            "POST",
+            "/v1/vms/vm1/failover".into(),
+            serde_json::json!({"operationId": big, "recoveryPoint": "Latest"}),
+        ),
+        (
+            "POST",
+            "/v1/vms/vm1/test-failover".into(),
+            serde_json::json!({"operationId": big, "recoveryPoint": "Latest", "network": "n"}),
+        ),
+        ("POST", "/v1/vms/vm1/test-failover/cleanup".into(), op(&big)),
+        ("POST", "/v1/vms/vm1/commit".into(), op(&big)),
+        ("POST", "/v1/vms/vm1/commit".into(), op("")),
+        (
+            "POST",
+            "/v1/cuts".into(),
+            serde_json::json!({"cutId": big, "vms": ["vm1"]}),
+        ),
+    ];
+    // Numbers out of range, names and ids in bodies.
+    let mut number_cases: Vec<(&str, String, serde_json::Value)> = Vec::new();
+    for (field, value) in [
+        ("intervalSeconds", serde_json::json!(0)),
+        ("intervalSeconds", serde_json::json!(7 * 86400 + 1)),
+        ("intervalSeconds", serde_json::json!(u64::MAX)),
+        (
+            "recoveryPointRetentionHours",
+            serde_json::json!(24 * 365 + 1),
+        ),
+        ("recoveryPointRetentionHours", serde_json::json!(u64::MAX)),
+        (
+            "appConsistentFrequencyHours",
+            serde_json::json!(24 * 365 + 1),
+        ),
+        ("appConsistentFrequencyHours", serde_json::json!(u64::MAX)),
+        ("peerSite", serde_json::json!("")),
+    ] {
+        let mut b = enable("en-2");
+        b[field] = value;
+        number_cases.push(("POST", "/v1/vms/vm1/replication/enable".into(), b));
+    }
+    for (field, value) in [
+        ("retentionHours", serde_json::json!(24 * 365 + 1)),
+        ("retentionHours", serde_json::json!(u64::MAX)),
+        ("disks", serde_json::json!([])),
+        (
+            "disks",
+            serde_json::json!([{"name": "disk0", "sizeBytes": 0}]),
+        ),
+        (
+            "disks",
+            serde_json::json!([{"name": "disk0", "sizeBytes": 2u64 << 30}]),
+        ),
+        (
+            "disks",
+            serde_json::json!([{"name": "..", "sizeBytes": 1048576}]),
+        ),
+        (
+            "disks",
+            serde_json::json!([{"name": "a/b", "sizeBytes": 1048576}]),
+        ),
+        (
+            "disks",
+            serde_json::json!([{"name": "d", "sizeBytes": 1048576}, {"name": "d", "sizeBytes": 1048576}]),
+        ),
+        ("cycleId", serde_json::json!("c".repeat(101))),
+        ("cycleId", serde_json::json!("../x")),
+        ("parent", serde_json::json!("../x")),
+        ("inDoubt", serde_json::json!("c".repeat(101))),
+        ("sourceSite", serde_json::json!("")),
+    ] {
+        let mut b = begin.clone();
+        b[field] = value;
+        number_cases.push(("POST", "/v1/replica/newvm/begin".into(), b));
+    }
+    for (field, value) in [
+        ("cycleId", serde_json::json!("../x")),
+        ("cutId", serde_json::json!(big)),
+    ] {
+        let mut b = commit.clone();
+        b[field] = value;
+        number_cases.push(("POST", "/v1/replica/vm1/commit".into(), b));
+    }
+    number_cases.push((
+        "POST",
+        "/v1/vms/vm1/test-failover".into(),
+        serde_json::json!({"operationId": "tf-2", "recoveryPoint": "Latest", "network": "n".repeat(254)}),
+    ));
+    number_cases.push((
+        "POST",
+        "/v1/cuts".into(),
+        serde_json::json!({"cutId": "cut-1", "vms": [".."]}),
+    ));
+    for (method, path, body) in op_cases.iter().chain(&number_cases) {
+        let (status, answer) = raw(agent.port, method, path, TOKEN, body_of(body)).await;
+        if status != 400 || !answer["error"].is_string() {
+            let body = body.to_string();
+            let body = &body[..body.len().min(200)];
+            failures.push(format!("{method} {path:.80} {body}: {status} {answer}"));
+        }
+    }
+
+    // A VM whose drill copy name would pass 63 characters: refused with the reason.
+    let (status, answer) = raw(
+        agent.port,
+        "POST",
+        &format!("/v1/vms/{long_vm}/test-failover"),
+        TOKEN,
+        body_of(
+            &serde_json::json!({"operationId": "tf-3", "recoveryPoint": "Latest", "network": "n"}),
+        ),
+    )
+    .await;
+    if status != 400
+        || !answer["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("-test")
+    {
+        failures.push(format!("drill of {long_vm}: {status} {answer}"));
+    }
+
+    // JSON bodies are limited to 1 MiB (valid JSON, padded beyond it): refused, not applied.
+    let pad = "p".repeat(MIB as usize + 1024);
+    for (method, path, mut body) in [
+        ("PUT", "/v1/vms/vm9", create.clone()),
+        (
+            "POST",
+            "/v1/vms/vm1/power",
+            serde_json::json!({"action": "PowerOff", "operationId": "pw-9"}),
+        ),
+        ("POST", "/v1/replica/vm8/begin", begin.clone()),
+        ("POST", "/v1/vms/vm1/replication/enable", enable("en-9")),
+    ] {
+        body["pad"] = pad.clone().into();
+        let (status, answer) = raw(agent.port, method, path, TOKEN, body_of(&body)).await;
+        if status != 413 {
+            failures.push(format!(
+                "{method} {path} with a body over 1 MiB: {status} {answer}"
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+
+    // Nothing changed: the same files with the same contents under the test's root (so no
+    // file appeared outside the data dir either), the same VMs.
+    assert_eq!(snapshot(root.path()), before_root);
+    let after_vms = c.list_vms().await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&after_vms).unwrap(),
+        serde_json::to_value(&before_vms).unwrap()
+    );
+}
+
+const PEER_TOKEN: &str = "peer-token-5678";
+/// A peer token of another site.
+const OTHER_TOKEN: &str = "other-token-9999";
+
+/// Starts an agent that also takes `PEER_TOKEN` (of site "primary") and `OTHER_TOKEN` (of site
+/// "other"), for the agent-to-agent routes only.
+fn start_with_peer_token(site: &str, root: &std::path::Path) -> AgentProc {
+    let file = root.join(format!("{site}.peer-token"));
+    std::fs::write(
+        &file,
+        format!("# site token\nprimary {PEER_TOKEN}\n\nother {OTHER_TOKEN}\n"),
+    )
+    .unwrap();
+    AgentProc::start_with(
+        site,
+        root,
+        &[],
+        &["--peer-token-file", file.to_str().unwrap()],
+    )
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn a_peer_token_reaches_only_the_replica_routes() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = start_with_peer_token("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    cb.create_vm("local", &spec(MIB, true)).await.unwrap();
+    let before_root = snapshot(&b.data_dir);
+
+    // The peer token on every route that is not an agent-to-agent one: 403, nothing done.
+    let op = |id: &str| serde_json::json!({"operationId": id});
+    let enable = serde_json::json!({"operationId": "en-1", "peerSite": "primary", "peerUrl": a.url,
+        "peerToken": "t", "intervalSeconds": 30, "mode": "Initial"});
+    let controller_routes: Vec<(&str, &str, serde_json::Value)> = vec![
+        ("GET", "/v1/vms", serde_json::Value::Null),
+        ("GET", "/v1/vms/local", serde_json::Value::Null),
+        (
+            "PUT",
+            "/v1/vms/other",
+            serde_json::json!({"disks": [{"name": "disk0", "sizeBytes": 1048576}], "power": "Running"}),
+        ),
+        (
+            "DELETE",
+            "/v1/vms/local?operationId=del-1",
+            serde_json::Value::Null,
+        ),
+        (
+            "POST",
+            "/v1/vms/local/power",
+            serde_json::json!({"action": "PowerOff", "operationId": "pw-1"}),
+        ),
+        (
+            "PUT",
+            "/v1/vms/local/disks/disk0/data?offset=0",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/local/disks/disk0/data?offset=0&length=10",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/local/disks/disk0/digest",
+            serde_json::Value::Null,
+        ),
+        (
+            "GET",
+            "/v1/vms/local/recovery-points",
+            serde_json::Value::Null,
+        ),
+        ("POST", "/v1/vms/local/replication/enable", enable),
+        (
+            "POST",
+            "/v1/vms/local/replication/accept",
+            serde_json::json!({"operationId": "ac-1", "sourceSite": "primary"}),
+        ),
+        ("POST", "/v1/vms/local/replication/sync", op("sy-1")),
+        ("POST", "/v1/vms/local/replication/stop", op("st-1")),
+        (
+            "POST",
+            "/v1/vms/local/failover",
+            serde_json::json!({"operationId": "fo-1", "recoveryPoint": "Latest"}),
+        ),
+        (
+            "POST",
+            "/v1/vms/local/test-failover",
+            serde_json::json!({"operationId": "tf-1", "recoveryPoint": "Latest", "network": "n"}),
+        ),
+        ("POST", "/v1/vms/local/test-failover/cleanup", op("tc-1")),
+        ("POST", "/v1/vms/local/commit", op("cm-1")),
+        (
+            "POST",
+            "/v1/cuts",
+            serde_json::json!({"cutId": "cut-1", "vms": ["local"]}),
+        ),
+        ("GET", "/v1/no-such-route", serde_json::Value::Null),
+    ];
+    for (method, path, body) in &controller_routes {
+        let body = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body).unwrap()
+        };
+        let (status, answer) = raw(b.port, method, path, PEER_TOKEN, body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(answer["error"].is_string(), "{method} {path}: {answer}");
+    }
+    // A token neither kind: 401 on the replica routes too.
+    let (status, _) = raw(b.port, "GET", "/v1/replica/local/dirty", "nope", Vec::new()).await;
+    assert_eq!(status, 401);
+    assert_eq!(snapshot(&b.data_dir), before_root);
+
+    // Replication from A into B with B's peer token.
+    ca.create_vm("web-01", &spec(4 * MIB, true)).await.unwrap();
+    ca.write_disk("web-01", "disk0", 4096, vec![5u8; 300_000])
+        .await
+        .unwrap();
+    let mut en = common_agent::enable_to("en-1", &b, twinsite::site::ReplicationMode::Initial);
+    en.peer_token = PEER_TOKEN.into();
+    ca.enable_replication("web-01", &en).await.unwrap();
+    ca.sync("web-01", "sync-1").await.unwrap();
+    assert_eq!(
+        cb.digest("web-01", "disk0").await.unwrap(),
+        ca.digest("web-01", "disk0").await.unwrap()
+    );
+    // The controller token still reaches every route, the replica routes included.
+    let (status, answer) = raw(
+        b.port,
+        "GET",
+        "/v1/replica/web-01/disks/0/hashes",
+        TOKEN,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = raw(
+        b.port,
+        "GET",
+        "/v1/replica/web-01/disks/0/hashes",
+        PEER_TOKEN,
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The token of another site reaches none of the replica routes of primary's VM, and cannot
+    // claim to be primary.
+    let before_b = snapshot(&b.data_dir);
+    let begin = |site: &str| {
+        serde_json::to_vec(&serde_json::json!({"sourceSite": site, "cycleId": "c1-00",
+            "disks": [{"name": "disk0", "sizeBytes": 4 * MIB}], "integrationServices": true,
+            "retentionHours": 1, "bulk": true}))
+        .unwrap()
+    };
+    let commit = serde_json::to_vec(&serde_json::json!({"cycleId": "c1-00", "bulk": true,
+        "time": "2026-01-01T00:00:00Z", "kind": "CrashConsistent"}))
+    .unwrap();
+    for (method, path, body, want) in [
+        ("POST", "/v1/replica/web-01/begin", begin("primary"), 403),
+        ("POST", "/v1/replica/fresh/begin", begin("primary"), 403),
+        ("GET", "/v1/replica/web-01/disks/0/hashes", Vec::new(), 403),
+        ("GET", "/v1/replica/web-01/dirty", Vec::new(), 403),
+        (
+            "PUT",
+            "/v1/replica/web-01/cycles/c1-00/blocks?bulk=true",
+            Vec::new(),
+            403,
+        ),
+        ("POST", "/v1/replica/web-01/commit", commit, 403),
+        // As itself it is refused by the replica's own rule: not its replica, not accepted.
+        ("POST", "/v1/replica/web-01/begin", begin("other"), 409),
+    ] {
+        let (status, answer) = raw(b.port, method, path, OTHER_TOKEN, body).await;
+        assert_eq!(status, want, "{method} {path}: {answer}");
+    }
+    assert_eq!(snapshot(&b.data_dir), before_b);
+
+    // Peer credentials at rest are readable by the agent's user only.
+    let vm_json = a.data_dir.join("vms/web-01/vm.json");
+    assert!(
+        std::fs::read_to_string(&vm_json)
+            .unwrap()
+            .contains(PEER_TOKEN)
+    );
+    assert_eq!(mode(&vm_json), 0o600);
+    assert_eq!(mode(&a.data_dir.join("vms")), 0o700);
+    assert_eq!(mode(&b.data_dir.join("vms/web-01/vm.json")), 0o600);
+    assert_eq!(mode(&b.data_dir.join("vms")), 0o700);
+
+    // A source holding a wrong peer token is refused by the peer: the cycle fails.
+    let mut en = common_agent::enable_to("en-2", &b, twinsite::site::ReplicationMode::Resync);
+    en.peer_token = "wrong".into();
+    ca.enable_replication("web-01", &en).await.unwrap();
+    let err = ca.sync("web-01", "sync-2").await.unwrap_err();
+    assert!(err.to_string().contains("401"), "{err}");
+}
+
+#[test]
+fn a_peer_token_file_that_is_empty_or_the_controller_token_stops_the_start() {
+    let root = tempfile::tempdir().unwrap();
+    let token = root.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let bound = format!("primary {TOKEN}");
+    for (content, want) in [
+        ("\n# only a comment\n", "peer token file holds no token"),
+        (TOKEN, "controller token"),
+        (bound.as_str(), "controller token"),
+        ("a b c", "line 1"),
+    ] {
+        let peer = root.path().join("peer");
+        std::fs::write(&peer, content).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_twinsite"))
+            .args(["agent", "--site", "s", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(root.path().join("data"))
+            .arg("--token-file")
+            .arg(&token)
+            .arg("--peer-token-file")
+            .arg(&peer)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the agent started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{content:?}: {err}");
+    }
+}

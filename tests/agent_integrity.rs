@@ -85,7 +85,7 @@ async fn a_lost_replica_is_resynchronized_not_rebuilt_from_one_cycle() {
     let a = AgentProc::start("primary", root.path());
     let mut b = AgentProc::start("secondary", root.path());
     let size = 4 * MIB;
-    let (ca, cb) = protect(&a, &b, size).await;
+    let (ca, _cb) = protect(&a, &b, size).await;
 
     // The secondary loses its copy of the VM while the primary keeps cycling.
     b.kill();
@@ -114,7 +114,7 @@ async fn an_old_source_that_returns_never_overwrites_the_new_primary() {
     let root = tempfile::tempdir().unwrap();
     let mut a = AgentProc::start("primary", root.path());
     let b = AgentProc::start("secondary", root.path());
-    let (ca, cb) = protect(&a, &b, 4 * MIB).await;
+    let (_ca, cb) = protect(&a, &b, 4 * MIB).await;
 
     // The primary site is lost with replication on; the VM fails over unplanned to B, takes
     // writes there, and is powered off.

@@ -32,14 +32,13 @@ const PIPELINE: usize = 2;
 const MAX_RESENDS: usize = 5;
 
 /// Test-only fault injection: with `TWINSITE_FAULT_CORRUPT_BLOCKS=N` the first N blocks sent are
-/// damaged after their checksum was computed, as a bad link would.
+/// damaged after their checksum was computed, as a bad link would (feature `failpoints` only).
 static CORRUPT_LEFT: AtomicU64 = AtomicU64::new(0);
 static CORRUPT_INIT: AtomicBool = AtomicBool::new(false);
 
 fn take_corruption() -> bool {
     if !CORRUPT_INIT.swap(true, Ordering::SeqCst) {
-        let n = std::env::var("TWINSITE_FAULT_CORRUPT_BLOCKS")
-            .ok()
+        let n = fault::switch("TWINSITE_FAULT_CORRUPT_BLOCKS")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         CORRUPT_LEFT.store(n, Ordering::SeqCst);
@@ -121,7 +120,7 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
 struct Peer {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: crate::secret::Secret,
 }
 
 /// Why a cycle or transfer ended early.
@@ -163,7 +162,7 @@ impl Peer {
         let mut req = self
             .http
             .request(method, format!("{}{}", self.base, path))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .timeout(Duration::from_secs(600));
         if let Some(j) = json {
             req = req.json(&j);

@@ -4,6 +4,7 @@
 //! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
 mod driver;
+mod input;
 mod replica;
 mod store;
 
@@ -12,18 +13,20 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::replication::frame;
+use crate::secret::Secret;
 use crate::site::{CreateVm, ErrorBody, PowerRequest};
+use input::Params;
 pub use store::Store;
 
 /// `twinsite agent` options.
@@ -38,9 +41,15 @@ pub struct AgentArgs {
     /// Directory holding every VM disk and all agent state.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// File holding the bearer token callers must present.
+    /// File holding the controller's bearer token (every route).
     #[arg(long)]
     pub token_file: PathBuf,
+    /// File holding the bearer tokens of peer agents, one per line (`TOKEN`, or `SITE TOKEN` to
+    /// bind it to the peer site SITE; `#` starts a comment line): they reach only the
+    /// agent-to-agent routes (`/v1/replica/...`), a bound one only for the VMs that replicate
+    /// with its site. Without it the controller's token is the only one, and peers present it.
+    #[arg(long)]
+    pub peer_token_file: Option<PathBuf>,
     /// PEM certificate chain: serve https instead of http (with --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -53,6 +62,10 @@ pub struct AgentArgs {
     /// How long a graceful Shutdown waits for the guest before it fails (use PowerOff then).
     #[arg(long, default_value_t = 60)]
     pub shutdown_timeout_seconds: u64,
+    /// Requests served at once on the controller's routes, and as many again on the
+    /// agent-to-agent routes; more wait.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
 }
 
 /// Errors of the agent's startup.
@@ -62,6 +75,14 @@ pub enum AgentError {
     Token(std::io::Error),
     #[error("token file is empty")]
     EmptyToken,
+    #[error("reading peer token file: {0}")]
+    PeerToken(std::io::Error),
+    #[error("peer token file holds no token")]
+    EmptyPeerToken,
+    #[error("peer token file: line {0} is neither TOKEN nor SITE TOKEN")]
+    PeerTokenLine(usize),
+    #[error("a token of the peer token file is the controller token; give peers their own")]
+    PeerTokenIsControllerToken,
     #[error("loading TLS certificate or key: {0}")]
     Tls(std::io::Error),
     #[error("data directory: {0}")]
@@ -132,7 +153,14 @@ type Drivers = std::collections::HashMap<
 struct AppState {
     site: String,
     data_dir: PathBuf,
-    token: String,
+    /// The controller's token: every route.
+    token: Secret,
+    /// Peer agents' tokens, each with the site it is bound to: the agent-to-agent routes only.
+    peer_tokens: Vec<PeerToken>,
+    /// Requests served at once on the controller's routes and on the agent-to-agent routes.
+    /// Apart, so a peer's block stream never waits behind controller calls that wait for it.
+    control_requests: Arc<tokio::sync::Semaphore>,
+    replica_requests: Arc<tokio::sync::Semaphore>,
     store: Store,
     drivers: Mutex<Drivers>,
     /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
@@ -182,6 +210,18 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if token.is_empty() {
         return Err(AgentError::EmptyToken);
     }
+    let peer_tokens = match &args.peer_token_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f).map_err(AgentError::PeerToken)?;
+            let tokens = PeerToken::parse(&text)?;
+            if tokens.iter().any(|t| t.token.expose() == token) {
+                return Err(AgentError::PeerTokenIsControllerToken);
+            }
+            tokens
+        }
+        None => Vec::new(),
+    };
+    let max_requests = args.max_concurrent_requests as usize;
     let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
     store.recover();
     tune_allocator();
@@ -199,7 +239,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let state = Arc::new(AppState {
         site: args.site.clone(),
         data_dir: args.data_dir.clone(),
-        token,
+        token: token.into(),
+        peer_tokens,
+        control_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
+        replica_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
         store,
         drivers: Mutex::new(Default::default()),
         cycle_locks: Mutex::new(Default::default()),
@@ -281,14 +324,18 @@ async fn shutdown_signal() {
     }
 }
 
+/// The routes. Every route under `/v1` needs a token; the controller's reaches every route, a
+/// peer agent's only the agent-to-agent ones (`/v1/replica/...`, 403 elsewhere). Bodies are
+/// limited to 1 MiB except on the guest write and block stream routes (256 MiB).
 fn router(state: Shared) -> Router {
-    let v1 = Router::new()
+    let data_limit = DefaultBodyLimit::max(input::DATA_BODY_LIMIT);
+    let control = Router::new()
         .route("/vms", get(list_vms))
         .route("/vms/{vm}", get(get_vm).put(create_vm).delete(delete_vm))
         .route("/vms/{vm}/power", post(power))
         .route(
             "/vms/{vm}/disks/{disk}/data",
-            put(write_disk).get(read_disk),
+            put(write_disk).layer(data_limit).get(read_disk),
         )
         .route("/vms/{vm}/disks/{disk}/digest", get(digest))
         .route("/vms/{vm}/recovery-points", get(recovery_points))
@@ -301,30 +348,149 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/test-failover/cleanup", post(test_cleanup))
         .route("/vms/{vm}/commit", post(commit))
         .route("/cuts", post(cut))
-        .route("/replica/{vm}/begin", post(replica_begin))
-        .route("/replica/{vm}/disks/{disk}/hashes", get(replica_hashes))
-        .route("/replica/{vm}/dirty", get(replica_dirty))
-        .route("/replica/{vm}/cycles/{cycle}/blocks", put(replica_blocks))
-        .route("/replica/{vm}/commit", post(replica_commit))
+        .route_layer(middleware::from_fn_with_state(
+            state.control_requests.clone(),
+            limit_requests,
+        ))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(controller_only));
+    let replica = Router::new()
+        .route("/replica/{vm}/begin", post(replica_begin))
+        .route("/replica/{vm}/disks/{index}/hashes", get(replica_hashes))
+        .route("/replica/{vm}/dirty", get(replica_dirty))
+        .route(
+            "/replica/{vm}/cycles/{cycle}/blocks",
+            put(replica_blocks).layer(data_limit),
+        )
+        .route("/replica/{vm}/commit", post(replica_commit))
+        .route_layer(middleware::from_fn_with_state(
+            state.replica_requests.clone(),
+            limit_requests,
+        ));
+    let v1 = control
+        .merge(replica)
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .nest("/v1", v1)
-        .layer(DefaultBodyLimit::max(256 << 20))
+        .layer(DefaultBodyLimit::max(input::JSON_BODY_LIMIT))
         .with_state(state)
 }
 
-async fn auth(State(st): State<Shared>, headers: HeaderMap, req: Request, next: Next) -> Response {
-    let ok = headers
+/// A peer agent's token from `--peer-token-file`.
+#[derive(Debug)]
+struct PeerToken {
+    /// The peer site it belongs to; `None`: any site's.
+    site: Option<String>,
+    token: Secret,
+}
+
+impl PeerToken {
+    /// One token per line: `TOKEN` or `SITE TOKEN`; blank lines and `#` comments are skipped.
+    fn parse(text: &str) -> Result<Vec<Self>, AgentError> {
+        let mut tokens = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            tokens.push(match fields[..] {
+                [token] => PeerToken {
+                    site: None,
+                    token: token.into(),
+                },
+                [site, token] => PeerToken {
+                    site: Some(site.to_string()),
+                    token: token.into(),
+                },
+                _ => return Err(AgentError::PeerTokenLine(i + 1)),
+            });
+        }
+        if tokens.is_empty() {
+            return Err(AgentError::EmptyPeerToken);
+        }
+        Ok(tokens)
+    }
+}
+
+/// Who presented the request's token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Caller {
+    Controller,
+    /// A peer agent; `site` when its token is bound to one.
+    Peer {
+        site: Option<String>,
+    },
+}
+
+impl Caller {
+    /// The site a peer's token is bound to: its requests reach only that site's VMs.
+    fn bound_site(&self) -> Option<&str> {
+        match self {
+            Caller::Peer { site } => site.as_deref(),
+            Caller::Controller => None,
+        }
+    }
+}
+
+async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), st.token.as_bytes()));
-    if ok {
+        .map(|t| t.trim().as_bytes());
+    let caller = presented.and_then(|t| {
+        if constant_time_eq(t, st.token.expose().as_bytes()) {
+            return Some(Caller::Controller);
+        }
+        // Every peer token is compared (no early exit on a match).
+        let mut found = None;
+        for p in &st.peer_tokens {
+            if constant_time_eq(t, p.token.expose().as_bytes()) && found.is_none() {
+                found = Some(Caller::Peer {
+                    site: p.site.clone(),
+                });
+            }
+        }
+        found
+    });
+    match caller {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+        }
+    }
+}
+
+/// In front of every route that is not an agent-to-agent one: a peer's token gets 403.
+async fn controller_only(req: Request, next: Next) -> Response {
+    if req.extensions().get::<Caller>() == Some(&Caller::Controller) {
         next.run(req).await
     } else {
-        ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token").into_response()
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "a peer agent's token reaches only the agent-to-agent routes (/v1/replica/...)",
+        )
+        .into_response()
+    }
+}
+
+/// Serves a request once one of the route group's slots is free (`--max-concurrent-requests`).
+async fn limit_requests(
+    State(slots): State<Arc<tokio::sync::Semaphore>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match slots.acquire_owned().await {
+        Ok(_slot) => next.run(req).await,
+        Err(_) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "agent is stopping").into_response()
+        }
     }
 }
 
@@ -332,10 +498,33 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Body parsing whose every failure is a 400 with the reason.
+/// Body parsing whose every failure is a 400 with the reason (413 for a body over the limit).
 fn parse<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
-    body.map(|Json(b)| b)
-        .map_err(|e| ApiError::bad(format!("malformed body: {}", e.body_text())))
+    body.map(|Json(b)| b).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(input::JSON_BODY_LIMIT)
+        } else {
+            ApiError::bad(format!("malformed body: {}", e.body_text()))
+        }
+    })
+}
+
+/// A raw body (guest data, a block batch); 413 over the limit.
+fn raw_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(input::DATA_BODY_LIMIT)
+        } else {
+            ApiError::new(e.status(), e.body_text())
+        }
+    })
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("body larger than {limit} bytes"),
+    )
 }
 
 /// Runs storage work off the async threads.
@@ -373,13 +562,13 @@ async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
     with_store(&st, |s| Ok(Json(s.list()).into_response())).await
 }
 
-async fn get_vm(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+async fn get_vm(State(st): State<Shared>, Params(vm): Params<String>) -> ApiResult<Response> {
     with_store(&st, move |s| Ok(Json(s.vm(&vm)?).into_response())).await
 }
 
 async fn create_vm(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<CreateVm>, JsonRejection>,
 ) -> ApiResult<Response> {
     let spec = parse(body)?;
@@ -398,9 +587,10 @@ struct OpQuery {
 
 async fn delete_vm(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     Query(q): Query<OpQuery>,
 ) -> ApiResult<Response> {
+    input::opt_op_id("operationId", q.operation_id.as_deref())?;
     let vm2 = vm.clone();
     let running = with_store(&st, move |s| {
         Ok(s.vm(&vm2)?.power == crate::site::Power::Running)
@@ -422,10 +612,11 @@ async fn delete_vm(
 
 async fn power(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<PowerRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::opt_op_id("operationId", req.operation_id.as_deref())?;
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
             let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
@@ -514,10 +705,10 @@ fn set_shutting_down(st: &Shared, vm: &str, on: bool) {
 }
 
 /// Test-only fault injection: `TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN=vm1,vm2` makes those
-/// guests ignore a graceful shutdown.
+/// guests ignore a graceful shutdown (feature `failpoints` only).
 fn guest_ignores_shutdown(vm: &str) -> bool {
-    std::env::var("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN")
-        .is_ok_and(|v| v.split(',').any(|n| n.trim() == vm))
+    crate::fault::switch("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN")
+        .is_some_and(|v| v.split(',').any(|n| n.trim() == vm))
 }
 
 /// A guest write accepted: counted until dropped.
@@ -568,10 +759,11 @@ fn number(v: Option<String>, name: &str) -> ApiResult<u64> {
 
 async fn write_disk(
     State(st): State<Shared>,
-    Path((vm, disk)): Path<(String, String)>,
+    Params((vm, disk)): Params<(String, String)>,
     Query(q): Query<IoQuery>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let body = raw_body(body)?;
     let offset = number(q.offset, "offset")?;
     let in_flight = InFlight::start(&st, &vm)?;
     with_vm(&st, &vm.clone(), move |r| {
@@ -584,7 +776,7 @@ async fn write_disk(
 
 async fn read_disk(
     State(st): State<Shared>,
-    Path((vm, disk)): Path<(String, String)>,
+    Params((vm, disk)): Params<(String, String)>,
     Query(q): Query<IoQuery>,
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
@@ -598,7 +790,7 @@ async fn read_disk(
 
 async fn digest(
     State(st): State<Shared>,
-    Path((vm, disk)): Path<(String, String)>,
+    Params((vm, disk)): Params<(String, String)>,
 ) -> ApiResult<Response> {
     read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::DigestResponse {
@@ -613,7 +805,10 @@ fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
 }
 
-async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
+async fn recovery_points(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+) -> ApiResult<Response> {
     read_vm(&st, &vm, move |r| {
         Ok(Json(crate::site::RecoveryPointList {
             recovery_points: r.recovery_points()?,
@@ -625,13 +820,27 @@ async fn recovery_points(State(st): State<Shared>, Path(vm): Path<String>) -> Ap
 
 async fn enable(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    if req.interval_seconds == 0 {
-        return Err(ApiError::bad("intervalSeconds must be positive"));
-    }
+    input::op_id("operationId", &req.operation_id)?;
+    input::site_name("peerSite", &req.peer_site)?;
+    input::in_range(
+        "intervalSeconds",
+        req.interval_seconds,
+        1..=input::MAX_INTERVAL_SECONDS,
+    )?;
+    input::in_range(
+        "recoveryPointRetentionHours",
+        req.recovery_point_retention_hours,
+        0..=input::MAX_HOURS,
+    )?;
+    input::in_range(
+        "appConsistentFrequencyHours",
+        req.app_consistent_frequency_hours,
+        0..=input::MAX_HOURS,
+    )?;
     if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
         return Err(ApiError::bad("peerUrl must be an http(s) URL"));
     }
@@ -687,24 +896,22 @@ async fn enable(
 /// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.
 async fn accept(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    if req.source_site.is_empty() || req.source_site.len() > 253 {
-        return Err(ApiError::bad("sourceSite must be a site name"));
-    }
+    input::op_id("operationId", &req.operation_id)?;
+    input::site_name("sourceSite", &req.source_site)?;
     let op = req.operation_id.clone();
-    if let Some(v) = with_store(&st, {
-        let op = op.clone();
-        move |s| Ok(s.op_lookup(&op))
-    })
-    .await?
-    {
-        return Ok(Json(v).into_response());
-    }
     let v = with_store(&st, move |s| {
-        to_json(s.accept(&vm, &req.source_site, Some(&op))?)
+        if !s.exists(&vm) {
+            // Nothing here to protect: the first bulk transfer creates the replica.
+            return to_json(s.accept_missing(&vm, &req.source_site)?);
+        }
+        // Once per operation id: a retry must not grant again what a transfer used up.
+        s.idempotent(&vm, Some(&op), |_, r| {
+            to_json(r.accept(&req.source_site, Some(&op))?)
+        })
     })
     .await?;
     Ok(Json(v).into_response())
@@ -741,10 +948,11 @@ async fn once(
 
 async fn sync(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
     let vm2 = vm.clone();
     read_vm(&st, &vm2, |_| Ok(())).await?;
     once(&st, &req.operation_id, async {
@@ -760,8 +968,9 @@ async fn cut(
     body: Result<Json<crate::site::CutRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    if req.cut_id.is_empty() {
-        return Err(ApiError::bad("cutId must not be empty"));
+    input::op_id("cutId", &req.cut_id)?;
+    if let Some(bad) = req.vms.iter().find(|n| !store::valid_name(n)) {
+        return Err(ApiError::bad(format!("invalid VM name {bad:?} in vms")));
     }
     let op = format!("cut/{}", req.cut_id);
     // One cut at a time: a repeated cut id waits for the first and answers its result.
@@ -860,10 +1069,11 @@ async fn cut(
 
 async fn stop(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
     driver::stop(&st, &vm);
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         r.stop_inbound()?;
@@ -874,10 +1084,11 @@ async fn stop(
 
 async fn failover(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
@@ -887,10 +1098,20 @@ async fn failover(
 
 async fn test_failover(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
+    input::site_name("network", &req.network)?;
+    // The drill copy is a VM like any other: its name must be valid too.
+    let copy = replica::drill_copy_name(&vm);
+    if !store::valid_name(&copy) {
+        return Err(ApiError::bad(format!(
+            "VM {vm} cannot have a drill copy: its name {copy} would be longer than 63 \
+             characters (VM names of at most 58 characters can be tested)"
+        )));
+    }
     store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         to_json(s.test_failover(
             r,
@@ -904,10 +1125,11 @@ async fn test_failover(
 
 async fn test_cleanup(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
@@ -917,34 +1139,85 @@ async fn test_cleanup(
 
 async fn commit(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Params(vm): Params<String>,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         to_json(r.commit_points(Some(&req.operation_id))?)
     })
     .await
 }
 
+/// A peer token bound to a site reaches only the VMs that replicate with that site: its
+/// replicas here, a VM replicating to it, one the controller let it replicate into (403).
+fn peer_may_use(caller: &Caller, r: &store::VmRec) -> ApiResult<()> {
+    let Some(site) = caller.bound_site() else {
+        return Ok(());
+    };
+    let m = &r.meta;
+    if m.inbound.as_ref().is_some_and(|i| i.source_site == site)
+        || m.outbound.as_ref().is_some_and(|o| o.peer_site == site)
+        || m.accept_from.as_deref() == Some(site)
+    {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        format!("VM {} does not replicate with site {site}", m.name),
+    ))
+}
+
 async fn replica_begin(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Extension(caller): Extension<Caller>,
+    Params(vm): Params<String>,
     body: Result<Json<replica::BeginCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    with_store(&st, move |s| Ok(Json(s.begin(&vm, &req)?).into_response())).await
+    req.check()?;
+    // A bound token speaks for its own site only (the replica's rules then apply to that site).
+    if let Some(site) = caller.bound_site()
+        && site != req.source_site
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a token of site {site} cannot begin replication as site {}",
+                req.source_site
+            ),
+        ));
+    }
+    let vm2 = vm.clone();
+    let answer = with_store(&st, move |s| s.begin(&vm2, &req)).await?;
+    // This VM follows the peer now: a replication task of its own (an old source's) must end.
+    driver::stop(&st, &vm);
+    Ok(Json(answer).into_response())
 }
 
 async fn replica_hashes(
     State(st): State<Shared>,
-    Path((vm, disk)): Path<(String, usize)>,
+    Extension(caller): Extension<Caller>,
+    Params((vm, index)): Params<(String, usize)>,
 ) -> ApiResult<Response> {
-    read_vm(&st, &vm, move |r| Ok(r.block_hashes(disk)?.into_response())).await
+    read_vm(&st, &vm, move |r| {
+        peer_may_use(&caller, r)?;
+        Ok(r.block_hashes(index)?.into_response())
+    })
+    .await
 }
 
-async fn replica_dirty(State(st): State<Shared>, Path(vm): Path<String>) -> ApiResult<Response> {
-    read_vm(&st, &vm, move |r| Ok(Json(r.dirty_set()?).into_response())).await
+async fn replica_dirty(
+    State(st): State<Shared>,
+    Extension(caller): Extension<Caller>,
+    Params(vm): Params<String>,
+) -> ApiResult<Response> {
+    read_vm(&st, &vm, move |r| {
+        peer_may_use(&caller, r)?;
+        Ok(Json(r.dirty_set()?).into_response())
+    })
+    .await
 }
 
 #[derive(Deserialize)]
@@ -955,10 +1228,12 @@ struct BulkQuery {
 
 async fn replica_blocks(
     State(st): State<Shared>,
-    Path((vm, cycle)): Path<(String, String)>,
+    Extension(caller): Extension<Caller>,
+    Params((vm, cycle)): Params<(String, String)>,
     Query(q): Query<BulkQuery>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
+    let body = raw_body(body)?;
     let bulk = q.bulk;
     // Checksums are verified before the store lock is taken, so batches in flight verify in
     // parallel with the writes of the one before.
@@ -970,17 +1245,19 @@ async fn replica_blocks(
     .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let verified = verified.ok_or_else(|| ApiError::bad("malformed block batch"))?;
     let res = with_vm(&st, &vm.clone(), move |r| {
+        peer_may_use(&caller, r)?;
         r.receive(&cycle, bulk, &body, &verified)
     })
     .await?;
-    if !bulk && std::env::var_os("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
+    if !bulk && crate::fault::switch("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
         hang_if_marked(&st).await;
     }
     Ok(Json(res).into_response())
 }
 
-/// Test-only fault injection: while `hang-blocks` exists in the data dir, a cycle's block batch
-/// is staged but never answered, so a test can kill the agent mid-cycle.
+/// Test-only fault injection (`TWINSITE_FAULT_HANG_BLOCKS`, feature `failpoints` only): while
+/// `hang-blocks` exists in the data dir, a cycle's block batch is staged but never answered, so
+/// a test can kill the agent mid-cycle.
 async fn hang_if_marked(st: &Shared) {
     let dir = st.data_dir.clone();
     if dir.join("hang-blocks").exists() {
@@ -991,11 +1268,14 @@ async fn hang_if_marked(st: &Shared) {
 
 async fn replica_commit(
     State(st): State<Shared>,
-    Path(vm): Path<String>,
+    Extension(caller): Extension<Caller>,
+    Params(vm): Params<String>,
     body: Result<Json<replica::CommitCycle>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    req.check()?;
     with_vm(&st, &vm.clone(), move |r| {
+        peer_may_use(&caller, r)?;
         Ok(Json(r.commit_cycle(&req)?).into_response())
     })
     .await

@@ -28,7 +28,8 @@ use axum::http::StatusCode;
 pub struct Outbound {
     pub peer_site: String,
     pub peer_url: String,
-    pub peer_token: String,
+    /// Bearer token of the peer agent (kept in vm.json, never printed by `Debug`).
+    pub peer_token: crate::secret::Secret,
     /// CA of an https peer.
     #[serde(default)]
     pub peer_ca_pem: Option<String>,
@@ -195,6 +196,36 @@ pub struct BeginCycle {
 /// Reason of the 409 that sends a source to resynchronize.
 pub const RESYNC_REQUIRED: &str = "ResyncRequired";
 
+/// The name of `vm`'s drill copy.
+pub(super) fn drill_copy_name(vm: &str) -> String {
+    format!("{vm}-test")
+}
+
+impl BeginCycle {
+    /// What a peer sends, checked before the store sees it (the disks are checked by the
+    /// store, against `--max-disk-bytes`).
+    pub(super) fn check(&self) -> ApiResult<()> {
+        use super::input;
+        input::site_name("sourceSite", &self.source_site)?;
+        input::cycle_id("cycleId", &self.cycle_id)?;
+        if let Some(p) = &self.parent {
+            input::cycle_id("parent", p)?;
+        }
+        if let Some(p) = &self.in_doubt {
+            input::cycle_id("inDoubt", p)?;
+        }
+        input::in_range("retentionHours", self.retention_hours, 0..=input::MAX_HOURS)
+    }
+}
+
+impl CommitCycle {
+    pub(super) fn check(&self) -> ApiResult<()> {
+        use super::input;
+        input::cycle_id("cycleId", &self.cycle_id)?;
+        input::opt_op_id("cutId", self.cut_id.as_deref())
+    }
+}
+
 /// Answer of `POST /v1/replica/{vm}/begin`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -305,24 +336,21 @@ impl Store {
         }
     }
 
-    /// Controller: lets `source` replicate into `vm` here. An existing VM that is not that
-    /// source's replica becomes one only through this (at the next bulk transfer from it).
-    pub fn accept(&self, vm: &str, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
-        if !self.exists(vm) {
-            if self.is_broken(vm) {
-                return Err(self.missing(vm));
-            }
-            // Nothing here to protect: the first bulk transfer creates the replica.
-            return Ok(AcceptResult {
-                source_site: source.to_string(),
-            });
+    /// Controller: lets `source` replicate into `vm` here, where no VM of that name exists:
+    /// nothing to protect, the first bulk transfer creates the replica.
+    pub fn accept_missing(&self, vm: &str, source: &str) -> ApiResult<AcceptResult> {
+        if self.is_broken(vm) {
+            return Err(self.missing(vm));
         }
-        self.write_vm(vm, |r| r.accept(source, op))
+        Ok(AcceptResult {
+            source_site: source.to_string(),
+        })
     }
 
     /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
     /// creates the replica where no VM of that name exists.
     pub fn begin(&self, vm: &str, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        self.check_disks(&b.disks)?;
         if !self.exists(vm) {
             if !b.bulk {
                 return Err(ApiError::resync(format!(
@@ -503,8 +531,9 @@ impl VmRec {
         Ok(())
     }
 
-    /// See [`Store::accept`].
-    fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+    /// Controller: lets `source` replicate into this VM. A VM that is not that source's replica
+    /// becomes one only through this (at the next bulk transfer from it).
+    pub(super) fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
         let vm = self.meta.name.clone();
         let answer = AcceptResult {
             source_site: source.to_string(),
@@ -627,7 +656,7 @@ impl VmRec {
     /// last acknowledged cycle), asked for before `begin` makes it a replica.
     pub fn dirty_set(&self) -> ApiResult<DirtySet> {
         let vm = self.meta.name.clone();
-        let r = &*self;
+        let r = self;
         if r.meta.power == Power::Running {
             return Err(ApiError::conflict(format!(
                 "VM {vm} runs at this site; its changes are not final"
@@ -649,12 +678,18 @@ impl VmRec {
 
     /// Receiver: blake3 of every block of a disk, for resync.
     pub fn block_hashes(&self, disk: usize) -> ApiResult<Vec<u8>> {
-        let r = &*self;
+        let r = self;
         let size = r
             .meta
             .disks
             .get(disk)
-            .ok_or_else(|| ApiError::not_found("no such disk"))?
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "{{index}} {disk} is out of range: VM {} has {} disks",
+                    r.name(),
+                    r.meta.disks.len()
+                ))
+            })?
             .size_bytes;
         let mut out = Vec::with_capacity(block_count(size) as usize * 32);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -796,7 +831,7 @@ impl VmRec {
     /// The blocks a staging file holds, per disk (headers only; the data is skipped). An error
     /// when the file is torn or names a block outside its disk.
     fn staged_blocks(&self, path: &std::path::Path) -> ApiResult<Vec<Bitmap>> {
-        let r = &*self;
+        let r = self;
         let mut sets: Vec<Bitmap> = r
             .meta
             .disks
@@ -999,7 +1034,7 @@ impl VmRec {
 
     fn select(&self, sel: &RecoveryPointSelector) -> ApiResult<usize> {
         let vm = self.meta.name.clone();
-        let r = &*self;
+        let r = self;
         let i = r
             .meta
             .inbound
@@ -1023,7 +1058,7 @@ impl VmRec {
     /// Applying the segments again from the start gives the same image (each holds absolute
     /// contents), so a rollback cut short by a crash is finished by running it again.
     fn roll_back(&self, pos: usize, target: &[File]) -> ApiResult<Vec<Bitmap>> {
-        let r = &*self;
+        let r = self;
         let udir = self.dir.join("undo");
         let mut changed: Vec<Bitmap> = r
             .meta
@@ -1052,7 +1087,7 @@ impl VmRec {
     }
 
     pub fn recovery_points(&self) -> ApiResult<Vec<RecoveryPoint>> {
-        let r = &*self;
+        let r = self;
         Ok(r.meta
             .inbound
             .as_ref()
@@ -1199,7 +1234,7 @@ impl Store {
             .as_ref()
             .map(|i| i.rps[pos].view())
             .ok_or_else(|| ApiError::conflict("no recovery points"))?;
-        let name = format!("{}-test", r.name());
+        let name = drill_copy_name(r.name());
         let recorded = r
             .meta
             .inbound
@@ -1266,7 +1301,7 @@ impl Store {
 
     /// Deletes the drill copy of `vm` (`r`, locked).
     pub(super) fn test_cleanup(&self, r: &mut VmRec) -> ApiResult<(String, bool)> {
-        let name = format!("{}-test", r.name());
+        let name = drill_copy_name(r.name());
         let exists = self.exists(&name)
             && self.write_vm(&name, |t| {
                 if t.meta.role != Role::TestCopy {
@@ -1280,5 +1315,40 @@ impl Store {
         }
         r.save()?;
         Ok((name, exists))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_outbound_hides_the_peer_token() {
+        let o = Outbound {
+            peer_site: "secondary".into(),
+            peer_url: "https://secondary:7101".into(),
+            peer_token: "s3cr3t-peer-token".into(),
+            peer_ca_pem: None,
+            interval_seconds: 30,
+            retention_hours: 1,
+            app_consistent_hours: 0,
+            state: ReplicationState::Replicating,
+            bulk: None,
+            stopped: false,
+            last_sync_time: None,
+            last_app_consistent: None,
+            bytes_sent: 0,
+            blocks_resent: 0,
+            last_error: None,
+            in_doubt: None,
+        };
+        let dbg = format!("{o:?} {o:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("secondary"), "{dbg}");
+        // vm.json keeps the token (the agent needs it after a restart), in the same format.
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["peerToken"], "s3cr3t-peer-token");
+        let back: Outbound = serde_json::from_value(json).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{o:?}"));
     }
 }

@@ -6,13 +6,18 @@
 //! DATA/vms/<vm>/track/           change-tracking journal (see replication::tracker)
 //! DATA/ops/<hex id>.json         answers of finished operations, for idempotency
 //! ```
+//!
+//! `vms/` and `ops/` are 0700 and every metadata file is written 0600: `vm.json` holds the peer
+//! agent's token of outbound replication.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
 
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -28,6 +33,13 @@ use crate::site::{
 
 /// Answers of the last operations of a VM kept in its `vm.json` (older ones are dropped).
 const OPS_KEPT: usize = 32;
+
+/// Answers under `DATA/ops` (operations no VM keeps) are kept for a week, and at most this many
+/// of the newest: a controller retries an operation within minutes, not days.
+const OPS_FILES_KEPT: usize = 1000;
+const OPS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// `DATA/ops` is pruned at start and after every this many answers saved.
+const OPS_PRUNE_EVERY: u64 = 100;
 
 /// Persisted part of a VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -135,6 +147,8 @@ pub struct Store {
     vms: Mutex<BTreeMap<String, Arc<VmCell>>>,
     /// VMs whose state could not be loaded, with the reason: reported, never touched.
     broken: Mutex<BTreeMap<String, String>>,
+    /// Answers saved under `DATA/ops` since the start (prunes every `OPS_PRUNE_EVERY`).
+    ops_saved: AtomicU64,
 }
 
 /// A stored answer of an operation.
@@ -152,10 +166,18 @@ pub(super) fn valid_name(n: &str) -> bool {
         && !n.starts_with('.')
 }
 
-/// Writes `value` to `path` so that a crash leaves either the old or the new file.
+/// Writes `value` to `path` so that a crash leaves either the old or the new file. The file is
+/// readable by the agent's user only (`vm.json` holds peer credentials).
 pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp)?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // A leftover of a crash keeps the mode it was created with: tightened here.
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, path)?;
@@ -183,8 +205,8 @@ impl Store {
     /// Opens the data directory, loading every VM; half-created VMs are removed.
     pub fn open(root: &Path, site: &str, max_disk_bytes: u64) -> Result<Self, ApiError> {
         let vms_dir = root.join("vms");
-        fs::create_dir_all(&vms_dir).map_err(ApiError::io)?;
-        fs::create_dir_all(root.join("ops")).map_err(ApiError::io)?;
+        private_dir(&vms_dir).map_err(ApiError::io)?;
+        private_dir(&root.join("ops")).map_err(ApiError::io)?;
         let mut vms = BTreeMap::new();
         let mut broken = BTreeMap::new();
         for e in fs::read_dir(&vms_dir).map_err(ApiError::io)? {
@@ -206,13 +228,16 @@ impl Store {
                 }
             }
         }
-        Ok(Self {
+        let store = Self {
             root: root.to_path_buf(),
             site: site.to_string(),
             max_disk_bytes,
             vms: Mutex::new(vms),
             broken: Mutex::new(broken),
-        })
+            ops_saved: AtomicU64::new(0),
+        };
+        store.prune_ops(SystemTime::now()).map_err(ApiError::io)?;
+        Ok(store)
     }
 
     /// Names of the VMs served.
@@ -364,16 +389,14 @@ impl Store {
         self.read_vm(vm, |r| Ok(r.view()))
     }
 
-    /// Creates a VM; repeating the same create answers the VM, a different one is a conflict.
-    pub fn create(&self, vm: &str, spec: &CreateVm) -> ApiResult<Vm> {
-        if !valid_name(vm) {
-            return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
-        }
-        if spec.disks.is_empty() {
+    /// Checks the disks of a new VM or of a replica's `begin`: at least one, names valid and
+    /// distinct, sizes between 1 and `--max-disk-bytes`.
+    pub(super) fn check_disks(&self, disks: &[DiskSpec]) -> ApiResult<()> {
+        if disks.is_empty() {
             return Err(ApiError::bad("a VM needs at least one disk"));
         }
         let mut seen = std::collections::BTreeSet::new();
-        for d in &spec.disks {
+        for d in disks {
             if !valid_name(&d.name) || !seen.insert(d.name.as_str()) {
                 return Err(ApiError::bad(format!(
                     "invalid or repeated disk name {:?}",
@@ -387,6 +410,15 @@ impl Store {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Creates a VM; repeating the same create answers the VM, a different one is a conflict.
+    pub fn create(&self, vm: &str, spec: &CreateVm) -> ApiResult<Vm> {
+        if !valid_name(vm) {
+            return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
+        }
+        self.check_disks(&spec.disks)?;
         if self.is_broken(vm) {
             return Err(self.missing(vm));
         }
@@ -473,10 +505,48 @@ impl Store {
         self.write_vm(vm, |r| self.delete_locked(vm, r))
     }
 
+    /// The file of operation `id`: its hex, or where that would be too long for a file name
+    /// (ids are up to `MAX_OP_ID` bytes), `h` and its SHA-256.
     fn op_path(&self, id: &str) -> PathBuf {
-        self.root
-            .join("ops")
-            .join(format!("{}.json", hex::encode(id)))
+        let name = if id.len() <= 120 {
+            hex::encode(id)
+        } else {
+            use sha2::Digest;
+            format!("h{}", hex::encode(sha2::Sha256::digest(id.as_bytes())))
+        };
+        self.root.join("ops").join(format!("{name}.json"))
+    }
+
+    /// Removes the answers under `DATA/ops` older than `OPS_MAX_AGE` or beyond the newest
+    /// `OPS_FILES_KEPT`. Answers the number removed.
+    pub(super) fn prune_ops(&self, now: SystemTime) -> io::Result<usize> {
+        let mut records = Vec::new();
+        for e in fs::read_dir(self.root.join("ops"))? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let modified = e.metadata()?.modified()?;
+            records.push((modified, name, e.path()));
+        }
+        // Newest first.
+        records.sort_by(|a, b| b.cmp(a));
+        let mut removed = 0;
+        for (i, (modified, _, path)) in records.iter().enumerate() {
+            let age = now.duration_since(*modified).unwrap_or_default();
+            if i >= OPS_FILES_KEPT || age > OPS_MAX_AGE {
+                match fs::remove_file(path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, "pruned old operation answers");
+        }
+        Ok(removed)
     }
 
     /// The stored answer of operation `id` under `DATA/ops` (operations whose VM is gone,
@@ -496,7 +566,13 @@ impl Store {
         };
         let bytes = serde_json::to_vec(&rec).map_err(|e| ApiError::io(e.into()))?;
         fault::hit("op.record");
-        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)
+        write_atomic(&self.op_path(id), &bytes).map_err(ApiError::io)?;
+        if self.ops_saved.fetch_add(1, Ordering::Relaxed) % OPS_PRUNE_EVERY == OPS_PRUNE_EVERY - 1
+            && let Err(e) = self.prune_ops(SystemTime::now())
+        {
+            tracing::warn!(error = %e, "pruning old operation answers failed");
+        }
+        Ok(())
     }
 
     /// Runs `f` on `vm` (locked) once per operation id: a repeated id answers the stored
@@ -649,6 +725,15 @@ impl VmRec {
     }
 }
 
+/// Makes `dir` (and its parents) if needed, readable by the agent's user only.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
 /// Loads one VM from its directory; the error is the reason it is reported broken.
 fn load_vm(dir: &Path, name: &str) -> Result<VmRec, String> {
     let bytes = fs::read(dir.join("vm.json")).map_err(|e| format!("vm.json: {e}"))?;
@@ -675,14 +760,17 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
     if journal_lost || tracker.damaged() {
         // The change journal cannot vouch for the dirty set: no base, and a source resyncs
         // (block hashes compared) instead of cycling from a tracker that may miss changes.
-        meta.journal_base = None;
+        let mut changed = meta.journal_base.take().is_some();
         if let Some(o) = meta.outbound.as_mut().filter(|o| o.bulk.is_none()) {
             tracing::warn!(vm = %meta.name, "change journal lost or damaged: resynchronizing");
             o.bulk = Some(ReplicationMode::Resync);
             o.state = ReplicationState::Resynchronizing;
+            changed = true;
         }
-        let bytes = serde_json::to_vec_pretty(&meta)?;
-        write_atomic(&dir.join("vm.json"), &bytes)?;
+        if changed {
+            let bytes = serde_json::to_vec_pretty(&meta)?;
+            write_atomic(&dir.join("vm.json"), &bytes)?;
+        }
     }
     Ok(VmRec {
         dir: dir.to_path_buf(),
@@ -691,4 +779,99 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
         tracker,
         deleted: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_of_operations_with_long_ids_are_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "site", 1 << 30).unwrap();
+        for id in [
+            "x".repeat(super::super::input::MAX_OP_ID),
+            format!("cut/{}", "c".repeat(super::super::input::MAX_OP_ID)),
+            "short".to_string(),
+        ] {
+            let v = serde_json::json!({"id": id.len()});
+            s.op_save(&id, &v).unwrap();
+            assert_eq!(s.op_lookup(&id), Some(v), "{}", id.len());
+        }
+        assert_eq!(
+            s.op_lookup(&"x".repeat(super::super::input::MAX_OP_ID - 1)),
+            None
+        );
+    }
+
+    #[test]
+    fn old_operation_answers_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path(), "site", 1 << 30).unwrap();
+        let now = std::time::SystemTime::now();
+        // The newest OPS_FILES_KEPT of them are op-00010 to the last, but op-00100.
+        let n = OPS_FILES_KEPT + 11;
+        for i in 0..n {
+            let id = format!("op-{i:05}");
+            let rec = OpRecord {
+                status: 200,
+                body: serde_json::json!(i),
+            };
+            fs::write(s.op_path(&id), serde_json::to_vec(&rec).unwrap()).unwrap();
+            // op-00000 is the oldest; op-00100 is older than the age limit.
+            let age = if i == 100 {
+                OPS_MAX_AGE + std::time::Duration::from_secs(60)
+            } else {
+                std::time::Duration::from_secs((n - i) as u64)
+            };
+            let f = File::options().write(true).open(s.op_path(&id)).unwrap();
+            f.set_modified(now - age).unwrap();
+        }
+        s.prune_ops(now).unwrap();
+        let kept = |i: usize| s.op_lookup(&format!("op-{i:05}")).is_some();
+        assert!(
+            (0..10).all(|i| !kept(i)),
+            "beyond the newest {OPS_FILES_KEPT}"
+        );
+        assert!(!kept(100), "older than the age limit");
+        assert!((10..n).filter(|i| *i != 100).all(kept));
+        // A new store prunes at start as well.
+        let f = File::options()
+            .write(true)
+            .open(s.op_path("op-00200"))
+            .unwrap();
+        f.set_modified(now - OPS_MAX_AGE - std::time::Duration::from_secs(60))
+            .unwrap();
+        drop(s);
+        let s = Store::open(dir.path(), "site", 1 << 30).unwrap();
+        assert_eq!(s.op_lookup("op-00200"), None);
+        assert!(s.op_lookup("op-00201").is_some());
+    }
+
+    #[test]
+    fn metadata_is_readable_by_the_agent_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm.json");
+        // A file left by an older agent with the default mode is tightened when replaced.
+        fs::write(&path, b"{}").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        fs::write(path.with_extension("tmp"), b"stale").unwrap();
+        fs::set_permissions(
+            path.with_extension("tmp"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        write_atomic(&path, b"{\"a\": 1}").unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fs::read(&path).unwrap(), b"{\"a\": 1}");
+        let _ = Store::open(dir.path(), "site", 1 << 30).unwrap();
+        let mode = fs::metadata(dir.path().join("vms"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 }

@@ -13,12 +13,13 @@ use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedRecoveryPoints, ObservedReplication,
     ObservedReplicationState, ObservedVm, Power, Role, SiteView,
 };
+use crate::secret::Secret;
 use crate::site::{self, AgentClient, SiteError, SiteProvider, Vm};
 
 /// How to reach a site and what it showed last.
 struct Entry {
     url: String,
-    token: String,
+    token: Secret,
     ca_pem: Option<String>,
     provider: Arc<dyn SiteProvider>,
     listing: Option<Listing>,
@@ -52,7 +53,7 @@ impl ListError {
 #[derive(Clone, Debug)]
 pub struct PeerInfo {
     pub url: String,
-    pub token: String,
+    pub token: Secret,
     pub ca_pem: Option<String>,
 }
 
@@ -84,7 +85,7 @@ impl Sites {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = map.get(name)
             && e.url == url
-            && e.token == token
+            && e.token.expose() == token
             && e.ca_pem == ca_pem
         {
             return Ok(());
@@ -95,7 +96,7 @@ impl Sites {
             name.to_string(),
             Entry {
                 url: url.to_string(),
-                token: token.to_string(),
+                token: token.into(),
                 ca_pem,
                 provider: Arc::new(client),
                 listing: None,
@@ -112,7 +113,7 @@ impl Sites {
             name.to_string(),
             Entry {
                 url: url.to_string(),
-                token: String::new(),
+                token: Secret::default(),
                 ca_pem: None,
                 provider,
                 listing: None,
@@ -272,5 +273,22 @@ pub fn observed(vm: &Vm) -> ObservedVm {
             latest_app_consistent: rps.latest_app_consistent.as_ref().map(rp),
         }),
         test_copy: vm.test_copy.as_ref().map(|t| t.vm_name.clone()),
+    }
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_peer_info_hides_the_token() {
+        let p = PeerInfo {
+            url: "https://secondary:7101".into(),
+            token: "s3cr3t-site-token".into(),
+            ca_pem: None,
+        };
+        let dbg = format!("{p:?} {p:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("secondary"), "{dbg}");
     }
 }

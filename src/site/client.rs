@@ -19,7 +19,7 @@ const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
 pub struct AgentClient {
     http: reqwest::Client,
     base: String,
-    token: String,
+    token: crate::secret::Secret,
 }
 
 impl AgentClient {
@@ -40,7 +40,7 @@ impl AgentClient {
         Ok(Self {
             http,
             base: url.trim_end_matches('/').to_string(),
-            token: token.to_string(),
+            token: token.into(),
         })
     }
 
@@ -52,7 +52,7 @@ impl AgentClient {
     fn request(&self, method: Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
         self.http
             .request(method, format!("{}{}", self.base, path))
-            .bearer_auth(&self.token)
+            .bearer_auth(self.token.expose())
             .timeout(timeout)
     }
 
@@ -330,5 +330,19 @@ impl SiteProvider for AgentClient {
                 .await
                 .map(|d| d.sha256)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_of_the_client_hides_its_token() {
+        crate::init_crypto();
+        let c = AgentClient::new("http://127.0.0.1:7101", "s3cr3t-agent-token", None).unwrap();
+        let dbg = format!("{c:?} {c:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("127.0.0.1:7101"), "{dbg}");
     }
 }

@@ -209,7 +209,8 @@ pub struct EnableReplication {
     pub operation_id: String,
     pub peer_site: String,
     pub peer_url: String,
-    pub peer_token: String,
+    /// Bearer token the source presents to the peer agent (never printed by `Debug`).
+    pub peer_token: crate::secret::Secret,
     /// PEM of the CA that signed the peer agent's certificate, for https peers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_ca_pem: Option<String>,
@@ -435,5 +436,31 @@ mod tests {
         assert_eq!(vm.replication.state, ReplicationState::Replicating);
         assert_eq!(vm.recovery_points.count, 3);
         assert_eq!(serde_json::to_value(&vm).unwrap(), doc);
+    }
+
+    #[test]
+    fn debug_of_enable_replication_hides_the_peer_token() {
+        let e = EnableReplication {
+            operation_id: "op-1".into(),
+            peer_site: "secondary".into(),
+            peer_url: "https://secondary:7101".into(),
+            peer_token: "s3cr3t-peer-token".into(),
+            peer_ca_pem: None,
+            interval_seconds: 30,
+            recovery_point_retention_hours: 1,
+            app_consistent_frequency_hours: 0,
+            mode: ReplicationMode::Initial,
+        };
+        let dbg = format!("{e:?} {e:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(
+            dbg.contains("secondary"),
+            "the other fields stay visible: {dbg}"
+        );
+        // On the wire the token is still sent as it is.
+        assert_eq!(
+            serde_json::to_value(&e).unwrap()["peerToken"],
+            "s3cr3t-peer-token"
+        );
     }
 }

@@ -19,6 +19,8 @@ pub struct AgentProc {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments (e.g. `--tls-cert`; the URL is then https).
     pub args: Vec<String>,
+    /// When set, the agent's stderr is appended to this file (every start), else inherited.
+    pub stderr_log: Option<PathBuf>,
 }
 
 pub fn free_port() -> u16 {
@@ -27,6 +29,16 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// The base URL of an agent on `port` started with `args` (https with `--tls-cert`).
+fn url_of(port: u16, args: &[impl AsRef<str>]) -> String {
+    let scheme = if args.iter().any(|a| a.as_ref() == "--tls-cert") {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://127.0.0.1:{port}")
 }
 
 impl AgentProc {
@@ -39,14 +51,23 @@ impl AgentProc {
     }
 
     pub fn start_with(site: &str, root: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
+        let mut a = Self::unstarted(site, root, env, args);
+        a.spawn();
+        a
+    }
+
+    /// An agent of `site` under `root` (data dir, token file and port chosen) that is not
+    /// started yet: set fields such as `stderr_log`, then [`Self::spawn`] or [`Self::try_spawn`].
+    pub fn unstarted(site: &str, root: &Path, env: &[(&str, &str)], args: &[&str]) -> Self {
         let data_dir = root.join(site);
         std::fs::create_dir_all(&data_dir).unwrap();
         let token_file = root.join(format!("{site}.token"));
         std::fs::write(&token_file, TOKEN).unwrap();
-        let mut a = AgentProc {
+        let port = free_port();
+        AgentProc {
             child: None,
-            url: String::new(),
-            port: free_port(),
+            url: url_of(port, args),
+            port,
             site: site.into(),
             data_dir,
             token_file,
@@ -55,13 +76,29 @@ impl AgentProc {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        a.spawn();
-        a
+            stderr_log: None,
+        }
     }
 
     /// Starts the agent process (again, after [`Self::kill`]) on the same port and data dir.
     pub fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn(Duration::from_secs(20)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Starts the agent process (again) and waits until it listens, at most `timeout`; an
+    /// error (not a panic) when it exits first or does not listen in time.
+    pub fn try_spawn(&mut self, timeout: Duration) -> Result<(), String> {
+        let stderr = match &self.stderr_log {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map(Stdio::from)
+                .map_err(|e| format!("opening {}: {e}", path.display()))?,
+            None => Stdio::inherit(),
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_twinsite"))
             .args(["agent", "--site", &self.site, "--listen"])
             .arg(format!("127.0.0.1:{}", self.port))
@@ -73,31 +110,42 @@ impl AgentProc {
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
-            .unwrap();
+            .map_err(|e| format!("starting agent {}: {e}", self.site))?;
         self.child = Some(child);
-        let scheme = if self.args.iter().any(|a| a == "--tls-cert") {
-            "https"
-        } else {
-            "http"
-        };
-        self.url = format!("{scheme}://127.0.0.1:{}", self.port);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.url = url_of(self.port, &self.args);
+        let deadline = Instant::now() + timeout;
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return Ok(());
             }
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(st)) = c.try_wait()
-            {
-                panic!("agent {} exited: {st}", self.site);
+            if let Some(st) = self.exited() {
+                return Err(format!("agent {} exited: {st}", self.site));
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent {} did not listen",
-                self.site
-            );
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "agent {} did not listen within {timeout:?}",
+                    self.site
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The exit status of the agent process if it has exited (it is then reaped: `child` is
+    /// cleared); `None` while it runs or when none was started.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(st)
+    }
+
+    /// Sets (`Some`) or removes (`None`) an environment variable for the next starts.
+    pub fn set_env(&mut self, key: &str, value: Option<&str>) {
+        self.env.retain(|(k, _)| k != key);
+        if let Some(v) = value {
+            self.env.push((key.to_string(), v.to_string()));
         }
     }
 
