@@ -19,4 +19,9 @@ echo "== cargo test"
 # Library, binary and integration tests (there are no doctests). The failpoints feature compiles
 # the crash points into the agent, for the crash-injection suite and the integrity tests; a
 # release build never has them.
-cargo test --locked --features failpoints --lib --bins --tests
+cargo test --locked --features failpoints --lib --bins --tests -- \
+    --skip agents_keep_their_promises_across_crashes_at_every_failpoint
+
+echo "== crash injection (SIGKILL at every failpoint of the data path)"
+# Its own run, so its closing line `injected crashes: N, invariant violations: M` is printed.
+cargo test --locked --features failpoints --test crash_injection -- --nocapture
