@@ -859,7 +859,7 @@ fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
 
     if desired != active {
         if has_replica(st, &active, &desired) {
-            return match spec.failover.type_ {
+            return match failover_type(input, st, &active, &desired) {
                 FailoverType::Planned => start(
                     JobType::PlannedFailover,
                     &active,
@@ -930,6 +930,31 @@ fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
         }
     }
     Next::Nothing
+}
+
+/// How a change of activeSite from `active` to `desired` is carried out. A failback (back to
+/// spec.primarySite, where replication first came from) is Planned: the VM is shut down, synced
+/// and its digests compared, so nothing is lost. It is Unplanned only when the person asked for
+/// that in this move: spec.failover.type is Unplanned and differs from the type of the newest
+/// failover job in status (the one that moved the VM away, or a failback that failed), so the
+/// Unplanned left over from the move away does not count. Any other move follows
+/// spec.failover.type.
+fn failover_type(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+    active: &str,
+    desired: &str,
+) -> FailoverType {
+    let asked = input.spec.failover.type_;
+    let failback = desired == input.spec.primary_site && active != desired;
+    if !failback || asked == FailoverType::Planned {
+        return asked;
+    }
+    let last = st.jobs.iter().rev().find(|j| is_failover(j.type_));
+    match last.map(|j| j.type_) {
+        Some(JobType::PlannedFailover) => FailoverType::Unplanned,
+        _ => FailoverType::Planned,
+    }
 }
 
 fn start_job(

@@ -1700,3 +1700,56 @@ fn a_target_without_a_replica_point_is_critical_until_it_holds_one_again() {
     assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
     assert_eq!(w.job_types(), [JobType::EnableReplication]);
 }
+
+#[test]
+fn a_failback_after_an_unplanned_failover_is_planned() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    // Back to the original primary; spec.failover.type still says Unplanned from the move
+    // away: the failback is planned (shut down, sync, digests) and loses nothing.
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(
+        &w.job_types()[4..],
+        [
+            JobType::PlannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+}
+
+#[test]
+fn a_failback_is_unplanned_only_when_the_move_asks_for_it() {
+    let mut w = World::protected(true);
+    // Away planned, back with Unplanned set in the same change: the person asked for it.
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    w.set_spec(|s| {
+        s.active_site = Some(P.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(
+        &w.job_types()[4..],
+        [
+            JobType::UnplannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    // A failover away from the primary follows spec.failover.type as before.
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.job_types()[7], JobType::UnplannedFailover);
+}
