@@ -444,8 +444,12 @@ pub fn plan(input: &Input) -> Plan {
         } else {
             match next_job(input, &st) {
                 Next::Start(t, source, target) => {
+                    let missing = missing_recovery_point(input, t, &source, &target);
                     start_job(input, &mut st, t, source, target, &mut events);
-                    advance(input, &mut st, &mut events, &mut finished);
+                    match missing {
+                        Some(why) => refuse_job(input, &mut st, why, &mut events, &mut finished),
+                        None => advance(input, &mut st, &mut events, &mut finished),
+                    }
                 }
                 Next::Wait(w) => {
                     wait = Some(w);
@@ -957,6 +961,88 @@ fn failover_type(
     }
 }
 
+/// Why an unplanned failover from `source` to `target` cannot start from the recovery point
+/// the spec selects, judged on the target's listing (fresh: the job needs the target): checked
+/// before the source is shut down, so a selector that names nothing never leaves the VM off.
+/// An id that is neither the newest point nor the newest app-consistent one cannot be judged
+/// from the listing and is left to StartAtTarget (a failure there starts the source again).
+fn missing_recovery_point(input: &Input, t: JobType, source: &str, target: &str) -> Option<String> {
+    if t != JobType::UnplannedFailover {
+        return None;
+    }
+    let view = input.view(target);
+    if !view.reachable() {
+        return None;
+    }
+    let selector = input.spec.failover.recovery_point.as_str();
+    let rps = view.vm().and_then(|v| v.recovery_points.as_ref());
+    let exists = match (selector, rps) {
+        (_, None) => false,
+        ("LatestAppConsistent", Some(p)) => p.latest_app_consistent.is_some(),
+        _ => true,
+    };
+    if exists {
+        return None;
+    }
+    let what = match rps {
+        None => format!("{target} holds no recovery point of VM {}", input.vm_name),
+        Some(p) => {
+            let latest = p
+                .latest
+                .as_ref()
+                .map(|l| format!(", the newest is {}", describe_point(l)))
+                .unwrap_or_default();
+            let consistent = match &p.latest_app_consistent {
+                Some(a) => format!(", the newest app-consistent is {}", describe_point(a)),
+                None => ", none app-consistent".to_string(),
+            };
+            format!(
+                "{target} holds {} recovery points{latest}{consistent}",
+                p.count
+            )
+        }
+    };
+    Some(format!(
+        "recovery point {selector} (spec.failover.recoveryPoint) does not exist: {what}; \
+         the failover did not start and {source} was not shut down"
+    ))
+}
+
+fn describe_point(p: &ObservedRecoveryPoint) -> String {
+    match p.time {
+        Some(t) => format!("{} ({t})", p.id),
+        None => p.id.clone(),
+    }
+}
+
+/// Ends the job just started before any step ran: every step Skipped, the job Failed with `why`.
+fn refuse_job(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    why: String,
+    events: &mut Vec<Note>,
+    finished: &mut Vec<(JobType, JobState)>,
+) {
+    let Some(ji) = running_job(st) else { return };
+    let now = input.now();
+    let job = &mut st.jobs[ji];
+    for s in &mut job.steps {
+        s.state = StepState::Skipped;
+        s.message = Some("the recovery point check failed".into());
+        s.end_time = Some(now.clone());
+    }
+    job.state = JobState::Failed;
+    job.end_time = Some(now);
+    job.message = Some(why.clone());
+    events.push(Note {
+        warning: true,
+        subject: job.name.clone(),
+        reason: "JobFailed",
+        message: format!("{} {} Failed: {why}", job_type_str(job.type_), job.name),
+    });
+    finished.push((job.type_, JobState::Failed));
+}
+
 fn start_job(
     input: &Input,
     st: &mut ReplicatedVMStatus,
@@ -1108,6 +1194,13 @@ fn finish_job(
     if job.message.is_none() || state == JobState::Failed {
         job.message = failed_step.or_else(|| job.message.clone());
     }
+    if state == JobState::Failed && is_failover(t) {
+        let where_ = where_failed_failover_left_the_vm(job);
+        job.message = Some(match job.message.take() {
+            Some(m) => format!("{m}; {where_}"),
+            None => where_,
+        });
+    }
     let name = job.name.clone();
     let source = job.source_site.clone();
     let target = job.target_site.clone();
@@ -1164,6 +1257,33 @@ fn finish_job(
         },
     });
     finished.push((t, state));
+}
+
+/// Where a failed failover left the VM, for the job's message.
+fn where_failed_failover_left_the_vm(job: &Job) -> String {
+    let state = |n: StepName| {
+        job.steps
+            .iter()
+            .find(|s| s.name == n.as_str())
+            .map(|s| s.state)
+    };
+    let ok = |n: StepName| state(n) == Some(StepState::Succeeded);
+    let source = job.source_site.as_deref().unwrap_or("the source");
+    let target = job.target_site.as_deref().unwrap_or("the target");
+    if ok(StepName::StartAtTarget) {
+        format!("the VM runs at {target}")
+    } else if ok(StepName::RestartSource) {
+        format!("the VM runs at {source} (started again there)")
+    } else if state(StepName::RestartSource).is_some() {
+        format!(
+            "the VM runs at neither site: it was stopped at {source} and starting it again there \
+             failed"
+        )
+    } else if ok(StepName::ShutdownSource) || ok(StepName::FenceSource) {
+        format!("the VM is off at {source}")
+    } else {
+        format!("the VM runs at {source}: it was not stopped there")
+    }
 }
 
 fn disabled_replication() -> ReplicationStatus {
@@ -1260,10 +1380,12 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
         s.message = Some("an earlier step failed".into());
         s.end_time = Some(now.clone());
     }
-    let shut_down = job
-        .steps
-        .iter()
-        .any(|s| s.name == StepName::ShutdownSource.as_str() && s.state == StepState::Succeeded);
+    // Shut down or powered off by this job: an unplanned failover that stopped the source
+    // starts it again too, so a failure never leaves the VM off at both sites.
+    let shut_down = job.steps.iter().any(|s| {
+        (s.name == StepName::ShutdownSource.as_str() || s.name == StepName::FenceSource.as_str())
+            && s.state == StepState::Succeeded
+    });
     let started = job
         .steps
         .iter()
@@ -1272,7 +1394,7 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
         .steps
         .iter()
         .any(|s| s.name == StepName::RestartSource.as_str());
-    if job.type_ == JobType::PlannedFailover && shut_down && !started && !restarting {
+    if is_failover(job.type_) && shut_down && !started && !restarting {
         job.steps.push(JobStep {
             name: StepName::RestartSource.as_str().into(),
             state: StepState::Pending,

@@ -77,6 +77,8 @@ struct World {
     started_from: Vec<String>,
     /// (source, target, mode) of every EnableReplication call.
     enables: Vec<(String, String, EnableMode)>,
+    /// The target refuses to start the VM (StartAtTarget fails).
+    start_fails: bool,
 }
 
 impl World {
@@ -103,6 +105,7 @@ impl World {
             cut_calls: vec![],
             started_from: vec![],
             enables: vec![],
+            start_fails: false,
         }
     }
 
@@ -292,6 +295,9 @@ impl World {
             }
             StepName::StartAtTarget => {
                 self.started_from.push(c.recovery_point.clone());
+                if self.start_fails {
+                    return Outcome::Failed("the target could not start the VM".into());
+                }
                 let Some(mut rp) = self.sites[tgt]
                     .as_ref()
                     .and_then(|v| v.vm.recovery_points.as_ref()?.latest.clone())
@@ -1752,4 +1758,87 @@ fn a_failback_is_unplanned_only_when_the_move_asks_for_it() {
     w.set_spec(|s| s.active_site = Some(S.into()));
     w.settle();
     assert_eq!(w.job_types()[7], JobType::UnplannedFailover);
+}
+
+#[test]
+fn an_unplanned_failover_to_a_missing_recovery_point_fails_before_the_source_is_shut_down() {
+    let mut w = World::protected(true);
+    // The replica holds recovery points, none app-consistent.
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.recovery_point = "LatestAppConsistent".into();
+    });
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Failed, "{f:?}");
+    assert!(
+        f.steps.iter().all(|s| s.state == K),
+        "no step ran: {:?}",
+        f.steps
+    );
+    let msg = f.message.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains("LatestAppConsistent")
+            && msg.contains("none app-consistent")
+            && msg.contains("rp-")
+            && msg.contains(S),
+        "{msg}"
+    );
+    // The source was never shut down: the VM keeps running where it ran.
+    assert!(w.calls.is_empty(), "{:?}", w.calls);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    assert!(w.cond(STALLED));
+    // The point exists once the replica holds an app-consistent one: a spec change is the next
+    // attempt.
+    let mut rp = w.add_rp(S);
+    rp.app_consistent = true;
+    w.vm_mut(S)
+        .vm
+        .recovery_points
+        .as_mut()
+        .unwrap()
+        .latest_app_consistent = Some(rp);
+    w.set_spec(|_| {});
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_failed_unplanned_failover_restarts_the_source_and_says_where_the_vm_runs() {
+    for integration in [true, false] {
+        let mut w = World::protected(integration);
+        w.start_fails = true;
+        w.set_spec(|s| {
+            s.active_site = Some(S.into());
+            s.failover.type_ = FailoverType::Unplanned;
+        });
+        w.settle();
+        let (shutdown, fence) = if integration { (OK, K) } else { (F, OK) };
+        assert_eq!(
+            w.steps(JobType::UnplannedFailover),
+            st(&[
+                ("ShutdownSource", shutdown),
+                ("FenceSource", fence),
+                ("SyncRemaining", OK),
+                ("StopReplication", OK),
+                ("StartAtTarget", F),
+                ("RestartSource", OK),
+            ])
+        );
+        let f = w.job(JobType::UnplannedFailover);
+        assert_eq!(f.state, JobState::Failed);
+        let msg = f.message.as_deref().unwrap_or_default();
+        assert!(
+            msg.contains("could not start") && msg.contains(&format!("runs at {P}")),
+            "{msg}"
+        );
+        // Running somewhere: at the source, started again.
+        assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+        assert_eq!(w.status.active_site.as_deref(), Some(P));
+        assert!(w.cond(STALLED));
+    }
 }
