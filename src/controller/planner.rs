@@ -16,7 +16,9 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::conditions::{self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED};
-use super::observe::{Direction, ObservedRecoveryPoint, ObservedReplicationState, SiteView};
+use super::observe::{
+    Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role, SiteView,
+};
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
     RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth, ReplicationSpec,
@@ -28,6 +30,8 @@ pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 /// A steady VM's replication figures (RPO, last sync, recovery points) are rewritten in status
 /// at most this often; live RPO is in the metrics.
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// Ready's reason (and the Event's) while the VM is off at the site where it runs.
+pub const VM_NOT_RUNNING: &str = "VMNotRunning";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
 
@@ -1478,6 +1482,9 @@ fn apply_step_success(
                 rpo_seconds: None,
             });
         }
+        // Nothing replicates from here on (the recovery points stay at the target), whatever
+        // happens next: a failover that fails after this step leaves replication stopped.
+        Some(StepName::StopReplication) => st.replication = Some(disabled_replication()),
         Some(StepName::RemoveReplica) => st.recovery_points = None,
         Some(StepName::Commit) => st.recovery_points = None,
         _ => {}
@@ -1639,8 +1646,33 @@ fn observed_replication(
     let r = replication_on(st)?;
     let source = r.source_site.as_deref()?;
     let target = r.target_site.as_deref()?;
+    let rps = input
+        .view(target)
+        .vm()
+        .and_then(|v| v.recovery_points.as_ref())
+        .map(|p| RecoveryPointSummary {
+            count: p.count,
+            latest: p.latest.as_ref().map(rp_ref),
+            latest_app_consistent: p.latest_app_consistent.as_ref().map(rp_ref),
+        });
+    // The source, listed after the newest job ended, replicates no more (its replication was
+    // stopped, or disabled at the site): the status says so, with no stale health, RPO or
+    // direction.
+    let src_view = input.view(source);
+    if src_view.fetched_since(newest_job_end(st))
+        && src_view.vm().is_some_and(|v| {
+            v.replication
+                .as_ref()
+                .is_none_or(|rep| rep.state == ObservedReplicationState::Disabled)
+        })
+    {
+        return Some((
+            disabled_replication(),
+            rps.or_else(|| st.recovery_points.clone()),
+        ));
+    }
     let mut new = r.clone();
-    let src = input.view(source).vm();
+    let src = src_view.vm();
     if let Some(state) = src
         .and_then(|v| v.replication.as_ref())
         .and_then(|rep| observed_state(rep.state))
@@ -1651,15 +1683,6 @@ fn observed_replication(
     if let Some(t) = src.and_then(|v| v.replication.as_ref()?.last_sync_time) {
         new.last_sync_time = Some(Time(t));
     }
-    let rps = input
-        .view(target)
-        .vm()
-        .and_then(|v| v.recovery_points.as_ref())
-        .map(|p| RecoveryPointSummary {
-            count: p.count,
-            latest: p.latest.as_ref().map(rp_ref),
-            latest_app_consistent: p.latest_app_consistent.as_ref().map(rp_ref),
-        });
     if new.last_sync_time.is_none()
         && let Some(t) = rps.as_ref().and_then(|p| p.latest.as_ref()?.time.clone())
     {
@@ -1686,13 +1709,8 @@ fn observed_replication(
     // The target, listed after the newest job ended, holds no recovery point of the VM (its
     // copy was lost, or a resync is filling a new one): nothing a failover could start from,
     // whatever the source still reports.
-    let since = st
-        .jobs
-        .last()
-        .and_then(|j| j.end_time.as_ref())
-        .map(|t| t.0);
     let target_view = input.view(target);
-    let no_point = target_view.fetched_since(since)
+    let no_point = target_view.fetched_since(newest_job_end(st))
         && target_view.vm().is_none_or(|v| v.recovery_points.is_none());
     if no_point
         && matches!(
@@ -1706,7 +1724,32 @@ fn observed_replication(
         // A failed digest verification: the replica differs until the resync has run.
         new.health = Some(ReplicationHealth::Critical);
     }
+    // A VM that is off makes no new data, but it does not run either: not Healthy.
+    if vm_off(input, st).is_some() && new.health == Some(ReplicationHealth::Healthy) {
+        new.health = Some(ReplicationHealth::Warning);
+    }
     Some((new, rps.or_else(|| st.recovery_points.clone())))
+}
+
+fn newest_job_end(st: &ReplicatedVMStatus) -> Option<Timestamp> {
+    st.jobs
+        .last()
+        .and_then(|j| j.end_time.as_ref())
+        .map(|t| t.0)
+}
+
+/// The VM is off at the site where it runs (a listing taken after the newest job ended): the
+/// Ready message. The controller never starts it on its own; a person does.
+fn vm_off(input: &Input, st: &ReplicatedVMStatus) -> Option<String> {
+    let active = st.active_site.as_deref()?;
+    let vm = input.view(active).vm_since(newest_job_end(st))?;
+    (vm.power == Power::Off && vm.role == Role::Primary).then(|| {
+        format!(
+            "VM {} is off at {active}, where it should run; twinsite does not start it on its \
+             own: start it at {active}",
+            input.vm_name
+        )
+    })
 }
 
 fn rp_ref(p: &ObservedRecoveryPoint) -> RecoveryPointRef {
@@ -1837,6 +1880,21 @@ fn finalize(
                 want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
+            } else if let Some(msg) = vm_off(input, st) {
+                if !input
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == READY && c.status == "False" && c.reason == VM_NOT_RUNNING)
+                {
+                    events.push(Note {
+                        warning: true,
+                        subject: format!("vm-off-{}", st.active_site.as_deref().unwrap_or("")),
+                        reason: VM_NOT_RUNNING,
+                        message: msg.clone(),
+                    });
+                }
+                want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg));
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled

@@ -1842,3 +1842,89 @@ fn a_failed_unplanned_failover_restarts_the_source_and_says_where_the_vm_runs() 
         assert!(w.cond(STALLED));
     }
 }
+
+#[test]
+fn status_shows_replication_stopped_after_a_failed_planned_failover() {
+    let mut w = World::protected(true);
+    w.settle();
+    w.start_fails = true;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("SyncRemaining", OK),
+            ("VerifyDigests", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", F),
+            ("RestartSource", OK),
+        ])
+    );
+    // Nothing replicates any more, and status says so: no stale health, RPO or direction.
+    let r = w.status.replication.clone().unwrap();
+    assert_eq!(r.state, ReplicationState::Disabled);
+    assert_eq!(
+        (r.health, r.rpo_seconds, r.source_site, r.target_site),
+        (None, None, None, None)
+    );
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    // The person's answer (here: stay at the primary) protects the VM again.
+    w.start_fails = false;
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_source_that_reports_replication_disabled_is_shown_disabled_and_protected_again() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    // Someone stopped replication at the site (the site reports Disabled).
+    w.vm_mut(P).vm.replication = None;
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Write(_)));
+    let r = w.status.replication.clone().unwrap();
+    assert_eq!(r.state, ReplicationState::Disabled);
+    assert_eq!((r.health, r.rpo_seconds), (None, None));
+    assert_ne!(w.status.phase, Some(VmPhase::Protected));
+    // The spec still asks for replication: the controller sets it up again.
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [JobType::EnableReplication, JobType::ReverseReplicate]
+    );
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_vm_off_at_its_active_site_is_not_healthy_and_is_not_started() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert!(w.cond(READY));
+    w.vm_mut(P).vm.power = Power::Off;
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Write(_)));
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    assert!(!w.cond(READY));
+    let ready = w.condition(READY);
+    assert_eq!(ready.reason, "VMNotRunning");
+    assert!(
+        ready.message.contains("off") && ready.message.contains(P),
+        "{}",
+        ready.message
+    );
+    w.settle();
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    assert!(w.calls.is_empty(), "{:?}", w.calls);
+    assert_ne!(health(&w), Some(ReplicationHealth::Healthy));
+    // Started again by a person: Healthy and Ready.
+    w.vm_mut(P).vm.power = Power::Running;
+    w.now += 5;
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    assert!(w.cond(READY));
+}
