@@ -853,33 +853,8 @@ async fn enable(
                     "VM {vm2} is not a primary here"
                 )));
             }
-            let mode = req.mode;
             r.meta.inbound = None;
-            r.meta.outbound = Some(replica::Outbound {
-                peer_site: req.peer_site.clone(),
-                peer_url: req.peer_url.clone(),
-                peer_token: req.peer_token.clone(),
-                peer_ca_pem: req.peer_ca_pem.clone(),
-                interval_seconds: req.interval_seconds,
-                retention_hours: req.recovery_point_retention_hours,
-                app_consistent_hours: req.app_consistent_frequency_hours,
-                state: match mode {
-                    crate::site::ReplicationMode::Initial => {
-                        crate::site::ReplicationState::InitialReplication
-                    }
-                    crate::site::ReplicationMode::Resync => {
-                        crate::site::ReplicationState::Resynchronizing
-                    }
-                },
-                bulk: Some(mode),
-                stopped: false,
-                last_sync_time: None,
-                last_app_consistent: None,
-                bytes_sent: 0,
-                blocks_resent: 0,
-                last_error: None,
-                in_doubt: None,
-            });
+            r.meta.outbound = Some(replica::Outbound::from_enable(&req));
             // The answer is saved with the settings: a retry after a crash never starts the
             // initial transfer again (which would drop the replica's points).
             let answer = to_json(r.view().replication)?;

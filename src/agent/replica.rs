@@ -51,6 +51,33 @@ pub struct Outbound {
     pub in_doubt: Option<String>,
 }
 
+impl Outbound {
+    /// Outbound replication as `enable` starts it: the bulk transfer of `mode` first.
+    pub fn from_enable(req: &crate::site::EnableReplication) -> Self {
+        Self {
+            peer_site: req.peer_site.clone(),
+            peer_url: req.peer_url.clone(),
+            peer_token: req.peer_token.clone(),
+            peer_ca_pem: req.peer_ca_pem.clone(),
+            interval_seconds: req.interval_seconds,
+            retention_hours: req.recovery_point_retention_hours,
+            app_consistent_hours: req.app_consistent_frequency_hours,
+            state: match req.mode {
+                ReplicationMode::Initial => ReplicationState::InitialReplication,
+                ReplicationMode::Resync => ReplicationState::Resynchronizing,
+            },
+            bulk: Some(req.mode),
+            stopped: false,
+            last_sync_time: None,
+            last_app_consistent: None,
+            bytes_sent: 0,
+            blocks_resent: 0,
+            last_error: None,
+            in_doubt: None,
+        }
+    }
+}
+
 /// One recovery point at the replica.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -1324,24 +1351,17 @@ mod tests {
 
     #[test]
     fn debug_of_outbound_hides_the_peer_token() {
-        let o = Outbound {
+        let o = Outbound::from_enable(&crate::site::EnableReplication {
+            operation_id: "en-1".into(),
             peer_site: "secondary".into(),
             peer_url: "https://secondary:7101".into(),
             peer_token: "s3cr3t-peer-token".into(),
             peer_ca_pem: None,
             interval_seconds: 30,
-            retention_hours: 1,
-            app_consistent_hours: 0,
-            state: ReplicationState::Replicating,
-            bulk: None,
-            stopped: false,
-            last_sync_time: None,
-            last_app_consistent: None,
-            bytes_sent: 0,
-            blocks_resent: 0,
-            last_error: None,
-            in_doubt: None,
-        };
+            recovery_point_retention_hours: 1,
+            app_consistent_frequency_hours: 0,
+            mode: ReplicationMode::Initial,
+        });
         let dbg = format!("{o:?} {o:#?}");
         assert!(!dbg.contains("s3cr3t"), "{dbg}");
         assert!(dbg.contains("secondary"), "{dbg}");
