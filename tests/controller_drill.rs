@@ -1,4 +1,5 @@
-//! A drill (test failover) and its cleanup while replication keeps advancing.
+//! A drill (test failover) and its cleanup while replication keeps advancing; replication
+//! disabled leaves a status with nothing stale in it; deletion.
 
 #[path = "controller_common/mod.rs"]
 mod common;
@@ -99,6 +100,31 @@ async fn drill_and_cleanup_with_replication_running() {
     let before = newest_rp(&w, vm).await;
     replication_advances(&w, vm, before, "after-drill").await;
     assert_eq!(format!("{:?}", st.phase.unwrap()), "Protected");
+
+    // Replication disabled: status says so and nothing more (the merge patch removes the
+    // health, RPO and direction it showed while replicating).
+    w.patch_spec(vm, json!({"replication": {"enabled": false}}))
+        .await;
+    let r = w
+        .wait_for(vm, "Unprotected", |r| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| format!("{:?}", s.phase) == "Some(Unprotected)")
+                && ready(r)
+        })
+        .await;
+    let rep = r.status.as_ref().and_then(|s| s.replication.clone());
+    assert_eq!(
+        rep.map(|x| (
+            format!("{:?}", x.state),
+            x.source_site,
+            x.target_site,
+            x.health,
+            x.rpo_seconds,
+            x.last_sync_time
+        )),
+        Some(("Disabled".into(), None, None, None, None, None))
+    );
 
     // Deleting the ReplicatedVM stops replication and removes the replica; the VM keeps
     // running where it runs.

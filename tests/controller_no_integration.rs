@@ -1,5 +1,7 @@
-//! An unplanned failover of a VM without integration services: the graceful shutdown fails,
+//! An unplanned failover of a VM without integration services: a failover to an app-consistent
+//! point (it has none) fails before the source is touched; then the graceful shutdown fails,
 //! the failover goes on, the source is powered off (fenced) before the VM starts at the target.
+//! A VM powered off at its active site is shown not Ready and not Healthy, and stays off.
 
 #[path = "controller_common/mod.rs"]
 mod common;
@@ -9,6 +11,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use serde_json::json;
 use twinsite::api::Site;
+use twinsite::site::{PowerAction, SiteProvider};
 
 fn site_ready(s: &Site) -> Option<(String, String)> {
     s.status
@@ -76,7 +79,43 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
     let data = pattern("before-disaster", 4096);
     w.primary.write(vm, 0, &data).await;
 
-    w.patch_spec(vm, json!({"activeSite": s})).await;
+    // Without integration services the VM has no app-consistent recovery point: the failover
+    // is refused before the source is shut down, and says what the replica holds.
+    w.patch_spec(
+        vm,
+        json!({"activeSite": s, "failover": {"recoveryPoint": "LatestAppConsistent"}}),
+    )
+    .await;
+    let r = w
+        .wait_for(vm, "the failover to a missing point failed", |r| {
+            jobs(r).last() == Some(&("UnplannedFailover".into(), "Failed".into()))
+        })
+        .await;
+    assert!(
+        steps(&r, "UnplannedFailover")
+            .iter()
+            .all(|s| s.1 == "Skipped"),
+        "{:?}",
+        steps(&r, "UnplannedFailover")
+    );
+    let st = r.status.as_ref().unwrap();
+    let msg = st
+        .jobs
+        .last()
+        .and_then(|j| j.message.clone())
+        .unwrap_or_default();
+    assert!(
+        msg.contains("LatestAppConsistent") && msg.contains("none app-consistent"),
+        "{msg}"
+    );
+    assert_eq!(st.active_site.as_deref(), Some(p.as_str()));
+    assert_eq!(
+        w.primary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+
+    w.patch_spec(vm, json!({"failover": {"recoveryPoint": "Latest"}}))
+        .await;
     let r = w.wait_protected(vm, &s, &p).await;
     let st = steps(&r, "UnplannedFailover");
     assert_eq!(st[0].0, "ShutdownSource");
@@ -96,6 +135,7 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
         .unwrap()
         .jobs
         .iter()
+        .rev()
         .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
         .unwrap()
         .clone();
@@ -118,5 +158,33 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
             .iter()
             .any(|e| e.0 == "StepFailed" && e.1.contains("ShutdownSource")),
         "{events:?}"
+    );
+
+    // Powered off at its active site by someone: not Ready, not Healthy, and left off.
+    w.secondary
+        .client
+        .power(vm, PowerAction::PowerOff, "test-power-off")
+        .await
+        .unwrap();
+    let r = w
+        .wait_for(vm, "VMNotRunning", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.conditions.iter().any(|c| {
+                    c.type_ == "Ready" && c.status == "False" && c.reason == "VMNotRunning"
+                })
+            })
+        })
+        .await;
+    let st = r.status.as_ref().unwrap();
+    let ready = st.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+    assert!(ready.message.contains(s.as_str()), "{}", ready.message);
+    let health = st.replication.as_ref().and_then(|x| x.health);
+    assert!(
+        health.is_some_and(|h| h != twinsite::api::ReplicationHealth::Healthy),
+        "{health:?}"
+    );
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Off
     );
 }

@@ -1,6 +1,7 @@
 //! The seed's procedure end to end against a real API server, two agent processes and the
 //! controller process: protect, write, unplanned failover with shutdown, commit, reverse
-//! replication, write at the secondary, planned failback with no data lost (digests prove it),
+//! replication, write at the secondary, failback (planned although the spec still says Unplanned)
+//! with no data lost (digests prove it),
 //! replication from primary to secondary again.
 
 #[path = "controller_common/mod.rs"]
@@ -102,11 +103,9 @@ async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
     let want = expected_digest(&[(0, &first), (65536, &second)]);
     assert_eq!(w.secondary.digest(vm).await, want);
 
-    w.patch_spec(
-        vm,
-        json!({"activeSite": p, "failover": {"type": "Planned"}}),
-    )
-    .await;
+    // Only activeSite changes: spec.failover.type still says Unplanned from the move away,
+    // but a failback is planned unless the move itself asks otherwise.
+    w.patch_spec(vm, json!({"activeSite": p})).await;
     let r = w.wait_protected(vm, &p, &s).await;
     let types: Vec<String> = jobs(&r).into_iter().map(|j| j.0).collect();
     assert_eq!(

@@ -16,7 +16,9 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::conditions::{self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED};
-use super::observe::{Direction, ObservedRecoveryPoint, ObservedReplicationState, SiteView};
+use super::observe::{
+    Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role, SiteView,
+};
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
     RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth, ReplicationSpec,
@@ -28,6 +30,8 @@ pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 /// A steady VM's replication figures (RPO, last sync, recovery points) are rewritten in status
 /// at most this often; live RPO is in the metrics.
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
+/// Ready's reason (and the Event's) while the VM is off at the site where it runs.
+pub const VM_NOT_RUNNING: &str = "VMNotRunning";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
 
@@ -444,8 +448,12 @@ pub fn plan(input: &Input) -> Plan {
         } else {
             match next_job(input, &st) {
                 Next::Start(t, source, target) => {
+                    let missing = missing_recovery_point(input, t, &source, &target);
                     start_job(input, &mut st, t, source, target, &mut events);
-                    advance(input, &mut st, &mut events, &mut finished);
+                    match missing {
+                        Some(why) => refuse_job(input, &mut st, why, &mut events, &mut finished),
+                        None => advance(input, &mut st, &mut events, &mut finished),
+                    }
                 }
                 Next::Wait(w) => {
                     wait = Some(w);
@@ -859,7 +867,7 @@ fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
 
     if desired != active {
         if has_replica(st, &active, &desired) {
-            return match spec.failover.type_ {
+            return match failover_type(input, st, &active, &desired) {
                 FailoverType::Planned => start(
                     JobType::PlannedFailover,
                     &active,
@@ -930,6 +938,113 @@ fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
         }
     }
     Next::Nothing
+}
+
+/// How a change of activeSite from `active` to `desired` is carried out. A failback (back to
+/// spec.primarySite, where replication first came from) is Planned: the VM is shut down, synced
+/// and its digests compared, so nothing is lost. It is Unplanned only when the person asked for
+/// that in this move: spec.failover.type is Unplanned and differs from the type of the newest
+/// failover job in status (the one that moved the VM away, or a failback that failed), so the
+/// Unplanned left over from the move away does not count. Any other move follows
+/// spec.failover.type.
+fn failover_type(
+    input: &Input,
+    st: &ReplicatedVMStatus,
+    active: &str,
+    desired: &str,
+) -> FailoverType {
+    let asked = input.spec.failover.type_;
+    let failback = desired == input.spec.primary_site && active != desired;
+    if !failback || asked == FailoverType::Planned {
+        return asked;
+    }
+    let last = st.jobs.iter().rev().find(|j| is_failover(j.type_));
+    match last.map(|j| j.type_) {
+        Some(JobType::PlannedFailover) => FailoverType::Unplanned,
+        _ => FailoverType::Planned,
+    }
+}
+
+/// Why an unplanned failover from `source` to `target` cannot start from the recovery point
+/// the spec selects, judged on the target's listing (fresh: the job needs the target): checked
+/// before the source is shut down, so a selector that names nothing never leaves the VM off.
+/// An id that is neither the newest point nor the newest app-consistent one cannot be judged
+/// from the listing and is left to StartAtTarget (a failure there starts the source again).
+fn missing_recovery_point(input: &Input, t: JobType, source: &str, target: &str) -> Option<String> {
+    if t != JobType::UnplannedFailover {
+        return None;
+    }
+    let view = input.view(target);
+    if !view.reachable() {
+        return None;
+    }
+    let selector = input.spec.failover.recovery_point.as_str();
+    let rps = view.vm().and_then(|v| v.recovery_points.as_ref());
+    let exists = match (selector, rps) {
+        (_, None) => false,
+        ("LatestAppConsistent", Some(p)) => p.latest_app_consistent.is_some(),
+        _ => true,
+    };
+    if exists {
+        return None;
+    }
+    let what = match rps {
+        None => format!("{target} holds no recovery point of VM {}", input.vm_name),
+        Some(p) => {
+            let latest = p
+                .latest
+                .as_ref()
+                .map(|l| format!(", the newest is {}", describe_point(l)))
+                .unwrap_or_default();
+            let consistent = match &p.latest_app_consistent {
+                Some(a) => format!(", the newest app-consistent is {}", describe_point(a)),
+                None => ", none app-consistent".to_string(),
+            };
+            format!(
+                "{target} holds {} recovery points{latest}{consistent}",
+                p.count
+            )
+        }
+    };
+    Some(format!(
+        "recovery point {selector} (spec.failover.recoveryPoint) does not exist: {what}; \
+         the failover did not start and {source} was not shut down"
+    ))
+}
+
+fn describe_point(p: &ObservedRecoveryPoint) -> String {
+    match p.time {
+        Some(t) => format!("{} ({t})", p.id),
+        None => p.id.clone(),
+    }
+}
+
+/// Ends the job just started before any step ran: every step Skipped, the job Failed with `why`.
+fn refuse_job(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    why: String,
+    events: &mut Vec<Note>,
+    finished: &mut Vec<(JobType, JobState)>,
+) {
+    let Some(ji) = running_job(st) else { return };
+    let now = input.now();
+    let job = &mut st.jobs[ji];
+    for s in &mut job.steps {
+        s.state = StepState::Skipped;
+        s.message = Some("the recovery point check failed".into());
+        s.end_time = Some(now.clone());
+    }
+    job.state = JobState::Failed;
+    job.end_time = Some(now);
+    job.message = Some(why.clone());
+    events.push(Note {
+        warning: true,
+        subject: job.name.clone(),
+        reason: "JobFailed",
+        message: format!("{} {} Failed: {why}", job_type_str(job.type_), job.name),
+    });
+    finished.push((job.type_, JobState::Failed));
 }
 
 fn start_job(
@@ -1083,6 +1198,13 @@ fn finish_job(
     if job.message.is_none() || state == JobState::Failed {
         job.message = failed_step.or_else(|| job.message.clone());
     }
+    if state == JobState::Failed && is_failover(t) {
+        let where_ = where_failed_failover_left_the_vm(job);
+        job.message = Some(match job.message.take() {
+            Some(m) => format!("{m}; {where_}"),
+            None => where_,
+        });
+    }
     let name = job.name.clone();
     let source = job.source_site.clone();
     let target = job.target_site.clone();
@@ -1139,6 +1261,33 @@ fn finish_job(
         },
     });
     finished.push((t, state));
+}
+
+/// Where a failed failover left the VM, for the job's message.
+fn where_failed_failover_left_the_vm(job: &Job) -> String {
+    let state = |n: StepName| {
+        job.steps
+            .iter()
+            .find(|s| s.name == n.as_str())
+            .map(|s| s.state)
+    };
+    let ok = |n: StepName| state(n) == Some(StepState::Succeeded);
+    let source = job.source_site.as_deref().unwrap_or("the source");
+    let target = job.target_site.as_deref().unwrap_or("the target");
+    if ok(StepName::StartAtTarget) {
+        format!("the VM runs at {target}")
+    } else if ok(StepName::RestartSource) {
+        format!("the VM runs at {source} (started again there)")
+    } else if state(StepName::RestartSource).is_some() {
+        format!(
+            "the VM runs at neither site: it was stopped at {source} and starting it again there \
+             failed"
+        )
+    } else if ok(StepName::ShutdownSource) || ok(StepName::FenceSource) {
+        format!("the VM is off at {source}")
+    } else {
+        format!("the VM runs at {source}: it was not stopped there")
+    }
 }
 
 fn disabled_replication() -> ReplicationStatus {
@@ -1235,10 +1384,12 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
         s.message = Some("an earlier step failed".into());
         s.end_time = Some(now.clone());
     }
-    let shut_down = job
-        .steps
-        .iter()
-        .any(|s| s.name == StepName::ShutdownSource.as_str() && s.state == StepState::Succeeded);
+    // Shut down or powered off by this job: an unplanned failover that stopped the source
+    // starts it again too, so a failure never leaves the VM off at both sites.
+    let shut_down = job.steps.iter().any(|s| {
+        (s.name == StepName::ShutdownSource.as_str() || s.name == StepName::FenceSource.as_str())
+            && s.state == StepState::Succeeded
+    });
     let started = job
         .steps
         .iter()
@@ -1247,7 +1398,7 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
         .steps
         .iter()
         .any(|s| s.name == StepName::RestartSource.as_str());
-    if job.type_ == JobType::PlannedFailover && shut_down && !started && !restarting {
+    if is_failover(job.type_) && shut_down && !started && !restarting {
         job.steps.push(JobStep {
             name: StepName::RestartSource.as_str().into(),
             state: StepState::Pending,
@@ -1331,6 +1482,9 @@ fn apply_step_success(
                 rpo_seconds: None,
             });
         }
+        // Nothing replicates from here on (the recovery points stay at the target), whatever
+        // happens next: a failover that fails after this step leaves replication stopped.
+        Some(StepName::StopReplication) => st.replication = Some(disabled_replication()),
         Some(StepName::RemoveReplica) => st.recovery_points = None,
         Some(StepName::Commit) => st.recovery_points = None,
         _ => {}
@@ -1492,8 +1646,33 @@ fn observed_replication(
     let r = replication_on(st)?;
     let source = r.source_site.as_deref()?;
     let target = r.target_site.as_deref()?;
+    let rps = input
+        .view(target)
+        .vm()
+        .and_then(|v| v.recovery_points.as_ref())
+        .map(|p| RecoveryPointSummary {
+            count: p.count,
+            latest: p.latest.as_ref().map(rp_ref),
+            latest_app_consistent: p.latest_app_consistent.as_ref().map(rp_ref),
+        });
+    // The source, listed after the newest job ended, replicates no more (its replication was
+    // stopped, or disabled at the site): the status says so, with no stale health, RPO or
+    // direction.
+    let src_view = input.view(source);
+    if src_view.fetched_since(newest_job_end(st))
+        && src_view.vm().is_some_and(|v| {
+            v.replication
+                .as_ref()
+                .is_none_or(|rep| rep.state == ObservedReplicationState::Disabled)
+        })
+    {
+        return Some((
+            disabled_replication(),
+            rps.or_else(|| st.recovery_points.clone()),
+        ));
+    }
     let mut new = r.clone();
-    let src = input.view(source).vm();
+    let src = src_view.vm();
     if let Some(state) = src
         .and_then(|v| v.replication.as_ref())
         .and_then(|rep| observed_state(rep.state))
@@ -1504,15 +1683,6 @@ fn observed_replication(
     if let Some(t) = src.and_then(|v| v.replication.as_ref()?.last_sync_time) {
         new.last_sync_time = Some(Time(t));
     }
-    let rps = input
-        .view(target)
-        .vm()
-        .and_then(|v| v.recovery_points.as_ref())
-        .map(|p| RecoveryPointSummary {
-            count: p.count,
-            latest: p.latest.as_ref().map(rp_ref),
-            latest_app_consistent: p.latest_app_consistent.as_ref().map(rp_ref),
-        });
     if new.last_sync_time.is_none()
         && let Some(t) = rps.as_ref().and_then(|p| p.latest.as_ref()?.time.clone())
     {
@@ -1539,13 +1709,8 @@ fn observed_replication(
     // The target, listed after the newest job ended, holds no recovery point of the VM (its
     // copy was lost, or a resync is filling a new one): nothing a failover could start from,
     // whatever the source still reports.
-    let since = st
-        .jobs
-        .last()
-        .and_then(|j| j.end_time.as_ref())
-        .map(|t| t.0);
     let target_view = input.view(target);
-    let no_point = target_view.fetched_since(since)
+    let no_point = target_view.fetched_since(newest_job_end(st))
         && target_view.vm().is_none_or(|v| v.recovery_points.is_none());
     if no_point
         && matches!(
@@ -1559,7 +1724,32 @@ fn observed_replication(
         // A failed digest verification: the replica differs until the resync has run.
         new.health = Some(ReplicationHealth::Critical);
     }
+    // A VM that is off makes no new data, but it does not run either: not Healthy.
+    if vm_off(input, st).is_some() && new.health == Some(ReplicationHealth::Healthy) {
+        new.health = Some(ReplicationHealth::Warning);
+    }
     Some((new, rps.or_else(|| st.recovery_points.clone())))
+}
+
+fn newest_job_end(st: &ReplicatedVMStatus) -> Option<Timestamp> {
+    st.jobs
+        .last()
+        .and_then(|j| j.end_time.as_ref())
+        .map(|t| t.0)
+}
+
+/// The VM is off at the site where it runs (a listing taken after the newest job ended): the
+/// Ready message. The controller never starts it on its own; a person does.
+fn vm_off(input: &Input, st: &ReplicatedVMStatus) -> Option<String> {
+    let active = st.active_site.as_deref()?;
+    let vm = input.view(active).vm_since(newest_job_end(st))?;
+    (vm.power == Power::Off && vm.role == Role::Primary).then(|| {
+        format!(
+            "VM {} is off at {active}, where it should run; twinsite does not start it on its \
+             own: start it at {active}",
+            input.vm_name
+        )
+    })
 }
 
 fn rp_ref(p: &ObservedRecoveryPoint) -> RecoveryPointRef {
@@ -1690,6 +1880,21 @@ fn finalize(
                 want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
+            } else if let Some(msg) = vm_off(input, st) {
+                if !input
+                    .status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == READY && c.status == "False" && c.reason == VM_NOT_RUNNING)
+                {
+                    events.push(Note {
+                        warning: true,
+                        subject: format!("vm-off-{}", st.active_site.as_deref().unwrap_or("")),
+                        reason: VM_NOT_RUNNING,
+                        message: msg.clone(),
+                    });
+                }
+                want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg));
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled

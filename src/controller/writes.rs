@@ -22,7 +22,7 @@ pub struct StatusWrite {
     pub written: bool,
 }
 
-/// Merge-patches the top-level fields of status that differ between `old` and `new`, with the
+/// Merge-patches the fields of status that differ between `old` and `new` ([`diff`]), with the
 /// resourceVersion `rv` the decision was made from: a writer that moved the object on
 /// meanwhile makes this fail (409) instead of being overwritten, so a job or a step is never
 /// started twice. Nothing changed, nothing written.
@@ -58,15 +58,24 @@ where
     })
 }
 
-/// Top-level fields of `new` that differ from `old` (removed ones as null).
+/// The JSON merge patch (RFC 7386) from `old` to `new`: the fields of `new` that differ from
+/// `old`, an object that is in both as its own patch, and removed fields as null. A merge patch
+/// merges nested objects, so a nested field that became unset must be sent as null too (or
+/// the API server keeps its old value).
 pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
     let empty = Map::new();
     let o = old.as_object().unwrap_or(&empty);
     let n = new.as_object().unwrap_or(&empty);
     let mut out = Map::new();
     for (k, v) in n {
-        if o.get(k) != Some(v) {
-            out.insert(k.clone(), v.clone());
+        match o.get(k) {
+            Some(ov) if ov == v => {}
+            Some(ov) if ov.is_object() && v.is_object() => {
+                out.insert(k.clone(), Value::Object(diff(ov, v)));
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
         }
     }
     for k in o.keys() {
@@ -130,5 +139,46 @@ mod tests {
             json!({"jobs": [1, 2], "activeSite": "b", "testFailover": null})
         );
         assert!(diff(&new, &new).is_empty());
+    }
+
+    /// RFC 7386: what the API server makes of a merge patch.
+    fn merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let Some(p) = patch.as_object() else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = json!({});
+        }
+        if let Some(t) = target.as_object_mut() {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn nested_fields_that_become_unset_are_removed_by_the_patch() {
+        let old = json!({
+            "phase": "Protected",
+            "replication": {"state": "Replicating", "sourceSite": "a", "targetSite": "b",
+                            "health": "Healthy", "rpoSeconds": 12, "lastSyncTime": "t"},
+            "recoveryPoints": {"count": 3, "latest": {"id": "rp-3"}},
+        });
+        let new = json!({
+            "phase": "Failed",
+            "replication": {"state": "Disabled"},
+            "recoveryPoints": {"count": 3, "latest": {"id": "rp-4", "time": "u"}},
+        });
+        let mut patched = old.clone();
+        merge(&mut patched, &serde_json::Value::Object(diff(&old, &new)));
+        assert_eq!(patched, new);
+        let mut back = new.clone();
+        merge(&mut back, &serde_json::Value::Object(diff(&new, &old)));
+        assert_eq!(back, old);
     }
 }

@@ -77,6 +77,8 @@ struct World {
     started_from: Vec<String>,
     /// (source, target, mode) of every EnableReplication call.
     enables: Vec<(String, String, EnableMode)>,
+    /// The target refuses to start the VM (StartAtTarget fails).
+    start_fails: bool,
 }
 
 impl World {
@@ -103,6 +105,7 @@ impl World {
             cut_calls: vec![],
             started_from: vec![],
             enables: vec![],
+            start_fails: false,
         }
     }
 
@@ -292,6 +295,9 @@ impl World {
             }
             StepName::StartAtTarget => {
                 self.started_from.push(c.recovery_point.clone());
+                if self.start_fails {
+                    return Outcome::Failed("the target could not start the VM".into());
+                }
                 let Some(mut rp) = self.sites[tgt]
                     .as_ref()
                     .and_then(|v| v.vm.recovery_points.as_ref()?.latest.clone())
@@ -1699,4 +1705,226 @@ fn a_target_without_a_replica_point_is_critical_until_it_holds_one_again() {
     w.step();
     assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
     assert_eq!(w.job_types(), [JobType::EnableReplication]);
+}
+
+#[test]
+fn a_failback_after_an_unplanned_failover_is_planned() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    // Back to the original primary; spec.failover.type still says Unplanned from the move
+    // away: the failback is planned (shut down, sync, digests) and loses nothing.
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(
+        &w.job_types()[4..],
+        [
+            JobType::PlannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+}
+
+#[test]
+fn a_failback_is_unplanned_only_when_the_move_asks_for_it() {
+    let mut w = World::protected(true);
+    // Away planned, back with Unplanned set in the same change: the person asked for it.
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    w.set_spec(|s| {
+        s.active_site = Some(P.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(
+        &w.job_types()[4..],
+        [
+            JobType::UnplannedFailover,
+            JobType::Commit,
+            JobType::ReverseReplicate
+        ]
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    // A failover away from the primary follows spec.failover.type as before.
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.job_types()[7], JobType::UnplannedFailover);
+}
+
+#[test]
+fn an_unplanned_failover_to_a_missing_recovery_point_fails_before_the_source_is_shut_down() {
+    let mut w = World::protected(true);
+    // The replica holds recovery points, none app-consistent.
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.recovery_point = "LatestAppConsistent".into();
+    });
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Failed, "{f:?}");
+    assert!(
+        f.steps.iter().all(|s| s.state == K),
+        "no step ran: {:?}",
+        f.steps
+    );
+    let msg = f.message.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains("LatestAppConsistent")
+            && msg.contains("none app-consistent")
+            && msg.contains("rp-")
+            && msg.contains(S),
+        "{msg}"
+    );
+    // The source was never shut down: the VM keeps running where it ran.
+    assert!(w.calls.is_empty(), "{:?}", w.calls);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    assert!(w.cond(STALLED));
+    // The point exists once the replica holds an app-consistent one: a spec change is the next
+    // attempt.
+    let mut rp = w.add_rp(S);
+    rp.app_consistent = true;
+    w.vm_mut(S)
+        .vm
+        .recovery_points
+        .as_mut()
+        .unwrap()
+        .latest_app_consistent = Some(rp);
+    w.set_spec(|_| {});
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_failed_unplanned_failover_restarts_the_source_and_says_where_the_vm_runs() {
+    for integration in [true, false] {
+        let mut w = World::protected(integration);
+        w.start_fails = true;
+        w.set_spec(|s| {
+            s.active_site = Some(S.into());
+            s.failover.type_ = FailoverType::Unplanned;
+        });
+        w.settle();
+        let (shutdown, fence) = if integration { (OK, K) } else { (F, OK) };
+        assert_eq!(
+            w.steps(JobType::UnplannedFailover),
+            st(&[
+                ("ShutdownSource", shutdown),
+                ("FenceSource", fence),
+                ("SyncRemaining", OK),
+                ("StopReplication", OK),
+                ("StartAtTarget", F),
+                ("RestartSource", OK),
+            ])
+        );
+        let f = w.job(JobType::UnplannedFailover);
+        assert_eq!(f.state, JobState::Failed);
+        let msg = f.message.as_deref().unwrap_or_default();
+        assert!(
+            msg.contains("could not start") && msg.contains(&format!("runs at {P}")),
+            "{msg}"
+        );
+        // Running somewhere: at the source, started again.
+        assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+        assert_eq!(w.status.active_site.as_deref(), Some(P));
+        assert!(w.cond(STALLED));
+    }
+}
+
+#[test]
+fn status_shows_replication_stopped_after_a_failed_planned_failover() {
+    let mut w = World::protected(true);
+    w.settle();
+    w.start_fails = true;
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("SyncRemaining", OK),
+            ("VerifyDigests", OK),
+            ("StopReplication", OK),
+            ("StartAtTarget", F),
+            ("RestartSource", OK),
+        ])
+    );
+    // Nothing replicates any more, and status says so: no stale health, RPO or direction.
+    let r = w.status.replication.clone().unwrap();
+    assert_eq!(r.state, ReplicationState::Disabled);
+    assert_eq!(
+        (r.health, r.rpo_seconds, r.source_site, r.target_site),
+        (None, None, None, None)
+    );
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    // The person's answer (here: stay at the primary) protects the VM again.
+    w.start_fails = false;
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_source_that_reports_replication_disabled_is_shown_disabled_and_protected_again() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    // Someone stopped replication at the site (the site reports Disabled).
+    w.vm_mut(P).vm.replication = None;
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Write(_)));
+    let r = w.status.replication.clone().unwrap();
+    assert_eq!(r.state, ReplicationState::Disabled);
+    assert_eq!((r.health, r.rpo_seconds), (None, None));
+    assert_ne!(w.status.phase, Some(VmPhase::Protected));
+    // The spec still asks for replication: the controller sets it up again.
+    w.settle();
+    assert_eq!(
+        w.job_types(),
+        [JobType::EnableReplication, JobType::ReverseReplicate]
+    );
+    assert_eq!(rep_state(&w), Some(ReplicationState::Replicating));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_vm_off_at_its_active_site_is_not_healthy_and_is_not_started() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert!(w.cond(READY));
+    w.vm_mut(P).vm.power = Power::Off;
+    w.now += 5;
+    assert!(matches!(w.step(), Plan::Write(_)));
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    assert!(!w.cond(READY));
+    let ready = w.condition(READY);
+    assert_eq!(ready.reason, "VMNotRunning");
+    assert!(
+        ready.message.contains("off") && ready.message.contains(P),
+        "{}",
+        ready.message
+    );
+    w.settle();
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    assert!(w.calls.is_empty(), "{:?}", w.calls);
+    assert_ne!(health(&w), Some(ReplicationHealth::Healthy));
+    // Started again by a person: Healthy and Ready.
+    w.vm_mut(P).vm.power = Power::Running;
+    w.now += 5;
+    w.settle();
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
+    assert!(w.cond(READY));
 }
