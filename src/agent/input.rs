@@ -6,8 +6,17 @@ use axum::extract::{FromRequestParts, Path, RawPathParams};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
-use super::store::valid_name;
 use super::{ApiError, ApiResult};
+
+/// A VM or disk name: 1 to 63 characters of letters, digits, `.`, `_`, `-`, not starting with
+/// `.` (it becomes a directory or file name under the data dir).
+pub(super) fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !n.starts_with('.')
+}
 
 /// Operation ids (`operationId`, `?operationId=`, `cutId`): 1 to this many bytes. The
 /// controller's ids embed object names of up to 253 characters.

@@ -5,6 +5,7 @@
 
 mod driver;
 mod input;
+mod meta;
 mod replica;
 mod store;
 
@@ -854,7 +855,7 @@ async fn enable(
                 )));
             }
             r.meta.inbound = None;
-            r.meta.outbound = Some(replica::Outbound::from_enable(&req));
+            r.meta.outbound = Some(meta::Outbound::from_enable(&req));
             // The answer is saved with the settings: a retry after a crash never starts the
             // initial transfer again (which would drop the replica's points).
             let answer = to_json(r.view().replication)?;
@@ -944,7 +945,7 @@ async fn cut(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::op_id("cutId", &req.cut_id)?;
-    if let Some(bad) = req.vms.iter().find(|n| !store::valid_name(n)) {
+    if let Some(bad) = req.vms.iter().find(|n| !input::valid_name(n)) {
         return Err(ApiError::bad(format!("invalid VM name {bad:?} in vms")));
     }
     let op = format!("cut/{}", req.cut_id);
@@ -1081,7 +1082,7 @@ async fn test_failover(
     input::site_name("network", &req.network)?;
     // The drill copy is a VM like any other: its name must be valid too.
     let copy = replica::drill_copy_name(&vm);
-    if !store::valid_name(&copy) {
+    if !input::valid_name(&copy) {
         return Err(ApiError::bad(format!(
             "VM {vm} cannot have a drill copy: its name {copy} would be longer than 63 \
              characters (VM names of at most 58 characters can be tested)"

@@ -8,7 +8,9 @@ use std::os::unix::fs::FileExt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::store::{Store, VmMeta, VmRec, open_vm, write_atomic};
+use super::input::valid_name;
+use super::meta::{Inbound, Rollback, RpMeta, VmMeta};
+use super::store::{Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult};
 use crate::fault;
 use crate::replication::tracker::{create_dir_durable, sync_dir};
@@ -16,185 +18,10 @@ use crate::replication::{
     BLOCK_SIZE, Bitmap, block_count, block_in_range, block_len, frame, retention, undo,
 };
 use crate::site::{
-    AcceptResult, CommitResult, Direction, DiskSpec, FailoverResult, Power, RecoveryPoint,
-    RecoveryPointKind, RecoveryPointSelector, RecoveryPointsSummary, ReplicationInfo,
-    ReplicationMode, ReplicationState, Role, TestCopyInfo, TestFailoverResult,
+    AcceptResult, CommitResult, DiskSpec, FailoverResult, Power, RecoveryPoint, RecoveryPointKind,
+    RecoveryPointSelector, Role, TestFailoverResult,
 };
 use axum::http::StatusCode;
-
-/// Outbound replication settings and progress (at the source).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Outbound {
-    pub peer_site: String,
-    pub peer_url: String,
-    /// Bearer token of the peer agent (kept in vm.json, never printed by `Debug`).
-    pub peer_token: crate::secret::Secret,
-    /// CA of an https peer.
-    #[serde(default)]
-    pub peer_ca_pem: Option<String>,
-    pub interval_seconds: u64,
-    pub retention_hours: u64,
-    pub app_consistent_hours: u64,
-    pub state: ReplicationState,
-    /// Set until the bulk transfer (whole disk or resync) is acknowledged.
-    pub bulk: Option<ReplicationMode>,
-    pub stopped: bool,
-    pub last_sync_time: Option<Timestamp>,
-    pub last_app_consistent: Option<Timestamp>,
-    pub bytes_sent: u64,
-    pub blocks_resent: u64,
-    pub last_error: Option<String>,
-    /// A cycle whose commit was sent and never answered: the replica may hold it, so the next
-    /// cycle names it beside the journal base as a parent the replica may be at.
-    #[serde(default)]
-    pub in_doubt: Option<String>,
-}
-
-impl Outbound {
-    /// Outbound replication as `enable` starts it: the bulk transfer of `mode` first.
-    pub fn from_enable(req: &crate::site::EnableReplication) -> Self {
-        Self {
-            peer_site: req.peer_site.clone(),
-            peer_url: req.peer_url.clone(),
-            peer_token: req.peer_token.clone(),
-            peer_ca_pem: req.peer_ca_pem.clone(),
-            interval_seconds: req.interval_seconds,
-            retention_hours: req.recovery_point_retention_hours,
-            app_consistent_hours: req.app_consistent_frequency_hours,
-            state: match req.mode {
-                ReplicationMode::Initial => ReplicationState::InitialReplication,
-                ReplicationMode::Resync => ReplicationState::Resynchronizing,
-            },
-            bulk: Some(req.mode),
-            stopped: false,
-            last_sync_time: None,
-            last_app_consistent: None,
-            bytes_sent: 0,
-            blocks_resent: 0,
-            last_error: None,
-            in_doubt: None,
-        }
-    }
-}
-
-/// One recovery point at the replica.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RpMeta {
-    pub seq: u64,
-    pub time: Timestamp,
-    pub kind: RecoveryPointKind,
-    /// Undo segments (applied in order) that take the image from this point to the previous.
-    pub undo: Vec<String>,
-    /// Staging file still to be applied to the image (crash between commit and apply).
-    #[serde(default)]
-    pub staged: Option<String>,
-    /// Id of the consistent cut that made this point.
-    #[serde(default)]
-    pub cut_id: Option<String>,
-}
-
-impl RpMeta {
-    fn view(&self) -> RecoveryPoint {
-        RecoveryPoint {
-            id: format!("rp-{:06}", self.seq),
-            time: self.time,
-            app_consistent: self.kind == RecoveryPointKind::AppConsistent,
-            kind: self.kind,
-            cut_id: self.cut_id.clone(),
-        }
-    }
-}
-
-/// Inbound replication and recovery points (at the replica).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Inbound {
-    pub source_site: String,
-    pub accepting: bool,
-    pub retention_hours: u64,
-    pub next_seq: u64,
-    pub rps: Vec<RpMeta>,
-    /// Cycle id and point of the last commit, so a repeated commit answers the same point.
-    pub last_cycle: Option<(String, Option<RecoveryPoint>)>,
-    /// The cycle `begin` opened and that has not committed: blocks and a commit of any other
-    /// cycle are refused (a second `begin` discarded that cycle's staged blocks).
-    #[serde(default)]
-    pub open_cycle: Option<String>,
-    pub last_sync_time: Option<Timestamp>,
-    pub blocks_refused: u64,
-    /// Recovery points are history of the replica only until the VM runs here.
-    #[serde(default)]
-    pub failed_over: bool,
-    #[serde(default)]
-    pub test_copy: Option<(String, String, RecoveryPoint)>,
-    /// A failover under way: the image is being rolled back to point `to_seq`. Recorded before
-    /// the image changes, so a crash mid-rollback is finished at the next start.
-    #[serde(default)]
-    pub rollback: Option<Rollback>,
-}
-
-/// The intent of a failover, recorded before its rollback rewrites the image.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Rollback {
-    pub to_seq: u64,
-    pub operation_id: Option<String>,
-}
-
-pub(super) fn replication_info(r: &VmRec) -> ReplicationInfo {
-    if let Some(o) = &r.meta.outbound {
-        return ReplicationInfo {
-            state: if o.stopped {
-                ReplicationState::Disabled
-            } else {
-                o.state
-            },
-            direction: Some(Direction::Outbound),
-            peer_site: Some(o.peer_site.clone()),
-            interval_seconds: o.interval_seconds,
-            last_sync_time: o.last_sync_time,
-            pending_bytes: r.tracker.dirty_blocks() * BLOCK_SIZE,
-            bytes_sent: o.bytes_sent,
-            last_error: o.last_error.clone(),
-            blocks_refused: o.blocks_resent,
-        };
-    }
-    if let Some(i) = &r.meta.inbound
-        && r.meta.role == Role::Replica
-    {
-        return ReplicationInfo {
-            state: if i.accepting {
-                ReplicationState::Replicating
-            } else {
-                ReplicationState::Disabled
-            },
-            direction: Some(Direction::Inbound),
-            peer_site: Some(i.source_site.clone()),
-            last_sync_time: i.last_sync_time,
-            blocks_refused: i.blocks_refused,
-            ..Default::default()
-        };
-    }
-    ReplicationInfo::default()
-}
-
-pub(super) fn rp_summary(r: &VmRec) -> RecoveryPointsSummary {
-    let Some(i) = &r.meta.inbound else {
-        return RecoveryPointsSummary::default();
-    };
-    RecoveryPointsSummary {
-        count: i.rps.len() as u64,
-        latest: i.rps.last().map(RpMeta::view),
-        latest_app_consistent: i
-            .rps
-            .iter()
-            .rev()
-            .find(|p| p.kind == RecoveryPointKind::AppConsistent)
-            .map(RpMeta::view),
-    }
-}
 
 /// Body of `POST /v1/replica/{vm}/begin`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -342,15 +169,6 @@ fn start_writeback(disks: &[File], frames: &[&frame::Frame<'_>]) {
     }
 }
 
-pub(super) fn test_copy_of(r: &VmRec) -> Option<TestCopyInfo> {
-    let (name, network, rp) = r.meta.inbound.as_ref()?.test_copy.clone()?;
-    Some(TestCopyInfo {
-        vm_name: name,
-        network,
-        recovery_point: rp,
-    })
-}
-
 impl Store {
     /// Finishes what a crash interrupted, VM by VM: a failover's rollback, commits recorded and
     /// not applied; drops unfinished cycles, spools and undo segments no point lists. A VM whose
@@ -387,7 +205,7 @@ impl Store {
             if self.is_broken(vm) {
                 return Err(self.missing(vm));
             }
-            if !super::store::valid_name(vm) {
+            if !valid_name(vm) {
                 return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
             }
             let mut meta = VmMeta::new(
@@ -1342,33 +1160,5 @@ impl Store {
         }
         r.save()?;
         Ok((name, exists))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn debug_of_outbound_hides_the_peer_token() {
-        let o = Outbound::from_enable(&crate::site::EnableReplication {
-            operation_id: "en-1".into(),
-            peer_site: "secondary".into(),
-            peer_url: "https://secondary:7101".into(),
-            peer_token: "s3cr3t-peer-token".into(),
-            peer_ca_pem: None,
-            interval_seconds: 30,
-            recovery_point_retention_hours: 1,
-            app_consistent_frequency_hours: 0,
-            mode: ReplicationMode::Initial,
-        });
-        let dbg = format!("{o:?} {o:#?}");
-        assert!(!dbg.contains("s3cr3t"), "{dbg}");
-        assert!(dbg.contains("secondary"), "{dbg}");
-        // vm.json keeps the token (the agent needs it after a restart), in the same format.
-        let json = serde_json::to_value(&o).unwrap();
-        assert_eq!(json["peerToken"], "s3cr3t-peer-token");
-        let back: Outbound = serde_json::from_value(json).unwrap();
-        assert_eq!(format!("{back:?}"), format!("{o:?}"));
     }
 }

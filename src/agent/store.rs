@@ -22,6 +22,8 @@ use std::time::{Duration, SystemTime};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::input::valid_name;
+use super::meta::{self, VmMeta};
 use super::{ApiError, ApiResult};
 use crate::fault;
 use crate::replication::tracker::{Tracker, sync_dir};
@@ -31,95 +33,12 @@ use crate::site::{
     ReplicationState, Role, Vm, VmList,
 };
 
-/// Answers of the last operations of a VM kept in its `vm.json` (older ones are dropped).
-const OPS_KEPT: usize = 32;
-
 /// Answers under `DATA/ops` (operations no VM keeps) are kept for a week, and at most this many
 /// of the newest: a controller retries an operation within minutes, not days.
 const OPS_FILES_KEPT: usize = 1000;
 const OPS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `DATA/ops` is pruned at start and after every this many answers saved.
 const OPS_PRUNE_EVERY: u64 = 100;
-
-/// Persisted part of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct VmMeta {
-    pub(super) name: String,
-    pub(super) power: Power,
-    pub(super) role: Role,
-    pub(super) integration_services: bool,
-    pub(super) disks: Vec<DiskSpec>,
-    #[serde(default)]
-    pub(super) network: Option<String>,
-    /// Outbound replication (at the source).
-    #[serde(default)]
-    pub(super) outbound: Option<super::replica::Outbound>,
-    /// Inbound replication and recovery points (at the replica).
-    #[serde(default)]
-    pub(super) inbound: Option<super::replica::Inbound>,
-    /// Id of the cycle (as the peer committed it) since whose state the change tracker holds
-    /// every change of the disks: the last cycle acknowledged (a source), or the last cycle
-    /// committed before a failover (a replica that became primary). Reverse resync sends only
-    /// tracked blocks when both sides name the same cycle. `None`: unknown.
-    #[serde(default)]
-    pub(super) journal_base: Option<String>,
-    /// The controller allowed this site to replicate into this VM (`replication/accept`): the
-    /// next bulk transfer from it may turn the VM into its replica. Nothing else does.
-    #[serde(default)]
-    pub(super) accept_from: Option<String>,
-    /// Answers of operations on this VM, saved in the same write as their effect, so a retry
-    /// after a crash answers the first result instead of doing (or refusing) it again.
-    #[serde(default)]
-    pub(super) ops: Vec<OpDone>,
-}
-
-/// A finished operation of a VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(super) struct OpDone {
-    pub(super) id: String,
-    pub(super) answer: serde_json::Value,
-}
-
-impl VmMeta {
-    /// A new VM's metadata.
-    pub(super) fn new(name: &str, power: Power, role: Role, spec: (&[DiskSpec], bool)) -> Self {
-        Self {
-            name: name.to_string(),
-            power,
-            role,
-            integration_services: spec.1,
-            disks: spec.0.to_vec(),
-            network: None,
-            outbound: None,
-            inbound: None,
-            journal_base: None,
-            accept_from: None,
-            ops: Vec::new(),
-        }
-    }
-
-    /// Records the answer of operation `id`; saved with the next `save`.
-    pub(super) fn note_op(&mut self, id: Option<&str>, answer: &serde_json::Value) {
-        let Some(id) = id else { return };
-        if self.ops.iter().any(|o| o.id == id) {
-            return;
-        }
-        self.ops.push(OpDone {
-            id: id.to_string(),
-            answer: answer.clone(),
-        });
-        let extra = self.ops.len().saturating_sub(OPS_KEPT);
-        self.ops.drain(..extra);
-    }
-
-    pub(super) fn op_answer(&self, id: &str) -> Option<serde_json::Value> {
-        self.ops
-            .iter()
-            .find(|o| o.id == id)
-            .map(|o| o.answer.clone())
-    }
-}
 
 /// One VM's state: metadata, open disks, change tracker. Reached only through its cell's lock.
 pub(super) struct VmRec {
@@ -156,14 +75,6 @@ pub struct Store {
 struct OpRecord {
     status: u16,
     body: serde_json::Value,
-}
-
-pub(super) fn valid_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 63
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        && !n.starts_with('.')
 }
 
 /// Writes `value` to `path` so that a crash leaves either the old or the new file. The file is
@@ -629,9 +540,12 @@ impl VmRec {
             role: self.meta.role,
             integration_services: self.meta.integration_services,
             disks: self.meta.disks.clone(),
-            replication: super::replica::replication_info(self),
-            recovery_points: super::replica::rp_summary(self),
-            test_copy: super::replica::test_copy_of(self),
+            replication: meta::replication_info(
+                &self.meta,
+                self.tracker.dirty_blocks() * crate::replication::BLOCK_SIZE,
+            ),
+            recovery_points: meta::rp_summary(&self.meta),
+            test_copy: meta::test_copy_of(&self.meta),
             network: self.meta.network.clone(),
         }
     }

@@ -1,0 +1,306 @@
+//! What a VM's `vm.json` holds: power, role, disks, outbound replication (at a source),
+//! inbound replication and recovery points (at a replica), intents, operation answers; and the
+//! views of them the agent's listing shows. No I/O here.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::site::{
+    Direction, DiskSpec, Power, RecoveryPoint, RecoveryPointKind, RecoveryPointsSummary,
+    ReplicationInfo, ReplicationMode, ReplicationState, Role, TestCopyInfo,
+};
+
+/// Answers of the last operations of a VM kept in its `vm.json` (older ones are dropped).
+const OPS_KEPT: usize = 32;
+
+/// Persisted part of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct VmMeta {
+    pub(super) name: String,
+    pub(super) power: Power,
+    pub(super) role: Role,
+    pub(super) integration_services: bool,
+    pub(super) disks: Vec<DiskSpec>,
+    #[serde(default)]
+    pub(super) network: Option<String>,
+    /// Outbound replication (at the source).
+    #[serde(default)]
+    pub(super) outbound: Option<Outbound>,
+    /// Inbound replication and recovery points (at the replica).
+    #[serde(default)]
+    pub(super) inbound: Option<Inbound>,
+    /// Id of the cycle (as the peer committed it) since whose state the change tracker holds
+    /// every change of the disks: the last cycle acknowledged (a source), or the last cycle
+    /// committed before a failover (a replica that became primary). Reverse resync sends only
+    /// tracked blocks when both sides name the same cycle. `None`: unknown.
+    #[serde(default)]
+    pub(super) journal_base: Option<String>,
+    /// The controller allowed this site to replicate into this VM (`replication/accept`): the
+    /// next bulk transfer from it may turn the VM into its replica. Nothing else does.
+    #[serde(default)]
+    pub(super) accept_from: Option<String>,
+    /// Answers of operations on this VM, saved in the same write as their effect, so a retry
+    /// after a crash answers the first result instead of doing (or refusing) it again.
+    #[serde(default)]
+    pub(super) ops: Vec<OpDone>,
+}
+
+/// A finished operation of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct OpDone {
+    pub(super) id: String,
+    pub(super) answer: serde_json::Value,
+}
+
+impl VmMeta {
+    /// A new VM's metadata.
+    pub(super) fn new(name: &str, power: Power, role: Role, spec: (&[DiskSpec], bool)) -> Self {
+        Self {
+            name: name.to_string(),
+            power,
+            role,
+            integration_services: spec.1,
+            disks: spec.0.to_vec(),
+            network: None,
+            outbound: None,
+            inbound: None,
+            journal_base: None,
+            accept_from: None,
+            ops: Vec::new(),
+        }
+    }
+
+    /// Records the answer of operation `id`; saved with the next `save`.
+    pub(super) fn note_op(&mut self, id: Option<&str>, answer: &serde_json::Value) {
+        let Some(id) = id else { return };
+        if self.ops.iter().any(|o| o.id == id) {
+            return;
+        }
+        self.ops.push(OpDone {
+            id: id.to_string(),
+            answer: answer.clone(),
+        });
+        let extra = self.ops.len().saturating_sub(OPS_KEPT);
+        self.ops.drain(..extra);
+    }
+
+    pub(super) fn op_answer(&self, id: &str) -> Option<serde_json::Value> {
+        self.ops
+            .iter()
+            .find(|o| o.id == id)
+            .map(|o| o.answer.clone())
+    }
+}
+
+/// Outbound replication settings and progress (at the source).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outbound {
+    pub peer_site: String,
+    pub peer_url: String,
+    /// Bearer token of the peer agent (kept in vm.json, never printed by `Debug`).
+    pub peer_token: crate::secret::Secret,
+    /// CA of an https peer.
+    #[serde(default)]
+    pub peer_ca_pem: Option<String>,
+    pub interval_seconds: u64,
+    pub retention_hours: u64,
+    pub app_consistent_hours: u64,
+    pub state: ReplicationState,
+    /// Set until the bulk transfer (whole disk or resync) is acknowledged.
+    pub bulk: Option<ReplicationMode>,
+    pub stopped: bool,
+    pub last_sync_time: Option<Timestamp>,
+    pub last_app_consistent: Option<Timestamp>,
+    pub bytes_sent: u64,
+    pub blocks_resent: u64,
+    pub last_error: Option<String>,
+    /// A cycle whose commit was sent and never answered: the replica may hold it, so the next
+    /// cycle names it beside the journal base as a parent the replica may be at.
+    #[serde(default)]
+    pub in_doubt: Option<String>,
+}
+
+impl Outbound {
+    /// Outbound replication as `enable` starts it: the bulk transfer of `mode` first.
+    pub fn from_enable(req: &crate::site::EnableReplication) -> Self {
+        Self {
+            peer_site: req.peer_site.clone(),
+            peer_url: req.peer_url.clone(),
+            peer_token: req.peer_token.clone(),
+            peer_ca_pem: req.peer_ca_pem.clone(),
+            interval_seconds: req.interval_seconds,
+            retention_hours: req.recovery_point_retention_hours,
+            app_consistent_hours: req.app_consistent_frequency_hours,
+            state: match req.mode {
+                ReplicationMode::Initial => ReplicationState::InitialReplication,
+                ReplicationMode::Resync => ReplicationState::Resynchronizing,
+            },
+            bulk: Some(req.mode),
+            stopped: false,
+            last_sync_time: None,
+            last_app_consistent: None,
+            bytes_sent: 0,
+            blocks_resent: 0,
+            last_error: None,
+            in_doubt: None,
+        }
+    }
+}
+
+/// One recovery point at the replica.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RpMeta {
+    pub seq: u64,
+    pub time: Timestamp,
+    pub kind: RecoveryPointKind,
+    /// Undo segments (applied in order) that take the image from this point to the previous.
+    pub undo: Vec<String>,
+    /// Staging file still to be applied to the image (crash between commit and apply).
+    #[serde(default)]
+    pub staged: Option<String>,
+    /// Id of the consistent cut that made this point.
+    #[serde(default)]
+    pub cut_id: Option<String>,
+}
+
+impl RpMeta {
+    pub(super) fn view(&self) -> RecoveryPoint {
+        RecoveryPoint {
+            id: format!("rp-{:06}", self.seq),
+            time: self.time,
+            app_consistent: self.kind == RecoveryPointKind::AppConsistent,
+            kind: self.kind,
+            cut_id: self.cut_id.clone(),
+        }
+    }
+}
+
+/// Inbound replication and recovery points (at the replica).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inbound {
+    pub source_site: String,
+    pub accepting: bool,
+    pub retention_hours: u64,
+    pub next_seq: u64,
+    pub rps: Vec<RpMeta>,
+    /// Cycle id and point of the last commit, so a repeated commit answers the same point.
+    pub last_cycle: Option<(String, Option<RecoveryPoint>)>,
+    /// The cycle `begin` opened and that has not committed: blocks and a commit of any other
+    /// cycle are refused (a second `begin` discarded that cycle's staged blocks).
+    #[serde(default)]
+    pub open_cycle: Option<String>,
+    pub last_sync_time: Option<Timestamp>,
+    pub blocks_refused: u64,
+    /// Recovery points are history of the replica only until the VM runs here.
+    #[serde(default)]
+    pub failed_over: bool,
+    #[serde(default)]
+    pub test_copy: Option<(String, String, RecoveryPoint)>,
+    /// A failover under way: the image is being rolled back to point `to_seq`. Recorded before
+    /// the image changes, so a crash mid-rollback is finished at the next start.
+    #[serde(default)]
+    pub rollback: Option<Rollback>,
+}
+
+/// The intent of a failover, recorded before its rollback rewrites the image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollback {
+    pub to_seq: u64,
+    pub operation_id: Option<String>,
+}
+
+pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> ReplicationInfo {
+    if let Some(o) = &meta.outbound {
+        return ReplicationInfo {
+            state: if o.stopped {
+                ReplicationState::Disabled
+            } else {
+                o.state
+            },
+            direction: Some(Direction::Outbound),
+            peer_site: Some(o.peer_site.clone()),
+            interval_seconds: o.interval_seconds,
+            last_sync_time: o.last_sync_time,
+            pending_bytes,
+            bytes_sent: o.bytes_sent,
+            last_error: o.last_error.clone(),
+            blocks_refused: o.blocks_resent,
+        };
+    }
+    if let Some(i) = &meta.inbound
+        && meta.role == Role::Replica
+    {
+        return ReplicationInfo {
+            state: if i.accepting {
+                ReplicationState::Replicating
+            } else {
+                ReplicationState::Disabled
+            },
+            direction: Some(Direction::Inbound),
+            peer_site: Some(i.source_site.clone()),
+            last_sync_time: i.last_sync_time,
+            blocks_refused: i.blocks_refused,
+            ..Default::default()
+        };
+    }
+    ReplicationInfo::default()
+}
+
+pub(super) fn rp_summary(meta: &VmMeta) -> RecoveryPointsSummary {
+    let Some(i) = &meta.inbound else {
+        return RecoveryPointsSummary::default();
+    };
+    RecoveryPointsSummary {
+        count: i.rps.len() as u64,
+        latest: i.rps.last().map(RpMeta::view),
+        latest_app_consistent: i
+            .rps
+            .iter()
+            .rev()
+            .find(|p| p.kind == RecoveryPointKind::AppConsistent)
+            .map(RpMeta::view),
+    }
+}
+
+pub(super) fn test_copy_of(meta: &VmMeta) -> Option<TestCopyInfo> {
+    let (name, network, rp) = meta.inbound.as_ref()?.test_copy.clone()?;
+    Some(TestCopyInfo {
+        vm_name: name,
+        network,
+        recovery_point: rp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::site::ReplicationMode;
+
+    #[test]
+    fn debug_of_outbound_hides_the_peer_token() {
+        let o = Outbound::from_enable(&crate::site::EnableReplication {
+            operation_id: "en-1".into(),
+            peer_site: "secondary".into(),
+            peer_url: "https://secondary:7101".into(),
+            peer_token: "s3cr3t-peer-token".into(),
+            peer_ca_pem: None,
+            interval_seconds: 30,
+            recovery_point_retention_hours: 1,
+            app_consistent_frequency_hours: 0,
+            mode: ReplicationMode::Initial,
+        });
+        let dbg = format!("{o:?} {o:#?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("secondary"), "{dbg}");
+        // vm.json keeps the token (the agent needs it after a restart), in the same format.
+        let json = serde_json::to_value(&o).unwrap();
+        assert_eq!(json["peerToken"], "s3cr3t-peer-token");
+        let back: Outbound = serde_json::from_value(json).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{o:?}"));
+    }
+}
