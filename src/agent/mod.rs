@@ -893,13 +893,15 @@ async fn accept(
     Ok(Json(v).into_response())
 }
 
-/// Runs storage work once per operation id: a repeated id answers the first call's result.
+/// Runs storage work once per operation id (checked here): a repeated id answers the first
+/// call's result.
 async fn store_op(
     st: &Shared,
     vm: &str,
     op_id: String,
     f: impl FnOnce(&Store, &mut store::VmRec) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<Response> {
+    input::op_id("operationId", &op_id)?;
     let vm = vm.to_string();
     let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
     Ok(Json(v).into_response())
@@ -1049,7 +1051,6 @@ async fn stop(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
     driver::stop(&st, &vm);
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         r.stop_inbound()?;
@@ -1064,7 +1065,6 @@ async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
@@ -1078,7 +1078,6 @@ async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
     input::site_name("network", &req.network)?;
     // The drill copy is a VM like any other: its name must be valid too.
     let copy = replica::drill_copy_name(&vm);
@@ -1105,7 +1104,6 @@ async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
@@ -1119,7 +1117,6 @@ async fn commit(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
     store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         to_json(r.commit_points(Some(&req.operation_id))?)
     })
