@@ -378,3 +378,55 @@ async fn merged_points_fold_their_undo_data_and_still_read_back_exactly() {
     assert_eq!(files.len(), 2, "{files:?}");
     assert_points(&cb, &[(app.id.clone(), d_app), last]).await;
 }
+
+#[tokio::test]
+async fn a_crash_after_an_undo_fold_leaves_every_point_exact() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    // The third retention pass is the first that merges a point away and folds its undo list:
+    // the agent dies after the metadata names the folded segment, before the old ones go.
+    let mut b = AgentProc::start_with_env(
+        "secondary",
+        root.path(),
+        &[("TWINSITE_FAILPOINT", "replica.retention@3")],
+    );
+    let (ca, cb) = (a.client(), b.client());
+    ca.create_vm(VM, &common_agent::vm_spec(2 * MIB, true))
+        .await
+        .unwrap();
+    write(&ca, 0, 2 * BLOCK, 1).await;
+    let en = EnableReplication {
+        recovery_point_retention_hours: 0,
+        app_consistent_frequency_hours: 1,
+        ..enable("en-1", &b, ReplicationMode::Initial)
+    };
+    ca.enable_replication(VM, &en).await.unwrap();
+    ca.sync(VM, "sync-0").await.unwrap();
+    let d_app = ca.digest(VM, "disk0").await.unwrap();
+    write(&ca, BLOCK, 2 * BLOCK, 7).await;
+    assert!(
+        ca.sync(VM, "sync-1").await.is_err(),
+        "the replica was to die"
+    );
+    b.env.clear();
+    b.kill_and_restart();
+    let cb2 = b.client();
+    drop(cb);
+    write(&ca, 3 * BLOCK, BLOCK, 8).await;
+    let last = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+    let d_last = ca.digest(VM, "disk0").await.unwrap();
+    let app = cb2
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|p| p.app_consistent)
+        .expect("an app-consistent point");
+    let undo = b.data_dir.join("vms").join(VM).join("undo");
+    assert_eq!(
+        std::fs::read_dir(&undo).unwrap().count(),
+        2,
+        "orphans swept"
+    );
+    assert_points(&cb2, &[(app.id, d_app), (last.id, d_last)]).await;
+}
