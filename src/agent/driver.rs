@@ -13,9 +13,8 @@ use jiff::Timestamp;
 use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
-use super::replica::{
-    BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, RESYNC_REQUIRED,
-};
+use super::error::RESYNC_REQUIRED;
+use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
 use super::store::VmRec;
 use super::{ApiError, Shared, read_vm, with_vm};
 use crate::fault;
@@ -963,7 +962,7 @@ pub async fn sync_now(st: &Shared, vm: &str) -> Result<RecoveryPoint, ApiError> 
         .map_err(|_| ApiError::conflict("replication stopped"))?;
     rrx.await
         .map_err(|_| ApiError::conflict("replication stopped"))?
-        .map_err(|e| ApiError::new(axum::http::StatusCode::BAD_GATEWAY, e))
+        .map_err(ApiError::peer)
 }
 
 #[cfg(test)]

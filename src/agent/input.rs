@@ -88,7 +88,7 @@ fn check_param(name: &str, value: &str) -> ApiResult<()> {
         // A route whose parameter has no rule here is refused rather than served unchecked.
         _ => {
             return Err(ApiError::new(
-                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                super::ErrorKind::Internal,
                 format!("path parameter {{{name}}} has no validation rule"),
             ));
         }
@@ -190,12 +190,12 @@ mod tests {
             ("index", "12345"),
         ] {
             let e = check_param(name, value).unwrap_err();
-            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+            assert_eq!(e.kind, super::super::ErrorKind::BadRequest);
             assert!(e.message.contains(&format!("{{{name}}}")), "{}", e.message);
         }
         assert_eq!(
-            check_param("other", "x").unwrap_err().status,
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR
+            check_param("other", "x").unwrap_err().kind,
+            super::super::ErrorKind::Internal
         );
     }
 }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::input::valid_name;
 use super::meta::{Inbound, Rollback, RpMeta, VmMeta};
 use super::store::{Store, VmRec, open_vm, write_atomic};
-use super::{ApiError, ApiResult};
+use super::{ApiError, ApiResult, ErrorKind};
 use crate::fault;
 use crate::replication::tracker::{create_dir_durable, sync_dir};
 use crate::replication::{
@@ -21,7 +21,6 @@ use crate::site::{
     AcceptResult, CommitResult, DiskSpec, FailoverResult, Power, RecoveryPoint, RecoveryPointKind,
     RecoveryPointSelector, Role, TestFailoverResult,
 };
-use axum::http::StatusCode;
 
 /// Body of `POST /v1/replica/{vm}/begin`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,9 +45,6 @@ pub struct BeginCycle {
     #[serde(default)]
     pub in_doubt: Option<String>,
 }
-
-/// Reason of the 409 that sends a source to resynchronize.
-pub const RESYNC_REQUIRED: &str = "ResyncRequired";
 
 /// The name of `vm`'s drill copy.
 pub(super) fn drill_copy_name(vm: &str) -> String {
@@ -223,7 +219,7 @@ impl Store {
                 // Made meanwhile by another begin: go on with it.
                 Ok(())
                 | Err(ApiError {
-                    status: StatusCode::CONFLICT,
+                    kind: ErrorKind::Conflict,
                     ..
                 }) => {}
                 Err(e) => return Err(e),

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::input::valid_name;
@@ -99,7 +98,7 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 fn poisoned() -> ApiError {
-    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "agent state poisoned")
+    ApiError::internal("agent state poisoned")
 }
 
 impl VmCell {
@@ -191,10 +190,7 @@ impl Store {
     pub(super) fn missing(&self, vm: &str) -> ApiError {
         let reason = self.broken.lock().ok().and_then(|b| b.get(vm).cloned());
         match reason {
-            Some(reason) => ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("VM {vm} is broken at this site: {reason}"),
-            ),
+            Some(reason) => ApiError::internal(format!("VM {vm} is broken at this site: {reason}")),
             None => ApiError::not_found(format!("VM {vm} is not at this site")),
         }
     }

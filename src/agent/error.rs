@@ -1,0 +1,73 @@
+//! The agent's request errors, as storage and replication see them: a kind and a reason. The
+//! server maps each kind to an HTTP status; nothing here knows HTTP.
+
+/// What went wrong, by who can fix it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request is malformed or out of range.
+    BadRequest,
+    /// No or a wrong token.
+    Unauthorized,
+    /// The token does not reach this route or VM.
+    Forbidden,
+    NotFound,
+    /// The VM's state does not allow the request now.
+    Conflict,
+    PayloadTooLarge,
+    /// The peer site failed or refused.
+    BadGateway,
+    /// The agent is stopping.
+    Unavailable,
+    /// Storage or an internal fault.
+    Internal,
+}
+
+/// A refused or failed request: answered as `{"error": message, "reason": reason}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// Machine-readable reason, where a caller acts on it.
+    pub reason: Option<&'static str>,
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;
+
+/// `reason` of a 409 that sends the source of a cycle to resynchronize.
+pub const RESYNC_REQUIRED: &str = "ResyncRequired";
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            reason: None,
+        }
+    }
+    /// A conflict that sends the source of a cycle to resynchronize.
+    pub fn resync(m: impl Into<String>) -> Self {
+        Self {
+            reason: Some(RESYNC_REQUIRED),
+            ..Self::conflict(m)
+        }
+    }
+    pub fn bad(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadRequest, m)
+    }
+    pub fn not_found(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NotFound, m)
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Conflict, m)
+    }
+    pub fn internal(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Internal, m)
+    }
+    pub fn peer(m: impl Into<String>) -> Self {
+        Self::new(ErrorKind::BadGateway, m)
+    }
+    pub fn io(e: std::io::Error) -> Self {
+        Self::internal(format!("storage: {e}"))
+    }
+}

@@ -1,0 +1,424 @@
+//! The controller's routes: each handler checks its input, then calls the store, the driver
+//! or a cut. The agent-to-agent routes are in [`peer`].
+
+pub(crate) mod peer;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::input::{self, Params};
+use super::{
+    ApiError, ApiResult, ErrorKind, Shared, Store, driver, guest, meta, read_vm, replica, store,
+    with_store, with_vm,
+};
+use crate::site::{CreateVm, PowerRequest};
+
+/// Body parsing whose every failure is a 400 with the reason (413 for a body over the limit).
+pub(super) fn parse<T: DeserializeOwned>(body: Result<Json<T>, JsonRejection>) -> ApiResult<T> {
+    body.map(|Json(b)| b).map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(input::JSON_BODY_LIMIT)
+        } else {
+            ApiError::bad(format!("malformed body: {}", e.body_text()))
+        }
+    })
+}
+
+/// A raw body (guest data, a block batch); 413 over the limit.
+pub(super) fn raw_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes> {
+    body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(input::DATA_BODY_LIMIT)
+        } else {
+            ApiError::bad(e.body_text())
+        }
+    })
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(
+        ErrorKind::PayloadTooLarge,
+        format!("body larger than {limit} bytes"),
+    )
+}
+
+pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
+    with_store(&st, |s| Ok(Json(s.list()).into_response())).await
+}
+
+pub(crate) async fn get_vm(State(st): State<Shared>, Params(vm): Params<String>) -> ApiResult<Response> {
+    with_store(&st, move |s| Ok(Json(s.vm(&vm)?).into_response())).await
+}
+
+pub(crate) async fn create_vm(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> ApiResult<Response> {
+    let spec = parse(body)?;
+    with_store(
+        &st,
+        move |s| Ok(Json(s.create(&vm, &spec)?).into_response()),
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OpQuery {
+    operation_id: Option<String>,
+}
+
+pub(crate) async fn delete_vm(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    Query(q): Query<OpQuery>,
+) -> ApiResult<Response> {
+    input::opt_op_id("operationId", q.operation_id.as_deref())?;
+    let vm2 = vm.clone();
+    let running = with_store(&st, move |s| {
+        Ok(s.vm(&vm2)?.power == crate::site::Power::Running)
+    })
+    .await
+    .unwrap_or(false);
+    if !running {
+        // A deleted VM must not keep a replication task alive.
+        driver::stop(&st, &vm);
+    }
+    with_store(&st, move |s| {
+        let v = s.idempotent(&vm, q.operation_id.as_deref(), |s, r| {
+            s.delete_locked(&vm, r)
+        })?;
+        Ok(Json(v).into_response())
+    })
+    .await
+}
+
+pub(crate) async fn power(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<PowerRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::opt_op_id("operationId", req.operation_id.as_deref())?;
+    if req.action != crate::site::PowerAction::Shutdown {
+        return with_store(&st, move |s| {
+            let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+            Ok(Json(v).into_response())
+        })
+        .await;
+    }
+    if let Some(id) = req.operation_id.clone()
+        && let Some(v) = read_vm(&st, &vm, move |r| Ok(r.meta.op_answer(&id))).await?
+    {
+        return Ok(Json(v).into_response());
+    }
+    let vm2 = vm.clone();
+    let running = read_vm(&st, &vm.clone(), move |r| {
+        if r.meta.power == crate::site::Power::Running && !r.meta.integration_services {
+            return Err(ApiError::conflict(format!(
+                "VM {vm2} has no integration services: it cannot be shut down gracefully"
+            )));
+        }
+        Ok(r.meta.power == crate::site::Power::Running)
+    })
+    .await?;
+    // Held until the VM is Off: no guest write slips in between.
+    let _quiet = if running {
+        Some(guest::shutdown(&st, &vm).await?)
+    } else {
+        None
+    };
+    with_store(&st, move |s| {
+        let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+        Ok(Json(v).into_response())
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+pub(crate) struct IoQuery {
+    offset: Option<String>,
+    length: Option<String>,
+}
+
+fn number(v: Option<String>, name: &str) -> ApiResult<u64> {
+    let v = v.ok_or_else(|| ApiError::bad(format!("query parameter {name} is required")))?;
+    v.parse()
+        .map_err(|_| ApiError::bad(format!("{name} must be a non-negative integer, got {v:?}")))
+}
+
+pub(crate) async fn write_disk(
+    State(st): State<Shared>,
+    Params((vm, disk)): Params<(String, String)>,
+    Query(q): Query<IoQuery>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Response> {
+    let body = raw_body(body)?;
+    let offset = number(q.offset, "offset")?;
+    let in_flight = guest::InFlight::start(&st, &vm)?;
+    with_vm(&st, &vm.clone(), move |r| {
+        let _in_flight = in_flight;
+        r.write(&disk, offset, &body)?;
+        Ok(Json(serde_json::json!({"written": body.len()})).into_response())
+    })
+    .await
+}
+
+pub(crate) async fn read_disk(
+    State(st): State<Shared>,
+    Params((vm, disk)): Params<(String, String)>,
+    Query(q): Query<IoQuery>,
+) -> ApiResult<Response> {
+    let offset = number(q.offset, "offset")?;
+    let length = number(q.length, "length")?;
+    read_vm(&st, &vm, move |r| {
+        let data = r.read(&disk, offset, length)?;
+        Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
+    })
+    .await
+}
+
+pub(crate) async fn digest(
+    State(st): State<Shared>,
+    Params((vm, disk)): Params<(String, String)>,
+) -> ApiResult<Response> {
+    read_vm(&st, &vm, move |r| {
+        Ok(Json(crate::site::DigestResponse {
+            sha256: r.digest(&disk)?,
+        })
+        .into_response())
+    })
+    .await
+}
+
+pub(super) fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| ApiError::io(e.into()))
+}
+
+pub(crate) async fn recovery_points(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+) -> ApiResult<Response> {
+    read_vm(&st, &vm, move |r| {
+        Ok(Json(crate::site::RecoveryPointList {
+            recovery_points: r.recovery_points()?,
+        })
+        .into_response())
+    })
+    .await
+}
+
+pub(crate) async fn enable(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
+    input::site_name("peerSite", &req.peer_site)?;
+    input::in_range(
+        "intervalSeconds",
+        req.interval_seconds,
+        1..=input::MAX_INTERVAL_SECONDS,
+    )?;
+    input::in_range(
+        "recoveryPointRetentionHours",
+        req.recovery_point_retention_hours,
+        0..=input::MAX_HOURS,
+    )?;
+    input::in_range(
+        "appConsistentFrequencyHours",
+        req.app_consistent_frequency_hours,
+        0..=input::MAX_HOURS,
+    )?;
+    if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
+        return Err(ApiError::bad("peerUrl must be an http(s) URL"));
+    }
+    let vm2 = vm.clone();
+    let resp = with_store(&st, move |s| {
+        let op = req.operation_id.clone();
+        s.idempotent(&vm2.clone(), Some(&op), |_, r| {
+            if r.meta.role != crate::site::Role::Primary {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm2} is not a primary here"
+                )));
+            }
+            r.meta.inbound = None;
+            r.meta.outbound = Some(meta::Outbound::from_enable(&req));
+            // The answer is saved with the settings: a retry after a crash never starts the
+            // initial transfer again (which would drop the replica's points).
+            let answer = to_json(r.view().replication)?;
+            r.meta.note_op(Some(&op), &answer);
+            r.save()?;
+            Ok(answer)
+        })
+    })
+    .await?;
+    driver::spawn(&st, &vm);
+    Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+}
+
+/// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.
+pub(crate) async fn accept(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
+    input::site_name("sourceSite", &req.source_site)?;
+    let op = req.operation_id.clone();
+    let v = with_store(&st, move |s| {
+        if !s.exists(&vm) {
+            // Nothing here to protect: the first bulk transfer creates the replica.
+            return to_json(s.accept_missing(&vm, &req.source_site)?);
+        }
+        // Once per operation id: a retry must not grant again what a transfer used up.
+        s.idempotent(&vm, Some(&op), |_, r| {
+            to_json(r.accept(&req.source_site, Some(&op))?)
+        })
+    })
+    .await?;
+    Ok(Json(v).into_response())
+}
+
+/// Runs storage work once per operation id (checked here): a repeated id answers the first
+/// call's result.
+async fn store_op(
+    st: &Shared,
+    vm: &str,
+    op_id: String,
+    f: impl FnOnce(&Store, &mut store::VmRec) -> ApiResult<serde_json::Value> + Send + 'static,
+) -> ApiResult<Response> {
+    input::op_id("operationId", &op_id)?;
+    let vm = vm.to_string();
+    let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
+    Ok(Json(v).into_response())
+}
+
+/// Runs an async operation once per id, storing its answer.
+async fn once(
+    st: &Shared,
+    op: &str,
+    f: impl std::future::Future<Output = ApiResult<serde_json::Value>>,
+) -> ApiResult<Response> {
+    let id = op.to_string();
+    if let Some(v) = with_store(st, move |s| Ok(s.op_lookup(&id))).await? {
+        return Ok(Json(v).into_response());
+    }
+    let v = f.await?;
+    let id = op.to_string();
+    let v2 = v.clone();
+    with_store(st, move |s| s.op_save(&id, &v2)).await?;
+    Ok(Json(v).into_response())
+}
+
+pub(crate) async fn sync(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
+    let vm2 = vm.clone();
+    read_vm(&st, &vm2, |_| Ok(())).await?;
+    once(&st, &req.operation_id, async {
+        let rp = driver::sync_now(&st, &vm).await?;
+        to_json(crate::site::SyncResult { recovery_point: rp })
+    })
+    .await
+}
+
+/// `POST /v1/cuts`: one recovery point per listed outbound VM, all cut at the same instant.
+pub(crate) async fn cut(
+    State(st): State<Shared>,
+    body: Result<Json<crate::site::CutRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    Ok(Json(super::cut::run(&st, req).await?).into_response())
+}
+
+pub(crate) async fn stop(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    driver::stop(&st, &vm);
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        r.stop_inbound()?;
+        to_json(r.view().replication)
+    })
+    .await
+}
+
+pub(crate) async fn failover(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
+        to_json(crate::site::FailoverResult { recovery_point: rp })
+    })
+    .await
+}
+
+pub(crate) async fn test_failover(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::site_name("network", &req.network)?;
+    // The drill copy is a VM like any other: its name must be valid too.
+    let copy = replica::drill_copy_name(&vm);
+    if !input::valid_name(&copy) {
+        return Err(ApiError::bad(format!(
+            "VM {vm} cannot have a drill copy: its name {copy} would be longer than 63 \
+             characters (VM names of at most 58 characters can be tested)"
+        )));
+    }
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        to_json(s.test_failover(
+            r,
+            &req.recovery_point,
+            &req.network,
+            Some(&req.operation_id),
+        )?)
+    })
+    .await
+}
+
+pub(crate) async fn test_cleanup(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        let (vm_name, deleted) = s.test_cleanup(r)?;
+        to_json(crate::site::CleanupResult { vm_name, deleted })
+    })
+    .await
+}
+
+pub(crate) async fn commit(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        to_json(r.commit_points(Some(&req.operation_id))?)
+    })
+    .await
+}
