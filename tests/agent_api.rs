@@ -13,6 +13,7 @@ fn spec(size: u64, is: bool) -> CreateVm {
         disks: vec![DiskSpec {
             name: "disk0".into(),
             size_bytes: size,
+            format: None,
         }],
         power: Power::Running,
         integration_services: is,

@@ -236,10 +236,12 @@ async fn cycle_of_many_batches_over_two_disks_streams_through() {
             DiskSpec {
                 name: "disk0".into(),
                 size_bytes: size,
+                format: None,
             },
             DiskSpec {
                 name: "disk1".into(),
                 size_bytes: size + 1000,
+                format: None,
             },
         ],
         power: Power::Running,

@@ -12,6 +12,7 @@ fn spec() -> CreateVm {
         disks: vec![DiskSpec {
             name: "disk0".into(),
             size_bytes: MIB,
+            format: None,
         }],
         power: Power::Running,
         integration_services: true,

@@ -54,6 +54,7 @@ async fn agents_serve_https_and_replicate_over_tls() {
             disks: vec![DiskSpec {
                 name: "disk0".into(),
                 size_bytes: size,
+                format: None,
             }],
             power: Power::Running,
             integration_services: true,

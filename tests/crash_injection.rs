@@ -320,6 +320,7 @@ fn vm_spec() -> CreateVm {
             .map(|(n, s)| DiskSpec {
                 name: n.to_string(),
                 size_bytes: *s,
+                format: None,
             })
             .collect(),
         power: Power::Running,
@@ -960,6 +961,7 @@ impl Run {
             disks: vec![DiskSpec {
                 name: "disk0".into(),
                 size_bytes: BLOCK,
+                format: None,
             }],
             power: Power::Off,
             integration_services: false,

@@ -6,7 +6,8 @@
 //! - [`store`], [`meta`], [`replica`]: VMs on disk, their metadata, the receiving side of
 //!   replication; no HTTP here;
 //! - [`driver`]: the sending side (bulk transfers and cycles); [`cut`]: consistent cuts;
-//! - [`guest`]: what a running guest is to the agent (writes in flight, graceful shutdown).
+//! - [`guest`]: what a running guest is to the agent (writes in flight, graceful shutdown);
+//! - [`runtime`]: what the site's VMs are (the agent's own, or libvirt domains).
 //!
 //! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
@@ -18,6 +19,7 @@ mod handlers;
 mod input;
 mod meta;
 mod replica;
+pub mod runtime;
 mod server;
 mod store;
 
@@ -60,6 +62,8 @@ struct AppState {
     guests: Mutex<std::collections::HashMap<String, Guest>>,
     /// How long a graceful shutdown waits for the guest.
     shutdown_timeout: std::time::Duration,
+    /// What the site's VMs are: the agent's own, or a hypervisor's domains.
+    runtime: Box<dyn runtime::Runtime>,
 }
 
 /// What the agent knows of a VM's guest between requests.

@@ -13,6 +13,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
 use super::handlers::{self, peer};
+use super::runtime::{self, RuntimeKind};
 use super::{ApiError, AppState, ErrorKind, Shared, Store, driver, input};
 use crate::secret::Secret;
 use crate::site::ErrorBody;
@@ -50,6 +51,13 @@ pub struct AgentArgs {
     /// How long a graceful Shutdown waits for the guest before it fails (use PowerOff then).
     #[arg(long, default_value_t = 60)]
     pub shutdown_timeout_seconds: u64,
+    /// What the site's VMs are: `builtin` (the agent's own, guest writes through its routes)
+    /// or `libvirt` (the domains of a libvirtd; needs a build with the `libvirt` feature).
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Builtin)]
+    pub runtime: RuntimeKind,
+    /// libvirt connection URI of the `libvirt` runtime.
+    #[arg(long, default_value = "qemu:///system")]
+    pub libvirt_uri: String,
     /// Requests served at once on the controller's routes, and as many again on the
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -75,6 +83,8 @@ pub enum AgentError {
     Tls(std::io::Error),
     #[error("data directory: {0}")]
     Store(#[from] ApiError),
+    #[error("runtime: {0}")]
+    Runtime(String),
     #[error("listening: {0}")]
     Listen(std::io::Error),
 }
@@ -135,6 +145,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         None => Vec::new(),
     };
+    let runtime =
+        runtime::open(args.runtime, Some(&args.libvirt_uri)).map_err(AgentError::Runtime)?;
     let max_requests = args.max_concurrent_requests as usize;
     let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
     store.recover();
@@ -164,6 +176,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cut_lock: tokio::sync::Mutex::new(()),
         guests: Mutex::new(Default::default()),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
+        runtime,
     });
     for vm in outbound {
         driver::spawn(&state, &vm);
@@ -173,7 +186,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         .set_nonblocking(true)
         .map_err(AgentError::Listen)?;
     let scheme = if tls.is_some() { "https" } else { "http" };
-    tracing::info!(site = %args.site, addr = %args.listen, scheme, "agent listening");
+    tracing::info!(site = %args.site, addr = %args.listen, scheme, runtime = ?args.runtime, "agent listening");
     let handle = axum_server::Handle::new();
     tokio::spawn({
         let handle = handle.clone();

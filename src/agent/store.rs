@@ -532,6 +532,7 @@ impl VmRec {
     pub(super) fn view(&self) -> Vm {
         Vm {
             name: self.meta.name.clone(),
+            runtime: None,
             power: self.meta.power,
             role: self.meta.role,
             integration_services: self.meta.integration_services,

@@ -27,6 +27,9 @@ pub enum Role {
 pub struct DiskSpec {
     pub name: String,
     pub size_bytes: u64,
+    /// Image format of a hypervisor's disk (`qcow2`, `raw`); absent on builtin VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// Replication state of a VM at one site.
@@ -127,6 +130,9 @@ pub struct TestCopyInfo {
 #[serde(rename_all = "camelCase")]
 pub struct Vm {
     pub name: String,
+    /// `libvirt` on a VM that is a libvirt domain; absent on builtin VMs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
     pub power: Power,
     pub role: Role,
     pub integration_services: bool,

@@ -180,6 +180,7 @@ pub fn vm_spec(size: u64, integration_services: bool) -> twinsite::site::CreateV
         disks: vec![twinsite::site::DiskSpec {
             name: "disk0".into(),
             size_bytes: size,
+            format: None,
         }],
         power: twinsite::site::Power::Running,
         integration_services,

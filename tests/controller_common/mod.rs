@@ -142,6 +142,7 @@ impl Agent {
                     disks: vec![DiskSpec {
                         name: DISK.into(),
                         size_bytes: size,
+                        format: None,
                     }],
                     power: Power::Running,
                     integration_services: integration,

@@ -1,6 +1,7 @@
 //! The controller's routes: each handler checks its input, then calls the store, the driver
 //! or a cut. The agent-to-agent routes are in [`peer`].
 
+mod domain;
 pub(crate) mod peer;
 
 use axum::Json;
@@ -48,12 +49,30 @@ fn too_large(limit: usize) -> ApiError {
     )
 }
 
+/// The store's VMs, and the hypervisor's domains that are not (yet) in it.
 pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
-    with_store(&st, |s| Ok(Json(s.list()).into_response())).await
+    let mut list = with_store(&st, |s| Ok(s.list())).await?;
+    for d in domain::all(&st).await? {
+        if !list.vms.iter().any(|v| v.name == d.name) {
+            list.vms.push(domain::view(&d));
+        }
+    }
+    list.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Json(list).into_response())
 }
 
-pub(crate) async fn get_vm(State(st): State<Shared>, Params(vm): Params<String>) -> ApiResult<Response> {
-    with_store(&st, move |s| Ok(Json(s.vm(&vm)?).into_response())).await
+pub(crate) async fn get_vm(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+) -> ApiResult<Response> {
+    let vm2 = vm.clone();
+    match with_store(&st, move |s| s.vm(&vm2)).await {
+        Err(e) if e.kind == ErrorKind::NotFound => match domain::find(&st, &vm).await? {
+            Some(d) => Ok(Json(domain::view(&d)).into_response()),
+            None => Err(e),
+        },
+        res => Ok(Json(res?).into_response()),
+    }
 }
 
 pub(crate) async fn create_vm(
@@ -62,6 +81,9 @@ pub(crate) async fn create_vm(
     body: Result<Json<CreateVm>, JsonRejection>,
 ) -> ApiResult<Response> {
     let spec = parse(body)?;
+    if let Some(d) = domain::find(&st, &vm).await? {
+        return Err(domain::exists(&d));
+    }
     with_store(
         &st,
         move |s| Ok(Json(s.create(&vm, &spec)?).into_response()),
@@ -107,6 +129,9 @@ pub(crate) async fn power(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::opt_op_id("operationId", req.operation_id.as_deref())?;
+    if let Some(d) = domain::find(&st, &vm).await? {
+        return Ok(Json(domain::power(&st, &d, req.action).await?).into_response());
+    }
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
             let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
@@ -162,6 +187,9 @@ pub(crate) async fn write_disk(
 ) -> ApiResult<Response> {
     let body = raw_body(body)?;
     let offset = number(q.offset, "offset")?;
+    if let Some(d) = domain::find(&st, &vm).await? {
+        return Err(domain::no_guest_writes(&d));
+    }
     let in_flight = guest::InFlight::start(&st, &vm)?;
     with_vm(&st, &vm.clone(), move |r| {
         let _in_flight = in_flight;
@@ -240,6 +268,13 @@ pub(crate) async fn enable(
     )?;
     if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
         return Err(ApiError::bad("peerUrl must be an http(s) URL"));
+    }
+    if let Some(d) = domain::find(&st, &vm).await? {
+        domain::check_protectable(&d)?;
+        return Err(ApiError::conflict(format!(
+            "VM {vm} is a libvirt domain: replicating domains (change tracking from QEMU \
+             checkpoints) is not available in this agent yet"
+        )));
     }
     let vm2 = vm.clone();
     let resp = with_store(&st, move |s| {
