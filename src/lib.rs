@@ -16,6 +16,7 @@ pub mod controller;
 pub mod envtest;
 pub mod fault;
 pub mod local;
+pub mod nbd;
 pub mod replication;
 pub mod secret;
 pub mod site;

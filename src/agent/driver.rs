@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::RESYNC_REQUIRED;
 use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
+use super::runtime::Export;
 use super::store::VmRec;
 use super::{ApiError, Shared, read_vm, with_vm};
 use crate::fault;
@@ -232,7 +233,14 @@ pub fn cycle_lock(st: &Shared, vm: &str) -> Arc<tokio::sync::Mutex<()>> {
 pub struct Capture {
     pub vm: String,
     pub cycle: String,
+    /// The tracker's sealed set (empty for a hypervisor domain, whose changes come from
+    /// `sets`).
     pub sealed: Sealed,
+    /// The blocks of the cycle, per disk.
+    pub sets: Vec<Bitmap>,
+    /// The checkpoint a hypervisor domain's export started: the next cycle's base once the
+    /// peer acknowledged this one.
+    pub checkpoint: Option<String>,
     pub spool: PathBuf,
     pub blocks: u64,
     pub time: Timestamp,
@@ -249,7 +257,8 @@ impl Drop for Capture {
 /// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
 /// VM can join a cut.
 pub fn cuttable(r: &VmRec) -> bool {
-    r.meta.role == crate::site::Role::Primary
+    r.meta.domain.is_none()
+        && r.meta.role == crate::site::Role::Primary
         && r.meta
             .outbound
             .as_ref()
@@ -325,6 +334,8 @@ pub fn capture(
     Ok(Capture {
         vm: vm.to_string(),
         cycle,
+        sets: sealed.sets.clone(),
+        checkpoint: None,
         sealed,
         spool,
         blocks,
@@ -347,8 +358,8 @@ fn spool_batch(c: &Capture, sizes: &[u64], cur: &mut Cursor, n: u64) -> std::io:
     let f = std::fs::File::open(&c.spool)?;
     let mut out = Vec::new();
     let mut count = 0;
-    while count < n && cur.disk < c.sealed.sets.len() {
-        let set = &c.sealed.sets[cur.disk];
+    while count < n && cur.disk < c.sets.len() {
+        let set = &c.sets[cur.disk];
         match set.iter_from(cur.block).next() {
             Some(b) => {
                 let slot = cur.slot;
@@ -417,14 +428,19 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         sealed: pre.as_ref().map(|c| c.sealed.clone()),
     };
     let vm_s = vm.to_string();
-    let (o, disks, is) = read_vm(st, &vm_s, move |r| {
+    let (o, disks, is, domain) = read_vm(st, &vm_s, move |r| {
         let o = r
             .meta
             .outbound
             .clone()
             .filter(|o| !o.stopped)
             .ok_or_else(|| ApiError::conflict("replication is not enabled"))?;
-        Ok((o, r.meta.disks.clone(), r.meta.integration_services))
+        Ok((
+            o,
+            r.meta.disks.clone(),
+            r.meta.integration_services,
+            r.meta.domain.is_some(),
+        ))
     })
     .await
     .map_err(|e| e.message)?;
@@ -433,8 +449,20 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         base: o.peer_url.trim_end_matches('/').to_string(),
         token: o.peer_token.clone(),
     };
+    // A domain's definition travels with every cycle, so the replica holds the current one.
+    let definition = if domain {
+        let (st2, vm2) = (st.clone(), vm.to_string());
+        tokio::task::spawn_blocking(move || st2.runtime.definition(&vm2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map(Some)
+            .map_err(|e| e.message)?
+    } else {
+        None
+    };
     let site = st.site.clone();
     let begin = |bulk: bool, cycle: &str| BeginCycle {
+        definition: definition.clone(),
         source_site: site.clone(),
         cycle_id: cycle.to_string(),
         disks: disks.clone(),
@@ -467,13 +495,20 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
             .await?;
         let zeroed = serde_json::from_slice::<BeginAnswer>(&answer).is_ok_and(|a| a.zeroed);
         let vm_s = vm.to_string();
-        let (sealed, my_base) = with_vm(st, &vm_s, move |r| {
+        let (sealed, my_base, dir) = with_vm(st, &vm_s, move |r| {
             let sealed = r.tracker.seal().map_err(ApiError::io)?;
-            Ok((sealed, r.meta.journal_base.clone()))
+            Ok((sealed, r.meta.journal_base.clone(), r.dir.clone()))
         })
         .await
         .map_err(|e| e.message)?;
         unsent.sealed = Some(sealed.clone());
+        // A domain is read from a point-in-time export that starts its first checkpoint.
+        let export = if domain {
+            Some(open_export(st, vm, &disks, None, &cycle, &dir).await?)
+        } else {
+            None
+        };
+        let checkpoint = export.as_ref().and_then(|e| e.checkpoint.clone());
         let plan = match (mode, peer_dirty) {
             (ReplicationMode::Initial, _) => Plan::All { skip_zero: zeroed },
             (ReplicationMode::Resync, Some((base, mut sets)))
@@ -498,7 +533,12 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
                 Plan::Hash
             }
         };
-        let res = bulk(st, &peer, vm, &cycle, plan, &disks).await;
+        let reader = match &export {
+            Some(e) => Reader::Export(e.export.clone()),
+            None => Reader::Files,
+        };
+        let res = bulk(st, &peer, vm, &cycle, plan, &disks, reader).await;
+        drop(export);
         let res = match res {
             Ok(sent) => {
                 let c = CommitCycle {
@@ -522,13 +562,18 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         };
         unsent.sealed = None;
         let acked = res.as_ref().ok().map(|n| (*n, cycle.clone()));
-        finish(st, vm, sealed, acked, true, None).await?;
+        finish(st, vm, sealed, acked, true, None, checkpoint).await?;
         res?;
     }
     // A cycle: the blocks dirty now, copied while writes are held off (a crash-consistent
     // cut), unless a cut captured them already.
     let cap = match pre {
         Some(c) => c,
+        None if domain => {
+            let c = capture_domain(st, vm).await.map_err(|e| e.message)?;
+            unsent.sealed = Some(c.sealed.clone());
+            c
+        }
         None => {
             let vm_s = vm.to_string();
             let c = with_vm(st, &vm_s, move |r| capture(r, Timestamp::now(), None))
@@ -625,6 +670,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
     let app = (cap.kind == RecoveryPointKind::AppConsistent).then_some(time);
     let sealed = cap.sealed.clone();
     let cycle = cap.cycle.clone();
+    let checkpoint = cap.checkpoint.clone();
     drop(cap);
     unsent.sealed = None;
     match res {
@@ -636,12 +682,13 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
                 Some((sent, cycle)),
                 false,
                 Some((time, app)),
+                checkpoint,
             )
             .await?;
             Ok(rp)
         }
         Err(e) => {
-            finish(st, vm, sealed, None, false, None).await?;
+            finish(st, vm, sealed, None, false, None, checkpoint).await?;
             Err(e)
         }
     }
@@ -680,12 +727,18 @@ async fn finish(
     sent: Option<(u64, String)>,
     bulk: bool,
     synced: Option<(Timestamp, Option<Timestamp>)>,
+    checkpoint: Option<String>,
 ) -> Result<(), String> {
+    let acked = sent.is_some();
+    let cp = checkpoint.clone();
     let vm = vm.to_string();
-    with_vm(st, &vm.clone(), move |r| {
+    let res = with_vm(st, &vm.clone(), move |r| {
         match sent {
             Some((n, cycle)) => {
                 r.tracker.ack(&sealed).map_err(ApiError::io)?;
+                if let (Some(d), Some(cp)) = (r.meta.domain.as_mut(), cp) {
+                    d.checkpoint = Some(cp);
+                }
                 // The tracker now holds every change since the state this cycle left.
                 r.meta.journal_base = Some(cycle);
                 if let Some(o) = r.meta.outbound.as_mut() {
@@ -709,7 +762,31 @@ async fn finish(
         r.save()
     })
     .await
-    .map_err(|e| e.message)
+    .map_err(|e| e.message);
+    if let Some(cp) = checkpoint {
+        // After the base is saved: a crash in between leaves an extra checkpoint, which the
+        // next acknowledged transfer removes.
+        settle_checkpoint(st, &vm, cp, acked && res.is_ok()).await;
+    }
+    res
+}
+
+/// Makes `cp` the domain's only checkpoint of ours (the peer acknowledged it), or drops it (the
+/// transfer failed: its changes fold into the checkpoint before it, still the base).
+async fn settle_checkpoint(st: &Shared, vm: &str, cp: String, acked: bool) {
+    let st2 = st.clone();
+    let vm2 = vm.to_string();
+    let res = tokio::task::spawn_blocking(move || {
+        if acked {
+            st2.runtime.keep_checkpoint(&vm2, &cp)
+        } else {
+            st2.runtime.drop_checkpoint(&vm2, &cp)
+        }
+    })
+    .await;
+    if let Ok(Err(e)) = res {
+        tracing::warn!(vm, error = %e.message, "settling the domain's checkpoints");
+    }
 }
 
 /// Waits for a send slot while the batches already in flight go on (they hold slots
@@ -850,6 +927,246 @@ fn next_data_block(file: &std::fs::File, nblocks: u64, b: u64) -> Option<u64> {
     (nb < nblocks).then_some(nb.max(b))
 }
 
+/// Where a bulk transfer reads: the VM's disk files (under its lock), or a hypervisor
+/// domain's point-in-time export.
+enum Reader {
+    Files,
+    Export(Arc<std::sync::Mutex<Box<dyn Export>>>),
+}
+
+/// One disk as a bulk transfer reads it.
+trait BlockSource {
+    /// The first block at or after `b` that may hold data.
+    fn next_data(&mut self, b: u64) -> Option<u64>;
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+struct FileSource<'a> {
+    file: &'a std::fs::File,
+    nblocks: u64,
+}
+
+impl BlockSource for FileSource<'_> {
+    fn next_data(&mut self, b: u64) -> Option<u64> {
+        next_data_block(self.file, self.nblocks, b)
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+struct ExportSource<'a> {
+    export: &'a mut dyn Export,
+    disk: usize,
+    nblocks: u64,
+    /// Blocks that may hold data (from the export's allocation map), when known.
+    allocated: Option<&'a Bitmap>,
+}
+
+impl BlockSource for ExportSource<'_> {
+    fn next_data(&mut self, b: u64) -> Option<u64> {
+        match self.allocated {
+            Some(a) => a.iter_from(b).next(),
+            None => (b < self.nblocks).then_some(b),
+        }
+    }
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.export
+            .read(self.disk, offset, buf)
+            .map_err(|e| std::io::Error::other(e.message))
+    }
+}
+
+/// Frames the next blocks of disk `d` that `plan` sends, from block `next` on: at most
+/// `BATCH_BLOCKS` framed and a bounded number examined (the caller may hold the VM's lock).
+/// Returns the batch and the block to go on from.
+fn frame_batch(
+    src: &mut dyn BlockSource,
+    d: usize,
+    n: u64,
+    size: u64,
+    next: u64,
+    plan: &Plan,
+    hashes: Option<&[u8]>,
+) -> std::io::Result<(Vec<u8>, u64)> {
+    let mut out = Vec::with_capacity(BATCH_BLOCKS as usize * (frame::HEADER + BLOCK_SIZE as usize));
+    let mut b = next;
+    let mut examined = 0;
+    let mut framed = 0u64;
+    while framed < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
+        let cand = match plan {
+            Plan::Blocks(sets) => sets.get(d).and_then(|s| s.iter_from(b).next()),
+            Plan::All { skip_zero: true } => src.next_data(b),
+            _ => (b < n).then_some(b),
+        };
+        let Some(cb) = cand else {
+            b = n;
+            break;
+        };
+        b = cb + 1;
+        examined += 1;
+        // Read straight into the batch; a block that need not travel is cut off.
+        let start = out.len();
+        frame::push_from(&mut out, d as u32, cb, block_len(size, cb), |buf| {
+            src.read(cb * BLOCK_SIZE, buf)
+        })?;
+        // The peer's hashes cover the data only (the frame's checksum covers its header too).
+        let same = hashes.is_some_and(|h| {
+            let i = (cb * 32) as usize;
+            let data = &out[start + frame::HEADER..];
+            h.get(i..i + 32) == Some(&crate::replication::block_hash(data)[..])
+        });
+        let zero = matches!(plan, Plan::All { skip_zero: true })
+            && out[start + frame::HEADER..].iter().all(|x| *x == 0);
+        if same || zero {
+            out.truncate(start);
+            continue;
+        }
+        framed += 1;
+    }
+    Ok((out, b))
+}
+
+/// A hypervisor domain's export, shared by the batches of one transfer.
+struct OpenExport {
+    export: Arc<std::sync::Mutex<Box<dyn Export>>>,
+    checkpoint: Option<String>,
+}
+
+/// Opens a point-in-time export of domain `vm` with its changes since `since` (all blocks when
+/// `None`), starting the checkpoint of cycle `cycle`.
+async fn open_export(
+    st: &Shared,
+    vm: &str,
+    disks: &[crate::site::DiskSpec],
+    since: Option<String>,
+    cycle: &str,
+    dir: &std::path::Path,
+) -> Result<OpenExport, CycleError> {
+    let (st2, vm2, disks2) = (st.clone(), vm.to_string(), disks.to_vec());
+    let next = format!("twinsite-{cycle}");
+    let scratch = dir.join("spool");
+    let ex = tokio::task::spawn_blocking(move || {
+        st2.runtime
+            .export(&vm2, &disks2, since.as_deref(), &next, &scratch)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.message)?;
+    let checkpoint = ex.checkpoint().map(str::to_string);
+    Ok(OpenExport {
+        export: Arc::new(std::sync::Mutex::new(ex)),
+        checkpoint,
+    })
+}
+
+/// A cycle of a hypervisor domain: its changes since the acknowledged checkpoint, read from a
+/// point-in-time export into a spool file (the export ends before anything is sent). When the
+/// export cannot be made from that checkpoint (it was lost, or QEMU stopped without saving
+/// its bitmaps), the VM resynchronizes.
+async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
+    let vm_s = vm.to_string();
+    let (sealed, disks, since, dir, is) = with_vm(st, &vm_s, |r| {
+        let sealed = r.tracker.seal().map_err(ApiError::io)?;
+        Ok((
+            sealed,
+            r.meta.disks.clone(),
+            r.meta.domain.as_ref().and_then(|d| d.checkpoint.clone()),
+            r.dir.clone(),
+            r.meta.integration_services,
+        ))
+    })
+    .await?;
+    let _ = is;
+    let cycle = new_cycle_id();
+    let opened = match since.clone() {
+        Some(cp) => open_export(st, vm, &disks, Some(cp), &cycle, &dir).await,
+        None => Err(CycleError::Other(
+            "no checkpoint to read changes from".into(),
+        )),
+    };
+    let ex = match opened {
+        Ok(ex) => ex,
+        Err(e) => {
+            let msg = format!(
+                "changes of {vm} cannot be read since its last checkpoint ({e}): resynchronizing"
+            );
+            with_vm(st, &vm_s, move |r| {
+                if let Some(o) = r.meta.outbound.as_mut() {
+                    o.bulk = Some(ReplicationMode::Resync);
+                    o.state = ReplicationState::Resynchronizing;
+                }
+                if let Some(d) = r.meta.domain.as_mut() {
+                    d.checkpoint = None;
+                }
+                r.tracker.abort(sealed);
+                r.save()
+            })
+            .await?;
+            return Err(ApiError::conflict(msg));
+        }
+    };
+    let spool_dir = dir.join("spool");
+    let spool = spool_dir.join(format!("{cycle}.blocks"));
+    let export = ex.export.clone();
+    let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
+    let spool2 = spool.clone();
+    let read = tokio::task::spawn_blocking(move || -> Result<(Vec<Bitmap>, u64), ApiError> {
+        std::fs::create_dir_all(&spool_dir).map_err(ApiError::io)?;
+        let mut ex = export
+            .lock()
+            .map_err(|_| ApiError::internal("export poisoned"))?;
+        let out = std::fs::File::create(&spool2).map_err(ApiError::io)?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut sets = Vec::new();
+        let mut slot = 0u64;
+        for (d, size) in sizes.iter().enumerate() {
+            let set = ex
+                .changed(d)?
+                .ok_or_else(|| ApiError::internal("an incremental export without changes"))?;
+            for b in set.iter() {
+                let len = block_len(*size, b);
+                ex.read(d, b * BLOCK_SIZE, &mut buf[..len])?;
+                out.write_all_at(&buf[..len], slot * BLOCK_SIZE)
+                    .map_err(ApiError::io)?;
+                slot += 1;
+            }
+            sets.push(set);
+        }
+        Ok((sets, slot))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let checkpoint = ex.checkpoint.clone();
+    drop(ex);
+    match read {
+        Ok((sets, blocks)) => Ok(Capture {
+            vm: vm.to_string(),
+            cycle,
+            sealed,
+            sets,
+            checkpoint,
+            spool,
+            blocks,
+            time: Timestamp::now(),
+            kind: RecoveryPointKind::CrashConsistent,
+            cut_id: None,
+        }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&spool);
+            if let Some(cp) = checkpoint {
+                settle_checkpoint(st, vm, cp, false).await;
+            }
+            with_vm(st, &vm_s, move |r| {
+                r.tracker.abort(sealed);
+                Ok(())
+            })
+            .await?;
+            Err(e)
+        }
+    }
+}
+
 /// The bulk transfer, sending the blocks `plan` names; returns payload bytes sent.
 async fn bulk(
     st: &Shared,
@@ -858,11 +1175,28 @@ async fn bulk(
     cycle: &str,
     plan: Plan,
     disks: &[crate::site::DiskSpec],
+    reader: Reader,
 ) -> Result<u64, String> {
     let mut sent = 0;
     let plan = Arc::new(plan);
     for (d, disk) in disks.iter().enumerate() {
         let n = block_count(disk.size_bytes);
+        // A domain's export says which blocks hold data; read once per disk.
+        let allocated = match (&reader, &*plan) {
+            (Reader::Export(ex), Plan::All { skip_zero: true }) => {
+                let ex = ex.clone();
+                let a = tokio::task::spawn_blocking(move || {
+                    ex.lock()
+                        .map_err(|_| "export poisoned".to_string())?
+                        .allocated(d)
+                        .map_err(|e| e.message)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                Some(Arc::new(a))
+            }
+            _ => None,
+        };
         let peer_hashes = if matches!(*plan, Plan::Hash) {
             Some(
                 peer.call(
@@ -884,52 +1218,34 @@ async fn bulk(
             let hashes = peer_hashes.clone();
             let plan = plan.clone();
             let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
-            let (blocks, after) = read_vm(st, &vm2, move |r| {
-                let file = &r.disks[d];
-                let mut out = Vec::with_capacity(
-                    BATCH_BLOCKS as usize * (frame::HEADER + BLOCK_SIZE as usize),
-                );
-                let mut b = next;
-                // Bounded work per store lock, so guest writes are not held off long.
-                let mut examined = 0;
-                let mut framed = 0u64;
-                while framed < BATCH_BLOCKS && examined < 16 * BATCH_BLOCKS {
-                    let cand = match &*plan {
-                        Plan::Blocks(sets) => sets.get(d).and_then(|s| s.iter_from(b).next()),
-                        Plan::All { skip_zero: true } => next_data_block(file, n, b),
-                        _ => (b < n).then_some(b),
-                    };
-                    let Some(cb) = cand else {
-                        b = n;
-                        break;
-                    };
-                    b = cb + 1;
-                    examined += 1;
-                    // Read straight into the batch; a block that need not travel is cut off.
-                    let start = out.len();
-                    frame::push_from(&mut out, d as u32, cb, block_len(size, cb), |buf| {
-                        file.read_exact_at(buf, cb * BLOCK_SIZE)
+            let (blocks, after) = match &reader {
+                Reader::Files => read_vm(st, &vm2, move |r| {
+                    let file = r.disks.get(d).ok_or_else(|| {
+                        ApiError::conflict(format!("VM {} keeps no disk files here", r.name()))
+                    })?;
+                    let mut src = FileSource { file, nblocks: n };
+                    frame_batch(&mut src, d, n, size, next, &plan, hashes.as_deref())
+                        .map_err(ApiError::io)
+                })
+                .await
+                .map_err(|e| e.message)?,
+                Reader::Export(ex) => {
+                    let (ex, allocated) = (ex.clone(), allocated.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let mut ex = ex.lock().map_err(|_| "export poisoned".to_string())?;
+                        let mut src = ExportSource {
+                            export: ex.as_mut(),
+                            disk: d,
+                            nblocks: n,
+                            allocated: allocated.as_deref(),
+                        };
+                        frame_batch(&mut src, d, n, size, next, &plan, hashes.as_deref())
+                            .map_err(|e| e.to_string())
                     })
-                    .map_err(ApiError::io)?;
-                    // The peer's hashes cover the data only (the frame's checksum covers
-                    // its header too).
-                    let same = hashes.as_ref().is_some_and(|h| {
-                        let i = (cb * 32) as usize;
-                        let data = &out[start + frame::HEADER..];
-                        h.get(i..i + 32) == Some(&crate::replication::block_hash(data)[..])
-                    });
-                    let zero = matches!(*plan, Plan::All { skip_zero: true })
-                        && out[start + frame::HEADER..].iter().all(|x| *x == 0);
-                    if same || zero {
-                        out.truncate(start);
-                        continue;
-                    }
-                    framed += 1;
+                    .await
+                    .map_err(|e| e.to_string())??
                 }
-                Ok((out, b))
-            })
-            .await
-            .map_err(|e| e.message)?;
+            };
             if !blocks.is_empty() {
                 inflight.push(async move {
                     let _permit = permit;

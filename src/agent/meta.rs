@@ -40,10 +40,27 @@ pub(super) struct VmMeta {
     /// next bulk transfer from it may turn the VM into its replica. Nothing else does.
     #[serde(default)]
     pub(super) accept_from: Option<String>,
+    /// The source's hypervisor definition of the VM (at a replica of a libvirt domain): what a
+    /// failover defines here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) definition: Option<String>,
+    /// Set when the VM is a hypervisor domain: its disks are the domain's images, not files of
+    /// the agent's, and the hypervisor tracks their changes.
+    #[serde(default)]
+    pub(super) domain: Option<DomainLink>,
     /// Answers of operations on this VM, saved in the same write as their effect, so a retry
     /// after a crash answers the first result instead of doing (or refusing) it again.
     #[serde(default)]
     pub(super) ops: Vec<OpDone>,
+}
+
+/// What the agent keeps of a VM that is a hypervisor domain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct DomainLink {
+    /// The checkpoint since which the hypervisor tracks every change of the disks: started
+    /// by the last transfer the peer acknowledged. `None`: no transfer yet (a full copy next).
+    pub(super) checkpoint: Option<String>,
 }
 
 /// A finished operation of a VM.
@@ -67,6 +84,8 @@ impl VmMeta {
             inbound: None,
             journal_base: None,
             accept_from: None,
+            domain: None,
+            definition: None,
             ops: Vec::new(),
         }
     }

@@ -44,7 +44,14 @@ pub struct BeginCycle {
     /// A cycle whose commit the source never saw answered: the replica may hold it instead.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// The source's hypervisor definition of the VM (libvirt domain XML), kept at the replica
+    /// so a failover can define the VM there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition: Option<String>,
 }
+
+/// The largest VM definition a peer may send.
+pub(super) const MAX_DEFINITION_BYTES: usize = 64 << 10;
 
 /// The name of `vm`'s drill copy.
 pub(super) fn drill_copy_name(vm: &str) -> String {
@@ -63,6 +70,15 @@ impl BeginCycle {
         }
         if let Some(p) = &self.in_doubt {
             input::cycle_id("inDoubt", p)?;
+        }
+        if self
+            .definition
+            .as_ref()
+            .is_some_and(|d| d.len() > MAX_DEFINITION_BYTES)
+        {
+            return Err(ApiError::bad(format!(
+                "definition is larger than {MAX_DEFINITION_BYTES} bytes"
+            )));
         }
         input::in_range("retentionHours", self.retention_hours, 0..=input::MAX_HOURS)
     }
@@ -400,6 +416,13 @@ impl VmRec {
     /// VM exists, continues this source's replica, or takes over a VM the controller allowed
     /// (`accept`); it never turns another VM into a replica.
     fn begin(&mut self, b: &BeginCycle) -> ApiResult<BeginAnswer> {
+        if self.meta.domain.is_some() && self.disks.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "VM {} is a hypervisor domain on its own images at this site: replicating \
+                 into it is not supported yet",
+                self.name()
+            )));
+        }
         let vm = self.meta.name.clone();
         // A commit recorded and never applied is finished before anything else touches the
         // image (its staging file must not be cleared with the unfinished cycles').
@@ -471,6 +494,9 @@ impl VmRec {
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
         self.meta.inbound = Some(inbound);
+        if let Some(d) = &b.definition {
+            self.meta.definition = Some(d.clone());
+        }
         if b.bulk {
             // Saved with the open cycle; the points' undo data goes after the metadata.
             self.drop_points()?;
@@ -536,7 +562,11 @@ impl VmRec {
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         for b in 0..block_count(size) {
             let len = crate::replication::block_len(size, b);
-            r.disks[disk]
+            r.disks
+                .get(disk)
+                .ok_or_else(|| {
+                    ApiError::conflict(format!("VM {} keeps no disk files here", r.name()))
+                })?
                 .read_exact_at(&mut buf[..len], b * BLOCK_SIZE)
                 .map_err(ApiError::io)?;
             out.extend_from_slice(&crate::replication::block_hash(&buf[..len]));

@@ -352,6 +352,20 @@ impl Store {
         self.vm(vm)
     }
 
+    /// Takes a hypervisor domain into the store, as a primary whose disks are the domain's
+    /// (replication can then be enabled on it). Taking it again changes nothing.
+    pub fn adopt(&self, vm: &str, disks: &[DiskSpec], guest_agent: bool) -> ApiResult<()> {
+        if self.exists(vm) {
+            return Ok(());
+        }
+        let mut meta = VmMeta::new(vm, Power::Running, Role::Primary, (disks, guest_agent));
+        meta.domain = Some(meta::DomainLink::default());
+        match self.insert_new(vm, meta) {
+            Err(e) if e.kind == super::ErrorKind::Conflict => Ok(()),
+            res => res,
+        }
+    }
+
     /// Makes a new VM from `meta` and adds it; a conflict if one of that name appeared.
     pub(super) fn insert_new(&self, vm: &str, meta: VmMeta) -> ApiResult<()> {
         let mut map = self.vms.lock().map_err(|_| poisoned())?;
@@ -378,7 +392,8 @@ impl Store {
             fs::remove_dir_all(&tmp)?;
         }
         fs::create_dir_all(tmp.join("disks"))?;
-        for d in &meta.disks {
+        // A domain's disks are its own images.
+        for d in meta.disks.iter().filter(|_| meta.domain.is_none()) {
             let f = File::create(tmp.join("disks").join(format!("{}.img", d.name)))?;
             f.set_len(d.size_bytes)?;
             f.sync_all()?;
@@ -578,6 +593,13 @@ impl VmRec {
     }
 
     fn disk_index(&self, disk: &str) -> ApiResult<(usize, u64)> {
+        if self.disks.len() != self.meta.disks.len() {
+            return Err(ApiError::conflict(format!(
+                "VM {} is a hypervisor domain: its guest writes to its disks itself, and the \
+                 agent reads them only to replicate",
+                self.meta.name
+            )));
+        }
         self.meta
             .disks
             .iter()
@@ -659,6 +681,12 @@ pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
     let journal_lost = !dir.join("track").is_dir();
     let mut disks = Vec::new();
     for d in &meta.disks {
+        let path = dir.join("disks").join(format!("{}.img", d.name));
+        if meta.domain.is_some() && !path.exists() {
+            // A domain on its own images (where it was first protected).
+            disks.clear();
+            break;
+        }
         disks.push(
             OpenOptions::new()
                 .read(true)

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use super::super::runtime::{Domain, RuntimeKind};
 use super::super::{ApiError, ApiResult, Shared};
-use crate::site::{PowerAction, Role, Vm};
+use crate::replication::{BLOCK_SIZE, block_count, block_len};
+use crate::site::{Power, PowerAction, Role, Vm};
+use sha2::Digest;
 
 /// Runs a runtime call off the async threads.
 async fn blocking<T: Send + 'static>(
@@ -53,6 +55,19 @@ pub(super) fn view(d: &Domain) -> Vm {
     }
 }
 
+/// What the hypervisor knows better than the store of a domain the store holds: whether it
+/// runs, its disks' formats, its guest agent.
+pub(super) fn overlay(v: &mut Vm, d: &Domain) {
+    v.runtime = Some("libvirt".into());
+    v.power = d.power;
+    v.integration_services = d.guest_agent;
+    for disk in &mut v.disks {
+        if let Some(x) = d.disks.iter().find(|x| x.name == disk.name) {
+            disk.format = Some(x.format.clone());
+        }
+    }
+}
+
 /// Start, graceful shutdown (ACPI, within the agent's shutdown timeout) or hard stop.
 pub(super) async fn power(st: &Shared, d: &Domain, action: PowerAction) -> ApiResult<Vm> {
     let name = d.name.clone();
@@ -66,6 +81,98 @@ pub(super) async fn power(st: &Shared, d: &Domain, action: PowerAction) -> ApiRe
     let now = find(st, &d.name).await?;
     Ok(view(now.as_ref().unwrap_or(d)))
 }
+
+/// After a failover at this site: a replica of a libvirt domain is defined from the source's
+/// definition on its images and started, tracked from its first write (its checkpoint becomes
+/// the base of reverse replication). Nothing to do for other VMs, or when it runs already.
+pub(super) async fn boot_failed_over(st: &Shared, vm: &str) -> ApiResult<()> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let st2 = st.clone();
+    let name = vm.to_string();
+    tokio::task::spawn_blocking(move || {
+        st2.store.write_vm(&name, |r| {
+            let Some(definition) = r.meta.definition.clone() else {
+                return Ok(());
+            };
+            let images: Vec<(String, std::path::PathBuf)> = r
+                .meta
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        r.dir.join("disks").join(format!("{}.img", d.name)),
+                    )
+                })
+                .collect();
+            let cp = format!("twinsite-failover-{}", jiff::Timestamp::now().as_second());
+            if st2.runtime.boot_replica(&name, &definition, &images, &cp)? {
+                r.meta.domain = Some(super::super::meta::DomainLink {
+                    checkpoint: Some(cp),
+                });
+                r.save()?;
+            }
+            Ok(())
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// The digest of a disk of a domain on its own images (where it was first protected), read
+/// through the hypervisor; `None` for every other VM (the store reads its files). Only of a
+/// domain that is off: a running guest's disk has no stable digest.
+pub(super) async fn digest(st: &Shared, vm: &str, disk: &str) -> ApiResult<Option<String>> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(None);
+    }
+    let (st2, name, disk) = (st.clone(), vm.to_string(), disk.to_string());
+    tokio::task::spawn_blocking(move || {
+        let Some((disks, dir)) = st2.store.read_vm(&name, |r| {
+            Ok((r.meta.domain.is_some() && r.disks.is_empty())
+                .then(|| (r.meta.disks.clone(), r.dir.clone())))
+        })?
+        else {
+            return Ok(None);
+        };
+        let i = disks
+            .iter()
+            .position(|d| d.name == disk)
+            .ok_or_else(|| ApiError::not_found(format!("VM {name} has no disk {disk}")))?;
+        if st2
+            .runtime
+            .domain(&name)?
+            .is_some_and(|d| d.power != Power::Off)
+        {
+            return Err(ApiError::conflict(format!(
+                "VM {name} runs: a digest is taken of a VM that is off"
+            )));
+        }
+        let mut ex =
+            st2.runtime
+                .export(&name, &disks, None, "twinsite-digest", &dir.join("spool"))?;
+        let size = disks[i].size_bytes;
+        let allocated = ex.allocated(i)?;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for b in 0..block_count(size) {
+            let len = block_len(size, b);
+            if allocated.get(b) {
+                ex.read(i, b * BLOCK_SIZE, &mut buf[..len])?;
+                h.update(&buf[..len]);
+            } else {
+                h.update(&ZEROS[..len]);
+            }
+        }
+        Ok(Some(hex::encode(h.finalize())))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
 
 /// A domain's guest writes for itself: the agent never writes into its disks.
 pub(super) fn no_guest_writes(d: &Domain) -> ApiError {

@@ -53,8 +53,9 @@ fn too_large(limit: usize) -> ApiError {
 pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
     let mut list = with_store(&st, |s| Ok(s.list())).await?;
     for d in domain::all(&st).await? {
-        if !list.vms.iter().any(|v| v.name == d.name) {
-            list.vms.push(domain::view(&d));
+        match list.vms.iter_mut().find(|v| v.name == d.name) {
+            Some(v) => domain::overlay(v, &d),
+            None => list.vms.push(domain::view(&d)),
         }
     }
     list.vms.sort_by(|a, b| a.name.cmp(&b.name));
@@ -71,7 +72,13 @@ pub(crate) async fn get_vm(
             Some(d) => Ok(Json(domain::view(&d)).into_response()),
             None => Err(e),
         },
-        res => Ok(Json(res?).into_response()),
+        Ok(mut v) => {
+            if let Some(d) = domain::find(&st, &vm).await? {
+                domain::overlay(&mut v, &d);
+            }
+            Ok(Json(v).into_response())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -130,7 +137,24 @@ pub(crate) async fn power(
     let req = parse(body)?;
     input::opt_op_id("operationId", req.operation_id.as_deref())?;
     if let Some(d) = domain::find(&st, &vm).await? {
-        return Ok(Json(domain::power(&st, &d, req.action).await?).into_response());
+        let mut v = domain::power(&st, &d, req.action).await?;
+        // The store's copy of the power state follows (a replica must be off to receive).
+        let (name, power) = (vm.clone(), v.power);
+        if let Ok(stored) = with_vm(&st, &vm, move |r| {
+            if r.meta.power != power {
+                r.meta.power = power;
+                r.save()?;
+            }
+            Ok(r.view())
+        })
+        .await
+        {
+            v = stored;
+            domain::overlay(&mut v, &d);
+            v.power = power;
+        }
+        let _ = name;
+        return Ok(Json(v).into_response());
     }
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
@@ -217,13 +241,11 @@ pub(crate) async fn digest(
     State(st): State<Shared>,
     Params((vm, disk)): Params<(String, String)>,
 ) -> ApiResult<Response> {
-    read_vm(&st, &vm, move |r| {
-        Ok(Json(crate::site::DigestResponse {
-            sha256: r.digest(&disk)?,
-        })
-        .into_response())
-    })
-    .await
+    let sha256 = match domain::digest(&st, &vm, &disk).await? {
+        Some(d) => d,
+        None => read_vm(&st, &vm, move |r| r.digest(&disk)).await?,
+    };
+    Ok(Json(crate::site::DigestResponse { sha256 }).into_response())
 }
 
 pub(super) fn to_json<T: serde::Serialize>(v: T) -> ApiResult<serde_json::Value> {
@@ -270,11 +292,20 @@ pub(crate) async fn enable(
         return Err(ApiError::bad("peerUrl must be an http(s) URL"));
     }
     if let Some(d) = domain::find(&st, &vm).await? {
+        // A domain joins the store when it is first protected; its disks stay its own.
         domain::check_protectable(&d)?;
-        return Err(ApiError::conflict(format!(
-            "VM {vm} is a libvirt domain: replicating domains (change tracking from QEMU \
-             checkpoints) is not available in this agent yet"
-        )));
+        // The store keeps sizes; formats are the hypervisor's and are shown from it.
+        let disks: Vec<_> = d
+            .disks
+            .iter()
+            .map(|x| crate::site::DiskSpec {
+                format: None,
+                ..x.spec()
+            })
+            .collect();
+        let name = vm.clone();
+        let guest_agent = d.guest_agent;
+        with_store(&st, move |s| s.adopt(&name, &disks, guest_agent)).await?;
     }
     let vm2 = vm.clone();
     let resp = with_store(&st, move |s| {
@@ -400,11 +431,15 @@ pub(crate) async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+    let answer = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
     })
-    .await
+    .await?;
+    // A replica of a domain boots as one; on a retry (the answer replayed) too, in case the
+    // boot is what failed.
+    domain::boot_failed_over(&st, &vm).await?;
+    Ok(answer)
 }
 
 pub(crate) async fn test_failover(

@@ -12,9 +12,15 @@ use virt::domain::Domain as VirDomain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use super::{Domain, DomainDisk, Runtime, RuntimeKind, xml};
+use std::path::Path;
+
+use super::{Domain, DomainDisk, Export, Runtime, RuntimeKind, checkpoints, export, xml};
 use crate::agent::{ApiError, ApiResult};
+use crate::site::DiskSpec;
 use crate::site::Power;
+
+/// Checkpoints the agent makes are named with this prefix; it never touches others.
+const CHECKPOINT_PREFIX: &str = "twinsite-";
 
 /// How long the guest agent may take to answer a ping.
 const GUEST_PING_SECONDS: i32 = 2;
@@ -26,6 +32,8 @@ pub struct Libvirt {
 
 impl Libvirt {
     pub fn connect(uri: &str) -> Result<Self, String> {
+        // libvirt prints every error to stderr by default; the agent reports them itself.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri))
             .map_err(|e| format!("connecting to libvirt at {uri}: {}", e.message()))?;
         Ok(Self {
@@ -160,4 +168,218 @@ impl Runtime for Libvirt {
             Err(e) => Err(self.failed("powering off", name, &e)),
         }
     }
+
+    fn export(
+        &self,
+        name: &str,
+        disks: &[DiskSpec],
+        since: Option<&str>,
+        next: &str,
+        scratch: &Path,
+    ) -> ApiResult<Box<dyn Export>> {
+        let d = self.require(name)?;
+        if !d.is_active().unwrap_or(false) {
+            let dom = self.describe(&d)?;
+            let mut images = Vec::new();
+            for spec in disks {
+                let x = dom
+                    .disks
+                    .iter()
+                    .find(|x| x.name == spec.name)
+                    .ok_or_else(|| {
+                        ApiError::conflict(format!(
+                            "domain {name} has no disk {} any more",
+                            spec.name
+                        ))
+                    })?;
+                images.push((spec.clone(), x.path.clone(), x.format.clone()));
+            }
+            return Ok(Box::new(export::image_export(&images, since)?));
+        }
+        if !next.starts_with(CHECKPOINT_PREFIX) {
+            return Err(ApiError::internal(format!(
+                "checkpoint {next} lacks the agent's prefix"
+            )));
+        }
+        std::fs::create_dir_all(scratch).map_err(ApiError::io)?;
+        let dir = export::socket_dir()?;
+        let socket = dir.path().join("backup.sock");
+        let mut bx = String::from("<domainbackup mode='pull'>");
+        if let Some(cp) = since {
+            bx.push_str(&format!("<incremental>{}</incremental>", xml::escape(cp)));
+        }
+        bx.push_str(&format!(
+            "<server transport='unix' socket='{}'/><disks>",
+            xml::escape(&socket.to_string_lossy())
+        ));
+        let mut cx = format!(
+            "<domaincheckpoint><name>{}</name><disks>",
+            xml::escape(next)
+        );
+        let mut scratch_files = Vec::new();
+        for spec in disks {
+            let file = scratch.join(format!("{}.scratch", spec.name));
+            let _ = std::fs::remove_file(&file);
+            bx.push_str(&format!(
+                "<disk name='{}' backup='yes' type='file'><scratch file='{}'/></disk>",
+                xml::escape(&spec.name),
+                xml::escape(&file.to_string_lossy())
+            ));
+            cx.push_str(&format!(
+                "<disk name='{}' checkpoint='bitmap'/>",
+                xml::escape(&spec.name)
+            ));
+            scratch_files.push(file);
+        }
+        bx.push_str("</disks></domainbackup>");
+        cx.push_str("</disks></domaincheckpoint>");
+        checkpoints::backup_begin(&d, &bx, &cx).map_err(|e| {
+            ApiError::conflict(format!("libvirt: starting a backup of {name}: {e}"))
+        })?;
+        let job = d.clone();
+        let end = Box::new(move || {
+            if let Err(e) = checkpoints::abort_job(&job) {
+                tracing::warn!(error = %e, "ending a backup job");
+            }
+            for f in scratch_files {
+                let _ = std::fs::remove_file(f);
+            }
+        });
+        Ok(Box::new(export::backup_export(
+            dir,
+            &socket,
+            disks,
+            since.is_some(),
+            next.to_string(),
+            end,
+        )?))
+    }
+
+    fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()> {
+        let d = self.require(name)?;
+        let all = checkpoints::list(&d).map_err(ApiError::internal)?;
+        for cp in all {
+            if cp != keep && cp.starts_with(CHECKPOINT_PREFIX) {
+                checkpoints::delete(&d, &cp).map_err(|e| {
+                    ApiError::internal(format!("libvirt: deleting checkpoint {cp} of {name}: {e}"))
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_checkpoint(&self, name: &str, cp: &str) -> ApiResult<()> {
+        let d = self.require(name)?;
+        checkpoints::delete(&d, cp).map_err(|e| {
+            ApiError::internal(format!("libvirt: deleting checkpoint {cp} of {name}: {e}"))
+        })
+    }
+
+    fn definition(&self, name: &str) -> ApiResult<String> {
+        self.require(name)?
+            .get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)
+            .map_err(|e| self.failed("reading the definition of", name, &e))
+    }
+
+    fn boot_replica(
+        &self,
+        name: &str,
+        definition: &str,
+        images: &[(String, std::path::PathBuf)],
+        checkpoint: &str,
+    ) -> ApiResult<bool> {
+        if let Some(d) = self.lookup(name)?
+            && d.is_active().unwrap_or(false)
+        {
+            // Booted by an earlier attempt of this failover.
+            return Ok(false);
+        }
+        let mut wrappers = Vec::new();
+        for (disk, raw) in images {
+            wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
+        }
+        let console = images
+            .first()
+            .and_then(|(_, raw)| raw.parent().and_then(|p| p.parent()))
+            .map(|vm_dir| vm_dir.join("console.log"))
+            .unwrap_or_else(|| std::path::PathBuf::from("/dev/null"));
+        let text =
+            xml::for_replica(definition, name, &wrappers, &console).map_err(ApiError::conflict)?;
+        let d = VirDomain::define_xml(&self.conn, &text)
+            .map_err(|e| self.failed("defining", name, &e))?;
+        // Paused until the checkpoint exists: the guest's first write is already tracked.
+        d.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+            .map_err(|e| self.failed("starting", name, &e))?;
+        let mut cx = format!(
+            "<domaincheckpoint><name>{}</name><disks>",
+            xml::escape(checkpoint)
+        );
+        for (disk, _) in images {
+            cx.push_str(&format!(
+                "<disk name='{}' checkpoint='bitmap'/>",
+                xml::escape(disk)
+            ));
+        }
+        cx.push_str("</disks></domaincheckpoint>");
+        checkpoints::create(&d, &cx).map_err(|e| {
+            ApiError::internal(format!("libvirt: checkpoint of {name} at failover: {e}"))
+        })?;
+        self.keep_checkpoint(name, checkpoint)?;
+        d.resume().map_err(|e| self.failed("resuming", name, &e))?;
+        Ok(true)
+    }
+}
+
+/// A qcow2 image whose data is the raw image `raw` itself (`data_file_raw`): QEMU keeps its
+/// dirty bitmaps in the qcow2 file while every guest write lands in `raw`, which stays a
+/// valid raw image (the replica's recovery points and digests read it directly).
+///
+/// `qemu-img create` makes a new, empty data file, so the wrapper is created over a scratch
+/// file and then pointed at `raw` (`qemu-img amend`), which keeps its content.
+fn qcow2_wrapper(raw: &std::path::Path) -> ApiResult<std::path::PathBuf> {
+    let wrapper = raw.with_extension("qcow2");
+    if wrapper.exists() {
+        return Ok(wrapper);
+    }
+    let size = std::fs::metadata(raw).map_err(ApiError::io)?.len();
+    let tmp = raw.with_extension("qcow2.tmp");
+    let scratch = raw.with_extension("scratch.raw");
+    let steps: [Vec<std::ffi::OsString>; 2] = [
+        vec![
+            "create".into(),
+            "-q".into(),
+            "-f".into(),
+            "qcow2".into(),
+            "-o".into(),
+            format!("data_file={},data_file_raw=on", scratch.display()).into(),
+            tmp.clone().into(),
+            size.to_string().into(),
+        ],
+        vec![
+            "amend".into(),
+            "-o".into(),
+            format!("data_file={}", raw.display()).into(),
+            tmp.clone().into(),
+        ],
+    ];
+    for args in steps {
+        let out = std::process::Command::new("qemu-img")
+            .args(&args)
+            .output()
+            .map_err(|e| {
+                ApiError::internal(format!("running qemu-img (Debian package qemu-utils): {e}"))
+            })?;
+        if !out.status.success() {
+            let _ = std::fs::remove_file(&scratch);
+            return Err(ApiError::internal(format!(
+                "qemu-img {:?} for {}: {}",
+                args.first(),
+                wrapper.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    let _ = std::fs::remove_file(&scratch);
+    std::fs::rename(&tmp, &wrapper).map_err(ApiError::io)?;
+    Ok(wrapper)
 }

@@ -11,13 +11,19 @@
 //! other from the store.
 
 #[cfg(feature = "libvirt")]
+mod checkpoints;
+#[cfg(feature = "libvirt")]
+mod export;
+#[cfg(feature = "libvirt")]
 mod libvirt;
 #[cfg(feature = "libvirt")]
 mod xml;
 
+use std::path::Path;
 use std::time::Duration;
 
 use super::{ApiError, ApiResult};
+use crate::replication::Bitmap;
 use crate::site::{DiskSpec, Power};
 
 /// `--runtime`.
@@ -70,6 +76,50 @@ pub trait Runtime: Send + Sync {
     fn shutdown(&self, name: &str, timeout: Duration) -> ApiResult<()>;
     /// A hard stop.
     fn power_off(&self, name: &str) -> ApiResult<()>;
+    /// A point-in-time view of the disks of domain `name` (`disks`, in that order), with the
+    /// changes since checkpoint `since` (none: a full copy). A running domain starts checkpoint
+    /// `next` at the same instant; a domain that is off is read from its images and keeps
+    /// `since` (nothing can write to it). `scratch` holds the export's temporary files.
+    fn export(
+        &self,
+        name: &str,
+        disks: &[DiskSpec],
+        since: Option<&str>,
+        next: &str,
+        scratch: &Path,
+    ) -> ApiResult<Box<dyn Export>>;
+    /// Makes `keep` the only checkpoint of domain `name` (the peer holds everything before it).
+    fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()>;
+    /// Drops checkpoint `cp` of domain `name` after a transfer that failed: its changes are
+    /// merged into its parent's, so the next transfer from the parent still sends them.
+    fn drop_checkpoint(&self, name: &str, cp: &str) -> ApiResult<()>;
+    /// The persistent definition of domain `name`, which replicas keep for a failover.
+    fn definition(&self, name: &str) -> ApiResult<String>;
+    /// Boots a replica as domain `name` (a failover): defines it from the source's
+    /// `definition` with its disks on the replica's images (`images`: disk name and raw image
+    /// path; MAC addresses and the rest kept), and starts it with checkpoint `checkpoint`
+    /// taken before its first instruction, so every write it makes is tracked. `false`: it
+    /// ran already (an earlier attempt booted it).
+    fn boot_replica(
+        &self,
+        name: &str,
+        definition: &str,
+        images: &[(String, std::path::PathBuf)],
+        checkpoint: &str,
+    ) -> ApiResult<bool>;
+}
+
+/// A point-in-time view of a domain's disks, open for one transfer.
+pub trait Export: Send {
+    /// The checkpoint this export started (the next transfer's `since`), or `None` when the
+    /// domain was off and the old one stays.
+    fn checkpoint(&self) -> Option<&str>;
+    /// The blocks of disk `disk` changed since the export's `since`; `None` for a full copy.
+    fn changed(&mut self, disk: usize) -> ApiResult<Option<Bitmap>>;
+    /// The blocks of disk `disk` that may hold data (a full copy reads no others).
+    fn allocated(&mut self, disk: usize) -> ApiResult<Bitmap>;
+    /// Reads `buf.len()` bytes of disk `disk` at `offset`.
+    fn read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> ApiResult<()>;
 }
 
 /// The builtin runtime: the agent's own VMs, all in the store.
@@ -92,6 +142,34 @@ impl Runtime for Builtin {
         Err(not_a_domain(name))
     }
     fn power_off(&self, name: &str) -> ApiResult<()> {
+        Err(not_a_domain(name))
+    }
+    fn export(
+        &self,
+        name: &str,
+        _disks: &[DiskSpec],
+        _since: Option<&str>,
+        _next: &str,
+        _scratch: &Path,
+    ) -> ApiResult<Box<dyn Export>> {
+        Err(not_a_domain(name))
+    }
+    fn keep_checkpoint(&self, name: &str, _keep: &str) -> ApiResult<()> {
+        Err(not_a_domain(name))
+    }
+    fn drop_checkpoint(&self, name: &str, _cp: &str) -> ApiResult<()> {
+        Err(not_a_domain(name))
+    }
+    fn definition(&self, name: &str) -> ApiResult<String> {
+        Err(not_a_domain(name))
+    }
+    fn boot_replica(
+        &self,
+        name: &str,
+        _definition: &str,
+        _images: &[(String, std::path::PathBuf)],
+        _checkpoint: &str,
+    ) -> ApiResult<bool> {
         Err(not_a_domain(name))
     }
 }

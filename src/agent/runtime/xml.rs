@@ -2,6 +2,22 @@
 
 use std::path::PathBuf;
 
+/// `s` with XML's special characters escaped, for text and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// A disk of a domain definition, before its size is known.
 #[derive(Debug, PartialEq, Eq)]
 pub struct XmlDisk {
@@ -44,6 +60,101 @@ pub fn disks(domain_xml: &str) -> Result<Vec<XmlDisk>, String> {
     Ok(out)
 }
 
+/// Elements a replicated definition may not carry: they reach the host itself (devices,
+/// directories, raw QEMU arguments), and the definition comes from another site.
+const FORBIDDEN: &[&str] = &[
+    "hostdev",
+    "filesystem",
+    "commandline",
+    "smartcard",
+    "redirdev",
+];
+
+/// The source's definition of domain `name`, made to run at a replica: each replicated disk
+/// (`images`: target name and image path) on its image here as qcow2, every other file or
+/// block disk removed (it names the source's storage), and file serial consoles written to
+/// `console`. MAC addresses, networks and everything else stay.
+pub fn for_replica(
+    definition: &str,
+    name: &str,
+    images: &[(String, PathBuf)],
+    console: &std::path::Path,
+) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(definition)
+        .map_err(|e| format!("replicated definition: {e}"))?;
+    let root = doc.root_element();
+    if !root.has_tag_name("domain") {
+        return Err("replicated definition is not a <domain>".into());
+    }
+    let named = root
+        .children()
+        .find(|n| n.has_tag_name("name"))
+        .and_then(|n| n.text());
+    if named != Some(name) {
+        return Err(format!(
+            "replicated definition names {named:?}, not {name:?}"
+        ));
+    }
+    if let Some(bad) = root
+        .descendants()
+        .find(|n| n.is_element() && FORBIDDEN.contains(&n.tag_name().name()))
+    {
+        return Err(format!(
+            "replicated definition of {name} has a <{}> element, which a replica never defines",
+            bad.tag_name().name()
+        ));
+    }
+    // Edits as (byte range of the original, replacement), applied from the end.
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let devices = root.children().filter(|n| n.has_tag_name("devices"));
+    for dev in devices
+        .flat_map(|d| d.children())
+        .filter(|n| n.is_element())
+    {
+        let child = |tag: &str| dev.children().find(|n| n.has_tag_name(tag));
+        if dev.has_tag_name("disk") {
+            let target = child("target").and_then(|t| t.attribute("dev"));
+            let replicated = dev.attribute("device").unwrap_or("disk") == "disk"
+                && dev.attribute("type") == Some("file");
+            match images.iter().find(|(t, _)| Some(t.as_str()) == target) {
+                Some((_, path)) if replicated => {
+                    let src = format!("<source file='{}'/>", escape(&path.to_string_lossy()));
+                    match child("source") {
+                        Some(s) => edits.push((s.range(), src)),
+                        None => return Err(format!("disk {target:?} has no <source>")),
+                    }
+                    let drv = "<driver name='qemu' type='qcow2'/>".to_string();
+                    match child("driver") {
+                        Some(d) => edits.push((d.range(), drv)),
+                        None => edits.push((
+                            child("source").map_or(0..0, |s| s.range().end..s.range().end),
+                            drv,
+                        )),
+                    }
+                }
+                _ if dev.attribute("type") == Some("file")
+                    || dev.attribute("type") == Some("block") =>
+                {
+                    edits.push((dev.range(), String::new()));
+                }
+                _ => {}
+            }
+        } else if (dev.has_tag_name("serial") || dev.has_tag_name("console"))
+            && dev.attribute("type") == Some("file")
+            && let Some(s) = child("source")
+        {
+            let src = format!("<source path='{}'/>", escape(&console.to_string_lossy()));
+            edits.push((s.range(), src));
+        }
+    }
+    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
+    let mut out = definition.to_string();
+    for (r, text) in edits {
+        out.replace_range(r, &text);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +186,39 @@ mod tests {
             ]
         );
         assert!(disks("<domain").is_err());
+    }
+
+    #[test]
+    fn a_replica_runs_on_its_images_and_keeps_its_identity() {
+        let xml = r#"<domain type='qemu'><name>web</name><uuid>u-1</uuid><devices>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+              <source file='/src/web.qcow2'/><target dev='vda' bus='virtio'/></disk>
+            <disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/></disk>
+            <interface type='network'><mac address='52:54:00:12:34:56'/><source network='lan'/></interface>
+            <serial type='file'><source path='/src/console.log'/></serial>
+            </devices></domain>"#;
+        let images = vec![(
+            "vda".to_string(),
+            PathBuf::from("/data/vms/web/disks/vda.qcow2"),
+        )];
+        let out = for_replica(xml, "web", &images, std::path::Path::new("/data/c.log"))
+            .expect("rewrites");
+        assert!(
+            out.contains("<source file='/data/vms/web/disks/vda.qcow2'/>"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("/src/web.qcow2") && !out.contains("x.iso"),
+            "{out}"
+        );
+        assert!(
+            out.contains("52:54:00:12:34:56") && out.contains("<uuid>u-1</uuid>"),
+            "{out}"
+        );
+        assert!(out.contains("<source path='/data/c.log'/>"), "{out}");
+        assert_eq!(disks(&out).expect("parses").len(), 1);
+        assert!(for_replica(xml, "db", &images, std::path::Path::new("/c")).is_err());
+        let evil = xml.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
+        assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
     }
 }
