@@ -592,6 +592,25 @@ impl VmRec {
         serde_json::to_value(self.view()).map_err(|e| ApiError::io(e.into()))
     }
 
+    /// Opens the disk files a domain on its own images was just given (it becomes a replica):
+    /// from now on the agent's files are its disks.
+    pub(super) fn attach_files(&mut self) -> ApiResult<()> {
+        let mut files = Vec::new();
+        for d in &self.meta.disks {
+            let path = self.dir.join("disks").join(format!("{}.img", d.name));
+            files.push(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(ApiError::io)?,
+            );
+        }
+        self.disks = files;
+        self.meta.power = Power::Off;
+        self.save()
+    }
+
     fn disk_index(&self, disk: &str) -> ApiResult<(usize, u64)> {
         if self.disks.len() != self.meta.disks.len() {
             return Err(ApiError::conflict(format!(

@@ -174,6 +174,62 @@ pub(super) async fn digest(st: &Shared, vm: &str, disk: &str) -> ApiResult<Optio
 
 static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
 
+/// Before a domain on its own images becomes the replica of `source` (reverse replication
+/// toward the site where it was first protected): its disks are copied, locally and sparse,
+/// into image files of the agent's, which the transfer then brings up to date (block hashes
+/// compared: only what differs travels). The domain's own images are left as they are; a
+/// failover back here defines the domain on the agent's images. Only for a domain that is off
+/// and that the controller let `source` replicate into; anything else is left to `begin`.
+pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResult<()> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let (st2, name, source) = (st.clone(), vm.to_string(), source.to_string());
+    tokio::task::spawn_blocking(move || {
+        let found = st2.store.read_vm(&name, |r| {
+            Ok((r.meta.domain.is_some()
+                && r.disks.is_empty()
+                && r.meta.accept_from.as_deref() == Some(source.as_str()))
+            .then(|| (r.meta.disks.clone(), r.dir.clone())))
+        });
+        let Ok(Some((disks, dir))) = found else {
+            return Ok(());
+        };
+        if st2
+            .runtime
+            .domain(&name)?
+            .is_some_and(|d| d.power != Power::Off)
+        {
+            return Err(ApiError::conflict(format!(
+                "VM {name} runs at this site; it cannot receive replication"
+            )));
+        }
+        let mut ex =
+            st2.runtime
+                .export(&name, &disks, None, "twinsite-copy", &dir.join("spool"))?;
+        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        for (i, d) in disks.iter().enumerate() {
+            let path = dir.join("disks").join(format!("{}.img", d.name));
+            let tmp = path.with_extension("img.tmp");
+            let f = std::fs::File::create(&tmp).map_err(ApiError::io)?;
+            f.set_len(d.size_bytes).map_err(ApiError::io)?;
+            for b in ex.allocated(i)?.iter() {
+                let len = block_len(d.size_bytes, b);
+                ex.read(i, b * BLOCK_SIZE, &mut buf[..len])?;
+                std::os::unix::fs::FileExt::write_all_at(&f, &buf[..len], b * BLOCK_SIZE)
+                    .map_err(ApiError::io)?;
+            }
+            f.sync_all().map_err(ApiError::io)?;
+            std::fs::rename(&tmp, &path).map_err(ApiError::io)?;
+        }
+        drop(ex);
+        crate::replication::tracker::sync_dir(&dir.join("disks")).map_err(ApiError::io)?;
+        st2.store.write_vm(&name, |r| r.attach_files())
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
 /// A domain's guest writes for itself: the agent never writes into its disks.
 pub(super) fn no_guest_writes(d: &Domain) -> ApiError {
     ApiError::conflict(format!(

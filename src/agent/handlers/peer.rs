@@ -56,6 +56,9 @@ pub(crate) async fn begin(
             ),
         ));
     }
+    if req.bulk {
+        super::domain::take_images(&st, &vm, &req.source_site).await?;
+    }
     let vm2 = vm.clone();
     let answer = with_store(&st, move |s| s.begin(&vm2, &req)).await?;
     // This VM follows the peer now: a replication task of its own (an old source's) must end.

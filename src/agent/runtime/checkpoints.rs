@@ -76,6 +76,16 @@ pub fn list(d: &Domain) -> Result<Vec<String>, String> {
 /// Deletes checkpoint `name`; its changes are merged into its parent's bitmap. A checkpoint
 /// that does not exist is not an error.
 pub fn delete(d: &Domain, name: &str) -> Result<(), String> {
+    delete_with(d, name, 0)
+}
+
+/// Forgets checkpoint `name` in libvirt only, leaving the images alone (their bitmaps belong
+/// to images the domain no longer uses).
+pub fn forget(d: &Domain, name: &str) -> Result<(), String> {
+    delete_with(d, name, sys::VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+}
+
+fn delete_with(d: &Domain, name: &str, flags: u32) -> Result<(), String> {
     let n = cstring("checkpoint name", name)?;
     // SAFETY: `d` is a live domain handle; `n` outlives the call.
     let cp = unsafe { sys::virDomainCheckpointLookupByName(d.as_ptr(), n.as_ptr(), 0) };
@@ -83,7 +93,7 @@ pub fn delete(d: &Domain, name: &str) -> Result<(), String> {
         return Ok(());
     }
     // SAFETY: `cp` is the handle just looked up; freed once after the delete.
-    let rc = unsafe { sys::virDomainCheckpointDelete(cp, 0) };
+    let rc = unsafe { sys::virDomainCheckpointDelete(cp, flags) };
     let err = (rc < 0).then(last_error);
     // SAFETY: as above.
     unsafe { sys::virDomainCheckpointFree(cp) };

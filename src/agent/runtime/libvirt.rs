@@ -288,11 +288,23 @@ impl Runtime for Libvirt {
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
     ) -> ApiResult<bool> {
-        if let Some(d) = self.lookup(name)?
-            && d.is_active().unwrap_or(false)
-        {
-            // Booted by an earlier attempt of this failover.
-            return Ok(false);
+        if let Some(d) = self.lookup(name)? {
+            if d.is_active().unwrap_or(false) {
+                // Booted by an earlier attempt of this failover (paused if it stopped short).
+                if let Ok((sys::VIR_DOMAIN_PAUSED, _)) = d.get_state() {
+                    d.resume().map_err(|e| self.failed("resuming", name, &e))?;
+                }
+                return Ok(false);
+            }
+            // The domain (this site's old copy) moves onto the replica's images: checkpoints of
+            // its old images mean nothing there.
+            for cp in checkpoints::list(&d).map_err(ApiError::internal)? {
+                if cp.starts_with(CHECKPOINT_PREFIX) {
+                    checkpoints::forget(&d, &cp).map_err(|e| {
+                        ApiError::internal(format!("libvirt: forgetting checkpoint {cp}: {e}"))
+                    })?;
+                }
+            }
         }
         let mut wrappers = Vec::new();
         for (disk, raw) in images {
