@@ -1,0 +1,358 @@
+//! The client against a real qemu-nbd serving a qcow2 image with a persistent dirty bitmap,
+//! the way libvirt's pull-mode backups and the replica's images will be served.
+
+use std::fs::File;
+use std::io::ErrorKind;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::replication::{BLOCK_SIZE, Bitmap, blocks_of_range};
+
+const MIB: u64 = 1 << 20;
+/// Larger than one 32 MiB request, so whole-disk reads and writes are split.
+const SIZE: u64 = 40 * MIB;
+
+/// (pattern, offset, length) written with qemu-io before serving.
+const WRITES: &[(u8, u64, u64)] = &[
+    (0xab, 64 * 1024, 4096),
+    (0xcd, MIB, 128 * 1024),
+    // Straddles the 32 MiB request boundary.
+    (0x5a, 32 * MIB - 3 * 4096, 8 * 4096),
+    // The very end of the disk.
+    (0xef, SIZE - 512, 512),
+];
+
+fn bitmap_ctx() -> String {
+    dirty_bitmap_context("b0")
+}
+
+/// Runs a qemu tool, failing the test (never skipping it) when the tool is missing.
+fn run(program: &str, args: &[&str]) {
+    let out = match Command::new(program).args(args).output() {
+        Ok(out) => out,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            panic!("{program} not found: install the Debian package qemu-utils")
+        }
+        Err(e) => panic!("running {program}: {e}"),
+    };
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A qcow2 image of SIZE with the enabled persistent bitmap b0 and WRITES applied through
+/// qemu-io, which marks b0 like a running VM would.
+fn image(dir: &Path) -> PathBuf {
+    let img = dir.join("disk.qcow2");
+    let s = img.to_str().expect("utf-8 temp path");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s, &SIZE.to_string()],
+    );
+    run("qemu-img", &["bitmap", "--add", "--enable", s, "b0"]);
+    for &(pattern, off, len) in WRITES {
+        let cmd = format!("write -P {pattern:#x} {off} {len}");
+        run("qemu-io", &["-f", "qcow2", "-c", &cmd, s]);
+    }
+    img
+}
+
+/// What the disk holds after WRITES.
+fn expected_data() -> Vec<u8> {
+    let mut d = vec![0u8; SIZE as usize];
+    for &(pattern, off, len) in WRITES {
+        d[off as usize..(off + len) as usize].fill(pattern);
+    }
+    d
+}
+
+fn written_blocks() -> Bitmap {
+    let mut b = Bitmap::new(SIZE.div_ceil(BLOCK_SIZE));
+    for &(_, off, len) in WRITES {
+        for i in blocks_of_range(off, len) {
+            b.set(i);
+        }
+    }
+    b
+}
+
+/// A qemu-nbd process, killed on drop.
+struct QemuNbd {
+    child: Child,
+    socket: PathBuf,
+    // Held so the image outlives the server.
+    _dir: tempfile::TempDir,
+}
+
+impl QemuNbd {
+    fn serve(read_only: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = image(dir.path());
+        let socket = dir.path().join("nbd.sock");
+        let log = dir.path().join("qemu-nbd.log");
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.arg(format!("--socket={}", socket.display())).args([
+            "-f",
+            "qcow2",
+            "-B",
+            "b0",
+            "--persistent",
+            "--shared=4",
+        ]);
+        if read_only {
+            cmd.arg("-r");
+        }
+        cmd.arg(&img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("log file"));
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                panic!("qemu-nbd not found: install the Debian package qemu-utils")
+            }
+            Err(e) => panic!("starting qemu-nbd: {e}"),
+        };
+        let mut server = Self {
+            child,
+            socket,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("qemu-nbd exited with {status}: {log}");
+            }
+            // --persistent: this probe connection does not end the server.
+            if UnixStream::connect(&server.socket).is_ok() {
+                return server;
+            }
+            assert!(Instant::now() < deadline, "qemu-nbd did not listen in 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn connect(&self, export: &str, contexts: &[&str]) -> Result<Client, NbdError> {
+        Client::connect(&self.socket, export, contexts)
+    }
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn reads_data_and_holes_back_exactly() {
+    let server = QemuNbd::serve(true);
+    let ctx = bitmap_ctx();
+    let mut c = server
+        .connect("", &[&ctx, BASE_ALLOCATION])
+        .expect("connect");
+    assert_eq!(c.size(), SIZE);
+    assert!(c.is_read_only());
+    assert!(c.structured_replies());
+    assert!(c.context_id(&ctx).is_some());
+    assert_ne!(c.context_id(&ctx), c.context_id(BASE_ALLOCATION));
+
+    let want = expected_data();
+    let got = c.read(0, SIZE as usize).expect("whole-disk read");
+    assert!(
+        got == want,
+        "whole-disk read differs from what qemu-io wrote"
+    );
+
+    // Unaligned reads across data and holes, and at the very end.
+    for (off, len) in [
+        (64 * 1024 + 4000, 200),
+        (MIB - 100, 300),
+        (SIZE - 1000, 1000),
+    ] {
+        let got = c.read(off, len).expect("read");
+        assert_eq!(
+            got,
+            want[off as usize..off as usize + len],
+            "read {off}+{len}"
+        );
+    }
+
+    // Reads past the end are refused before anything is sent; the connection stays usable.
+    assert!(matches!(
+        c.read(SIZE - 10, 20),
+        Err(NbdError::InvalidRequest(_))
+    ));
+    assert!(matches!(
+        c.write_at(0, &[1]),
+        Err(NbdError::InvalidRequest(_))
+    ));
+    assert_eq!(c.read(MIB, 16).expect("read after refusals"), [0xcd; 16]);
+    c.close().expect("close");
+}
+
+#[test]
+fn dirty_bitmap_gives_exactly_the_written_blocks() {
+    let server = QemuNbd::serve(true);
+    let ctx = bitmap_ctx();
+    let mut c = server.connect("", &[&ctx]).expect("connect");
+
+    assert_eq!(
+        c.dirty_blocks(&ctx, SIZE, BLOCK_SIZE).expect("dirty"),
+        written_blocks()
+    );
+
+    // The extents tile the disk exactly, and the dirty ones are exactly the written blocks.
+    let ext = c.extents(&ctx, 0, SIZE).expect("extents");
+    let mut at = 0;
+    let mut dirty = Vec::new();
+    for e in &ext {
+        assert_eq!(e.offset, at, "extents not contiguous: {ext:?}");
+        assert!(e.len > 0);
+        assert!(e.flags == 0 || e.flags == STATE_DIRTY, "{ext:?}");
+        if e.flags == STATE_DIRTY {
+            dirty.push((e.offset, e.len));
+        }
+        at += e.len;
+    }
+    assert_eq!(at, SIZE);
+    let mut want = Vec::new();
+    for &(_, off, len) in WRITES {
+        let r = blocks_of_range(off, len);
+        want.push((r.start * BLOCK_SIZE, (r.end - r.start) * BLOCK_SIZE));
+    }
+    assert_eq!(dirty, want);
+
+    // A range starting mid-extent is described from its own start to its own end.
+    let sub = c.extents(&ctx, MIB + 4096, MIB).expect("sub-range extents");
+    assert_eq!(
+        sub,
+        vec![
+            Extent {
+                offset: MIB + 4096,
+                len: 128 * 1024 - 4096,
+                flags: STATE_DIRTY
+            },
+            Extent {
+                offset: MIB + 128 * 1024,
+                len: MIB + 4096 - 128 * 1024,
+                flags: 0
+            },
+        ]
+    );
+    // Smaller blocks than the bitmap's granularity: every block of a dirty cluster.
+    let fine = c.dirty_blocks(&ctx, SIZE, 4096).expect("dirty 4 KiB");
+    assert_eq!(fine.count(), written_blocks().count() * (BLOCK_SIZE / 4096));
+    assert!(fine.get(64 * 1024 / 4096) && fine.get((MIB + 128 * 1024 - 1) / 4096));
+    assert!(!fine.get(0));
+}
+
+#[test]
+fn base_allocation_shows_the_holes() {
+    let server = QemuNbd::serve(true);
+    let mut c = server.connect("", &[BASE_ALLOCATION]).expect("connect");
+
+    // qcow2 allocates whole 64 KiB clusters: the allocated blocks are the written ones.
+    assert_eq!(
+        c.allocated_blocks(SIZE, BLOCK_SIZE).expect("allocated"),
+        written_blocks()
+    );
+
+    let ext = c.extents(BASE_ALLOCATION, 0, SIZE).expect("extents");
+    assert_eq!(ext.first().map(|e| e.flags), Some(STATE_HOLE | STATE_ZERO));
+    assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), SIZE);
+    let data = expected_data();
+    for e in &ext {
+        let bytes = &data[e.offset as usize..(e.offset + e.len) as usize];
+        if e.flags & STATE_ZERO != 0 {
+            assert!(
+                bytes.iter().all(|b| *b == 0),
+                "zero extent with data: {e:?}"
+            );
+        }
+    }
+    // Every written byte lies in an extent that is data.
+    for &(_, off, len) in WRITES {
+        let e = ext
+            .iter()
+            .find(|e| e.offset <= off && off < e.offset + e.len)
+            .expect("extent of a write");
+        assert_eq!(e.flags, 0, "write {off}+{len} in {e:?}");
+        assert!(off + len <= e.offset + e.len, "write {off}+{len} in {e:?}");
+    }
+}
+
+#[test]
+fn write_flush_read_round_trips() {
+    let server = QemuNbd::serve(false);
+    let ctx = bitmap_ctx();
+    let mut c = server.connect("", &[]).expect("connect");
+    assert!(!c.is_read_only());
+    assert!(!c.structured_replies() || c.context_id(&ctx).is_none());
+
+    // 33 MiB from an unaligned offset: split into two requests.
+    let off = 2 * MIB + 512;
+    let data: Vec<u8> = (0..33 * MIB).map(|i| (i % 251) as u8).collect();
+    c.write_at(off, &data).expect("write");
+    c.write_at(SIZE - 4096, &[0x11; 4096])
+        .expect("write at the end");
+    c.flush().expect("flush");
+    assert!(c.read(off, data.len()).expect("read back") == data);
+    c.close().expect("close");
+
+    // A new connection sees the data, and the bitmap recorded the NBD writes.
+    let mut c = server.connect("", &[&ctx]).expect("reconnect");
+    assert!(c.read(off, data.len()).expect("read again") == data);
+    assert_eq!(c.read(SIZE - 4096, 4096).expect("tail"), vec![0x11; 4096]);
+    assert_eq!(c.read(off - 512, 512).expect("before"), vec![0; 512]);
+    let dirty = c.dirty_blocks(&ctx, SIZE, BLOCK_SIZE).expect("dirty");
+    let mut want = written_blocks();
+    for r in [
+        blocks_of_range(off, data.len() as u64),
+        blocks_of_range(SIZE - 4096, 4096),
+    ] {
+        for i in r {
+            want.set(i);
+        }
+    }
+    assert_eq!(dirty, want);
+}
+
+#[test]
+fn unknown_export_and_context_are_clear_errors() {
+    let server = QemuNbd::serve(true);
+
+    for contexts in [&[][..], &[BASE_ALLOCATION][..]] {
+        let err = server
+            .connect("nope", contexts)
+            .expect_err("unknown export");
+        assert!(
+            matches!(&err, NbdError::UnknownExport { export, .. } if export == "nope"),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("\"nope\""), "{err}");
+    }
+
+    let err = server
+        .connect("", &[BASE_ALLOCATION, "qemu:dirty-bitmap:nope"])
+        .expect_err("unknown context");
+    assert!(
+        matches!(&err, NbdError::MissingMetaContext(c) if c == "qemu:dirty-bitmap:nope"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("qemu:dirty-bitmap:nope"), "{err}");
+
+    // A context not negotiated on this connection is refused locally.
+    let mut c = server.connect("", &[BASE_ALLOCATION]).expect("connect");
+    let err = c
+        .extents(&bitmap_ctx(), 0, SIZE)
+        .expect_err("not negotiated");
+    assert!(matches!(err, NbdError::ContextNotNegotiated(_)), "{err:?}");
+    assert!(c.extents(BASE_ALLOCATION, 0, SIZE).is_ok());
+}
