@@ -9,6 +9,7 @@
 //! - [`fault`]: failpoints for crash injection (test builds only).
 //! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
 //! - [`local`]: `twinsite local`, the whole stack on one machine.
+//! - [`nbd`]: a blocking NBD client for libvirt backups and qemu-nbd exports.
 
 pub mod agent;
 pub mod api;

@@ -184,6 +184,14 @@ fn reads_data_and_holes_back_exactly() {
         );
     }
 
+    // Holes are zero-filled, not left as whatever the buffer held.
+    let mut buf = vec![0xffu8; 2 * MIB as usize];
+    c.read_at(0, &mut buf).expect("read_at");
+    assert!(
+        buf == want[..2 * MIB as usize],
+        "read_at over holes left stale bytes"
+    );
+
     // Reads past the end are refused before anything is sent; the connection stays usable.
     assert!(matches!(
         c.read(SIZE - 10, 20),
@@ -355,4 +363,125 @@ fn unknown_export_and_context_are_clear_errors() {
         .expect_err("not negotiated");
     assert!(matches!(err, NbdError::ContextNotNegotiated(_)), "{err:?}");
     assert!(c.extents(BASE_ALLOCATION, 0, SIZE).is_ok());
+}
+
+/// A scripted server on the other end of a socket pair: negotiates a 1 MiB export with
+/// structured replies, then answers the first request with `reply(cookie, offset, len)`.
+fn fake_server(reply: fn(u64, u64, u32) -> Vec<u8>) -> Client {
+    use std::io::{Read, Write};
+    let (client, mut server) = UnixStream::pair().expect("socket pair");
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    std::thread::spawn(move || -> std::io::Result<()> {
+        let mut greeting = proto::NBDMAGIC.to_be_bytes().to_vec();
+        greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        greeting.extend_from_slice(&3u16.to_be_bytes());
+        server.write_all(&greeting)?;
+        let mut flags = [0u8; 4];
+        server.read_exact(&mut flags)?;
+        let opt_reply = |opt: u32, ty: u32, data: &[u8]| {
+            let mut r = proto::OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&opt.to_be_bytes());
+            r.extend_from_slice(&ty.to_be_bytes());
+            r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            r.extend_from_slice(data);
+            r
+        };
+        for _ in 0..2 {
+            let mut h = [0u8; 16];
+            server.read_exact(&mut h)?;
+            let opt = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            let len = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+            std::io::copy(
+                &mut (&mut server).take(u64::from(len)),
+                &mut std::io::sink(),
+            )?;
+            if opt == proto::OPT_GO {
+                let mut info = vec![0, 0];
+                info.extend_from_slice(&MIB.to_be_bytes());
+                info.extend_from_slice(
+                    &(proto::TFLAG_HAS_FLAGS | proto::TFLAG_SEND_FLUSH).to_be_bytes(),
+                );
+                server.write_all(&opt_reply(opt, proto::REP_INFO, &info))?;
+            }
+            server.write_all(&opt_reply(opt, proto::REP_ACK, &[]))?;
+        }
+        let mut req = [0u8; 28];
+        server.read_exact(&mut req)?;
+        let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
+        let offset = u64::from_be_bytes(req[16..24].try_into().unwrap_or_default());
+        let len = u32::from_be_bytes(req[24..28].try_into().unwrap_or_default());
+        server.write_all(&reply(cookie, offset, len))?;
+        // Hold the socket open until the client is done.
+        let _ = server.read(&mut [0u8; 1]);
+        Ok(())
+    });
+    Client::handshake(client, "", &[]).expect("fake handshake")
+}
+
+fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8], claimed_len: Option<u32>) -> Vec<u8> {
+    let mut c = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    c.extend_from_slice(&flags.to_be_bytes());
+    c.extend_from_slice(&ty.to_be_bytes());
+    c.extend_from_slice(&cookie.to_be_bytes());
+    c.extend_from_slice(&claimed_len.unwrap_or(payload.len() as u32).to_be_bytes());
+    c.extend_from_slice(payload);
+    c
+}
+
+#[test]
+fn hostile_replies_break_the_connection_without_panics() {
+    let cases: [(&str, fn(u64, u64, u32) -> Vec<u8>); 5] = [
+        ("wrong cookie", |cookie, offset, len| {
+            let mut p = offset.to_be_bytes().to_vec();
+            p.resize(8 + len as usize, 1);
+            chunk(1, proto::REPLY_TYPE_OFFSET_DATA, cookie + 1, &p, None)
+        }),
+        ("huge length", |cookie, _, _| {
+            chunk(
+                1,
+                proto::REPLY_TYPE_OFFSET_DATA,
+                cookie,
+                &[],
+                Some(u32::MAX),
+            )
+        }),
+        ("data outside the request", |cookie, offset, len| {
+            let mut p = (offset + 4096).to_be_bytes().to_vec();
+            p.resize(8 + len as usize, 1);
+            chunk(1, proto::REPLY_TYPE_OFFSET_DATA, cookie, &p, None)
+        }),
+        ("gap", |cookie, offset, _| {
+            let mut p = offset.to_be_bytes().to_vec();
+            p.resize(8 + 512, 1);
+            chunk(1, proto::REPLY_TYPE_OFFSET_DATA, cookie, &p, None)
+        }),
+        ("wrong magic", |cookie, _, _| {
+            let mut c = chunk(1, proto::REPLY_TYPE_NONE, cookie, &[], None);
+            c[0] ^= 0x80;
+            c
+        }),
+    ];
+    for (name, reply) in cases {
+        let mut c = fake_server(reply);
+        assert_eq!(c.size(), MIB);
+        let err = c.read(0, 4096).expect_err(name);
+        assert!(matches!(err, NbdError::Protocol(_)), "{name}: {err:?}");
+        let err = c.read(0, 4096).expect_err(name);
+        assert!(matches!(err, NbdError::Broken), "{name}: {err:?}");
+    }
+
+    // An error chunk is the command's failure, reported with the server's message.
+    let mut c = fake_server(|cookie, _, _| {
+        let mut p = 5u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&4u16.to_be_bytes());
+        p.extend_from_slice(b"disk");
+        chunk(1, proto::REPLY_TYPE_ERROR, cookie, &p, None)
+    });
+    let err = c.read(0, 4096).expect_err("error chunk");
+    assert!(
+        matches!(&err, NbdError::Command { errno: 5, message, .. } if message == "disk"),
+        "{err:?}"
+    );
 }
