@@ -230,6 +230,53 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
+/// After a test failover at this site: the drill copy `copy` of a replica of a libvirt domain
+/// boots as a domain, its NICs on `network`. Nothing to do for other VMs.
+pub(super) async fn boot_drill(st: &Shared, vm: &str, copy: &str, network: &str) -> ApiResult<()> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let (st2, name, copy, network) = (
+        st.clone(),
+        vm.to_string(),
+        copy.to_string(),
+        network.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let Some(definition) = st2
+            .store
+            .read_vm(&name, |r| Ok(r.meta.definition.clone()))?
+        else {
+            return Ok(());
+        };
+        let images = st2.store.read_vm(&copy, |r| {
+            Ok(r.meta
+                .disks
+                .iter()
+                .map(|d| {
+                    (
+                        d.name.clone(),
+                        r.dir.join("disks").join(format!("{}.img", d.name)),
+                    )
+                })
+                .collect::<Vec<_>>())
+        })?;
+        st2.runtime
+            .boot_drill(&name, &copy, &network, &definition, &images)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// Stops and undefines domain `name` if the hypervisor has it (a drill copy).
+pub(super) async fn remove(st: &Shared, name: &str) -> ApiResult<()> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let name = name.to_string();
+    blocking(st, move |rt| rt.remove(&name)).await
+}
+
 /// A domain's guest writes for itself: the agent never writes into its disks.
 pub(super) fn no_guest_writes(d: &Domain) -> ApiError {
     ApiError::conflict(format!(

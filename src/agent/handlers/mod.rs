@@ -457,7 +457,8 @@ pub(crate) async fn test_failover(
              characters (VM names of at most 58 characters can be tested)"
         )));
     }
-    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+    let network = req.network.clone();
+    let answer = store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         to_json(s.test_failover(
             r,
             &req.recovery_point,
@@ -465,7 +466,11 @@ pub(crate) async fn test_failover(
             Some(&req.operation_id),
         )?)
     })
-    .await
+    .await?;
+    // A replica of a domain: the copy boots as a domain on the isolated network (on a retry
+    // too, in case the boot is what failed).
+    domain::boot_drill(&st, &vm, &copy, &network).await?;
+    Ok(answer)
 }
 
 pub(crate) async fn test_cleanup(
@@ -474,6 +479,8 @@ pub(crate) async fn test_cleanup(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    // The drill copy's domain goes first: its images are deleted next.
+    domain::remove(&st, &replica::drill_copy_name(&vm)).await?;
     store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })

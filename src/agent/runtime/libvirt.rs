@@ -59,6 +59,32 @@ impl Libvirt {
         ApiError::internal(format!("libvirt: {what} {name}: {}", e.message()))
     }
 
+    /// Makes libvirt network `name` if it is missing: a bridge with no forwarding and no
+    /// addresses, so a drill copy reaches nothing outside it.
+    fn ensure_isolated_network(&self, name: &str) -> ApiResult<()> {
+        if let Ok(n) = virt::network::Network::lookup_by_name(&self.conn, name) {
+            if !n.is_active().unwrap_or(false) {
+                n.create()
+                    .map_err(|e| self.failed("starting network", name, &e))?;
+            }
+            return Ok(());
+        }
+        // Bridge names have at most 15 characters.
+        let bridge = format!(
+            "ts-{}",
+            &hex::encode(blake3::hash(name.as_bytes()).as_bytes())[..8]
+        );
+        let text = format!(
+            "<network><name>{}</name><bridge name='{bridge}'/></network>",
+            xml::escape(name)
+        );
+        let n = virt::network::Network::define_xml(&self.conn, &text)
+            .map_err(|e| self.failed("defining network", name, &e))?;
+        n.create()
+            .map_err(|e| self.failed("starting network", name, &e))?;
+        Ok(())
+    }
+
     fn describe(&self, d: &VirDomain) -> ApiResult<Domain> {
         let name = d
             .get_name()
@@ -310,11 +336,7 @@ impl Runtime for Libvirt {
         for (disk, raw) in images {
             wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
         }
-        let console = images
-            .first()
-            .and_then(|(_, raw)| raw.parent().and_then(|p| p.parent()))
-            .map(|vm_dir| vm_dir.join("console.log"))
-            .unwrap_or_else(|| std::path::PathBuf::from("/dev/null"));
+        let console = vm_dir_of(images).join("console.log");
         let text =
             xml::for_replica(definition, name, &wrappers, &console).map_err(ApiError::conflict)?;
         let d = VirDomain::define_xml(&self.conn, &text)
@@ -340,6 +362,57 @@ impl Runtime for Libvirt {
         d.resume().map_err(|e| self.failed("resuming", name, &e))?;
         Ok(true)
     }
+
+    fn boot_drill(
+        &self,
+        name: &str,
+        copy: &str,
+        network: &str,
+        definition: &str,
+        images: &[(String, std::path::PathBuf)],
+    ) -> ApiResult<()> {
+        if let Some(d) = self.lookup(copy)?
+            && d.is_active().unwrap_or(false)
+        {
+            return Ok(());
+        }
+        self.ensure_isolated_network(network)?;
+        let mut wrappers = Vec::new();
+        for (disk, raw) in images {
+            wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
+        }
+        let console = vm_dir_of(images).join("console.log");
+        let text = xml::for_drill(definition, name, copy, network, &wrappers, &console)
+            .map_err(ApiError::conflict)?;
+        let d = VirDomain::define_xml(&self.conn, &text)
+            .map_err(|e| self.failed("defining", copy, &e))?;
+        d.create().map_err(|e| self.failed("starting", copy, &e))?;
+        Ok(())
+    }
+
+    fn remove(&self, name: &str) -> ApiResult<()> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(());
+        };
+        if d.is_active().unwrap_or(false) {
+            self.power_off(name)?;
+        }
+        for cp in checkpoints::list(&d).map_err(ApiError::internal)? {
+            let _ = checkpoints::forget(&d, &cp);
+        }
+        d.undefine()
+            .map_err(|e| self.failed("undefining", name, &e))
+    }
+}
+
+/// The VM directory of the agent's images `images` (`DIR/disks/<disk>.img`), where a booted
+/// replica's serial console is written.
+fn vm_dir_of(images: &[(String, std::path::PathBuf)]) -> std::path::PathBuf {
+    images
+        .first()
+        .and_then(|(_, raw)| raw.parent().and_then(|p| p.parent()))
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(std::env::temp_dir)
 }
 
 /// A qcow2 image whose data is the raw image `raw` itself (`data_file_raw`): QEMU keeps its

@@ -107,6 +107,18 @@ pub trait Runtime: Send + Sync {
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
     ) -> ApiResult<bool>;
+    /// Boots drill copy `copy` of domain `name`: as [`Runtime::boot_replica`] on the copy's
+    /// images, with every NIC on the network `network` (made, isolated, if missing).
+    fn boot_drill(
+        &self,
+        name: &str,
+        copy: &str,
+        network: &str,
+        definition: &str,
+        images: &[(String, std::path::PathBuf)],
+    ) -> ApiResult<()>;
+    /// Stops and undefines domain `name` (a drill copy being cleaned up); nothing if absent.
+    fn remove(&self, name: &str) -> ApiResult<()>;
 }
 
 /// A point-in-time view of a domain's disks, open for one transfer.
@@ -171,6 +183,19 @@ impl Runtime for Builtin {
         _checkpoint: &str,
     ) -> ApiResult<bool> {
         Err(not_a_domain(name))
+    }
+    fn boot_drill(
+        &self,
+        name: &str,
+        _copy: &str,
+        _network: &str,
+        _definition: &str,
+        _images: &[(String, std::path::PathBuf)],
+    ) -> ApiResult<()> {
+        Err(not_a_domain(name))
+    }
+    fn remove(&self, _name: &str) -> ApiResult<()> {
+        Ok(())
     }
 }
 

@@ -80,6 +80,29 @@ pub fn for_replica(
     images: &[(String, PathBuf)],
     console: &std::path::Path,
 ) -> Result<String, String> {
+    rewrite(definition, name, images, console, None)
+}
+
+/// A drill copy of domain `name`: as [`for_replica`], named `copy` instead (no UUID: it is a
+/// new domain) and with every NIC on the libvirt network `network`, MAC addresses kept.
+pub fn for_drill(
+    definition: &str,
+    name: &str,
+    copy: &str,
+    network: &str,
+    images: &[(String, PathBuf)],
+    console: &std::path::Path,
+) -> Result<String, String> {
+    rewrite(definition, name, images, console, Some((copy, network)))
+}
+
+fn rewrite(
+    definition: &str,
+    name: &str,
+    images: &[(String, PathBuf)],
+    console: &std::path::Path,
+    drill: Option<(&str, &str)>,
+) -> Result<String, String> {
     let doc = roxmltree::Document::parse(definition)
         .map_err(|e| format!("replicated definition: {e}"))?;
     let root = doc.root_element();
@@ -106,6 +129,15 @@ pub fn for_replica(
     }
     // Edits as (byte range of the original, replacement), applied from the end.
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    if let Some((copy, _)) = drill {
+        for n in root.children().filter(|n| n.is_element()) {
+            if n.has_tag_name("name") {
+                edits.push((n.range(), format!("<name>{}</name>", escape(copy))));
+            } else if n.has_tag_name("uuid") {
+                edits.push((n.range(), String::new()));
+            }
+        }
+    }
     let devices = root.children().filter(|n| n.has_tag_name("devices"));
     for dev in devices
         .flat_map(|d| d.children())
@@ -139,6 +171,17 @@ pub fn for_replica(
                 }
                 _ => {}
             }
+        } else if let (true, Some((_, network))) = (dev.has_tag_name("interface"), drill) {
+            let mut nic = String::from("<interface type='network'>");
+            if let Some(mac) = child("mac").and_then(|m| m.attribute("address")) {
+                nic.push_str(&format!("<mac address='{}'/>", escape(mac)));
+            }
+            nic.push_str(&format!("<source network='{}'/>", escape(network)));
+            if let Some(model) = child("model").and_then(|m| m.attribute("type")) {
+                nic.push_str(&format!("<model type='{}'/>", escape(model)));
+            }
+            nic.push_str("</interface>");
+            edits.push((dev.range(), nic));
         } else if (dev.has_tag_name("serial") || dev.has_tag_name("console"))
             && dev.attribute("type") == Some("file")
             && let Some(s) = child("source")
@@ -218,6 +261,23 @@ mod tests {
         assert!(out.contains("<source path='/data/c.log'/>"), "{out}");
         assert_eq!(disks(&out).expect("parses").len(), 1);
         assert!(for_replica(xml, "db", &images, std::path::Path::new("/c")).is_err());
+        let drill = for_drill(
+            xml,
+            "web",
+            "web-test",
+            "isolated",
+            &images,
+            std::path::Path::new("/c"),
+        )
+        .expect("rewrites");
+        assert!(
+            drill.contains("<name>web-test</name>") && !drill.contains("<uuid>"),
+            "{drill}"
+        );
+        assert!(
+            drill.contains("<interface type='network'><mac address='52:54:00:12:34:56'/><source network='isolated'/></interface>"),
+            "{drill}"
+        );
         let evil = xml.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
         assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
     }
