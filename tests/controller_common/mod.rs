@@ -45,6 +45,8 @@ pub struct Agent {
     port: u16,
     /// Certificate and key when the agent serves https.
     tls: Option<(PathBuf, PathBuf)>,
+    /// More command line arguments (e.g. `--runtime libvirt`).
+    args: Vec<String>,
     child: Option<ManagedChild>,
 }
 
@@ -56,6 +58,16 @@ impl Agent {
     /// `tls`: the CA's PEM; the agent then serves https with `<site>.crt`/`<site>.key` from
     /// `tmp/certs` (written by `envtest::agent_certificates`).
     pub async fn start_opts(site: &str, tmp: &tempfile::TempDir, tls: Option<&str>) -> Agent {
+        Self::start_args(site, tmp, tls, &[]).await
+    }
+
+    /// As [`Agent::start_opts`], with more command line arguments.
+    pub async fn start_args(
+        site: &str,
+        tmp: &tempfile::TempDir,
+        tls: Option<&str>,
+        args: &[String],
+    ) -> Agent {
         let port = envtest::free_port().unwrap();
         let dir = tmp.path().join(site);
         std::fs::create_dir_all(&dir).unwrap();
@@ -76,6 +88,7 @@ impl Agent {
                     certs.join(format!("{site}.key")),
                 )
             }),
+            args: args.to_vec(),
             child: None,
         };
         a.spawn().await;
@@ -98,6 +111,7 @@ impl Agent {
         if let Some((cert, key)) = &self.tls {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
+        cmd.args(&self.args);
         let log = self.dir.join("agent.log");
         self.child = Some(ManagedChild::spawn(&format!("agent {}", self.site), cmd, &log).unwrap());
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -292,6 +306,17 @@ impl World {
     /// With `tls`, both agents serve https with certificates of one CA, and each Site names
     /// that CA through `caSecretRef`.
     pub async fn start_opts(prefix: &str, controller_args: &[&str], tls: bool) -> World {
+        Self::start_full(prefix, controller_args, tls, [&[], &[]]).await
+    }
+
+    /// As [`World::start_opts`], with more command line arguments for the primary's and the
+    /// secondary's agent.
+    pub async fn start_full(
+        prefix: &str,
+        controller_args: &[&str],
+        tls: bool,
+        agent_args: [&[String]; 2],
+    ) -> World {
         twinsite::init_crypto();
         let cp = envtest::shared().await;
         let client = cp.client().await.unwrap();
@@ -311,8 +336,8 @@ impl World {
             std::fs::create_dir_all(&dir).unwrap();
             envtest::agent_certificates(&dir, &[&p, &s]).unwrap()
         });
-        let primary = Agent::start_opts(&p, &tmp, ca_pem.as_deref()).await;
-        let secondary = Agent::start_opts(&s, &tmp, ca_pem.as_deref()).await;
+        let primary = Agent::start_args(&p, &tmp, ca_pem.as_deref(), agent_args[0]).await;
+        let secondary = Agent::start_args(&s, &tmp, ca_pem.as_deref(), agent_args[1]).await;
         for a in [&primary, &secondary] {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
             let s: Secret = serde_json::from_value(json!({

@@ -1,0 +1,257 @@
+//! The seed's procedure with real VMs: libvirt/QEMU guests at two sites (one libvirtd each, in
+//! their own namespaces), agents with `--runtime libvirt`, the controller against a real API
+//! server. The guests write a checksummed pattern; the test checks those bytes where they
+//! land (replica images, the consoles of guests booted from them), not only digests.
+
+mod controller_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use controller_common::*;
+use serde_json::json;
+use twinsite::envtest::guest::{self, DiskFormat, DomainOptions, GuestVariant};
+use twinsite::envtest::libvirt::LibvirtSite;
+use twinsite::site::SiteProvider as _;
+
+/// Boot to the guest's init takes 5 to 40 s under TCG on a loaded machine.
+const BOOT: Duration = Duration::from_secs(180);
+
+fn virsh(site: &LibvirtSite, args: &[&str]) -> String {
+    let out = site.virsh().args(args).output().expect("virsh runs");
+    assert!(
+        out.status.success(),
+        "virsh {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn domstate(site: &LibvirtSite, name: &str) -> String {
+    let out = site
+        .virsh()
+        .args(["domstate", name])
+        .output()
+        .expect("virsh runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The console line after the last `mark` in `log`, once one is there.
+async fn wait_mark(log: &Path, mark: &str, after: usize) -> String {
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(line) = text
+            .lines()
+            .filter(|l| l.contains(mark))
+            .nth(after)
+            .map(str::to_string)
+        {
+            return line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {mark:?} on the console {} within {BOOT:?}; it reads:\n{}",
+            log.display(),
+            text.lines().rev().take(30).collect::<Vec<_>>().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The generation in a `... gen=G ...` console line.
+fn generation(line: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("gen="))
+        .and_then(|g| g.parse().ok())
+        .unwrap_or_else(|| panic!("no generation in {line:?}"))
+}
+
+/// The newest generation the guest reported writing on console `log`.
+fn last_wrote(log: &Path) -> u64 {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(guest::WROTE_MARK))
+        .map(generation)
+        .max()
+        .unwrap_or(0)
+}
+
+/// A guest at `site` on a new qcow2 disk, running, with its console in `dir`.
+fn define_guest(
+    site: &LibvirtSite,
+    dir: &Path,
+    name: &str,
+    variant: GuestVariant,
+) -> (PathBuf, PathBuf) {
+    let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
+    let disk = dir.join(format!("{name}.qcow2"));
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let console = dir.join(format!("{name}-console.log"));
+    let mut opts = DomainOptions::new(name, &guest_dir, variant, &disk, DiskFormat::Qcow2, &console);
+    opts.guest.verify = true;
+    let xml = dir.join(format!("{name}.xml"));
+    std::fs::write(&xml, guest::domain_xml(&opts)).expect("writes the definition");
+    virsh(site, &["define", &xml.to_string_lossy()]);
+    virsh(site, &["start", name]);
+    (disk, console)
+}
+
+fn agent_args(site: &LibvirtSite) -> Vec<String> {
+    [
+        "--runtime",
+        "libvirt",
+        "--libvirt-uri",
+        site.uri(),
+        // A guest that ignores ACPI fails its shutdown after this long.
+        "--shutdown-timeout-seconds",
+        "20",
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
+
+fn job_steps(r: &twinsite::api::ReplicatedVM, job_type: &str) -> Vec<(String, String)> {
+    steps(r, job_type)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_back() {
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lv", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+
+    // A guest at the primary writing its pattern, protected.
+    let (_disk, console) = define_guest(&pl, lv.path(), "app", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("app", json!({"type": "Planned"})).await;
+    w.wait_protected("app", &p, &s).await;
+
+    // Drill: a copy boots at the secondary on the isolated network from a recovery point and
+    // finds its data; the replica keeps replicating.
+    w.patch_spec(
+        "app",
+        json!({"testFailover": {"enabled": true, "network": "isolated"}}),
+    )
+    .await;
+    w.wait_for("app", "drill copy running", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.test_failover.as_ref())
+            .is_some_and(|t| t.vm_name.as_deref() == Some("app-test"))
+    })
+    .await;
+    assert_eq!(domstate(&sl, "app-test"), "running");
+    let drill_xml = virsh(&sl, &["dumpxml", "app-test"]);
+    assert!(drill_xml.contains("network='isolated'") || !drill_xml.contains("<interface"));
+    let drill_console = w.secondary.vm_dir("app-test").join("console.log");
+    let line = wait_mark(&drill_console, guest::VERIFY_OK_MARK, 0).await;
+    assert!(generation(&line) >= 1, "the drill copy found no data: {line}");
+    assert_eq!(domstate(&pl, "app"), "running", "the drill left the primary alone");
+    w.patch_spec("app", json!({"testFailover": {"enabled": false}})).await;
+    w.wait_for("app", "drill cleaned up", |r| {
+        r.status.as_ref().is_some_and(|s| s.test_failover.is_none())
+    })
+    .await;
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"]).contains("app-test"),
+        "cleanup removes the drill copy's domain"
+    );
+
+    // Planned failover: the guest shuts down by ACPI, the rest is synced, it boots at the
+    // secondary and finds every generation it completed.
+    let wrote_before = last_wrote(&console);
+    w.patch_spec("app", json!({"activeSite": s})).await;
+    let r = w.wait_protected("app", &s, &p).await;
+    let fo = job_steps(&r, "PlannedFailover");
+    assert!(
+        fo.iter().all(|(_, state)| state == "Succeeded" || state == "Skipped"),
+        "{fo:?}"
+    );
+    assert_eq!(domstate(&pl, "app"), "shut off", "the old source stays defined and off");
+    let wrote_at_shutdown = last_wrote(&console);
+    assert!(wrote_at_shutdown >= wrote_before);
+    let at_secondary = w.secondary.vm_dir("app").join("console.log");
+    let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+    assert!(
+        generation(&line) >= wrote_at_shutdown,
+        "the VM at the secondary lost generations: {line}, wrote {wrote_at_shutdown} at the primary"
+    );
+    let image = w.secondary.vm_dir("app").join("disks").join("vda.img");
+    let summary = guest::verify_raw_image(&image, guest::DEFAULT_RECORDS).expect("pattern intact");
+    assert!(summary.generation >= wrote_at_shutdown, "{summary:?}");
+
+    // Reprotected toward the primary: the old source's images hold the secondary's writes.
+    wait_mark(&at_secondary, guest::WROTE_MARK, 0).await;
+    let wrote_at_secondary = last_wrote(&at_secondary);
+    w.agent(&s)
+        .client
+        .sync("app", "lv-sync-1")
+        .await
+        .expect("a sync toward the primary");
+    let back = w.primary.vm_dir("app").join("disks").join("vda.img");
+    let summary = guest::verify_raw_image(&back, guest::DEFAULT_RECORDS).expect("pattern intact");
+    assert!(summary.generation >= wrote_at_secondary, "{summary:?}");
+
+    // Failback: planned, to the primary, onto the agent's images there.
+    w.patch_spec("app", json!({"activeSite": p})).await;
+    w.wait_protected("app", &p, &s).await;
+    assert_eq!(domstate(&pl, "app"), "running");
+    assert_eq!(domstate(&sl, "app"), "shut off");
+    let at_primary = w.primary.vm_dir("app").join("console.log");
+    let line = wait_mark(&at_primary, guest::VERIFY_OK_MARK, 0).await;
+    assert!(generation(&line) >= wrote_at_secondary, "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced() {
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvu", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "db", GuestVariant::NoAcpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm(
+        "db",
+        json!({"type": "Unplanned", "shutdownSource": true, "recoveryPoint": "Latest"}),
+    )
+    .await;
+    w.wait_protected("db", &p, &s).await;
+    wait_mark(&console, guest::WROTE_MARK, 1).await;
+
+    w.patch_spec("db", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("db", "db running at the secondary", |r| {
+            r.status
+                .as_ref()
+                .is_some_and(|st| st.active_site.as_deref() == Some(s.as_str()))
+                && !jobs(r).iter().any(|(_, state)| state == "Running")
+        })
+        .await;
+    let fo = job_steps(&r, "UnplannedFailover");
+    let state_of = |name: &str| {
+        fo.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, s)| s.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(state_of("ShutdownSource"), "Failed", "{fo:?}");
+    assert_eq!(state_of("StartAtTarget"), "Succeeded", "{fo:?}");
+    assert_eq!(domstate(&pl, "db"), "shut off", "the source is fenced: {fo:?}");
+    let at_secondary = w.secondary.vm_dir("db").join("console.log");
+    let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+    assert!(generation(&line) >= 1, "{line}");
+}
