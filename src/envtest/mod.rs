@@ -3,8 +3,13 @@
 //!
 //! The binaries come from `scripts/envtest-build.sh`, which builds them from Go modules at pinned
 //! versions and caches them. `TWINSITE_ENVTEST_BIN` points at an existing bin directory instead.
+//!
+//! Real VMs: [`libvirt::LibvirtSite`] runs one libvirtd per site, and [`guest`] builds and
+//! describes a tiny guest that writes a verifiable pattern to its disk.
 
 mod certs;
+pub mod guest;
+pub mod libvirt;
 pub mod process;
 
 use std::net::TcpListener;
@@ -40,6 +45,10 @@ pub enum EnvtestError {
     Kube(#[from] kube::Error),
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
+    #[error("real VMs need what is missing here: {0}")]
+    Missing(String),
+    #[error("{name} exited; see {log}")]
+    DaemonExited { name: String, log: PathBuf },
 }
 
 impl EnvtestError {

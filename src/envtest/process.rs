@@ -6,7 +6,7 @@
 //! (a test binary finishing, on panic too) are stopped by an `atexit` hook.
 
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
@@ -51,6 +51,87 @@ fn dirs_to_remove() -> &'static Mutex<Vec<std::path::PathBuf>> {
     DIRS.get_or_init(|| Mutex::new(Vec::new()))
 }
 
+fn pid_file_dirs() -> &'static Mutex<Vec<PathBuf>> {
+    static DIRS: OnceLock<Mutex<Vec<PathBuf>>> = OnceLock::new();
+    DIRS.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Kills, when the process exits normally, every process named by a `*.pid` file in `dir`.
+/// For daemons that detach (libvirtd, virtlogd, the QEMU processes libvirtd starts): they are
+/// not our children, so only their pid files say what to stop, and they say it as of the exit.
+pub fn kill_pid_files_at_exit(dir: &Path) {
+    spawner();
+    if let Ok(mut dirs) = pid_file_dirs().lock() {
+        dirs.push(dir.to_path_buf());
+    }
+}
+
+/// Undoes [`kill_pid_files_at_exit`] once the daemons are stopped.
+pub fn forget_pid_files_at_exit(dir: &Path) {
+    if let Ok(mut dirs) = pid_file_dirs().lock() {
+        dirs.retain(|d| d != dir);
+    }
+}
+
+/// The pids in the `*.pid` files directly in `dir`.
+pub fn pids_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pid"))
+        .filter_map(|p| read_pid_file(&p))
+        .collect()
+}
+
+/// The pid in a pid file, if it holds one.
+pub fn read_pid_file(path: &Path) -> Option<u32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie) whose name starts with `comm`.
+/// The name check keeps a stale pid file from pointing us at an unrelated process.
+pub fn is_running(pid: u32, comm: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Detached daemons are reparented to pid 1, which may never reap them: a zombie is gone.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.trim_start().chars().next());
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    state.is_some_and(|s| s != 'Z') && name.starts_with(comm)
+}
+
+/// Stops a process that is not our child: SIGTERM, then SIGKILL after `grace`.
+pub fn stop_detached(pid: u32, comm: &str, grace: Duration) {
+    if !is_running(pid, comm) {
+        return;
+    }
+    // SAFETY: signalling a process we started (checked by name above).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if !is_running(pid, comm) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while is_running(pid, comm) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Removes `dir` when the process exits normally (after its children are stopped).
 pub fn remove_at_exit(dir: &Path) {
     spawner();
@@ -64,8 +145,13 @@ extern "C" fn stop_all_at_exit() {
         Ok(p) => p.clone(),
         Err(p) => p.into_inner().clone(),
     };
-    for pid in pids {
-        // SAFETY: sending a signal to a child pid we started.
+    let dirs = match pid_file_dirs().lock() {
+        Ok(d) => d.clone(),
+        Err(d) => d.into_inner().clone(),
+    };
+    let detached = dirs.iter().flat_map(|d| pids_in(d));
+    for pid in pids.into_iter().chain(detached) {
+        // SAFETY: sending a signal to a process we started.
         unsafe {
             libc::kill(pid as i32, libc::SIGKILL);
         }

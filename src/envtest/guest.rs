@@ -1,0 +1,541 @@
+//! A real test guest: a Debian kernel and a busybox initramfs (built by `scripts/guest-build.sh`)
+//! that boots under QEMU in seconds and writes a verifiable pattern to its disk, so tests check
+//! the bytes a VM wrote, as found on a replica, instead of trusting digests.
+//!
+//! # The pattern
+//!
+//! The guest writes generation after generation (1, 2, ...; it starts after the highest
+//! generation it finds on the disk). Generation `G` writes record `i` of `N` (`i` in `0..N`, in
+//! that order, each synced to the disk before the next) at byte offset `i * 1 MiB`, so records
+//! land in distinct 64 KiB replication blocks. A record is 4096 bytes:
+//!
+//! - bytes `0..4032`: the line `TWINSITE-RECORD v1 gen=G idx=i n=N` and a newline, repeated and
+//!   cut at 4032 bytes (deterministic from `G`, `i` and `N`);
+//! - bytes `4032..4096`: the lowercase hex SHA-256 of bytes `0..4032`.
+//!
+//! A block of zeros is a record of generation 0 (nothing written yet). Because records are
+//! written in index order, a disk (or a crash-consistent replica of one) holds
+//! `G+1 ... G+1 G ... G`: a prefix of the generation being written, then the newest complete
+//! one. Anything else (a bad checksum, a record in the wrong place, an older record before a
+//! newer one, generations two apart) means blocks were lost, torn or reordered.
+//!
+//! On the kernel command line: `twinsite.verify=1` makes the guest check the records before
+//! writing and print `TWINSITE VERIFY ok gen=G records=N partial=K` (or `TWINSITE VERIFY bad
+//! ...`) on its serial console; `twinsite.write=0` stops it writing; `twinsite.records=N`
+//! (default 32) and `twinsite.pause=S` (seconds between generations, default 1). After each
+//! generation it prints `TWINSITE WROTE gen=G`.
+
+use std::fmt::Write as _;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use super::EnvtestError;
+
+/// Size of one pattern record.
+pub const RECORD_SIZE: usize = 4096;
+/// Distance between records: record `i` starts at `i * RECORD_STRIDE`.
+pub const RECORD_STRIDE: u64 = 1 << 20;
+/// Records per generation when the command line does not say.
+pub const DEFAULT_RECORDS: usize = 32;
+const BODY_SIZE: usize = RECORD_SIZE - 64;
+
+/// Serial console line printed after each complete generation.
+pub const WROTE_MARK: &str = "TWINSITE WROTE gen=";
+/// Serial console line printed when `twinsite.verify=1` found a consistent pattern.
+pub const VERIFY_OK_MARK: &str = "TWINSITE VERIFY ok";
+/// Serial console line printed when `twinsite.verify=1` found an inconsistent pattern.
+pub const VERIFY_BAD_MARK: &str = "TWINSITE VERIFY bad";
+
+/// Where the guest (vmlinuz, initrd.gz, initrd-noacpi.gz) lives, building it first when needed.
+/// `TWINSITE_GUEST_DIR` may point at a built guest (a directory holding `vmlinuz`); otherwise it
+/// names the cache the build script uses.
+pub fn guest_dir() -> Result<PathBuf, EnvtestError> {
+    if let Ok(dir) = std::env::var("TWINSITE_GUEST_DIR") {
+        let dir = PathBuf::from(dir);
+        if dir.join("vmlinuz").is_file() {
+            return Ok(dir);
+        }
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-build.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| EnvtestError::io(&script, e))?;
+    if !out.status.success() {
+        return Err(EnvtestError::Build(format!(
+            "{} exited with {}",
+            script.display(),
+            out.status
+        )));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout
+        .lines()
+        .last()
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| EnvtestError::Build("the guest build printed no directory".into()))?;
+    Ok(PathBuf::from(dir))
+}
+
+/// Which initramfs the guest boots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestVariant {
+    /// Powers off on the ACPI power button (`virsh shutdown` works).
+    Acpi,
+    /// Ignores the power button: a guest whose graceful shutdown fails.
+    NoAcpi,
+}
+
+impl GuestVariant {
+    pub fn initrd(self, guest_dir: &Path) -> PathBuf {
+        guest_dir.join(match self {
+            Self::Acpi => "initrd.gz",
+            Self::NoAcpi => "initrd-noacpi.gz",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskFormat {
+    Qcow2,
+    Raw,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Qcow2 => "qcow2",
+            Self::Raw => "raw",
+        }
+    }
+}
+
+/// What the guest does, passed on its kernel command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestOptions {
+    /// Check the records before writing and print the result.
+    pub verify: bool,
+    /// Write generations forever.
+    pub write: bool,
+    pub records: usize,
+    /// Seconds between generations.
+    pub pause_secs: u32,
+}
+
+impl Default for GuestOptions {
+    fn default() -> Self {
+        Self {
+            verify: false,
+            write: true,
+            records: DEFAULT_RECORDS,
+            pause_secs: 1,
+        }
+    }
+}
+
+impl GuestOptions {
+    /// The `twinsite.*` kernel command line options.
+    pub fn cmdline(&self) -> String {
+        format!(
+            "twinsite.verify={} twinsite.write={} twinsite.records={} twinsite.pause={}",
+            u8::from(self.verify),
+            u8::from(self.write),
+            self.records,
+            self.pause_secs
+        )
+    }
+}
+
+/// A libvirt domain booting the test guest. See [`DomainOptions::new`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainOptions {
+    pub name: String,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub guest: GuestOptions,
+    /// The disk the guest sees as `vda`.
+    pub disk: PathBuf,
+    pub disk_format: DiskFormat,
+    /// File that receives the serial console (created by libvirt; the guest's markers land here).
+    pub serial_log: PathBuf,
+    pub memory_mib: u32,
+    /// KVM instead of TCG. Off by default: under nested virtualization a Linux guest can hang in
+    /// early boot with KVM, while TCG always works (only slower).
+    pub kvm: bool,
+    /// A virtio NIC on this libvirt network.
+    pub network: Option<String>,
+    /// A virtio-serial channel `org.qemu.guest_agent.0` (for a guest agent).
+    pub guest_agent_channel: bool,
+}
+
+impl DomainOptions {
+    /// The guest from `guest_dir` (see [`guest_dir`]) writing the pattern to `disk`.
+    pub fn new(
+        name: &str,
+        guest_dir: &Path,
+        variant: GuestVariant,
+        disk: &Path,
+        disk_format: DiskFormat,
+        serial_log: &Path,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            kernel: guest_dir.join("vmlinuz"),
+            initrd: variant.initrd(guest_dir),
+            guest: GuestOptions::default(),
+            disk: disk.into(),
+            disk_format,
+            serial_log: serial_log.into(),
+            memory_mib: 192,
+            kvm: false,
+            network: None,
+            guest_agent_channel: false,
+        }
+    }
+}
+
+/// Escapes text for XML content and attribute values.
+pub fn xml_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Libvirt domain XML for [`DomainOptions`]: direct kernel boot, ACPI, one virtio disk and a
+/// serial console written to a file.
+pub fn domain_xml(opts: &DomainOptions) -> String {
+    let e = |s: &str| xml_escape(s);
+    let p = |p: &Path| xml_escape(&p.to_string_lossy());
+    let mut x = String::new();
+    // Writing to a String cannot fail.
+    let _ = write!(
+        x,
+        "<domain type='{ty}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{mem}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 {cmdline}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='{fmt}'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+",
+        ty = if opts.kvm { "kvm" } else { "qemu" },
+        name = e(&opts.name),
+        mem = opts.memory_mib,
+        kernel = p(&opts.kernel),
+        initrd = p(&opts.initrd),
+        cmdline = e(&opts.guest.cmdline()),
+        fmt = opts.disk_format.as_str(),
+        disk = p(&opts.disk),
+    );
+    if let Some(net) = &opts.network {
+        let _ = write!(
+            x,
+            "    <interface type='network'>
+      <source network='{}'/>
+      <model type='virtio'/>
+    </interface>
+",
+            e(net)
+        );
+    }
+    // No append='on': with it, libvirt 9 and QEMU 7.2 write nothing to the file.
+    let _ = write!(
+        x,
+        "    <serial type='file'>
+      <source path='{}'/>
+      <target port='0'/>
+    </serial>
+",
+        p(&opts.serial_log)
+    );
+    if opts.guest_agent_channel {
+        x.push_str(
+            "    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+",
+        );
+    }
+    x.push_str(
+        "    <memballoon model='none'/>
+  </devices>
+</domain>
+",
+    );
+    x
+}
+
+/// The outcome of [`verify_records`] on a consistent pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatternSummary {
+    /// The newest generation every record holds (or held before the one being written);
+    /// 0 when none was completed.
+    pub generation: u64,
+    /// Records checked.
+    pub records: usize,
+    /// Leading records already holding `generation + 1` (a generation cut off mid-way).
+    pub partial: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PatternError {
+    #[error("reading record {index} at offset {offset}: {source}")]
+    Read {
+        index: usize,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("record {index}: read {got} bytes, want {RECORD_SIZE}")]
+    Short { index: usize, got: usize },
+    #[error("record {index} is not a pattern record (header {header:?})")]
+    NotARecord { index: usize, header: String },
+    #[error("record {index}: checksum mismatch")]
+    Checksum { index: usize },
+    #[error("record {index} holds record {idx} of {n} (want {index} of {records})")]
+    Misplaced {
+        index: usize,
+        idx: usize,
+        n: usize,
+        records: usize,
+    },
+    #[error("record {index} (generation {generation}): content differs from the pattern")]
+    Content { index: usize, generation: u64 },
+    #[error(
+        "record {index} holds generation {generation} after generation {previous} (first record: {first}): blocks lost or reordered"
+    )]
+    Order {
+        index: usize,
+        generation: u64,
+        previous: u64,
+        first: u64,
+    },
+}
+
+fn header_line(generation: u64, index: usize, records: usize) -> String {
+    format!("TWINSITE-RECORD v1 gen={generation} idx={index} n={records}\n")
+}
+
+/// The exact bytes the guest writes as record `index` of `records` in `generation`.
+pub fn expected_record(generation: u64, index: usize, records: usize) -> Vec<u8> {
+    let line = header_line(generation, index, records);
+    let mut rec: Vec<u8> = line.bytes().cycle().take(BODY_SIZE).collect();
+    let sum = hex::encode(Sha256::digest(&rec));
+    rec.extend_from_slice(sum.as_bytes());
+    rec
+}
+
+/// Checks one record read from `index * RECORD_STRIDE`; returns its generation (0 for zeros).
+pub fn check_record(bytes: &[u8], index: usize, records: usize) -> Result<u64, PatternError> {
+    if bytes.len() != RECORD_SIZE {
+        return Err(PatternError::Short {
+            index,
+            got: bytes.len(),
+        });
+    }
+    if bytes.iter().all(|b| *b == 0) {
+        return Ok(0);
+    }
+    let (body, sum) = bytes.split_at(BODY_SIZE);
+    let first = body.split(|b| *b == b'\n').next().unwrap_or_default();
+    let header = String::from_utf8_lossy(first).into_owned();
+    let not_a_record = || PatternError::NotARecord {
+        index,
+        header: header.chars().take(80).collect(),
+    };
+    let fields = header
+        .strip_prefix("TWINSITE-RECORD v1 ")
+        .ok_or_else(not_a_record)?;
+    let mut values = fields
+        .split(' ')
+        .zip(["gen=", "idx=", "n="])
+        .map(|(f, key)| {
+            f.strip_prefix(key)
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(not_a_record)
+        });
+    let mut next = || values.next().unwrap_or_else(|| Err(not_a_record()));
+    let (generation, idx, n) = (next()?, next()?, next()?);
+    if hex::encode(Sha256::digest(body)).as_bytes() != sum {
+        return Err(PatternError::Checksum { index });
+    }
+    let (idx, n) = (idx as usize, n as usize);
+    if idx != index || n != records {
+        return Err(PatternError::Misplaced {
+            index,
+            idx,
+            n,
+            records,
+        });
+    }
+    if bytes != expected_record(generation, index, records).as_slice() {
+        return Err(PatternError::Content { index, generation });
+    }
+    Ok(generation)
+}
+
+/// Verifies the `records` pattern records; `read(offset, len)` returns the disk's bytes there.
+/// Every record must be intact and in place, and together they must read `G+1 ... G+1 G ... G`
+/// (see the module documentation). Returns the newest complete generation.
+pub fn verify_records(
+    mut read: impl FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
+    records: usize,
+) -> Result<PatternSummary, PatternError> {
+    let mut first = None;
+    let mut previous = 0;
+    let mut partial = 0;
+    for index in 0..records {
+        let offset = index as u64 * RECORD_STRIDE;
+        let bytes = read(offset, RECORD_SIZE).map_err(|source| PatternError::Read {
+            index,
+            offset,
+            source,
+        })?;
+        let generation = check_record(&bytes, index, records)?;
+        let first = *first.get_or_insert(generation);
+        if index > 0 && (generation > previous || generation + 1 < first) {
+            return Err(PatternError::Order {
+                index,
+                generation,
+                previous,
+                first,
+            });
+        }
+        if generation == first {
+            partial += 1;
+        }
+        previous = generation;
+    }
+    // The last record belongs to the newest complete generation.
+    if first == Some(previous) {
+        partial = 0;
+    }
+    Ok(PatternSummary {
+        generation: previous,
+        records,
+        partial,
+    })
+}
+
+/// [`verify_records`] on a raw disk image file.
+pub fn verify_raw_image(path: &Path, records: usize) -> Result<PatternSummary, PatternError> {
+    let mut file = std::fs::File::open(path).map_err(|source| PatternError::Read {
+        index: 0,
+        offset: 0,
+        source,
+    })?;
+    verify_records(
+        |offset, len| {
+            file.seek(SeekFrom::Start(offset))?;
+            let mut buf = vec![0; len];
+            file.read_exact(&mut buf)?;
+            Ok(buf)
+        },
+        records,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(gens: &[u64]) -> Vec<Vec<u8>> {
+        let n = gens.len();
+        gens.iter()
+            .enumerate()
+            .map(|(i, g)| {
+                if *g == 0 {
+                    vec![0; RECORD_SIZE]
+                } else {
+                    expected_record(*g, i, n)
+                }
+            })
+            .collect()
+    }
+
+    fn verify(recs: &[Vec<u8>]) -> Result<PatternSummary, PatternError> {
+        verify_records(
+            |off, _| Ok(recs[(off / RECORD_STRIDE) as usize].clone()),
+            recs.len(),
+        )
+    }
+
+    #[test]
+    fn record_layout_matches_the_guest() {
+        let r = expected_record(7, 3, 32);
+        assert_eq!(r.len(), RECORD_SIZE);
+        assert!(r.starts_with(b"TWINSITE-RECORD v1 gen=7 idx=3 n=32\nTWINSITE-RECORD"));
+        assert_eq!(check_record(&r, 3, 32).expect("valid"), 7);
+    }
+
+    #[test]
+    fn complete_and_cut_generations_verify() {
+        let s = verify(&disk(&[5, 5, 5, 5])).expect("complete");
+        assert_eq!((s.generation, s.records, s.partial), (5, 4, 0));
+        let s = verify(&disk(&[6, 6, 5, 5])).expect("cut");
+        assert_eq!((s.generation, s.partial), (5, 2));
+        let s = verify(&disk(&[1, 0, 0])).expect("first generation cut");
+        assert_eq!((s.generation, s.partial), (0, 1));
+        let s = verify(&disk(&[0, 0])).expect("blank");
+        assert_eq!(s.generation, 0);
+    }
+
+    #[test]
+    fn lost_torn_and_reordered_blocks_fail() {
+        assert!(matches!(
+            verify(&disk(&[5, 6, 6])),
+            Err(PatternError::Order { index: 1, .. })
+        ));
+        assert!(matches!(
+            verify(&disk(&[7, 5, 5])),
+            Err(PatternError::Order { index: 1, .. })
+        ));
+        let mut recs = disk(&[4, 4, 4]);
+        recs[2][100] ^= 1;
+        assert!(matches!(
+            verify(&recs),
+            Err(PatternError::Checksum { index: 2 })
+        ));
+        let mut recs = disk(&[4, 4, 4]);
+        recs.swap(0, 1);
+        assert!(matches!(
+            verify(&recs),
+            Err(PatternError::Misplaced {
+                index: 0,
+                idx: 1,
+                ..
+            })
+        ));
+        let mut recs = disk(&[4, 4]);
+        recs[1][..4].copy_from_slice(b"junk");
+        assert!(matches!(
+            verify(&recs),
+            Err(PatternError::NotARecord { index: 1, .. })
+        ));
+    }
+}
