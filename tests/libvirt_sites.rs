@@ -276,6 +276,8 @@ fn guest_writes_a_pattern_that_survives_power_off_and_verifies() {
     opts_a.serial_log = serial_a2.clone();
     opts_a.guest.verify = true;
     opts_a.guest.write = false;
+    // Without its UUID in the XML, libvirt refuses to redefine a domain.
+    opts_a.uuid = Some(virsh(&a, &["domuuid", "writer"]).trim().to_string());
     define(&a, "dom", "writer", &guest::domain_xml(&opts_a));
     virsh(&a, &["start", "writer"]);
     let line = wait_serial(&a, "writer", &serial_a2, "TWINSITE VERIFY");

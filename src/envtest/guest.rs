@@ -155,6 +155,8 @@ impl GuestOptions {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainOptions {
     pub name: String,
+    /// The domain's UUID; libvirt picks one when `None`. Redefining an existing domain needs it.
+    pub uuid: Option<String>,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub guest: GuestOptions,
@@ -185,6 +187,7 @@ impl DomainOptions {
     ) -> Self {
         Self {
             name: name.into(),
+            uuid: None,
             kernel: guest_dir.join("vmlinuz"),
             initrd: variant.initrd(guest_dir),
             guest: GuestOptions::default(),
@@ -225,7 +228,7 @@ pub fn domain_xml(opts: &DomainOptions) -> String {
     let _ = write!(
         x,
         "<domain type='{ty}'>
-  <name>{name}</name>
+  <name>{name}</name>{uuid}
   <memory unit='MiB'>{mem}</memory>
   <vcpu>1</vcpu>
   <os>
@@ -246,6 +249,11 @@ pub fn domain_xml(opts: &DomainOptions) -> String {
 ",
         ty = if opts.kvm { "kvm" } else { "qemu" },
         name = e(&opts.name),
+        uuid = opts
+            .uuid
+            .as_deref()
+            .map(|u| format!("\n  <uuid>{}</uuid>", e(u)))
+            .unwrap_or_default(),
         mem = opts.memory_mib,
         kernel = p(&opts.kernel),
         initrd = p(&opts.initrd),
@@ -483,6 +491,31 @@ mod tests {
             |off, _| Ok(recs[(off / RECORD_STRIDE) as usize].clone()),
             recs.len(),
         )
+    }
+
+    #[test]
+    fn domain_xml_escapes_and_boots_the_kernel_directly() {
+        let mut opts = DomainOptions::new(
+            "a<b>&'c\"",
+            Path::new("/g"),
+            GuestVariant::NoAcpi,
+            Path::new("/d/x&y.qcow2"),
+            DiskFormat::Qcow2,
+            Path::new("/s/serial.log"),
+        );
+        opts.network = Some("net".into());
+        opts.uuid = Some("2b1c7a36-5a3e-4a56-9d6b-3c1f3b0f0a01".into());
+        let x = domain_xml(&opts);
+        assert!(x.starts_with("<domain type='qemu'>"));
+        assert!(x.contains("<name>a&lt;b&gt;&amp;&apos;c&quot;</name>"));
+        assert!(x.contains("<uuid>2b1c7a36-5a3e-4a56-9d6b-3c1f3b0f0a01</uuid>"));
+        assert!(x.contains("<initrd>/g/initrd-noacpi.gz</initrd>"));
+        assert!(x.contains("<source file='/d/x&amp;y.qcow2'/>"));
+        assert!(x.contains("<driver name='qemu' type='qcow2'/>"));
+        assert!(x.contains("console=ttyS0 twinsite.verify=0 twinsite.write=1 twinsite.records=32"));
+        assert!(x.contains("<source network='net'/>"));
+        assert!(!x.contains("append="));
+        assert!(!x.contains("guest_agent"));
     }
 
     #[test]
