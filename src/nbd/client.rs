@@ -263,7 +263,7 @@ impl Client {
         // Having asked for block size constraints, the client must honour the minimum; only
         // the export's tail may be shorter.
         let min = u64::from(self.block_size.min.max(1));
-        if offset % min != 0 || (len % min != 0 && end != self.size) {
+        if !offset.is_multiple_of(min) || (!len.is_multiple_of(min) && end != self.size) {
             return Err(NbdError::InvalidRequest(format!(
                 "{offset}+{len} not aligned to the server's minimum block size {min}"
             )));

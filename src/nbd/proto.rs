@@ -356,7 +356,7 @@ pub fn decode_info(p: &[u8]) -> Result<Info, NbdError> {
                     bs.preferred
                 )));
             }
-            if bs.max < bs.min || (bs.max != u32::MAX && bs.max % bs.min != 0) {
+            if bs.max < bs.min || (bs.max != u32::MAX && !bs.max.is_multiple_of(bs.min)) {
                 return Err(protocol(format!("maximum block size {} invalid", bs.max)));
             }
             Ok(Info::BlockSize(bs))
@@ -576,7 +576,7 @@ pub fn decode_chunk<'a>(
             if req.command != CMD_BLOCK_STATUS {
                 return Err(wrong_cmd("NBD_REPLY_TYPE_BLOCK_STATUS"));
             }
-            if p.len() < 12 || (p.len() - 4) % 8 != 0 {
+            if p.len() < 12 || !(p.len() - 4).is_multiple_of(8) {
                 return Err(protocol(format!("block status chunk of {} bytes", p.len())));
             }
             let context = be32(p, 0)?;
@@ -775,7 +775,7 @@ mod tests {
         ));
         // Oldstyle: the cliserv magic follows NBDMAGIC.
         assert!(matches!(
-            decode_greeting(&greeting(NBDMAGIC, 0x0042_0281_8612_53, flags)),
+            decode_greeting(&greeting(NBDMAGIC, 0x0000_4202_8186_1253, flags)),
             Err(NbdError::Unsupported(_))
         ));
         assert!(matches!(

@@ -365,9 +365,12 @@ fn unknown_export_and_context_are_clear_errors() {
     assert!(c.extents(BASE_ALLOCATION, 0, SIZE).is_ok());
 }
 
+/// A server's reply to (cookie, offset, length) of a request.
+type Script = fn(u64, u64, u32) -> Vec<u8>;
+
 /// A scripted server on the other end of a socket pair: negotiates a 1 MiB export with
 /// structured replies, then answers the first request with `reply(cookie, offset, len)`.
-fn fake_server(reply: fn(u64, u64, u32) -> Vec<u8>) -> Client {
+fn fake_server(reply: Script) -> Client {
     use std::io::{Read, Write};
     let (client, mut server) = UnixStream::pair().expect("socket pair");
     client
@@ -432,7 +435,7 @@ fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8], claimed_len: Option<u
 
 #[test]
 fn hostile_replies_break_the_connection_without_panics() {
-    let cases: [(&str, fn(u64, u64, u32) -> Vec<u8>); 5] = [
+    let cases: [(&str, Script); 5] = [
         ("wrong cookie", |cookie, offset, len| {
             let mut p = offset.to_be_bytes().to_vec();
             p.resize(8 + len as usize, 1);
