@@ -478,7 +478,7 @@ pub fn decode_chunk_header(
     check_cookie(be64(b, 8)?, req)?;
     let cap = match h.ty {
         REPLY_TYPE_NONE => 0,
-        REPLY_TYPE_OFFSET_DATA => 8 + req.len,
+        REPLY_TYPE_OFFSET_DATA => req.len.saturating_add(8),
         REPLY_TYPE_OFFSET_HOLE => 12,
         REPLY_TYPE_BLOCK_STATUS => MAX_BLOCK_STATUS_PAYLOAD,
         _ => MAX_ERROR_PAYLOAD,
@@ -519,6 +519,19 @@ pub enum Chunk<'a> {
         message: String,
         offset: Option<u64>,
     },
+}
+
+impl Chunk<'_> {
+    /// Short name, for errors (the Debug form may hold megabytes).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Chunk::None => "NBD_REPLY_TYPE_NONE",
+            Chunk::Data { .. } => "NBD_REPLY_TYPE_OFFSET_DATA",
+            Chunk::Hole { .. } => "NBD_REPLY_TYPE_OFFSET_HOLE",
+            Chunk::BlockStatus { .. } => "NBD_REPLY_TYPE_BLOCK_STATUS",
+            Chunk::Error { .. } => "error",
+        }
+    }
 }
 
 fn check_inside(offset: u64, len: u64, req: &Request, what: &str) -> Result<(), NbdError> {
