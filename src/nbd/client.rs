@@ -114,7 +114,12 @@ impl Client {
         let n = match negotiate(&mut stream, export, contexts) {
             Ok(n) => n,
             Err(e) => {
-                if !poisons(&e) {
+                if matches!(
+                    e,
+                    NbdError::Refused { .. }
+                        | NbdError::UnknownExport { .. }
+                        | NbdError::MissingMetaContext(_)
+                ) {
                     // The server answered in good order and refused: say goodbye properly
                     // (best effort, the error is what matters).
                     let abort = proto::encode_option(proto::OPT_ABORT, &[]);
@@ -635,7 +640,12 @@ fn negotiate(
 
     // Structured replies give holes in reads and are required for block status.
     let structured = match option(stream, proto::OPT_STRUCTURED_REPLY, &[])? {
-        OptionAnswer::Ack(_) => true,
+        OptionAnswer::Ack(r) if r.is_empty() => true,
+        OptionAnswer::Ack(_) => {
+            return Err(NbdError::Protocol(
+                "replies other than ACK to NBD_OPT_STRUCTURED_REPLY".into(),
+            ));
+        }
         OptionAnswer::Err { reply, .. } if reply == proto::REP_ERR_UNSUP && wanted.is_empty() => {
             false
         }

@@ -371,6 +371,12 @@ type Script = fn(u64, u64, u32) -> Vec<u8>;
 /// A scripted server on the other end of a socket pair: negotiates a 1 MiB export with
 /// structured replies, then answers the first request with `reply(cookie, offset, len)`.
 fn fake_server(reply: Script) -> Client {
+    Client::handshake(fake_socket(true, reply), "", &[]).expect("fake handshake")
+}
+
+/// The client's end of a scripted server; `structured`: whether structured replies are
+/// accepted (else refused with NBD_REP_ERR_UNSUP).
+fn fake_socket(structured: bool, reply: Script) -> UnixStream {
     use std::io::{Read, Write};
     let (client, mut server) = UnixStream::pair().expect("socket pair");
     client
@@ -400,6 +406,10 @@ fn fake_server(reply: Script) -> Client {
                 &mut (&mut server).take(u64::from(len)),
                 &mut std::io::sink(),
             )?;
+            if opt == proto::OPT_STRUCTURED_REPLY && !structured {
+                server.write_all(&opt_reply(opt, proto::REP_ERR_UNSUP, b"old server"))?;
+                continue;
+            }
             if opt == proto::OPT_GO {
                 let mut info = vec![0, 0];
                 info.extend_from_slice(&MIB.to_be_bytes());
@@ -420,7 +430,7 @@ fn fake_server(reply: Script) -> Client {
         let _ = server.read(&mut [0u8; 1]);
         Ok(())
     });
-    Client::handshake(client, "", &[]).expect("fake handshake")
+    client
 }
 
 fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8], claimed_len: Option<u32>) -> Vec<u8> {
@@ -485,6 +495,36 @@ fn hostile_replies_break_the_connection_without_panics() {
     let err = c.read(0, 4096).expect_err("error chunk");
     assert!(
         matches!(&err, NbdError::Command { errno: 5, message, .. } if message == "disk"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn simple_replies_from_an_old_server() {
+    let mut c = Client::handshake(
+        fake_socket(false, |cookie, _, len| {
+            let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u32.to_be_bytes());
+            r.extend_from_slice(&cookie.to_be_bytes());
+            r.resize(16 + len as usize, 0x42);
+            r
+        }),
+        "",
+        &[],
+    )
+    .expect("handshake without structured replies");
+    assert!(!c.structured_replies());
+    assert_eq!(c.read(4096, 4096).expect("simple read"), vec![0x42; 4096]);
+
+    // Block status needs structured replies: asking for a context fails the handshake.
+    let err = Client::handshake(
+        fake_socket(false, |_, _, _| Vec::new()),
+        "",
+        &[BASE_ALLOCATION],
+    )
+    .expect_err("contexts without structured replies");
+    assert!(
+        matches!(&err, NbdError::Refused { option: "NBD_OPT_STRUCTURED_REPLY", message, .. } if message == "old server"),
         "{err:?}"
     );
 }
