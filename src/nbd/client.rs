@@ -310,7 +310,8 @@ impl Client {
                         break;
                     }
                 }
-                // Payloads up to 32 MiB are fine to keep between commands, bigger ones are not.
+                // Small buffers are kept for the next command; one that held a 32 MiB read is
+                // not worth pinning for the life of the connection.
                 if self.scratch.capacity() > 1 << 20 {
                     self.scratch = Vec::new();
                 }
