@@ -45,17 +45,17 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// A qcow2 image of SIZE with the enabled persistent bitmap b0 and WRITES applied through
-/// qemu-io, which marks b0 like a running VM would.
-fn image(dir: &Path) -> PathBuf {
+/// A qcow2 image of `size` bytes with the enabled persistent bitmap b0 and `writes` applied
+/// through qemu-io, which marks b0 like a running VM would.
+fn image(dir: &Path, size: u64, writes: &[(u8, u64, u64)]) -> PathBuf {
     let img = dir.join("disk.qcow2");
     let s = img.to_str().expect("utf-8 temp path");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", s, &SIZE.to_string()],
+        &["create", "-q", "-f", "qcow2", s, &size.to_string()],
     );
     run("qemu-img", &["bitmap", "--add", "--enable", s, "b0"]);
-    for &(pattern, off, len) in WRITES {
+    for &(pattern, off, len) in writes {
         let cmd = format!("write -P {pattern:#x} {off} {len}");
         run("qemu-io", &["-f", "qcow2", "-c", &cmd, s]);
     }
@@ -72,8 +72,12 @@ fn expected_data() -> Vec<u8> {
 }
 
 fn written_blocks() -> Bitmap {
-    let mut b = Bitmap::new(SIZE.div_ceil(BLOCK_SIZE));
-    for &(_, off, len) in WRITES {
+    blocks_of(SIZE, WRITES)
+}
+
+fn blocks_of(size: u64, writes: &[(u8, u64, u64)]) -> Bitmap {
+    let mut b = Bitmap::new(size.div_ceil(BLOCK_SIZE));
+    for &(_, off, len) in writes {
         for i in blocks_of_range(off, len) {
             b.set(i);
         }
@@ -90,9 +94,14 @@ struct QemuNbd {
 }
 
 impl QemuNbd {
+    /// Serves an image of SIZE with WRITES.
     fn serve(read_only: bool) -> Self {
+        Self::serve_image(SIZE, WRITES, read_only)
+    }
+
+    fn serve_image(size: u64, writes: &[(u8, u64, u64)], read_only: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let img = image(dir.path());
+        let img = image(dir.path(), size, writes);
         let socket = dir.path().join("nbd.sock");
         let log = dir.path().join("qemu-nbd.log");
         let mut cmd = Command::new("qemu-nbd");
@@ -259,6 +268,37 @@ fn dirty_bitmap_gives_exactly_the_written_blocks() {
     assert_eq!(fine.count(), written_blocks().count() * (BLOCK_SIZE / 4096));
     assert!(fine.get(64 * 1024 / 4096) && fine.get((MIB + 128 * 1024 - 1) / 4096));
     assert!(!fine.get(0));
+}
+
+#[test]
+fn block_status_iterates_over_disks_larger_than_one_request() {
+    // Block status is asked 1 GiB at a time; a sparse 3 GiB disk needs several requests.
+    const GIB: u64 = 1 << 30;
+    let size = 3 * GIB + 4096;
+    let writes = [
+        (1, 0, 4096),
+        (2, GIB - 4096, 2 * BLOCK_SIZE),
+        (3, 2 * GIB + 512 * 1024, 4096),
+        (4, size - 4096, 4096),
+    ];
+    let server = QemuNbd::serve_image(size, &writes, true);
+    let ctx = bitmap_ctx();
+    let mut c = server
+        .connect("", &[&ctx, BASE_ALLOCATION])
+        .expect("connect");
+    assert_eq!(c.size(), size);
+
+    let want = blocks_of(size, &writes);
+    assert_eq!(c.dirty_blocks(&ctx, size, BLOCK_SIZE).expect("dirty"), want);
+    assert_eq!(
+        c.allocated_blocks(size, BLOCK_SIZE).expect("allocated"),
+        want
+    );
+    let ext = c.extents(&ctx, 0, size).expect("extents");
+    assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), size);
+    // Neighbours with equal flags are merged across request boundaries.
+    assert!(ext.windows(2).all(|w| w[0].flags != w[1].flags), "{ext:?}");
+    assert_eq!(c.read(GIB - 4096, 8192).expect("read"), vec![2; 8192]);
 }
 
 #[test]
