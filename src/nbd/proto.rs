@@ -691,7 +691,7 @@ impl Coverage {
         self.covered == self.len
     }
 
-    /// Description of the first gap, for the error when the reply ends early.
+    /// How much the chunks covered, for the error when the reply ends early.
     pub fn describe(&self) -> String {
         format!(
             "reply covered {} of {} bytes at {}",
