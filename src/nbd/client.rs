@@ -20,7 +20,6 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 const BLOCK_STATUS_STEP: u64 = 1 << 30;
 
 /// An NBD connection to one export, in the transmission phase.
-#[derive(Debug)]
 pub struct Client {
     stream: UnixStream,
     export: String,
@@ -35,6 +34,22 @@ pub struct Client {
     scratch: Vec<u8>,
     broken: bool,
     closed: bool,
+}
+
+// By hand: the scratch buffer may hold 32 MiB of disk data.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("export", &self.export)
+            .field("size", &self.size)
+            .field("flags", &self.flags)
+            .field("block_size", &self.block_size)
+            .field("structured", &self.structured)
+            .field("contexts", &self.contexts)
+            .field("broken", &self.broken)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How a command's reply ended.
@@ -96,111 +111,42 @@ impl Client {
         export: &str,
         contexts: &[&str],
     ) -> Result<Self, NbdError> {
-        let greeting: [u8; 18] = read_array(&mut stream)?;
-        let server_flags = proto::decode_greeting(&greeting)?;
-        stream.write_all(&proto::client_flags(server_flags).to_be_bytes())?;
-
-        let mut wanted: Vec<&str> = Vec::new();
-        for c in contexts {
-            if !wanted.contains(c) {
-                wanted.push(c);
-            }
-        }
-
-        // Structured replies give holes in reads and are required for block status.
-        let structured = match option(&mut stream, proto::OPT_STRUCTURED_REPLY, &[])? {
-            OptionAnswer::Ack(_) => true,
-            OptionAnswer::Err { reply, .. }
-                if reply == proto::REP_ERR_UNSUP && wanted.is_empty() =>
-            {
-                false
-            }
-            OptionAnswer::Err { reply, message } => {
-                return Err(NbdError::Refused {
-                    option: "NBD_OPT_STRUCTURED_REPLY",
-                    reply: proto::rep_err_name(reply),
-                    message,
-                });
+        let n = match negotiate(&mut stream, export, contexts) {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(
+                    e,
+                    NbdError::Refused { .. }
+                        | NbdError::UnknownExport { .. }
+                        | NbdError::MissingMetaContext(_)
+                ) {
+                    // The server answered in good order and refused: say goodbye properly
+                    // (best effort, the error is what matters).
+                    let abort = proto::encode_option(proto::OPT_ABORT, &[]);
+                    if let Ok(abort) = abort {
+                        let _ = stream.write_all(&abort);
+                    }
+                }
+                return Err(e);
             }
         };
-
-        let mut ids = HashMap::new();
-        if !wanted.is_empty() {
-            let data = proto::encode_set_meta_context(export, &wanted)?;
-            let replies = match option(&mut stream, proto::OPT_SET_META_CONTEXT, &data)? {
-                OptionAnswer::Ack(r) => r,
-                OptionAnswer::Err { reply, message } => {
-                    return Err(refused_or_unknown(
-                        "NBD_OPT_SET_META_CONTEXT",
-                        reply,
-                        message,
-                        export,
-                    ));
-                }
-            };
-            for (reply, payload) in replies {
-                if reply != proto::REP_META_CONTEXT {
-                    return Err(NbdError::Protocol(format!(
-                        "reply type {reply} to NBD_OPT_SET_META_CONTEXT"
-                    )));
-                }
-                let (id, name) = proto::decode_meta_context(&payload)?;
-                if !wanted.contains(&name.as_str()) {
-                    return Err(NbdError::Protocol(format!(
-                        "server selected meta context {name:?}, which was not asked for"
-                    )));
-                }
-                if ids.values().any(|&v| v == id) || ids.contains_key(&name) {
-                    return Err(NbdError::Protocol(format!(
-                        "meta context id {id} or name {name:?} given twice"
-                    )));
-                }
-                ids.insert(name, id);
-            }
-            if let Some(missing) = wanted.iter().find(|c| !ids.contains_key(**c)) {
-                return Err(NbdError::MissingMetaContext((*missing).to_owned()));
-            }
-        }
-
-        let replies = match option(&mut stream, proto::OPT_GO, &proto::encode_go(export)?)? {
-            OptionAnswer::Ack(r) => r,
-            OptionAnswer::Err { reply, message } => {
-                return Err(refused_or_unknown("NBD_OPT_GO", reply, message, export));
-            }
-        };
-        let mut exported = None;
-        let mut block_size = BlockSize::default();
-        for (reply, payload) in replies {
-            if reply != proto::REP_INFO {
-                return Err(NbdError::Protocol(format!(
-                    "reply type {reply} to NBD_OPT_GO"
-                )));
-            }
-            match proto::decode_info(&payload)? {
-                Info::Export { size, flags } => exported = Some((size, flags)),
-                Info::BlockSize(bs) => block_size = bs,
-                Info::Other(_) => {}
-            }
-        }
-        let (size, flags) = exported
-            .ok_or_else(|| NbdError::Protocol("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
         tracing::debug!(
             export,
-            size,
-            flags,
-            ?block_size,
-            structured,
-            contexts = ?ids,
+            size = n.size,
+            flags = n.flags,
+            block_size = ?n.block_size,
+            structured = n.structured,
+            contexts = ?n.contexts,
             "NBD export negotiated"
         );
         Ok(Self {
             stream,
             export: export.to_owned(),
-            size,
-            flags,
-            block_size,
-            structured,
-            contexts: ids,
+            size: n.size,
+            flags: n.flags,
+            block_size: n.block_size,
+            structured: n.structured,
+            contexts: n.contexts,
             cookie: 0,
             scratch: Vec::new(),
             broken: false,
@@ -247,7 +193,7 @@ impl Client {
     fn max_io(&self) -> u64 {
         let max = self.block_size.max.min(proto::MAX_PAYLOAD);
         let min = self.block_size.min.max(1);
-        u64::from(max - max % min)
+        u64::from(max - max % min).max(1)
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), NbdError> {
@@ -263,7 +209,7 @@ impl Client {
         // Having asked for block size constraints, the client must honour the minimum; only
         // the export's tail may be shorter.
         let min = u64::from(self.block_size.min.max(1));
-        if offset % min != 0 || (len % min != 0 && end != self.size) {
+        if !offset.is_multiple_of(min) || (!len.is_multiple_of(min) && end != self.size) {
             return Err(NbdError::InvalidRequest(format!(
                 "{offset}+{len} not aligned to the server's minimum block size {min}"
             )));
@@ -364,7 +310,8 @@ impl Client {
                         break;
                     }
                 }
-                // Payloads up to 32 MiB are fine to keep between commands, bigger ones are not.
+                // Small buffers are kept for the next command; one that held a 32 MiB read is
+                // not worth pinning for the life of the connection.
                 if self.scratch.capacity() > 1 << 20 {
                     self.scratch = Vec::new();
                 }
@@ -433,7 +380,8 @@ impl Client {
                 Chunk::None => {}
                 other => {
                     return Err(NbdError::Protocol(format!(
-                        "unexpected chunk {other:?} in a read"
+                        "{} chunk in a read",
+                        other.kind()
                     )));
                 }
             }
@@ -542,7 +490,8 @@ impl Client {
                 }
                 Chunk::None => Ok(()),
                 other => Err(NbdError::Protocol(format!(
-                    "unexpected chunk {other:?} in a block status reply"
+                    "{} chunk in a block status reply",
+                    other.kind()
                 ))),
             })?;
             match outcome {
@@ -662,6 +611,121 @@ impl Drop for Client {
             tracing::debug!(export = %self.export, error = %e, "NBD disconnect failed");
         }
     }
+}
+
+/// What the option haggling settled.
+struct Negotiated {
+    size: u64,
+    flags: u16,
+    block_size: BlockSize,
+    structured: bool,
+    contexts: HashMap<String, u32>,
+}
+
+/// The handshake from the greeting to the ACK of NBD_OPT_GO.
+fn negotiate(
+    stream: &mut UnixStream,
+    export: &str,
+    contexts: &[&str],
+) -> Result<Negotiated, NbdError> {
+    let greeting: [u8; 18] = read_array(stream)?;
+    let server_flags = proto::decode_greeting(&greeting)?;
+    stream.write_all(&proto::client_flags(server_flags).to_be_bytes())?;
+
+    let mut wanted: Vec<&str> = Vec::new();
+    for c in contexts {
+        if !wanted.contains(c) {
+            wanted.push(c);
+        }
+    }
+
+    // Structured replies give holes in reads and are required for block status.
+    let structured = match option(stream, proto::OPT_STRUCTURED_REPLY, &[])? {
+        OptionAnswer::Ack(r) if r.is_empty() => true,
+        OptionAnswer::Ack(_) => {
+            return Err(NbdError::Protocol(
+                "replies other than ACK to NBD_OPT_STRUCTURED_REPLY".into(),
+            ));
+        }
+        OptionAnswer::Err { reply, .. } if reply == proto::REP_ERR_UNSUP && wanted.is_empty() => {
+            false
+        }
+        OptionAnswer::Err { reply, message } => {
+            return Err(NbdError::Refused {
+                option: "NBD_OPT_STRUCTURED_REPLY",
+                reply: proto::rep_err_name(reply),
+                message,
+            });
+        }
+    };
+
+    let mut ids = HashMap::new();
+    if !wanted.is_empty() {
+        let data = proto::encode_set_meta_context(export, &wanted)?;
+        let replies = match option(stream, proto::OPT_SET_META_CONTEXT, &data)? {
+            OptionAnswer::Ack(r) => r,
+            OptionAnswer::Err { reply, message } => {
+                return Err(refused_or_unknown(
+                    "NBD_OPT_SET_META_CONTEXT",
+                    reply,
+                    message,
+                    export,
+                ));
+            }
+        };
+        for (reply, payload) in replies {
+            if reply != proto::REP_META_CONTEXT {
+                return Err(NbdError::Protocol(format!(
+                    "reply type {reply} to NBD_OPT_SET_META_CONTEXT"
+                )));
+            }
+            let (id, name) = proto::decode_meta_context(&payload)?;
+            if !wanted.contains(&name.as_str()) {
+                return Err(NbdError::Protocol(format!(
+                    "server selected meta context {name:?}, which was not asked for"
+                )));
+            }
+            if ids.values().any(|&v| v == id) || ids.contains_key(&name) {
+                return Err(NbdError::Protocol(format!(
+                    "meta context id {id} or name {name:?} given twice"
+                )));
+            }
+            ids.insert(name, id);
+        }
+        if let Some(missing) = wanted.iter().find(|c| !ids.contains_key(**c)) {
+            return Err(NbdError::MissingMetaContext((*missing).to_owned()));
+        }
+    }
+
+    let replies = match option(stream, proto::OPT_GO, &proto::encode_go(export)?)? {
+        OptionAnswer::Ack(r) => r,
+        OptionAnswer::Err { reply, message } => {
+            return Err(refused_or_unknown("NBD_OPT_GO", reply, message, export));
+        }
+    };
+    let mut exported = None;
+    let mut block_size = BlockSize::default();
+    for (reply, payload) in replies {
+        if reply != proto::REP_INFO {
+            return Err(NbdError::Protocol(format!(
+                "reply type {reply} to NBD_OPT_GO"
+            )));
+        }
+        match proto::decode_info(&payload)? {
+            Info::Export { size, flags } => exported = Some((size, flags)),
+            Info::BlockSize(bs) => block_size = bs,
+            Info::Other(_) => {}
+        }
+    }
+    let (size, flags) = exported
+        .ok_or_else(|| NbdError::Protocol("NBD_OPT_GO ended without NBD_INFO_EXPORT".into()))?;
+    Ok(Negotiated {
+        size,
+        flags,
+        block_size,
+        structured,
+        contexts: ids,
+    })
 }
 
 fn chunk_error(req: &Request, e: ChunkError) -> NbdError {

@@ -45,17 +45,17 @@ fn run(program: &str, args: &[&str]) {
     );
 }
 
-/// A qcow2 image of SIZE with the enabled persistent bitmap b0 and WRITES applied through
-/// qemu-io, which marks b0 like a running VM would.
-fn image(dir: &Path) -> PathBuf {
+/// A qcow2 image of `size` bytes with the enabled persistent bitmap b0 and `writes` applied
+/// through qemu-io, which marks b0 like a running VM would.
+fn image(dir: &Path, size: u64, writes: &[(u8, u64, u64)]) -> PathBuf {
     let img = dir.join("disk.qcow2");
     let s = img.to_str().expect("utf-8 temp path");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", s, &SIZE.to_string()],
+        &["create", "-q", "-f", "qcow2", s, &size.to_string()],
     );
     run("qemu-img", &["bitmap", "--add", "--enable", s, "b0"]);
-    for &(pattern, off, len) in WRITES {
+    for &(pattern, off, len) in writes {
         let cmd = format!("write -P {pattern:#x} {off} {len}");
         run("qemu-io", &["-f", "qcow2", "-c", &cmd, s]);
     }
@@ -72,8 +72,12 @@ fn expected_data() -> Vec<u8> {
 }
 
 fn written_blocks() -> Bitmap {
-    let mut b = Bitmap::new(SIZE.div_ceil(BLOCK_SIZE));
-    for &(_, off, len) in WRITES {
+    blocks_of(SIZE, WRITES)
+}
+
+fn blocks_of(size: u64, writes: &[(u8, u64, u64)]) -> Bitmap {
+    let mut b = Bitmap::new(size.div_ceil(BLOCK_SIZE));
+    for &(_, off, len) in writes {
         for i in blocks_of_range(off, len) {
             b.set(i);
         }
@@ -90,9 +94,14 @@ struct QemuNbd {
 }
 
 impl QemuNbd {
+    /// Serves an image of SIZE with WRITES.
     fn serve(read_only: bool) -> Self {
+        Self::serve_image(SIZE, WRITES, read_only)
+    }
+
+    fn serve_image(size: u64, writes: &[(u8, u64, u64)], read_only: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let img = image(dir.path());
+        let img = image(dir.path(), size, writes);
         let socket = dir.path().join("nbd.sock");
         let log = dir.path().join("qemu-nbd.log");
         let mut cmd = Command::new("qemu-nbd");
@@ -262,6 +271,37 @@ fn dirty_bitmap_gives_exactly_the_written_blocks() {
 }
 
 #[test]
+fn block_status_iterates_over_disks_larger_than_one_request() {
+    // Block status is asked 1 GiB at a time; a sparse 3 GiB disk needs several requests.
+    const GIB: u64 = 1 << 30;
+    let size = 3 * GIB + 4096;
+    let writes = [
+        (1, 0, 4096),
+        (2, GIB - 4096, 2 * BLOCK_SIZE),
+        (3, 2 * GIB + 512 * 1024, 4096),
+        (4, size - 4096, 4096),
+    ];
+    let server = QemuNbd::serve_image(size, &writes, true);
+    let ctx = bitmap_ctx();
+    let mut c = server
+        .connect("", &[&ctx, BASE_ALLOCATION])
+        .expect("connect");
+    assert_eq!(c.size(), size);
+
+    let want = blocks_of(size, &writes);
+    assert_eq!(c.dirty_blocks(&ctx, size, BLOCK_SIZE).expect("dirty"), want);
+    assert_eq!(
+        c.allocated_blocks(size, BLOCK_SIZE).expect("allocated"),
+        want
+    );
+    let ext = c.extents(&ctx, 0, size).expect("extents");
+    assert_eq!(ext.iter().map(|e| e.len).sum::<u64>(), size);
+    // Neighbours with equal flags are merged across request boundaries.
+    assert!(ext.windows(2).all(|w| w[0].flags != w[1].flags), "{ext:?}");
+    assert_eq!(c.read(GIB - 4096, 8192).expect("read"), vec![2; 8192]);
+}
+
+#[test]
 fn base_allocation_shows_the_holes() {
     let server = QemuNbd::serve(true);
     let mut c = server.connect("", &[BASE_ALLOCATION]).expect("connect");
@@ -302,7 +342,7 @@ fn write_flush_read_round_trips() {
     let ctx = bitmap_ctx();
     let mut c = server.connect("", &[]).expect("connect");
     assert!(!c.is_read_only());
-    assert!(!c.structured_replies() || c.context_id(&ctx).is_none());
+    assert_eq!(c.context_id(&ctx), None);
 
     // 33 MiB from an unaligned offset: split into two requests.
     let off = 2 * MIB + 512;
@@ -365,9 +405,18 @@ fn unknown_export_and_context_are_clear_errors() {
     assert!(c.extents(BASE_ALLOCATION, 0, SIZE).is_ok());
 }
 
+/// A server's reply to (cookie, offset, length) of a request.
+type Script = fn(u64, u64, u32) -> Vec<u8>;
+
 /// A scripted server on the other end of a socket pair: negotiates a 1 MiB export with
 /// structured replies, then answers the first request with `reply(cookie, offset, len)`.
-fn fake_server(reply: fn(u64, u64, u32) -> Vec<u8>) -> Client {
+fn fake_server(reply: Script) -> Client {
+    Client::handshake(fake_socket(true, reply), "", &[]).expect("fake handshake")
+}
+
+/// The client's end of a scripted server; `structured`: whether structured replies are
+/// accepted (else refused with NBD_REP_ERR_UNSUP).
+fn fake_socket(structured: bool, reply: Script) -> UnixStream {
     use std::io::{Read, Write};
     let (client, mut server) = UnixStream::pair().expect("socket pair");
     client
@@ -397,6 +446,10 @@ fn fake_server(reply: fn(u64, u64, u32) -> Vec<u8>) -> Client {
                 &mut (&mut server).take(u64::from(len)),
                 &mut std::io::sink(),
             )?;
+            if opt == proto::OPT_STRUCTURED_REPLY && !structured {
+                server.write_all(&opt_reply(opt, proto::REP_ERR_UNSUP, b"old server"))?;
+                continue;
+            }
             if opt == proto::OPT_GO {
                 let mut info = vec![0, 0];
                 info.extend_from_slice(&MIB.to_be_bytes());
@@ -417,7 +470,7 @@ fn fake_server(reply: fn(u64, u64, u32) -> Vec<u8>) -> Client {
         let _ = server.read(&mut [0u8; 1]);
         Ok(())
     });
-    Client::handshake(client, "", &[]).expect("fake handshake")
+    client
 }
 
 fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8], claimed_len: Option<u32>) -> Vec<u8> {
@@ -432,7 +485,7 @@ fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8], claimed_len: Option<u
 
 #[test]
 fn hostile_replies_break_the_connection_without_panics() {
-    let cases: [(&str, fn(u64, u64, u32) -> Vec<u8>); 5] = [
+    let cases: [(&str, Script); 5] = [
         ("wrong cookie", |cookie, offset, len| {
             let mut p = offset.to_be_bytes().to_vec();
             p.resize(8 + len as usize, 1);
@@ -482,6 +535,36 @@ fn hostile_replies_break_the_connection_without_panics() {
     let err = c.read(0, 4096).expect_err("error chunk");
     assert!(
         matches!(&err, NbdError::Command { errno: 5, message, .. } if message == "disk"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn simple_replies_from_an_old_server() {
+    let mut c = Client::handshake(
+        fake_socket(false, |cookie, _, len| {
+            let mut r = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            r.extend_from_slice(&0u32.to_be_bytes());
+            r.extend_from_slice(&cookie.to_be_bytes());
+            r.resize(16 + len as usize, 0x42);
+            r
+        }),
+        "",
+        &[],
+    )
+    .expect("handshake without structured replies");
+    assert!(!c.structured_replies());
+    assert_eq!(c.read(4096, 4096).expect("simple read"), vec![0x42; 4096]);
+
+    // Block status needs structured replies: asking for a context fails the handshake.
+    let err = Client::handshake(
+        fake_socket(false, |_, _, _| Vec::new()),
+        "",
+        &[BASE_ALLOCATION],
+    )
+    .expect_err("contexts without structured replies");
+    assert!(
+        matches!(&err, NbdError::Refused { option: "NBD_OPT_STRUCTURED_REPLY", message, .. } if message == "old server"),
         "{err:?}"
     );
 }
