@@ -201,7 +201,9 @@ if [ "$verify" = 1 ]; then
 fi
 
 if [ "$write" != 0 ]; then
-  gen=$((max + 1))
+  # A generation cut short (a crash, a failover) is completed first: starting the next one
+  # would leave three generations on the disk until it is done.
+  if [ "$partial" -gt 0 ]; then gen=$max; else gen=$((max + 1)); fi
   while :; do
     i=0
     while [ $i -lt "$records" ]; do

@@ -43,17 +43,17 @@ export TWINSITE_ENVTEST_BIN="$bin"
 echo "== cargo fmt --check"
 cargo fmt --check
 
-echo "== cargo clippy --all-targets -- -D warnings (with and without the failpoints feature)"
+echo "== cargo clippy --all-targets -- -D warnings (without features, as any machine builds it, and with failpoints and libvirt)"
 cargo clippy --locked --all-targets -- -D warnings
-cargo clippy --locked --all-targets --features failpoints -- -D warnings
+cargo clippy --locked --all-targets --features failpoints,libvirt -- -D warnings
 
 echo "== cargo test"
 # Library, binary and integration tests (there are no doctests). The failpoints feature compiles
 # the crash points into the agent, for the crash-injection suite and the integrity tests; a
-# release build never has them.
-cargo test --locked --features failpoints --lib --bins --tests -- \
+# release build never has them. The libvirt feature builds the real-VM runtime.
+cargo test --locked --features failpoints,libvirt --lib --bins --tests -- \
     --skip agents_keep_their_promises_across_crashes_at_every_failpoint
 
 echo "== crash injection (SIGKILL at every failpoint of the data path)"
 # Its own run, so its closing line `injected crashes: N, invariant violations: M` is printed.
-cargo test --locked --features failpoints --test crash_injection -- --nocapture
+cargo test --locked --features failpoints,libvirt --test crash_injection -- --nocapture

@@ -4,8 +4,8 @@
 //!
 //! # The pattern
 //!
-//! The guest writes generation after generation (1, 2, ...; it starts after the highest
-//! generation it finds on the disk). Generation `G` writes record `i` of `N` (`i` in `0..N`, in
+//! The guest writes generation after generation (1, 2, ...; at boot it completes a generation
+//! it finds cut short, or else starts after the highest one on the disk). Generation `G` writes record `i` of `N` (`i` in `0..N`, in
 //! that order, each synced to the disk before the next) at byte offset `i * 1 MiB`, so records
 //! land in distinct 64 KiB replication blocks. A record is 4096 bytes:
 //!

@@ -243,26 +243,26 @@ pub(super) async fn boot_drill(st: &Shared, vm: &str, copy: &str, network: &str)
         network.to_string(),
     );
     tokio::task::spawn_blocking(move || {
-        let Some(definition) = st2
-            .store
-            .read_vm(&name, |r| Ok(r.meta.definition.clone()))?
-        else {
-            return Ok(());
-        };
-        let images = st2.store.read_vm(&copy, |r| {
-            Ok(r.meta
-                .disks
-                .iter()
-                .map(|d| {
-                    (
-                        d.name.clone(),
-                        r.dir.join("disks").join(format!("{}.img", d.name)),
-                    )
-                })
-                .collect::<Vec<_>>())
-        })?;
-        st2.runtime
-            .boot_drill(&name, &copy, &network, &definition, &images)
+        // Under the replica's lock: a retry of the same drill waits for the first boot.
+        st2.store.write_vm(&name, |r| {
+            let Some(definition) = r.meta.definition.clone() else {
+                return Ok(());
+            };
+            let images = st2.store.read_vm(&copy, |c| {
+                Ok(c.meta
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        (
+                            d.name.clone(),
+                            c.dir.join("disks").join(format!("{}.img", d.name)),
+                        )
+                    })
+                    .collect::<Vec<_>>())
+            })?;
+            st2.runtime
+                .boot_drill(&name, &copy, &network, &definition, &images)
+        })
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
