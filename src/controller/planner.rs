@@ -337,6 +337,9 @@ pub struct StepCall {
     /// ConsistentCut: the VMs the cut is asked for (the plan's members, this VM among them).
     /// The cut id is the step's operation id.
     pub cut_vms: Vec<String>,
+    /// The source site's listing fails: a best-effort call there (StopReplication's source
+    /// side in an unplanned failover) is not made, as it would only wait for its timeout.
+    pub source_unreachable: bool,
 }
 
 /// Power the VM off at `site`, where it runs although it must not.
@@ -579,6 +582,8 @@ fn step_call(
     let job = &st.jobs[ji];
     let source = job.source_site.clone().unwrap_or_default();
     let target = job.target_site.clone().unwrap_or_default();
+    let source_unreachable =
+        job.type_ == JobType::UnplannedFailover && !input.view(&source).reachable();
     let recovery_point = match (job.type_, &job.cut_id, &job.recovery_point) {
         // A planned failover brings up everything the final sync sent.
         (JobType::PlannedFailover, _, _) => "Latest".to_string(),
@@ -621,6 +626,7 @@ fn step_call(
         optional: is_optional(job.type_, n),
         test_vm: st.test_failover.as_ref().map(|t| t.vm_name.clone()),
         cut_vms,
+        source_unreachable,
     }
 }
 
@@ -1106,6 +1112,9 @@ fn trim_jobs(st: &mut ReplicatedVMStatus) {
     }
 }
 
+/// The message of an unplanned failover's source step skipped because the site is down.
+const SOURCE_UNREACHABLE: &str = "skipped: the source site is unreachable (its listing fails); it is fenced when it answers again";
+
 /// Why a pending step is skipped, if it is.
 fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<&'static str> {
     let step_state = |n: StepName| {
@@ -1114,12 +1123,22 @@ fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<&'static str>
             .find(|s| s.name == n.as_str())
             .map(|s| s.state)
     };
+    let source = job.source_site.as_deref().unwrap_or_default();
     match (job.type_, step) {
         (JobType::UnplannedFailover, StepName::ShutdownSource | StepName::SyncRemaining)
             if !input.spec.failover.shutdown_source =>
         {
             Some("shutdownSource is false")
         }
+        // The disaster does not wait for a site known to be down: a call to it would only
+        // hang until its timeout. It is fenced when it answers again.
+        (
+            JobType::UnplannedFailover,
+            StepName::ConsistentCut
+            | StepName::ShutdownSource
+            | StepName::FenceSource
+            | StepName::SyncRemaining,
+        ) if !input.view(source).reachable() => Some(SOURCE_UNREACHABLE),
         (JobType::UnplannedFailover, StepName::FenceSource)
             if step_state(StepName::ShutdownSource) == Some(StepState::Succeeded) =>
         {
