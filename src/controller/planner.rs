@@ -1946,6 +1946,16 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
     let Some(j) = standing_job(st) else {
         return "the newest job failed; change the spec to try again".into();
     };
+    if st.jobs.last() != Some(j) {
+        // A planned failover that failed on its digests, resynchronized since: a spec change
+        // is its next attempt (a retry would run it from VerifyDigests on a new copy).
+        return format!(
+            "{} {} failed: {}; change the spec to try again",
+            job_type_str(j.type_),
+            j.name,
+            j.message.as_deref().unwrap_or("")
+        );
+    }
     let next = j.attempt.unwrap_or(1).saturating_add(1);
     let value = if next == 2 {
         j.name.clone()
