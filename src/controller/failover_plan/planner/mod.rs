@@ -235,6 +235,21 @@ fn work_remains(input: &Input, t: JobType) -> bool {
         .any(|m| !member_done(t, &input.spec.target_site, m))
 }
 
+/// Whether a new plan job of type `t` has anything to do. A VM that already runs at the target
+/// and is busy with its own follow-up jobs (commit, reprotect) is not work for a failover: a
+/// plan job that just ended would otherwise start another run at once, which asks for its
+/// approvals again.
+fn work_to_start(input: &Input, t: JobType) -> bool {
+    match t {
+        JobType::PlanFailover => input
+            .groups
+            .iter()
+            .flatten()
+            .any(|m| m.active_site.as_deref() != Some(input.spec.target_site.as_str())),
+        _ => work_remains(input, t),
+    }
+}
+
 fn next_job_name(plan: &str, t: JobType, jobs: &[Job]) -> String {
     let n = jobs
         .iter()
@@ -404,7 +419,7 @@ pub fn plan(input: &Input) -> Action {
                 || input.status.observed_generation != input.generation
                 || (j.state == JobState::Failed && input.retry.as_deref() == Some(&j.name))
         });
-        if input.conflicts.is_empty() && new_spec && work_remains(input, t) {
+        if input.conflicts.is_empty() && new_spec && work_to_start(input, t) {
             let name = next_job_name(input.name, t, &st.jobs);
             let with_actions = t == JobType::PlanFailover;
             st.jobs.push(Job {

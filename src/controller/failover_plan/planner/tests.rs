@@ -584,3 +584,18 @@ fn an_unplanned_plan_from_latest_processed_names_a_consistent_cut() {
     drive(&sp, &mut st, &groups, &[]);
     assert_eq!(st.jobs[0].cut_id.as_deref(), Some("app-failover-1-cut"));
 }
+
+#[test]
+fn a_vm_busy_at_the_target_after_the_run_starts_no_new_run() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &[vec![member("db-1", "primary")]], &[]);
+    drive(&sp, &mut st, &[vec![member("db-1", "secondary")]], &[]);
+    assert_eq!(st.jobs.len(), 1);
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+    // The VM commits and reprotects at the target: its own jobs, not the plan's work.
+    let mut busy = member("db-1", "secondary");
+    busy.busy = true;
+    drive(&sp, &mut st, &[vec![busy]], &[]);
+    assert_eq!(st.jobs.len(), 1, "{:?}", st.jobs);
+}
