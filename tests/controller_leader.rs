@@ -33,6 +33,7 @@ async fn get_ok(url: String) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_leader_acts_and_hands_over_on_sigterm() {
+    let _serial = one_at_a_time().await;
     twinsite::init_crypto();
     let cp = twinsite::envtest::shared().await;
     let client = cp.client().await.unwrap();
@@ -138,4 +139,30 @@ async fn one_leader_acts_and_hands_over_on_sigterm() {
     })
     .await;
     b.terminate();
+}
+
+/// The controller never creates its Lease's namespace (the chart's RBAC cannot): with a
+/// namespace that does not exist it stops with an error that names it, and the namespace is
+/// still absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_namespace_is_never_created() {
+    let _serial = one_at_a_time().await;
+    twinsite::init_crypto();
+    let cp = twinsite::envtest::shared().await;
+    let client = cp.client().await.unwrap();
+    let ns = format!("no-such-lease-ns-{}", std::process::id());
+    let tmp = tempfile::tempdir().unwrap();
+    let c = ControllerProc::start(cp, &ns, &tmp);
+    wait_until(
+        "the controller reports the missing lease namespace",
+        || async { c.log().contains("must exist") },
+    )
+    .await;
+    let log = c.log();
+    assert!(log.contains(&ns), "{log}");
+    let nsapi: Api<Namespace> = Api::all(client.clone());
+    assert!(
+        nsapi.get_opt(&ns).await.unwrap().is_none(),
+        "the controller created namespace {ns}"
+    );
 }

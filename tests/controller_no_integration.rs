@@ -45,6 +45,7 @@ async fn wait_site(w: &World, name: &str, want: (&str, &str)) -> Site {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
+    let _serial = one_at_a_time().await;
     let w = World::start("noint").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let vm = "app-01";
@@ -187,4 +188,224 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
         w.secondary.vm(vm).await.unwrap().power,
         twinsite::site::Power::Off
     );
+}
+
+/// A planned failover of a VM without integration services fails at ShutdownSource with a clear
+/// reason and stalls (Stalled True, the retry named in its message). The operator powers the VM
+/// off through the agent and annotates `twinsite.io/retry=<job>`: the job runs again from
+/// ShutdownSource as attempt 2 and moves the VM. The controller leaves the annotation as it
+/// is, and the kept annotation does not run the job a third time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_planned_failover_runs_again_on_the_retry_annotation() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("retry").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "legacy-01";
+    w.primary.create_vm(vm, false).await;
+    w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w
+        .wait_for(vm, "the planned failover failed and stalled", |r| {
+            cond(r, "Stalled")
+                && jobs(r).last().map(|(t, st)| (t.as_str(), st.as_str()))
+                    == Some(("PlannedFailover", "Failed"))
+        })
+        .await;
+    let st = r.status.clone().unwrap();
+    let job = st.jobs.last().unwrap().clone();
+    assert_eq!(job.attempt, Some(1));
+    let shutdown = job
+        .steps
+        .iter()
+        .find(|x| x.name == "ShutdownSource")
+        .unwrap();
+    assert_eq!(format!("{:?}", shutdown.state), "Failed");
+    assert!(
+        shutdown
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("integration services"),
+        "{shutdown:?}"
+    );
+    let stalled = st.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+    assert!(
+        stalled
+            .message
+            .contains(&format!("twinsite.io/retry={}", job.name)),
+        "{stalled:?}"
+    );
+    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
+    assert_eq!(cond_status(&r, "Ready").as_deref(), Some("False"));
+    // Nothing moves on its own: the VM still runs at the primary site.
+    assert_eq!(
+        w.primary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+
+    // The operator powers it off through the agent's route and asks for a retry.
+    w.primary
+        .client
+        .power(vm, PowerAction::PowerOff, "operator-power-off")
+        .await
+        .unwrap();
+    annotate(&w, "rvm", vm, "twinsite.io/retry", &job.name);
+
+    let r = w
+        .wait_for(vm, "the retried failover succeeded", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs.iter().any(|j| {
+                    j.name == job.name
+                        && format!("{:?}", j.state) == "Succeeded"
+                        && j.attempt == Some(2)
+                })
+            })
+        })
+        .await;
+    let retried = r
+        .status
+        .as_ref()
+        .unwrap()
+        .jobs
+        .iter()
+        .find(|j| j.name == job.name)
+        .unwrap()
+        .clone();
+    let shutdown = retried
+        .steps
+        .iter()
+        .find(|x| x.name == "ShutdownSource")
+        .unwrap();
+    assert_eq!(format!("{:?}", shutdown.state), "Succeeded", "{retried:?}");
+    assert!(
+        shutdown
+            .operation_id
+            .as_deref()
+            .unwrap_or_default()
+            .contains("-a2-"),
+        "a retried step has an operation id of its own: {shutdown:?}"
+    );
+    w.wait_protected(vm, &s, &p).await;
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+    // The controller never edits the annotation (no drift for a GitOps tool), and the kept
+    // annotation names a job that was retried already: nothing runs again.
+    let r = w.get(vm).await;
+    assert_eq!(
+        r.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("twinsite.io/retry"))
+            .map(String::as_str),
+        Some(job.name.as_str())
+    );
+    let n = r
+        .status
+        .as_ref()
+        .unwrap()
+        .jobs
+        .iter()
+        .filter(|j| j.name == job.name)
+        .count();
+    assert_eq!(n, 1);
+    let events = w.events(vm).await;
+    assert!(
+        events.iter().any(|(reason, _)| reason == "JobRetried"),
+        "{events:?}"
+    );
+}
+
+/// An unplanned failover whose source site hangs (its agent stopped with SIGSTOP: connections
+/// are accepted, nothing answers). Once the Site shows the source unreachable, the failover
+/// skips the source steps (Skipped, with the reason) instead of waiting for each call to time
+/// out, and the VM runs at the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("hung").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "app-02";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "commit": "Automatic"}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    // Wait for a recovery point at the target, then hang the source.
+    w.wait_for(vm, "a recovery point at the target", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.recovery_points.as_ref())
+            .is_some_and(|rp| rp.count > 0)
+    })
+    .await;
+    let pid = w.primary.pid().unwrap() as i32;
+    // SAFETY: signalling our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    struct Cont(i32);
+    impl Drop for Cont {
+        fn drop(&mut self) {
+            // SAFETY: as above.
+            unsafe { libc::kill(self.0, libc::SIGCONT) };
+        }
+    }
+    let _cont = Cont(pid);
+    wait_site(&w, &p, ("False", "Unreachable")).await;
+
+    let started = std::time::Instant::now();
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w
+        .wait_for(vm, "the VM runs at the target", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.active_site.as_deref() == Some(s.as_str())
+                    && st.jobs.iter().any(|j| {
+                        format!("{:?}", j.type_) == "UnplannedFailover"
+                            && format!("{:?}", j.state) == "Succeeded"
+                    })
+            })
+        })
+        .await;
+    let took = started.elapsed();
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+    let st = steps(&r, "UnplannedFailover");
+    for step in ["ShutdownSource", "FenceSource", "SyncRemaining"] {
+        assert!(
+            st.contains(&(step.to_string(), "Skipped".to_string())),
+            "{step} not skipped: {st:?}"
+        );
+    }
+    let job = r
+        .status
+        .as_ref()
+        .unwrap()
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+        .unwrap()
+        .clone();
+    let shutdown = job
+        .steps
+        .iter()
+        .find(|x| x.name == "ShutdownSource")
+        .unwrap();
+    assert!(
+        shutdown
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("unreachable"),
+        "{shutdown:?}"
+    );
+    // No call waited for the hung site (a Shutdown call alone may wait 90 s).
+    assert!(took < std::time::Duration::from_secs(80), "took {took:?}");
 }

@@ -12,6 +12,7 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
+    let _serial = one_at_a_time().await;
     let w = World::start("proc").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let vm = "web-01";
@@ -165,4 +166,120 @@ async fn protect_fail_over_commit_reprotect_write_fail_back_replicate_again() {
         assert!(m.contains(line), "{line} missing from:\n{m}");
     }
     assert!(m.contains("twinsite_rpo_seconds{"), "{m}");
+}
+
+/// kstatus (Flux, Argo CD, `kubectl wait`) reads Ready, Reconciling and Stalled. Sampled all
+/// through protection, a planned failover, its commit and the reprotect: Ready is never True
+/// while a job runs or the phase is not settled (Protected or Unprotected), and a VM that is
+/// not Ready is always either Reconciling or Stalled, never neither (kstatus would read that
+/// as Current, done). Events name what was done with a verb (`action`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kstatus_conditions_hold_through_every_phase_of_a_planned_failover() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("kstatus").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "ks-01";
+    w.primary.create_vm(vm, true).await;
+
+    let api = w.rvms();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut seen = std::collections::BTreeSet::new();
+            let mut samples = 0u32;
+            let mut violations = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(r) = api.get(vm).await
+                    && let Some(st) = &r.status
+                    && !st.conditions.is_empty()
+                {
+                    samples += 1;
+                    let phase = st.phase.map(|p| format!("{p:?}")).unwrap_or_default();
+                    seen.insert(phase.clone());
+                    let c = |t: &str| cond_status(&r, t).unwrap_or_default();
+                    let (ready, rec, stalled) = (c("Ready"), c("Reconciling"), c("Stalled"));
+                    let running = st
+                        .jobs
+                        .iter()
+                        .any(|j| format!("{:?}", j.state) == "Running");
+                    let settled = matches!(phase.as_str(), "Protected" | "Unprotected");
+                    if ready == "True" && (!settled || running) {
+                        violations.push(format!(
+                            "Ready=True in phase {phase} (job running: {running})"
+                        ));
+                    }
+                    if ready == "False" && rec == "False" && stalled == "False" {
+                        let why = st
+                            .conditions
+                            .iter()
+                            .find(|c| c.type_ == "Ready")
+                            .map(|c| c.reason.clone());
+                        violations.push(format!(
+                            "Ready, Reconciling, Stalled all False in phase {phase} ({why:?})"
+                        ));
+                    }
+                    if running && rec != "True" {
+                        violations
+                            .push(format!("a job runs but Reconciling={rec} in phase {phase}"));
+                    }
+                    if stalled == "True" {
+                        violations
+                            .push(format!("Stalled=True in phase {phase} with no failed job"));
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            (seen, samples, violations)
+        })
+    };
+
+    w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_protected(vm, &s, &p).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (seen, samples, violations) = sampler.await.unwrap();
+    assert!(
+        violations.is_empty(),
+        "kstatus invariants broken: {violations:#?}"
+    );
+    assert!(samples > 20, "too few samples: {samples}");
+    for phase in ["InitialReplication", "FailingOver", "Protected"] {
+        assert!(
+            seen.contains(phase),
+            "phase {phase} never sampled: {seen:?}"
+        );
+    }
+
+    // Events: the action is a verb; a job's events are told apart by the part of the object
+    // they concern (regarding.fieldPath), so different jobs never fold into one series.
+    let events: kube::api::Api<k8s_openapi::api::events::v1::Event> =
+        kube::api::Api::namespaced(w.client.clone(), &w.ns);
+    let list = events.list(&Default::default()).await.unwrap();
+    let mine: Vec<_> = list
+        .items
+        .iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(vm))
+        .collect();
+    let actions: std::collections::BTreeSet<&str> =
+        mine.iter().filter_map(|e| e.action.as_deref()).collect();
+    for a in ["Replicate", "Failover"] {
+        assert!(actions.contains(a), "no {a} action: {actions:?}");
+    }
+    for a in &actions {
+        assert!(
+            !a.contains('-') && !a.contains(' '),
+            "action is not a verb: {a}"
+        );
+    }
+    let started: Vec<_> = mine
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("JobStarted"))
+        .collect();
+    assert!(
+        started.len() >= 3,
+        "JobStarted events folded together: {started:?}"
+    );
 }

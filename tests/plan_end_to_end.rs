@@ -8,9 +8,11 @@ mod common;
 use common::*;
 use serde_json::json;
 use twinsite::api::{FailoverPlan, PlanPhase};
+use twinsite::site::SiteProvider;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_fails_over_group_after_group_with_an_approval_between() {
+    let _serial = one_at_a_time().await;
     let w = World::start("plane2e").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     for vm in ["db-01", "web-01"] {
@@ -69,13 +71,88 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
     approve(&w, "app-dr", "web/go");
 
     w.wait_protected("web-01", &s, &p).await;
+    let st = wait_completed(&plans, "app-dr").await;
+    assert_eq!(st.groups_summary.as_deref(), Some("2/2"));
+
+    // The controller leaves the approval annotation alone (a GitOps tool keeps it in Git) and
+    // records in status that the value was used.
+    let fp = plans.get("app-dr").await.unwrap();
+    assert_eq!(
+        fp.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("twinsite.io/approve"))
+            .map(String::as_str),
+        Some("web/go")
+    );
+    assert_eq!(st.consumed_approvals, vec!["web/go".to_string()]);
+
+    // A second run (back to the primary site): the kept annotation does not pre-approve it.
+    plans
+        .patch(
+            "app-dr",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"targetSite": p}})),
+        )
+        .await
+        .unwrap();
+    w.wait_protected("db-01", &p, &s).await;
+    let deadline = std::time::Instant::now() + LONG;
+    let fp = loop {
+        let fp = plans.get("app-dr").await.unwrap();
+        let second = fp.status.as_ref().is_some_and(|st| st.jobs.len() == 2);
+        if second && waiting(&fp) {
+            break fp;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "second run never waited: {:?}",
+            fp.status
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    let st = fp.status.unwrap_or_default();
+    let job2 = st.jobs.last().unwrap().name.clone();
+    let hint = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "WaitingForApproval")
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(hint.contains(&format!("web/go@{job2}")), "{hint}");
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let web = w.get("web-01").await;
+    assert_eq!(
+        web.status.and_then(|s| s.active_site).as_deref(),
+        Some(s.as_str()),
+        "the kept annotation pre-approved the second run"
+    );
+    annotate(
+        &w,
+        "fp",
+        "app-dr",
+        "twinsite.io/approve",
+        &format!("web/go@{job2}"),
+    );
+    w.wait_protected("web-01", &p, &s).await;
+    let st = wait_completed(&plans, "app-dr").await;
+    assert_eq!(st.jobs.len(), 2);
+}
+
+async fn wait_completed(
+    plans: &kube::api::Api<FailoverPlan>,
+    name: &str,
+) -> twinsite::api::FailoverPlanStatus {
     let deadline = std::time::Instant::now() + LONG;
     loop {
-        let fp = plans.get("app-dr").await.unwrap();
+        let fp = plans.get(name).await.unwrap();
         let st = fp.status.unwrap_or_default();
-        if st.phase == Some(PlanPhase::Completed) {
-            assert_eq!(st.groups_summary.as_deref(), Some("2/2"));
-            break;
+        let ended = st
+            .jobs
+            .last()
+            .is_some_and(|j| format!("{:?}", j.state) == "Succeeded");
+        if st.phase == Some(PlanPhase::Completed) && ended {
+            return st;
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -83,4 +160,113 @@ async fn plan_fails_over_group_after_group_with_an_approval_between() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
+}
+
+/// A Planned plan whose VM cannot be shut down (no integration services) fails; the operator
+/// powers the VM off and retries the plan (`twinsite.io/retry=<plan job>`): the new run retries
+/// the VM's failed failover job (attempt 2) instead of waiting for it forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_retry_retries_its_failed_vms() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("planretry").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+
+    // A plan waiting for members that do not exist (MembersMissing) is not Ready, but
+    // Reconciling: kstatus reads it as in progress, not as done.
+    let ghost: FailoverPlan = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": "ghost"},
+        "spec": {"targetSite": s, "groups": [{"name": "g", "vms": ["nobody"]}]},
+    }))
+    .unwrap();
+    let plans_api: kube::api::Api<FailoverPlan> =
+        kube::api::Api::namespaced(w.client.clone(), &w.ns);
+    plans_api.create(&Default::default(), &ghost).await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let st = plans_api
+            .get("ghost")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let c = |t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| c.status.clone())
+        };
+        if c("MembersMissing").as_deref() == Some("True") {
+            assert_eq!(c("Ready").as_deref(), Some("False"), "{st:?}");
+            assert_eq!(c("Reconciling").as_deref(), Some("True"), "{st:?}");
+            assert_eq!(c("Stalled").as_deref(), Some("False"), "{st:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ghost plan: {st:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    plans_api
+        .delete("ghost", &Default::default())
+        .await
+        .unwrap();
+    let vm = "legacy-02";
+    w.primary.create_vm(vm, false).await;
+    w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+    let plans = run_plan(
+        &w,
+        "legacy-dr",
+        json!({
+            "failover": {"type": "Planned"},
+            "groups": [{"name": "apps", "vms": [vm]}],
+        }),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + LONG;
+    let failed = loop {
+        let st = plans
+            .get("legacy-dr")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        if st.phase == Some(PlanPhase::Failed) {
+            break st.jobs.last().unwrap().name.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plan never failed: {st:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    let r = w.get(vm).await;
+    let vm_job = r.status.as_ref().unwrap().jobs.last().unwrap().clone();
+    assert_eq!(format!("{:?}", vm_job.state), "Failed");
+    assert_eq!(format!("{:?}", vm_job.type_), "PlannedFailover");
+
+    w.primary
+        .client
+        .power(vm, twinsite::site::PowerAction::PowerOff, "operator-off")
+        .await
+        .unwrap();
+    annotate(&w, "fp", "legacy-dr", "twinsite.io/retry", &failed);
+
+    let r = w
+        .wait_for(vm, "the VM's failover retried and done", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs.iter().any(|j| {
+                    j.name == vm_job.name
+                        && j.attempt == Some(2)
+                        && format!("{:?}", j.state) == "Succeeded"
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        r.status.as_ref().and_then(|s| s.active_site.as_deref()),
+        Some(s.as_str())
+    );
+    let st = wait_completed(&plans, "legacy-dr").await;
+    assert_eq!(st.jobs.len(), 2);
 }

@@ -400,6 +400,7 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
         target,
         failover,
         cut,
+        started,
     } = failover_plan::hold(web1, &plans)
     else {
         panic!("web-1 should be released for the failover");
@@ -408,6 +409,10 @@ async fn groups_run_in_order_and_the_second_waits_for_the_first() {
     assert_eq!(job, newest_job(&fp).unwrap().name);
     assert_eq!(failover.type_, twinsite::api::FailoverType::Planned);
     assert_eq!(cut, None, "a planned failover needs no cut");
+    assert!(
+        started.is_some(),
+        "the running plan job's start is handed on"
+    );
     assert_eq!(
         failover_plan::hold(batch, &plans),
         failover_plan::Hold::Free
@@ -525,12 +530,20 @@ async fn a_manual_approval_pauses_the_plan_until_annotated() {
     let fp = env
         .wait("app", "completed", |fp| phase(fp) == "Completed")
         .await;
-    // The approval belonged to that run; the next run asks again.
-    assert!(
-        !fp.metadata
+    // The annotation stays as the operator (or a GitOps tool) wrote it; the value that
+    // approved is recorded as used, so the next run asks again.
+    assert_eq!(
+        fp.metadata
             .annotations
+            .clone()
             .unwrap_or_default()
-            .contains_key("twinsite.io/approve")
+            .get("twinsite.io/approve")
+            .map(String::as_str),
+        Some("web/other,db/fenced")
+    );
+    assert_eq!(
+        fp.status.clone().unwrap_or_default().consumed_approvals,
+        vec!["db/fenced".to_string()]
     );
     assert!(
         env.event_reasons("app")

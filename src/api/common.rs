@@ -168,6 +168,11 @@ pub struct Job {
     pub cut_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Which run of the job this is: 1 for the first, one more per retry (the
+    /// `twinsite.io/retry` annotation). Absent means 1 (jobs written before retries existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub attempt: Option<i64>,
     #[serde(default)]
     pub steps: Vec<JobStep>,
 }

@@ -19,6 +19,11 @@ use kube::CustomResourceExt;
 pub const GROUP: &str = "twinsite.io";
 /// Annotation that commits a failover job waiting for a manual commit.
 pub const COMMIT_ANNOTATION: &str = "twinsite.io/commit";
+/// Annotation that runs a failed job again, from its first step that did not succeed:
+/// `<job name>` (attempt 2) or `<job name>/<attempt>`. On a FailoverPlan it names a failed plan
+/// job, and the new run retries the failover jobs of its VMs that failed. The controller never
+/// edits it.
+pub const RETRY_ANNOTATION: &str = "twinsite.io/retry";
 /// Annotation that approves a manual-approval action of a plan (`<group>/<action>`).
 pub const APPROVE_ANNOTATION: &str = "twinsite.io/approve";
 

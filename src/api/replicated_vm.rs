@@ -212,6 +212,7 @@ pub struct ReplicatedVMStatus {
     #[schemars(length(max = 10))]
     pub jobs: Vec<Job>,
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

@@ -108,7 +108,9 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
         StepName::StopReplication => {
             // The source side is best effort (it may be gone); the target must stop accepting.
             let mut notes = Vec::new();
-            if let Some(p) = sites.provider(src)
+            if c.source_unreachable {
+                notes.push(format!("not stopped at {src}: the site is unreachable"));
+            } else if let Some(p) = sites.provider(src)
                 && let Err(e) = p.stop_replication(vm, &format!("{op}-source")).await
             {
                 notes.push(format!("at {src}: {e}"));

@@ -88,6 +88,14 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("leader election: {0}")]
     Lease(#[from] kube_lease_manager::LeaseManagerError),
+    #[error(
+        "leader election: the Lease in namespace {namespace} (--lease-namespace) cannot be \
+         used; the namespace must exist, the controller does not create it: {source}"
+    )]
+    LeaseNamespace {
+        namespace: String,
+        source: kube_lease_manager::LeaseManagerError,
+    },
     #[error("serving {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -182,14 +190,19 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         std::env::var("HOSTNAME").unwrap_or_else(|_| "twinsite".into()),
         std::process::id()
     );
-    ensure_namespace(&client, &args.lease_namespace).await;
+    // The Lease's namespace must exist: the controller never creates namespaces (the chart's
+    // RBAC allows it Leases in its own namespace only).
     let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
         .with_namespace(&args.lease_namespace)
         .with_identity(&identity)
         .with_duration(args.lease_duration_seconds)
         .with_grace(args.lease_duration_seconds.div_ceil(3).max(2))
         .build()
-        .await?;
+        .await
+        .map_err(|source| Error::LeaseNamespace {
+            namespace: args.lease_namespace.clone(),
+            source,
+        })?;
     let (mut leader, lease_task) = lease.watch().await;
     ready.store(true, Ordering::SeqCst);
     info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "waiting for leadership");
@@ -283,19 +296,6 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     http.abort();
     info!("stopped");
     Ok(())
-}
-
-/// The Lease lives in a namespace that a fresh cluster may not have yet.
-async fn ensure_namespace(client: &Client, ns: &str) {
-    use k8s_openapi::api::core::v1::Namespace;
-    let api: Api<Namespace> = Api::all(client.clone());
-    if let Ok(None) = api.get_opt(ns).await {
-        let mut n = Namespace::default();
-        n.metadata.name = Some(ns.to_string());
-        if let Err(e) = api.create(&kube::api::PostParams::default(), &n).await {
-            warn!(namespace = ns, error = %e, "creating the lease namespace");
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -212,6 +212,117 @@ pub fn operation_id(uid: &str, job: &str, step: StepName) -> String {
     format!("{uid}-{job}-{}", step.as_str())
 }
 
+/// The idempotency key of a step of `job` in its current attempt: a retry gets new keys, so
+/// the sites run the step again instead of answering the failed attempt from their record.
+fn attempt_operation_id(uid: &str, job: &Job, step: StepName) -> String {
+    match job.attempt.filter(|a| *a > 1) {
+        Some(a) => format!("{uid}-{}-a{a}-{}", job.name, step.as_str()),
+        None => operation_id(uid, &job.name, step),
+    }
+}
+
+/// The attempt the newest job runs next when it failed and a retry asks for it: the
+/// `twinsite.io/retry` annotation names it (`<job>` for attempt 2, `<job>/<n>` for attempt
+/// `n`, so an annotation kept in Git runs each attempt once), or the FailoverPlan that moves
+/// the VM started a run after this failover to the plan's target failed. A job that is not the
+/// newest, one that did not fail, a conflict, and a digest mismatch (resynchronized first) are
+/// not retried.
+fn retry_due(input: &Input, st: &ReplicatedVMStatus) -> Option<i64> {
+    let j = st.jobs.last().filter(|j| j.state == JobState::Failed)?;
+    if input.conflict.is_some() || resync_due(st).is_some() {
+        return None;
+    }
+    let next = j.attempt.unwrap_or(1).saturating_add(1);
+    let asked = input.retry.is_some_and(|v| retry_names(v, &j.name, next));
+    let by_plan = input.plan_started.is_some_and(|started| {
+        is_failover(j.type_)
+            && j.target_site.as_deref() == Some(input.desired())
+            && j.end_time.as_ref().is_some_and(|e| e.0 < started)
+    });
+    (asked || by_plan).then_some(next)
+}
+
+/// Whether the retry annotation's `value` asks for attempt `next` of job `job`.
+fn retry_names(value: &str, job: &str, next: i64) -> bool {
+    let v = value.trim();
+    match v.rsplit_once('/') {
+        Some((name, n)) => name == job && n.trim().parse::<i64>().ok() == Some(next),
+        None => v == job && next == 2,
+    }
+}
+
+/// Runs the newest (failed) job again as attempt `attempt`, from its first step that did not
+/// succeed. A failover that started its source again (RestartSource) undid its earlier steps:
+/// it runs again from its first step.
+fn retry_job(input: &Input, st: &mut ReplicatedVMStatus, attempt: i64, events: &mut Vec<Note>) {
+    let Some(job) = st.jobs.last_mut() else {
+        return;
+    };
+    let restart = StepName::RestartSource.as_str();
+    let restarted = job
+        .steps
+        .iter()
+        .any(|s| s.name == restart && s.state == StepState::Succeeded);
+    job.steps.retain(|s| s.name != restart);
+    let from = if restarted {
+        0
+    } else {
+        job.steps
+            .iter()
+            .position(|s| s.state != StepState::Succeeded)
+            .unwrap_or(job.steps.len())
+    };
+    let cut = StepName::ConsistentCut.as_str();
+    for s in &mut job.steps[from..] {
+        if s.name == cut {
+            // The plan's cut keeps its id (the site answers it once).
+            job.cut_id = None;
+            job.recovery_point = None;
+        } else {
+            s.operation_id = None;
+        }
+        s.state = StepState::Pending;
+        s.message = None;
+        s.start_time = None;
+        s.end_time = None;
+    }
+    let first = job
+        .steps
+        .get(from)
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    let previous = job.message.take().unwrap_or_default();
+    job.state = JobState::Running;
+    job.attempt = Some(attempt);
+    job.start_time = Some(input.now());
+    job.end_time = None;
+    events.push(Note {
+        warning: false,
+        action: job_verb(job.type_),
+        subject: job.name.clone(),
+        reason: "JobRetried",
+        message: format!(
+            "{} {} attempt {attempt} started at step {first} (attempt {} failed: {previous})",
+            job_type_str(job.type_),
+            job.name,
+            attempt - 1
+        ),
+    });
+}
+
+/// The verb of a job's Events (`action`): Events of one kind of work fold into one series.
+pub fn job_verb(t: JobType) -> &'static str {
+    match t {
+        JobType::EnableReplication => "Replicate",
+        JobType::ReverseReplicate => "Reprotect",
+        JobType::PlannedFailover | JobType::UnplannedFailover | JobType::PlanFailover => "Failover",
+        JobType::Commit => "Commit",
+        JobType::TestFailover | JobType::PlanTestFailover => "Drill",
+        JobType::TestFailoverCleanup | JobType::PlanTestFailoverCleanup => "CleanUpDrill",
+        JobType::DisableReplication => "DisableReplication",
+    }
+}
+
 /// Everything the planner looks at.
 #[derive(Clone, Debug)]
 pub struct Input<'a> {
@@ -234,6 +345,12 @@ pub struct Input<'a> {
     pub conflict: Option<&'a Conflict>,
     /// The consistent cut a plan failover of this VM starts from (Unplanned, LatestProcessed).
     pub cut: Option<&'a Cut>,
+    /// Value of the `twinsite.io/retry` annotation: `<job>` runs that failed job a second
+    /// time, `<job>/<n>` runs its attempt `n` (see [`retry_due`]).
+    pub retry: Option<&'a str>,
+    /// When the running FailoverPlan job that moves this VM started: a failover of the VM to
+    /// the plan's target that failed before it is run again (a plan retry).
+    pub plan_started: Option<Timestamp>,
 }
 
 /// Why the FailoverPlans of the VM's namespace hold it where it runs.
@@ -337,6 +454,9 @@ pub struct StepCall {
     /// ConsistentCut: the VMs the cut is asked for (the plan's members, this VM among them).
     /// The cut id is the step's operation id.
     pub cut_vms: Vec<String>,
+    /// The source site's listing fails: a best-effort call there (StopReplication's source
+    /// side in an unplanned failover) is not made, as it would only wait for its timeout.
+    pub source_unreachable: bool,
 }
 
 /// Power the VM off at `site`, where it runs although it must not.
@@ -445,6 +565,9 @@ pub fn plan(input: &Input) -> Plan {
                 }
                 _ => advance(input, &mut st, &mut events, &mut finished),
             }
+        } else if let Some(attempt) = retry_due(input, &st) {
+            retry_job(input, &mut st, attempt, &mut events);
+            advance(input, &mut st, &mut events, &mut finished);
         } else {
             match next_job(input, &st) {
                 Next::Start(t, source, target) => {
@@ -579,6 +702,8 @@ fn step_call(
     let job = &st.jobs[ji];
     let source = job.source_site.clone().unwrap_or_default();
     let target = job.target_site.clone().unwrap_or_default();
+    let source_unreachable =
+        job.type_ == JobType::UnplannedFailover && !input.view(&source).reachable();
     let recovery_point = match (job.type_, &job.cut_id, &job.recovery_point) {
         // A planned failover brings up everything the final sync sent.
         (JobType::PlannedFailover, _, _) => "Latest".to_string(),
@@ -609,7 +734,7 @@ fn step_call(
         op_id: job.steps[si]
             .operation_id
             .clone()
-            .unwrap_or_else(|| operation_id(input.uid, &job.name, n)),
+            .unwrap_or_else(|| attempt_operation_id(input.uid, job, n)),
         recovery_point,
         network: input.spec.test_failover.network.clone(),
         mode: if job.type_ == JobType::ReverseReplicate {
@@ -621,6 +746,7 @@ fn step_call(
         optional: is_optional(job.type_, n),
         test_vm: st.test_failover.as_ref().map(|t| t.vm_name.clone()),
         cut_vms,
+        source_unreachable,
     }
 }
 
@@ -760,6 +886,7 @@ fn note_source_resync(
     if let Some((_, msg)) = replication_in_progress(input, st) {
         events.push(Note {
             warning: true,
+            action: "Resynchronize",
             subject: format!(
                 "resync {} -> {}",
                 r.source_site.as_deref().unwrap_or_default(),
@@ -1040,6 +1167,7 @@ fn refuse_job(
     job.message = Some(why.clone());
     events.push(Note {
         warning: true,
+        action: job_verb(job.type_),
         subject: job.name.clone(),
         reason: "JobFailed",
         message: format!("{} {} Failed: {why}", job_type_str(job.type_), job.name),
@@ -1061,6 +1189,7 @@ fn start_job(
     let cut = input.cut.filter(|_| t == JobType::UnplannedFailover);
     events.push(Note {
         warning: false,
+        action: job_verb(t),
         subject: name.clone(),
         reason: "JobStarted",
         message: format!("{} {name} started: {source} -> {target}", job_type_str(t)),
@@ -1076,6 +1205,7 @@ fn start_job(
         recovery_point: None,
         recovery_point_age_seconds: None,
         cut_id: None,
+        attempt: Some(1),
         message: None,
         steps: cut
             .iter()
@@ -1107,23 +1237,36 @@ fn trim_jobs(st: &mut ReplicatedVMStatus) {
 }
 
 /// Why a pending step is skipped, if it is.
-fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<&'static str> {
+fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<String> {
     let step_state = |n: StepName| {
         job.steps
             .iter()
             .find(|s| s.name == n.as_str())
             .map(|s| s.state)
     };
+    let source = job.source_site.as_deref().unwrap_or_default();
     match (job.type_, step) {
         (JobType::UnplannedFailover, StepName::ShutdownSource | StepName::SyncRemaining)
             if !input.spec.failover.shutdown_source =>
         {
-            Some("shutdownSource is false")
+            Some("shutdownSource is false".into())
         }
+        // The disaster does not wait for a site known to be down: a call to it would only
+        // hang until its timeout. It is fenced when it answers again.
+        (
+            JobType::UnplannedFailover,
+            StepName::ConsistentCut
+            | StepName::ShutdownSource
+            | StepName::FenceSource
+            | StepName::SyncRemaining,
+        ) if !input.view(source).reachable() => Some(format!(
+            "skipped: site {source} is unreachable (its listing fails); the failover continues, \
+             and {source} is fenced when it answers again"
+        )),
         (JobType::UnplannedFailover, StepName::FenceSource)
             if step_state(StepName::ShutdownSource) == Some(StepState::Succeeded) =>
         {
-            Some("source shut down")
+            Some("source shut down".into())
         }
         _ => None,
     }
@@ -1145,12 +1288,12 @@ fn advance(
             Some((si, _)) => {
                 let name = StepName::parse(&job.steps[si].name);
                 let skip = name.and_then(|n| skip_reason(input, job, n));
-                let op = name.map(|n| operation_id(input.uid, &job.name, n));
+                let op = name.map(|n| attempt_operation_id(input.uid, job, n));
                 let s = &mut st.jobs[ji].steps[si];
                 match skip {
                     Some(why) => {
                         s.state = StepState::Skipped;
-                        s.message = Some(why.to_string());
+                        s.message = Some(why);
                         s.end_time = Some(input.now());
                     }
                     None => {
@@ -1249,6 +1392,7 @@ fn finish_job(
     let job = &st.jobs[ji];
     events.push(Note {
         warning: state == JobState::Failed,
+        action: job_verb(t),
         subject: name.clone(),
         reason: if state == JobState::Failed {
             "JobFailed"
@@ -1343,6 +1487,7 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             s.message = Some(msg.clone());
             events.push(Note {
                 warning: true,
+                action: job_verb(call.job_type),
                 subject: format!("{}/{}", job.name, s.name),
                 reason: "StepFailed",
                 message: format!("{}: {} failed: {msg}", job.name, s.name),
@@ -1565,6 +1710,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
             }
             events.push(Note {
                 warning: true,
+                action: "Fence",
                 subject: fence.op_id.clone(),
                 reason: "Fenced",
                 message: msg,
@@ -1573,6 +1719,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
         Outcome::Failed(m) | Outcome::Unreachable(m) => {
             events.push(Note {
                 warning: true,
+                action: "Fence",
                 subject: format!("fence-{}", fence.site),
                 reason: "FenceFailed",
                 message: format!(
@@ -1793,6 +1940,40 @@ fn refresh_replication_now(input: &Input, st: &mut ReplicatedVMStatus) {
     }
 }
 
+/// Stalled's message for a failed job: what failed and the two ways on (retry, or a spec
+/// change).
+fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
+    let Some(j) = standing_job(st) else {
+        return "the newest job failed; change the spec to try again".into();
+    };
+    if st.jobs.last() != Some(j) {
+        // A planned failover that failed on its digests, resynchronized since: a spec change
+        // is its next attempt (a retry would run it from VerifyDigests on a new copy).
+        return format!(
+            "{} {} failed: {}; change the spec to try again",
+            job_type_str(j.type_),
+            j.name,
+            j.message.as_deref().unwrap_or("")
+        );
+    }
+    let next = j.attempt.unwrap_or(1).saturating_add(1);
+    let value = if next == 2 {
+        j.name.clone()
+    } else {
+        format!("{}/{next}", j.name)
+    };
+    format!(
+        "{} {} failed (attempt {}): {}; fix the cause, then run it again from the step that \
+         failed with kubectl annotate rvm {} {}={value} --overwrite, or change the spec",
+        job_type_str(j.type_),
+        j.name,
+        next - 1,
+        j.message.as_deref().unwrap_or(""),
+        input.name,
+        crate::api::RETRY_ANNOTATION,
+    )
+}
+
 /// Phase and conditions from the status and the spec, computed in one place.
 fn finalize(
     input: &Input,
@@ -1847,6 +2028,10 @@ fn finalize(
     st.phase = Some(phase);
 
     let mut want = Vec::new();
+    // Why a VM that is not Ready still moves on its own (Reconciling=True), or why it needs a
+    // person although no job failed (Stalled=True).
+    let mut progressing: Option<(&'static str, String)> = None;
+    let mut vm_not_running: Option<String> = None;
     match running {
         Some(j) => {
             let step = current_step(j)
@@ -1880,6 +2065,7 @@ fn finalize(
                 want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
+                progressing = Some((w.reason, w.message.clone()));
             } else if let Some(msg) = vm_off(input, st) {
                 if !input
                     .status
@@ -1889,18 +2075,26 @@ fn finalize(
                 {
                     events.push(Note {
                         warning: true,
+                        action: "Observe",
                         subject: format!("vm-off-{}", st.active_site.as_deref().unwrap_or("")),
                         reason: VM_NOT_RUNNING,
                         message: msg.clone(),
                     });
                 }
-                want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg));
+                want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg.clone()));
+                // The controller does not start it: only a person can.
+                vm_not_running = Some(msg);
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled
             {
-                want.push(Cond::new(READY, false, reason, msg));
-            } else if in_place && replication_matches && drill_matches {
+                want.push(Cond::new(READY, false, reason, msg.clone()));
+                progressing = Some((reason, msg));
+            } else if in_place
+                && replication_matches
+                && drill_matches
+                && matches!(phase, VmPhase::Protected | VmPhase::Unprotected)
+            {
                 let reason = match phase {
                     VmPhase::Protected => "Protected",
                     _ => "Unprotected",
@@ -1912,27 +2106,25 @@ fn finalize(
                     format!("runs at {desired} as the spec says"),
                 ));
             } else {
-                want.push(Cond::new(
-                    READY,
-                    false,
-                    "Progressing",
-                    "the next job is being planned",
-                ));
+                let msg = "the next job is being planned";
+                want.push(Cond::new(READY, false, "Progressing", msg));
+                progressing = Some(("Progressing", msg.to_string()));
             }
-            want.push(Cond::new(RECONCILING, false, "Idle", "no job runs"));
+            // kstatus: a VM that is not Ready is either still progressing (Reconciling) or
+            // needs a person (Stalled), never neither.
+            want.push(match &progressing {
+                Some((reason, msg)) => Cond::new(RECONCILING, true, *reason, msg.clone()),
+                None => Cond::new(RECONCILING, false, "Idle", "no job runs"),
+            });
         }
     }
-    want.push(match (stalled, input.conflict) {
-        (true, _) => Cond::new(
-            STALLED,
-            true,
-            "JobFailed",
-            "the newest job failed; change the spec to try again",
-        ),
+    want.push(match (stalled, input.conflict, &vm_not_running) {
+        (true, _, _) => Cond::new(STALLED, true, "JobFailed", stalled_message(input, st)),
         // A conflict needs a person too; a job already running still ends first.
-        (false, Some(c)) if running.is_none() => {
+        (false, Some(c), _) if running.is_none() => {
             Cond::new(STALLED, true, "Conflict", c.message.clone())
         }
+        (false, None, Some(msg)) => Cond::new(STALLED, true, VM_NOT_RUNNING, msg.clone()),
         _ => Cond::new(STALLED, false, "NotStalled", ""),
     });
     want.push(match (commit_pending, &commit) {
@@ -1959,6 +2151,7 @@ fn finalize(
     {
         events.push(Note {
             warning: true,
+            action: "Hold",
             subject: format!("conflict: {}", c.message),
             reason: "Conflict",
             message: format!("held where it runs, no job starts: {}", c.message),

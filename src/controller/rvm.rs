@@ -18,7 +18,8 @@ use super::{
     Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels, writes,
 };
 use crate::api::{
-    COMMIT_ANNOTATION, FailoverPlan, ReplicatedVM, ReplicatedVMSpec, ReplicatedVMStatus,
+    COMMIT_ANNOTATION, FailoverPlan, RETRY_ANNOTATION, ReplicatedVM, ReplicatedVMSpec,
+    ReplicatedVMStatus,
 };
 use crate::site::SiteError;
 
@@ -128,18 +129,20 @@ async fn apply(
     let hold = failover_plan::hold(rvm, &plans);
     let effective = plan_spec(rvm, &status, &hold);
     let spec = &effective;
-    let (conflict, cut) = match &hold {
+    let (conflict, cut, plan_started) = match &hold {
         Hold::Conflict { reason, message } => (
             Some(planner::Conflict {
                 reason: reason.to_string(),
                 message: message.clone(),
             }),
             None,
+            None,
         ),
-        Hold::Failover { cut, .. } => (None, cut.clone()),
-        _ => (None, None),
+        Hold::Failover { cut, started, .. } => (None, cut.clone(), *started),
+        _ => (None, None, None),
     };
     let commit = rvm.annotations().get(COMMIT_ANNOTATION).cloned();
+    let retry = rvm.annotations().get(RETRY_ANNOTATION).cloned();
     let labels = VmLabels {
         namespace: ns.clone(),
         name: name.clone(),
@@ -170,6 +173,8 @@ async fn apply(
             poll: ctx.poll,
             conflict: conflict.as_ref(),
             cut: cut.as_ref(),
+            retry: retry.as_deref(),
+            plan_started,
         };
         let update = match planner::plan(&input) {
             Plan::Idle(d) => {

@@ -90,9 +90,12 @@ pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Note {
     pub warning: bool,
-    /// What the event is about (a job, a job's step, a fence, a conflict): the recorder folds
-    /// events with the same subject and reason into one series, so events about different
-    /// subjects are never folded together, and repeats of one are.
+    /// What was done, as a verb (`Failover`, `Replicate`, `Fence`): the Event's `action`.
+    pub action: &'static str,
+    /// What the event is about (a job, a job's step, a fence, a conflict), published as the
+    /// `fieldPath` of the Event's `regarding` reference (the part of the object concerned):
+    /// the recorder folds events with the same action, reason and regarding into one series,
+    /// so repeats of one subject fold together and different jobs never do.
     pub subject: String,
     pub reason: &'static str,
     pub message: String,
@@ -102,6 +105,8 @@ pub struct Note {
 /// returned: an Event is not worth failing a reconcile for.
 pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, notes: &[Note]) {
     for n in notes {
+        let mut about = regarding.clone();
+        about.field_path = Some(n.subject.chars().take(256).collect());
         let ev = Event {
             type_: if n.warning {
                 EventType::Warning
@@ -110,10 +115,10 @@ pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, notes: &[
             },
             reason: n.reason.to_string(),
             note: Some(n.message.chars().take(1000).collect()),
-            action: n.subject.chars().take(128).collect(),
+            action: n.action.to_string(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&ev, regarding).await {
+        if let Err(e) = recorder.publish(&ev, &about).await {
             warn!(
                 kind = regarding.kind.as_deref().unwrap_or_default(),
                 name = regarding.name.as_deref().unwrap_or_default(),

@@ -11,8 +11,20 @@ use super::*;
 /// Calls that only read or flip state answer quickly; a site that takes longer is treated as
 /// unreachable so the controller can move on.
 const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Sync sends every pending block before it answers, and failover may copy whole disks.
+/// A failover or drill at the target may copy whole disks, and a digest reads them.
 const LONG_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A graceful shutdown: the agent gives the guest 60 s by default (`--shutdown-timeout-seconds`)
+/// and then fails the call; a little longer here, so its answer (and not a timeout) is seen.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(90);
+/// Sync sends every block not yet sent (at most one replication interval of writes) before it
+/// answers.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
+/// Stopping replication waits for a cycle in flight to end.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+/// A consistent cut pauses the plan's VMs at the source for an instant and makes one point each.
+const CUT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Commit, drill cleanup and VM deletion remove files at the site.
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A [`SiteProvider`] backed by a `twinsite agent` over HTTP(S) with a bearer token.
 #[derive(Clone, Debug)]
@@ -117,11 +129,12 @@ impl AgentClient {
         vm: &str,
         route: &str,
         op_id: &str,
+        timeout: Duration,
     ) -> Result<T, SiteError> {
         let body = OperationRequest {
             operation_id: op_id.to_string(),
         };
-        self.vm_post(vm, route, &body, LONG_TIMEOUT).await
+        self.vm_post(vm, route, &body, timeout).await
     }
 
     pub async fn write_disk(
@@ -219,7 +232,7 @@ impl SiteProvider for AgentClient {
     fn delete_vm<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, ()> {
         Box::pin(async move {
             let path = format!("/v1/vms/{}?operationId={}", enc(vm), enc(op_id));
-            self.call::<(), DeleteResult>(Method::DELETE, &path, None, LONG_TIMEOUT)
+            self.call::<(), DeleteResult>(Method::DELETE, &path, None, CLEANUP_TIMEOUT)
                 .await
                 .map(|_| ())
         })
@@ -231,7 +244,12 @@ impl SiteProvider for AgentClient {
                 action,
                 operation_id: Some(op_id.to_string()),
             };
-            self.vm_post(vm, "power", &body, LONG_TIMEOUT).await
+            // Start and PowerOff flip state; only a graceful shutdown waits for the guest.
+            let timeout = match action {
+                PowerAction::Shutdown => SHUTDOWN_TIMEOUT,
+                PowerAction::Start | PowerAction::PowerOff => SHORT_TIMEOUT,
+            };
+            self.vm_post(vm, "power", &body, timeout).await
         })
     }
 
@@ -252,12 +270,12 @@ impl SiteProvider for AgentClient {
     }
 
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult> {
-        Box::pin(self.vm_op(vm, "replication/sync", op_id))
+        Box::pin(self.vm_op(vm, "replication/sync", op_id, SYNC_TIMEOUT))
     }
 
     fn cut<'a>(&'a self, req: &'a CutRequest) -> SiteFuture<'a, CutResult> {
         Box::pin(async move {
-            self.call(Method::POST, "/v1/cuts", Some(req), LONG_TIMEOUT)
+            self.call(Method::POST, "/v1/cuts", Some(req), CUT_TIMEOUT)
                 .await
         })
     }
@@ -267,7 +285,7 @@ impl SiteProvider for AgentClient {
         vm: &'a str,
         op_id: &'a str,
     ) -> SiteFuture<'a, ReplicationInfo> {
-        Box::pin(self.vm_op(vm, "replication/stop", op_id))
+        Box::pin(self.vm_op(vm, "replication/stop", op_id, STOP_TIMEOUT))
     }
 
     fn recovery_points<'a>(&'a self, vm: &'a str) -> SiteFuture<'a, Vec<RecoveryPoint>> {
@@ -316,11 +334,11 @@ impl SiteProvider for AgentClient {
         vm: &'a str,
         op_id: &'a str,
     ) -> SiteFuture<'a, CleanupResult> {
-        Box::pin(self.vm_op(vm, "test-failover/cleanup", op_id))
+        Box::pin(self.vm_op(vm, "test-failover/cleanup", op_id, CLEANUP_TIMEOUT))
     }
 
     fn commit<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, CommitResult> {
-        Box::pin(self.vm_op(vm, "commit", op_id))
+        Box::pin(self.vm_op(vm, "commit", op_id, CLEANUP_TIMEOUT))
     }
 
     fn digest<'a>(&'a self, vm: &'a str, disk: &'a str) -> SiteFuture<'a, String> {

@@ -138,6 +138,11 @@ impl Agent {
         self.spawn().await;
     }
 
+    /// The agent process's id while it runs (for SIGSTOP/SIGCONT: a site that hangs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.pid())
+    }
+
     /// Where the agent keeps a VM: `<data dir>/vms/<vm>`.
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         self.dir.join("data").join("vms").join(vm)
@@ -281,6 +286,16 @@ impl ControllerProc {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Tests of one binary share its API server, and every controller process acts on every
+/// namespace: a binary with more than one test runs them one at a time. Hold the guard for the
+/// whole test, taken before the [`World`] (so it is dropped after it).
+pub async fn one_at_a_time() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::OnceLock<tokio::sync::Mutex<()>> = std::sync::OnceLock::new();
+    LOCK.get_or_init(|| tokio::sync::Mutex::new(()))
+        .lock()
+        .await
 }
 
 /// A test's world: its namespace, two agents, the Site objects and the controller.
@@ -565,6 +580,25 @@ pub fn approve(w: &World, plan: &str, what: &str) {
     let out = w.cp.kubectl().args(args).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "kubectl annotate: {err}");
+}
+
+/// `kubectl annotate <kind> <name> <key>=<value> --overwrite` in the world's namespace.
+pub fn annotate(w: &World, kind: &str, name: &str, key: &str, value: &str) {
+    let kv = format!("{key}={value}");
+    let args = ["annotate", kind, name, "-n", &w.ns, &kv, "--overwrite"];
+    let out = w.cp.kubectl().args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kubectl annotate: {err}");
+}
+
+/// Status of condition `t` ("True"/"False"), when it is set.
+pub fn cond_status(r: &ReplicatedVM, t: &str) -> Option<String> {
+    r.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| c.status.clone())
 }
 
 pub fn pattern(tag: &str, len: usize) -> Vec<u8> {

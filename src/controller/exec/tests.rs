@@ -154,6 +154,7 @@ fn enable_call(job_type: JobType, mode: EnableMode) -> StepCall {
         optional: false,
         test_vm: None,
         cut_vms: vec![],
+        source_unreachable: false,
     }
 }
 

@@ -219,6 +219,9 @@ pub enum Hold {
         target: String,
         failover: FailoverSpec,
         cut: Option<Cut>,
+        /// When the plan job started, while it runs: a failover of the VM to `target` that
+        /// failed before then is run again (a retry of the plan retries its failed VMs).
+        started: Option<Timestamp>,
     },
     /// Released for a plan drill: a drill copy at the other site on the plan's drill network;
     /// the VM itself stays at status.activeSite.
@@ -338,6 +341,12 @@ pub fn hold(rvm: &ReplicatedVM, plans: &[FailoverPlan]) -> Hold {
             target,
             failover: plan.spec.failover.clone(),
             cut,
+            started: status
+                .jobs
+                .last()
+                .filter(|j| j.state == JobState::Running)
+                .and_then(|j| j.start_time.as_ref())
+                .map(|t| t.0),
         },
         None => Hold::Held { plan: plan_name },
     }
@@ -514,6 +523,7 @@ mod tests {
             recovery_point: None,
             recovery_point_age_seconds: None,
             cut_id: None,
+            attempt: None,
             message: None,
             steps: vec![],
         };
@@ -544,6 +554,7 @@ mod tests {
                 target: "secondary".into(),
                 failover: FailoverSpec::default(),
                 cut: None,
+                started: None,
             }
         );
         // A plan job that names a cut hands it on with every member of the plan.
@@ -598,6 +609,7 @@ mod tests {
             recovery_point: None,
             recovery_point_age_seconds: None,
             cut_id: None,
+            attempt: None,
             message: None,
             steps: vec![],
         };
@@ -631,6 +643,7 @@ mod tests {
             recovery_point: None,
             recovery_point_age_seconds: None,
             cut_id: None,
+            attempt: None,
             message: None,
             steps: vec![JobStep {
                 name: step.0.into(),

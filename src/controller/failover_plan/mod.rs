@@ -13,5 +13,5 @@ pub mod webhook;
 pub use members::{Hold, hold};
 
 /// Names a failed plan job to run again: `kubectl annotate fp NAME twinsite.io/retry=<job>`.
-pub const RETRY_ANNOTATION: &str = "twinsite.io/retry";
+pub use crate::api::RETRY_ANNOTATION;
 pub use reconcile::{Error, approvals, run, run_in_namespace};

@@ -9,20 +9,19 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{debug, info, warn};
 
 use super::RETRY_ANNOTATION;
 use super::members::{self, now};
 use super::planner::{self, Input};
 use super::webhook::{self, Payload};
-use crate::api::{APPROVE_ANNOTATION, FailoverPlan, FailoverPlanStatus, JobState, ReplicatedVM};
+use crate::api::{APPROVE_ANNOTATION, FailoverPlan, ReplicatedVM};
 use crate::controller::writes;
 
 /// Actions taken in one reconcile before handing the plan back to the queue (fairness).
@@ -203,7 +202,7 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
     }
     let uid = fp.uid().unwrap_or_else(|| name.clone());
     let resolved = members::resolve(fp, &plans.items, &rvms.items);
-    let mut approvals = approvals(fp);
+    let approvals = approvals(fp);
     let mut status = fp.status.clone().unwrap_or_default();
     let mut rv = fp.resource_version();
 
@@ -261,36 +260,10 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
             .resource_version;
         let notes: Vec<writes::Note> = notes.iter().map(Into::into).collect();
         writes::publish(&ctx.recorder, &fp.object_ref(&()), &notes).await;
-        if job_ended(&status, &new) && !approvals.is_empty() {
-            // Approvals count for the job that ran: the next run of the plan asks again.
-            rv = clear_approvals(&plans_api, &name).await?.or(rv);
-            approvals.clear();
-        }
         status = new;
     }
     ctx.succeeded(&uid);
     Ok(Action::requeue(Duration::ZERO))
-}
-
-/// Whether the newest job was running in `old` and has ended in `new`.
-fn job_ended(old: &FailoverPlanStatus, new: &FailoverPlanStatus) -> bool {
-    let running = |st: &FailoverPlanStatus, name: &str| {
-        st.jobs
-            .iter()
-            .any(|j| j.name == name && j.state == JobState::Running)
-    };
-    old.jobs
-        .iter()
-        .filter(|j| j.state == JobState::Running)
-        .any(|j| !running(new, &j.name))
-}
-
-async fn clear_approvals(api: &Api<FailoverPlan>, name: &str) -> Result<Option<String>, Error> {
-    let patch = json!({"metadata": {"annotations": {APPROVE_ANNOTATION: null}}});
-    let out = api
-        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(out.resource_version())
 }
 
 #[cfg(test)]

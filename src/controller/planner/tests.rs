@@ -55,6 +55,10 @@ struct World {
     status: ReplicatedVMStatus,
     generation: i64,
     annotation: Option<String>,
+    /// The `twinsite.io/retry` annotation.
+    retry: Option<String>,
+    /// When the plan job that moves the VM started.
+    plan_started: Option<Timestamp>,
     sites: HashMap<String, Option<SimVm>>,
     down: HashSet<String>,
     now: i64,
@@ -91,6 +95,8 @@ impl World {
             status: ReplicatedVMStatus::default(),
             generation: 1,
             annotation: None,
+            retry: None,
+            plan_started: None,
             sites,
             down: HashSet::new(),
             now: 0,
@@ -139,6 +145,8 @@ impl World {
             poll: Duration::from_secs(5),
             conflict: self.conflict.as_ref(),
             cut: self.cut.as_ref(),
+            retry: self.retry.as_deref(),
+            plan_started: self.plan_started,
         };
         f(&input)
     }
@@ -211,7 +219,8 @@ impl World {
             }
             StepName::ShutdownSource => {
                 let vm = self.vm_mut(src);
-                if !vm.integration {
+                // As at the agent: a VM that is off already is shut down.
+                if !vm.integration && vm.vm.power == Power::Running {
                     return Outcome::Failed("no integration services".into());
                 }
                 vm.vm.power = Power::Off;
@@ -763,12 +772,18 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
     assert_eq!(
         w.steps(JobType::UnplannedFailover),
         st(&[
-            ("ShutdownSource", F),
-            ("FenceSource", F),
-            ("SyncRemaining", F),
+            ("ShutdownSource", K),
+            ("FenceSource", K),
+            ("SyncRemaining", K),
             ("StopReplication", OK),
             ("StartAtTarget", OK),
         ])
+    );
+    // The site listing shows the source down: its steps are skipped, not called.
+    let shutdown = &w.job(JobType::UnplannedFailover).steps[0];
+    assert!(
+        shutdown.message.as_deref().unwrap().contains("unreachable"),
+        "{shutdown:?}"
     );
     assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
     // Committed; reverse replication waits for the old site.
@@ -1246,6 +1261,8 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         poll: Duration::from_secs(5),
         conflict: None,
         cut: None,
+        retry: None,
+        plan_started: None,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
     // A fresh one does fence.
@@ -1356,17 +1373,13 @@ fn a_failed_cut_is_recorded_and_the_failover_goes_on_from_latest_processed() {
     let f = w.job(JobType::UnplannedFailover);
     assert_eq!(f.state, JobState::Succeeded, "{f:?}");
     assert_eq!(f.steps[0].name, "ConsistentCut");
-    assert_eq!(f.steps[0].state, F);
+    // The listing shows the source down: the cut is skipped, not asked for.
+    assert_eq!(f.steps[0].state, K);
     let msg = f.steps[0].message.as_deref().unwrap();
     assert!(msg.contains(P) && msg.contains("continues"), "{msg}");
     assert_eq!(f.cut_id, None, "no cut was used");
     assert_eq!(w.started_from, vec!["LatestProcessed".to_string()]);
     assert_eq!(w.status.active_site.as_deref(), Some(S));
-    assert!(
-        w.events
-            .iter()
-            .any(|e| e.reason == "StepFailed" && e.message.contains("ConsistentCut"))
-    );
 
     // The source answers but leaves the VM out of the cut: the same.
     let mut w = World::protected(true);
@@ -1927,4 +1940,84 @@ fn a_vm_off_at_its_active_site_is_not_healthy_and_is_not_started() {
     w.settle();
     assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
     assert!(w.cond(READY));
+}
+
+#[test]
+fn the_retry_annotation_runs_a_failed_job_again_from_the_step_that_failed() {
+    let mut w = World::protected(false);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    let job = w.job(JobType::PlannedFailover).clone();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempt, Some(1));
+    assert!(w.cond(STALLED) && !w.cond(RECONCILING) && !w.cond(READY));
+    assert!(
+        w.condition(STALLED)
+            .message
+            .contains(&format!("twinsite.io/retry={}", job.name)),
+        "{:?}",
+        w.condition(STALLED)
+    );
+    // An annotation naming another job does nothing.
+    w.retry = Some("web-01-failover-7".into());
+    w.settle();
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+    // The operator powers the VM off and names the job: attempt 2 runs from ShutdownSource,
+    // with operation ids of its own.
+    w.vm_mut(P).vm.power = Power::Off;
+    w.retry = Some(job.name.clone());
+    w.settle();
+    let done = w.job(JobType::PlannedFailover).clone();
+    assert_eq!(done.name, job.name);
+    assert_eq!(done.state, JobState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, Some(2));
+    assert!(
+        done.steps
+            .iter()
+            .all(|s| s.operation_id.as_deref().unwrap_or("").contains("-a2-")),
+        "{done:?}"
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(w.events.iter().any(|e| e.reason == "JobRetried"));
+    assert!(!w.cond(STALLED));
+}
+
+#[test]
+fn a_kept_retry_annotation_runs_each_attempt_once() {
+    let mut w = World::protected(false);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    let name = w.job(JobType::PlannedFailover).name.clone();
+    // Attempt 2 fails the same way (the VM still runs and cannot shut down).
+    w.retry = Some(name.clone());
+    w.settle();
+    let j = w.job(JobType::PlannedFailover);
+    assert_eq!((j.state, j.attempt), (JobState::Failed, Some(2)));
+    // The kept annotation named a job that was retried already: nothing more runs.
+    w.tick(30);
+    w.settle();
+    let j = w.job(JobType::PlannedFailover);
+    assert_eq!((j.state, j.attempt), (JobState::Failed, Some(2)));
+    assert!(w.condition(STALLED).message.contains(&format!("{name}/3")));
+    // `<job>/3` asks for attempt 3.
+    w.vm_mut(P).vm.power = Power::Off;
+    w.retry = Some(format!("{name}/3"));
+    w.settle();
+    let j = w.job(JobType::PlannedFailover);
+    assert_eq!((j.state, j.attempt), (JobState::Succeeded, Some(3)));
+}
+
+#[test]
+fn a_plan_run_started_after_a_failover_failed_retries_it() {
+    let mut w = World::protected(false);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    let failed_at = w.job(JobType::PlannedFailover).end_time.clone().unwrap().0;
+    w.vm_mut(P).vm.power = Power::Off;
+    w.tick(5);
+    w.plan_started = Some(ts(w.now));
+    assert!(ts(w.now) > failed_at);
+    w.settle();
+    let j = w.job(JobType::PlannedFailover);
+    assert_eq!((j.state, j.attempt), (JobState::Succeeded, Some(2)));
 }

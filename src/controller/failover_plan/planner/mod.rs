@@ -31,6 +31,21 @@ pub const VM_FAILED: &str = "Failed";
 
 /// Jobs kept in status, newest last.
 const MAX_JOBS: usize = 10;
+/// Consumed approval values kept in status, newest last.
+const MAX_APPROVALS: usize = 64;
+
+/// The annotation value that approves action `key` (`<group>/<action>`) in plan job `job`:
+/// `<key>@<job>` always does; the plain `<key>` does once, unless an earlier run consumed it
+/// (`status.consumedApprovals`). The controller never removes the annotation, so a value a
+/// GitOps tool keeps does not silently approve the next run.
+fn approval_for(input: &Input, st: &FailoverPlanStatus, key: &str, job: &str) -> Option<String> {
+    let scoped = format!("{key}@{job}");
+    if input.approvals.contains(&scoped) {
+        return Some(scoped);
+    }
+    (input.approvals.iter().any(|a| a == key) && !st.consumed_approvals.iter().any(|c| c == key))
+        .then(|| key.to_string())
+}
 
 /// What the plan needs to know of one member ReplicatedVM.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,10 +102,21 @@ impl From<&Note> for crate::controller::writes::Note {
     fn from(n: &Note) -> Self {
         Self {
             warning: n.warning,
+            action: plan_verb(n.reason),
             subject: n.message.clone(),
             reason: n.reason,
             message: n.message.clone(),
         }
+    }
+}
+
+/// The verb of a plan Event (its `action`), from its reason.
+fn plan_verb(reason: &str) -> &'static str {
+    match reason {
+        "WaitingForApproval" | "Approved" => "Approve",
+        "WebhookFailed" | "WebhookSucceeded" => "CallWebhook",
+        "Conflict" => "Hold",
+        _ => "RunPlan",
     }
 }
 
@@ -209,6 +235,21 @@ fn work_remains(input: &Input, t: JobType) -> bool {
         .any(|m| !member_done(t, &input.spec.target_site, m))
 }
 
+/// Whether a new plan job of type `t` has anything to do. A VM that already runs at the target
+/// and is busy with its own follow-up jobs (commit, reprotect) is not work for a failover: a
+/// plan job that just ended would otherwise start another run at once, which asks for its
+/// approvals again.
+fn work_to_start(input: &Input, t: JobType) -> bool {
+    match t {
+        JobType::PlanFailover => input
+            .groups
+            .iter()
+            .flatten()
+            .any(|m| m.active_site.as_deref() != Some(input.spec.target_site.as_str())),
+        _ => work_remains(input, t),
+    }
+}
+
 fn next_job_name(plan: &str, t: JobType, jobs: &[Job]) -> String {
     let n = jobs
         .iter()
@@ -247,16 +288,23 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
     } else {
         PlanPhase::Completed
     });
+    // Pending (members missing, or nothing started yet) is not Ready: the plan still waits.
+    let pending = st.phase == Some(PlanPhase::Pending) || !input.missing.is_empty();
+    let ready = running.is_none() && failed.is_none() && !conflict && !pending;
+    // kstatus: not Ready and not Stalled means Reconciling.
+    let reconciling = !ready && failed.is_none() && !conflict;
     let mut want = vec![
         Cond::new(
             conditions::READY,
-            running.is_none() && failed.is_none() && !conflict,
+            ready,
             if conflict {
                 "Conflict"
             } else if running.is_some() {
                 "JobRunning"
             } else if failed.is_some() {
                 "JobFailed"
+            } else if pending {
+                "Pending"
             } else {
                 "Completed"
             },
@@ -264,6 +312,15 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
                 input.conflicts.join("; ")
             } else if let Some(j) = running {
                 format!("plan job {} is running", j.name)
+            } else if pending && failed.is_none() {
+                if input.missing.is_empty() {
+                    "the plan has not run yet".to_string()
+                } else {
+                    format!(
+                        "waiting for ReplicatedVMs that do not exist yet: {}",
+                        input.missing.join(", ")
+                    )
+                }
             } else if let Some(j) = failed {
                 format!(
                     "plan job {} failed: {}; fix the cause, then run it again with \
@@ -279,15 +336,19 @@ fn settle(input: &Input, st: &mut FailoverPlanStatus, waiting: Option<String>) {
         ),
         Cond::new(
             conditions::RECONCILING,
-            running.is_some(),
+            reconciling,
             if running.is_some() {
                 "JobRunning"
+            } else if reconciling {
+                "Pending"
             } else {
                 "Idle"
             },
-            running
-                .map(|j| format!("plan job {}", j.name))
-                .unwrap_or_default(),
+            match running {
+                Some(j) => format!("plan job {}", j.name),
+                None if reconciling => "waiting for the plan's members".to_string(),
+                None => String::new(),
+            },
         ),
         Cond::new(
             conditions::STALLED,
@@ -358,7 +419,7 @@ pub fn plan(input: &Input) -> Action {
                 || input.status.observed_generation != input.generation
                 || (j.state == JobState::Failed && input.retry.as_deref() == Some(&j.name))
         });
-        if input.conflicts.is_empty() && new_spec && work_remains(input, t) {
+        if input.conflicts.is_empty() && new_spec && work_to_start(input, t) {
             let name = next_job_name(input.name, t, &st.jobs);
             let with_actions = t == JobType::PlanFailover;
             st.jobs.push(Job {
@@ -372,6 +433,7 @@ pub fn plan(input: &Input) -> Action {
                 recovery_point: None,
                 recovery_point_age_seconds: None,
                 cut_id: consistent_cut(input.spec, t, &name),
+                attempt: Some(1),
                 message: None,
                 steps: step_names(input.spec, with_actions)
                     .into_iter()
@@ -471,10 +533,15 @@ pub fn plan(input: &Input) -> Action {
                 let group = &input.spec.groups[gi].name;
                 if action.manual_approval.is_some() {
                     let key = format!("{group}/{}", action.name);
-                    if input.approvals.contains(&key) {
+                    let job_name = st.jobs[ji].name.clone();
+                    if let Some(value) = approval_for(input, &st, &key, &job_name) {
+                        st.consumed_approvals.retain(|v| *v != value);
+                        st.consumed_approvals.push(value.clone());
+                        let extra = st.consumed_approvals.len().saturating_sub(MAX_APPROVALS);
+                        st.consumed_approvals.drain(..extra);
                         let s = &mut st.jobs[ji].steps[si];
                         s.state = StepState::Succeeded;
-                        s.message = Some(format!("approved ({key})"));
+                        s.message = Some(format!("approved ({value})"));
                         s.start_time.get_or_insert(now.clone());
                         s.end_time = Some(now.clone());
                         si += 1;
@@ -485,8 +552,14 @@ pub fn plan(input: &Input) -> Action {
                         .as_ref()
                         .and_then(|m| m.message.clone())
                         .unwrap_or_default();
+                    let value = if st.consumed_approvals.contains(&key) {
+                        // The plain value approved an earlier run: this run needs its own.
+                        format!("{key}@{job_name}")
+                    } else {
+                        key.clone()
+                    };
                     let hint = format!(
-                        "waiting for approval of {key}: {msg}; approve with kubectl annotate fp {} twinsite.io/approve={key}",
+                        "waiting for approval of {key}: {msg}; approve with kubectl annotate fp {} twinsite.io/approve={value} --overwrite",
                         input.name
                     );
                     let s = &mut st.jobs[ji].steps[si];

@@ -176,6 +176,47 @@ fn manual_approval_pauses_until_annotated() {
     assert!(!conditions::is_true(&st.conditions, WAITING_FOR_APPROVAL));
     assert_eq!(st.jobs[0].steps[0].state, StepState::Succeeded);
     assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+    assert_eq!(st.consumed_approvals, vec!["db/fenced".to_string()]);
+}
+
+#[test]
+fn a_kept_approval_does_not_pre_approve_the_next_run() {
+    let mut g = group("db", &["db-1"]);
+    g.pre_actions.push(PlanAction {
+        name: "fenced".into(),
+        manual_approval: Some(ManualApproval { message: None }),
+        webhook: None,
+    });
+    let sp = spec(vec![g], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    // Run 1, approved with the plain value, completes.
+    drive(
+        &sp,
+        &mut st,
+        &[vec![member("db-1", "primary")]],
+        &["db/fenced"],
+    );
+    drive(
+        &sp,
+        &mut st,
+        &[vec![member("db-1", "secondary")]],
+        &["db/fenced"],
+    );
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+    // The VM moves away; run 2 starts. The kept annotation does not approve it.
+    let back = vec![vec![member("db-1", "primary")]];
+    drive(&sp, &mut st, &back, &["db/fenced"]);
+    assert_eq!(st.jobs.len(), 2);
+    let job2 = st.jobs[1].name.clone();
+    assert!(conditions::is_true(&st.conditions, WAITING_FOR_APPROVAL));
+    assert_eq!(vm_state(&st, "db-1"), VM_PENDING);
+    let msg = st.jobs[1].steps[0].message.clone().unwrap();
+    assert!(msg.contains(&format!("db/fenced@{job2}")), "{msg}");
+    // A value naming run 2 approves it.
+    let scoped = format!("db/fenced@{job2}");
+    drive(&sp, &mut st, &back, &["db/fenced", &scoped]);
+    assert_eq!(st.jobs[1].steps[0].state, StepState::Succeeded);
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
 }
 
 fn with_webhook(kind: FailoverType) -> FailoverPlanSpec {
@@ -542,4 +583,19 @@ fn an_unplanned_plan_from_latest_processed_names_a_consistent_cut() {
     let mut st = FailoverPlanStatus::default();
     drive(&sp, &mut st, &groups, &[]);
     assert_eq!(st.jobs[0].cut_id.as_deref(), Some("app-failover-1-cut"));
+}
+
+#[test]
+fn a_vm_busy_at_the_target_after_the_run_starts_no_new_run() {
+    let sp = spec(vec![group("db", &["db-1"])], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    drive(&sp, &mut st, &[vec![member("db-1", "primary")]], &[]);
+    drive(&sp, &mut st, &[vec![member("db-1", "secondary")]], &[]);
+    assert_eq!(st.jobs.len(), 1);
+    assert_eq!(st.jobs[0].state, JobState::Succeeded);
+    // The VM commits and reprotects at the target: its own jobs, not the plan's work.
+    let mut busy = member("db-1", "secondary");
+    busy.busy = true;
+    drive(&sp, &mut st, &[vec![busy]], &[]);
+    assert_eq!(st.jobs.len(), 1, "{:?}", st.jobs);
 }
