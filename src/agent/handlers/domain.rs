@@ -268,13 +268,16 @@ pub(super) async fn boot_drill(st: &Shared, vm: &str, copy: &str, network: &str)
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
-/// Stops and undefines domain `name` if the hypervisor has it (a drill copy).
-pub(super) async fn remove(st: &Shared, name: &str) -> ApiResult<()> {
+/// Stops and undefines domain `copy` (the drill copy of `vm`) if the hypervisor has it, under
+/// `vm`'s lock like the drill's boot.
+pub(super) async fn remove(st: &Shared, vm: &str, copy: &str) -> ApiResult<()> {
     if st.runtime.kind() == RuntimeKind::Builtin {
         return Ok(());
     }
-    let name = name.to_string();
-    blocking(st, move |rt| rt.remove(&name)).await
+    let (st2, vm, copy) = (st.clone(), vm.to_string(), copy.to_string());
+    tokio::task::spawn_blocking(move || st2.store.write_vm(&vm, |_| st2.runtime.remove(&copy)))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
 /// A domain's guest writes for itself: the agent never writes into its disks.

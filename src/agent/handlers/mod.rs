@@ -480,7 +480,7 @@ pub(crate) async fn test_cleanup(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     // The drill copy's domain goes first: its images are deleted next.
-    domain::remove(&st, &replica::drill_copy_name(&vm)).await?;
+    domain::remove(&st, &vm, &replica::drill_copy_name(&vm)).await?;
     store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })

@@ -395,13 +395,24 @@ impl Runtime for Libvirt {
             return Ok(());
         };
         if d.is_active().unwrap_or(false) {
-            self.power_off(name)?;
+            match d.destroy() {
+                Err(e)
+                    if e.code() != ErrorNumber::NoDomain
+                        && e.code() != ErrorNumber::OperationInvalid =>
+                {
+                    return Err(self.failed("powering off", name, &e));
+                }
+                _ => {}
+            }
         }
         for cp in checkpoints::list(&d).map_err(ApiError::internal)? {
             let _ = checkpoints::forget(&d, &cp);
         }
-        d.undefine()
-            .map_err(|e| self.failed("undefining", name, &e))
+        match d.undefine() {
+            // Removed meanwhile (a retry of the same cleanup).
+            Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
+            res => res.map_err(|e| self.failed("undefining", name, &e)),
+        }
     }
 }
 
