@@ -1,9 +1,13 @@
-//! The seed's procedure with real VMs: libvirt/QEMU guests at two sites (one libvirtd each, in
-//! their own namespaces), agents with `--runtime libvirt`, the controller against a real API
-//! server. The guests write a checksummed pattern; the test checks those bytes where they
-//! land (replica images, the consoles of guests booted from them), not only digests.
+//! Real VMs: libvirt/QEMU guests at two sites (one libvirtd each, in their own namespaces).
+//!
+//! Here, the seed's procedure: agents with `--runtime libvirt` and the controller against a real
+//! API server. The guests write a checksummed pattern; the tests check those bytes where they
+//! land (replica images, the consoles of guests booted from them), not only digests. In
+//! [`sites`], the harness itself: isolated sites, the test guest, ACPI.
 
+#[path = "../controller_common/mod.rs"]
 mod controller_common;
+mod sites;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
