@@ -1,8 +1,11 @@
 //! `twinsite local`: the whole stack on this machine, for a first look and for demos.
 //!
 //! A real etcd + kube-apiserver, two site agents (primary on 127.0.0.1:7101, secondary on
-//! 127.0.0.1:7102) holding the example VMs, the controller, and every manifest in examples/
-//! applied. Everything stops on Ctrl-C.
+//! 127.0.0.1:7102), the controller, and the manifests in examples/ applied. With the builtin
+//! runtime the agents hold the example VMs; with `--runtime libvirt` each site gets its own
+//! libvirtd, and the primary runs one real QEMU guest (`app-01`, the test guest writing its
+//! pattern) that its example ReplicatedVM protects. `stack.json` in the folder says where
+//! everything is. Everything stops on Ctrl-C, or when any process of the stack exits.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +26,11 @@ pub struct LocalArgs {
     /// Size of each example VM's disk.
     #[arg(long, default_value_t = 64 * 1024 * 1024)]
     pub disk_bytes: u64,
+    /// What the sites' VMs are: `builtin` (VMs inside the agents) or `libvirt` (a libvirtd per
+    /// site and a real QEMU guest; needs root, QEMU and libvirt, and a build with the `libvirt`
+    /// feature).
+    #[arg(long, value_enum, default_value_t = crate::agent::runtime::RuntimeKind::Builtin)]
+    pub runtime: crate::agent::runtime::RuntimeKind,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +42,9 @@ pub enum LocalError {
     #[error("{0}")]
     Setup(String),
 }
+
+/// The VM the libvirt demo runs as a real guest (one of the example ReplicatedVMs).
+const LIBVIRT_VM: &str = "app-01";
 
 /// The demo sites: name, listen address.
 const SITES: [(&str, &str); 2] = [
@@ -47,7 +58,25 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         std::fs::remove_dir_all(&dir).map_err(|e| LocalError::Io(dir.clone(), e))?;
     }
     std::fs::create_dir_all(&dir).map_err(|e| LocalError::Io(dir.clone(), e))?;
-    let manifests = read_manifests(&args.examples)?;
+    let mut manifests = read_manifests(&args.examples)?;
+    let libvirt = args.runtime == crate::agent::runtime::RuntimeKind::Libvirt;
+    for (_, addr) in SITES {
+        if std::net::TcpListener::bind(addr).is_err() {
+            return Err(LocalError::Setup(format!(
+                "{addr} is in use: is an agent of an earlier `twinsite local` still running? \
+                 Stop it (see `ss -ltnp`), then start again"
+            )));
+        }
+    }
+    if libvirt {
+        // One real guest: only its ReplicatedVM and what it needs are applied.
+        manifests.retain(|m| {
+            m["kind"] != "FailoverPlan"
+                && (m["kind"] != "ReplicatedVM" || m["metadata"]["name"] == LIBVIRT_VM)
+        });
+    }
+    let mut stack = serde_json::json!({"sites": {}});
+    let mut libvirt_sites = Vec::new();
 
     println!("starting etcd and kube-apiserver (the first run builds them, about 8 minutes)...");
     let cp = ControlPlane::start_with(Options {
@@ -57,6 +86,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     })
     .await?;
     cp.install_crds().await?;
+    stack["kubeconfig"] = cp.kubeconfig_path().display().to_string().into();
 
     let exe = std::env::current_exe().map_err(|e| LocalError::Io("twinsite".into(), e))?;
     let http = reqwest::Client::new();
@@ -78,6 +108,15 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             .arg(site_dir.join("data"))
             .arg("--token-file")
             .arg(&token_file);
+        stack["sites"][site] =
+            serde_json::json!({"agentUrl": format!("http://{addr}"), "token": token});
+        if libvirt {
+            println!("starting libvirtd of site {site}");
+            let lv = crate::envtest::libvirt::LibvirtSite::start(site, &site_dir.join("libvirt"))?;
+            cmd.args(["--runtime", "libvirt", "--libvirt-uri", lv.uri()]);
+            stack["sites"][site]["libvirtUri"] = lv.uri().into();
+            libvirt_sites.push(lv);
+        }
         println!("starting the {site} site agent on {addr}");
         children.push(ManagedChild::spawn(
             &format!("agent {site}"),
@@ -87,8 +126,28 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         wait_http(&http, &format!("http://{addr}/healthz")).await?;
     }
 
+    let stack_file = dir.join("stack.json");
+    let text = serde_json::to_string_pretty(&stack).unwrap_or_default();
+    std::fs::write(&stack_file, text).map_err(|e| LocalError::Io(stack_file.clone(), e))?;
+
+    let mut watch = String::new();
+    if let Some(primary) = libvirt_sites.first() {
+        let console = start_guest(primary, &dir)?;
+        println!("VM {LIBVIRT_VM} (a QEMU guest) runs at site primary");
+        watch = format!(
+            "\nThe guest's console:      tail -f {}\
+             \nDomains at each site:     virsh -c '{}' list --all\
+             \n                          virsh -c '{}' list --all",
+            console.display(),
+            primary.uri(),
+            libvirt_sites.get(1).map(|s| s.uri()).unwrap_or_default(),
+        );
+    }
     // The VMs that the example ReplicatedVMs protect, running at their primary site.
-    for rvm in manifests.iter().filter(|m| m["kind"] == "ReplicatedVM") {
+    for rvm in manifests
+        .iter()
+        .filter(|m| m["kind"] == "ReplicatedVM" && !libvirt)
+    {
         let name = rvm["spec"]["vmName"]
             .as_str()
             .or(rvm["metadata"]["name"].as_str())
@@ -119,6 +178,28 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         println!("VM {name} runs at site {primary}");
     }
 
+    // The manifests first: the controller needs the lease namespace they create.
+    let applied = dir.join("manifests.yaml");
+    let mut text = String::new();
+    for m in &manifests {
+        text.push_str("---\n");
+        text.push_str(&serde_yaml::to_string(m).map_err(|e| LocalError::Setup(e.to_string()))?);
+    }
+    std::fs::write(&applied, text).map_err(|e| LocalError::Io(applied.clone(), e))?;
+    let out = cp
+        .kubectl()
+        .args(["apply", "-f"])
+        .arg(&applied)
+        .output()
+        .map_err(|e| LocalError::Io("kubectl".into(), e))?;
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        return Err(LocalError::Setup(format!(
+            "kubectl apply failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+
     let mut cmd = Command::new(&exe);
     cmd.arg("controller")
         .env("KUBECONFIG", cp.kubeconfig_path())
@@ -130,20 +211,6 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         &dir.join("controller.log"),
     )?);
 
-    let out = cp
-        .kubectl()
-        .args(["apply", "-R", "-f"])
-        .arg(&args.examples)
-        .output()
-        .map_err(|e| LocalError::Io("kubectl".into(), e))?;
-    print!("{}", String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        return Err(LocalError::Setup(format!(
-            "kubectl apply failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
-    }
-
     let kc = cp.kubeconfig_path().display();
     let kubectl = cp.bin_dir().join("kubectl");
     println!(
@@ -153,20 +220,92 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
          \nSee jobs and steps:       kubectl describe rvm -n finance app-01\
          \nFail over to secondary:   kubectl patch rvm -n finance app-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"secondary\"}}}}'\
          \nFail back to primary:     kubectl patch rvm -n finance app-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"primary\"}}}}'\
-         \nLogs:                     {}\n\
+         \nLogs:                     {}{watch}\
+         \nWhere everything is:      {}\n\
          \nCtrl-C stops everything.",
         kubectl.display(),
-        dir.display()
+        dir.display(),
+        stack_file.display(),
     );
-    tokio::signal::ctrl_c()
-        .await
+    // SIGTERM stops it like Ctrl-C: the libvirtds run detached and would outlive it.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| LocalError::Io("signal".into(), e))?;
+    let exited = loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => {
+                r.map_err(|e| LocalError::Io("signal".into(), e))?;
+                break None;
+            }
+            _ = term.recv() => break None,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                if let Some(e) = children.iter_mut().find_map(|c| c.check_running().err()) {
+                    break Some(e);
+                }
+            }
+        }
+    };
     println!("stopping");
     // Controller first, then the agents, then the control plane.
     while let Some(child) = children.pop() {
         drop(child);
     }
+    drop(libvirt_sites);
     drop(cp);
+    match exited {
+        Some(e) => Err(LocalError::Setup(format!(
+            "{e}: the stack is stopped; its logs are in {}",
+            dir.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Defines and starts the demo guest at the libvirt site `site`: the test guest (built by
+/// scripts/guest-build.sh) on a new qcow2 disk, writing its pattern. Returns its console log.
+fn start_guest(
+    site: &crate::envtest::libvirt::LibvirtSite,
+    dir: &Path,
+) -> Result<PathBuf, LocalError> {
+    use crate::envtest::guest::{self, DiskFormat, DomainOptions, GuestVariant};
+    println!("building the test guest (a Debian kernel and busybox; cached after the first run)");
+    let guest_dir = guest::guest_dir()?;
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| LocalError::Io(images.clone(), e))?;
+    let disk = images.join(format!("{LIBVIRT_VM}.qcow2"));
+    let console = images.join(format!("{LIBVIRT_VM}-console.log"));
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg("256M"),
+    )?;
+    let mut opts = DomainOptions::new(
+        LIBVIRT_VM,
+        &guest_dir,
+        GuestVariant::Acpi,
+        &disk,
+        DiskFormat::Qcow2,
+        &console,
+    );
+    opts.guest.verify = true;
+    opts.guest.pause_secs = 5;
+    let xml = images.join(format!("{LIBVIRT_VM}.xml"));
+    std::fs::write(&xml, guest::domain_xml(&opts)).map_err(|e| LocalError::Io(xml.clone(), e))?;
+    run_ok(site.virsh().arg("define").arg(&xml))?;
+    run_ok(site.virsh().args(["start", LIBVIRT_VM]))?;
+    Ok(console)
+}
+
+fn run_ok(cmd: &mut Command) -> Result<(), LocalError> {
+    let out = cmd
+        .output()
+        .map_err(|e| LocalError::Setup(format!("{cmd:?}: {e}")))?;
+    if !out.status.success() {
+        return Err(LocalError::Setup(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
     Ok(())
 }
 
