@@ -28,7 +28,6 @@
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
@@ -59,27 +58,7 @@ pub fn guest_dir() -> Result<PathBuf, EnvtestError> {
             return Ok(dir);
         }
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/guest-build.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .map_err(|e| EnvtestError::io(&script, e))?;
-    if !out.status.success() {
-        return Err(EnvtestError::Build(format!(
-            "{} exited with {}",
-            script.display(),
-            out.status
-        )));
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
-        .lines()
-        .last()
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .ok_or_else(|| EnvtestError::Build("the guest build printed no directory".into()))?;
-    Ok(PathBuf::from(dir))
+    super::run_build_script("guest-build.sh")
 }
 
 /// Which initramfs the guest boots.
@@ -203,20 +182,7 @@ impl DomainOptions {
 }
 
 /// Escapes text for XML content and attribute values.
-pub fn xml_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::agent::runtime::xml::escape as xml_escape;
 
 /// Libvirt domain XML for [`DomainOptions`]: direct kernel boot, ACPI, one virtio disk and a
 /// serial console written to a file.

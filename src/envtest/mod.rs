@@ -65,7 +65,19 @@ pub fn bin_dir() -> Result<PathBuf, EnvtestError> {
     if let Ok(dir) = std::env::var("TWINSITE_ENVTEST_BIN") {
         return Ok(PathBuf::from(dir));
     }
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/envtest-build.sh");
+    let dir = run_build_script("envtest-build.sh")?;
+    // Later calls in this process skip the script.
+    // SAFETY: set once, before any other thread of ours reads it concurrently matters.
+    unsafe { std::env::set_var("TWINSITE_ENVTEST_BIN", &dir) };
+    Ok(dir)
+}
+
+/// Runs `scripts/<name>` (cached builds of what tests need) and returns the directory it printed
+/// as its last line.
+pub(crate) fn run_build_script(name: &str) -> Result<PathBuf, EnvtestError> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name);
     let out = Command::new("bash")
         .arg(&script)
         .stderr(std::process::Stdio::inherit())
@@ -79,14 +91,13 @@ pub fn bin_dir() -> Result<PathBuf, EnvtestError> {
         )));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout
+    stdout
         .lines()
         .last()
-        .ok_or_else(|| EnvtestError::Build("the build script printed no bin directory".into()))?;
-    // Later calls in this process skip the script.
-    // SAFETY: set once, before any other thread of ours reads it concurrently matters.
-    unsafe { std::env::set_var("TWINSITE_ENVTEST_BIN", dir.trim()) };
-    Ok(PathBuf::from(dir.trim()))
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .ok_or_else(|| EnvtestError::Build(format!("{} printed no directory", script.display())))
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; the small race is acceptable for tests).

@@ -16,8 +16,7 @@ mod checkpoints;
 mod export;
 #[cfg(feature = "libvirt")]
 mod libvirt;
-#[cfg(feature = "libvirt")]
-mod xml;
+pub mod xml;
 
 use std::path::Path;
 use std::time::Duration;
