@@ -14,6 +14,12 @@ set -euo pipefail
 bin="$(realpath "$1")"
 records="${2:-655}"
 cd "$(dirname "$0")/.."
+for port in 7391 7392; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is in use; the benchmark's agents listen there" >&2
+    exit 1
+  fi
+done
 guest="$(scripts/guest-build.sh | tail -n1)"
 work="$(mktemp -d /tmp/twinsite-bench.XXXXXX)"
 cleanup() {

@@ -136,6 +136,68 @@ async fn verify_at(agent: &Agent, vm: &str) -> guest::PatternSummary {
     .expect("the replica holds an intact pattern")
 }
 
+/// The agent reads and digests the disks of a domain that is off through qemu-nbd, and refuses
+/// to for one that runs.
+async fn read_through_the_agent(w: &World, site: &LibvirtSite, dir: &Path) {
+    let disk = dir.join("idle.qcow2");
+    for args in [
+        vec![
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            disk.to_str().unwrap(),
+            "16M",
+        ],
+        vec![
+            "qemu-io",
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            disk.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let xml = format!(
+        "<domain type='qemu'><name>idle</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let file = dir.join("idle.xml");
+    std::fs::write(&file, xml).expect("writes");
+    virsh(site, &["define", &file.to_string_lossy()]);
+    let c = &w.primary.client;
+    let data = c
+        .read_disk("idle", "vda", (1 << 20) - 4, 8)
+        .await
+        .expect("reads");
+    assert_eq!(data, [0, 0, 0, 0, 0x5a, 0x5a, 0x5a, 0x5a]);
+    let mut raw = vec![0u8; 16 << 20];
+    raw[1 << 20..(1 << 20) + (64 << 10)].fill(0x5a);
+    let want = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&raw))
+    };
+    assert_eq!(c.digest("idle", "vda").await.expect("a digest"), want);
+    assert!(
+        c.read_disk("app", "vda", 0, 8).await.is_err(),
+        "a running guest's disk is not read"
+    );
+    virsh(site, &["undefine", "idle"]);
+}
+
 fn agent_args(site: &LibvirtSite) -> Vec<String> {
     [
         "--runtime",
@@ -165,6 +227,7 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
 
     // A guest at the primary writing its pattern, protected.
     let (_disk, console) = define_guest(&pl, lv.path(), "app", GuestVariant::Acpi);
+    read_through_the_agent(&w, &pl, lv.path()).await;
     wait_mark(&console, guest::WROTE_MARK, 0).await;
     w.create_rvm("app", json!({"type": "Planned"})).await;
     w.wait_protected("app", &p, &s).await;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::super::runtime::{Domain, RuntimeKind};
-use super::super::{ApiError, ApiResult, Shared};
+use super::super::{ApiError, ApiResult, ErrorKind, Shared};
 use crate::replication::{BLOCK_SIZE, block_count, block_len};
 use crate::site::{Power, PowerAction, Role, Vm};
 use sha2::Digest;
@@ -78,8 +78,16 @@ pub(super) async fn power(st: &Shared, d: &Domain, action: PowerAction) -> ApiRe
         PowerAction::PowerOff => rt.power_off(&name),
     })
     .await?;
-    let now = find(st, &d.name).await?;
-    Ok(view(now.as_ref().unwrap_or(d)))
+    // Done: a listing that fails now (QEMU just exiting) does not undo it.
+    let mut v = view(d);
+    v.power = match action {
+        PowerAction::Start => Power::Running,
+        PowerAction::Shutdown | PowerAction::PowerOff => Power::Off,
+    };
+    if let Ok(Some(now)) = find(st, &d.name).await {
+        v = view(&now);
+    }
+    Ok(v)
 }
 
 /// After a failover at this site: a replica of a libvirt domain is defined from the source's
@@ -121,39 +129,53 @@ pub(super) async fn boot_failed_over(st: &Shared, vm: &str) -> ApiResult<()> {
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
-/// The digest of a disk of a domain on its own images (where it was first protected), read
-/// through the hypervisor; `None` for every other VM (the store reads its files). Only of a
-/// domain that is off: a running guest's disk has no stable digest.
+/// An export of disk `disk` of `name` when it is a domain on its own images (where it was
+/// first protected, or not protected at all) and off; `None` for every other VM (the store
+/// reads its files). A running guest's disk is read only by replication.
+fn own_image_export(
+    st: &Shared,
+    name: &str,
+    disk: &str,
+    what: &str,
+) -> ApiResult<Option<(Box<dyn super::super::runtime::Export>, usize, u64)>> {
+    let stored = st.store.read_vm(name, |r| {
+        Ok((r.meta.domain.is_some() && r.disks.is_empty())
+            .then(|| (r.meta.disks.clone(), r.dir.join("spool"))))
+    });
+    let dom = st.runtime.domain(name)?;
+    let (disks, scratch) = match (stored, &dom) {
+        (Ok(Some(found)), _) => found,
+        (Err(e), Some(d)) if e.kind == ErrorKind::NotFound => (
+            d.disks.iter().map(|x| x.spec()).collect(),
+            std::env::temp_dir(),
+        ),
+        _ => return Ok(None),
+    };
+    let i = disks
+        .iter()
+        .position(|d| d.name == disk)
+        .ok_or_else(|| ApiError::not_found(format!("VM {name} has no disk {disk}")))?;
+    if dom.is_some_and(|d| d.power != Power::Off) {
+        return Err(ApiError::conflict(format!(
+            "VM {name} runs: {what} is taken of a VM that is off"
+        )));
+    }
+    let ex = st
+        .runtime
+        .export(name, &disks, None, "twinsite-read", &scratch)?;
+    Ok(Some((ex, i, disks[i].size_bytes)))
+}
+
+/// The digest of a disk of a domain on its own images (see [`own_image_export`]).
 pub(super) async fn digest(st: &Shared, vm: &str, disk: &str) -> ApiResult<Option<String>> {
     if st.runtime.kind() == RuntimeKind::Builtin {
         return Ok(None);
     }
     let (st2, name, disk) = (st.clone(), vm.to_string(), disk.to_string());
     tokio::task::spawn_blocking(move || {
-        let Some((disks, dir)) = st2.store.read_vm(&name, |r| {
-            Ok((r.meta.domain.is_some() && r.disks.is_empty())
-                .then(|| (r.meta.disks.clone(), r.dir.clone())))
-        })?
-        else {
+        let Some((mut ex, i, size)) = own_image_export(&st2, &name, &disk, "a digest")? else {
             return Ok(None);
         };
-        let i = disks
-            .iter()
-            .position(|d| d.name == disk)
-            .ok_or_else(|| ApiError::not_found(format!("VM {name} has no disk {disk}")))?;
-        if st2
-            .runtime
-            .domain(&name)?
-            .is_some_and(|d| d.power != Power::Off)
-        {
-            return Err(ApiError::conflict(format!(
-                "VM {name} runs: a digest is taken of a VM that is off"
-            )));
-        }
-        let mut ex =
-            st2.runtime
-                .export(&name, &disks, None, "twinsite-digest", &dir.join("spool"))?;
-        let size = disks[i].size_bytes;
         let allocated = ex.allocated(i)?;
         let mut h = sha2::Sha256::new();
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
@@ -171,6 +193,41 @@ pub(super) async fn digest(st: &Shared, vm: &str, disk: &str) -> ApiResult<Optio
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
+
+/// A read of a disk of a domain on its own images (see [`own_image_export`]).
+pub(super) async fn read(
+    st: &Shared,
+    vm: &str,
+    disk: &str,
+    offset: u64,
+    length: u64,
+) -> ApiResult<Option<Vec<u8>>> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(None);
+    }
+    let (st2, name, disk) = (st.clone(), vm.to_string(), disk.to_string());
+    tokio::task::spawn_blocking(move || {
+        let Some((mut ex, i, size)) = own_image_export(&st2, &name, &disk, "a read")? else {
+            return Ok(None);
+        };
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(ApiError::bad(format!(
+                "read of {length} bytes at {offset} goes past the end of disk {disk} ({size} bytes)"
+            )));
+        }
+        if length > MAX_READ {
+            return Err(ApiError::bad("reads are limited to 256 MiB"));
+        }
+        let mut buf = vec![0u8; length as usize];
+        ex.read(i, offset, &mut buf)?;
+        Ok(Some(buf))
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// The largest guest read, as for the agent's own VMs.
+const MAX_READ: u64 = 256 << 20;
 
 static ZEROS: [u8; BLOCK_SIZE as usize] = [0; BLOCK_SIZE as usize];
 

@@ -230,11 +230,11 @@ pub(crate) async fn read_disk(
 ) -> ApiResult<Response> {
     let offset = number(q.offset, "offset")?;
     let length = number(q.length, "length")?;
-    read_vm(&st, &vm, move |r| {
-        let data = r.read(&disk, offset, length)?;
-        Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
-    })
-    .await
+    let data = match domain::read(&st, &vm, &disk, offset, length).await? {
+        Some(data) => data,
+        None => read_vm(&st, &vm, move |r| r.read(&disk, offset, length)).await?,
+    };
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], data).into_response())
 }
 
 pub(crate) async fn digest(

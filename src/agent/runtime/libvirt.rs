@@ -98,12 +98,21 @@ impl Libvirt {
             .map_err(|e| self.failed("reading the definition of", &name, &e))?;
         let mut disks = Vec::new();
         for x in xml::disks(&text).map_err(ApiError::internal)? {
-            let info = d
-                .get_block_info(&x.target, 0)
-                .map_err(|e| self.failed("reading the size of a disk of", &name, &e))?;
+            // QEMU answers for a running domain; while it starts or stops, and for a domain that
+            // is off, the image itself says.
+            let size = match d.get_block_info(&x.target, 0) {
+                Ok(info) => info.capacity,
+                Err(e) => image_size(&x.path, &x.format).map_err(|io| {
+                    ApiError::internal(format!(
+                        "reading the size of disk {} of {name}: {} ({io})",
+                        x.target,
+                        e.message()
+                    ))
+                })?,
+            };
             disks.push(DomainDisk {
                 name: x.target,
-                size_bytes: info.capacity,
+                size_bytes: size,
                 format: x.format,
                 path: x.path,
             });
@@ -414,6 +423,24 @@ impl Runtime for Libvirt {
             res => res.map_err(|e| self.failed("undefining", name, &e)),
         }
     }
+}
+
+/// The virtual size of a disk image: a qcow2 header's size field (big endian, at byte 24), or
+/// a raw file's length.
+fn image_size(path: &std::path::Path, format: &str) -> std::io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path)?;
+    if format != "qcow2" {
+        return Ok(f.metadata()?.len());
+    }
+    let mut head = [0u8; 32];
+    f.read_exact_at(&mut head, 0)?;
+    if &head[..4] != b"QFI\xfb" {
+        return Err(std::io::Error::other("not a qcow2 image"));
+    }
+    Ok(u64::from_be_bytes(
+        head[24..32].try_into().unwrap_or_default(),
+    ))
 }
 
 /// The VM directory of the agent's images `images` (`DIR/disks/<disk>.img`), where a booted
