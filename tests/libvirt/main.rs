@@ -218,6 +218,7 @@ fn job_steps(r: &twinsite::api::ReplicatedVM, job_type: &str) -> Vec<(String, St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_back() {
+    let _serial = one_at_a_time().await;
     let lv = tempfile::tempdir().expect("tempdir");
     let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
     let sl =
@@ -322,6 +323,7 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced() {
+    let _serial = one_at_a_time().await;
     let lv = tempfile::tempdir().expect("tempdir");
     let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
     let sl =
@@ -344,7 +346,9 @@ async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced
             r.status
                 .as_ref()
                 .is_some_and(|st| st.active_site.as_deref() == Some(s.as_str()))
-                && !jobs(r).iter().any(|(_, state)| state == "Running")
+                && jobs(r)
+                    .iter()
+                    .any(|(t, state)| t == "UnplannedFailover" && state == "Succeeded")
         })
         .await;
     let fo = job_steps(&r, "UnplannedFailover");
@@ -364,4 +368,6 @@ async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced
     let at_secondary = w.secondary.vm_dir("db").join("console.log");
     let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
     assert!(generation(&line) >= 1, "{line}");
+    // Reprotected toward the fenced old source.
+    w.wait_protected("db", &s, &p).await;
 }
