@@ -1,5 +1,5 @@
-//! The agent's request errors, as storage and replication see them: a kind and a reason. The
-//! server maps each kind to an HTTP status; nothing here knows HTTP.
+//! The agent's errors: of a request, as storage and replication see them (a kind and a reason;
+//! the server maps each kind to an HTTP status, nothing here knows HTTP), and of its startup.
 
 /// What went wrong, by who can fix it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,4 +70,29 @@ impl ApiError {
     pub fn io(e: std::io::Error) -> Self {
         Self::internal(format!("storage: {e}"))
     }
+}
+
+/// Errors of the agent's startup.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading token file: {0}")]
+    Token(std::io::Error),
+    #[error("token file is empty")]
+    EmptyToken,
+    #[error("reading peer token file: {0}")]
+    PeerToken(std::io::Error),
+    #[error("peer token file holds no token")]
+    EmptyPeerToken,
+    #[error("peer token file: line {0} is neither TOKEN nor SITE TOKEN")]
+    PeerTokenLine(usize),
+    #[error("a token of the peer token file is the controller token; give peers their own")]
+    PeerTokenIsControllerToken,
+    #[error("loading TLS certificate or key: {0}")]
+    Tls(std::io::Error),
+    #[error("data directory: {0}")]
+    Store(#[from] ApiError),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("listening: {0}")]
+    Listen(std::io::Error),
 }

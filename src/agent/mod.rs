@@ -11,6 +11,7 @@
 //!
 //! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
+mod auth;
 mod cut;
 mod driver;
 mod error;
@@ -27,8 +28,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::secret::Secret;
-pub use error::{ApiError, ApiResult, ErrorKind};
-pub use server::{AgentArgs, AgentError, run};
+pub use error::{AgentError, ApiError, ApiResult, ErrorKind};
+pub use server::{AgentArgs, run};
 pub use store::Store;
 
 type Drivers = std::collections::HashMap<
@@ -45,7 +46,7 @@ struct AppState {
     /// The controller's token: every route.
     token: Secret,
     /// Peer agents' tokens, each with the site it is bound to: the agent-to-agent routes only.
-    peer_tokens: Vec<server::PeerToken>,
+    peer_tokens: Vec<auth::PeerToken>,
     /// Requests served at once on the controller's routes and on the agent-to-agent routes.
     /// Apart, so a peer's block stream never waits behind controller calls that wait for it.
     control_requests: Arc<tokio::sync::Semaphore>,

@@ -6,16 +6,17 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 
+use super::auth::{PeerToken, auth, controller_only};
+use super::error::AgentError;
 use super::handlers::{self, peer};
 use super::runtime::{self, RuntimeKind};
 use super::{ApiError, AppState, ErrorKind, Shared, Store, driver, input};
-use crate::secret::Secret;
 use crate::site::ErrorBody;
 
 /// `twinsite agent` options.
@@ -62,31 +63,6 @@ pub struct AgentArgs {
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
-}
-
-/// Errors of the agent's startup.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("reading token file: {0}")]
-    Token(std::io::Error),
-    #[error("token file is empty")]
-    EmptyToken,
-    #[error("reading peer token file: {0}")]
-    PeerToken(std::io::Error),
-    #[error("peer token file holds no token")]
-    EmptyPeerToken,
-    #[error("peer token file: line {0} is neither TOKEN nor SITE TOKEN")]
-    PeerTokenLine(usize),
-    #[error("a token of the peer token file is the controller token; give peers their own")]
-    PeerTokenIsControllerToken,
-    #[error("loading TLS certificate or key: {0}")]
-    Tls(std::io::Error),
-    #[error("data directory: {0}")]
-    Store(#[from] ApiError),
-    #[error("runtime: {0}")]
-    Runtime(String),
-    #[error("listening: {0}")]
-    Listen(std::io::Error),
 }
 
 impl IntoResponse for ApiError {
@@ -314,109 +290,6 @@ fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// A peer agent's token from `--peer-token-file`.
-#[derive(Debug)]
-pub(super) struct PeerToken {
-    /// The peer site it belongs to; `None`: any site's.
-    site: Option<String>,
-    token: Secret,
-}
-
-impl PeerToken {
-    /// One token per line: `TOKEN` or `SITE TOKEN`; blank lines and `#` comments are skipped.
-    fn parse(text: &str) -> Result<Vec<Self>, AgentError> {
-        let mut tokens = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            tokens.push(match fields[..] {
-                [token] => PeerToken {
-                    site: None,
-                    token: token.into(),
-                },
-                [site, token] => PeerToken {
-                    site: Some(site.to_string()),
-                    token: token.into(),
-                },
-                _ => return Err(AgentError::PeerTokenLine(i + 1)),
-            });
-        }
-        if tokens.is_empty() {
-            return Err(AgentError::EmptyPeerToken);
-        }
-        Ok(tokens)
-    }
-}
-
-/// Who presented the request's token.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Caller {
-    Controller,
-    /// A peer agent; `site` when its token is bound to one.
-    Peer {
-        site: Option<String>,
-    },
-}
-
-impl Caller {
-    /// The site a peer's token is bound to: its requests reach only that site's VMs.
-    pub(super) fn bound_site(&self) -> Option<&str> {
-        match self {
-            Caller::Peer { site } => site.as_deref(),
-            Caller::Controller => None,
-        }
-    }
-}
-
-async fn auth(State(st): State<Shared>, mut req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().as_bytes());
-    let caller = presented.and_then(|t| {
-        if constant_time_eq(t, st.token.expose().as_bytes()) {
-            return Some(Caller::Controller);
-        }
-        // Every peer token is compared (no early exit on a match).
-        let mut found = None;
-        for p in &st.peer_tokens {
-            if constant_time_eq(t, p.token.expose().as_bytes()) && found.is_none() {
-                found = Some(Caller::Peer {
-                    site: p.site.clone(),
-                });
-            }
-        }
-        found
-    });
-    match caller {
-        Some(c) => {
-            req.extensions_mut().insert(c);
-            next.run(req).await
-        }
-        None => {
-            ApiError::new(ErrorKind::Unauthorized, "missing or wrong bearer token").into_response()
-        }
-    }
-}
-
-/// In front of every route that is not an agent-to-agent one: a peer's token gets 403.
-async fn controller_only(req: Request, next: Next) -> Response {
-    if req.extensions().get::<Caller>() == Some(&Caller::Controller) {
-        next.run(req).await
-    } else {
-        ApiError::new(
-            ErrorKind::Forbidden,
-            "a peer agent's token reaches only the agent-to-agent routes (/v1/replica/...)",
-        )
-        .into_response()
-    }
-}
-
 /// Serves a request once one of the route group's slots is free (`--max-concurrent-requests`).
 async fn limit_requests(
     State(slots): State<Arc<tokio::sync::Semaphore>>,
@@ -427,8 +300,4 @@ async fn limit_requests(
         Ok(_slot) => next.run(req).await,
         Err(_) => ApiError::new(ErrorKind::Unavailable, "agent is stopping").into_response(),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

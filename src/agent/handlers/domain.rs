@@ -129,6 +129,9 @@ pub(super) async fn boot_failed_over(st: &Shared, vm: &str) -> ApiResult<()> {
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
+/// An open export, the disk's index in it, and the disk's size.
+type OwnImage = (Box<dyn super::super::runtime::Export>, usize, u64);
+
 /// An export of disk `disk` of `name` when it is a domain on its own images (where it was
 /// first protected, or not protected at all) and off; `None` for every other VM (the store
 /// reads its files). A running guest's disk is read only by replication.
@@ -137,7 +140,7 @@ fn own_image_export(
     name: &str,
     disk: &str,
     what: &str,
-) -> ApiResult<Option<(Box<dyn super::super::runtime::Export>, usize, u64)>> {
+) -> ApiResult<Option<OwnImage>> {
     let stored = st.store.read_vm(name, |r| {
         Ok((r.meta.domain.is_some() && r.disks.is_empty())
             .then(|| (r.meta.disks.clone(), r.dir.join("spool"))))

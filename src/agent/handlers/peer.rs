@@ -9,8 +9,8 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 
+use super::super::auth::Caller;
 use super::super::input::Params;
-use super::super::server::Caller;
 use super::super::{
     ApiError, ApiResult, ErrorKind, Shared, driver, read_vm, replica, store, with_store, with_vm,
 };
