@@ -237,7 +237,9 @@ fn retry_due(input: &Input, st: &ReplicatedVMStatus) -> Option<i64> {
     let by_plan = input.plan_started.is_some_and(|started| {
         is_failover(j.type_)
             && j.target_site.as_deref() == Some(input.desired())
-            && j.end_time.as_ref().is_some_and(|e| e.0 < started)
+            // Status times have whole seconds: a failure in the second the run started counts
+            // as before it.
+            && j.end_time.as_ref().is_some_and(|e| e.0 <= started)
     });
     (asked || by_plan).then_some(next)
 }
