@@ -246,12 +246,20 @@ async fn kstatus_conditions_hold_through_every_phase_of_a_planned_failover() {
         "kstatus invariants broken: {violations:#?}"
     );
     assert!(samples > 20, "too few samples: {samples}");
-    for phase in ["InitialReplication", "FailingOver", "Protected"] {
+    for phase in ["InitialReplication", "Protected"] {
         assert!(
             seen.contains(phase),
             "phase {phase} never sampled: {seen:?}"
         );
     }
+    // The failover's own phases can pass between two samples on a loaded machine; one of them
+    // must have been seen, so the invariants were checked while the failover ran.
+    assert!(
+        ["FailingOver", "FailedOver", "Reprotecting"]
+            .iter()
+            .any(|p| seen.contains(*p)),
+        "no phase of the failover sampled: {seen:?}"
+    );
 
     // Events: the action is a verb; a job's events are told apart by the part of the object
     // they concern (regarding.fieldPath), so different jobs never fold into one series.
