@@ -1,11 +1,20 @@
-//! The Helm chart: rendered with `helm template` and checked by a real API server.
+//! The Helm chart: rendered with `helm template` and checked by a real API server, and the
+//! controller run exactly as the chart's Deployment runs it.
+
+mod controller_common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
+use controller_common::{Agent, LONG, jobs, one_at_a_time, ready};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
 use serde_yaml::Value;
-use twinsite::envtest::{self, ControlPlane};
+use twinsite::api::{ReplicatedVM, Site};
+use twinsite::envtest::{self, ControlPlane, ManagedChild};
 
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/twinsite")
@@ -121,6 +130,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
+            "PodDisruptionBudget",
             "Role",
             "RoleBinding",
             "Service",
@@ -395,4 +405,508 @@ fn the_chart_deploys_this_version() {
         Some(env!("CARGO_PKG_VERSION")),
         "charts/twinsite/Chart.yaml appVersion differs from the crate version"
     );
+}
+
+#[tokio::test]
+async fn bad_values_are_refused_with_the_name_of_the_value() {
+    let cp = envtest::shared().await;
+    for (set, name) in [
+        ("logFormat=xml", "/logFormat"),
+        ("metrics.port=0", "/metrics/port"),
+        ("leaderElection.enabled=yes", "/leaderElection/enabled"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        (
+            "podDisruptionBudget.maxUnavailable=most",
+            "/podDisruptionBudget/maxUnavailable",
+        ),
+        (
+            "metrics.serviceMonitor.interval=often",
+            "/metrics/serviceMonitor/interval",
+        ),
+        ("replicaCount=2", "replicaCount"),
+    ] {
+        let out = helm_template(cp, "bad", "chart-bad", &["--set", set]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--set {set} was accepted");
+        assert!(
+            err.contains(name),
+            "--set {set} refused without naming {name}: {err}"
+        );
+    }
+    // The same check runs at install time: nothing is installed.
+    let out = cp
+        .helm()
+        .args(["install", "bad-install"])
+        .arg(chart_dir())
+        .args(["--namespace", "chart-bad", "--create-namespace"])
+        .args(["--set", "logFormat=xml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/logFormat"));
+    let out = cp
+        .kubectl()
+        .args(["get", "deployment", "-n", "chart-bad", "-o", "name"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+}
+
+#[tokio::test]
+async fn optional_objects_render_when_enabled() {
+    let cp = envtest::shared().await;
+    let objects = docs(&render(cp, "defaults", "chart-optional", &[]));
+    assert!(!objects.iter().any(|d| d["kind"] == "NetworkPolicy"));
+    assert!(!objects.iter().any(|d| d["kind"] == "ServiceMonitor"));
+    let pdb = find(&objects, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    let deployment = find(&objects, "Deployment");
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+
+    let yaml = render(
+        cp,
+        "optional",
+        "chart-optional",
+        &[
+            "--set",
+            "networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true",
+            "--set",
+            "metrics.serviceMonitor.labels.release=prom,podDisruptionBudget.minAvailable=1",
+        ],
+    );
+    let objects = docs(&yaml);
+    let np = find(&objects, "NetworkPolicy");
+    assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
+    assert_eq!(
+        np["spec"]["policyTypes"],
+        serde_yaml::to_value(["Ingress"]).unwrap()
+    );
+    let sm = find(&objects, "ServiceMonitor");
+    assert_eq!(sm["metadata"]["labels"]["release"], "prom");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    let service = find(&objects, "Service");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(
+            &service["metadata"]["labels"][k], v,
+            "ServiceMonitor selects {k:?}"
+        );
+    }
+    let pdb = find(&objects, "PodDisruptionBudget");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert!(pdb["spec"]["maxUnavailable"].is_null());
+
+    // The API server takes the NetworkPolicy and the PodDisruptionBudget (the ServiceMonitor
+    // needs the Prometheus Operator's CRDs, which this API server has not).
+    create_namespace(cp, "chart-optional");
+    let without_sm: Vec<String> = objects
+        .iter()
+        .filter(|d| d["kind"] != "ServiceMonitor")
+        .map(|d| serde_yaml::to_string(d).unwrap())
+        .collect();
+    let out = kubectl_stdin(
+        cp,
+        &["apply", "--dry-run=server", "-f", "-"],
+        &without_sm.join("---\n"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = helm_template(
+        cp,
+        "nosvc",
+        "chart-optional",
+        &[
+            "--set",
+            "metrics.serviceMonitor.enabled=true,metrics.service.enabled=false",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("metrics.service.enabled"));
+}
+
+/// The controller run as the chart's Deployment runs it: its args, its environment (the
+/// fieldRef values resolved as the kubelet resolves them), and the API access of the chart's
+/// ServiceAccount (a token from the TokenRequest API; KUBECONFIG stands in for the token file
+/// the kubelet mounts).
+struct ChartController {
+    child: Option<ManagedChild>,
+    log: PathBuf,
+    /// The port the probes use (the container port they name).
+    probe_port: u16,
+    liveness: String,
+    readiness: String,
+    pod: String,
+    ns: String,
+    fullname: String,
+    env: Vec<(String, String)>,
+}
+
+impl ChartController {
+    async fn start(
+        cp: &ControlPlane,
+        release: &str,
+        ns: &str,
+        tmp: &tempfile::TempDir,
+        set: &[&str],
+    ) -> ChartController {
+        create_namespace(cp, ns);
+        let port = envtest::free_port().unwrap();
+        let port_value = format!("metrics.port={port}");
+        let mut extra = vec!["--set", port_value.as_str()];
+        for s in set {
+            extra.extend(["--set", s]);
+        }
+        let yaml = render(cp, release, ns, &extra);
+        let out = kubectl_stdin(cp, &["apply", "-f", "-"], &yaml);
+        assert!(
+            out.status.success(),
+            "applying the chart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let objects = docs(&yaml);
+        let deployment = find(&objects, "Deployment");
+        let fullname = deployment["metadata"]["name"].as_str().unwrap().to_string();
+        let pod_spec = &deployment["spec"]["template"]["spec"];
+        let c = &pod_spec["containers"][0];
+        let pod = format!("{fullname}-6d4b9c7f58-x7k2q");
+
+        let args: Vec<String> = c["args"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect();
+        let env: Vec<(String, String)> = c["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let name = e["name"].as_str().unwrap().to_string();
+                let value = if let Some(v) = e["value"].as_str() {
+                    v.to_string()
+                } else {
+                    match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                        Some("metadata.namespace") => ns.to_string(),
+                        Some("metadata.name") => pod.clone(),
+                        other => panic!("env {name}: cannot resolve {other:?}"),
+                    }
+                };
+                (name, value)
+            })
+            .collect();
+        let port_of = |probe: &str| {
+            let p = &c[probe]["httpGet"]["port"];
+            let named = c["ports"]
+                .as_sequence()
+                .unwrap()
+                .iter()
+                .find(|x| &x["name"] == p || &x["containerPort"] == p)
+                .unwrap_or_else(|| panic!("{probe} names no container port"));
+            named["containerPort"].as_u64().unwrap() as u16
+        };
+        let probe_port = port_of("livenessProbe");
+        assert_eq!(probe_port, port_of("readinessProbe"));
+        assert_eq!(probe_port, port);
+
+        // A token of the chart's ServiceAccount, in a kubeconfig of its own.
+        let sa = pod_spec["serviceAccountName"].as_str().unwrap();
+        let out = cp
+            .kubectl()
+            .args(["create", "token", sa, "-n", ns, "--duration", "2h"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl create token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let admin: Value =
+            serde_yaml::from_str(&std::fs::read_to_string(cp.kubeconfig_path()).unwrap()).unwrap();
+        let cluster = admin["clusters"][0]["cluster"].clone();
+        let kubeconfig: Value = serde_yaml::from_str(&format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: sa\n\
+             contexts: [{{name: sa, context: {{cluster: c, user: sa, namespace: {ns}}}}}]\n\
+             users: [{{name: sa, user: {{token: {token}}}}}]\nclusters: []\n"
+        ))
+        .unwrap();
+        let mut kubeconfig = kubeconfig;
+        kubeconfig["clusters"] =
+            serde_yaml::to_value(vec![json!({"name": "c", "cluster": cluster})]).unwrap();
+        let kc_path = tmp.path().join(format!("{release}-kubeconfig"));
+        std::fs::write(&kc_path, serde_yaml::to_string(&kubeconfig).unwrap()).unwrap();
+
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_twinsite"));
+        cmd.args(&args)
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("KUBECONFIG", &kc_path);
+        let log = tmp.path().join(format!("{release}-controller.log"));
+        let child = ManagedChild::spawn("chart controller", cmd, &log).unwrap();
+        let probe = |p: &str| c[p]["httpGet"]["path"].as_str().unwrap().to_string();
+        ChartController {
+            child: Some(child),
+            log,
+            probe_port,
+            liveness: probe("livenessProbe"),
+            readiness: probe("readinessProbe"),
+            pod,
+            ns: ns.to_string(),
+            fullname,
+            env,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.probe_port)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn env(&self, name: &str) -> &str {
+        &self
+            .env
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("no env {name}"))
+            .1
+    }
+
+    /// Waits until `path` answers 200; returns the body.
+    async fn wait_ok(&mut self, path: &str) -> String {
+        let deadline = Instant::now() + LONG;
+        loop {
+            if let Some(c) = &mut self.child
+                && let Err(e) = c.check_running()
+            {
+                panic!("the controller stopped: {e}\n{}", self.log());
+            }
+            if let Ok(r) = reqwest::get(self.url(path)).await
+                && r.status().is_success()
+            {
+                return r.text().await.unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} never answered 200 on port {}\n{}",
+                self.probe_port,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The probes answer, the metrics are served, and the logs are in the chart's format.
+    async fn check_probes(&mut self, log_format: &str) {
+        let live = self.liveness.clone();
+        let ready = self.readiness.clone();
+        self.wait_ok(&live).await;
+        self.wait_ok(&ready).await;
+        let metrics = self.wait_ok("/metrics").await;
+        assert!(metrics.contains("# EOF"), "not OpenMetrics:\n{metrics}");
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "the controller logged nothing");
+        for l in lines {
+            let json = serde_json::from_str::<serde_json::Value>(l).is_ok();
+            assert_eq!(
+                json,
+                log_format == "json",
+                "log line in the wrong format: {l}"
+            );
+        }
+    }
+}
+
+impl Drop for ChartController {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.stop(Duration::from_secs(10));
+        }
+    }
+}
+
+async fn poll<T>(what: &str, log: impl Fn() -> String, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + LONG;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            let log = log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            panic!(
+                "timed out waiting for {what}\ncontroller log:\n{}",
+                tail.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// A Site for `agent`, its token in Secret `<site>-agent` of namespace `secret_ns`.
+async fn create_site(client: &kube::Client, agent: &Agent, secret_ns: &str) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), secret_ns);
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": format!("{}-agent", agent.site)},
+        "stringData": {"token": agent.token},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let site: Site = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+        "metadata": {"name": agent.site},
+        "spec": {"agent": {
+            "url": agent.url,
+            "tokenSecretRef": {"namespace": secret_ns, "name": format!("{}-agent", agent.site), "key": "token"},
+        }},
+    }))
+    .unwrap();
+    Api::<Site>::all(client.clone())
+        .create(&PostParams::default(), &site)
+        .await
+        .unwrap();
+}
+
+fn protected_at(r: &ReplicatedVM, site: &str) -> bool {
+    r.status.as_ref().is_some_and(|s| {
+        s.phase == Some(twinsite::api::VmPhase::Protected)
+            && s.active_site.as_deref() == Some(site)
+            && ready(r)
+    })
+}
+
+#[tokio::test]
+async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
+    let _one = one_at_a_time().await;
+    let cp = envtest::shared().await;
+    let client = cp.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ns = "chart-run";
+    let mut ctl = ChartController::start(cp, "run", ns, &tmp, &[]).await;
+    ctl.check_probes("json").await;
+
+    // The Lease is the chart's, held by the pod.
+    let lease_name = ctl.env("TWINSITE_LEASE_NAME").to_string();
+    assert_eq!(lease_name, format!("{}-leader", ctl.fullname));
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ctl.ns);
+    let holder = poll(
+        "the chart's Lease",
+        || ctl.log(),
+        async || {
+            leases
+                .get_opt(&lease_name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|l| l.spec?.holder_identity)
+        },
+    )
+    .await;
+    assert_eq!(holder, ctl.pod);
+
+    // A failover through it: two agents, Sites whose token Secrets live in the controller's
+    // namespace, a ReplicatedVM in a namespace of its own.
+    let p = Agent::start("chart-run-primary", &tmp).await;
+    let s = Agent::start("chart-run-secondary", &tmp).await;
+    for a in [&p, &s] {
+        create_site(&client, a, ns).await;
+    }
+    let vm = "chart-vm";
+    p.create_vm(vm, true).await;
+    p.write(vm, 0, b"written before the failover").await;
+    let vms_ns = "chart-run-vms";
+    create_namespace(cp, vms_ns);
+    let rvms: Api<ReplicatedVM> = Api::namespaced(client.clone(), vms_ns);
+    let rvm: ReplicatedVM = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+        "metadata": {"name": vm},
+        "spec": {
+            "primarySite": p.site, "recoverySite": s.site,
+            "replication": {"enabled": true, "intervalSeconds": 30},
+            "failover": {"type": "Planned"},
+        },
+    }))
+    .unwrap();
+    rvms.create(&PostParams::default(), &rvm).await.unwrap();
+    poll(
+        "Protected at the primary",
+        || ctl.log(),
+        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &p.site)),
+    )
+    .await;
+    rvms.patch(
+        vm,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"activeSite": s.site}})),
+    )
+    .await
+    .unwrap();
+    let r = poll(
+        "Protected at the secondary",
+        || ctl.log(),
+        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &s.site)),
+    )
+    .await;
+    assert!(
+        jobs(&r).contains(&("PlannedFailover".into(), "Succeeded".into())),
+        "{:?}",
+        jobs(&r)
+    );
+    assert_eq!(
+        s.read(vm, 0, 27).await,
+        b"written before the failover".to_vec()
+    );
+    // The probes still answer after the work.
+    ctl.check_probes("json").await;
+}
+
+#[tokio::test]
+async fn without_leader_election_the_chart_controller_runs_without_a_lease() {
+    let _one = one_at_a_time().await;
+    let cp = envtest::shared().await;
+    let client = cp.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ns = "chart-single";
+    let mut ctl = ChartController::start(
+        cp,
+        "single",
+        ns,
+        &tmp,
+        &["leaderElection.enabled=false", "logFormat=text"],
+    )
+    .await;
+    assert_eq!(ctl.env("TWINSITE_LEADER_ELECTION"), "false");
+    ctl.check_probes("text").await;
+    // It reconciles: a Site becomes Ready (its token Secret in the controller's namespace).
+    let a = Agent::start("chart-single-site", &tmp).await;
+    create_site(&client, &a, ns).await;
+    let sites: Api<Site> = Api::all(client.clone());
+    poll(
+        "the Site Ready",
+        || ctl.log(),
+        async || {
+            let site = sites.get(&a.site).await.ok()?;
+            site.status?
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), ns);
+    let list = leases.list(&Default::default()).await.unwrap();
+    assert!(list.items.is_empty(), "a Lease was taken without election");
 }

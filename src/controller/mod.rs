@@ -41,15 +41,36 @@ use crate::api::{FailoverPlan, ReplicatedVM, Site};
 use metrics::Metrics;
 use sites::Sites;
 
-/// `twinsite controller` flags.
+/// How the controller writes its logs.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// `twinsite controller` flags. Every flag the Helm chart sets can also come from the
+/// environment (the chart passes them as `TWINSITE_*` variables).
 #[derive(clap::Args, Debug, Clone)]
 pub struct ControllerArgs {
     /// Kubeconfig file; without it KUBECONFIG, ~/.kube/config or the in-cluster config is used.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    /// Address of /healthz, /readyz and /metrics (in a pod: 0.0.0.0:PORT, where the probes
+    /// reach it).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "TWINSITE_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
+    /// Leader election through a Lease: only the holder reconciles. `false` reconciles at once
+    /// without a Lease; then exactly one controller may run.
+    #[arg(
+        long,
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        env = "TWINSITE_LEADER_ELECTION"
+    )]
+    pub leader_election: bool,
     /// Namespace of the leader election Lease.
     #[arg(
         long,
@@ -58,8 +79,16 @@ pub struct ControllerArgs {
     )]
     pub lease_namespace: String,
     /// Name of the leader election Lease.
-    #[arg(long, default_value = "twinsite-controller")]
+    #[arg(
+        long,
+        default_value = "twinsite-controller",
+        env = "TWINSITE_LEASE_NAME"
+    )]
     pub lease_name: String,
+    /// This replica's name in the Lease (holderIdentity); the pod's name in a cluster.
+    /// Default: the host name and process id.
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
     /// How long a lease holder that stops renewing keeps the lease.
     #[arg(long, default_value_t = 15)]
     pub lease_duration_seconds: u64,
@@ -69,7 +98,10 @@ pub struct ControllerArgs {
     /// ReplicatedVMs reconciled at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: u16,
-    /// Logs as JSON lines.
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "TWINSITE_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Logs as JSON lines (the same as `--log-format json`).
     #[arg(long)]
     pub log_json: bool,
 }
@@ -159,7 +191,7 @@ fn plan_members(fp: FailoverPlan) -> Vec<kube::runtime::reflector::ObjectRef<Rep
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     crate::init_crypto();
-    init_tracing(args.log_json);
+    init_tracing(args.log_json || args.log_format == LogFormat::Json);
     let client = client(&args).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -185,27 +217,40 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         });
     }
 
-    let identity = format!(
-        "{}-{}",
-        std::env::var("HOSTNAME").unwrap_or_else(|_| "twinsite".into()),
-        std::process::id()
-    );
-    // The Lease's namespace must exist: the controller never creates namespaces (the chart's
-    // RBAC allows it Leases in its own namespace only).
-    let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
-        .with_namespace(&args.lease_namespace)
-        .with_identity(&identity)
-        .with_duration(args.lease_duration_seconds)
-        .with_grace(args.lease_duration_seconds.div_ceil(3).max(2))
-        .build()
-        .await
-        .map_err(|source| Error::LeaseNamespace {
-            namespace: args.lease_namespace.clone(),
-            source,
-        })?;
-    let (mut leader, lease_task) = lease.watch().await;
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "twinsite".into()),
+            std::process::id()
+        )
+    });
+    // Without election, the sender of an always-true leadership channel, kept until the end.
+    let mut always_leader = None;
+    let (mut leader, lease_task) = if args.leader_election {
+        // The Lease's namespace must exist: the controller never creates namespaces (the
+        // chart's RBAC allows it Leases in its own namespace only).
+        let lease = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &args.lease_name)
+            .with_namespace(&args.lease_namespace)
+            .with_identity(&identity)
+            .with_duration(args.lease_duration_seconds)
+            .with_grace(args.lease_duration_seconds.div_ceil(3).max(2))
+            .build()
+            .await
+            .map_err(|source| Error::LeaseNamespace {
+                namespace: args.lease_namespace.clone(),
+                source,
+            })?;
+        let (leader, task) = lease.watch().await;
+        info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "waiting for leadership");
+        (leader, Some(task))
+    } else {
+        // Without election this process leads from the start, until it stops.
+        let (tx, rx) = tokio::sync::watch::channel(true);
+        always_leader = Some(tx);
+        warn!(%identity, "leader election is off: exactly one controller may run");
+        (rx, None)
+    };
     ready.store(true, Ordering::SeqCst);
-    info!(%identity, lease = %args.lease_name, namespace = %args.lease_namespace, "waiting for leadership");
 
     let sites = Arc::new(Sites::new());
     loop {
@@ -288,10 +333,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     }
     // Closing the channel makes the lease task release the lease.
     drop(leader);
-    match tokio::time::timeout(Duration::from_secs(5), lease_task).await {
-        Ok(Ok(Err(e))) => warn!(error = %e, "releasing the lease"),
-        Err(_) => warn!("releasing the lease timed out"),
-        _ => {}
+    drop(always_leader);
+    if let Some(task) = lease_task {
+        match tokio::time::timeout(Duration::from_secs(5), task).await {
+            Ok(Ok(Err(e))) => warn!(error = %e, "releasing the lease"),
+            Err(_) => warn!("releasing the lease timed out"),
+            _ => {}
+        }
     }
     http.abort();
     info!("stopped");
