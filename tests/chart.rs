@@ -132,6 +132,8 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "Deployment",
             "PodDisruptionBudget",
             "Role",
+            "Role",
+            "RoleBinding",
             "RoleBinding",
             "Service",
             "ServiceAccount",
@@ -222,6 +224,8 @@ async fn helm_installs_and_uninstalls_the_chart() {
         "serviceaccount/helm-install-twinsite",
         "service/helm-install-twinsite-metrics",
         "role.rbac.authorization.k8s.io/helm-install-twinsite-leader-election",
+        "role.rbac.authorization.k8s.io/helm-install-twinsite-secrets",
+        "rolebinding.rbac.authorization.k8s.io/helm-install-twinsite-secrets",
     ] {
         assert!(names.lines().any(|l| l == want), "no {want} in:\n{names}");
     }
@@ -301,8 +305,8 @@ async fn the_service_account_gets_exactly_what_the_controller_needs() {
             "-n",
             "finance",
         ],
-        &["get", "secrets", "-n", "twinsite-system"],
-        &["watch", "secrets", "-A"],
+        // Secrets: get, in the controller's namespace only.
+        &["get", "secrets", "-n", ns],
         &["create", "events", "-n", "finance"],
         &["patch", "events.events.k8s.io", "-n", "finance"],
         &["get", "leases.coordination.k8s.io", "-n", ns],
@@ -314,8 +318,14 @@ async fn the_service_account_gets_exactly_what_the_controller_needs() {
         &["delete", "replicatedvms.twinsite.io", "-n", "finance"],
         &["delete", "sites.twinsite.io"],
         &["create", "failoverplans.twinsite.io", "-n", "finance"],
-        &["create", "secrets", "-n", "twinsite-system"],
-        &["update", "secrets", "-n", "twinsite-system"],
+        &["get", "secrets", "-n", "twinsite-system"],
+        &["get", "secrets", "-n", "finance"],
+        &["get", "secrets", "-A"],
+        &["list", "secrets", "-n", ns],
+        &["watch", "secrets", "-n", ns],
+        &["list", "secrets", "-A"],
+        &["create", "secrets", "-n", ns],
+        &["update", "secrets", "-n", ns],
         &["delete", "events", "-n", "finance"],
         &["update", "leases.coordination.k8s.io", "-n", "default"],
         &["delete", "leases.coordination.k8s.io", "-n", ns],
@@ -381,7 +391,17 @@ async fn values_shape_the_deployment() {
         "chart-values",
         &["--set", "leaderElection.enabled=false"],
     ));
-    assert!(!objects.iter().any(|d| d["kind"] == "Role"));
+    assert!(
+        !objects
+            .iter()
+            .any(|d| d["kind"] == "Role"
+                && d["metadata"]["name"] == "single-twinsite-leader-election")
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|d| d["kind"] == "Role" && d["metadata"]["name"] == "single-twinsite-secrets")
+    );
     let out = helm_template(
         cp,
         "double",
@@ -545,6 +565,8 @@ struct ChartController {
     ns: String,
     fullname: String,
     env: Vec<(String, String)>,
+    /// A kubeconfig with the ServiceAccount's token.
+    kubeconfig: PathBuf,
 }
 
 impl ChartController {
@@ -660,6 +682,7 @@ impl ChartController {
             ns: ns.to_string(),
             fullname,
             env,
+            kubeconfig: kc_path,
         }
     }
 
@@ -909,4 +932,132 @@ async fn without_leader_election_the_chart_controller_runs_without_a_lease() {
         Api::namespaced(client.clone(), ns);
     let list = leases.list(&Default::default()).await.unwrap();
     assert!(list.items.is_empty(), "a Lease was taken without election");
+}
+
+fn site_ready(site: &Site) -> Option<(String, String, String)> {
+    site.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The Site's Ready condition as (status, reason, message), once it is set.
+async fn site_condition(
+    sites: &Api<Site>,
+    ctl: &ChartController,
+    name: &str,
+) -> (String, String, String) {
+    poll(
+        &format!("Site {name} Ready condition"),
+        || ctl.log(),
+        async || site_ready(&sites.get(name).await.ok()?),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_controller_reads_secrets_in_its_own_namespace_only() {
+    let _one = one_at_a_time().await;
+    let cp = envtest::shared().await;
+    let client = cp.client().await.unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let ns = "chart-secrets";
+    let elsewhere = "chart-secrets-elsewhere";
+    let mut ctl = ChartController::start(cp, "secrets", ns, &tmp, &[]).await;
+    ctl.check_probes("json").await;
+    create_namespace(cp, elsewhere);
+
+    // One agent, three Sites: its token in the controller's namespace (Ready), its token in
+    // another namespace (refused), an https URL whose CA Secret is missing (refused).
+    let a = Agent::start("chart-secrets-site", &tmp).await;
+    create_site(&client, &a, ns).await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), elsewhere);
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "token-elsewhere"},
+        "stringData": {"token": a.token},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &s).await.unwrap();
+    let sites: Api<Site> = Api::all(client.clone());
+    let make = |name: &str, agent: serde_json::Value| -> Site {
+        serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+            "metadata": {"name": name},
+            "spec": {"agent": agent},
+        }))
+        .unwrap()
+    };
+    let far = "chart-secrets-far";
+    sites
+        .create(
+            &PostParams::default(),
+            &make(
+                far,
+                json!({"url": a.url, "tokenSecretRef":
+                    {"namespace": elsewhere, "name": "token-elsewhere", "key": "token"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let no_ca = "chart-secrets-no-ca";
+    sites
+        .create(
+            &PostParams::default(),
+            &make(
+                no_ca,
+                json!({
+                    "url": a.url.replace("http://", "https://"),
+                    "tokenSecretRef": {"namespace": ns, "name": format!("{}-agent", a.site), "key": "token"},
+                    "caSecretRef": {"namespace": ns, "name": "missing-ca", "key": "ca.crt"},
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+
+    let (status, reason, _) = site_condition(&sites, &ctl, &a.site).await;
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "Connected"));
+
+    let (status, reason, message) = site_condition(&sites, &ctl, far).await;
+    assert_eq!(status, "False");
+    assert_eq!(reason, "SecretNamespace");
+    for want in [
+        "spec.agent.tokenSecretRef.namespace",
+        elsewhere,
+        &format!("namespace {ns}"),
+    ] {
+        assert!(message.contains(want), "no {want:?} in: {message}");
+    }
+
+    let (status, reason, message) = site_condition(&sites, &ctl, no_ca).await;
+    assert_eq!(status, "False");
+    assert_eq!(reason, "CAUnavailable");
+    assert!(
+        message.contains("spec.agent.caSecretRef") && message.contains("missing-ca"),
+        "{message}"
+    );
+    assert!(!ctl.log().contains(&a.token), "a token was logged");
+
+    // The chart's ServiceAccount itself cannot read Secrets anywhere else, nor list them.
+    let kubectl_sa = |args: &[&str]| {
+        let out = std::process::Command::new(cp.bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&ctl.kubeconfig)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = kubectl_sa(&["get", "secret", "token-elsewhere", "-n", elsewhere]);
+    assert!(!ok && err.contains("Forbidden"), "{err}");
+    let (ok, err) = kubectl_sa(&["get", "secrets", "-n", ns]);
+    assert!(!ok && err.contains("Forbidden"), "{err}");
+    let name = format!("{}-agent", a.site);
+    let (ok, err) = kubectl_sa(&["get", "secret", &name, "-n", ns]);
+    assert!(ok, "{err}");
 }

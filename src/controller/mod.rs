@@ -85,6 +85,10 @@ pub struct ControllerArgs {
         env = "TWINSITE_LEASE_NAME"
     )]
     pub lease_name: String,
+    /// The one namespace whose Secrets the controller reads (Sites' tokenSecretRef and
+    /// caSecretRef must name it); default: the lease namespace, the controller's own.
+    #[arg(long, env = "TWINSITE_SECRET_NAMESPACE")]
+    pub secret_namespace: Option<String>,
     /// This replica's name in the Lease (holderIdentity); the pod's name in a cluster.
     /// Default: the host name and process id.
     #[arg(long, env = "POD_NAME")]
@@ -147,6 +151,8 @@ pub struct Context {
     pub started: std::time::Instant,
     /// Status this process wrote last, per ReplicatedVM.
     pub written: rvm::Written,
+    /// The only namespace whose Secrets are read.
+    pub secret_namespace: String,
 }
 
 fn init_tracing(json: bool) {
@@ -252,6 +258,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     };
     ready.store(true, Ordering::SeqCst);
 
+    let secret_namespace = args
+        .secret_namespace
+        .clone()
+        .unwrap_or_else(|| args.lease_namespace.clone());
+    info!(namespace = %secret_namespace, "Secrets are read in this namespace only");
     let sites = Arc::new(Sites::new());
     loop {
         // Wait to lead (or to be told to stop).
@@ -277,6 +288,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             poll: Duration::from_secs(args.site_poll_seconds.max(1)),
             started: std::time::Instant::now(),
             written: Default::default(),
+            secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());
         let lost = {

@@ -52,23 +52,67 @@ async fn secret_value(ctx: &Context, r: &SecretKeyRef) -> Result<String, String>
         })
 }
 
+/// The controller reads Secrets in one namespace only (`--secret-namespace`); a reference
+/// elsewhere is refused without a read, with the field and the namespace to use.
+fn check_namespace(ctx: &Context, field: &str, r: &SecretKeyRef) -> Result<(), Cond> {
+    if r.namespace == ctx.secret_namespace {
+        return Ok(());
+    }
+    Err(Cond::new(
+        READY,
+        false,
+        "SecretNamespace",
+        format!(
+            "spec.agent.{field}.namespace is {}, but the controller reads Secrets only in \
+             namespace {}: create Secret {} there and set spec.agent.{field}.namespace to {}",
+            r.namespace, ctx.secret_namespace, r.name, ctx.secret_namespace
+        ),
+    ))
+}
+
+/// The agent's token and CA bundle, or the Ready=False condition that says why not.
+async fn credentials(
+    ctx: &Context,
+    agent: &crate::api::AgentEndpoint,
+) -> Result<(String, Option<String>), Cond> {
+    check_namespace(ctx, "tokenSecretRef", &agent.token_secret_ref)?;
+    if let Some(r) = &agent.ca_secret_ref {
+        check_namespace(ctx, "caSecretRef", r)?;
+    }
+    let token = secret_value(ctx, &agent.token_secret_ref)
+        .await
+        .map_err(|m| Cond::new(READY, false, "Unauthorized", m))?;
+    let ca = match &agent.ca_secret_ref {
+        None => None,
+        // Never the system roots instead: the Site named the CA its agent's certificate is
+        // checked against.
+        Some(r) => Some(secret_value(ctx, r).await.map_err(|m| {
+            Cond::new(
+                READY,
+                false,
+                "CAUnavailable",
+                format!("spec.agent.caSecretRef: {m}; the agent is not called without its CA"),
+            )
+        })?),
+    };
+    Ok((token, ca))
+}
+
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
-    let (cond, count) = match secret_value(&ctx, &agent.token_secret_ref).await {
-        Err(m) => (Cond::new(READY, false, "Unauthorized", m), None),
-        Ok(token) => {
-            let ca = match &agent.ca_secret_ref {
-                Some(r) => match secret_value(&ctx, r).await {
-                    Ok(v) => Some(v),
-                    Err(m) => {
-                        warn!(site = %name, "{m}");
-                        None
-                    }
-                },
-                None => None,
-            };
+    let (cond, count) = match credentials(&ctx, agent).await {
+        Err(cond) => {
+            if cond.reason == "SecretNamespace" {
+                // Credentials from a namespace the controller may not read are not used, not
+                // even the ones read before the Site changed.
+                ctx.sites.remove(&name);
+            }
+            debug!(site = %name, reason = %cond.reason, "{}", cond.message);
+            (cond, None)
+        }
+        Ok((token, ca)) => {
             match ctx.sites.upsert(&name, &agent.url, &token, ca) {
                 Err(e) => (Cond::new(READY, false, "Unreachable", e.to_string()), None),
                 Ok(()) => {

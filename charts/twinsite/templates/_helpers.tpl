@@ -38,3 +38,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "twinsite.leaseName" -}}
 {{- default (printf "%s-leader" (include "twinsite.fullname" .)) .Values.leaderElection.leaseName }}
 {{- end }}
+
+{{/* The one namespace whose Secrets the controller reads. */}}
+{{- define "twinsite.secretNamespace" -}}
+{{- default .Release.Namespace .Values.secretNamespace }}
+{{- end }}
