@@ -16,6 +16,9 @@ echo "== control plane binaries (etcd, kube-apiserver, kubectl, helm; cached aft
 bin="$(scripts/envtest-build.sh | tail -n1)"
 export TWINSITE_ENVTEST_BIN="$bin"
 
+echo "== image tools (buildah, umoci: tests/image.rs builds the image from the test build's binary)"
+scripts/image-build.sh --tools
+
 echo "== cargo fmt --check"
 cargo fmt --check
 
