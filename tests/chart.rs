@@ -1040,6 +1040,27 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
     );
     assert!(!ctl.log().contains(&a.token), "a token was logged");
 
+    // A Ready Site turned to a Secret elsewhere is refused as well.
+    sites
+        .patch(
+            &a.site,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"agent": {"tokenSecretRef":
+                {"namespace": elsewhere, "name": "token-elsewhere", "key": "token"}}}})),
+        )
+        .await
+        .unwrap();
+    let reason = poll(
+        "the Ready Site refused",
+        || ctl.log(),
+        async || {
+            let (status, reason, _) = site_ready(&sites.get(&a.site).await.ok()?)?;
+            (status == "False").then_some(reason)
+        },
+    )
+    .await;
+    assert_eq!(reason, "SecretNamespace");
+
     // The chart's ServiceAccount itself cannot read Secrets anywhere else, nor list them.
     let kubectl_sa = |args: &[&str]| {
         let out = std::process::Command::new(cp.bin_dir().join("kubectl"))
