@@ -1117,6 +1117,7 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
             .lock()
             .map_err(|_| ApiError::internal("export poisoned"))?;
         let out = std::fs::File::create(&spool2).map_err(ApiError::io)?;
+        fault::hit("source.export");
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         let mut sets = Vec::new();
         let mut slot = 0u64;

@@ -47,6 +47,8 @@ pub struct Agent {
     tls: Option<(PathBuf, PathBuf)>,
     /// More command line arguments (e.g. `--runtime libvirt`).
     args: Vec<String>,
+    /// More environment variables of the next start (e.g. `TWINSITE_FAILPOINT`).
+    pub env: Vec<(String, String)>,
     child: Option<ManagedChild>,
 }
 
@@ -89,13 +91,15 @@ impl Agent {
                 )
             }),
             args: args.to_vec(),
+            env: Vec::new(),
             child: None,
         };
         a.spawn().await;
         a
     }
 
-    async fn spawn(&mut self) {
+    /// Starts the process without waiting for it to answer (it may be armed to crash early).
+    pub fn launch(&mut self) {
         let token_file = self.dir.join("token");
         std::fs::write(&token_file, &self.token).unwrap();
         let data = self.dir.join("data");
@@ -112,8 +116,13 @@ impl Agent {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         cmd.args(&self.args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join("agent.log");
         self.child = Some(ManagedChild::spawn(&format!("agent {}", self.site), cmd, &log).unwrap());
+    }
+
+    async fn spawn(&mut self) {
+        self.launch();
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.client.health().await.is_err() {
             assert!(
@@ -442,19 +451,20 @@ impl World {
             }
             if Instant::now() > deadline {
                 let r = self.rvms().get(vm).await.ok();
-                let log = self.controller.log();
-                let tail: String = log
-                    .lines()
-                    .rev()
-                    .take(60)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
+                let tail = |log: String| {
+                    let lines: Vec<&str> = log.lines().collect();
+                    lines[lines.len().saturating_sub(60)..].join("\n")
+                };
+                let agent_log = |a: &Agent| {
+                    std::fs::read_to_string(a.dir.join("agent.log")).unwrap_or_default()
+                };
                 panic!(
-                    "timed out waiting for {what}\nobject: {}\ncontroller log tail:\n{tail}",
-                    serde_json::to_string_pretty(&r.map(|r| r.status)).unwrap()
+                    "timed out waiting for {what}\nobject: {}\ncontroller log tail:\n{}\n\
+                     primary agent log tail:\n{}\nsecondary agent log tail:\n{}",
+                    serde_json::to_string_pretty(&r.map(|r| r.status)).unwrap(),
+                    tail(self.controller.log()),
+                    tail(agent_log(&self.primary)),
+                    tail(agent_log(&self.secondary)),
                 );
             }
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -371,3 +371,63 @@ async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced
     // Reprotected toward the fenced old source.
     w.wait_protected("db", &s, &p).await;
 }
+
+/// An agent killed while a pull backup of its guest is open leaves the backup job in libvirtd;
+/// started again, it ends that job and replication goes on from its last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_killed_with_a_backup_open_resumes_replication() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let mut w = World::start_full("lvk", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "web", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("web", json!({"type": "Planned"})).await;
+    w.wait_protected("web", &p, &s).await;
+
+    // The next cycle's export kills the agent while libvirt's backup job is open.
+    w.primary.env = vec![("TWINSITE_FAILPOINT".into(), "source.export".into())];
+    w.primary.stop();
+    w.primary.launch();
+    let _ = w.primary.client.sync("web", "lvk-sync-1").await;
+    let log = w.primary.dir.join("agent.log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("failpoint source.export reached")
+    {
+        assert!(Instant::now() < deadline, "the export never began");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let job = virsh(&pl, &["domjobinfo", "web"]);
+    assert!(
+        job.contains("Backup"),
+        "the backup job outlives the agent: {job}"
+    );
+
+    // Started again: a sync succeeds and brings every generation the guest completed before it.
+    w.primary.env.clear();
+    w.primary.restart().await;
+    let wrote = last_wrote(&console);
+    w.primary
+        .client
+        .sync("web", "lvk-sync-2")
+        .await
+        .expect("a sync after the agent's restart");
+    let summary = verify_at(&w.secondary, "web").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+    let job = virsh(&pl, &["domjobinfo", "web"]);
+    assert!(
+        !job.contains("Backup"),
+        "the old backup job was ended: {job}"
+    );
+    let checkpoints = virsh(&pl, &["checkpoint-list", "web", "--name"]);
+    assert_eq!(
+        checkpoints.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "one checkpoint left, the one the replica acknowledged: {checkpoints}"
+    );
+}

@@ -25,6 +25,21 @@ pub fn backup_begin(d: &Domain, backup_xml: &str, checkpoint_xml: &str) -> Resul
     if rc < 0 { Err(last_error()) } else { Ok(()) }
 }
 
+/// The XML of the domain's running backup job.
+pub fn backup_xml(d: &Domain) -> Result<String, String> {
+    // SAFETY: `d` is a live domain handle; the returned string is malloc'ed by libvirt and
+    // freed here after it is copied.
+    unsafe {
+        let p = sys::virDomainBackupGetXMLDesc(d.as_ptr(), 0);
+        if p.is_null() {
+            return Err(last_error());
+        }
+        let s = CStr::from_ptr(p).to_string_lossy().into_owned();
+        libc::free(p.cast());
+        Ok(s)
+    }
+}
+
 /// Ends the domain's job (a pull backup ends this way).
 pub fn abort_job(d: &Domain) -> Result<(), String> {
     // SAFETY: `d` is a live domain handle.

@@ -94,11 +94,15 @@ impl NbdExport {
     }
 }
 
+/// Names the folders of the agent's NBD sockets: a backup job whose socket is in one was begun
+/// by a twinsite agent.
+pub const SOCKET_DIR_PREFIX: &str = "twinsite-nbd-";
+
 /// A private directory for an export's sockets. Unix socket paths are short (108 bytes), so
 /// it lives in the temporary directory rather than under the data directory.
 pub fn socket_dir() -> ApiResult<tempfile::TempDir> {
     tempfile::Builder::new()
-        .prefix("twinsite-nbd-")
+        .prefix(SOCKET_DIR_PREFIX)
         .tempdir()
         .map_err(ApiError::io)
 }

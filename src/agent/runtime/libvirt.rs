@@ -28,6 +28,8 @@ const GUEST_PING_SECONDS: i32 = 2;
 pub struct Libvirt {
     conn: Connect,
     uri: String,
+    /// Domains with a backup job this process began and has not ended.
+    backups: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Libvirt {
@@ -39,7 +41,48 @@ impl Libvirt {
         Ok(Self {
             conn,
             uri: uri.to_string(),
+            backups: Default::default(),
         })
+    }
+
+    /// Ends a pull backup of `name` that an earlier agent process began and could not end (it
+    /// died with the export open): libvirt keeps such a job, and refuses every new backup,
+    /// until it is aborted. A backup job that this process holds, or that twinsite did not
+    /// start (another backup tool's), is left alone and the export waits.
+    fn end_stale_backup(&self, d: &VirDomain, name: &str) -> ApiResult<()> {
+        let held = self
+            .backups
+            .lock()
+            .map_err(|_| ApiError::internal("backup set poisoned"))?
+            .contains(name);
+        // (`get_job_stats` of the binding fails on a domain without a job: the job info, then
+        // the backup's XML, which libvirt has only while a backup job runs.)
+        let job = d
+            .get_job_info()
+            .map_err(|e| self.failed("reading the job of", name, &e))?;
+        if job.r#type == sys::VIR_DOMAIN_JOB_NONE as i32 {
+            return Ok(());
+        }
+        let Ok(backup) = checkpoints::backup_xml(d) else {
+            return Ok(());
+        };
+        let ours = backup.contains(export::SOCKET_DIR_PREFIX);
+        if held || !ours {
+            return Err(ApiError::conflict(format!(
+                "domain {name} has a backup job running{}; replication goes on when it ends",
+                if held {
+                    ""
+                } else {
+                    " that twinsite did not start"
+                }
+            )));
+        }
+        tracing::warn!(
+            vm = name,
+            "ending a backup job left by an earlier agent process"
+        );
+        checkpoints::abort_job(d)
+            .map_err(|e| ApiError::internal(format!("libvirt: ending the backup of {name}: {e}")))
     }
 
     fn lookup(&self, name: &str) -> ApiResult<Option<VirDomain>> {
@@ -268,13 +311,20 @@ impl Runtime for Libvirt {
         }
         bx.push_str("</disks></domainbackup>");
         cx.push_str("</disks></domaincheckpoint>");
+        self.end_stale_backup(&d, name)?;
         checkpoints::backup_begin(&d, &bx, &cx).map_err(|e| {
             ApiError::conflict(format!("libvirt: starting a backup of {name}: {e}"))
         })?;
-        let job = d.clone();
+        if let Ok(mut held) = self.backups.lock() {
+            held.insert(name.to_string());
+        }
+        let (job, backups, vm) = (d.clone(), self.backups.clone(), name.to_string());
         let end = Box::new(move || {
             if let Err(e) = checkpoints::abort_job(&job) {
                 tracing::warn!(error = %e, "ending a backup job");
+            }
+            if let Ok(mut held) = backups.lock() {
+                held.remove(&vm);
             }
             for f in scratch_files {
                 let _ = std::fs::remove_file(f);
