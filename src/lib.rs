@@ -9,6 +9,7 @@
 //! - [`fault`]: failpoints for crash injection (test builds only).
 //! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
 //! - [`local`]: `twinsite local`, the whole stack on one machine.
+//! - [`logging`]: the log output of the controller and the agent.
 //! - [`nbd`]: a blocking NBD client for libvirt backups and qemu-nbd exports.
 
 pub mod agent;
@@ -17,6 +18,7 @@ pub mod controller;
 pub mod envtest;
 pub mod fault;
 pub mod local;
+pub mod logging;
 pub mod nbd;
 pub mod replication;
 pub mod secret;

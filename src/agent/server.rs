@@ -63,6 +63,9 @@ pub struct AgentArgs {
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+    /// Log format (`RUST_LOG` filters; info by default).
+    #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text, env = "TWINSITE_LOG_FORMAT")]
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl IntoResponse for ApiError {
@@ -91,6 +94,7 @@ const SEND_SLOTS: usize = 4;
 
 /// Runs the agent until SIGTERM or Ctrl-C.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    crate::logging::init(args.log_format, "info");
     // Load TLS material before anything else, so a bad certificate fails the start at once.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {

@@ -41,15 +41,7 @@ use crate::api::{FailoverPlan, ReplicatedVM, Site};
 use metrics::Metrics;
 use sites::Sites;
 
-/// How the controller writes its logs.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object a line.
-    Json,
-}
+pub use crate::logging::LogFormat;
 
 /// `twinsite controller` flags. Every flag the Helm chart sets can also come from the
 /// environment (the chart passes them as `TWINSITE_*` variables).
@@ -155,19 +147,6 @@ pub struct Context {
     pub secret_namespace: String,
 }
 
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,kube=warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
-    let _ = if json {
-        b.json().try_init()
-    } else {
-        b.try_init()
-    };
-}
-
 async fn client(args: &ControllerArgs) -> Result<Client, Error> {
     match &args.kubeconfig {
         Some(path) => {
@@ -197,7 +176,12 @@ fn plan_members(fp: FailoverPlan) -> Vec<kube::runtime::reflector::ObjectRef<Rep
 /// Runs the controller until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), Error> {
     crate::init_crypto();
-    init_tracing(args.log_json || args.log_format == LogFormat::Json);
+    let format = if args.log_json {
+        LogFormat::Json
+    } else {
+        args.log_format
+    };
+    crate::logging::init(format, "info,kube=warn");
     let client = client(&args).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));

@@ -372,10 +372,12 @@ async fn a_guest_that_ignores_acpi_fails_over_unplanned_and_its_source_is_fenced
     w.wait_protected("db", &s, &p).await;
 }
 
-/// An agent killed while a pull backup of its guest is open leaves the backup job in libvirtd;
-/// started again, it ends that job and replication goes on from its last checkpoint.
+/// Crashes on the data path of a real guest. An agent killed while a pull backup of its guest
+/// is open leaves the backup job in libvirtd; started again, it ends that job and replication
+/// goes on from its last checkpoint. A QEMU killed leaves bitmaps that cannot be trusted: the
+/// agent resynchronizes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_agent_killed_with_a_backup_open_resumes_replication() {
+async fn replication_of_a_real_guest_survives_its_agent_and_its_qemu_crashing() {
     let _serial = one_at_a_time().await;
     let lv = tempfile::tempdir().expect("tempdir");
     let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
@@ -430,4 +432,65 @@ async fn an_agent_killed_with_a_backup_open_resumes_replication() {
         1,
         "one checkpoint left, the one the replica acknowledged: {checkpoints}"
     );
+
+    // QEMU dies as in a host crash: the image's bitmaps are left marked in use. Started again,
+    // the guest's changes cannot be read from its checkpoint, so the agent resynchronizes by
+    // block hashes (only differing blocks travel) and replication goes on.
+    let sent_before = replication_of(&w.primary, "web").await.bytes_sent;
+    let killed = Command::new("pkill")
+        .args(["-KILL", "-f", "guest=web,"])
+        .status()
+        .expect("pkill runs");
+    assert!(killed.success(), "the guest's QEMU was found");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while domstate(&pl, "web") == "running" {
+        assert!(Instant::now() < deadline, "QEMU did not die");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let marks = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches(guest::WROTE_MARK)
+        .count();
+    virsh(&pl, &["start", "web"]);
+    wait_mark(&console, guest::WROTE_MARK, marks).await;
+    let deadline = Instant::now() + BOOT;
+    let mut n = 3;
+    let wrote = loop {
+        let wrote = last_wrote(&console);
+        match w.primary.client.sync("web", &format!("lvk-sync-{n}")).await {
+            Ok(_) => break wrote,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "replication did not come back after QEMU died: {e:?}"
+            ),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    };
+    let summary = verify_at(&w.secondary, "web").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+    let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("cannot be read since its last checkpoint"),
+        "the agent resynchronized: {}",
+        agent_log
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let after = replication_of(&w.primary, "web").await;
+    eprintln!(
+        "after QEMU died: {} bytes sent, disk 64 MiB",
+        after.bytes_sent - sent_before
+    );
+    assert!(
+        after.bytes_sent - sent_before < 32 << 20,
+        "a resync sends the blocks that differ, not the disk: {after:?}"
+    );
+}
+
+async fn replication_of(agent: &Agent, vm: &str) -> twinsite::site::ReplicationInfo {
+    agent.vm(vm).await.expect("the VM is listed").replication
 }
