@@ -15,7 +15,9 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::conditions::{self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED};
+use super::conditions::{
+    self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, STALLED,
+};
 use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role, SiteView,
 };
@@ -34,6 +36,9 @@ pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
 pub const VM_NOT_RUNNING: &str = "VMNotRunning";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
+/// Words in the message of a step that failed at its deadline: the Stalled message then names
+/// the ways on.
+const DEADLINE_PASSED: &str = "deadline passed";
 
 /// The steps jobs are made of (their names in `status.jobs[].steps[].name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -545,6 +550,19 @@ pub fn plan(input: &Input) -> Plan {
                                     apply_step_success(input, &mut st, ji, si, &Outcome::ok());
                                     advance(input, &mut st, &mut events, &mut finished);
                                 }
+                                WaitCheck::Message(m)
+                                    if overdue(input, step, copy_limit(input)) =>
+                                {
+                                    let msg = format!(
+                                        "not done when its {DEADLINE_PASSED} ({} s, \
+                                         spec.replication.copyTimeoutSeconds){}",
+                                        copy_limit(input),
+                                        m.map(|m| format!(": {m}")).unwrap_or_default()
+                                    );
+                                    let (t, n) = (job.type_, n);
+                                    fail_step(input, &mut st, ji, si, t, n, msg, &mut events);
+                                    advance(input, &mut st, &mut events, &mut finished);
+                                }
                                 WaitCheck::Message(m) => {
                                     st.jobs[ji].steps[si].message = m;
                                 }
@@ -686,10 +704,14 @@ fn check_wait(input: &Input, job: &Job, step: &JobStep) -> WaitCheck {
         {
             WaitCheck::Done
         }
-        Some(r) if r.state == ObservedReplicationState::Error => WaitCheck::Message(Some(format!(
-            "replication error: {}",
-            r.last_error.as_deref().unwrap_or("unknown")
-        ))),
+        // The agent's own reason, as long as it reports one (a copy that keeps failing stays
+        // InitialReplication or Resynchronizing at the source, with its last error).
+        Some(r) if r.state == ObservedReplicationState::Error || r.last_error.is_some() => {
+            WaitCheck::Message(Some(format!(
+                "replication error at {source}: {}",
+                r.last_error.as_deref().unwrap_or("unknown")
+            )))
+        }
         _ => WaitCheck::Message(step.message.clone()),
     }
 }
@@ -1462,6 +1484,20 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
     }
     let mut events = Vec::new();
     let mut finished = Vec::new();
+    // A required step whose site has not answered by its deadline fails its job: the operator
+    // gets a stalled job and a way on instead of a retry without end.
+    let limit = input.spec.failover.step_timeout();
+    let outcome = match outcome {
+        Outcome::Unreachable(m)
+            if !call.optional && overdue(input, &st.jobs[call.job].steps[call.step], limit) =>
+        {
+            Outcome::Failed(format!(
+                "no answer before its {DEADLINE_PASSED} ({limit} s, \
+                 spec.failover.stepTimeoutSeconds): {m}"
+            ))
+        }
+        o => o,
+    };
     match outcome {
         Outcome::Unreachable(m) if !call.optional => {
             // Retried with the same operation id; the site does the work once.
@@ -1477,26 +1513,16 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             advance(input, &mut st, &mut events, &mut finished);
         }
         Outcome::Failed(m) | Outcome::Unreachable(m) => {
-            let job = &mut st.jobs[call.job];
-            let s = &mut job.steps[call.step];
-            s.state = StepState::Failed;
-            s.end_time = Some(input.now());
-            let msg = if call.optional {
-                format!("{m}; {} continues", job_word(call.job_type))
-            } else {
-                m
-            };
-            s.message = Some(msg.clone());
-            events.push(Note {
-                warning: true,
-                action: job_verb(call.job_type),
-                subject: format!("{}/{}", job.name, s.name),
-                reason: "StepFailed",
-                message: format!("{}: {} failed: {msg}", job.name, s.name),
-            });
-            if !call.optional {
-                fail_remaining(input, &mut st, call.job);
-            }
+            fail_step(
+                input,
+                &mut st,
+                call.job,
+                call.step,
+                call.job_type,
+                call.step_name,
+                m,
+                &mut events,
+            );
             if call.step_name == StepName::VerifyDigests
                 && let Some(r) = st
                     .replication
@@ -1515,6 +1541,53 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
         events,
         finished,
     }))
+}
+
+/// Whether `step` started at least `limit` seconds ago.
+fn overdue(input: &Input, step: &JobStep, limit: i64) -> bool {
+    step.start_time
+        .as_ref()
+        .is_some_and(|t| (input.now - t.0).get_seconds() >= limit)
+}
+
+fn copy_limit(input: &Input) -> i64 {
+    input.spec.replication.copy_timeout()
+}
+
+/// Marks step `si` of job `ji` Failed with `m`, with its Event; a required step fails the rest
+/// of the job (see [`fail_remaining`]).
+#[allow(clippy::too_many_arguments)]
+fn fail_step(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    ji: usize,
+    si: usize,
+    job_type: JobType,
+    step: StepName,
+    m: String,
+    events: &mut Vec<Note>,
+) {
+    let optional = is_optional(job_type, step);
+    let job = &mut st.jobs[ji];
+    let s = &mut job.steps[si];
+    s.state = StepState::Failed;
+    s.end_time = Some(input.now());
+    let msg = if optional {
+        format!("{m}; {} continues", job_word(job_type))
+    } else {
+        m
+    };
+    s.message = Some(msg.clone());
+    events.push(Note {
+        warning: true,
+        action: job_verb(job_type),
+        subject: format!("{}/{}", job.name, s.name),
+        reason: "StepFailed",
+        message: format!("{}: {} failed: {msg}", job.name, s.name),
+    });
+    if !optional {
+        fail_remaining(input, st, ji);
+    }
 }
 
 /// A required step failed: the steps after it are skipped, and a planned failover that had
@@ -1964,9 +2037,25 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
     } else {
         format!("{}/{next}", j.name)
     };
+    // A planned failover that a site let down at its deadline: it can also go on as an
+    // unplanned one, from a recovery point, without the source.
+    let timed_out = j.type_ == JobType::PlannedFailover
+        && j.steps.iter().any(|s| {
+            s.state == StepState::Failed
+                && s.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(DEADLINE_PASSED))
+        });
+    let unplanned = if timed_out {
+        " once the site answers again, or set spec.failover.type to Unplanned to fail over now \
+         from a recovery point without the source (what was written after the newest recovery \
+         point at the target is lost)"
+    } else {
+        ", or change the spec"
+    };
     format!(
         "{} {} failed (attempt {}): {}; fix the cause, then run it again from the step that \
-         failed with kubectl annotate rvm {} {}={value} --overwrite, or change the spec",
+         failed with kubectl annotate rvm {} {}={value} --overwrite{unplanned}",
         job_type_str(j.type_),
         j.name,
         next - 1,
@@ -1974,6 +2063,38 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
         input.name,
         crate::api::RETRY_ANNOTATION,
     )
+}
+
+/// Condition ReplicationError from the replication source's listing: True with the agent's
+/// own message while it reports an error for the VM's outbound replication (a copy or cycle
+/// that keeps failing: the peer refuses it, a disk is full, the peer does not answer). None
+/// when the source cannot be listed now.
+fn replication_error(input: &Input, st: &ReplicatedVMStatus) -> Option<Cond> {
+    let no_error = || Some(Cond::new(REPLICATION_ERROR, false, "NoError", ""));
+    let Some(source) = replication_on(st).and_then(|r| r.source_site.as_deref()) else {
+        return no_error();
+    };
+    let view = input.view(source);
+    if !view.reachable() {
+        return None;
+    }
+    let error = view
+        .vm()
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction != Some(Direction::Inbound))
+        .and_then(|r| r.last_error.as_deref());
+    match error {
+        Some(e) => Some(Cond::new(
+            REPLICATION_ERROR,
+            true,
+            "AgentError",
+            format!(
+                "site {source} reports an error replicating VM {}: {e}",
+                input.vm_name
+            ),
+        )),
+        None => no_error(),
+    }
 }
 
 /// Phase and conditions from the status and the spec, computed in one place.
@@ -2146,6 +2267,12 @@ fn finalize(
         Some(c) => Cond::new(CONFLICT, true, c.reason.clone(), c.message.clone()),
         None => Cond::new(CONFLICT, false, "NoConflict", ""),
     });
+    match replication_error(input, st) {
+        Some(c) => want.push(c),
+        // The source cannot be listed now: what it reported last stands.
+        None if st.conditions.iter().any(|c| c.type_ == REPLICATION_ERROR) => {}
+        None => want.push(Cond::new(REPLICATION_ERROR, false, "NoError", "")),
+    }
     conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
     // A conflict is news once, when its condition turns True.
     if let Some(c) = input.conflict
