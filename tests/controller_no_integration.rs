@@ -589,3 +589,52 @@ async fn an_initial_copy_that_keeps_failing_fails_at_its_deadline_with_the_agent
     })
     .await;
 }
+
+/// A running replication keeps the settings it was enabled with (the site takes them at
+/// protect and reprotect only): a changed `intervalSeconds` is shown, not hidden. The VM is not
+/// Ready (SettingsNotApplied, with what the source runs with), needs a person (Stalled), and
+/// SettingsApplied is False; set back, it is Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("settings").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "web-09";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(vm, json!({"type": "Planned"})).await;
+    w.wait_protected(vm, &p, &s).await;
+    assert_eq!(
+        cond_status(&w.get(vm).await, "SettingsApplied").as_deref(),
+        Some("True")
+    );
+
+    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 300}}))
+        .await;
+    let r = w
+        .wait_for(vm, "SettingsNotApplied", |r| {
+            cond(r, "Stalled")
+                && r.status.as_ref().is_some_and(|st| {
+                    st.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "SettingsNotApplied")
+                })
+        })
+        .await;
+    let st = r.status.as_ref().unwrap();
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SettingsApplied")
+        .unwrap();
+    assert_eq!(c.status, "False");
+    assert!(c.message.contains("every 30 s"), "{c:?}");
+    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
+    let agent = w.primary.vm(vm).await.unwrap().replication;
+    assert_eq!(agent.interval_seconds, 30);
+
+    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 30}}))
+        .await;
+    let r = w.wait_protected(vm, &p, &s).await;
+    assert_eq!(cond_status(&r, "SettingsApplied").as_deref(), Some("True"));
+    assert!(!cond(&r, "Stalled"));
+}

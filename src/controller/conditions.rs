@@ -15,6 +15,10 @@ pub const CONFLICT: &str = "Conflict";
 /// The replication source's agent reports an error for the VM (its `lastError`): True with the
 /// agent's message, False (`NoError`) otherwise.
 pub const REPLICATION_ERROR: &str = "ReplicationError";
+/// The replication source runs with the spec's replication settings: True (`Applied`), False
+/// (`SettingsNotApplied`) with what it runs with, or True (`NoReplication`) when nothing
+/// replicates.
+pub const SETTINGS_APPLIED: &str = "SettingsApplied";
 
 /// A condition to set, before times and generations are filled in.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,6 +86,7 @@ pub fn set_all(conds: &mut Vec<Condition>, want: &[Cond], generation: Option<i64
             COMMIT_PENDING,
             CONFLICT,
             REPLICATION_ERROR,
+            SETTINGS_APPLIED,
         ]
         .iter()
         .position(|x| *x == t)

@@ -16,7 +16,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::conditions::{
-    self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, STALLED,
+    self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, SETTINGS_APPLIED,
+    STALLED,
 };
 use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role, SiteView,
@@ -34,6 +35,9 @@ pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
 /// Ready's reason (and the Event's) while the VM is off at the site where it runs.
 pub const VM_NOT_RUNNING: &str = "VMNotRunning";
+/// Ready's and Stalled's reason (and the Event's) while the source replicates with other
+/// settings than the spec's.
+pub const SETTINGS_NOT_APPLIED: &str = "SettingsNotApplied";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
 /// Words in the message of a step that failed at its deadline: the Stalled message then names
@@ -1911,7 +1915,11 @@ fn observed_replication(
         new.last_sync_time = Some(t);
     }
     new.rpo_seconds = live_rpo(input, st);
-    let interval = input.spec.replication.interval_seconds;
+    // Health against the copy frequency the source runs with: a spec change it has not taken
+    // is shown as such (SettingsApplied), not as an RPO the site was never asked to meet.
+    let interval = src
+        .and_then(|v| v.replication.as_ref()?.interval_seconds)
+        .unwrap_or(input.spec.replication.interval_seconds);
     new.health = match (new.state, new.rpo_seconds) {
         (
             ReplicationState::Replicating | ReplicationState::Error | ReplicationState::Paused,
@@ -2065,6 +2073,45 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
     )
 }
 
+/// Whether the replication source runs with the spec's settings.
+enum Settings {
+    /// The source has not been listed since the newest job ended, or does not say.
+    Unknown,
+    Applied,
+    NoReplication,
+    /// Ready's message: what the source runs with, and the ways on.
+    NotApplied(String),
+}
+
+/// The source's listing (taken after the newest job ended) against the spec's copy frequency.
+/// A site takes replication settings when replication is enabled (protect, reprotect); a
+/// running replication keeps the ones it was enabled with, so a change of the spec is shown,
+/// not hidden. Retention and the app-consistent frequency are not in the listing.
+fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
+    let Some(source) = replication_on(st).and_then(|r| r.source_site.as_deref()) else {
+        return Settings::NoReplication;
+    };
+    let Some(runs) = input
+        .view(source)
+        .vm_since(newest_job_end(st))
+        .and_then(|v| v.replication.as_ref()?.interval_seconds)
+    else {
+        return Settings::Unknown;
+    };
+    let asked = input.spec.replication.interval_seconds;
+    if runs == asked {
+        return Settings::Applied;
+    }
+    Settings::NotApplied(format!(
+        "site {source} replicates VM {} every {runs} s, spec.replication.intervalSeconds asks \
+         for {asked} s: a site takes replication settings when replication is enabled \
+         (protect, reprotect), not while it runs; set intervalSeconds back to {runs}, or disable \
+         and enable replication to apply it (a new initial copy: the recovery points at the \
+         target are deleted)",
+        input.vm_name
+    ))
+}
+
 /// Condition ReplicationError from the replication source's listing: True with the agent's
 /// own message while it reports an error for the VM's outbound replication (a copy or cycle
 /// that keeps failing: the peer refuses it, a disk is full, the peer does not answer). None
@@ -2154,7 +2201,13 @@ fn finalize(
     // Why a VM that is not Ready still moves on its own (Reconciling=True), or why it needs a
     // person although no job failed (Stalled=True).
     let mut progressing: Option<(&'static str, String)> = None;
-    let mut vm_not_running: Option<String> = None;
+    // Why a person is needed although no job failed (Stalled's reason and message).
+    let mut needs_person: Option<(&'static str, String)> = None;
+    let settings = if running.is_none() {
+        settings_state(input, st)
+    } else {
+        Settings::Unknown
+    };
     match running {
         Some(j) => {
             let step = current_step(j)
@@ -2206,7 +2259,24 @@ fn finalize(
                 }
                 want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg.clone()));
                 // The controller does not start it: only a person can.
-                vm_not_running = Some(msg);
+                needs_person = Some((VM_NOT_RUNNING, msg));
+            } else if let Settings::NotApplied(msg) = &settings
+                && input.spec.replication.enabled
+            {
+                if !input.status.conditions.iter().any(|c| {
+                    c.type_ == READY && c.status == "False" && c.reason == SETTINGS_NOT_APPLIED
+                }) {
+                    events.push(Note {
+                        warning: true,
+                        action: "Observe",
+                        subject: "replication-settings".into(),
+                        reason: SETTINGS_NOT_APPLIED,
+                        message: msg.clone(),
+                    });
+                }
+                want.push(Cond::new(READY, false, SETTINGS_NOT_APPLIED, msg.clone()));
+                // The site cannot take new settings on a running replication: a person decides.
+                needs_person = Some((SETTINGS_NOT_APPLIED, msg.clone()));
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled
@@ -2241,13 +2311,13 @@ fn finalize(
             });
         }
     }
-    want.push(match (stalled, input.conflict, &vm_not_running) {
+    want.push(match (stalled, input.conflict, &needs_person) {
         (true, _, _) => Cond::new(STALLED, true, "JobFailed", stalled_message(input, st)),
         // A conflict needs a person too; a job already running still ends first.
         (false, Some(c), _) if running.is_none() => {
             Cond::new(STALLED, true, "Conflict", c.message.clone())
         }
-        (false, None, Some(msg)) => Cond::new(STALLED, true, VM_NOT_RUNNING, msg.clone()),
+        (false, None, Some((reason, msg))) => Cond::new(STALLED, true, *reason, msg.clone()),
         _ => Cond::new(STALLED, false, "NotStalled", ""),
     });
     want.push(match (commit_pending, &commit) {
@@ -2267,6 +2337,18 @@ fn finalize(
         Some(c) => Cond::new(CONFLICT, true, c.reason.clone(), c.message.clone()),
         None => Cond::new(CONFLICT, false, "NoConflict", ""),
     });
+    match settings {
+        Settings::Unknown if st.conditions.iter().any(|c| c.type_ == SETTINGS_APPLIED) => {}
+        Settings::Unknown | Settings::Applied => {
+            want.push(Cond::new(SETTINGS_APPLIED, true, "Applied", ""))
+        }
+        Settings::NoReplication => {
+            want.push(Cond::new(SETTINGS_APPLIED, true, "NoReplication", ""))
+        }
+        Settings::NotApplied(m) => {
+            want.push(Cond::new(SETTINGS_APPLIED, false, SETTINGS_NOT_APPLIED, m))
+        }
+    }
     match replication_error(input, st) {
         Some(c) => want.push(c),
         // The source cannot be listed now: what it reported last stands.

@@ -269,6 +269,7 @@ impl World {
                     last_sync_time: Some(now),
                     bytes_sent: 0,
                     last_error: None,
+                    interval_seconds: Some(c.replication.interval_seconds),
                 });
                 let integration = vm.integration;
                 let t = self.sites.get_mut(tgt).unwrap();
@@ -2212,4 +2213,43 @@ fn an_agent_error_on_a_protected_vm_is_a_condition_and_clears() {
     w.tick(30);
     w.settle();
     assert!(!w.cond(REPLICATION_ERROR));
+}
+
+#[test]
+fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follows_the_source() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert!(w.cond(READY));
+    // The source keeps cycling every 30 s: its replication runs with what it was enabled with.
+    w.set_spec(|s| s.replication.interval_seconds = 300);
+    w.settle();
+    assert!(!w.cond(READY) && w.cond(STALLED) && !w.cond(RECONCILING));
+    let ready = w.condition(READY);
+    assert_eq!(ready.reason, SETTINGS_NOT_APPLIED);
+    assert!(
+        ready.message.contains("every 30 s") && ready.message.contains("300"),
+        "{ready:?}"
+    );
+    assert!(!w.cond(SETTINGS_APPLIED));
+    assert!(
+        w.events
+            .iter()
+            .filter(|e| e.reason == SETTINGS_NOT_APPLIED)
+            .count()
+            == 1,
+        "{:?}",
+        w.events
+    );
+    // Health against the interval in force at the source (30 s): an RPO of 75 s is Warning
+    // there, where the spec's 300 s would call it Healthy.
+    w.down.insert(S.into());
+    w.now += 70;
+    w.step();
+    w.step();
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    // Set back: nothing to apply.
+    w.down.clear();
+    w.set_spec(|s| s.replication.interval_seconds = 30);
+    w.settle();
+    assert!(w.cond(READY) && !w.cond(STALLED) && w.cond(SETTINGS_APPLIED));
 }
