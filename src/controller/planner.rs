@@ -563,7 +563,7 @@ pub fn plan(input: &Input) -> Plan {
                                         copy_limit(input),
                                         m.map(|m| format!(": {m}")).unwrap_or_default()
                                     );
-                                    let (t, n) = (job.type_, n);
+                                    let t = job.type_;
                                     fail_step(input, &mut st, ji, si, t, n, msg, &mut events);
                                     advance(input, &mut st, &mut events, &mut finished);
                                 }
