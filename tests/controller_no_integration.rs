@@ -627,7 +627,10 @@ async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
         .find(|c| c.type_ == "SettingsApplied")
         .unwrap();
     assert_eq!(c.status, "False");
-    assert!(c.message.contains("every 30 s"), "{c:?}");
+    assert!(
+        c.message.contains("intervalSeconds 30 (spec: 300)"),
+        "{c:?}"
+    );
     assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
     let agent = w.primary.vm(vm).await.unwrap().replication;
     assert_eq!(agent.interval_seconds, 30);
@@ -637,4 +640,35 @@ async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
     let r = w.wait_protected(vm, &p, &s).await;
     assert_eq!(cond_status(&r, "SettingsApplied").as_deref(), Some("True"));
     assert!(!cond(&r, "Stalled"));
+    let sent = r.status.as_ref().unwrap().replication.as_ref().unwrap();
+    assert_eq!(
+        sent.settings
+            .as_ref()
+            .map(|x| x.recovery_point_retention_hours),
+        Some(24)
+    );
+
+    // The retention is not in the agent's listing: known from what the source was enabled with.
+    w.patch_spec(
+        vm,
+        json!({"replication": {"recoveryPointRetentionHours": 2}}),
+    )
+    .await;
+    w.wait_for(vm, "retention SettingsNotApplied", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.conditions.iter().any(|c| {
+                c.type_ == "SettingsApplied"
+                    && c.status == "False"
+                    && c.message
+                        .contains("recoveryPointRetentionHours 24 (spec: 2)")
+            })
+        })
+    })
+    .await;
+    w.patch_spec(
+        vm,
+        json!({"replication": {"recoveryPointRetentionHours": 24}}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
 }

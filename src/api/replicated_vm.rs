@@ -248,6 +248,29 @@ pub struct ReplicationStatus {
     pub last_sync_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_seconds: Option<i64>,
+    /// The settings the source was enabled with (at protect or reprotect): what it replicates
+    /// with. A spec that differs is shown by condition SettingsApplied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<ReplicationSettings>,
+}
+
+/// Replication settings as sent to the source site.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSettings {
+    pub interval_seconds: i64,
+    pub recovery_point_retention_hours: i64,
+    pub app_consistent_frequency_hours: i64,
+}
+
+impl From<&ReplicationSpec> for ReplicationSettings {
+    fn from(r: &ReplicationSpec) -> Self {
+        Self {
+            interval_seconds: r.interval_seconds,
+            recovery_point_retention_hours: r.recovery_point_retention_hours,
+            app_consistent_frequency_hours: r.app_consistent_frequency_hours,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

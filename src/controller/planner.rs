@@ -24,8 +24,9 @@ use super::observe::{
 };
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
-    RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth, ReplicationSpec,
-    ReplicationState, ReplicationStatus, StepState, TestFailoverStatus, VmPhase,
+    RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth,
+    ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus, StepState,
+    TestFailoverStatus, VmPhase,
 };
 
 /// Jobs kept in status, newest last.
@@ -551,7 +552,14 @@ pub fn plan(input: &Input) -> Plan {
                         Some(n) if n.is_wait() => {
                             match check_wait(input, job, step) {
                                 WaitCheck::Done => {
-                                    apply_step_success(input, &mut st, ji, si, &Outcome::ok());
+                                    apply_step_success(
+                                        input,
+                                        &mut st,
+                                        ji,
+                                        si,
+                                        &Outcome::ok(),
+                                        None,
+                                    );
                                     advance(input, &mut st, &mut events, &mut finished);
                                 }
                                 WaitCheck::Message(m)
@@ -1386,6 +1394,8 @@ fn finish_job(
                 st.replication = Some(disabled_replication());
             }
             JobType::EnableReplication | JobType::ReverseReplicate => {
+                // What the job's EnableReplication step sent.
+                let settings = st.replication.as_ref().and_then(|r| r.settings.clone());
                 st.replication = Some(ReplicationStatus {
                     state: ReplicationState::Replicating,
                     source_site: source,
@@ -1393,6 +1403,7 @@ fn finish_job(
                     health: Some(ReplicationHealth::Healthy),
                     last_sync_time: None,
                     rpo_seconds: None,
+                    settings,
                 });
                 // Figures from the listing right away, not in five minutes.
                 refresh_replication_now(input, st);
@@ -1470,6 +1481,7 @@ fn disabled_replication() -> ReplicationStatus {
         health: None,
         last_sync_time: None,
         rpo_seconds: None,
+        settings: None,
     }
 }
 
@@ -1513,7 +1525,14 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             s.message = msg;
         }
         Outcome::Succeeded { .. } => {
-            apply_step_success(input, &mut st, call.job, call.step, &outcome);
+            apply_step_success(
+                input,
+                &mut st,
+                call.job,
+                call.step,
+                &outcome,
+                Some(&call.replication),
+            );
             advance(input, &mut st, &mut events, &mut finished);
         }
         Outcome::Failed(m) | Outcome::Unreachable(m) => {
@@ -1634,12 +1653,14 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
     }
 }
 
+/// `sent`: the replication settings the step's call sent (EnableReplication).
 fn apply_step_success(
     input: &Input,
     st: &mut ReplicatedVMStatus,
     ji: usize,
     si: usize,
     outcome: &Outcome,
+    sent: Option<&ReplicationSpec>,
 ) {
     let now = input.now();
     let job = &mut st.jobs[ji];
@@ -1704,6 +1725,7 @@ fn apply_step_success(
                 health: Some(ReplicationHealth::Warning),
                 last_sync_time: None,
                 rpo_seconds: None,
+                settings: sent.map(ReplicationSettings::from),
             });
         }
         // Nothing replicates from here on (the recovery points stay at the target), whatever
@@ -2088,27 +2110,52 @@ enum Settings {
 /// running replication keeps the ones it was enabled with, so a change of the spec is shown,
 /// not hidden. Retention and the app-consistent frequency are not in the listing.
 fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
-    let Some(source) = replication_on(st).and_then(|r| r.source_site.as_deref()) else {
+    let Some(r) = replication_on(st) else {
         return Settings::NoReplication;
     };
-    let Some(runs) = input
+    let Some(source) = r.source_site.as_deref() else {
+        return Settings::NoReplication;
+    };
+    let spec = &input.spec.replication;
+    // What the source runs with: its listing for the interval, else what it was enabled with
+    // (retention and the app-consistent frequency are known only from that).
+    let listed = input
         .view(source)
         .vm_since(newest_job_end(st))
-        .and_then(|v| v.replication.as_ref()?.interval_seconds)
-    else {
-        return Settings::Unknown;
+        .and_then(|v| v.replication.as_ref()?.interval_seconds);
+    let sent = r.settings.as_ref();
+    let interval = listed.or(sent.map(|s| s.interval_seconds));
+    let mut differ = Vec::new();
+    let mut check = |field: &str, runs: Option<i64>, asked: i64| {
+        if let Some(runs) = runs.filter(|r| *r != asked) {
+            differ.push(format!("{field} {runs} (spec: {asked})"));
+        }
     };
-    let asked = input.spec.replication.interval_seconds;
-    if runs == asked {
-        return Settings::Applied;
+    check("intervalSeconds", interval, spec.interval_seconds);
+    check(
+        "recoveryPointRetentionHours",
+        sent.map(|s| s.recovery_point_retention_hours),
+        spec.recovery_point_retention_hours,
+    );
+    check(
+        "appConsistentFrequencyHours",
+        sent.map(|s| s.app_consistent_frequency_hours),
+        spec.app_consistent_frequency_hours,
+    );
+    if differ.is_empty() {
+        return if interval.is_some() {
+            Settings::Applied
+        } else {
+            Settings::Unknown
+        };
     }
     Settings::NotApplied(format!(
-        "site {source} replicates VM {} every {runs} s, spec.replication.intervalSeconds asks \
-         for {asked} s: a site takes replication settings when replication is enabled \
-         (protect, reprotect), not while it runs; set intervalSeconds back to {runs}, or disable \
-         and enable replication to apply it (a new initial copy: the recovery points at the \
-         target are deleted)",
-        input.vm_name
+        "site {source} replicates VM {} with {}: a site takes replication settings when \
+         replication is enabled (protect, reprotect), not while it runs; set spec.replication \
+         back, or disable and enable replication to apply it (a new initial copy: the recovery \
+         points at the target are deleted); a failover's reprotect applies it too",
+        input.vm_name,
+        differ.join(", ")
     ))
 }
 

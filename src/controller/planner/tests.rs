@@ -2227,7 +2227,7 @@ fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follo
     let ready = w.condition(READY);
     assert_eq!(ready.reason, SETTINGS_NOT_APPLIED);
     assert!(
-        ready.message.contains("every 30 s") && ready.message.contains("300"),
+        ready.message.contains("intervalSeconds 30 (spec: 300)"),
         "{ready:?}"
     );
     assert!(!w.cond(SETTINGS_APPLIED));
@@ -2252,4 +2252,47 @@ fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follo
     w.set_spec(|s| s.replication.interval_seconds = 30);
     w.settle();
     assert!(w.cond(READY) && !w.cond(STALLED) && w.cond(SETTINGS_APPLIED));
+}
+
+#[test]
+fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
+    let mut w = World::protected(true);
+    w.settle();
+    let sent = w.status.replication.as_ref().unwrap().settings.clone();
+    assert_eq!(
+        sent.map(|s| (
+            s.interval_seconds,
+            s.recovery_point_retention_hours,
+            s.app_consistent_frequency_hours
+        )),
+        Some((30, 24, 0))
+    );
+    // Not in the listing: known from what the source was enabled with.
+    w.set_spec(|s| s.replication.recovery_point_retention_hours = 2);
+    w.settle();
+    assert_eq!(w.condition(READY).reason, SETTINGS_NOT_APPLIED);
+    assert!(w.cond(STALLED));
+    let m = &w.condition(SETTINGS_APPLIED).message;
+    assert!(
+        m.contains("recoveryPointRetentionHours") && m.contains("24") && m.contains('2'),
+        "{m}"
+    );
+    // A failover and the reprotect after it enable replication with the spec's settings.
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.job(JobType::ReverseReplicate).state, JobState::Succeeded);
+    assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED) && !w.cond(STALLED));
+    let sent = w
+        .status
+        .replication
+        .as_ref()
+        .unwrap()
+        .settings
+        .clone()
+        .unwrap();
+    assert_eq!(sent.recovery_point_retention_hours, 2);
 }
