@@ -409,3 +409,266 @@ async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
     // No call waited for the hung site (a Shutdown call alone may wait 90 s).
     assert!(took < std::time::Duration::from_secs(80), "took {took:?}");
 }
+
+/// The source dies in the middle of a planned failover, after it shut the VM down (its agent
+/// is stopped while SyncRemaining waits for the replica, which holds the cycle's blocks
+/// unanswered). SyncRemaining, then RestartSource, cannot reach it: each is retried until the
+/// step deadline (`spec.failover.stepTimeoutSeconds`) and then fails, naming the step and the
+/// site. The job fails and stalls with the ways on; the operator sets `spec.failover.type` to
+/// Unplanned and the VM runs at the target from its newest recovery point (the write the source
+/// never got to send is lost, as the documentation says).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_whose_source_dies_fails_at_the_deadline_and_goes_on_unplanned() {
+    let _serial = one_at_a_time().await;
+    let mut w = World::start("deadline").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.secondary
+        .restart_with_env(&[("TWINSITE_FAULT_HANG_BLOCKS", "1")])
+        .await;
+    let vm = "db-07";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Planned", "commit": "Automatic", "stepTimeoutSeconds": 10}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.wait_for(vm, "a recovery point at the target", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.recovery_points.as_ref())
+            .is_some_and(|rp| rp.count > 0)
+    })
+    .await;
+    // From here the replica stages every cycle's blocks and never answers.
+    std::fs::write(w.secondary.dir.join("data").join("hang-blocks"), b"").unwrap();
+    let lost = pattern("never-sent", 4096);
+    w.primary.write(vm, 0, &lost).await;
+
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_for(vm, "SyncRemaining runs", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.jobs.last().is_some_and(|j| {
+                j.steps
+                    .iter()
+                    .any(|x| x.name == "SyncRemaining" && format!("{:?}", x.state) == "Running")
+            })
+        })
+    })
+    .await;
+    w.primary.stop();
+
+    let r = w
+        .wait_for(vm, "the planned failover failed and stalled", |r| {
+            cond(r, "Stalled")
+                && jobs(r).last().map(|(t, st)| (t.as_str(), st.as_str()))
+                    == Some(("PlannedFailover", "Failed"))
+        })
+        .await;
+    let st = r.status.clone().unwrap();
+    let job = st.jobs.last().unwrap().clone();
+    let step = |n: &str| job.steps.iter().find(|x| x.name == n).unwrap().clone();
+    assert_eq!(format!("{:?}", step("ShutdownSource").state), "Succeeded");
+    for n in ["SyncRemaining", "RestartSource"] {
+        let x = step(n);
+        assert_eq!(format!("{:?}", x.state), "Failed", "{x:?}");
+        let m = x.message.unwrap_or_default();
+        assert!(
+            m.contains("deadline passed") && m.contains(&p) && m.contains("stepTimeoutSeconds"),
+            "{n}: {m}"
+        );
+    }
+    let jm = job.message.clone().unwrap_or_default();
+    assert!(jm.starts_with("SyncRemaining failed"), "{jm}");
+    let stalled = st.conditions.iter().find(|c| c.type_ == "Stalled").unwrap();
+    assert!(
+        stalled
+            .message
+            .contains("set spec.failover.type to Unplanned"),
+        "{stalled:?}"
+    );
+    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
+
+    // The way on: an unplanned failover from the newest recovery point at the target.
+    std::fs::remove_file(w.secondary.dir.join("data").join("hang-blocks")).unwrap();
+    w.patch_spec(vm, json!({"failover": {"type": "Unplanned"}}))
+        .await;
+    let r = w
+        .wait_for(vm, "the VM runs at the target", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.active_site.as_deref() == Some(s.as_str())
+                    && st.jobs.iter().any(|j| {
+                        format!("{:?}", j.type_) == "UnplannedFailover"
+                            && format!("{:?}", j.state) == "Succeeded"
+                    })
+            })
+        })
+        .await;
+    assert!(!cond(&r, "Stalled"));
+    assert_eq!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+    // Written after the newest recovery point and never sent: not at the target.
+    assert_ne!(w.secondary.read(vm, 0, lost.len() as u64).await, lost);
+}
+
+/// The initial copy cannot finish: the replica's agent dies as it commits the copy (a
+/// failpoint), so the source keeps reporting an error. The source's error reaches the
+/// ReplicatedVM as condition ReplicationError with the agent's message; the InitialReplication
+/// wait fails its job at `spec.replication.copyTimeoutSeconds` and the VM stalls. Once the
+/// replica's agent runs again the source's next attempt succeeds and the condition clears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_copy_that_keeps_failing_fails_at_its_deadline_with_the_agents_error() {
+    let _serial = one_at_a_time().await;
+    let mut w = World::start("copyfail").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.secondary
+        .restart_with_env(&[("TWINSITE_FAILPOINT", "replica.bulk-commit")])
+        .await;
+    let vm = "files-01";
+    w.primary.create_vm(vm, true).await;
+    let rvm: twinsite::api::ReplicatedVM = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+        "metadata": {"name": vm},
+        "spec": {
+            "primarySite": p, "recoverySite": s,
+            "replication": {"enabled": true, "intervalSeconds": 30, "copyTimeoutSeconds": 15},
+        },
+    }))
+    .unwrap();
+    w.rvms()
+        .create(&kube::api::PostParams::default(), &rvm)
+        .await
+        .unwrap();
+
+    let r = w
+        .wait_for(vm, "the initial copy failed its job", |r| {
+            cond(r, "Stalled")
+                && jobs(r).last().map(|(t, st)| (t.as_str(), st.as_str()))
+                    == Some(("EnableReplication", "Failed"))
+        })
+        .await;
+    let st = r.status.clone().unwrap();
+    let job = st.jobs.last().unwrap().clone();
+    let wait = job
+        .steps
+        .iter()
+        .find(|x| x.name == "InitialReplication")
+        .unwrap();
+    assert_eq!(format!("{:?}", wait.state), "Failed", "{wait:?}");
+    let m = wait.message.clone().unwrap_or_default();
+    assert!(
+        m.contains("copyTimeoutSeconds") && m.contains("replication error at"),
+        "{m}"
+    );
+    // The source's agent reports the error itself; the condition carries its message.
+    let agent = w.primary.vm(vm).await.unwrap().replication;
+    assert_eq!(format!("{:?}", agent.state), "InitialReplication");
+    let agent_error = agent.last_error.expect("the source reports its error");
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ReplicationError")
+        .unwrap();
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", "AgentError")
+    );
+    assert!(c.message.contains(&p), "{c:?}");
+    // The agent's message, up to details that change between attempts (ports, errno).
+    let head: String = agent_error.chars().take(20).collect();
+    assert!(c.message.contains(&head), "{c:?} vs {agent_error}");
+    assert_eq!(format!("{:?}", st.phase), "Some(Failed)");
+
+    // The replica's agent runs again: the source's next attempt goes through and the
+    // condition follows the agent.
+    w.secondary.restart_with_env(&[]).await;
+    w.wait_for(vm, "ReplicationError False", |r| {
+        cond_status(r, "ReplicationError").as_deref() == Some("False")
+    })
+    .await;
+}
+
+/// A running replication keeps the settings it was enabled with (the site takes them at
+/// protect and reprotect only): a changed `intervalSeconds` is shown, not hidden. The VM is not
+/// Ready (SettingsNotApplied, with what the source runs with), needs a person (Stalled), and
+/// SettingsApplied is False; set back, it is Ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("settings").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "web-09";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(vm, json!({"type": "Planned"})).await;
+    w.wait_protected(vm, &p, &s).await;
+    assert_eq!(
+        cond_status(&w.get(vm).await, "SettingsApplied").as_deref(),
+        Some("True")
+    );
+
+    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 300}}))
+        .await;
+    let r = w
+        .wait_for(vm, "SettingsNotApplied", |r| {
+            cond(r, "Stalled")
+                && r.status.as_ref().is_some_and(|st| {
+                    st.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.reason == "SettingsNotApplied")
+                })
+        })
+        .await;
+    let st = r.status.as_ref().unwrap();
+    let c = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SettingsApplied")
+        .unwrap();
+    assert_eq!(c.status, "False");
+    assert!(
+        c.message.contains("intervalSeconds 30 (spec: 300)"),
+        "{c:?}"
+    );
+    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
+    let agent = w.primary.vm(vm).await.unwrap().replication;
+    assert_eq!(agent.interval_seconds, 30);
+
+    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 30}}))
+        .await;
+    let r = w.wait_protected(vm, &p, &s).await;
+    assert_eq!(cond_status(&r, "SettingsApplied").as_deref(), Some("True"));
+    assert!(!cond(&r, "Stalled"));
+    let sent = r.status.as_ref().unwrap().replication.as_ref().unwrap();
+    assert_eq!(
+        sent.settings
+            .as_ref()
+            .map(|x| x.recovery_point_retention_hours),
+        Some(24)
+    );
+
+    // The retention is not in the agent's listing: known from what the source was enabled with.
+    w.patch_spec(
+        vm,
+        json!({"replication": {"recoveryPointRetentionHours": 2}}),
+    )
+    .await;
+    w.wait_for(vm, "retention SettingsNotApplied", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.conditions.iter().any(|c| {
+                c.type_ == "SettingsApplied"
+                    && c.status == "False"
+                    && c.message
+                        .contains("recoveryPointRetentionHours 24 (spec: 2)")
+            })
+        })
+    })
+    .await;
+    w.patch_spec(
+        vm,
+        json!({"replication": {"recoveryPointRetentionHours": 24}}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+}

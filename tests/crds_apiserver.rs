@@ -134,6 +134,16 @@ fn invalid_manifests() -> Vec<Case> {
             "spec.replication.appConsistentFrequencyHours must be between 0 and 12",
         ),
         case(
+            "a step deadline of 5 seconds",
+            rvm("step-5", "  failover: {stepTimeoutSeconds: 5}\n"),
+            "spec.failover.stepTimeoutSeconds in body should be greater than or equal to 10",
+        ),
+        case(
+            "a copy deadline over a week",
+            rvm("copy-8d", "  replication: {copyTimeoutSeconds: 691200}\n"),
+            "spec.replication.copyTimeoutSeconds in body should be less than or equal to 604800",
+        ),
+        case(
             "unknown failover type",
             rvm("type-sideways", "  failover: {type: Sideways}\n"),
             "spec.failover.type: Unsupported value: \"Sideways\": supported values: \"Planned\", \"Unplanned\"",
@@ -295,8 +305,10 @@ async fn valid_manifests_are_accepted_and_defaulted() {
         &rvm(
             "full",
             "  vmName: full-vm\n  activeSite: secondary\n  replication:\n    enabled: false\n    \
-             intervalSeconds: 900\n    recoveryPointRetentionHours: 0\n    appConsistentFrequencyHours: 12\n  \
-             failover: {type: Unplanned, shutdownSource: false, recoveryPoint: rp-000123, commit: Manual}\n  \
+             intervalSeconds: 900\n    recoveryPointRetentionHours: 0\n    appConsistentFrequencyHours: 12\n    \
+             copyTimeoutSeconds: 3600\n  \
+             failover: {type: Unplanned, shutdownSource: false, recoveryPoint: rp-000123, commit: Manual, \
+             stepTimeoutSeconds: 120}\n  \
              testFailover: {enabled: true, network: drill}\n",
         ),
     );

@@ -46,6 +46,23 @@ pub struct FailoverSpec {
     pub recovery_point: String,
     #[serde(default)]
     pub commit: CommitMode,
+    /// Deadline of each step of a job, in seconds (default 600): a step whose site does not
+    /// answer (or refuses the token) is retried until then, and then fails its job, which
+    /// stalls. A call in flight at the deadline ends at its own timeout first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub step_timeout_seconds: Option<i64>,
+}
+
+/// Default of `failover.stepTimeoutSeconds`.
+pub const DEFAULT_STEP_TIMEOUT_SECONDS: i64 = 600;
+
+impl FailoverSpec {
+    /// The step deadline in seconds.
+    pub fn step_timeout(&self) -> i64 {
+        self.step_timeout_seconds
+            .unwrap_or(DEFAULT_STEP_TIMEOUT_SECONDS)
+    }
 }
 
 impl Default for FailoverSpec {
@@ -55,6 +72,7 @@ impl Default for FailoverSpec {
             shutdown_source: true,
             recovery_point: default_recovery_point(),
             commit: CommitMode::Automatic,
+            step_timeout_seconds: None,
         }
     }
 }

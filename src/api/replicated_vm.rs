@@ -121,6 +121,23 @@ pub struct ReplicationSpec {
     #[x_kube(validation = Rule::new("self >= 0 && self <= 12")
         .message("spec.replication.appConsistentFrequencyHours must be between 0 and 12 (hours; 0 = no app-consistent points)"))]
     pub app_consistent_frequency_hours: i64,
+    /// Deadline in seconds of the initial copy and of a resync (the InitialReplication and
+    /// Resynchronize steps), default 86400: a copy that has not finished by then (the agent
+    /// reports a persistent error, for example) fails its job, which stalls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 604800))]
+    pub copy_timeout_seconds: Option<i64>,
+}
+
+/// Default of `replication.copyTimeoutSeconds`.
+pub const DEFAULT_COPY_TIMEOUT_SECONDS: i64 = 86_400;
+
+impl ReplicationSpec {
+    /// The deadline of an initial copy or resync in seconds.
+    pub fn copy_timeout(&self) -> i64 {
+        self.copy_timeout_seconds
+            .unwrap_or(DEFAULT_COPY_TIMEOUT_SECONDS)
+    }
 }
 
 fn default_interval() -> i64 {
@@ -137,6 +154,7 @@ impl Default for ReplicationSpec {
             interval_seconds: default_interval(),
             recovery_point_retention_hours: default_retention(),
             app_consistent_frequency_hours: 0,
+            copy_timeout_seconds: None,
         }
     }
 }
@@ -230,6 +248,29 @@ pub struct ReplicationStatus {
     pub last_sync_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_seconds: Option<i64>,
+    /// The settings the source was enabled with (at protect or reprotect): what it replicates
+    /// with. A spec that differs is shown by condition SettingsApplied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<ReplicationSettings>,
+}
+
+/// Replication settings as sent to the source site.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSettings {
+    pub interval_seconds: i64,
+    pub recovery_point_retention_hours: i64,
+    pub app_consistent_frequency_hours: i64,
+}
+
+impl From<&ReplicationSpec> for ReplicationSettings {
+    fn from(r: &ReplicationSpec) -> Self {
+        Self {
+            interval_seconds: r.interval_seconds,
+            recovery_point_retention_hours: r.recovery_point_retention_hours,
+            app_consistent_frequency_hours: r.app_consistent_frequency_hours,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]

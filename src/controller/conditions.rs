@@ -12,6 +12,13 @@ pub const COMMIT_PENDING: &str = "CommitPending";
 /// A FailoverPlan conflict (two plans, or a VM's own settings disagree with its plan): True on
 /// the plans concerned and on the VM, False ("NoConflict") otherwise.
 pub const CONFLICT: &str = "Conflict";
+/// The replication source's agent reports an error for the VM (its `lastError`): True with the
+/// agent's message, False (`NoError`) otherwise.
+pub const REPLICATION_ERROR: &str = "ReplicationError";
+/// The replication source runs with the spec's replication settings: True (`Applied`), False
+/// (`SettingsNotApplied`) with what it runs with, or True (`NoReplication`) when nothing
+/// replicates.
+pub const SETTINGS_APPLIED: &str = "SettingsApplied";
 
 /// A condition to set, before times and generations are filled in.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,10 +79,18 @@ pub fn set_all(conds: &mut Vec<Condition>, want: &[Cond], generation: Option<i64
         set(conds, c, generation, now);
     }
     let order = |t: &str| {
-        [READY, RECONCILING, STALLED, COMMIT_PENDING, CONFLICT]
-            .iter()
-            .position(|x| *x == t)
-            .unwrap_or(usize::MAX)
+        [
+            READY,
+            RECONCILING,
+            STALLED,
+            COMMIT_PENDING,
+            CONFLICT,
+            REPLICATION_ERROR,
+            SETTINGS_APPLIED,
+        ]
+        .iter()
+        .position(|x| *x == t)
+        .unwrap_or(usize::MAX)
     };
     conds.sort_by_key(|c| order(&c.type_));
 }

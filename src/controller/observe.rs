@@ -50,6 +50,9 @@ pub struct ObservedReplication {
     pub last_sync_time: Option<Timestamp>,
     pub bytes_sent: u64,
     pub last_error: Option<String>,
+    /// The copy frequency the source runs with (its `intervalSeconds`); None where the site
+    /// does not say (a replica).
+    pub interval_seconds: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

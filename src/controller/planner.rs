@@ -15,14 +15,18 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-use super::conditions::{self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED};
+use super::conditions::{
+    self, COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, SETTINGS_APPLIED,
+    STALLED,
+};
 use super::observe::{
     Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role, SiteView,
 };
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
-    RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth, ReplicationSpec,
-    ReplicationState, ReplicationStatus, StepState, TestFailoverStatus, VmPhase,
+    RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth,
+    ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus, StepState,
+    TestFailoverStatus, VmPhase,
 };
 
 /// Jobs kept in status, newest last.
@@ -32,8 +36,14 @@ pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
 /// Ready's reason (and the Event's) while the VM is off at the site where it runs.
 pub const VM_NOT_RUNNING: &str = "VMNotRunning";
+/// Ready's and Stalled's reason (and the Event's) while the source replicates with other
+/// settings than the spec's.
+pub const SETTINGS_NOT_APPLIED: &str = "SettingsNotApplied";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
+/// Words in the message of a step that failed at its deadline: the Stalled message then names
+/// the ways on.
+const DEADLINE_PASSED: &str = "deadline passed";
 
 /// The steps jobs are made of (their names in `status.jobs[].steps[].name`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -542,7 +552,27 @@ pub fn plan(input: &Input) -> Plan {
                         Some(n) if n.is_wait() => {
                             match check_wait(input, job, step) {
                                 WaitCheck::Done => {
-                                    apply_step_success(input, &mut st, ji, si, &Outcome::ok());
+                                    apply_step_success(
+                                        input,
+                                        &mut st,
+                                        ji,
+                                        si,
+                                        &Outcome::ok(),
+                                        None,
+                                    );
+                                    advance(input, &mut st, &mut events, &mut finished);
+                                }
+                                WaitCheck::Message(m)
+                                    if overdue(input, step, copy_limit(input)) =>
+                                {
+                                    let msg = format!(
+                                        "not done when its {DEADLINE_PASSED} ({} s, \
+                                         spec.replication.copyTimeoutSeconds){}",
+                                        copy_limit(input),
+                                        m.map(|m| format!(": {m}")).unwrap_or_default()
+                                    );
+                                    let t = job.type_;
+                                    fail_step(input, &mut st, ji, si, t, n, msg, &mut events);
                                     advance(input, &mut st, &mut events, &mut finished);
                                 }
                                 WaitCheck::Message(m) => {
@@ -686,10 +716,14 @@ fn check_wait(input: &Input, job: &Job, step: &JobStep) -> WaitCheck {
         {
             WaitCheck::Done
         }
-        Some(r) if r.state == ObservedReplicationState::Error => WaitCheck::Message(Some(format!(
-            "replication error: {}",
-            r.last_error.as_deref().unwrap_or("unknown")
-        ))),
+        // The agent's own reason, as long as it reports one (a copy that keeps failing stays
+        // InitialReplication or Resynchronizing at the source, with its last error).
+        Some(r) if r.state == ObservedReplicationState::Error || r.last_error.is_some() => {
+            WaitCheck::Message(Some(format!(
+                "replication error at {source}: {}",
+                r.last_error.as_deref().unwrap_or("unknown")
+            )))
+        }
         _ => WaitCheck::Message(step.message.clone()),
     }
 }
@@ -1360,6 +1394,8 @@ fn finish_job(
                 st.replication = Some(disabled_replication());
             }
             JobType::EnableReplication | JobType::ReverseReplicate => {
+                // What the job's EnableReplication step sent.
+                let settings = st.replication.as_ref().and_then(|r| r.settings.clone());
                 st.replication = Some(ReplicationStatus {
                     state: ReplicationState::Replicating,
                     source_site: source,
@@ -1367,6 +1403,7 @@ fn finish_job(
                     health: Some(ReplicationHealth::Healthy),
                     last_sync_time: None,
                     rpo_seconds: None,
+                    settings,
                 });
                 // Figures from the listing right away, not in five minutes.
                 refresh_replication_now(input, st);
@@ -1444,6 +1481,7 @@ fn disabled_replication() -> ReplicationStatus {
         health: None,
         last_sync_time: None,
         rpo_seconds: None,
+        settings: None,
     }
 }
 
@@ -1462,6 +1500,20 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
     }
     let mut events = Vec::new();
     let mut finished = Vec::new();
+    // A required step whose site has not answered by its deadline fails its job: the operator
+    // gets a stalled job and a way on instead of a retry without end.
+    let limit = input.spec.failover.step_timeout();
+    let outcome = match outcome {
+        Outcome::Unreachable(m)
+            if !call.optional && overdue(input, &st.jobs[call.job].steps[call.step], limit) =>
+        {
+            Outcome::Failed(format!(
+                "no answer before its {DEADLINE_PASSED} ({limit} s, \
+                 spec.failover.stepTimeoutSeconds): {m}"
+            ))
+        }
+        o => o,
+    };
     match outcome {
         Outcome::Unreachable(m) if !call.optional => {
             // Retried with the same operation id; the site does the work once.
@@ -1473,30 +1525,27 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
             s.message = msg;
         }
         Outcome::Succeeded { .. } => {
-            apply_step_success(input, &mut st, call.job, call.step, &outcome);
+            apply_step_success(
+                input,
+                &mut st,
+                call.job,
+                call.step,
+                &outcome,
+                Some(&call.replication),
+            );
             advance(input, &mut st, &mut events, &mut finished);
         }
         Outcome::Failed(m) | Outcome::Unreachable(m) => {
-            let job = &mut st.jobs[call.job];
-            let s = &mut job.steps[call.step];
-            s.state = StepState::Failed;
-            s.end_time = Some(input.now());
-            let msg = if call.optional {
-                format!("{m}; {} continues", job_word(call.job_type))
-            } else {
-                m
-            };
-            s.message = Some(msg.clone());
-            events.push(Note {
-                warning: true,
-                action: job_verb(call.job_type),
-                subject: format!("{}/{}", job.name, s.name),
-                reason: "StepFailed",
-                message: format!("{}: {} failed: {msg}", job.name, s.name),
-            });
-            if !call.optional {
-                fail_remaining(input, &mut st, call.job);
-            }
+            fail_step(
+                input,
+                &mut st,
+                call.job,
+                call.step,
+                call.job_type,
+                call.step_name,
+                m,
+                &mut events,
+            );
             if call.step_name == StepName::VerifyDigests
                 && let Some(r) = st
                     .replication
@@ -1515,6 +1564,53 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
         events,
         finished,
     }))
+}
+
+/// Whether `step` started at least `limit` seconds ago.
+fn overdue(input: &Input, step: &JobStep, limit: i64) -> bool {
+    step.start_time
+        .as_ref()
+        .is_some_and(|t| (input.now - t.0).get_seconds() >= limit)
+}
+
+fn copy_limit(input: &Input) -> i64 {
+    input.spec.replication.copy_timeout()
+}
+
+/// Marks step `si` of job `ji` Failed with `m`, with its Event; a required step fails the rest
+/// of the job (see [`fail_remaining`]).
+#[allow(clippy::too_many_arguments)]
+fn fail_step(
+    input: &Input,
+    st: &mut ReplicatedVMStatus,
+    ji: usize,
+    si: usize,
+    job_type: JobType,
+    step: StepName,
+    m: String,
+    events: &mut Vec<Note>,
+) {
+    let optional = is_optional(job_type, step);
+    let job = &mut st.jobs[ji];
+    let s = &mut job.steps[si];
+    s.state = StepState::Failed;
+    s.end_time = Some(input.now());
+    let msg = if optional {
+        format!("{m}; {} continues", job_word(job_type))
+    } else {
+        m
+    };
+    s.message = Some(msg.clone());
+    events.push(Note {
+        warning: true,
+        action: job_verb(job_type),
+        subject: format!("{}/{}", job.name, s.name),
+        reason: "StepFailed",
+        message: format!("{}: {} failed: {msg}", job.name, s.name),
+    });
+    if !optional {
+        fail_remaining(input, st, ji);
+    }
 }
 
 /// A required step failed: the steps after it are skipped, and a planned failover that had
@@ -1557,12 +1653,14 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
     }
 }
 
+/// `sent`: the replication settings the step's call sent (EnableReplication).
 fn apply_step_success(
     input: &Input,
     st: &mut ReplicatedVMStatus,
     ji: usize,
     si: usize,
     outcome: &Outcome,
+    sent: Option<&ReplicationSpec>,
 ) {
     let now = input.now();
     let job = &mut st.jobs[ji];
@@ -1627,6 +1725,7 @@ fn apply_step_success(
                 health: Some(ReplicationHealth::Warning),
                 last_sync_time: None,
                 rpo_seconds: None,
+                settings: sent.map(ReplicationSettings::from),
             });
         }
         // Nothing replicates from here on (the recovery points stay at the target), whatever
@@ -1838,7 +1937,11 @@ fn observed_replication(
         new.last_sync_time = Some(t);
     }
     new.rpo_seconds = live_rpo(input, st);
-    let interval = input.spec.replication.interval_seconds;
+    // Health against the copy frequency the source runs with: a spec change it has not taken
+    // is shown as such (SettingsApplied), not as an RPO the site was never asked to meet.
+    let interval = src
+        .and_then(|v| v.replication.as_ref()?.interval_seconds)
+        .unwrap_or(input.spec.replication.interval_seconds);
     new.health = match (new.state, new.rpo_seconds) {
         (
             ReplicationState::Replicating | ReplicationState::Error | ReplicationState::Paused,
@@ -1964,9 +2067,25 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
     } else {
         format!("{}/{next}", j.name)
     };
+    // A planned failover that a site let down at its deadline: it can also go on as an
+    // unplanned one, from a recovery point, without the source.
+    let timed_out = j.type_ == JobType::PlannedFailover
+        && j.steps.iter().any(|s| {
+            s.state == StepState::Failed
+                && s.message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(DEADLINE_PASSED))
+        });
+    let unplanned = if timed_out {
+        " once the site answers again, or set spec.failover.type to Unplanned to fail over now \
+         from a recovery point without the source (what was written after the newest recovery \
+         point at the target is lost)"
+    } else {
+        ", or change the spec"
+    };
     format!(
         "{} {} failed (attempt {}): {}; fix the cause, then run it again from the step that \
-         failed with kubectl annotate rvm {} {}={value} --overwrite, or change the spec",
+         failed with kubectl annotate rvm {} {}={value} --overwrite{unplanned}",
         job_type_str(j.type_),
         j.name,
         next - 1,
@@ -1974,6 +2093,102 @@ fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String {
         input.name,
         crate::api::RETRY_ANNOTATION,
     )
+}
+
+/// Whether the replication source runs with the spec's settings.
+enum Settings {
+    /// The source has not been listed since the newest job ended, or does not say.
+    Unknown,
+    Applied,
+    NoReplication,
+    /// Ready's message: what the source runs with, and the ways on.
+    NotApplied(String),
+}
+
+/// The source's listing (taken after the newest job ended) against the spec's copy frequency.
+/// A site takes replication settings when replication is enabled (protect, reprotect); a
+/// running replication keeps the ones it was enabled with, so a change of the spec is shown,
+/// not hidden. Retention and the app-consistent frequency are not in the listing.
+fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
+    let Some(r) = replication_on(st) else {
+        return Settings::NoReplication;
+    };
+    let Some(source) = r.source_site.as_deref() else {
+        return Settings::NoReplication;
+    };
+    let spec = &input.spec.replication;
+    // What the source runs with: its listing for the interval, else what it was enabled with
+    // (retention and the app-consistent frequency are known only from that).
+    let listed = input
+        .view(source)
+        .vm_since(newest_job_end(st))
+        .and_then(|v| v.replication.as_ref()?.interval_seconds);
+    let sent = r.settings.as_ref();
+    let interval = listed.or(sent.map(|s| s.interval_seconds));
+    let mut differ = Vec::new();
+    let mut check = |field: &str, runs: Option<i64>, asked: i64| {
+        if let Some(runs) = runs.filter(|r| *r != asked) {
+            differ.push(format!("{field} {runs} (spec: {asked})"));
+        }
+    };
+    check("intervalSeconds", interval, spec.interval_seconds);
+    check(
+        "recoveryPointRetentionHours",
+        sent.map(|s| s.recovery_point_retention_hours),
+        spec.recovery_point_retention_hours,
+    );
+    check(
+        "appConsistentFrequencyHours",
+        sent.map(|s| s.app_consistent_frequency_hours),
+        spec.app_consistent_frequency_hours,
+    );
+    if differ.is_empty() {
+        return if interval.is_some() {
+            Settings::Applied
+        } else {
+            Settings::Unknown
+        };
+    }
+    Settings::NotApplied(format!(
+        "site {source} replicates VM {} with {}: a site takes replication settings when \
+         replication is enabled (protect, reprotect), not while it runs; set spec.replication \
+         back, or disable and enable replication to apply it (a new initial copy: the recovery \
+         points at the target are deleted); a failover's reprotect applies it too",
+        input.vm_name,
+        differ.join(", ")
+    ))
+}
+
+/// Condition ReplicationError from the replication source's listing: True with the agent's
+/// own message while it reports an error for the VM's outbound replication (a copy or cycle
+/// that keeps failing: the peer refuses it, a disk is full, the peer does not answer). None
+/// when the source cannot be listed now.
+fn replication_error(input: &Input, st: &ReplicatedVMStatus) -> Option<Cond> {
+    let no_error = || Some(Cond::new(REPLICATION_ERROR, false, "NoError", ""));
+    let Some(source) = replication_on(st).and_then(|r| r.source_site.as_deref()) else {
+        return no_error();
+    };
+    let view = input.view(source);
+    if !view.reachable() {
+        return None;
+    }
+    let error = view
+        .vm()
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction != Some(Direction::Inbound))
+        .and_then(|r| r.last_error.as_deref());
+    match error {
+        Some(e) => Some(Cond::new(
+            REPLICATION_ERROR,
+            true,
+            "AgentError",
+            format!(
+                "site {source} reports an error replicating VM {}: {e}",
+                input.vm_name
+            ),
+        )),
+        None => no_error(),
+    }
 }
 
 /// Phase and conditions from the status and the spec, computed in one place.
@@ -2033,7 +2248,13 @@ fn finalize(
     // Why a VM that is not Ready still moves on its own (Reconciling=True), or why it needs a
     // person although no job failed (Stalled=True).
     let mut progressing: Option<(&'static str, String)> = None;
-    let mut vm_not_running: Option<String> = None;
+    // Why a person is needed although no job failed (Stalled's reason and message).
+    let mut needs_person: Option<(&'static str, String)> = None;
+    let settings = if running.is_none() {
+        settings_state(input, st)
+    } else {
+        Settings::Unknown
+    };
     match running {
         Some(j) => {
             let step = current_step(j)
@@ -2085,7 +2306,24 @@ fn finalize(
                 }
                 want.push(Cond::new(READY, false, VM_NOT_RUNNING, msg.clone()));
                 // The controller does not start it: only a person can.
-                vm_not_running = Some(msg);
+                needs_person = Some((VM_NOT_RUNNING, msg));
+            } else if let Settings::NotApplied(msg) = &settings
+                && input.spec.replication.enabled
+            {
+                if !input.status.conditions.iter().any(|c| {
+                    c.type_ == READY && c.status == "False" && c.reason == SETTINGS_NOT_APPLIED
+                }) {
+                    events.push(Note {
+                        warning: true,
+                        action: "Observe",
+                        subject: "replication-settings".into(),
+                        reason: SETTINGS_NOT_APPLIED,
+                        message: msg.clone(),
+                    });
+                }
+                want.push(Cond::new(READY, false, SETTINGS_NOT_APPLIED, msg.clone()));
+                // The site cannot take new settings on a running replication: a person decides.
+                needs_person = Some((SETTINGS_NOT_APPLIED, msg.clone()));
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled
@@ -2120,13 +2358,13 @@ fn finalize(
             });
         }
     }
-    want.push(match (stalled, input.conflict, &vm_not_running) {
+    want.push(match (stalled, input.conflict, &needs_person) {
         (true, _, _) => Cond::new(STALLED, true, "JobFailed", stalled_message(input, st)),
         // A conflict needs a person too; a job already running still ends first.
         (false, Some(c), _) if running.is_none() => {
             Cond::new(STALLED, true, "Conflict", c.message.clone())
         }
-        (false, None, Some(msg)) => Cond::new(STALLED, true, VM_NOT_RUNNING, msg.clone()),
+        (false, None, Some((reason, msg))) => Cond::new(STALLED, true, *reason, msg.clone()),
         _ => Cond::new(STALLED, false, "NotStalled", ""),
     });
     want.push(match (commit_pending, &commit) {
@@ -2146,6 +2384,24 @@ fn finalize(
         Some(c) => Cond::new(CONFLICT, true, c.reason.clone(), c.message.clone()),
         None => Cond::new(CONFLICT, false, "NoConflict", ""),
     });
+    match settings {
+        Settings::Unknown if st.conditions.iter().any(|c| c.type_ == SETTINGS_APPLIED) => {}
+        Settings::Unknown | Settings::Applied => {
+            want.push(Cond::new(SETTINGS_APPLIED, true, "Applied", ""))
+        }
+        Settings::NoReplication => {
+            want.push(Cond::new(SETTINGS_APPLIED, true, "NoReplication", ""))
+        }
+        Settings::NotApplied(m) => {
+            want.push(Cond::new(SETTINGS_APPLIED, false, SETTINGS_NOT_APPLIED, m))
+        }
+    }
+    match replication_error(input, st) {
+        Some(c) => want.push(c),
+        // The source cannot be listed now: what it reported last stands.
+        None if st.conditions.iter().any(|c| c.type_ == REPLICATION_ERROR) => {}
+        None => want.push(Cond::new(REPLICATION_ERROR, false, "NoError", "")),
+    }
     conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
     // A conflict is news once, when its condition turns True.
     if let Some(c) = input.conflict

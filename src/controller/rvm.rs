@@ -303,7 +303,10 @@ fn plan_spec(rvm: &ReplicatedVM, status: &ReplicatedVMStatus, hold: &Hold) -> Re
             target, failover, ..
         } => {
             spec.active_site = Some(target.clone());
+            // The VM's own step deadline holds unless the plan sets one.
+            let own = spec.failover.step_timeout_seconds;
             spec.failover = failover.clone();
+            spec.failover.step_timeout_seconds = failover.step_timeout_seconds.or(own);
             spec.test_failover.enabled = drilling;
         }
         Hold::Drill { network, .. } => {

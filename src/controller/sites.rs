@@ -249,6 +249,10 @@ pub fn observed(vm: &Vm) -> ObservedVm {
         last_sync_time: r.last_sync_time,
         bytes_sent: r.bytes_sent,
         last_error: r.last_error.clone(),
+        interval_seconds: (r.direction == Some(site::Direction::Outbound)
+            && r.interval_seconds > 0)
+            .then(|| i64::try_from(r.interval_seconds).ok())
+            .flatten(),
     });
     let rp = |p: &site::RecoveryPoint| ObservedRecoveryPoint {
         id: p.id.clone(),

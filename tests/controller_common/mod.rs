@@ -47,8 +47,9 @@ pub struct Agent {
     tls: Option<(PathBuf, PathBuf)>,
     /// More command line arguments (e.g. `--runtime libvirt`).
     args: Vec<String>,
-    /// More environment variables of the next start (e.g. `TWINSITE_FAILPOINT`).
-    pub env: Vec<(String, String)>,
+    /// Environment of the process (fault switches, `TWINSITE_FAILPOINT`); cleared before a
+    /// restart to run the agent without them.
+    pub envs: Vec<(String, String)>,
     child: Option<ManagedChild>,
 }
 
@@ -91,7 +92,7 @@ impl Agent {
                 )
             }),
             args: args.to_vec(),
-            env: Vec::new(),
+            envs: Vec::new(),
             child: None,
         };
         a.spawn().await;
@@ -116,7 +117,7 @@ impl Agent {
             cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
         }
         cmd.args(&self.args);
-        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         let log = self.dir.join("agent.log");
         self.child = Some(ManagedChild::spawn(&format!("agent {}", self.site), cmd, &log).unwrap());
     }
@@ -144,6 +145,16 @@ impl Agent {
     /// Starts the agent again after [`Agent::stop`]: same port, token and data directory.
     pub async fn restart(&mut self) {
         self.stop();
+        self.spawn().await;
+    }
+
+    /// Starts the agent again with `envs` as its environment (stopping it first if it runs).
+    pub async fn restart_with_env(&mut self, envs: &[(&str, &str)]) {
+        self.stop();
+        self.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.spawn().await;
     }
 

@@ -391,7 +391,7 @@ async fn replication_of_a_real_guest_survives_its_agent_and_its_qemu_crashing() 
     w.wait_protected("web", &p, &s).await;
 
     // The next cycle's export kills the agent while libvirt's backup job is open.
-    w.primary.env = vec![("TWINSITE_FAILPOINT".into(), "source.export".into())];
+    w.primary.envs = vec![("TWINSITE_FAILPOINT".into(), "source.export".into())];
     w.primary.stop();
     w.primary.launch();
     let _ = w.primary.client.sync("web", "lvk-sync-1").await;
@@ -411,7 +411,7 @@ async fn replication_of_a_real_guest_survives_its_agent_and_its_qemu_crashing() 
     );
 
     // Started again: a sync succeeds and brings every generation the guest completed before it.
-    w.primary.env.clear();
+    w.primary.envs.clear();
     w.primary.restart().await;
     let wrote = last_wrote(&console);
     w.primary

@@ -232,3 +232,23 @@ async fn an_unknown_target_is_retried_and_nothing_is_called() {
     );
     assert!(calls(&log).is_empty());
 }
+
+/// A refused token is a site a person has to fix (its Secret): retried like a site that does not
+/// answer, so the step's deadline ends it, with the reason in the message.
+#[tokio::test]
+async fn a_target_that_refuses_the_token_is_retried_until_the_deadline() {
+    let (sites, log) = sites(|| Err(SiteError::Unauthorized("401".into())));
+    let o = run(
+        &sites,
+        &enable_call(JobType::EnableReplication, EnableMode::Initial),
+    )
+    .await;
+    assert!(
+        matches!(&o, Outcome::Unreachable(m) if m.contains(S) && m.contains("refused the token")),
+        "{o:?}"
+    );
+    assert_eq!(
+        calls(&log),
+        [format!("accept at {S} web-01 {OP}-accept from {P}")]
+    );
+}

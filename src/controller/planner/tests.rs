@@ -83,6 +83,8 @@ struct World {
     enables: Vec<(String, String, EnableMode)>,
     /// The target refuses to start the VM (StartAtTarget fails).
     start_fails: bool,
+    /// The source's copies and cycles keep failing with this error (a full disk at the peer).
+    copy_error: Option<String>,
 }
 
 impl World {
@@ -112,6 +114,7 @@ impl World {
             started_from: vec![],
             enables: vec![],
             start_fails: false,
+            copy_error: None,
         }
     }
 
@@ -266,6 +269,7 @@ impl World {
                     last_sync_time: Some(now),
                     bytes_sent: 0,
                     last_error: None,
+                    interval_seconds: Some(c.replication.interval_seconds),
                 });
                 let integration = vm.integration;
                 let t = self.sites.get_mut(tgt).unwrap();
@@ -369,6 +373,11 @@ impl World {
                 && r.direction == Some(Direction::Outbound)
             {
                 let peer = r.peer_site.clone().unwrap();
+                if let Some(e) = self.copy_error.clone() {
+                    let r = self.vm_mut(&s).vm.replication.as_mut().unwrap();
+                    r.last_error = Some(e);
+                    continue;
+                }
                 if self.down.contains(&peer) {
                     continue;
                 }
@@ -377,6 +386,7 @@ impl World {
                 let r = self.vm_mut(&s).vm.replication.as_mut().unwrap();
                 r.state = ObservedReplicationState::Replicating;
                 r.last_sync_time = Some(now);
+                r.last_error = None;
             }
         }
     }
@@ -2020,4 +2030,269 @@ fn a_plan_run_started_after_a_failover_failed_retries_it() {
     w.settle();
     let j = w.job(JobType::PlannedFailover);
     assert_eq!((j.state, j.attempt), (JobState::Succeeded, Some(2)));
+}
+
+/// Runs plans until the next call would be `step`.
+fn run_to_step(w: &mut World, step: StepName) {
+    for _ in 0..200 {
+        if let Plan::Execute(c) = w.with_input(plan)
+            && c.step_name == step
+        {
+            return;
+        }
+        if let Plan::Idle(_) = w.step() {
+            w.tick(5)
+        }
+    }
+    panic!("{step:?} never came: {:#?}", w.status);
+}
+
+#[test]
+fn a_planned_failover_whose_source_dies_after_shutdown_fails_at_the_step_deadline() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.failover.step_timeout_seconds = Some(60);
+        s.active_site = Some(S.into());
+    });
+    run_to_step(&mut w, StepName::SyncRemaining);
+    // The source dies right after it shut the VM down: SyncRemaining and then RestartSource
+    // cannot reach it. Each is retried until its deadline, then the job fails.
+    w.down.insert(P.into());
+    w.settle();
+    let job = w.job(JobType::PlannedFailover).clone();
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(
+        w.steps(JobType::PlannedFailover),
+        st(&[
+            ("ShutdownSource", OK),
+            ("SyncRemaining", F),
+            ("VerifyDigests", K),
+            ("StopReplication", K),
+            ("StartAtTarget", K),
+            ("RestartSource", F),
+        ])
+    );
+    let sync = &job.steps[1];
+    let msg = sync.message.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains(DEADLINE_PASSED) && msg.contains("60 s") && msg.contains(P),
+        "{msg}"
+    );
+    let jm = job.message.as_deref().unwrap_or_default();
+    assert!(
+        jm.starts_with("SyncRemaining failed") && jm.contains(P),
+        "{jm}"
+    );
+    assert!(jm.contains("neither site"), "{jm}");
+    // Each step was given up no sooner than its deadline.
+    let secs = |s: &JobStep| {
+        (s.end_time.as_ref().unwrap().0 - s.start_time.as_ref().unwrap().0).get_seconds()
+    };
+    assert!(secs(sync) >= 60 && secs(&job.steps[5]) >= 60);
+    assert!(w.cond(STALLED) && !w.cond(RECONCILING) && !w.cond(READY));
+    let stalled = &w.condition(STALLED).message;
+    assert!(
+        stalled.contains("spec.failover.type to Unplanned")
+            && stalled.contains(&format!("twinsite.io/retry={}", job.name)),
+        "{stalled}"
+    );
+    // The way on: the same move as an unplanned failover, from the target's newest point.
+    w.set_spec(|s| s.failover.type_ = FailoverType::Unplanned);
+    w.settle();
+    let u = w.job(JobType::UnplannedFailover);
+    assert_eq!(u.state, JobState::Succeeded, "{u:#?}");
+    for (name, state) in w.steps(JobType::UnplannedFailover) {
+        if ["ShutdownSource", "FenceSource", "SyncRemaining"].contains(&name.as_str()) {
+            assert_eq!(state, K, "{name}");
+        }
+    }
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(!w.cond(STALLED));
+}
+
+#[test]
+fn a_required_step_is_retried_until_its_deadline_and_no_longer() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    run_to_step(&mut w, StepName::StartAtTarget);
+    w.down.insert(S.into());
+    // Retried (same id) while the deadline has not passed.
+    for _ in 0..3 {
+        w.step();
+        w.tick(5);
+    }
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Running);
+    // The default deadline: 600 s.
+    w.tick(600);
+    w.settle();
+    let job = w.job(JobType::PlannedFailover);
+    assert_eq!(job.state, JobState::Failed);
+    let start = job
+        .steps
+        .iter()
+        .find(|s| s.name == "StartAtTarget")
+        .unwrap();
+    let msg = start.message.as_deref().unwrap_or_default();
+    assert!(msg.contains("600 s") && msg.contains(S), "{msg}");
+    // The source, shut down by the job, is started again.
+    assert_eq!(w.vm_mut(P).vm.power, Power::Running);
+}
+
+#[test]
+fn an_initial_copy_that_keeps_failing_fails_at_the_copy_deadline_with_the_agents_error() {
+    let mut w = World::new(true);
+    w.spec.replication.copy_timeout_seconds = Some(120);
+    w.copy_error = Some("peer: no space left on device".into());
+    run_until(
+        &mut w,
+        |w| {
+            w.status
+                .jobs
+                .first()
+                .is_some_and(|j| j.state != JobState::Running)
+        },
+        |w| {
+            // Meanwhile the wait shows the agent's reason.
+            if let Some(s) = w.status.jobs.first().and_then(|j| j.steps.get(1))
+                && s.state == StepState::Running
+                && s.message.is_some()
+            {
+                assert!(s.message.as_deref().unwrap().contains("no space left"));
+            }
+        },
+    );
+    w.settle();
+    let job = w.job(JobType::EnableReplication).clone();
+    assert_eq!(job.state, JobState::Failed, "{job:#?}");
+    let wait = &job.steps[1];
+    assert_eq!(wait.name, "InitialReplication");
+    assert_eq!(wait.state, StepState::Failed);
+    let msg = wait.message.as_deref().unwrap_or_default();
+    assert!(
+        msg.contains("no space left on device")
+            && msg.contains("copyTimeoutSeconds")
+            && msg.contains(P),
+        "{msg}"
+    );
+    assert!(w.cond(STALLED));
+    assert_eq!(w.status.phase, Some(VmPhase::Failed));
+    // The agent's error is on the object, with its message.
+    assert!(w.cond(REPLICATION_ERROR));
+    let c = w.condition(REPLICATION_ERROR);
+    assert_eq!(c.reason, "AgentError");
+    assert!(c.message.contains("no space left on device"), "{c:?}");
+    // Freed: the retry waits again and the copy ends; the error clears.
+    w.copy_error = None;
+    w.retry = Some(job.name.clone());
+    w.settle();
+    let job = w.job(JobType::EnableReplication);
+    assert_eq!((job.state, job.attempt), (JobState::Succeeded, Some(2)));
+    assert!(!w.cond(REPLICATION_ERROR) && !w.cond(STALLED) && w.cond(READY));
+}
+
+#[test]
+fn an_agent_error_on_a_protected_vm_is_a_condition_and_clears() {
+    let mut w = World::protected(true);
+    assert!(!w.cond(REPLICATION_ERROR));
+    w.copy_error = Some("peer refused the cycle: VM runs there".into());
+    w.tick(30);
+    w.settle();
+    assert!(w.cond(REPLICATION_ERROR));
+    assert!(
+        w.condition(REPLICATION_ERROR)
+            .message
+            .contains("VM runs there")
+    );
+    // A listing that fails keeps what the source said last.
+    w.down.insert(P.into());
+    w.tick(5);
+    w.settle();
+    assert!(w.cond(REPLICATION_ERROR));
+    w.down.clear();
+    w.copy_error = None;
+    w.tick(30);
+    w.settle();
+    assert!(!w.cond(REPLICATION_ERROR));
+}
+
+#[test]
+fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follows_the_source() {
+    let mut w = World::protected(true);
+    w.settle();
+    assert!(w.cond(READY));
+    // The source keeps cycling every 30 s: its replication runs with what it was enabled with.
+    w.set_spec(|s| s.replication.interval_seconds = 300);
+    w.settle();
+    assert!(!w.cond(READY) && w.cond(STALLED) && !w.cond(RECONCILING));
+    let ready = w.condition(READY);
+    assert_eq!(ready.reason, SETTINGS_NOT_APPLIED);
+    assert!(
+        ready.message.contains("intervalSeconds 30 (spec: 300)"),
+        "{ready:?}"
+    );
+    assert!(!w.cond(SETTINGS_APPLIED));
+    assert!(
+        w.events
+            .iter()
+            .filter(|e| e.reason == SETTINGS_NOT_APPLIED)
+            .count()
+            == 1,
+        "{:?}",
+        w.events
+    );
+    // Health against the interval in force at the source (30 s): an RPO of 75 s is Warning
+    // there, where the spec's 300 s would call it Healthy.
+    w.down.insert(S.into());
+    w.now += 70;
+    w.step();
+    w.step();
+    assert_eq!(health(&w), Some(ReplicationHealth::Warning));
+    // Set back: nothing to apply.
+    w.down.clear();
+    w.set_spec(|s| s.replication.interval_seconds = 30);
+    w.settle();
+    assert!(w.cond(READY) && !w.cond(STALLED) && w.cond(SETTINGS_APPLIED));
+}
+
+#[test]
+fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
+    let mut w = World::protected(true);
+    w.settle();
+    let sent = w.status.replication.as_ref().unwrap().settings.clone();
+    assert_eq!(
+        sent.map(|s| (
+            s.interval_seconds,
+            s.recovery_point_retention_hours,
+            s.app_consistent_frequency_hours
+        )),
+        Some((30, 24, 0))
+    );
+    // Not in the listing: known from what the source was enabled with.
+    w.set_spec(|s| s.replication.recovery_point_retention_hours = 2);
+    w.settle();
+    assert_eq!(w.condition(READY).reason, SETTINGS_NOT_APPLIED);
+    assert!(w.cond(STALLED));
+    let m = &w.condition(SETTINGS_APPLIED).message;
+    assert!(
+        m.contains("recoveryPointRetentionHours") && m.contains("24") && m.contains('2'),
+        "{m}"
+    );
+    // A failover and the reprotect after it enable replication with the spec's settings.
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.job(JobType::ReverseReplicate).state, JobState::Succeeded);
+    assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED) && !w.cond(STALLED));
+    let sent = w
+        .status
+        .replication
+        .as_ref()
+        .unwrap()
+        .settings
+        .clone()
+        .unwrap();
+    assert_eq!(sent.recovery_point_retention_hours, 2);
 }
