@@ -105,6 +105,9 @@ cat >"$root/init" <<'INIT'
 #   twinsite.write=0     do not write (default: write generation after generation forever)
 #   twinsite.records=N   records per generation (default 32), record i at i MiB
 #   twinsite.pause=S     seconds between generations (default 1)
+#   twinsite.bench=M     instead of writing records: write M MiB from 64 MiB on, flushed, again and
+#                        again (pause between runs), each run printed as
+#                        "TWINSITE BENCH <MB/s>MB/s <M> MiB in <seconds> s"
 # Record layout (4096 bytes): 4032 bytes of body, the line
 #   "TWINSITE-RECORD v1 gen=G idx=I n=N" + "\n" repeated and cut at 4032 bytes,
 # then the 64 lowercase hex digits of the body's sha256. A blank (all-zero) block is generation 0.
@@ -126,13 +129,14 @@ if [ -x /etc/acpi/PWRF/00000080 ]; then
   acpid -d -c /etc/acpi >"$console" 2>&1 &
 fi
 
-verify=0 write=1 records=32 pause=1
+verify=0 write=1 records=32 pause=1 bench=0
 for opt in $(cat /proc/cmdline); do
   case "$opt" in
     twinsite.verify=*) verify="${opt#*=}" ;;
     twinsite.write=*) write="${opt#*=}" ;;
     twinsite.records=*) records="${opt#*=}" ;;
     twinsite.pause=*) pause="${opt#*=}" ;;
+    twinsite.bench=*) bench="${opt#*=}" ;;
   esac
 done
 
@@ -200,6 +204,15 @@ if [ "$verify" = 1 ]; then
   fi
 fi
 
+if [ "$bench" != 0 ]; then
+  while :; do
+    t0=$(cut -d' ' -f1 /proc/uptime)
+    dd if=/dev/zero of=/dev/vda bs=1M seek=64 count="$bench" conv=fsync 2>/dev/null
+    t1=$(cut -d' ' -f1 /proc/uptime)
+    say "TWINSITE BENCH $(awk -v m="$bench" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1fMB/s %s MiB in %.2f s", m * 1.048576 / (b - a), m, b - a }')"
+    sleep "$pause"
+  done
+fi
 if [ "$write" != 0 ]; then
   # A generation cut short (a crash, a failover) is completed first: starting the next one
   # would leave three generations on the disk until it is done.

@@ -61,13 +61,15 @@ pub fn disks(domain_xml: &str) -> Result<Vec<XmlDisk>, String> {
 }
 
 /// Elements a replicated definition may not carry: they reach the host itself (devices,
-/// directories, raw QEMU arguments), and the definition comes from another site.
+/// directories, raw QEMU arguments, scripts libvirt runs for a NIC), and the definition comes
+/// from another site.
 const FORBIDDEN: &[&str] = &[
     "hostdev",
     "filesystem",
     "commandline",
     "smartcard",
     "redirdev",
+    "script",
 ];
 
 /// The source's definition of domain `name`, made to run at a replica: each replicated disk
@@ -143,6 +145,12 @@ fn rewrite(
         .flat_map(|d| d.children())
         .filter(|n| n.is_element())
     {
+        if dev.has_tag_name("emulator") {
+            // The program libvirt runs as this site's QEMU is this site's choice (its default),
+            // never a path another site names.
+            edits.push((dev.range(), String::new()));
+            continue;
+        }
         let child = |tag: &str| dev.children().find(|n| n.has_tag_name(tag));
         if dev.has_tag_name("disk") {
             let target = child("target").and_then(|t| t.attribute("dev"));
@@ -280,5 +288,14 @@ mod tests {
         );
         let evil = xml.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
         assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
+        let evil = xml.replace(
+            "</devices>",
+            "<interface type='ethernet'><script path='/tmp/x'/></interface></devices>",
+        );
+        assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
+        let other_qemu = xml.replace("<devices>", "<devices><emulator>/tmp/qemu</emulator>");
+        let out = for_replica(&other_qemu, "web", &images, std::path::Path::new("/c"))
+            .expect("rewrites");
+        assert!(!out.contains("emulator"), "{out}");
     }
 }
