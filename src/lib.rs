@@ -16,6 +16,8 @@ pub mod api;
 pub mod controller;
 pub mod envtest;
 pub mod fault;
+#[cfg(test)]
+mod fuzz;
 pub mod local;
 pub mod nbd;
 pub mod replication;
