@@ -398,6 +398,26 @@ mod tests {
     }
 
     #[test]
+    fn the_allow_list_sees_the_host_a_url_parser_sees() {
+        // Other spellings of an address are compared in their usual form.
+        let local = AllowedHosts::new(&["127.0.0.1"]).unwrap();
+        for spelled in [
+            "http://2130706433/x",
+            "http://0x7f.0.0.1/x",
+            "http://127.1/x",
+        ] {
+            assert!(check(spelled, Some(&local)).is_ok(), "{spelled}");
+        }
+        let names = AllowedHosts::new(&["hooks.example.com"]).unwrap();
+        for spelled in [
+            "http://2130706433/x",
+            "http://hooks.example.com@127.0.0.1/x",
+        ] {
+            assert!(check(spelled, Some(&names)).is_err(), "{spelled}");
+        }
+    }
+
+    #[test]
     fn signatures_are_hmac_sha256_of_the_body() {
         // RFC 4231, test case 2.
         let key = SigningKey::new(b"Jefe");
