@@ -31,7 +31,11 @@ echo "== cargo test"
 # the crash points into the agent, for the crash-injection suite and the integrity tests; a
 # release build never has them. The libvirt feature builds the real-VM runtime.
 cargo test --locked --features failpoints,libvirt --lib --bins --tests -- \
-    --skip agents_keep_their_promises_across_crashes_at_every_failpoint
+    --skip agents_keep_their_promises_across_crashes_at_every_failpoint --skip ::fuzz::fuzz_
+
+echo "== fuzz (property tests of the block-stream decoder and the agent's JSON bodies)"
+# Its own run, so each target's line `fuzz <target>: inputs: N, crashes: 0` is printed.
+cargo test --locked --features failpoints,libvirt --lib ::fuzz::fuzz_ -- --nocapture
 
 echo "== crash injection (SIGKILL at every failpoint of the data path)"
 # Its own run, so its closing line `injected crashes: N, invariant violations: M` is printed.

@@ -17,6 +17,8 @@ pub mod api;
 pub mod controller;
 pub mod envtest;
 pub mod fault;
+#[cfg(test)]
+mod fuzz;
 pub mod local;
 pub mod logging;
 pub mod nbd;

@@ -361,6 +361,8 @@ async fn values_shape_the_deployment() {
             "logLevel=debug,replicas=2,metrics.port=9090",
             "--set",
             "resources.limits.memory=1Gi",
+            "--set",
+            "webhooks.allowedHosts={hooks.example.com,*.ops.example.com},webhooks.signingSecret.name=hook-key",
         ],
     );
     let objects = docs(&yaml);
@@ -383,6 +385,24 @@ async fn values_shape_the_deployment() {
     assert_eq!(env("RUST_LOG"), "debug");
     assert_eq!(env("TWINSITE_METRICS_ADDR"), "0.0.0.0:9090");
     assert_eq!(env("TWINSITE_LEADER_ELECTION"), "true");
+    assert_eq!(
+        env("TWINSITE_WEBHOOK_ALLOWED_HOSTS"),
+        "hooks.example.com,*.ops.example.com"
+    );
+    assert_eq!(env("TWINSITE_WEBHOOK_SIGNING_SECRET"), "hook-key");
+    assert_eq!(env("TWINSITE_WEBHOOK_SIGNING_SECRET_KEY"), "key");
+    // By default: no allow-list and no signing.
+    let plain = docs(&render(cp, "plain", "chart-values", &[]));
+    let plain_env = find(&plain, "Deployment")["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_sequence()
+        .unwrap()
+        .clone();
+    assert!(
+        !plain_env.iter().any(|e| e["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("TWINSITE_WEBHOOK"))),
+        "{plain_env:?}"
+    );
 
     // Without leader election there is no Lease Role; two replicas would then be refused.
     let objects = docs(&render(
@@ -444,6 +464,10 @@ async fn bad_values_are_refused_with_the_name_of_the_value() {
             "/metrics/serviceMonitor/interval",
         ),
         ("replicaCount=2", "replicaCount"),
+        (
+            "webhooks.allowedHosts={https://hooks.example.com/x}",
+            "/webhooks/allowedHosts/0",
+        ),
     ] {
         let out = helm_template(cp, "bad", "chart-bad", &["--set", set]);
         let err = String::from_utf8_lossy(&out.stderr);

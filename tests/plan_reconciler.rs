@@ -23,7 +23,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use twinsite::api::{FailoverPlan, JobState, JobType, ReplicatedVM, StepState};
-use twinsite::controller::failover_plan::{self, planner};
+use twinsite::controller::failover_plan::{self, planner, webhook};
 use twinsite::envtest::{self, ControlPlane};
 
 /// A plan controller scoped to one namespace, stopped when dropped (on panic too).
@@ -47,6 +47,12 @@ struct Env {
 
 impl Env {
     async fn new(what: &str) -> Self {
+        Self::with_settings(what, |_| webhook::Settings::default()).await
+    }
+
+    /// A world whose plan controller has these webhook settings (made from the namespace's
+    /// name, which also serves as the controller's secret namespace).
+    async fn with_settings(what: &str, settings: impl Fn(&str) -> webhook::Settings) -> Self {
         static N: AtomicUsize = AtomicUsize::new(0);
         let cp = envtest::shared().await;
         let ns = format!(
@@ -61,7 +67,7 @@ impl Env {
             plans: Api::namespaced(client.clone(), &ns),
             rvms: Api::namespaced(client.clone(), &ns),
             events: Api::namespaced(client.clone(), &ns),
-            _ctrl: start_controller(client, &ns),
+            _ctrl: start_controller_with(client, &ns, settings(&ns)),
             ns,
         }
     }
@@ -182,9 +188,17 @@ impl Env {
 }
 
 fn start_controller(client: kube::Client, ns: &str) -> Controller {
+    start_controller_with(client, ns, webhook::Settings::default())
+}
+
+fn start_controller_with(
+    client: kube::Client,
+    ns: &str,
+    settings: webhook::Settings,
+) -> Controller {
     let ns = ns.to_string();
     Controller(tokio::spawn(async move {
-        failover_plan::run_in_namespace(client, &ns, std::future::pending())
+        failover_plan::run_with(client, Some(&ns), settings, std::future::pending())
             .await
             .unwrap();
     }))
@@ -271,10 +285,14 @@ fn plan_to(name: &str, target: &str, spec: &str) -> String {
     )
 }
 
+/// Each call's body as received and its X-Twinsite-Signature header.
+type Received = Arc<Mutex<Vec<(Vec<u8>, Option<String>)>>>;
+
 /// A webhook receiver on 127.0.0.1: answers every POST with `code` and keeps the bodies.
 struct Hook {
     url: String,
     bodies: Arc<Mutex<Vec<Value>>>,
+    raw: Received,
     /// The HTTP status it answers with; a test may change it.
     code: Arc<AtomicU16>,
     task: JoinHandle<()>,
@@ -291,18 +309,30 @@ async fn hook(code: u16) -> Hook {
     struct S {
         code: Arc<AtomicU16>,
         bodies: Arc<Mutex<Vec<Value>>>,
+        raw: Received,
     }
-    async fn handle(State(s): State<S>, body: String) -> (StatusCode, &'static str) {
+    async fn handle(
+        State(s): State<S>,
+        headers: axum::http::HeaderMap,
+        body: String,
+    ) -> (StatusCode, &'static str) {
+        let sig = headers
+            .get(webhook::SIGNATURE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        s.raw.lock().unwrap().push((body.clone().into_bytes(), sig));
         let v = serde_json::from_str(&body).unwrap_or(Value::String(body));
         s.bodies.lock().unwrap().push(v);
         let code = StatusCode::from_u16(s.code.load(Ordering::SeqCst)).unwrap();
         (code, "hook says so")
     }
     let bodies = Arc::new(Mutex::new(Vec::new()));
+    let raw = Arc::new(Mutex::new(Vec::new()));
     let code = Arc::new(AtomicU16::new(code));
     let state = S {
         code: code.clone(),
         bodies: bodies.clone(),
+        raw: raw.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hooks/check", listener.local_addr().unwrap());
@@ -315,6 +345,7 @@ async fn hook(code: u16) -> Hook {
     Hook {
         url,
         bodies,
+        raw,
         code,
         task,
     }
@@ -1117,4 +1148,341 @@ async fn a_webhook_that_does_not_answer_in_time_fails() {
         .unwrap_or_default();
     assert!(msg.contains("no answer within 1s"), "{msg}");
     assert_eq!(vm_state(&fp, "db-1"), planner::VM_PENDING);
+}
+
+/// A plan with one pre-action webhook to `url` in group db (VM db-1).
+fn pre_hook_plan(url: &str) -> String {
+    plan_yaml(
+        "app",
+        &format!(
+            "  groups:\n  - name: db\n    vms: [db-1]\n    preActions:\n    - name: check\n      \
+             webhook: {{url: \"{url}\", timeoutSeconds: 10}}\n"
+        ),
+    )
+}
+
+/// Messages of the Events published for plan `name`.
+async fn event_messages(env: &Env, name: &str) -> Vec<String> {
+    env.events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_signed_webhook_carries_an_hmac_the_receiver_verifies() {
+    let env = Env::with_settings("hooksigned", |ns| webhook::Settings {
+        allowed_hosts: None,
+        signing_secret: Some(webhook::SigningSecretRef {
+            namespace: ns.to_string(),
+            name: "hook-key".into(),
+            key: "key".into(),
+        }),
+    })
+    .await;
+    let hook = hook(204).await;
+    env.vm("db-1", "", "").await;
+    env.apply(&pre_hook_plan(&hook.url));
+
+    // The key's Secret does not exist yet: the call is not made unsigned, the plan stops.
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(msg.contains("signing key cannot be read"), "{msg}");
+    assert!(msg.contains("hook-key"), "{msg}");
+    assert!(hook.raw.lock().unwrap().is_empty(), "called unsigned");
+
+    // With the key in place, a retry calls the hook with a signature over the exact body.
+    let key = b"a key only the controller and the receiver know";
+    env.apply(&format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: hook-key\nstringData:\n  key: \"{}\"\n",
+        String::from_utf8_lossy(key)
+    ));
+    let failed = newest_job(&fp).unwrap().name.clone();
+    env.kubectl(&[
+        "annotate",
+        "fp",
+        "app",
+        &format!("twinsite.io/retry={failed}"),
+    ]);
+    let fp = env
+        .wait("app", "db released after the signed call", |fp| {
+            vm_state(fp, "db-1") == planner::VM_RELEASED
+        })
+        .await;
+    assert_eq!(step(&fp, "pre:db/check").state, StepState::Succeeded);
+    let raw = hook.raw.lock().unwrap().clone();
+    assert_eq!(raw.len(), 1);
+    let (body, sig) = &raw[0];
+    let sig = sig.as_deref().expect("no X-Twinsite-Signature header");
+    let mac = hex::decode(sig.strip_prefix("sha256=").expect("sha256= prefix")).unwrap();
+    let verify = |k: &[u8], body: &[u8]| {
+        ring::hmac::verify(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k),
+            body,
+            &mac,
+        )
+        .is_ok()
+    };
+    assert!(verify(key, body), "the signature does not verify");
+    assert!(!verify(b"another key", body), "another key verifies");
+    let mut changed = body.clone();
+    changed.push(b' ');
+    assert!(!verify(key, &changed), "a changed body verifies");
+    let b: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(b["plan"], "app");
+    assert!(
+        b["sentAt"]
+            .as_str()
+            .is_some_and(|t| t.parse::<jiff::Timestamp>().is_ok())
+    );
+}
+
+#[tokio::test]
+async fn a_host_off_the_allow_list_is_refused_and_not_called() {
+    let env = Env::with_settings("hookallow", |_| webhook::Settings {
+        allowed_hosts: webhook::AllowedHosts::new(&["hooks.example.com", "*.ops.example.com"]),
+        signing_secret: None,
+    })
+    .await;
+    let hook = hook(204).await;
+    env.vm("db-1", "", "").await;
+    env.apply(&pre_hook_plan(&hook.url));
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("webhook host 127.0.0.1 is not allowed")
+            && msg.contains("--webhook-allowed-hosts"),
+        "{msg}"
+    );
+    assert!(hook.raw.lock().unwrap().is_empty(), "the hook was called");
+    assert_eq!(vm_state(&fp, "db-1"), planner::VM_PENDING);
+    let events = event_messages(&env, "app").await;
+    assert!(
+        events
+            .iter()
+            .any(|m| m.contains("webhook host 127.0.0.1 is not allowed")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_answer_is_not_read_and_the_url_query_is_never_shown() {
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    const TOTAL: u64 = 256 << 20;
+    const CHUNK: usize = 64 << 10;
+    /// Counts what the receiver's body stream handed to the connection; set when dropped.
+    struct Counted {
+        sent: Arc<AtomicU64>,
+        dropped: Arc<AtomicBool>,
+    }
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+    let sent = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let (sent, dropped, calls) = (sent.clone(), dropped.clone(), calls.clone());
+        axum::Router::new().route(
+            "/hook",
+            post(move || {
+                let (sent, dropped) = (sent.clone(), dropped.clone());
+                calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    let c = Counted { sent, dropped };
+                    let chunk = bytes::Bytes::from(vec![b'x'; CHUNK]);
+                    let stream = futures::stream::unfold(c, move |c| {
+                        let chunk = chunk.clone();
+                        async move {
+                            let n = c.sent.fetch_add(CHUNK as u64, Ordering::SeqCst);
+                            (n < TOTAL).then_some((Ok::<_, std::io::Error>(chunk), c))
+                        }
+                    });
+                    let body = b"refused: ".to_vec();
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        axum::body::Body::from_stream(futures::StreamExt::chain(
+                            futures::stream::once(async move {
+                                Ok::<_, std::io::Error>(bytes::Bytes::from(body))
+                            }),
+                            stream,
+                        )),
+                    )
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    struct Abort(JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _server = Abort(server);
+
+    let env = Env::new("hookhuge").await;
+    env.vm("db-1", "", "").await;
+    env.apply(&pre_hook_plan(&format!(
+        "http://{addr}/hook?token=s3cr3t-in-query"
+    )));
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("HTTP 500") && msg.contains("refused: xxx"),
+        "{msg}"
+    );
+    assert!(msg.chars().count() < 400, "{msg}");
+    // The controller dropped the answer: the receiver's stream ends long before its end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !dropped.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "the answer is still being read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n = sent.load(Ordering::SeqCst);
+    assert!(
+        n < 32 << 20,
+        "{n} bytes of a {TOTAL}-byte answer were taken"
+    );
+
+    // The URL's query (a token) is in no status message and no Event.
+    let status = serde_json::to_string(&fp.status).unwrap();
+    assert!(!status.contains("s3cr3t"), "{status}");
+    assert!(status.contains(&format!("http://{addr}/hook")), "{status}");
+    let events = event_messages(&env, "app").await;
+    assert!(!events.is_empty());
+    assert!(events.iter().all(|m| !m.contains("s3cr3t")), "{events:?}");
+}
+
+#[tokio::test]
+async fn a_webhook_url_with_credentials_is_refused_by_the_api_server() {
+    let env = Env::new("hookcreds").await;
+    let mut child = env
+        .cp
+        .kubectl()
+        .args(["apply", "-n", &env.ns, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pre_hook_plan("https://ops:s3cr3t-pass@hooks.example.com/warm").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted");
+    assert!(
+        err.contains("spec.groups[0].preActions[0].webhook.url")
+            && err.contains("webhook.url must not carry credentials"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("s3cr3t-pass"),
+        "the error repeats the password: {err}"
+    );
+    assert!(env.plans.get_opt("app").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn an_https_webhook_is_checked_against_its_ca_bundle() {
+    // An https receiver whose certificate a CA of the test's own signed.
+    let dir = tempfile::tempdir().unwrap();
+    let ca = envtest::agent_certificates(dir.path(), &["hook"]).unwrap();
+    std::fs::create_dir(dir.path().join("other")).unwrap();
+    let other_ca = envtest::agent_certificates(&dir.path().join("other"), &[]).unwrap();
+    twinsite::init_crypto();
+    let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+        dir.path().join("hook.crt"),
+        dir.path().join("hook.key"),
+    )
+    .await
+    .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let app = {
+        let calls = calls.clone();
+        axum::Router::new().route(
+            "/hook",
+            post(move || {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { StatusCode::NO_CONTENT }
+            }),
+        )
+    };
+    let port = envtest::free_port().unwrap();
+    let server = tokio::spawn(async move {
+        axum_server::bind_rustls(std::net::SocketAddr::from(([127, 0, 0, 1], port)), tls)
+            .serve(app.into_make_service())
+            .await
+            .unwrap();
+    });
+    struct Abort(JoinHandle<()>);
+    impl Drop for Abort {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _server = Abort(server);
+
+    let env = Env::new("hooktls").await;
+    env.vm("db-1", "", "").await;
+    let url = format!("https://127.0.0.1:{port}/hook");
+    // Unplanned: a failed action is recorded and the plan goes on to the next one.
+    let plan = json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": "app"},
+        "spec": {"targetSite": "secondary", "failover": {"type": "Unplanned"}, "groups": [{
+            "name": "db", "vms": ["db-1"], "preActions": [
+                {"name": "system-roots", "webhook": {"url": url, "timeoutSeconds": 10}},
+                {"name": "other-ca", "webhook": {"url": url, "timeoutSeconds": 10, "caBundle": other_ca}},
+                {"name": "its-ca", "webhook": {"url": url, "timeoutSeconds": 10, "caBundle": ca}},
+            ]}]},
+    });
+    env.apply(&plan.to_string());
+    let fp = env
+        .wait("app", "db released", |fp| {
+            vm_state(fp, "db-1") == planner::VM_RELEASED
+        })
+        .await;
+    for name in ["pre:db/system-roots", "pre:db/other-ca"] {
+        let s = step(&fp, name);
+        assert_eq!(s.state, StepState::Failed, "{name}: {:?}", s.message);
+    }
+    let s = step(&fp, "pre:db/its-ca");
+    assert_eq!(s.state, StepState::Succeeded, "{:?}", s.message);
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "only the trusted call got through"
+    );
 }

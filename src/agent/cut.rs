@@ -9,10 +9,7 @@ use crate::site::CutRequest;
 
 /// Takes the cut `req` (once per cut id: a repeated id answers the first cut's result).
 pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
-    input::op_id("cutId", &req.cut_id)?;
-    if let Some(bad) = req.vms.iter().find(|n| !input::valid_name(n)) {
-        return Err(ApiError::bad(format!("invalid VM name {bad:?} in vms")));
-    }
+    input::cut(&req)?;
     let op = format!("cut/{}", req.cut_id);
     // One cut at a time: a repeated cut id waits for the first and answers its result.
     let _one = st.cut_lock.lock().await;

@@ -7,6 +7,10 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::{ApiError, ApiResult};
+use crate::site::{
+    AcceptReplication, CutRequest, DiskSpec, EnableReplication, FailoverRequest, OperationRequest,
+    PowerRequest, TestFailoverRequest,
+};
 
 /// A VM or disk name: 1 to 63 characters of letters, digits, `.`, `_`, `-`, not starting with
 /// `.` (it becomes a directory or file name under the data dir).
@@ -165,6 +169,91 @@ pub fn in_range(field: &str, v: u64, range: std::ops::RangeInclusive<u64>) -> Ap
     }
 }
 
+/// The disks of a VM to create: at least one, names valid and distinct, sizes from 1 byte to
+/// `max_disk_bytes` (the agent's `--max-disk-bytes`).
+pub fn disks(disks: &[DiskSpec], max_disk_bytes: u64) -> ApiResult<()> {
+    if disks.is_empty() {
+        return Err(ApiError::bad("a VM needs at least one disk"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for d in disks {
+        if !valid_name(&d.name) || !seen.insert(d.name.as_str()) {
+            return Err(ApiError::bad(format!(
+                "invalid or repeated disk name {:?}",
+                d.name
+            )));
+        }
+        if d.size_bytes == 0 || d.size_bytes > max_disk_bytes {
+            return Err(ApiError::bad(format!(
+                "disk {} sizeBytes must be between 1 and {max_disk_bytes}",
+                d.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The body of `replication/enable`.
+pub fn enable(req: &EnableReplication) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)?;
+    site_name("peerSite", &req.peer_site)?;
+    in_range(
+        "intervalSeconds",
+        req.interval_seconds,
+        1..=MAX_INTERVAL_SECONDS,
+    )?;
+    in_range(
+        "recoveryPointRetentionHours",
+        req.recovery_point_retention_hours,
+        0..=MAX_HOURS,
+    )?;
+    in_range(
+        "appConsistentFrequencyHours",
+        req.app_consistent_frequency_hours,
+        0..=MAX_HOURS,
+    )?;
+    if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
+        return Err(ApiError::bad("peerUrl must be an http(s) URL"));
+    }
+    Ok(())
+}
+
+/// The body of `replication/accept`.
+pub fn accept(req: &AcceptReplication) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)?;
+    site_name("sourceSite", &req.source_site)
+}
+
+/// The body of `power`.
+pub fn power(req: &PowerRequest) -> ApiResult<()> {
+    opt_op_id("operationId", req.operation_id.as_deref())
+}
+
+/// A body that carries only an operation id (sync, stop, commit, test-failover cleanup...).
+pub fn operation(req: &OperationRequest) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)
+}
+
+/// The body of `failover` (a recovery point id that names no point is the store's 404).
+pub fn failover(req: &FailoverRequest) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)
+}
+
+/// The body of `test-failover`.
+pub fn test_failover(req: &TestFailoverRequest) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)?;
+    site_name("network", &req.network)
+}
+
+/// The body of `POST /v1/cuts`.
+pub fn cut(req: &CutRequest) -> ApiResult<()> {
+    op_id("cutId", &req.cut_id)?;
+    if let Some(bad) = req.vms.iter().find(|n| !valid_name(n)) {
+        return Err(ApiError::bad(format!("invalid VM name {bad:?} in vms")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,6 +285,356 @@ mod tests {
         assert_eq!(
             check_param("other", "x").unwrap_err().kind,
             super::super::ErrorKind::Internal
+        );
+    }
+}
+
+/// Property tests of the agent's JSON bodies (see `crate::fuzz`): arbitrary, damaged and
+/// made-up bodies of every request type never panic the parser or the checks, and a body that
+/// parses is refused exactly when a value is out of its range.
+#[cfg(test)]
+mod fuzz {
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+    use proptest::sample::{Index, select};
+    use serde::de::DeserializeOwned;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+    use crate::agent::ErrorKind;
+    use crate::agent::replica::{BeginCycle, CommitCycle, MAX_DEFINITION_BYTES};
+    use crate::site::CreateVm;
+
+    /// The largest disk in these checks (the agent's `--max-disk-bytes`).
+    const MAX_DISK: u64 = 1 << 40;
+
+    // The rules as docs/agent.md states them, written apart from the checks they test.
+    fn op_ok(s: &str) -> bool {
+        (1..=512).contains(&s.len())
+    }
+    fn site_ok(s: &str) -> bool {
+        (1..=253).contains(&s.len())
+    }
+    fn id_chars_ok(s: &str, max: usize) -> bool {
+        (1..=max).contains(&s.len())
+            && !s.starts_with('.')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    }
+    fn name_ok(s: &str) -> bool {
+        id_chars_ok(s, 63)
+    }
+    fn cycle_ok(s: &str) -> bool {
+        id_chars_ok(s, 100)
+    }
+    fn disks_ok(d: &[DiskSpec]) -> bool {
+        let names: std::collections::HashSet<_> = d.iter().map(|d| &d.name).collect();
+        !d.is_empty()
+            && names.len() == d.len()
+            && d.iter()
+                .all(|d| name_ok(&d.name) && (1..=MAX_DISK).contains(&d.size_bytes))
+    }
+
+    thread_local! {
+        /// Per request type: bodies that parsed and were accepted, and that were refused.
+        static SEEN: std::cell::RefCell<std::collections::BTreeMap<&'static str, (u64, u64)>> =
+            Default::default();
+    }
+
+    /// Parses `body` as a `T`; when it parses, the check must refuse it (a 400) exactly when
+    /// the rules say so.
+    fn one<T: DeserializeOwned>(
+        what: &'static str,
+        body: &[u8],
+        check: impl Fn(&T) -> ApiResult<()>,
+        rules: impl Fn(&T) -> bool,
+    ) -> Result<(), TestCaseError> {
+        let Ok(req) = serde_json::from_slice::<T>(body) else {
+            return Ok(());
+        };
+        let got = check(&req);
+        let want = rules(&req);
+        SEEN.with(|m| {
+            let mut m = m.borrow_mut();
+            let e = m.entry(what).or_default();
+            if got.is_ok() {
+                e.0 += 1;
+            } else {
+                e.1 += 1;
+            }
+        });
+        prop_assert_eq!(
+            got.is_ok(),
+            want,
+            "{}: check says {:?}, the rules say {}",
+            what,
+            got.as_ref().err().map(|e| &e.message),
+            want
+        );
+        if let Err(e) = got {
+            prop_assert_eq!(e.kind, ErrorKind::BadRequest);
+        }
+        Ok(())
+    }
+
+    /// `body` as every request type of the agent.
+    fn every_type(body: &[u8]) -> Result<(), TestCaseError> {
+        one::<EnableReplication>("enable", body, enable, |r| {
+            op_ok(&r.operation_id)
+                && site_ok(&r.peer_site)
+                && (1..=MAX_INTERVAL_SECONDS).contains(&r.interval_seconds)
+                && r.recovery_point_retention_hours <= MAX_HOURS
+                && r.app_consistent_frequency_hours <= MAX_HOURS
+                && (r.peer_url.starts_with("http://") || r.peer_url.starts_with("https://"))
+        })?;
+        one::<AcceptReplication>("accept", body, accept, |r| {
+            op_ok(&r.operation_id) && site_ok(&r.source_site)
+        })?;
+        one::<PowerRequest>("power", body, power, |r| {
+            r.operation_id.as_deref().is_none_or(op_ok)
+        })?;
+        one::<OperationRequest>("operation", body, operation, |r| op_ok(&r.operation_id))?;
+        one::<FailoverRequest>("failover", body, failover, |r| op_ok(&r.operation_id))?;
+        one::<TestFailoverRequest>("test-failover", body, test_failover, |r| {
+            op_ok(&r.operation_id) && site_ok(&r.network)
+        })?;
+        one::<CutRequest>("cut", body, cut, |r| {
+            op_ok(&r.cut_id) && r.vms.iter().all(|v| name_ok(v))
+        })?;
+        one::<CreateVm>(
+            "create",
+            body,
+            |r| disks(&r.disks, MAX_DISK),
+            |r| disks_ok(&r.disks),
+        )?;
+        one::<BeginCycle>(
+            "begin",
+            body,
+            |r| r.check().and_then(|()| disks(&r.disks, MAX_DISK)),
+            |r| {
+                site_ok(&r.source_site)
+                    && cycle_ok(&r.cycle_id)
+                    && r.parent.as_deref().is_none_or(cycle_ok)
+                    && r.in_doubt.as_deref().is_none_or(cycle_ok)
+                    && r.definition
+                        .as_ref()
+                        .is_none_or(|d| d.len() <= MAX_DEFINITION_BYTES)
+                    && r.retention_hours <= MAX_HOURS
+                    && disks_ok(&r.disks)
+            },
+        )?;
+        one::<CommitCycle>("commit", body, CommitCycle::check, |r| {
+            cycle_ok(&r.cycle_id) && r.cut_id.as_deref().is_none_or(op_ok)
+        })
+    }
+
+    /// Mostly a `u64` (in range, at the edges, anywhere), sometimes anything else.
+    fn number() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => (0u64..=10).prop_map(Value::from),
+            4 => select(vec![
+                MAX_INTERVAL_SECONDS,
+                MAX_INTERVAL_SECONDS + 1,
+                MAX_HOURS,
+                MAX_HOURS + 1,
+                MAX_DISK,
+                MAX_DISK + 1,
+                u64::MAX,
+            ])
+            .prop_map(Value::from),
+            2 => any::<u64>().prop_map(Value::from),
+            1 => prop_oneof![
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(|f| json!(f)),
+                Just(json!("12")),
+                Just(json!(1e30)),
+                Just(Value::Null),
+                Just(json!(true)),
+            ],
+        ]
+    }
+
+    /// Mostly a string (ids, names, edges of the length limits, any Unicode), sometimes not.
+    fn text() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            4 => "[a-zA-Z0-9._-]{0,12}".prop_map(Value::from),
+            3 => (select(vec![0usize, 1, 63, 64, 100, 101, 253, 254, 512, 513]), "[a-z.]")
+                .prop_map(|(n, c)| Value::from(c.repeat(n))),
+            2 => any::<String>().prop_map(Value::from),
+            2 => select(vec![
+                ".hidden",
+                "../etc",
+                "a/b",
+                "rp-000001",
+                "Latest",
+                "http://peer:7101",
+                "https://peer",
+                "ftp://peer",
+            ])
+            .prop_map(Value::from),
+            1 => prop_oneof![Just(Value::Null), (0u64..5).prop_map(Value::from)],
+        ]
+    }
+
+    /// One of `words` mostly, sometimes another string or value.
+    fn word(words: &'static [&'static str]) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => select(words).prop_map(Value::from),
+            1 => text(),
+        ]
+    }
+
+    fn flag() -> impl Strategy<Value = Value> {
+        prop_oneof![6 => any::<bool>().prop_map(Value::from), 1 => text()]
+    }
+
+    fn disk_list() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            6 => vec(
+                (text(), number()).prop_map(|(n, s)| json!({"name": n, "sizeBytes": s})),
+                0..4
+            )
+            .prop_map(Value::from),
+            1 => text(),
+        ]
+    }
+
+    /// A body every request type accepts: the fields of all of them, each valid.
+    fn valid() -> Value {
+        json!({
+            "operationId": "op-1", "peerSite": "secondary", "peerUrl": "https://peer:7101",
+            "peerToken": "t", "intervalSeconds": 300, "recoveryPointRetentionHours": 24,
+            "appConsistentFrequencyHours": 4, "mode": "Initial", "sourceSite": "primary",
+            "network": "isolated", "recoveryPoint": "Latest", "cutId": "cut-1",
+            "vms": ["web-01"], "disks": [{"name": "disk0", "sizeBytes": 1048576}],
+            "integrationServices": true, "retentionHours": 24, "cycleId": "c-1",
+            "parent": "c-0", "definition": "<domain/>", "bulk": false, "zero": false,
+            "inDoubt": "c-0", "time": "2026-11-30T04:00:00Z", "kind": "CrashConsistent",
+            "action": "Start", "power": "Running",
+        })
+    }
+
+    /// [`valid`] with a few fields changed (to values in range, at the edges, beyond them,
+    /// of another type) or left out: every type parses the fields it knows (unknown ones are
+    /// ignored).
+    fn body() -> impl Strategy<Value = Value> {
+        let field = |k: &'static str, v: BoxedStrategy<Value>| {
+            proptest::option::weighted(0.9, v).prop_map(move |v| (k, v))
+        };
+        let definition = prop_oneof![
+            text(),
+            select(vec![MAX_DEFINITION_BYTES, MAX_DEFINITION_BYTES + 1])
+                .prop_map(|n| Value::from("x".repeat(n)))
+        ];
+        let vms = prop_oneof![6 => vec(text(), 0..4).prop_map(Value::from), 1 => text()];
+        vec(
+            prop_oneof![
+                field("operationId", text().boxed()),
+                field("peerSite", text().boxed()),
+                field("peerUrl", text().boxed()),
+                field("peerToken", text().boxed()),
+                field("intervalSeconds", number().boxed()),
+                field("recoveryPointRetentionHours", number().boxed()),
+                field("appConsistentFrequencyHours", number().boxed()),
+                field("mode", word(&["Initial", "Resync"]).boxed()),
+                field("sourceSite", text().boxed()),
+                field("network", text().boxed()),
+                field("recoveryPoint", text().boxed()),
+                field("cutId", text().boxed()),
+                field("vms", vms.boxed()),
+                field("disks", disk_list().boxed()),
+                field("integrationServices", flag().boxed()),
+                field("retentionHours", number().boxed()),
+                field("cycleId", text().boxed()),
+                field("parent", text().boxed()),
+                field("definition", definition.boxed()),
+                field("bulk", flag().boxed()),
+                field("zero", flag().boxed()),
+                field("inDoubt", text().boxed()),
+                field(
+                    "time",
+                    word(&["2026-11-30T04:00:00Z", "1970-01-01T00:00:00Z"]).boxed()
+                ),
+                field(
+                    "kind",
+                    word(&["CrashConsistent", "AppConsistent", "Hourly"]).boxed()
+                ),
+                field("action", word(&["Start", "Shutdown", "PowerOff"]).boxed()),
+                field("power", word(&["Running", "Off"]).boxed()),
+            ],
+            0..5,
+        )
+        .prop_map(|changes| {
+            let mut v = valid();
+            let m: &mut Map<String, Value> = v.as_object_mut().expect("an object");
+            for (k, new) in changes {
+                match new {
+                    Some(new) => m.insert(k.to_string(), new),
+                    None => m.remove(k),
+                };
+            }
+            v
+        })
+    }
+
+    #[test]
+    fn fuzz_agent_json_bodies() {
+        crate::fuzz::run("agent JSON bodies", body(), |v| {
+            every_type(&serde_json::to_vec(&v).expect("a JSON value serializes"))
+        });
+        // The made-up bodies reach both answers of every type's check.
+        let seen = SEEN.with(|m| m.borrow().clone());
+        println!("parsed bodies (accepted, refused): {seen:?}");
+        for what in [
+            "enable",
+            "accept",
+            "power",
+            "operation",
+            "failover",
+            "test-failover",
+            "cut",
+            "create",
+            "begin",
+            "commit",
+        ] {
+            let (ok, refused) = seen.get(what).copied().unwrap_or_default();
+            assert!(
+                ok > 0 && refused > 0,
+                "{what}: {ok} accepted, {refused} refused"
+            );
+        }
+    }
+
+    #[test]
+    fn fuzz_damaged_agent_json_bodies() {
+        crate::fuzz::run(
+            "damaged agent JSON bodies",
+            (body(), vec((any::<Index>(), any::<u8>(), 0..3u8), 1..4)),
+            |(v, damage)| {
+                let mut b = serde_json::to_vec(&v).expect("a JSON value serializes");
+                for (i, byte, how) in damage {
+                    let at = i.index(b.len() + 1);
+                    match how {
+                        0 if at < b.len() => b[at] = byte,
+                        1 => b.insert(at, byte),
+                        _ => b.truncate(at),
+                    }
+                }
+                every_type(&b)
+            },
+        );
+    }
+
+    #[test]
+    fn fuzz_arbitrary_bytes_as_agent_json_bodies() {
+        crate::fuzz::run(
+            "arbitrary bytes as agent JSON bodies",
+            prop_oneof![
+                vec(any::<u8>(), 0..200),
+                "\\{(\"[a-zA-Z]{1,20}\":[0-9a-z\"\\[\\]{},:.-]{0,20},?){0,6}\\}"
+                    .prop_map(String::into_bytes),
+            ],
+            |b| every_type(&b),
         );
     }
 }

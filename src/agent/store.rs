@@ -299,25 +299,7 @@ impl Store {
     /// Checks the disks of a new VM or of a replica's `begin`: at least one, names valid and
     /// distinct, sizes between 1 and `--max-disk-bytes`.
     pub(super) fn check_disks(&self, disks: &[DiskSpec]) -> ApiResult<()> {
-        if disks.is_empty() {
-            return Err(ApiError::bad("a VM needs at least one disk"));
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for d in disks {
-            if !valid_name(&d.name) || !seen.insert(d.name.as_str()) {
-                return Err(ApiError::bad(format!(
-                    "invalid or repeated disk name {:?}",
-                    d.name
-                )));
-            }
-            if d.size_bytes == 0 || d.size_bytes > self.max_disk_bytes {
-                return Err(ApiError::bad(format!(
-                    "disk {} sizeBytes must be between 1 and {}",
-                    d.name, self.max_disk_bytes
-                )));
-            }
-        }
-        Ok(())
+        super::input::disks(disks, self.max_disk_bytes)
     }
 
     /// Creates a VM; repeating the same create answers the VM, a different one is a conflict.

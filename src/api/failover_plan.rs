@@ -102,10 +102,21 @@ pub struct ManualApproval {
 }
 
 /// An HTTP POST of the plan's name, group and direction; a 2xx answer in time is success.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[derive(Serialize, Deserialize, Clone, PartialEq, KubeSchema)]
+#[x_kube(
+    validation = Rule::new("!has(self.caBundle) || self.url.startsWith('https://')")
+        .message("webhook.caBundle is only for an https:// webhook.url")
+        .field_path(".caBundle"),
+    // On the object rather than on url itself, so that the API server's answer does not
+    // repeat the URL (and its password) as the invalid value.
+    validation = Rule::new("!self.url.matches('^[^/?#]*//[^/?#]*@')")
+        .message("webhook.url must not carry credentials (user:password@): remove them; a receiver can check the X-Twinsite-Signature header instead")
+        .field_path(".url")
+)]
 #[serde(rename_all = "camelCase")]
 pub struct Webhook {
-    /// http:// or https:// URL to POST to.
+    /// http:// or https:// URL to POST to, without credentials (user:password@): a receiver
+    /// can check the request's X-Twinsite-Signature header instead.
     #[schemars(length(min = 1, max = 1024))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("webhook.url must be an http:// or https:// URL"))]
@@ -115,6 +126,25 @@ pub struct Webhook {
     #[x_kube(validation = Rule::new("self >= 1 && self <= 3600")
         .message("webhook.timeoutSeconds must be between 1 and 3600"))]
     pub timeout_seconds: i64,
+    /// PEM CA certificates an https receiver's certificate must chain to (and no other CA);
+    /// unset: the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 65536))]
+    pub ca_bundle: Option<String>,
+}
+
+/// The URL without its user info and query: a URL may carry a token.
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field(
+                "url",
+                &crate::controller::failover_plan::webhook::redact(&self.url),
+            )
+            .field("timeout_seconds", &self.timeout_seconds)
+            .field("ca_bundle", &self.ca_bundle.as_ref().map(|b| b.len()))
+            .finish()
+    }
 }
 
 fn default_webhook_timeout() -> i64 {

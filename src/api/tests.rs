@@ -274,6 +274,41 @@ fn plan_groups_are_checked() {
 }
 
 #[test]
+fn webhook_urls_with_credentials_and_a_ca_bundle_over_http_are_refused() {
+    let hook = |w: Value| {
+        plan(json!([{"name": "a", "vms": ["x"], "postActions": [{"name": "n", "webhook": w}]}]))
+    };
+    for url in [
+        "https://user:p4ss@hooks.example.com/x",
+        "https://user@hooks.example.com/x",
+        "http://:p4ss@127.0.0.1:9000/x?q=1",
+    ] {
+        assert_refused::<FailoverPlan>(
+            &hook(json!({"url": url})),
+            None,
+            "webhook.url must not carry credentials",
+        );
+    }
+    // An @ in the path or query is no credential.
+    for url in [
+        "https://hooks.example.com/to/ops@example.com",
+        "https://hooks.example.com/x?mail=ops@example.com",
+        "https://hooks.example.com?a=@",
+    ] {
+        assert_accepted::<FailoverPlan>(&hook(json!({"url": url})), None);
+    }
+    assert_accepted::<FailoverPlan>(
+        &hook(json!({"url": "https://hooks.example.com/x", "caBundle": "PEM"})),
+        None,
+    );
+    assert_refused::<FailoverPlan>(
+        &hook(json!({"url": "http://hooks.example.com/x", "caBundle": "PEM"})),
+        None,
+        "webhook.caBundle is only for an https:// webhook.url",
+    );
+}
+
+#[test]
 fn site_url_must_be_http() {
     let site = |url: &str| {
         json!({

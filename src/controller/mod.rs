@@ -81,6 +81,23 @@ pub struct ControllerArgs {
     /// caSecretRef must name it); default: the lease namespace, the controller's own.
     #[arg(long, env = "TWINSITE_SECRET_NAMESPACE")]
     pub secret_namespace: Option<String>,
+    /// Hosts FailoverPlan webhooks may call, comma-separated: names (`hooks.example.com`),
+    /// subdomain wildcards (`*.example.com`) or IP addresses; any port. Unset: any host. A
+    /// webhook to another host fails without being called.
+    #[arg(long, env = "TWINSITE_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub webhook_allowed_hosts: Vec<String>,
+    /// A Secret in the secret namespace whose key `--webhook-signing-secret-key` is the
+    /// HMAC-SHA256 key that signs every webhook body (header `X-Twinsite-Signature:
+    /// sha256=<hex>`). Unset: webhooks are not signed.
+    #[arg(long, env = "TWINSITE_WEBHOOK_SIGNING_SECRET")]
+    pub webhook_signing_secret: Option<String>,
+    /// The key of `--webhook-signing-secret` that holds the signing key.
+    #[arg(
+        long,
+        default_value = "key",
+        env = "TWINSITE_WEBHOOK_SIGNING_SECRET_KEY"
+    )]
+    pub webhook_signing_secret_key: String,
     /// This replica's name in the Lease (holderIdentity); the pod's name in a cluster.
     /// Default: the host name and process id.
     #[arg(long, env = "POD_NAME")]
@@ -247,6 +264,23 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .clone()
         .unwrap_or_else(|| args.lease_namespace.clone());
     info!(namespace = %secret_namespace, "Secrets are read in this namespace only");
+    let hooks = failover_plan::webhook::Settings {
+        allowed_hosts: failover_plan::webhook::AllowedHosts::new(&args.webhook_allowed_hosts),
+        signing_secret: args
+            .webhook_signing_secret
+            .as_ref()
+            .filter(|n| !n.is_empty())
+            .map(|name| failover_plan::webhook::SigningSecretRef {
+                namespace: secret_namespace.clone(),
+                name: name.clone(),
+                key: args.webhook_signing_secret_key.clone(),
+            }),
+    };
+    info!(
+        allowed_hosts = ?hooks.allowed_hosts,
+        signed = hooks.signing_secret.is_some(),
+        "webhook settings"
+    );
     let sites = Arc::new(Sites::new());
     loop {
         // Wait to lead (or to be told to stop).
@@ -317,7 +351,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                     }
                 });
         let plans = async {
-            if let Err(e) = failover_plan::run(client.clone(), trigger(halt.clone())).await {
+            if let Err(e) =
+                failover_plan::run_with(client.clone(), None, hooks.clone(), trigger(halt.clone()))
+                    .await
+            {
                 warn!(error = %e, "FailoverPlan controller stopped");
             }
         };

@@ -135,7 +135,7 @@ pub(crate) async fn power(
     body: Result<Json<PowerRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::opt_op_id("operationId", req.operation_id.as_deref())?;
+    input::power(&req)?;
     if let Some(d) = domain::find(&st, &vm).await? {
         let mut v = domain::power(&st, &d, req.action).await?;
         // The store's copy of the power state follows (a replica must be off to receive).
@@ -271,26 +271,7 @@ pub(crate) async fn enable(
     body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
-    input::site_name("peerSite", &req.peer_site)?;
-    input::in_range(
-        "intervalSeconds",
-        req.interval_seconds,
-        1..=input::MAX_INTERVAL_SECONDS,
-    )?;
-    input::in_range(
-        "recoveryPointRetentionHours",
-        req.recovery_point_retention_hours,
-        0..=input::MAX_HOURS,
-    )?;
-    input::in_range(
-        "appConsistentFrequencyHours",
-        req.app_consistent_frequency_hours,
-        0..=input::MAX_HOURS,
-    )?;
-    if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
-        return Err(ApiError::bad("peerUrl must be an http(s) URL"));
-    }
+    input::enable(&req)?;
     if let Some(d) = domain::find(&st, &vm).await? {
         // A domain joins the store when it is first protected; its disks stay its own.
         domain::check_protectable(&d)?;
@@ -338,8 +319,7 @@ pub(crate) async fn accept(
     body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
-    input::site_name("sourceSite", &req.source_site)?;
+    input::accept(&req)?;
     let op = req.operation_id.clone();
     let v = with_store(&st, move |s| {
         if !s.exists(&vm) {
@@ -392,7 +372,7 @@ pub(crate) async fn sync(
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::op_id("operationId", &req.operation_id)?;
+    input::operation(&req)?;
     let vm2 = vm.clone();
     read_vm(&st, &vm2, |_| Ok(())).await?;
     once(&st, &req.operation_id, async {
@@ -431,6 +411,7 @@ pub(crate) async fn failover(
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::failover(&req)?;
     let answer = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
@@ -448,7 +429,7 @@ pub(crate) async fn test_failover(
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    input::site_name("network", &req.network)?;
+    input::test_failover(&req)?;
     // The drill copy is a VM like any other: its name must be valid too.
     let copy = replica::drill_copy_name(&vm);
     if !input::valid_name(&copy) {

@@ -14,4 +14,4 @@ pub use members::{Hold, hold};
 
 /// Names a failed plan job to run again: `kubectl annotate fp NAME twinsite.io/retry=<job>`.
 pub use crate::api::RETRY_ANNOTATION;
-pub use reconcile::{Error, approvals, run, run_in_namespace};
+pub use reconcile::{Error, approvals, run, run_in_namespace, run_with};

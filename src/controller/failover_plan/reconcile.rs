@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
@@ -35,15 +36,17 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("serializing status: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("building the webhook HTTP client: {0}")]
-    Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Http(String),
 }
 
 /// Shared by every reconcile of the plan controller.
 pub struct Context {
     client: Client,
     recorder: Recorder,
+    /// The webhook client without a CA bundle of its own.
     http: reqwest::Client,
+    settings: webhook::Settings,
     /// Resolves when the controller shuts down: a webhook call in flight is abandoned (its
     /// step stays Running, and the next controller calls again).
     shutdown: Shared<BoxFuture<'static, ()>>,
@@ -75,7 +78,7 @@ pub async fn run(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    run_scoped(client, None, shutdown).await
+    run_with(client, None, webhook::Settings::default(), shutdown).await
 }
 
 /// [`run`] for the plans and ReplicatedVMs of one namespace only (an install scoped to a
@@ -85,12 +88,21 @@ pub async fn run_in_namespace(
     namespace: &str,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    run_scoped(client, Some(namespace), shutdown).await
+    run_with(
+        client,
+        Some(namespace),
+        webhook::Settings::default(),
+        shutdown,
+    )
+    .await
 }
 
-async fn run_scoped(
+/// [`run`] (all namespaces) or [`run_in_namespace`] (one), with the controller's webhook
+/// settings (allow-list, signing key).
+pub async fn run_with(
     client: Client,
     namespace: Option<&str>,
+    settings: webhook::Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let shutdown: Shared<BoxFuture<'static, ()>> = shutdown.boxed().shared();
@@ -102,7 +114,8 @@ async fn run_scoped(
                 instance: std::env::var("POD_NAME").ok(),
             },
         ),
-        http: webhook::client()?,
+        http: webhook::client(None).map_err(Error::Http)?,
+        settings,
         shutdown: shutdown.clone(),
         failures: Mutex::default(),
         client: client.clone(),
@@ -243,11 +256,17 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
                         .get(call.job)
                         .map(|j| j.name.clone())
                         .unwrap_or_default(),
+                    sent_at: now().to_string(),
                 };
-                info!(plan = %name, group = %call.group, action = %call.action, url = %call.url, "calling webhook");
-                let outcome = tokio::select! {
-                    r = webhook::call(&ctx.http, &call.url, &payload, call.timeout) => r,
-                    _ = ctx.shutdown.clone() => return Ok(Action::await_change()),
+                let outcome = match prepare(&ctx, &call).await? {
+                    Err(refused) => Err(refused),
+                    Ok((target, http, key)) => {
+                        info!(plan = %name, group = %call.group, action = %call.action, host = %target.origin(), signed = key.is_some(), "calling webhook");
+                        tokio::select! {
+                            r = webhook::call(&http, &target, &payload, key.as_ref(), call.timeout) => r,
+                            _ = ctx.shutdown.clone() => return Ok(Action::await_change()),
+                        }
+                    }
                 };
                 if let Err(e) = &outcome {
                     warn!(plan = %name, group = %call.group, action = %call.action, error = %e, "webhook failed");
@@ -264,6 +283,82 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
     }
     ctx.succeeded(&uid);
     Ok(Action::requeue(Duration::ZERO))
+}
+
+/// What a webhook call needs: its checked URL, a client (one of its own for a CA bundle) and
+/// the signing key. The inner Err is a refusal to record on the step (nothing is sent); the
+/// outer one an API error to retry.
+async fn prepare(
+    ctx: &Context,
+    call: &planner::WebhookCall,
+) -> Result<
+    Result<
+        (
+            webhook::Target,
+            reqwest::Client,
+            Option<webhook::SigningKey>,
+        ),
+        String,
+    >,
+    Error,
+> {
+    let target = match webhook::check(&call.url, ctx.settings.allowed_hosts.as_ref()) {
+        Ok(t) => t,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let http = match &call.ca_bundle {
+        None => ctx.http.clone(),
+        Some(_) if !target.shown().starts_with("https://") => {
+            return Ok(Err(
+                "webhook.caBundle is only for an https:// webhook.url".into()
+            ));
+        }
+        Some(pem) => match webhook::client(Some(pem.as_bytes())) {
+            Ok(c) => c,
+            Err(refused) => return Ok(Err(refused)),
+        },
+    };
+    let key = match &ctx.settings.signing_secret {
+        None => None,
+        Some(r) => match signing_key(&ctx.client, r).await? {
+            Ok(k) => Some(k),
+            Err(refused) => return Ok(Err(refused)),
+        },
+    };
+    Ok(Ok((target, http, key)))
+}
+
+/// The signing key from its Secret, read when it is needed (no Secret cache). A missing
+/// Secret or key is a refusal: a webhook is never called unsigned when a key is configured.
+async fn signing_key(
+    client: &Client,
+    r: &webhook::SigningSecretRef,
+) -> Result<Result<webhook::SigningKey, String>, Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
+    let missing = |why: &str| {
+        format!(
+            "the webhook signing key cannot be read: {why} (--webhook-signing-secret); \
+             the webhook is not called unsigned"
+        )
+    };
+    match api.get_opt(&r.name).await {
+        Ok(Some(secret)) => Ok(match secret.data.as_ref().and_then(|d| d.get(&r.key)) {
+            Some(v) if !v.0.is_empty() => Ok(webhook::SigningKey::new(&v.0)),
+            _ => Err(missing(&format!(
+                "Secret {}/{} has no key {}",
+                r.namespace, r.name, r.key
+            ))),
+        }),
+        Ok(None) => Ok(Err(missing(&format!(
+            "Secret {}/{} does not exist",
+            r.namespace, r.name
+        )))),
+        Err(kube::Error::Api(s)) if s.code == 403 => Ok(Err(missing(&format!(
+            "reading Secret {}/{} is forbidden",
+            r.namespace, r.name
+        )))),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

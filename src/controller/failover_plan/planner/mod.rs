@@ -121,7 +121,7 @@ fn plan_verb(reason: &str) -> &'static str {
 }
 
 /// A webhook to call for a step already written as Running.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct WebhookCall {
     pub job: usize,
     pub step: usize,
@@ -129,11 +129,32 @@ pub struct WebhookCall {
     pub action: String,
     /// `pre` or `post`: before or after the group's VMs move.
     pub stage: String,
+    /// The URL as written in the spec; show it only through [`super::webhook::redact`].
     pub url: String,
+    /// PEM CAs an https receiver must chain to (`webhook.caBundle`).
+    pub ca_bundle: Option<String>,
     pub timeout: Duration,
     /// `failover`, `testFailover` or `testFailoverCleanup`, and the target site.
     pub direction: String,
     pub target_site: String,
+}
+
+/// The URL without its user info and query, the CA bundle by its length.
+impl std::fmt::Debug for WebhookCall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookCall")
+            .field("job", &self.job)
+            .field("step", &self.step)
+            .field("group", &self.group)
+            .field("action", &self.action)
+            .field("stage", &self.stage)
+            .field("url", &super::webhook::redact(&self.url))
+            .field("ca_bundle", &self.ca_bundle.as_ref().map(|b| b.len()))
+            .field("timeout", &self.timeout)
+            .field("direction", &self.direction)
+            .field("target_site", &self.target_site)
+            .finish()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -582,7 +603,7 @@ pub fn plan(input: &Input) -> Action {
                         // Persist Running before the call, then call.
                         s.state = StepState::Running;
                         s.start_time = Some(now.clone());
-                        s.message = Some(format!("POST {}", hook.url));
+                        s.message = Some(format!("POST {}", super::webhook::redact(&hook.url)));
                         break;
                     }
                     settle(input, &mut st, None);
@@ -600,6 +621,7 @@ pub fn plan(input: &Input) -> Action {
                             "post".into()
                         },
                         url: hook.url.clone(),
+                        ca_bundle: hook.ca_bundle.clone(),
                         timeout: Duration::from_secs(hook.timeout_seconds.max(1) as u64),
                         direction: direction(job_type).into(),
                         target_site: target.clone(),

@@ -227,6 +227,7 @@ fn with_webhook(kind: FailoverType) -> FailoverPlanSpec {
         webhook: Some(Webhook {
             url: "http://127.0.0.1:1/hook".into(),
             timeout_seconds: 5,
+            ca_bundle: None,
         }),
     });
     spec(vec![g1, group("web", &["web-1"])], kind)
