@@ -273,20 +273,10 @@ pub(crate) async fn enable(
     let req = parse(body)?;
     input::op_id("operationId", &req.operation_id)?;
     input::site_name("peerSite", &req.peer_site)?;
-    input::in_range(
-        "intervalSeconds",
+    check_settings(
         req.interval_seconds,
-        1..=input::MAX_INTERVAL_SECONDS,
-    )?;
-    input::in_range(
-        "recoveryPointRetentionHours",
         req.recovery_point_retention_hours,
-        0..=input::MAX_HOURS,
-    )?;
-    input::in_range(
-        "appConsistentFrequencyHours",
         req.app_consistent_frequency_hours,
-        0..=input::MAX_HOURS,
     )?;
     if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
         return Err(ApiError::bad("peerUrl must be an http(s) URL"));
@@ -329,6 +319,73 @@ pub(crate) async fn enable(
     .await?;
     driver::spawn(&st, &vm);
     Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
+}
+
+/// `POST /v1/vms/{vm}/replication/settings`: new settings for the outbound replication of
+/// `vm`, checked like `enable`'s and saved with the operation's answer. The cycle loop takes
+/// the interval from its next cycle; the retention reaches the replica with that cycle's
+/// `begin`. Nothing is sent again and no recovery point is dropped (but those the new
+/// retention drops).
+pub(crate) async fn settings(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::ReplicationSettingsRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::op_id("operationId", &req.operation_id)?;
+    check_settings(
+        req.interval_seconds,
+        req.recovery_point_retention_hours,
+        req.app_consistent_frequency_hours,
+    )?;
+    let new = meta::OutboundSettings {
+        interval_seconds: req.interval_seconds,
+        retention_hours: req.recovery_point_retention_hours,
+        app_consistent_hours: req.app_consistent_frequency_hours,
+    };
+    let vm2 = vm.clone();
+    let resp = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        if r.meta.role != crate::site::Role::Primary {
+            return Err(ApiError::conflict(format!(
+                "VM {vm2} is not a primary here: its replication settings are its source's"
+            )));
+        }
+        match r.meta.outbound.as_mut() {
+            Some(o) if !o.stopped => o.apply_settings(new),
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm2} does not replicate from this site: enable replication first"
+                )));
+            }
+        }
+        // Saved once, with the operation's answer.
+        to_json(r.view().replication)
+    })
+    .await?;
+    tracing::info!(
+        vm,
+        interval_seconds = new.interval_seconds,
+        retention_hours = new.retention_hours,
+        app_consistent_hours = new.app_consistent_hours,
+        "replication settings changed"
+    );
+    driver::settings_changed(&st, &vm);
+    Ok(resp)
+}
+
+/// The numbers of `enable` and `settings`.
+fn check_settings(interval: u64, retention: u64, app_consistent: u64) -> ApiResult<()> {
+    input::in_range("intervalSeconds", interval, 1..=input::MAX_INTERVAL_SECONDS)?;
+    input::in_range(
+        "recoveryPointRetentionHours",
+        retention,
+        0..=input::MAX_HOURS,
+    )?;
+    input::in_range(
+        "appConsistentFrequencyHours",
+        app_consistent,
+        0..=input::MAX_HOURS,
+    )
 }
 
 /// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.

@@ -63,6 +63,13 @@ impl SiteProvider for Fake {
         ));
         Box::pin(async { Ok(ReplicationInfo::default()) })
     }
+    fn update_replication_settings<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a crate::site::ReplicationSettingsRequest,
+    ) -> SiteFuture<'a, ReplicationInfo> {
+        unused()
+    }
     fn accept_replication<'a>(
         &'a self,
         vm: &'a str,
