@@ -637,6 +637,7 @@ pub fn plan(input: &Input) -> Plan {
         let before = st.replication.as_ref().map(|r| r.state);
         refresh_replication(input, &mut st);
         note_source_resync(input, &st, before, &mut events);
+        record_listed_settings(input, &mut st);
     }
     finalize(input, &mut st, wait, &mut events);
     if st != *input.status {
@@ -682,6 +683,39 @@ fn settings_call(input: &Input, st: &ReplicatedVMStatus) -> Option<SettingsCall>
         vm: input.vm_name.to_string(),
         replication: r.clone(),
     })
+}
+
+/// The source lists all its settings (after the newest job ended): `status.replication.settings`
+/// says the same, also when the controller stopped between a settings call and its record.
+fn record_listed_settings(input: &Input, st: &mut ReplicatedVMStatus) {
+    let Some(source) = replication_on(st).and_then(|r| r.source_site.clone()) else {
+        return;
+    };
+    let Some(l) = input
+        .view(&source)
+        .vm_since(newest_job_end(st))
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction == Some(Direction::Outbound))
+    else {
+        return;
+    };
+    let (Some(i), Some(r), Some(a)) = (
+        l.interval_seconds,
+        l.retention_hours,
+        l.app_consistent_hours,
+    ) else {
+        return;
+    };
+    let listed = ReplicationSettings {
+        interval_seconds: i,
+        recovery_point_retention_hours: r,
+        app_consistent_frequency_hours: a,
+    };
+    if let Some(rep) = st.replication.as_mut()
+        && rep.settings.as_ref() != Some(&listed)
+    {
+        rep.settings = Some(listed);
+    }
 }
 
 /// Records what a settings call gave: on success the settings sent (status.replication.settings)

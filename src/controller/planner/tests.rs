@@ -2365,3 +2365,26 @@ fn a_changed_retention_is_sent_to_the_source_without_a_job() {
     assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED) && !w.cond(STALLED));
     assert_eq!(w.settings_calls.len(), 1);
 }
+
+#[test]
+fn settings_the_source_took_before_the_controller_recorded_them_are_recorded() {
+    let mut w = World::protected(true);
+    w.settle();
+    // The controller died after the source took the change and before it wrote the status:
+    // the source lists the spec's new settings, the status still has the old ones.
+    w.set_spec(|s| s.replication.interval_seconds = 300);
+    let rep = w.vm_mut(P).vm.replication.as_mut().unwrap();
+    rep.interval_seconds = Some(300);
+    w.settle();
+    assert!(w.settings_calls.is_empty(), "{:?}", w.settings_calls);
+    assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED));
+    let sent = w.status.replication.clone().unwrap().settings.unwrap();
+    assert_eq!(
+        (
+            sent.interval_seconds,
+            sent.recovery_point_retention_hours,
+            sent.app_consistent_frequency_hours
+        ),
+        (300, 24, 0)
+    );
+}
