@@ -309,6 +309,11 @@ async fn hostile_input_on_every_route_is_refused_and_changes_nothing() {
             "/v1/vms/{vm}/replication/accept",
             serde_json::json!({"operationId": "ac-1", "sourceSite": "secondary"}),
         ),
+        (
+            "POST",
+            "/v1/vms/{vm}/replication/settings",
+            serde_json::json!({"operationId": "se-1", "intervalSeconds": 30, "recoveryPointRetentionHours": 1, "appConsistentFrequencyHours": 0}),
+        ),
         ("POST", "/v1/vms/{vm}/replication/sync", op("sy-1")),
         ("POST", "/v1/vms/{vm}/replication/stop", op("st-1")),
         (
@@ -422,6 +427,11 @@ async fn hostile_input_on_every_route_is_refused_and_changes_nothing() {
             "POST",
             "/v1/vms/vm1/replication/accept".into(),
             serde_json::json!({"operationId": big, "sourceSite": "secondary"}),
+        ),
+        (
+            "POST",
+            "/v1/vms/vm1/replication/settings".into(),
+            serde_json::json!({"operationId": big, "intervalSeconds": 30, "recoveryPointRetentionHours": 1, "appConsistentFrequencyHours": 0}),
         ),
         ("POST", "/v1/vms/vm1/replication/sync".into(), op(&big)),
         ("POST", "/v1/vms/vm1/replication/stop".into(), op(&big)),
@@ -667,6 +677,11 @@ async fn a_peer_token_reaches_only_the_replica_routes() {
             "/v1/vms/local/replication/accept",
             serde_json::json!({"operationId": "ac-1", "sourceSite": "primary"}),
         ),
+        (
+            "POST",
+            "/v1/vms/local/replication/settings",
+            serde_json::json!({"operationId": "se-1", "intervalSeconds": 30, "recoveryPointRetentionHours": 1, "appConsistentFrequencyHours": 0}),
+        ),
         ("POST", "/v1/vms/local/replication/sync", op("sy-1")),
         ("POST", "/v1/vms/local/replication/stop", op("st-1")),
         (
@@ -816,4 +831,236 @@ fn a_peer_token_file_that_is_empty_or_the_controller_token_stops_the_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{content:?}: {err}");
     }
+}
+
+/// `POST /v1/vms/{vm}/replication/settings` on a running replication: bad numbers are refused
+/// with a 400 and change nothing; good ones are listed at once, start no bulk transfer and keep
+/// the replica's points; the cycle loop runs at the new interval (a cycle comes on its own, which
+/// the old 900 s interval would not bring during the test), and the retention reaches the
+/// replica with the next cycle, where it drops what the new retention drops and nothing else.
+#[tokio::test]
+async fn replication_settings_change_on_a_running_replication_without_a_new_copy() {
+    use twinsite::site::{ReplicationMode, ReplicationSettingsRequest, ReplicationState};
+    let root = tempfile::tempdir().unwrap();
+    let mut a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let vm = "web-01";
+    ca.create_vm(vm, &spec(4 * MIB, true)).await.unwrap();
+    ca.write_disk(vm, "disk0", 0, vec![1u8; 100]).await.unwrap();
+    // 900 s between cycles, 24 h of points.
+    ca.enable_replication(
+        vm,
+        &common_agent::enable_to("en-1", &b, ReplicationMode::Initial),
+    )
+    .await
+    .unwrap();
+    ca.sync(vm, "sync-1").await.unwrap();
+    ca.write_disk(vm, "disk0", 0, vec![2u8; 100]).await.unwrap();
+    ca.sync(vm, "sync-2").await.unwrap();
+    let before = point_ids(&cb, vm).await;
+    // The initial copy's point and the two cycles'.
+    assert_eq!(before.len(), 3, "{before:?}");
+    let listed = ca.get_vm(vm).await.unwrap().replication;
+    assert_eq!(
+        (
+            listed.interval_seconds,
+            listed.recovery_point_retention_hours,
+            listed.app_consistent_frequency_hours
+        ),
+        (900, Some(24), Some(0))
+    );
+    let replica = cb.get_vm(vm).await.unwrap().replication;
+    assert_eq!(replica.recovery_point_retention_hours, Some(24));
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/vms/{vm}/replication/settings", a.url);
+    let ok = serde_json::json!({"operationId": "set-bad", "intervalSeconds": 30,
+        "recoveryPointRetentionHours": 2, "appConsistentFrequencyHours": 1});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = ok.clone();
+        b[k] = v;
+        b
+    };
+    let without = |k: &str| {
+        let mut b = ok.clone();
+        b.as_object_mut().unwrap().remove(k);
+        b
+    };
+    let cases = [
+        (
+            "interval 0",
+            with("intervalSeconds", 0.into()),
+            "intervalSeconds",
+        ),
+        (
+            "interval over a week",
+            with("intervalSeconds", 604_801.into()),
+            "intervalSeconds",
+        ),
+        (
+            "negative interval",
+            with("intervalSeconds", (-30).into()),
+            "intervalSeconds",
+        ),
+        (
+            "interval as text",
+            with("intervalSeconds", "30".into()),
+            "intervalSeconds",
+        ),
+        (
+            "retention over a year",
+            with("recoveryPointRetentionHours", 8761.into()),
+            "recoveryPointRetentionHours",
+        ),
+        (
+            "app-consistent over a year",
+            with("appConsistentFrequencyHours", 8761.into()),
+            "appConsistentFrequencyHours",
+        ),
+        (
+            "no retention",
+            without("recoveryPointRetentionHours"),
+            "recoveryPointRetentionHours",
+        ),
+        ("no operation id", without("operationId"), "operationId"),
+        (
+            "empty operation id",
+            with("operationId", "".into()),
+            "operationId",
+        ),
+    ];
+    for (name, body, field) in cases {
+        let resp = http
+            .post(&url)
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let err: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, 400, "{name}: {err}");
+        let reason = err["error"].as_str().unwrap_or_default();
+        assert!(reason.contains(field), "{name}: {err}");
+    }
+    // A replica's settings are its source's; an unknown VM is not found.
+    let good = ReplicationSettingsRequest {
+        operation_id: "set-1".into(),
+        interval_seconds: 30,
+        recovery_point_retention_hours: 2,
+        app_consistent_frequency_hours: 1,
+    };
+    assert!(matches!(
+        cb.update_replication_settings(vm, &good).await,
+        Err(SiteError::Conflict(_))
+    ));
+    assert!(matches!(
+        ca.update_replication_settings("ghost", &good).await,
+        Err(SiteError::NotFound(_))
+    ));
+    // Nothing was applied.
+    assert_eq!(ca.get_vm(vm).await.unwrap().replication, listed);
+
+    let sent_before = listed.bytes_sent;
+    let info = ca.update_replication_settings(vm, &good).await.unwrap();
+    assert_eq!(info.state, ReplicationState::Replicating);
+    assert_eq!(
+        (
+            info.interval_seconds,
+            info.recovery_point_retention_hours,
+            info.app_consistent_frequency_hours
+        ),
+        (30, Some(2), Some(1))
+    );
+    // The same operation id with other numbers is answered from the record: nothing changes.
+    let again = ca
+        .update_replication_settings(
+            vm,
+            &ReplicationSettingsRequest {
+                interval_seconds: 300,
+                recovery_point_retention_hours: 5,
+                ..good.clone()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(again, info);
+    let now = ca.get_vm(vm).await.unwrap().replication;
+    assert_eq!(
+        (now.interval_seconds, now.recovery_point_retention_hours),
+        (30, Some(2))
+    );
+    // No bulk transfer, and the replica's points are all there.
+    assert_eq!(now.state, ReplicationState::Replicating);
+    assert_eq!(point_ids(&cb, vm).await, before);
+
+    // The cycle loop takes the new interval: a cycle comes on its own.
+    ca.write_disk(vm, "disk0", 0, vec![3u8; 100]).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    let after = loop {
+        let p = point_ids(&cb, vm).await;
+        if p.len() > before.len() {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cycle at the new interval: {p:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    assert_eq!(after[..before.len()], before[..], "points kept");
+    let replica = cb.get_vm(vm).await.unwrap().replication;
+    assert_eq!(replica.recovery_point_retention_hours, Some(2));
+    // Incremental cycles only: a few blocks, not the disk again.
+    let sent = ca.get_vm(vm).await.unwrap().replication.bytes_sent - sent_before;
+    assert!(sent < MIB, "sent {sent} bytes after the settings change");
+    assert_eq!(
+        ca.digest(vm, "disk0").await.unwrap(),
+        cb.digest(vm, "disk0").await.unwrap()
+    );
+
+    // The cycle at the new settings was the first app-consistent one (hourly now).
+    let rps = cb.recovery_points(vm).await.unwrap();
+    let app_point = rps.last().unwrap().clone();
+    assert!(app_point.app_consistent, "{rps:?}");
+    // A retention of 0 keeps only the newest point and the newest app-consistent one: the
+    // replica applies it at the next cycle.
+    ca.update_replication_settings(
+        vm,
+        &ReplicationSettingsRequest {
+            operation_id: "set-2".into(),
+            recovery_point_retention_hours: 0,
+            app_consistent_frequency_hours: 0,
+            ..good.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let newest = ca.sync(vm, "sync-3").await.unwrap().recovery_point;
+    assert_eq!(point_ids(&cb, vm).await, vec![app_point.id, newest.id]);
+    assert_eq!(
+        cb.get_vm(vm)
+            .await
+            .unwrap()
+            .replication
+            .recovery_point_retention_hours,
+        Some(0)
+    );
+    // The settings survive a restart of the source agent.
+    a.kill_and_restart();
+    let r = a.client().get_vm(vm).await.unwrap().replication;
+    assert_eq!(
+        (r.interval_seconds, r.recovery_point_retention_hours),
+        (30, Some(0))
+    );
+}
+
+async fn point_ids(c: &twinsite::site::AgentClient, vm: &str) -> Vec<String> {
+    c.recovery_points(vm)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect()
 }

@@ -10,7 +10,7 @@ use common::*;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use twinsite::api::Site;
+use twinsite::api::{ReplicatedVM, Site};
 use twinsite::site::{PowerAction, SiteProvider};
 
 fn site_ready(s: &Site) -> Option<(String, String)> {
@@ -590,85 +590,116 @@ async fn an_initial_copy_that_keeps_failing_fails_at_its_deadline_with_the_agent
     .await;
 }
 
-/// A running replication keeps the settings it was enabled with (the site takes them at
-/// protect and reprotect only): a changed `intervalSeconds` is shown, not hidden. The VM is not
-/// Ready (SettingsNotApplied, with what the source runs with), needs a person (Stalled), and
-/// SettingsApplied is False; set back, it is Ready again.
+/// A changed `spec.replication` is sent to the running replication, without a job and without
+/// a new copy: the source lists the new settings, the replica keeps its recovery points,
+/// SettingsApplied turns True and nothing stalls. A later cycle runs at the interval set after
+/// that and carries the retention to the replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
+async fn a_changed_interval_and_retention_are_applied_to_the_running_replication() {
     let _serial = one_at_a_time().await;
     let w = World::start("settings").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let vm = "web-09";
     w.primary.create_vm(vm, true).await;
     w.create_rvm(vm, json!({"type": "Planned"})).await;
-    w.wait_protected(vm, &p, &s).await;
-    assert_eq!(
-        cond_status(&w.get(vm).await, "SettingsApplied").as_deref(),
-        Some("True")
-    );
-
-    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 300}}))
-        .await;
-    let r = w
-        .wait_for(vm, "SettingsNotApplied", |r| {
-            cond(r, "Stalled")
-                && r.status.as_ref().is_some_and(|st| {
-                    st.conditions
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.reason == "SettingsNotApplied")
-                })
-        })
-        .await;
-    let st = r.status.as_ref().unwrap();
-    let c = st
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "SettingsApplied")
-        .unwrap();
-    assert_eq!(c.status, "False");
-    assert!(
-        c.message.contains("intervalSeconds 30 (spec: 300)"),
-        "{c:?}"
-    );
-    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
-    let agent = w.primary.vm(vm).await.unwrap().replication;
-    assert_eq!(agent.interval_seconds, 30);
-
-    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 30}}))
-        .await;
     let r = w.wait_protected(vm, &p, &s).await;
     assert_eq!(cond_status(&r, "SettingsApplied").as_deref(), Some("True"));
-    assert!(!cond(&r, "Stalled"));
-    let sent = r.status.as_ref().unwrap().replication.as_ref().unwrap();
-    assert_eq!(
-        sent.settings
+    let jobs_before = jobs(&r);
+    let point_ids = || async {
+        w.secondary
+            .client
+            .recovery_points(vm)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect::<Vec<_>>()
+    };
+    let before = point_ids().await;
+    assert!(!before.is_empty());
+    let settings_are = |r: &ReplicatedVM, want: (i64, i64, i64)| {
+        r.status
             .as_ref()
-            .map(|x| x.recovery_point_retention_hours),
-        Some(24)
+            .and_then(|st| st.replication.as_ref()?.settings.as_ref())
+            .is_some_and(|x| {
+                (
+                    x.interval_seconds,
+                    x.recovery_point_retention_hours,
+                    x.app_consistent_frequency_hours,
+                ) == want
+            })
+            && r.status.as_ref().and_then(|st| st.observed_generation) == r.metadata.generation
+            && cond_status(r, "SettingsApplied").as_deref() == Some("True")
+            && ready(r)
+    };
+
+    w.patch_spec(
+        vm,
+        json!({"replication": {"intervalSeconds": 300, "recoveryPointRetentionHours": 2}}),
+    )
+    .await;
+    let r = w
+        .wait_for(vm, "settings 300 s / 2 h applied", |r| {
+            settings_are(r, (300, 2, 0))
+        })
+        .await;
+    assert!(!cond(&r, "Stalled"));
+    assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
+    // No job, no new copy: the replication goes on where it was.
+    assert_eq!(jobs(&r), jobs_before);
+    let agent = w.primary.vm(vm).await.unwrap().replication;
+    assert_eq!(
+        (
+            agent.interval_seconds,
+            agent.recovery_point_retention_hours,
+            agent.app_consistent_frequency_hours
+        ),
+        (300, Some(2), Some(0))
+    );
+    assert_eq!(agent.state, twinsite::site::ReplicationState::Replicating);
+    let now = point_ids().await;
+    assert!(before.iter().all(|p| now.contains(p)), "{before:?} {now:?}");
+    assert!(
+        w.events(vm)
+            .await
+            .iter()
+            .any(|(reason, note)| reason == "SettingsChanged"
+                && note.contains("intervalSeconds 300")),
+        "{:?}",
+        w.events(vm).await
     );
 
-    // The retention is not in the agent's listing: known from what the source was enabled with.
-    w.patch_spec(
-        vm,
-        json!({"replication": {"recoveryPointRetentionHours": 2}}),
-    )
-    .await;
-    w.wait_for(vm, "retention SettingsNotApplied", |r| {
-        r.status.as_ref().is_some_and(|st| {
-            st.conditions.iter().any(|c| {
-                c.type_ == "SettingsApplied"
-                    && c.status == "False"
-                    && c.message
-                        .contains("recoveryPointRetentionHours 24 (spec: 2)")
-            })
-        })
+    // Back to 30 s: the source's cycle loop takes it (its next cycle was 300 s away), and that
+    // cycle carries the retention of 2 h to the replica.
+    w.patch_spec(vm, json!({"replication": {"intervalSeconds": 30}}))
+        .await;
+    w.wait_for(vm, "settings 30 s / 2 h applied", |r| {
+        settings_are(r, (30, 2, 0))
     })
     .await;
-    w.patch_spec(
-        vm,
-        json!({"replication": {"recoveryPointRetentionHours": 24}}),
-    )
-    .await;
-    w.wait_protected(vm, &p, &s).await;
+    assert_eq!(
+        w.primary.vm(vm).await.unwrap().replication.interval_seconds,
+        30
+    );
+    let latest = point_ids().await;
+    w.primary.write(vm, 0, b"after the settings change").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let replica = w.secondary.vm(vm).await.unwrap().replication;
+        let now = point_ids().await;
+        if replica.recovery_point_retention_hours == Some(2)
+            && now.iter().any(|p| !latest.contains(p))
+        {
+            assert!(before.iter().all(|p| now.contains(p)), "{before:?} {now:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no cycle at the new interval: {replica:?} {now:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let r = w.wait_protected(vm, &p, &s).await;
+    assert!(!cond(&r, "Stalled"));
+    assert_eq!(jobs(&r), jobs_before);
 }

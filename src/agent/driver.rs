@@ -51,6 +51,14 @@ fn take_corruption() -> bool {
 /// A sync-now request: answered with the acknowledged point.
 pub type SyncReply = oneshot::Sender<Result<RecoveryPoint, String>>;
 
+/// What a driver is asked between cycles.
+pub enum Msg {
+    /// Run a cycle now and answer with its point.
+    Sync(SyncReply),
+    /// The VM's settings changed: the next cycle comes one new interval from now.
+    Settings,
+}
+
 /// Starts (or restarts) the driver of `vm`.
 pub fn spawn(st: &Shared, vm: &str) {
     let (tx, rx) = mpsc::channel(8);
@@ -71,8 +79,9 @@ pub fn stop(st: &Shared, vm: &str) {
     }
 }
 
-async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
-    let interval = read_vm(&st, &vm, |r| {
+/// The interval the VM's outbound settings ask for (300 s when they cannot be read).
+async fn interval_of(st: &Shared, vm: &str) -> Duration {
+    let secs = read_vm(st, vm, |r| {
         Ok(r.meta.outbound.as_ref().map(|o| o.interval_seconds))
     })
     .await
@@ -80,7 +89,11 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
     .flatten()
     .unwrap_or(300)
     .max(1);
-    let period = Duration::from_secs(interval);
+    Duration::from_secs(secs)
+}
+
+async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<Msg>) {
+    let mut period = interval_of(&st, &vm).await;
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // The first run (bulk transfer and first point) starts at once; then every interval.
     let mut first = true;
@@ -90,7 +103,16 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
         } else {
             tokio::select! {
                 _ = tick.tick() => None,
-                r = rx.recv() => match r { Some(r) => Some(r), None => return },
+                m = rx.recv() => match m {
+                    Some(Msg::Sync(r)) => Some(r),
+                    Some(Msg::Settings) => {
+                        // New settings: the next cycle one new interval from now.
+                        period = interval_of(&st, &vm).await;
+                        tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                        continue;
+                    }
+                    None => return,
+                },
             }
         };
         let res = {
@@ -114,6 +136,26 @@ async fn run(st: Shared, vm: String, mut rx: mpsc::Receiver<SyncReply>) {
         if let Some(r) = reply {
             let _ = r.send(res);
         }
+        // Settings changed while the cycle ran (the notice may have been missed): the interval
+        // in force from here on.
+        let now = interval_of(&st, &vm).await;
+        if now != period {
+            period = now;
+            tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        }
+    }
+}
+
+/// Tells the driver of `vm` that its settings changed (no cycle is started for it).
+pub fn settings_changed(st: &Shared, vm: &str) {
+    let tx = st
+        .drivers
+        .lock()
+        .ok()
+        .and_then(|d| d.get(vm).map(|(tx, _)| tx.clone()));
+    if let Some(tx) = tx {
+        // A full queue holds sync requests: the loop reads the interval after their cycles.
+        let _ = tx.try_send(Msg::Settings);
     }
 }
 
@@ -1274,7 +1316,7 @@ pub async fn sync_now(st: &Shared, vm: &str) -> Result<RecoveryPoint, ApiError> 
         .and_then(|d| d.get(vm).map(|(tx, _)| tx.clone()))
         .ok_or_else(|| ApiError::conflict(format!("replication of {vm} is not running here")))?;
     let (rtx, rrx) = oneshot::channel();
-    tx.send(rtx)
+    tx.send(Msg::Sync(rtx))
         .await
         .map_err(|_| ApiError::conflict("replication stopped"))?;
     rrx.await

@@ -197,25 +197,32 @@ pub fn disks(disks: &[DiskSpec], max_disk_bytes: u64) -> ApiResult<()> {
 pub fn enable(req: &EnableReplication) -> ApiResult<()> {
     op_id("operationId", &req.operation_id)?;
     site_name("peerSite", &req.peer_site)?;
-    in_range(
-        "intervalSeconds",
+    replication_numbers(
         req.interval_seconds,
-        1..=MAX_INTERVAL_SECONDS,
-    )?;
-    in_range(
-        "recoveryPointRetentionHours",
         req.recovery_point_retention_hours,
-        0..=MAX_HOURS,
-    )?;
-    in_range(
-        "appConsistentFrequencyHours",
         req.app_consistent_frequency_hours,
-        0..=MAX_HOURS,
     )?;
     if !(req.peer_url.starts_with("http://") || req.peer_url.starts_with("https://")) {
         return Err(ApiError::bad("peerUrl must be an http(s) URL"));
     }
     Ok(())
+}
+
+/// The body of `replication/settings`.
+pub fn settings(req: &crate::site::ReplicationSettingsRequest) -> ApiResult<()> {
+    op_id("operationId", &req.operation_id)?;
+    replication_numbers(
+        req.interval_seconds,
+        req.recovery_point_retention_hours,
+        req.app_consistent_frequency_hours,
+    )
+}
+
+/// The settings numbers of `enable` and `settings`.
+fn replication_numbers(interval: u64, retention: u64, app_consistent: u64) -> ApiResult<()> {
+    in_range("intervalSeconds", interval, 1..=MAX_INTERVAL_SECONDS)?;
+    in_range("recoveryPointRetentionHours", retention, 0..=MAX_HOURS)?;
+    in_range("appConsistentFrequencyHours", app_consistent, 0..=MAX_HOURS)
 }
 
 /// The body of `replication/accept`.

@@ -168,6 +168,25 @@ impl Outbound {
     }
 }
 
+/// New settings of a running outbound replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutboundSettings {
+    pub interval_seconds: u64,
+    pub retention_hours: u64,
+    pub app_consistent_hours: u64,
+}
+
+impl Outbound {
+    /// Takes new settings; the replication goes on where it is (the bulk transfer under way,
+    /// the journal base, the replica's points all stay). The replica takes the retention with
+    /// the next cycle's `begin`.
+    pub fn apply_settings(&mut self, s: OutboundSettings) {
+        self.interval_seconds = s.interval_seconds;
+        self.retention_hours = s.retention_hours;
+        self.app_consistent_hours = s.app_consistent_hours;
+    }
+}
+
 /// One recovery point at the replica.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -249,6 +268,8 @@ pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> Replication
             bytes_sent: o.bytes_sent,
             last_error: o.last_error.clone(),
             blocks_refused: o.blocks_resent,
+            recovery_point_retention_hours: Some(o.retention_hours),
+            app_consistent_frequency_hours: Some(o.app_consistent_hours),
         };
     }
     if let Some(i) = &meta.inbound
@@ -264,6 +285,7 @@ pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> Replication
             peer_site: Some(i.source_site.clone()),
             last_sync_time: i.last_sync_time,
             blocks_refused: i.blocks_refused,
+            recovery_point_retention_hours: Some(i.retention_hours),
             ..Default::default()
         };
     }

@@ -35,7 +35,7 @@ pub use store::Store;
 type Drivers = std::collections::HashMap<
     String,
     (
-        tokio::sync::mpsc::Sender<driver::SyncReply>,
+        tokio::sync::mpsc::Sender<driver::Msg>,
         tokio::task::JoinHandle<()>,
     ),
 >;

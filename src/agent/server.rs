@@ -255,6 +255,7 @@ fn router(state: Shared) -> Router {
         .route("/vms/{vm}/recovery-points", get(handlers::recovery_points))
         .route("/vms/{vm}/replication/enable", post(handlers::enable))
         .route("/vms/{vm}/replication/accept", post(handlers::accept))
+        .route("/vms/{vm}/replication/settings", post(handlers::settings))
         .route("/vms/{vm}/replication/sync", post(handlers::sync))
         .route("/vms/{vm}/replication/stop", post(handlers::stop))
         .route("/vms/{vm}/failover", post(handlers::failover))

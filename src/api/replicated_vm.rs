@@ -248,8 +248,9 @@ pub struct ReplicationStatus {
     pub last_sync_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpo_seconds: Option<i64>,
-    /// The settings the source was enabled with (at protect or reprotect): what it replicates
-    /// with. A spec that differs is shown by condition SettingsApplied.
+    /// The settings last sent to the source: at protect or reprotect, or to its running
+    /// replication when the spec's changed. A spec that differs from what the source runs with
+    /// is shown by condition SettingsApplied until the source has taken it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<ReplicationSettings>,
 }

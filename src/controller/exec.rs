@@ -2,11 +2,11 @@
 //! so a repeat after a crash is answered from the site's record instead of done twice.
 
 use super::observe::ObservedRecoveryPoint;
-use super::planner::{EnableMode, FenceCall, Outcome, StepCall, StepName};
+use super::planner::{EnableMode, FenceCall, Outcome, SettingsCall, StepCall, StepName};
 use super::sites::Sites;
 use crate::site::{
     AcceptReplication, CutRequest, EnableReplication, PowerAction, RecoveryPoint,
-    RecoveryPointSelector, ReplicationMode, SiteError, SiteProvider,
+    RecoveryPointSelector, ReplicationMode, ReplicationSettingsRequest, SiteError, SiteProvider,
 };
 
 fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
@@ -295,6 +295,24 @@ pub async fn fence(sites: &Sites, f: &FenceCall) -> Outcome {
             Ok(_) => Outcome::ok(),
             Err(e) => failed(&f.site, e),
         },
+    }
+}
+
+/// Sends changed replication settings to the source's running replication.
+pub async fn settings(sites: &Sites, c: &SettingsCall) -> Outcome {
+    let Some(p) = sites.provider(&c.site) else {
+        return Outcome::Unreachable(format!("site {} is not known", c.site));
+    };
+    let hours = |h: i64| u64::try_from(h).unwrap_or(0);
+    let req = ReplicationSettingsRequest {
+        operation_id: c.op_id.clone(),
+        interval_seconds: u64::try_from(c.replication.interval_seconds).unwrap_or(300),
+        recovery_point_retention_hours: hours(c.replication.recovery_point_retention_hours),
+        app_consistent_frequency_hours: hours(c.replication.app_consistent_frequency_hours),
+    };
+    match p.update_replication_settings(&c.vm, &req).await {
+        Ok(_) => Outcome::ok(),
+        Err(e) => failed(&c.site, e),
     }
 }
 

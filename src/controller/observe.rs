@@ -53,6 +53,11 @@ pub struct ObservedReplication {
     /// The copy frequency the source runs with (its `intervalSeconds`); None where the site
     /// does not say (a replica).
     pub interval_seconds: Option<i64>,
+    /// The recovery point retention the source sends with its cycles; None where the site
+    /// does not say.
+    pub retention_hours: Option<i64>,
+    /// The app-consistent frequency the source runs with; None where the site does not say.
+    pub app_consistent_hours: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -36,8 +36,8 @@ pub const MAX_JOBS: usize = crate::api::MAX_JOBS;
 pub const STATUS_REFRESH: Duration = Duration::from_secs(300);
 /// Ready's reason (and the Event's) while the VM is off at the site where it runs.
 pub const VM_NOT_RUNNING: &str = "VMNotRunning";
-/// Ready's and Stalled's reason (and the Event's) while the source replicates with other
-/// settings than the spec's.
+/// Ready's and Reconciling's reason while the source replicates with other settings than the
+/// spec's (until the settings call has changed them).
 pub const SETTINGS_NOT_APPLIED: &str = "SettingsNotApplied";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
@@ -479,6 +479,18 @@ pub struct FenceCall {
     pub op_id: String,
 }
 
+/// Send the spec's replication settings to the source's running replication (a change of
+/// `spec.replication`), then [`record_settings`]. Not a job: the replication goes on as it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SettingsCall {
+    pub site: String,
+    pub vm: String,
+    /// Names the settings and the spec generation asking for them: a repeat is answered from
+    /// the site's record, a later change is a new operation.
+    pub op_id: String,
+    pub replication: ReplicationSpec,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Plan {
     /// Write this status, publish its events, then plan again.
@@ -487,6 +499,8 @@ pub enum Plan {
     Execute(Box<StepCall>),
     /// Power off a VM that runs where it must not, then [`record_fence`].
     Fence(FenceCall),
+    /// Apply changed replication settings at the source, then [`record_settings`].
+    Settings(SettingsCall),
     /// Nothing to do now; plan again after this long.
     Idle(Duration),
 }
@@ -623,6 +637,7 @@ pub fn plan(input: &Input) -> Plan {
         let before = st.replication.as_ref().map(|r| r.state);
         refresh_replication(input, &mut st);
         note_source_resync(input, &st, before, &mut events);
+        record_listed_settings(input, &mut st);
     }
     finalize(input, &mut st, wait, &mut events);
     if st != *input.status {
@@ -631,9 +646,123 @@ pub fn plan(input: &Input) -> Plan {
             events,
             finished,
         }))
+    } else if let Some(c) = settings_call(input, &st) {
+        Plan::Settings(c)
     } else {
         Plan::Idle(requeue)
     }
+}
+
+/// The settings call due: no job runs, the spec replicates, and the source, listed after the
+/// newest job ended, replicates outbound with other settings than the spec's.
+fn settings_call(input: &Input, st: &ReplicatedVMStatus) -> Option<SettingsCall> {
+    if running_job(st).is_some() || !input.spec.replication.enabled {
+        return None;
+    }
+    if !matches!(settings_state(input, st), Settings::NotApplied(_)) {
+        return None;
+    }
+    let source = replication_on(st)?.source_site.clone()?;
+    input
+        .view(&source)
+        .vm_since(newest_job_end(st))?
+        .replication
+        .as_ref()
+        .filter(|r| r.direction == Some(Direction::Outbound))?;
+    let r = &input.spec.replication;
+    Some(SettingsCall {
+        op_id: format!(
+            "{}-settings-g{}-{}-{}-{}",
+            input.uid,
+            input.generation.unwrap_or(0),
+            r.interval_seconds,
+            r.recovery_point_retention_hours,
+            r.app_consistent_frequency_hours
+        ),
+        site: source,
+        vm: input.vm_name.to_string(),
+        replication: r.clone(),
+    })
+}
+
+/// The source lists all its settings (after the newest job ended): `status.replication.settings`
+/// says the same, also when the controller stopped between a settings call and its record.
+fn record_listed_settings(input: &Input, st: &mut ReplicatedVMStatus) {
+    let Some(source) = replication_on(st).and_then(|r| r.source_site.clone()) else {
+        return;
+    };
+    let Some(l) = input
+        .view(&source)
+        .vm_since(newest_job_end(st))
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction == Some(Direction::Outbound))
+    else {
+        return;
+    };
+    let (Some(i), Some(r), Some(a)) = (
+        l.interval_seconds,
+        l.retention_hours,
+        l.app_consistent_hours,
+    ) else {
+        return;
+    };
+    let listed = ReplicationSettings {
+        interval_seconds: i,
+        recovery_point_retention_hours: r,
+        app_consistent_frequency_hours: a,
+    };
+    if let Some(rep) = st.replication.as_mut()
+        && rep.settings.as_ref() != Some(&listed)
+    {
+        rep.settings = Some(listed);
+    }
+}
+
+/// Records what a settings call gave: on success the settings sent (status.replication.settings)
+/// and an Event; on failure a warning Event only (the call is made again at the next plan).
+pub fn record_settings(input: &Input, call: &SettingsCall, outcome: Outcome) -> Plan {
+    let mut st = input.status.clone();
+    let mut events = Vec::new();
+    let r = &call.replication;
+    let what = format!(
+        "intervalSeconds {}, recoveryPointRetentionHours {}, appConsistentFrequencyHours {}",
+        r.interval_seconds, r.recovery_point_retention_hours, r.app_consistent_frequency_hours
+    );
+    match outcome {
+        Outcome::Succeeded { .. } => {
+            if let Some(rep) = st.replication.as_mut() {
+                rep.settings = Some(ReplicationSettings::from(r));
+            }
+            events.push(Note {
+                warning: false,
+                action: "UpdateSettings",
+                subject: call.op_id.clone(),
+                reason: "SettingsChanged",
+                message: format!(
+                    "site {} replicates VM {} with {what} from its next cycle",
+                    call.site, call.vm
+                ),
+            });
+            finalize(input, &mut st, None, &mut events);
+        }
+        Outcome::Failed(m) | Outcome::Unreachable(m) => {
+            events.push(Note {
+                warning: true,
+                action: "UpdateSettings",
+                subject: format!("settings-{}", call.site),
+                reason: "SettingsFailed",
+                message: format!(
+                    "site {} did not take the replication settings of VM {} ({what}): {m}",
+                    call.site, call.vm
+                ),
+            });
+        }
+    }
+    Plan::Write(Box::new(Update {
+        status: st,
+        events,
+        finished: vec![],
+    }))
 }
 
 fn steady_requeue(input: &Input) -> Duration {
@@ -2105,10 +2234,9 @@ enum Settings {
     NotApplied(String),
 }
 
-/// The source's listing (taken after the newest job ended) against the spec's copy frequency.
-/// A site takes replication settings when replication is enabled (protect, reprotect); a
-/// running replication keeps the ones it was enabled with, so a change of the spec is shown,
-/// not hidden. Retention and the app-consistent frequency are not in the listing.
+/// The source's listing (taken after the newest job ended) against the spec's settings. A
+/// settings change is sent to the running replication ([`settings_call`]); until the source
+/// shows it, it is not applied.
 fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
     let Some(r) = replication_on(st) else {
         return Settings::NoReplication;
@@ -2117,14 +2245,22 @@ fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
         return Settings::NoReplication;
     };
     let spec = &input.spec.replication;
-    // What the source runs with: its listing for the interval, else what it was enabled with
-    // (retention and the app-consistent frequency are known only from that).
+    // What the source runs with: its listing, else what was last sent to it (an older site
+    // does not list retention and app-consistent frequency).
     let listed = input
         .view(source)
         .vm_since(newest_job_end(st))
-        .and_then(|v| v.replication.as_ref()?.interval_seconds);
+        .and_then(|v| v.replication.as_ref());
     let sent = r.settings.as_ref();
-    let interval = listed.or(sent.map(|s| s.interval_seconds));
+    let interval = listed
+        .and_then(|l| l.interval_seconds)
+        .or(sent.map(|s| s.interval_seconds));
+    let retention = listed
+        .and_then(|l| l.retention_hours)
+        .or(sent.map(|s| s.recovery_point_retention_hours));
+    let app_consistent = listed
+        .and_then(|l| l.app_consistent_hours)
+        .or(sent.map(|s| s.app_consistent_frequency_hours));
     let mut differ = Vec::new();
     let mut check = |field: &str, runs: Option<i64>, asked: i64| {
         if let Some(runs) = runs.filter(|r| *r != asked) {
@@ -2134,12 +2270,12 @@ fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
     check("intervalSeconds", interval, spec.interval_seconds);
     check(
         "recoveryPointRetentionHours",
-        sent.map(|s| s.recovery_point_retention_hours),
+        retention,
         spec.recovery_point_retention_hours,
     );
     check(
         "appConsistentFrequencyHours",
-        sent.map(|s| s.app_consistent_frequency_hours),
+        app_consistent,
         spec.app_consistent_frequency_hours,
     );
     if differ.is_empty() {
@@ -2150,10 +2286,8 @@ fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings {
         };
     }
     Settings::NotApplied(format!(
-        "site {source} replicates VM {} with {}: a site takes replication settings when \
-         replication is enabled (protect, reprotect), not while it runs; set spec.replication \
-         back, or disable and enable replication to apply it (a new initial copy: the recovery \
-         points at the target are deleted); a failover's reprotect applies it too",
+        "site {source} replicates VM {} with {}; the spec's settings are being sent to its \
+         running replication (no new copy, the recovery points stay)",
         input.vm_name,
         differ.join(", ")
     ))
@@ -2310,20 +2444,11 @@ fn finalize(
             } else if let Settings::NotApplied(msg) = &settings
                 && input.spec.replication.enabled
             {
-                if !input.status.conditions.iter().any(|c| {
-                    c.type_ == READY && c.status == "False" && c.reason == SETTINGS_NOT_APPLIED
-                }) {
-                    events.push(Note {
-                        warning: true,
-                        action: "Observe",
-                        subject: "replication-settings".into(),
-                        reason: SETTINGS_NOT_APPLIED,
-                        message: msg.clone(),
-                    });
-                }
+                // The settings call that follows makes the Event (SettingsChanged or
+                // SettingsFailed).
                 want.push(Cond::new(READY, false, SETTINGS_NOT_APPLIED, msg.clone()));
-                // The site cannot take new settings on a running replication: a person decides.
-                needs_person = Some((SETTINGS_NOT_APPLIED, msg.clone()));
+                // The controller sends them to the source: progress, not a person's job.
+                progressing = Some((SETTINGS_NOT_APPLIED, msg.clone()));
             } else if let Some((reason, msg)) = replication_in_progress(input, st)
                 && in_place
                 && input.spec.replication.enabled

@@ -207,6 +207,28 @@ async fn apply(
                 fresh = true;
                 continue;
             }
+            Plan::Settings(c) => {
+                info!(rvm = %name, site = %c.site, op = %c.op_id, "sending replication settings");
+                let outcome = exec::settings(&ctx.sites, &c).await;
+                let ok = matches!(outcome, planner::Outcome::Succeeded { .. });
+                if ok {
+                    // The next plan needs a listing that shows the new settings.
+                    ctx.sites.refresh(&c.site, Some(Timestamp::now())).await;
+                }
+                let input = Input {
+                    now: now(),
+                    ..input
+                };
+                match planner::record_settings(&input, &c, outcome) {
+                    Plan::Write(u) if ok => u,
+                    Plan::Write(u) => {
+                        // Tried again at the next poll, not at once.
+                        writes::publish(&ctx.recorder, &rvm.object_ref(&()), &u.events).await;
+                        return Ok(Action::requeue(ctx.poll));
+                    }
+                    _ => return Ok(Action::requeue(ctx.poll)),
+                }
+            }
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
                 let outcome = exec::fence(&ctx.sites, &f).await;

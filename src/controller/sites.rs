@@ -231,6 +231,7 @@ fn outcome(l: &Listing) -> ListOutcome {
 /// The agent's VM as the planner sees it.
 pub fn observed(vm: &Vm) -> ObservedVm {
     let r = &vm.replication;
+    let outbound = r.direction == Some(site::Direction::Outbound);
     let replication = (r.state != site::ReplicationState::Disabled).then(|| ObservedReplication {
         state: match r.state {
             site::ReplicationState::Disabled => ObservedReplicationState::Disabled,
@@ -249,10 +250,17 @@ pub fn observed(vm: &Vm) -> ObservedVm {
         last_sync_time: r.last_sync_time,
         bytes_sent: r.bytes_sent,
         last_error: r.last_error.clone(),
-        interval_seconds: (r.direction == Some(site::Direction::Outbound)
-            && r.interval_seconds > 0)
+        interval_seconds: (outbound && r.interval_seconds > 0)
             .then(|| i64::try_from(r.interval_seconds).ok())
             .flatten(),
+        retention_hours: r
+            .recovery_point_retention_hours
+            .filter(|_| outbound)
+            .and_then(|h| i64::try_from(h).ok()),
+        app_consistent_hours: r
+            .app_consistent_frequency_hours
+            .filter(|_| outbound)
+            .and_then(|h| i64::try_from(h).ok()),
     });
     let rp = |p: &site::RecoveryPoint| ObservedRecoveryPoint {
         id: p.id.clone(),

@@ -261,6 +261,14 @@ impl SiteProvider for AgentClient {
         Box::pin(self.vm_post(vm, "replication/enable", params, SHORT_TIMEOUT))
     }
 
+    fn update_replication_settings<'a>(
+        &'a self,
+        vm: &'a str,
+        params: &'a ReplicationSettingsRequest,
+    ) -> SiteFuture<'a, ReplicationInfo> {
+        Box::pin(self.vm_post(vm, "replication/settings", params, SHORT_TIMEOUT))
+    }
+
     fn accept_replication<'a>(
         &'a self,
         vm: &'a str,

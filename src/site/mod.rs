@@ -59,6 +59,13 @@ pub trait SiteProvider: Send + Sync {
         vm: &'a str,
         params: &'a EnableReplication,
     ) -> SiteFuture<'a, ReplicationInfo>;
+    /// At the source: new settings for a running replication (in force from its next cycle;
+    /// no bulk transfer, the replica's points stay).
+    fn update_replication_settings<'a>(
+        &'a self,
+        vm: &'a str,
+        params: &'a ReplicationSettingsRequest,
+    ) -> SiteFuture<'a, ReplicationInfo>;
     /// At the target: lets `params.source_site` replicate into `vm` here (called before
     /// enabling replication at the source; a VM that is not a replica accepts no cycle without it).
     fn accept_replication<'a>(

@@ -74,6 +74,13 @@ pub struct ReplicationInfo {
     /// Blocks refused for a bad checksum (at the replica) or sent again (at the source).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub blocks_refused: u64,
+    /// Hours of hourly recovery points kept: what the source sends with its cycles (at the
+    /// source), or what the replica applies (at the replica, from the last cycle begun).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point_retention_hours: Option<u64>,
+    /// How often an app-consistent point is taken, in hours, 0 = never (at the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistent_frequency_hours: Option<u64>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -227,6 +234,18 @@ pub struct EnableReplication {
     pub app_consistent_frequency_hours: u64,
     #[serde(default)]
     pub mode: ReplicationMode,
+}
+
+/// `POST /v1/vms/{vm}/replication/settings`, at the source: new settings for a running
+/// replication, in force from its next cycle (no bulk transfer, no recovery point dropped but
+/// those the new retention drops at the replica).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationSettingsRequest {
+    pub operation_id: String,
+    pub interval_seconds: u64,
+    pub recovery_point_retention_hours: u64,
+    pub app_consistent_frequency_hours: u64,
 }
 
 /// Body of `POST /v1/vms/{vm}/replication/accept`, at the target of replication: the VM here

@@ -312,6 +312,53 @@ pub(crate) async fn enable(
     Ok((StatusCode::ACCEPTED, Json(resp)).into_response())
 }
 
+/// `POST /v1/vms/{vm}/replication/settings`: new settings for the outbound replication of
+/// `vm`, checked like `enable`'s and saved with the operation's answer. The cycle loop takes
+/// the interval from its next cycle; the retention reaches the replica with that cycle's
+/// `begin`. Nothing is sent again and no recovery point is dropped (but those the new
+/// retention drops).
+pub(crate) async fn settings(
+    State(st): State<Shared>,
+    Params(vm): Params<String>,
+    body: Result<Json<crate::site::ReplicationSettingsRequest>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = parse(body)?;
+    input::settings(&req)?;
+    let new = meta::OutboundSettings {
+        interval_seconds: req.interval_seconds,
+        retention_hours: req.recovery_point_retention_hours,
+        app_consistent_hours: req.app_consistent_frequency_hours,
+    };
+    let vm2 = vm.clone();
+    let resp = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+        if r.meta.role != crate::site::Role::Primary {
+            return Err(ApiError::conflict(format!(
+                "VM {vm2} is not a primary here: its replication settings are its source's"
+            )));
+        }
+        match r.meta.outbound.as_mut() {
+            Some(o) if !o.stopped => o.apply_settings(new),
+            _ => {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm2} does not replicate from this site: enable replication first"
+                )));
+            }
+        }
+        // Saved once, with the operation's answer.
+        to_json(r.view().replication)
+    })
+    .await?;
+    tracing::info!(
+        vm,
+        interval_seconds = new.interval_seconds,
+        retention_hours = new.retention_hours,
+        app_consistent_hours = new.app_consistent_hours,
+        "replication settings changed"
+    );
+    driver::settings_changed(&st, &vm);
+    Ok(resp)
+}
+
 /// `POST /v1/vms/{vm}/replication/accept`: the controller lets a source replicate into `vm`.
 pub(crate) async fn accept(
     State(st): State<Shared>,

@@ -63,6 +63,21 @@ impl SiteProvider for Fake {
         ));
         Box::pin(async { Ok(ReplicationInfo::default()) })
     }
+    fn update_replication_settings<'a>(
+        &'a self,
+        vm: &'a str,
+        p: &'a crate::site::ReplicationSettingsRequest,
+    ) -> SiteFuture<'a, ReplicationInfo> {
+        self.note(format!(
+            "settings at {} {vm} {} {} {} {}",
+            self.site,
+            p.operation_id,
+            p.interval_seconds,
+            p.recovery_point_retention_hours,
+            p.app_consistent_frequency_hours
+        ));
+        Box::pin(async { Ok(ReplicationInfo::default()) })
+    }
     fn accept_replication<'a>(
         &'a self,
         vm: &'a str,
@@ -251,4 +266,34 @@ async fn a_target_that_refuses_the_token_is_retried_until_the_deadline() {
         calls(&log),
         [format!("accept at {S} web-01 {OP}-accept from {P}")]
     );
+}
+
+#[tokio::test]
+async fn a_settings_change_goes_to_the_source_with_the_specs_numbers() {
+    let (sites, log) = sites(|| Ok(()));
+    let mut call = super::super::planner::SettingsCall {
+        site: P.into(),
+        vm: "web-01".into(),
+        op_id: "uid1-settings-g3-300-2-1".into(),
+        replication: ReplicationSpec {
+            interval_seconds: 300,
+            recovery_point_retention_hours: 2,
+            app_consistent_frequency_hours: 1,
+            ..ReplicationSpec::default()
+        },
+    };
+    assert_eq!(settings(&sites, &call).await, Outcome::ok());
+    assert_eq!(
+        calls(&log),
+        [format!(
+            "settings at {P} web-01 uid1-settings-g3-300-2-1 300 2 1"
+        )]
+    );
+    // A site without a Site object is not called: retried later.
+    call.site = "elsewhere".into();
+    assert!(matches!(
+        settings(&sites, &call).await,
+        Outcome::Unreachable(_)
+    ));
+    assert_eq!(calls(&log).len(), 1);
 }

@@ -85,6 +85,10 @@ struct World {
     start_fails: bool,
     /// The source's copies and cycles keep failing with this error (a full disk at the peer).
     copy_error: Option<String>,
+    /// (site, operation id) of every settings call.
+    settings_calls: Vec<(String, String)>,
+    /// The source refuses settings calls with this error (an agent without the route).
+    settings_refused: Option<String>,
 }
 
 impl World {
@@ -115,6 +119,8 @@ impl World {
             enables: vec![],
             start_fails: false,
             copy_error: None,
+            settings_calls: vec![],
+            settings_refused: None,
         }
     }
 
@@ -270,6 +276,8 @@ impl World {
                     bytes_sent: 0,
                     last_error: None,
                     interval_seconds: Some(c.replication.interval_seconds),
+                    retention_hours: Some(c.replication.recovery_point_retention_hours),
+                    app_consistent_hours: Some(c.replication.app_consistent_frequency_hours),
                 });
                 let integration = vm.integration;
                 let t = self.sites.get_mut(tgt).unwrap();
@@ -413,6 +421,24 @@ impl World {
                 let Plan::Write(u) = p else { panic!() };
                 self.apply(&u);
             }
+            Plan::Settings(c) => {
+                self.settings_calls.push((c.site.clone(), c.op_id.clone()));
+                let o = if self.down.contains(&c.site) {
+                    Outcome::Unreachable("connection refused".into())
+                } else if let Some(e) = &self.settings_refused {
+                    Outcome::Failed(e.clone())
+                } else {
+                    let r = &c.replication;
+                    let rep = self.vm_mut(&c.site).vm.replication.as_mut().unwrap();
+                    rep.interval_seconds = Some(r.interval_seconds);
+                    rep.retention_hours = Some(r.recovery_point_retention_hours);
+                    rep.app_consistent_hours = Some(r.app_consistent_frequency_hours);
+                    Outcome::ok()
+                };
+                let p = self.with_input(|i| record_settings(i, c, o));
+                let Plan::Write(u) = p else { panic!() };
+                self.apply(&u);
+            }
             Plan::Idle(_) => {}
         }
         plan
@@ -438,6 +464,14 @@ impl World {
         let mut idle = 0;
         for _ in 0..500 {
             match self.step() {
+                // A site that refuses new settings is asked again at every plan.
+                Plan::Settings(_) if self.settings_refused.is_some() => {
+                    idle += 1;
+                    if idle > 4 {
+                        return;
+                    }
+                    self.tick(5);
+                }
                 Plan::Idle(_) => {
                     idle += 1;
                     if idle > 4 {
@@ -582,6 +616,7 @@ fn a_crash_after_the_call_repeats_it_with_the_same_id_and_the_job_ends_once() {
             }
             Plan::Write(u) => w.apply(u),
             Plan::Fence(_) => panic!("no fence here"),
+            Plan::Settings(_) => panic!("no settings change here"),
             Plan::Idle(_) => {
                 if w.status.phase == Some(VmPhase::Protected)
                     && w.status.active_site.as_deref() == Some(S)
@@ -2216,14 +2251,16 @@ fn an_agent_error_on_a_protected_vm_is_a_condition_and_clears() {
 }
 
 #[test]
-fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follows_the_source() {
+fn a_changed_interval_is_sent_to_the_running_replication_and_health_follows_the_source() {
     let mut w = World::protected(true);
     w.settle();
     assert!(w.cond(READY));
-    // The source keeps cycling every 30 s: its replication runs with what it was enabled with.
+    // A source that refuses the change (an agent without the settings route) keeps cycling
+    // every 30 s: not applied, shown, and asked again; no job, no person needed.
+    w.settings_refused = Some("404 no such route".into());
     w.set_spec(|s| s.replication.interval_seconds = 300);
     w.settle();
-    assert!(!w.cond(READY) && w.cond(STALLED) && !w.cond(RECONCILING));
+    assert!(!w.cond(READY) && !w.cond(STALLED) && w.cond(RECONCILING));
     let ready = w.condition(READY);
     assert_eq!(ready.reason, SETTINGS_NOT_APPLIED);
     assert!(
@@ -2231,15 +2268,15 @@ fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follo
         "{ready:?}"
     );
     assert!(!w.cond(SETTINGS_APPLIED));
+    assert!(!w.settings_calls.is_empty());
     assert!(
-        w.events
-            .iter()
-            .filter(|e| e.reason == SETTINGS_NOT_APPLIED)
-            .count()
-            == 1,
+        w.events.iter().any(|e| e.reason == "SettingsFailed"
+            && e.warning
+            && e.message.contains("404 no such route")),
         "{:?}",
         w.events
     );
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
     // Health against the interval in force at the source (30 s): an RPO of 75 s is Warning
     // there, where the spec's 300 s would call it Healthy.
     w.down.insert(S.into());
@@ -2247,15 +2284,37 @@ fn a_changed_interval_that_the_source_does_not_run_is_not_ready_and_health_follo
     w.step();
     w.step();
     assert_eq!(health(&w), Some(ReplicationHealth::Warning));
-    // Set back: nothing to apply.
+    // The source takes it: applied without a job, recorded, and health against 300 s.
     w.down.clear();
-    w.set_spec(|s| s.replication.interval_seconds = 30);
+    w.settings_refused = None;
     w.settle();
     assert!(w.cond(READY) && !w.cond(STALLED) && w.cond(SETTINGS_APPLIED));
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
+    let src = w.sites[P].as_ref().unwrap().vm.replication.clone().unwrap();
+    assert_eq!(src.interval_seconds, Some(300));
+    let sent = w.status.replication.as_ref().unwrap().settings.clone();
+    assert_eq!(sent.map(|s| s.interval_seconds), Some(300));
+    assert_eq!(
+        w.events
+            .iter()
+            .filter(|e| e.reason == "SettingsChanged" && !e.warning)
+            .count(),
+        1,
+        "{:?}",
+        w.events
+    );
+    // Every call of this change had one operation id: a repeat is answered from the site.
+    let ids: HashSet<&String> = w.settings_calls.iter().map(|(_, id)| id).collect();
+    assert_eq!(ids.len(), 1, "{:?}", w.settings_calls);
+    let calls = w.settings_calls.len();
+    w.tick(300);
+    w.settle();
+    assert_eq!(w.settings_calls.len(), calls, "nothing left to send");
+    assert_eq!(health(&w), Some(ReplicationHealth::Healthy));
 }
 
 #[test]
-fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
+fn a_changed_retention_is_sent_to_the_source_without_a_job() {
     let mut w = World::protected(true);
     w.settle();
     let sent = w.status.replication.as_ref().unwrap().settings.clone();
@@ -2267,16 +2326,34 @@ fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
         )),
         Some((30, 24, 0))
     );
-    // Not in the listing: known from what the source was enabled with.
-    w.set_spec(|s| s.replication.recovery_point_retention_hours = 2);
+    w.set_spec(|s| {
+        s.replication.recovery_point_retention_hours = 2;
+        s.replication.app_consistent_frequency_hours = 1;
+    });
     w.settle();
-    assert_eq!(w.condition(READY).reason, SETTINGS_NOT_APPLIED);
-    assert!(w.cond(STALLED));
-    let m = &w.condition(SETTINGS_APPLIED).message;
-    assert!(
-        m.contains("recoveryPointRetentionHours") && m.contains("24") && m.contains('2'),
-        "{m}"
+    assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED) && !w.cond(STALLED));
+    assert_eq!(w.job_types(), [JobType::EnableReplication]);
+    assert_eq!(w.settings_calls.len(), 1);
+    assert_eq!(w.settings_calls[0].0, P);
+    let src = w.sites[P].as_ref().unwrap().vm.replication.clone().unwrap();
+    assert_eq!(
+        (src.retention_hours, src.app_consistent_hours),
+        (Some(2), Some(1))
     );
+    let sent = w.status.replication.clone().unwrap().settings.unwrap();
+    assert_eq!(
+        (
+            sent.recovery_point_retention_hours,
+            sent.app_consistent_frequency_hours
+        ),
+        (2, 1)
+    );
+    // A source that does not list retention: what was last sent to it stands for it.
+    w.vm_mut(P).vm.replication.as_mut().unwrap().retention_hours = None;
+    w.tick(5);
+    w.settle();
+    assert!(w.cond(SETTINGS_APPLIED));
+    assert_eq!(w.settings_calls.len(), 1);
     // A failover and the reprotect after it enable replication with the spec's settings.
     w.set_spec(|s| {
         s.active_site = Some(S.into());
@@ -2286,13 +2363,28 @@ fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
     assert_eq!(w.status.active_site.as_deref(), Some(S));
     assert_eq!(w.job(JobType::ReverseReplicate).state, JobState::Succeeded);
     assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED) && !w.cond(STALLED));
-    let sent = w
-        .status
-        .replication
-        .as_ref()
-        .unwrap()
-        .settings
-        .clone()
-        .unwrap();
-    assert_eq!(sent.recovery_point_retention_hours, 2);
+    assert_eq!(w.settings_calls.len(), 1);
+}
+
+#[test]
+fn settings_the_source_took_before_the_controller_recorded_them_are_recorded() {
+    let mut w = World::protected(true);
+    w.settle();
+    // The controller died after the source took the change and before it wrote the status:
+    // the source lists the spec's new settings, the status still has the old ones.
+    w.set_spec(|s| s.replication.interval_seconds = 300);
+    let rep = w.vm_mut(P).vm.replication.as_mut().unwrap();
+    rep.interval_seconds = Some(300);
+    w.settle();
+    assert!(w.settings_calls.is_empty(), "{:?}", w.settings_calls);
+    assert!(w.cond(READY) && w.cond(SETTINGS_APPLIED));
+    let sent = w.status.replication.clone().unwrap().settings.unwrap();
+    assert_eq!(
+        (
+            sent.interval_seconds,
+            sent.recovery_point_retention_hours,
+            sent.app_consistent_frequency_hours
+        ),
+        (300, 24, 0)
+    );
 }
