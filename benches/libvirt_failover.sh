@@ -3,8 +3,8 @@
 # ACPI shutdown request to the guest running at the secondary and finding its data there.
 #
 # The test guest runs on a fully allocated 4 GiB qcow2 disk, rewriting RECORDS records (one per
-# 64 KiB block, 1% of the disk by default) every generation, replicated to site b. Half a
-# generation after a cycle, the steps of a PlannedFailover job are called on the agents in the
+# 64 KiB block, 1% of the disk by default) every generation, replicated to site b. One
+# generation after a cycle (1% of the disk to sync), the steps of a PlannedFailover job are called on the agents in the
 # controller's order (ShutdownSource, SyncRemaining, VerifyDigests, StopReplication,
 # StartAtTarget), each timed; then the time until the guest at site b prints that it verified
 # every record it wrote. The controller adds its own reconcile latency (a second or two) between
@@ -21,7 +21,7 @@ enable_replication
 n=$(($(wrote) + 1))
 wait_wrote "$n"
 sync_now base
-sleep 10
+wait_wrote $((n + 1))
 
 post() { # port route body
   local out
