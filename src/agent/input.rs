@@ -394,6 +394,12 @@ mod fuzz {
                 && r.app_consistent_frequency_hours <= MAX_HOURS
                 && (r.peer_url.starts_with("http://") || r.peer_url.starts_with("https://"))
         })?;
+        one::<crate::site::ReplicationSettingsRequest>("settings", body, settings, |r| {
+            op_ok(&r.operation_id)
+                && (1..=MAX_INTERVAL_SECONDS).contains(&r.interval_seconds)
+                && r.recovery_point_retention_hours <= MAX_HOURS
+                && r.app_consistent_frequency_hours <= MAX_HOURS
+        })?;
         one::<AcceptReplication>("accept", body, accept, |r| {
             op_ok(&r.operation_id) && site_ok(&r.source_site)
         })?;
@@ -594,6 +600,7 @@ mod fuzz {
         println!("parsed bodies (accepted, refused): {seen:?}");
         for what in [
             "enable",
+            "settings",
             "accept",
             "power",
             "operation",
