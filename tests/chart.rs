@@ -889,7 +889,13 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
     poll(
         "Protected at the primary",
         || ctl.log(),
-        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &p.site)),
+        async || {
+            rvms.get(vm)
+                .await
+                .ok()
+                .map(health_checked)
+                .filter(|r| protected_at(r, &p.site))
+        },
     )
     .await;
     rvms.patch(
@@ -902,7 +908,13 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
     let r = poll(
         "Protected at the secondary",
         || ctl.log(),
-        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &s.site)),
+        async || {
+            rvms.get(vm)
+                .await
+                .ok()
+                .map(health_checked)
+                .filter(|r| protected_at(r, &s.site))
+        },
     )
     .await;
     assert!(
@@ -914,8 +926,27 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
         s.read(vm, 0, 27).await,
         b"written before the failover".to_vec()
     );
+    // The Argo CD health check reads the real objects as kstatus does (every sample above was
+    // checked too, through the failover): the VM and both Sites are Healthy now.
+    assert_eq!(
+        assert_health_agrees(&serde_json::to_value(&r).unwrap()).0,
+        "Healthy"
+    );
+    for site in [&p.site, &s.site] {
+        let obj = Api::<Site>::all(client.clone()).get(site).await.unwrap();
+        assert_eq!(
+            assert_health_agrees(&serde_json::to_value(&obj).unwrap()).0,
+            "Healthy"
+        );
+    }
     // The probes still answer after the work.
     ctl.check_probes("json").await;
+}
+
+/// `r` after checking that the Argo CD health check agrees with kstatus on it.
+fn health_checked(r: ReplicatedVM) -> ReplicatedVM {
+    assert_health_agrees(&serde_json::to_value(&r).unwrap());
+    r
 }
 
 #[tokio::test]
@@ -1105,4 +1136,620 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
     let name = format!("{}-agent", a.site);
     let (ok, err) = kubectl_sa(&["get", "secret", &name, "-n", ns]);
     assert!(ok, "{err}");
+}
+
+// ---- Argo CD health check (charts/twinsite/argocd/health.lua) -------------------------------
+
+/// The Lua interpreter the health check runs in here (Debian's lua5.4, installed by
+/// scripts/ops-packages.sh; Argo CD runs the same script in gopher-lua).
+fn lua() -> std::process::Command {
+    let lua = std::env::var("TWINSITE_LUA").unwrap_or_else(|_| "lua5.4".into());
+    if std::process::Command::new(&lua).arg("-v").output().is_err() {
+        panic!("{lua} not found: run scripts/ops-packages.sh as root (installs Debian's lua5.4)");
+    }
+    std::process::Command::new(lua)
+}
+
+/// `v` as a Lua table constructor, the way Argo CD hands an object to a health script (JSON
+/// nulls are absent fields).
+fn lua_literal(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value as J;
+    match v {
+        J::Null => out.push_str("nil"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => out.push_str(&n.to_string()),
+        J::String(s) => out.push_str(&format!("{s:?}")),
+        J::Array(a) => {
+            out.push('{');
+            for x in a {
+                lua_literal(x, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+        J::Object(m) => {
+            out.push('{');
+            for (k, x) in m {
+                if x.is_null() {
+                    continue;
+                }
+                out.push_str(&format!("[{k:?}]="));
+                lua_literal(x, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// What the chart's health check answers for `obj`: (status, message).
+fn argo_health(obj: &serde_json::Value) -> (String, String) {
+    let script = std::fs::read_to_string(chart_dir().join("argocd/health.lua")).unwrap();
+    let mut prog = String::from("obj = ");
+    lua_literal(obj, &mut prog);
+    prog.push_str("\nlocal hs = (function()\n");
+    prog.push_str(&script);
+    prog.push_str("\nend)()\nio.write(hs.status, \"\\n\", hs.message or \"\")\n");
+    let out = lua().args(["-e", &prog]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "health.lua failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, message) = text.split_once('\n').unwrap_or((&text, ""));
+    (status.to_string(), message.to_string())
+}
+
+/// How kstatus (as Flux reads it) sees `obj`: Current, InProgress or Failed.
+fn kstatus(obj: &serde_json::Value) -> &'static str {
+    let st = &obj["status"];
+    let generation = obj["metadata"]["generation"].as_i64();
+    if let (Some(g), Some(o)) = (generation, st["observedGeneration"].as_i64())
+        && o != g
+    {
+        return "InProgress";
+    }
+    let conds = st["conditions"].as_array().cloned().unwrap_or_default();
+    let is = |t: &str, s: &str| conds.iter().any(|c| c["type"] == t && c["status"] == s);
+    // kstatus reads the conditions in order; the first True Reconciling or Stalled decides.
+    for c in &conds {
+        if c["status"] == "True" && c["type"] == "Reconciling" {
+            return "InProgress";
+        }
+        if c["status"] == "True" && c["type"] == "Stalled" {
+            return "Failed";
+        }
+    }
+    // Flux waits for Ready=True on a kind that has a Ready condition.
+    if is("Ready", "False") || is("Ready", "Unknown") {
+        return "InProgress";
+    }
+    "Current"
+}
+
+/// The health check and kstatus agree on `obj`: Healthy exactly when Current, Degraded
+/// whenever Failed, and Progressing or Suspended only while InProgress.
+/// One difference, on purpose: before the controller wrote any condition, kstatus cannot tell
+/// and says Current; the health check says Progressing (waiting for the controller).
+fn assert_health_agrees(obj: &serde_json::Value) -> (String, String) {
+    let (health, message) = argo_health(obj);
+    if obj["status"]["conditions"]
+        .as_array()
+        .is_none_or(|c| c.is_empty())
+    {
+        assert_eq!(health, "Progressing", "{message}");
+        return (health, message);
+    }
+    let k = kstatus(obj);
+    let ok = match health.as_str() {
+        "Healthy" => k == "Current",
+        "Degraded" => k != "Current",
+        "Progressing" | "Suspended" => k == "InProgress",
+        _ => false,
+    };
+    assert!(
+        ok,
+        "Argo CD health {health} ({message}) disagrees with kstatus {k} on {}",
+        serde_json::to_string_pretty(obj).unwrap()
+    );
+    (health, message)
+}
+
+fn conds(
+    want: &[twinsite::controller::conditions::Cond],
+    generation: i64,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let mut out = Vec::new();
+    twinsite::controller::conditions::set_all(
+        &mut out,
+        want,
+        Some(generation),
+        jiff::Timestamp::now(),
+    );
+    out
+}
+
+#[test]
+fn the_argocd_health_check_reads_every_phase_as_kstatus_does() {
+    use twinsite::api::{
+        FailoverPlan, FailoverPlanStatus, PlanPhase, ReplicatedVMStatus, ReplicationHealth,
+        ReplicationState, ReplicationStatus, SiteStatus, VmPhase,
+    };
+    use twinsite::controller::conditions::{
+        COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED,
+    };
+
+    let rvm = |generation: i64,
+               observed: i64,
+               phase: VmPhase,
+               health: Option<ReplicationHealth>,
+               want: &[Cond]| {
+        let mut r: ReplicatedVM = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+            "metadata": {"name": "web-01", "namespace": "finance", "generation": generation},
+            "spec": {"primarySite": "primary", "recoverySite": "secondary"},
+        }))
+        .unwrap();
+        r.status = Some(ReplicatedVMStatus {
+            observed_generation: Some(observed),
+            phase: Some(phase),
+            active_site: Some("primary".into()),
+            replication: health.map(|h| ReplicationStatus {
+                state: ReplicationState::Replicating,
+                source_site: Some("primary".into()),
+                target_site: Some("secondary".into()),
+                health: Some(h),
+                last_sync_time: None,
+                rpo_seconds: Some(700),
+                settings: None,
+            }),
+            conditions: conds(want, observed),
+            ..Default::default()
+        });
+        serde_json::to_value(&r).unwrap()
+    };
+    let idle = || Cond::new(RECONCILING, false, "Idle", "no job runs");
+    let not_stalled = || Cond::new(STALLED, false, "NotStalled", "");
+    let no_commit = || Cond::new(COMMIT_PENDING, false, "NoCommitPending", "");
+    let no_conflict = || Cond::new(CONFLICT, false, "NoConflict", "");
+    let running = |job: &str, step: &str| {
+        let msg = format!("{job} web-01-x-1 at step {step}");
+        [
+            Cond::new(READY, false, "JobRunning", msg.clone()),
+            Cond::new(RECONCILING, true, job.to_string(), msg),
+            not_stalled(),
+            no_commit(),
+            no_conflict(),
+        ]
+    };
+    use VmPhase::*;
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "Pending: a site does not answer yet",
+            rvm(
+                1,
+                1,
+                Pending,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "SiteUnreachable",
+                        "site primary does not answer",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "SiteUnreachable",
+                        "site primary does not answer",
+                    ),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "InitialReplication",
+            rvm(
+                1,
+                1,
+                InitialReplication,
+                Some(ReplicationHealth::Warning),
+                &running("EnableReplication", "InitialReplication"),
+            ),
+            "Progressing",
+        ),
+        (
+            "Protected",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Protected, RPO critical (the alerts cover it; kstatus says Current)",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Critical),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Unprotected",
+            rvm(
+                2,
+                2,
+                Unprotected,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        true,
+                        "Unprotected",
+                        "runs at primary as the spec says",
+                    ),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Protected, but the spec changed since",
+            rvm(
+                3,
+                2,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "FailingOver",
+            rvm(
+                2,
+                2,
+                FailingOver,
+                None,
+                &running("PlannedFailover", "SyncRemaining"),
+            ),
+            "Progressing",
+        ),
+        (
+            "FailedOver, waiting for a manual commit",
+            rvm(
+                2,
+                2,
+                FailedOver,
+                None,
+                &[
+                    Cond::new(READY, false, "CommitPending", "waiting for the commit"),
+                    Cond::new(RECONCILING, true, "CommitPending", "waiting for the commit"),
+                    not_stalled(),
+                    Cond::new(
+                        COMMIT_PENDING,
+                        true,
+                        "WaitingForCommit",
+                        "annotate the ReplicatedVM with twinsite.io/commit=web-01-failover-2 to commit",
+                    ),
+                    no_conflict(),
+                ],
+            ),
+            "Suspended",
+        ),
+        (
+            "FailedOver, committing",
+            rvm(2, 2, FailedOver, None, &running("Commit", "Commit")),
+            "Progressing",
+        ),
+        (
+            "Reprotecting (a reverse replication job)",
+            rvm(
+                2,
+                2,
+                Reprotecting,
+                None,
+                &running("ReverseReplicate", "Resynchronize"),
+            ),
+            "Progressing",
+        ),
+        (
+            "Reprotecting (a resync the source started)",
+            rvm(
+                2,
+                2,
+                Reprotecting,
+                Some(ReplicationHealth::Warning),
+                &[
+                    Cond::new(READY, false, "Resynchronizing", "the source resynchronizes"),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "Resynchronizing",
+                        "the source resynchronizes",
+                    ),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "Failed",
+            rvm(
+                2,
+                2,
+                Failed,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobFailed",
+                        "PlannedFailover web-01-failover-2 failed: shutdown timed out",
+                    ),
+                    idle(),
+                    Cond::new(
+                        STALLED,
+                        true,
+                        "JobFailed",
+                        "annotate twinsite.io/retry=web-01-failover-2",
+                    ),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Degraded",
+        ),
+        (
+            "Protected, but the VM is off at its active site",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Warning),
+                &[
+                    Cond::new(READY, false, "VMNotRunning", "the VM is off at primary"),
+                    idle(),
+                    Cond::new(STALLED, true, "VMNotRunning", "the VM is off at primary"),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Degraded",
+        ),
+        (
+            "Conflict with a FailoverPlan",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, false, "Conflict", "selected by two plans"),
+                    idle(),
+                    Cond::new(STALLED, true, "Conflict", "selected by two plans"),
+                    no_commit(),
+                    Cond::new(CONFLICT, true, "TwoPlans", "selected by two plans"),
+                ],
+            ),
+            "Degraded",
+        ),
+    ];
+
+    let plan = |phase: PlanPhase, want: &[Cond]| {
+        let mut p: FailoverPlan = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+            "metadata": {"name": "finance-dr", "namespace": "finance", "generation": 2},
+            "spec": {"targetSite": "secondary", "groups": [{"name": "db", "vms": ["db-01"]}]},
+        }))
+        .unwrap();
+        p.status = Some(FailoverPlanStatus {
+            observed_generation: Some(2),
+            phase: Some(phase),
+            conditions: conds(want, 2),
+            ..Default::default()
+        });
+        serde_json::to_value(&p).unwrap()
+    };
+    let no_wait = || Cond::new("WaitingForApproval", false, "NotWaiting", "");
+    let plan_cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "plan Pending",
+            plan(
+                PlanPhase::Pending,
+                &[
+                    Cond::new(READY, false, "Pending", "the plan has not run yet"),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "Pending",
+                        "waiting for the plan's members",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "plan InProgress",
+            plan(
+                PlanPhase::InProgress,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1 is running",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "plan InProgress, waiting for an approval",
+            plan(
+                PlanPhase::InProgress,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1 is running",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    Cond::new(
+                        "WaitingForApproval",
+                        true,
+                        "WaitingForApproval",
+                        "annotate twinsite.io/approve=db/confirm-fenced",
+                    ),
+                ],
+            ),
+            "Suspended",
+        ),
+        (
+            "plan Completed",
+            plan(
+                PlanPhase::Completed,
+                &[
+                    Cond::new(
+                        READY,
+                        true,
+                        "Completed",
+                        "every VM of the plan is at secondary",
+                    ),
+                    Cond::new(RECONCILING, false, "Idle", ""),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "plan Failed",
+            plan(
+                PlanPhase::Failed,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobFailed",
+                        "plan job finance-dr-failover-1 failed",
+                    ),
+                    Cond::new(RECONCILING, false, "Idle", ""),
+                    Cond::new(STALLED, true, "JobFailed", "db-01 failed"),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Degraded",
+        ),
+    ];
+
+    let site = |ready: Cond| {
+        let mut s: Site = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+            "metadata": {"name": "primary", "generation": 1},
+            "spec": {"agent": {"url": "http://127.0.0.1:7101",
+                "tokenSecretRef": {"namespace": "twinsite-system", "name": "primary-agent", "key": "token"}}},
+        }))
+        .unwrap();
+        s.status = Some(SiteStatus {
+            observed_generation: Some(1),
+            conditions: conds(&[ready], 1),
+            ..Default::default()
+        });
+        serde_json::to_value(&s).unwrap()
+    };
+    let site_cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "site Connected",
+            site(Cond::new(READY, true, "Connected", "12 VMs")),
+            "Healthy",
+        ),
+        (
+            "site Unreachable",
+            site(Cond::new(READY, false, "Unreachable", "connection refused")),
+            "Degraded",
+        ),
+        (
+            "site Unauthorized",
+            site(Cond::new(READY, false, "Unauthorized", "401")),
+            "Degraded",
+        ),
+    ];
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (what, obj, want) in cases.iter().chain(&plan_cases).chain(&site_cases) {
+        let (health, message) = assert_health_agrees(obj);
+        assert_eq!(&health, want, "{what}: {message}");
+        assert!(!message.is_empty(), "{what}: no message");
+        seen.insert(health);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["Degraded", "Healthy", "Progressing", "Suspended"]
+    );
+    // The message says why: the failed job's retry value, the RPO of a critical replication.
+    let (_, m) = argo_health(&cases[11].1);
+    assert!(m.contains("twinsite.io/retry=web-01-failover-2"), "{m}");
+    let (_, m) = argo_health(&cases[3].1);
+    assert!(m.contains("Critical") && m.contains("700"), "{m}");
+    // No status yet: waiting for the controller.
+    let mut bare = cases[0].1.clone();
+    bare.as_object_mut().unwrap().remove("status");
+    assert_eq!(argo_health(&bare).0, "Progressing");
 }
