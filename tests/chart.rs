@@ -939,6 +939,51 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
             "Healthy"
         );
     }
+    // /metrics shows what the objects' status says, as the alerts and the dashboard read it:
+    // the VM replicating every 30 s from its new site, both Sites Ready, no stale phase.
+    let want = [
+        format!(r#"twinsite_replication_interval_seconds{{namespace="{vms_ns}",name="{vm}"}} 30"#),
+        format!(r#"twinsite_replication_enabled{{namespace="{vms_ns}",name="{vm}"}} 1"#),
+        format!(
+            r#"twinsite_replication_state{{namespace="{vms_ns}",name="{vm}",state="Replicating"}} 1"#
+        ),
+        format!(
+            r#"twinsite_phase{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",phase="Protected"}} 1"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",condition="Ready",reason="Protected"}} 1"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",condition="Stalled",reason="NotStalled"}} 0"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="Site",namespace="",name="{}",condition="Ready",reason="Connected"}} 1"#,
+            p.site
+        ),
+        format!(
+            r#"twinsite_condition{{kind="Site",namespace="",name="{}",condition="Ready",reason="Connected"}} 1"#,
+            s.site
+        ),
+    ];
+    let deadline = Instant::now() + LONG;
+    let last = loop {
+        let last = ctl.wait_ok("/metrics").await;
+        if want.iter().all(|w| last.lines().any(|l| l == w)) {
+            break last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics lacks {:?}:\n{last}",
+            want.iter()
+                .filter(|w| !last.lines().any(|l| l == w.as_str()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        !last.contains(r#"phase="FailingOver""#) && !last.contains(r#"reason="JobRunning""#),
+        "a phase or reason the VM left is still shown:\n{last}"
+    );
     // The probes still answer after the work.
     ctl.check_probes("json").await;
 }
@@ -1752,4 +1797,301 @@ fn the_argocd_health_check_reads_every_phase_as_kstatus_does() {
     let mut bare = cases[0].1.clone();
     bare.as_object_mut().unwrap().remove("status");
     assert_eq!(argo_health(&bare).0, "Progressing");
+}
+
+// ---- Alerts (templates/prometheusrule.yaml) and the dashboard --------------------------------
+
+/// `helm` without a cluster (`helm template` needs none), its homes under `tmp`.
+fn helm_offline(tmp: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(envtest::bin_dir().unwrap().join("helm"));
+    cmd.env("HELM_CACHE_HOME", tmp.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", tmp.join("helm/config"))
+        .env("HELM_DATA_HOME", tmp.join("helm/data"));
+    cmd
+}
+
+fn render_offline(tmp: &Path, values: &[&str]) -> Output {
+    helm_offline(tmp)
+        .args(["template", "twinsite"])
+        .arg(chart_dir())
+        .args(["--namespace", "twinsite-system"])
+        .args(values)
+        .output()
+        .unwrap()
+}
+
+/// Debian's promtool (package prometheus, installed by scripts/ops-packages.sh).
+fn promtool() -> std::process::Command {
+    let p = std::env::var("TWINSITE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    if std::process::Command::new(&p)
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("{p} not found: run scripts/ops-packages.sh as root (installs Debian's prometheus)");
+    }
+    std::process::Command::new(p)
+}
+
+/// The metric names the controller's registry serves on /metrics (a counter `x` is served as
+/// `x_total`). A family shows only once it has a series, so each gets one here;
+/// `the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over` checks a running
+/// controller's /metrics for the status series the alerts use.
+fn exported_metric_names() -> std::collections::BTreeSet<String> {
+    use twinsite::controller::metrics::*;
+    let m = Metrics::new();
+    let vm = VmLabels {
+        namespace: "ns".into(),
+        name: "vm".into(),
+    };
+    let kind = KindLabels {
+        kind: "ReplicatedVM".into(),
+    };
+    m.rpo_seconds.get_or_create(&vm).set(1);
+    m.bytes_replicated.get_or_create(&vm).set(1);
+    m.jobs
+        .get_or_create(&JobKind {
+            r#type: "PlannedFailover".into(),
+            outcome: "Failed".into(),
+        })
+        .inc();
+    m.reconcile_errors.get_or_create(&kind).inc();
+    m.status_writes.get_or_create(&kind).inc();
+    m.site_listings
+        .get_or_create(&SiteLabels {
+            site: "primary".into(),
+        })
+        .inc();
+    let mut gauges = StatusGauges::default();
+    gauges.show(
+        &m,
+        Snapshot {
+            kind: "ReplicatedVM",
+            namespace: "ns".into(),
+            name: "vm".into(),
+            conditions: vec![("Ready".into(), "Protected".into(), true)],
+            phase: Some("Protected".into()),
+            replication_enabled: Some(true),
+            replication_interval: Some(300),
+            replication_state: Some("Replicating".into()),
+        },
+    );
+    let text = m.encode();
+    let mut names = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            names.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            });
+        }
+    }
+    assert!(names.contains("twinsite_rpo_seconds"), "{text}");
+    names
+}
+
+/// Every `twinsite_*` metric name in a PromQL expression.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("twinsite_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let before = rest[..i].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.push(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_prometheus_rule_passes_promtool_and_its_unit_tests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Off by default.
+    let objects = docs(&ok(render_offline(tmp.path(), &[])));
+    assert!(!objects.iter().any(|d| d["kind"] == "PrometheusRule"));
+    // The schema refuses a wait of no minutes, naming the value.
+    let out = render_offline(
+        tmp.path(),
+        &["--set", "prometheusRule.approvalWaitMinutes=0"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("prometheusRule/approvalWaitMinutes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let objects = docs(&ok(render_offline(
+        tmp.path(),
+        &[
+            "--set",
+            "prometheusRule.enabled=true,prometheusRule.approvalWaitMinutes=20",
+            "--set",
+            "prometheusRule.labels.release=prom",
+        ],
+    )));
+    let rule = find(&objects, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prom");
+    assert_eq!(rule["metadata"]["namespace"], "twinsite-system");
+    let groups = &rule["spec"]["groups"];
+    let rules_file = tmp.path().join("rules.yaml");
+    std::fs::write(
+        &rules_file,
+        serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+            Value::from("groups"),
+            groups.clone(),
+        )]))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = ok(promtool()
+        .arg("check")
+        .arg("rules")
+        .arg(&rules_file)
+        .output()
+        .unwrap());
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+
+    // Every expression names only metrics the controller exports.
+    let exported = exported_metric_names();
+    let mut alerts = std::collections::BTreeSet::new();
+    for g in groups.as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let name = r["alert"].as_str().unwrap().to_string();
+            let expr = r["expr"].as_str().unwrap();
+            let used = metric_names_in(expr);
+            assert!(!used.is_empty(), "{name}: no twinsite metric in {expr}");
+            for m in used {
+                assert!(
+                    exported.contains(&m),
+                    "{name} uses {m}, which the controller does not export ({exported:?})"
+                );
+            }
+            alerts.insert(name);
+        }
+    }
+
+    // The unit tests: input series, expected alerts; one firing case at least per alert.
+    let tests_src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/alerts/twinsite_test.yaml");
+    let tests_file = tmp.path().join("twinsite_test.yaml");
+    std::fs::copy(&tests_src, &tests_file).unwrap();
+    let unit: Value = serde_yaml::from_str(&std::fs::read_to_string(&tests_src).unwrap()).unwrap();
+    let mut fired = std::collections::BTreeSet::new();
+    for t in unit["tests"].as_sequence().unwrap() {
+        for a in t["alert_rule_test"].as_sequence().unwrap() {
+            if a["exp_alerts"].as_sequence().is_some_and(|e| !e.is_empty()) {
+                fired.insert(a["alertname"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(
+        fired, alerts,
+        "every alert needs a unit test where it fires"
+    );
+    let out = promtool()
+        .current_dir(tmp.path())
+        .args(["test", "rules", "twinsite_test.yaml"])
+        .output()
+        .unwrap();
+    ok(out);
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_controller_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = chart_dir().join("dashboards/twinsite.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exported = exported_metric_names();
+    let check = |what: &str, expr: &str| {
+        let used = metric_names_in(expr);
+        assert!(!used.is_empty(), "{what}: no twinsite metric in {expr}");
+        for m in used {
+            assert!(
+                exported.contains(&m),
+                "{what} queries {m}, which the controller does not export ({exported:?})"
+            );
+        }
+    };
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap();
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {title} has no query");
+        for t in targets {
+            let e = t["expr"].as_str().unwrap();
+            check(title, e);
+            exprs.push(e.to_string());
+        }
+    }
+    assert!(exprs.len() >= 9, "{exprs:?}");
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if v["type"] == "query" {
+            check(
+                v["name"].as_str().unwrap(),
+                v["query"]["query"].as_str().unwrap(),
+            );
+        }
+    }
+    // Every panel query is PromQL promtool parses (as recording rules; Grafana's $variables
+    // only appear inside label matchers' strings).
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| json!({"record": format!("dashboard:query_{i}"), "expr": e}))
+        .collect();
+    let rules_file = tmp.path().join("dashboard-rules.yaml");
+    std::fs::write(
+        &rules_file,
+        serde_yaml::to_string(&json!({"groups": [{"name": "dashboard", "rules": rules}]})).unwrap(),
+    )
+    .unwrap();
+    let out = promtool()
+        .arg("check")
+        .arg("rules")
+        .arg(&rules_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The chart ships it, when asked, for Grafana's sidecar.
+    let out = render_offline(tmp.path(), &[]);
+    assert!(
+        !docs(&String::from_utf8(out.stdout).unwrap())
+            .iter()
+            .any(|d| d["kind"] == "ConfigMap")
+    );
+    let out = render_offline(tmp.path(), &["--set", "grafanaDashboard.enabled=true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects = docs(&String::from_utf8(out.stdout).unwrap());
+    let cm = find(&objects, "ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: serde_json::Value =
+        serde_json::from_str(cm["data"]["twinsite.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dash);
 }
