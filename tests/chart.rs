@@ -1186,7 +1186,7 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
 // ---- Argo CD health check (charts/twinsite/argocd/health.lua) -------------------------------
 
 /// The Lua interpreter the health check runs in here (Debian's lua5.4, installed by
-/// scripts/ops-packages.sh; Argo CD runs the same script in gopher-lua).
+/// scripts/ops-packages.sh as root; Argo CD runs the same script in gopher-lua).
 fn lua() -> std::process::Command {
     let lua = std::env::var("TWINSITE_LUA").unwrap_or_else(|_| "lua5.4".into());
     if std::process::Command::new(&lua).arg("-v").output().is_err() {
@@ -1820,16 +1820,34 @@ fn render_offline(tmp: &Path, values: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Debian's promtool (package prometheus, installed by scripts/ops-packages.sh).
+/// Debian's promtool: `TWINSITE_PROMTOOL`, else `promtool` on PATH, else the one
+/// scripts/ops-packages.sh takes out of Debian's prometheus package (cached).
 fn promtool() -> std::process::Command {
-    let p = std::env::var("TWINSITE_PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    if std::process::Command::new(&p)
-        .arg("--version")
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let p = PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("TWINSITE_PROMTOOL") {
+            return PathBuf::from(p);
+        }
+        if std::process::Command::new("promtool")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
+            return PathBuf::from("promtool");
+        }
+        let out = std::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ops-packages.sh"),
+        )
+        .stderr(Stdio::inherit())
         .output()
-        .is_err()
-    {
-        panic!("{p} not found: run scripts/ops-packages.sh as root (installs Debian's prometheus)");
-    }
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/ops-packages.sh failed: promtool is needed"
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        Path::new(text.lines().last().unwrap().trim()).join("promtool")
+    });
     std::process::Command::new(p)
 }
 
