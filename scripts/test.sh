@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 echo "== packages for real VMs (libvirt, QEMU, the test guest's busybox)"
 scripts/vm-packages.sh
 
+echo "== tools for the chart's operations tests (lua5.4 for the Argo CD health check, promtool; cached)"
+ops_bin="$(scripts/ops-packages.sh | tail -n1)"
+export TWINSITE_PROMTOOL="$ops_bin/promtool"
+
 echo "== test guest (Debian kernel + busybox; cached after the first build)"
 guest="$(scripts/guest-build.sh | tail -n1)"
 export TWINSITE_GUEST_DIR="$guest"

@@ -889,7 +889,13 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
     poll(
         "Protected at the primary",
         || ctl.log(),
-        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &p.site)),
+        async || {
+            rvms.get(vm)
+                .await
+                .ok()
+                .map(health_checked)
+                .filter(|r| protected_at(r, &p.site))
+        },
     )
     .await;
     rvms.patch(
@@ -902,7 +908,13 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
     let r = poll(
         "Protected at the secondary",
         || ctl.log(),
-        async || rvms.get(vm).await.ok().filter(|r| protected_at(r, &s.site)),
+        async || {
+            rvms.get(vm)
+                .await
+                .ok()
+                .map(health_checked)
+                .filter(|r| protected_at(r, &s.site))
+        },
     )
     .await;
     assert!(
@@ -914,8 +926,72 @@ async fn the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over() {
         s.read(vm, 0, 27).await,
         b"written before the failover".to_vec()
     );
+    // The Argo CD health check reads the real objects as kstatus does (every sample above was
+    // checked too, through the failover): the VM and both Sites are Healthy now.
+    assert_eq!(
+        assert_health_agrees(&serde_json::to_value(&r).unwrap()).0,
+        "Healthy"
+    );
+    for site in [&p.site, &s.site] {
+        let obj = Api::<Site>::all(client.clone()).get(site).await.unwrap();
+        assert_eq!(
+            assert_health_agrees(&serde_json::to_value(&obj).unwrap()).0,
+            "Healthy"
+        );
+    }
+    // /metrics shows what the objects' status says, as the alerts and the dashboard read it:
+    // the VM replicating every 30 s from its new site, both Sites Ready, no stale phase.
+    let want = [
+        format!(r#"twinsite_replication_interval_seconds{{namespace="{vms_ns}",name="{vm}"}} 30"#),
+        format!(r#"twinsite_replication_enabled{{namespace="{vms_ns}",name="{vm}"}} 1"#),
+        format!(
+            r#"twinsite_replication_state{{namespace="{vms_ns}",name="{vm}",state="Replicating"}} 1"#
+        ),
+        format!(
+            r#"twinsite_phase{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",phase="Protected"}} 1"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",condition="Ready",reason="Protected"}} 1"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="ReplicatedVM",namespace="{vms_ns}",name="{vm}",condition="Stalled",reason="NotStalled"}} 0"#
+        ),
+        format!(
+            r#"twinsite_condition{{kind="Site",namespace="",name="{}",condition="Ready",reason="Connected"}} 1"#,
+            p.site
+        ),
+        format!(
+            r#"twinsite_condition{{kind="Site",namespace="",name="{}",condition="Ready",reason="Connected"}} 1"#,
+            s.site
+        ),
+    ];
+    let deadline = Instant::now() + LONG;
+    let last = loop {
+        let last = ctl.wait_ok("/metrics").await;
+        if want.iter().all(|w| last.lines().any(|l| l == w)) {
+            break last;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics lacks {:?}:\n{last}",
+            want.iter()
+                .filter(|w| !last.lines().any(|l| l == w.as_str()))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(
+        !last.contains(r#"phase="FailingOver""#) && !last.contains(r#"reason="JobRunning""#),
+        "a phase or reason the VM left is still shown:\n{last}"
+    );
     // The probes still answer after the work.
     ctl.check_probes("json").await;
+}
+
+/// `r` after checking that the Argo CD health check agrees with kstatus on it.
+fn health_checked(r: ReplicatedVM) -> ReplicatedVM {
+    assert_health_agrees(&serde_json::to_value(&r).unwrap());
+    r
 }
 
 #[tokio::test]
@@ -1105,4 +1181,935 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
     let name = format!("{}-agent", a.site);
     let (ok, err) = kubectl_sa(&["get", "secret", &name, "-n", ns]);
     assert!(ok, "{err}");
+}
+
+// ---- Argo CD health check (charts/twinsite/argocd/health.lua) -------------------------------
+
+/// The Lua interpreter the health check runs in here (Debian's lua5.4, installed by
+/// scripts/ops-packages.sh as root; Argo CD runs the same script in gopher-lua).
+fn lua() -> std::process::Command {
+    let lua = std::env::var("TWINSITE_LUA").unwrap_or_else(|_| "lua5.4".into());
+    if std::process::Command::new(&lua).arg("-v").output().is_err() {
+        panic!("{lua} not found: run scripts/ops-packages.sh as root (installs Debian's lua5.4)");
+    }
+    std::process::Command::new(lua)
+}
+
+/// `v` as a Lua table constructor, the way Argo CD hands an object to a health script (JSON
+/// nulls are absent fields).
+fn lua_literal(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value as J;
+    match v {
+        J::Null => out.push_str("nil"),
+        J::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        J::Number(n) => out.push_str(&n.to_string()),
+        J::String(s) => out.push_str(&format!("{s:?}")),
+        J::Array(a) => {
+            out.push('{');
+            for x in a {
+                lua_literal(x, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+        J::Object(m) => {
+            out.push('{');
+            for (k, x) in m {
+                if x.is_null() {
+                    continue;
+                }
+                out.push_str(&format!("[{k:?}]="));
+                lua_literal(x, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// What the chart's health check answers for `obj`: (status, message).
+fn argo_health(obj: &serde_json::Value) -> (String, String) {
+    let script = std::fs::read_to_string(chart_dir().join("argocd/health.lua")).unwrap();
+    let mut prog = String::from("obj = ");
+    lua_literal(obj, &mut prog);
+    prog.push_str("\nlocal hs = (function()\n");
+    prog.push_str(&script);
+    prog.push_str("\nend)()\nio.write(hs.status, \"\\n\", hs.message or \"\")\n");
+    let out = lua().args(["-e", &prog]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "health.lua failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (status, message) = text.split_once('\n').unwrap_or((&text, ""));
+    (status.to_string(), message.to_string())
+}
+
+/// How kstatus (as Flux reads it) sees `obj`: Current, InProgress or Failed.
+fn kstatus(obj: &serde_json::Value) -> &'static str {
+    let st = &obj["status"];
+    let generation = obj["metadata"]["generation"].as_i64();
+    if let (Some(g), Some(o)) = (generation, st["observedGeneration"].as_i64())
+        && o != g
+    {
+        return "InProgress";
+    }
+    let conds = st["conditions"].as_array().cloned().unwrap_or_default();
+    let is = |t: &str, s: &str| conds.iter().any(|c| c["type"] == t && c["status"] == s);
+    // kstatus reads the conditions in order; the first True Reconciling or Stalled decides.
+    for c in &conds {
+        if c["status"] == "True" && c["type"] == "Reconciling" {
+            return "InProgress";
+        }
+        if c["status"] == "True" && c["type"] == "Stalled" {
+            return "Failed";
+        }
+    }
+    // Flux waits for Ready=True on a kind that has a Ready condition.
+    if is("Ready", "False") || is("Ready", "Unknown") {
+        return "InProgress";
+    }
+    "Current"
+}
+
+/// The health check and kstatus agree on `obj`: Healthy exactly when Current, Degraded
+/// whenever Failed, and Progressing or Suspended only while InProgress.
+/// One difference, on purpose: before the controller wrote any condition, kstatus cannot tell
+/// and says Current; the health check says Progressing (waiting for the controller).
+fn assert_health_agrees(obj: &serde_json::Value) -> (String, String) {
+    let (health, message) = argo_health(obj);
+    if obj["status"]["conditions"]
+        .as_array()
+        .is_none_or(|c| c.is_empty())
+    {
+        assert_eq!(health, "Progressing", "{message}");
+        return (health, message);
+    }
+    let k = kstatus(obj);
+    let ok = match health.as_str() {
+        "Healthy" => k == "Current",
+        "Degraded" => k != "Current",
+        "Progressing" | "Suspended" => k == "InProgress",
+        _ => false,
+    };
+    assert!(
+        ok,
+        "Argo CD health {health} ({message}) disagrees with kstatus {k} on {}",
+        serde_json::to_string_pretty(obj).unwrap()
+    );
+    (health, message)
+}
+
+fn conds(
+    want: &[twinsite::controller::conditions::Cond],
+    generation: i64,
+) -> Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    let mut out = Vec::new();
+    twinsite::controller::conditions::set_all(
+        &mut out,
+        want,
+        Some(generation),
+        jiff::Timestamp::now(),
+    );
+    out
+}
+
+#[test]
+fn the_argocd_health_check_reads_every_phase_as_kstatus_does() {
+    use twinsite::api::{
+        FailoverPlan, FailoverPlanStatus, PlanPhase, ReplicatedVMStatus, ReplicationHealth,
+        ReplicationState, ReplicationStatus, SiteStatus, VmPhase,
+    };
+    use twinsite::controller::conditions::{
+        COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, STALLED,
+    };
+
+    let rvm = |generation: i64,
+               observed: i64,
+               phase: VmPhase,
+               health: Option<ReplicationHealth>,
+               want: &[Cond]| {
+        let mut r: ReplicatedVM = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+            "metadata": {"name": "web-01", "namespace": "finance", "generation": generation},
+            "spec": {"primarySite": "primary", "recoverySite": "secondary"},
+        }))
+        .unwrap();
+        r.status = Some(ReplicatedVMStatus {
+            observed_generation: Some(observed),
+            phase: Some(phase),
+            active_site: Some("primary".into()),
+            replication: health.map(|h| ReplicationStatus {
+                state: ReplicationState::Replicating,
+                source_site: Some("primary".into()),
+                target_site: Some("secondary".into()),
+                health: Some(h),
+                last_sync_time: None,
+                rpo_seconds: Some(700),
+                settings: None,
+            }),
+            conditions: conds(want, observed),
+            ..Default::default()
+        });
+        serde_json::to_value(&r).unwrap()
+    };
+    let idle = || Cond::new(RECONCILING, false, "Idle", "no job runs");
+    let not_stalled = || Cond::new(STALLED, false, "NotStalled", "");
+    let no_commit = || Cond::new(COMMIT_PENDING, false, "NoCommitPending", "");
+    let no_conflict = || Cond::new(CONFLICT, false, "NoConflict", "");
+    let running = |job: &str, step: &str| {
+        let msg = format!("{job} web-01-x-1 at step {step}");
+        [
+            Cond::new(READY, false, "JobRunning", msg.clone()),
+            Cond::new(RECONCILING, true, job.to_string(), msg),
+            not_stalled(),
+            no_commit(),
+            no_conflict(),
+        ]
+    };
+    use VmPhase::*;
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "Pending: a site does not answer yet",
+            rvm(
+                1,
+                1,
+                Pending,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "SiteUnreachable",
+                        "site primary does not answer",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "SiteUnreachable",
+                        "site primary does not answer",
+                    ),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "InitialReplication",
+            rvm(
+                1,
+                1,
+                InitialReplication,
+                Some(ReplicationHealth::Warning),
+                &running("EnableReplication", "InitialReplication"),
+            ),
+            "Progressing",
+        ),
+        (
+            "Protected",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Protected, RPO critical (the alerts cover it; kstatus says Current)",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Critical),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Unprotected",
+            rvm(
+                2,
+                2,
+                Unprotected,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        true,
+                        "Unprotected",
+                        "runs at primary as the spec says",
+                    ),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "Protected, but the spec changed since",
+            rvm(
+                3,
+                2,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, true, "Protected", "runs at primary as the spec says"),
+                    idle(),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "FailingOver",
+            rvm(
+                2,
+                2,
+                FailingOver,
+                None,
+                &running("PlannedFailover", "SyncRemaining"),
+            ),
+            "Progressing",
+        ),
+        (
+            "FailedOver, waiting for a manual commit",
+            rvm(
+                2,
+                2,
+                FailedOver,
+                None,
+                &[
+                    Cond::new(READY, false, "CommitPending", "waiting for the commit"),
+                    Cond::new(RECONCILING, true, "CommitPending", "waiting for the commit"),
+                    not_stalled(),
+                    Cond::new(
+                        COMMIT_PENDING,
+                        true,
+                        "WaitingForCommit",
+                        "annotate the ReplicatedVM with twinsite.io/commit=web-01-failover-2 to commit",
+                    ),
+                    no_conflict(),
+                ],
+            ),
+            "Suspended",
+        ),
+        (
+            "FailedOver, committing",
+            rvm(2, 2, FailedOver, None, &running("Commit", "Commit")),
+            "Progressing",
+        ),
+        (
+            "Reprotecting (a reverse replication job)",
+            rvm(
+                2,
+                2,
+                Reprotecting,
+                None,
+                &running("ReverseReplicate", "Resynchronize"),
+            ),
+            "Progressing",
+        ),
+        (
+            "Reprotecting (a resync the source started)",
+            rvm(
+                2,
+                2,
+                Reprotecting,
+                Some(ReplicationHealth::Warning),
+                &[
+                    Cond::new(READY, false, "Resynchronizing", "the source resynchronizes"),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "Resynchronizing",
+                        "the source resynchronizes",
+                    ),
+                    not_stalled(),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "Failed",
+            rvm(
+                2,
+                2,
+                Failed,
+                None,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobFailed",
+                        "PlannedFailover web-01-failover-2 failed: shutdown timed out",
+                    ),
+                    idle(),
+                    Cond::new(
+                        STALLED,
+                        true,
+                        "JobFailed",
+                        "annotate twinsite.io/retry=web-01-failover-2",
+                    ),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Degraded",
+        ),
+        (
+            "Protected, but the VM is off at its active site",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Warning),
+                &[
+                    Cond::new(READY, false, "VMNotRunning", "the VM is off at primary"),
+                    idle(),
+                    Cond::new(STALLED, true, "VMNotRunning", "the VM is off at primary"),
+                    no_commit(),
+                    no_conflict(),
+                ],
+            ),
+            "Degraded",
+        ),
+        (
+            "Conflict with a FailoverPlan",
+            rvm(
+                1,
+                1,
+                Protected,
+                Some(ReplicationHealth::Healthy),
+                &[
+                    Cond::new(READY, false, "Conflict", "selected by two plans"),
+                    idle(),
+                    Cond::new(STALLED, true, "Conflict", "selected by two plans"),
+                    no_commit(),
+                    Cond::new(CONFLICT, true, "TwoPlans", "selected by two plans"),
+                ],
+            ),
+            "Degraded",
+        ),
+    ];
+
+    let plan = |phase: PlanPhase, want: &[Cond]| {
+        let mut p: FailoverPlan = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+            "metadata": {"name": "finance-dr", "namespace": "finance", "generation": 2},
+            "spec": {"targetSite": "secondary", "groups": [{"name": "db", "vms": ["db-01"]}]},
+        }))
+        .unwrap();
+        p.status = Some(FailoverPlanStatus {
+            observed_generation: Some(2),
+            phase: Some(phase),
+            conditions: conds(want, 2),
+            ..Default::default()
+        });
+        serde_json::to_value(&p).unwrap()
+    };
+    let no_wait = || Cond::new("WaitingForApproval", false, "NotWaiting", "");
+    let plan_cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "plan Pending",
+            plan(
+                PlanPhase::Pending,
+                &[
+                    Cond::new(READY, false, "Pending", "the plan has not run yet"),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "Pending",
+                        "waiting for the plan's members",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "plan InProgress",
+            plan(
+                PlanPhase::InProgress,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1 is running",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Progressing",
+        ),
+        (
+            "plan InProgress, waiting for an approval",
+            plan(
+                PlanPhase::InProgress,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1 is running",
+                    ),
+                    Cond::new(
+                        RECONCILING,
+                        true,
+                        "JobRunning",
+                        "plan job finance-dr-failover-1",
+                    ),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    Cond::new(
+                        "WaitingForApproval",
+                        true,
+                        "WaitingForApproval",
+                        "annotate twinsite.io/approve=db/confirm-fenced",
+                    ),
+                ],
+            ),
+            "Suspended",
+        ),
+        (
+            "plan Completed",
+            plan(
+                PlanPhase::Completed,
+                &[
+                    Cond::new(
+                        READY,
+                        true,
+                        "Completed",
+                        "every VM of the plan is at secondary",
+                    ),
+                    Cond::new(RECONCILING, false, "Idle", ""),
+                    Cond::new(STALLED, false, "Healthy", ""),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Healthy",
+        ),
+        (
+            "plan Failed",
+            plan(
+                PlanPhase::Failed,
+                &[
+                    Cond::new(
+                        READY,
+                        false,
+                        "JobFailed",
+                        "plan job finance-dr-failover-1 failed",
+                    ),
+                    Cond::new(RECONCILING, false, "Idle", ""),
+                    Cond::new(STALLED, true, "JobFailed", "db-01 failed"),
+                    no_conflict(),
+                    no_wait(),
+                ],
+            ),
+            "Degraded",
+        ),
+    ];
+
+    let site = |ready: Cond| {
+        let mut s: Site = serde_json::from_value(json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+            "metadata": {"name": "primary", "generation": 1},
+            "spec": {"agent": {"url": "http://127.0.0.1:7101",
+                "tokenSecretRef": {"namespace": "twinsite-system", "name": "primary-agent", "key": "token"}}},
+        }))
+        .unwrap();
+        s.status = Some(SiteStatus {
+            observed_generation: Some(1),
+            conditions: conds(&[ready], 1),
+            ..Default::default()
+        });
+        serde_json::to_value(&s).unwrap()
+    };
+    let site_cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        (
+            "site Connected",
+            site(Cond::new(READY, true, "Connected", "12 VMs")),
+            "Healthy",
+        ),
+        (
+            "site Unreachable",
+            site(Cond::new(READY, false, "Unreachable", "connection refused")),
+            "Degraded",
+        ),
+        (
+            "site Unauthorized",
+            site(Cond::new(READY, false, "Unauthorized", "401")),
+            "Degraded",
+        ),
+    ];
+
+    let mut seen = std::collections::BTreeSet::new();
+    for (what, obj, want) in cases.iter().chain(&plan_cases).chain(&site_cases) {
+        let (health, message) = assert_health_agrees(obj);
+        assert_eq!(&health, want, "{what}: {message}");
+        assert!(!message.is_empty(), "{what}: no message");
+        seen.insert(health);
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        ["Degraded", "Healthy", "Progressing", "Suspended"]
+    );
+    // The message says why: the failed job's retry value, the RPO of a critical replication.
+    let (_, m) = argo_health(&cases[11].1);
+    assert!(m.contains("twinsite.io/retry=web-01-failover-2"), "{m}");
+    let (_, m) = argo_health(&cases[3].1);
+    assert!(m.contains("Critical") && m.contains("700"), "{m}");
+    // No status yet: waiting for the controller.
+    let mut bare = cases[0].1.clone();
+    bare.as_object_mut().unwrap().remove("status");
+    assert_eq!(argo_health(&bare).0, "Progressing");
+}
+
+// ---- Alerts (templates/prometheusrule.yaml) and the dashboard --------------------------------
+
+/// `helm` without a cluster (`helm template` needs none), its homes under `tmp`.
+fn helm_offline(tmp: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(envtest::bin_dir().unwrap().join("helm"));
+    cmd.env("HELM_CACHE_HOME", tmp.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", tmp.join("helm/config"))
+        .env("HELM_DATA_HOME", tmp.join("helm/data"));
+    cmd
+}
+
+fn render_offline(tmp: &Path, values: &[&str]) -> Output {
+    helm_offline(tmp)
+        .args(["template", "twinsite"])
+        .arg(chart_dir())
+        .args(["--namespace", "twinsite-system"])
+        .args(values)
+        .output()
+        .unwrap()
+}
+
+/// Debian's promtool: `TWINSITE_PROMTOOL`, else `promtool` on PATH, else the one
+/// scripts/ops-packages.sh takes out of Debian's prometheus package (cached).
+fn promtool() -> std::process::Command {
+    static PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let p = PATH.get_or_init(|| {
+        if let Ok(p) = std::env::var("TWINSITE_PROMTOOL") {
+            return PathBuf::from(p);
+        }
+        if std::process::Command::new("promtool")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
+            return PathBuf::from("promtool");
+        }
+        let out = std::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ops-packages.sh"),
+        )
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/ops-packages.sh failed: promtool is needed"
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        Path::new(text.lines().last().unwrap().trim()).join("promtool")
+    });
+    std::process::Command::new(p)
+}
+
+/// The metric names the controller's registry serves on /metrics (a counter `x` is served as
+/// `x_total`). A family shows only once it has a series, so each gets one here;
+/// `the_controller_runs_as_the_chart_deploys_it_and_fails_a_vm_over` checks a running
+/// controller's /metrics for the status series the alerts use.
+fn exported_metric_names() -> std::collections::BTreeSet<String> {
+    use twinsite::controller::metrics::*;
+    let m = Metrics::new();
+    let vm = VmLabels {
+        namespace: "ns".into(),
+        name: "vm".into(),
+    };
+    let kind = KindLabels {
+        kind: "ReplicatedVM".into(),
+    };
+    m.rpo_seconds.get_or_create(&vm).set(1);
+    m.bytes_replicated.get_or_create(&vm).set(1);
+    m.jobs
+        .get_or_create(&JobKind {
+            r#type: "PlannedFailover".into(),
+            outcome: "Failed".into(),
+        })
+        .inc();
+    m.reconcile_errors.get_or_create(&kind).inc();
+    m.status_writes.get_or_create(&kind).inc();
+    m.site_listings
+        .get_or_create(&SiteLabels {
+            site: "primary".into(),
+        })
+        .inc();
+    let mut gauges = StatusGauges::default();
+    gauges.show(
+        &m,
+        Snapshot {
+            kind: "ReplicatedVM",
+            namespace: "ns".into(),
+            name: "vm".into(),
+            conditions: vec![("Ready".into(), "Protected".into(), true)],
+            phase: Some("Protected".into()),
+            replication_enabled: Some(true),
+            replication_interval: Some(300),
+            replication_state: Some("Replicating".into()),
+        },
+    );
+    let text = m.encode();
+    let mut names = std::collections::BTreeSet::new();
+    for l in text.lines() {
+        if let Some(rest) = l.strip_prefix("# TYPE ") {
+            let mut it = rest.split_whitespace();
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            names.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            });
+        }
+    }
+    assert!(names.contains("twinsite_rpo_seconds"), "{text}");
+    names
+}
+
+/// Every `twinsite_*` metric name in a PromQL expression.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("twinsite_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let before = rest[..i].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.push(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[test]
+fn the_prometheus_rule_passes_promtool_and_its_unit_tests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ok = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Off by default.
+    let objects = docs(&ok(render_offline(tmp.path(), &[])));
+    assert!(!objects.iter().any(|d| d["kind"] == "PrometheusRule"));
+    // The schema refuses a wait of no minutes, naming the value.
+    let out = render_offline(
+        tmp.path(),
+        &["--set", "prometheusRule.approvalWaitMinutes=0"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("prometheusRule/approvalWaitMinutes"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let objects = docs(&ok(render_offline(
+        tmp.path(),
+        &[
+            "--set",
+            "prometheusRule.enabled=true,prometheusRule.approvalWaitMinutes=20",
+            "--set",
+            "prometheusRule.labels.release=prom",
+        ],
+    )));
+    let rule = find(&objects, "PrometheusRule");
+    assert_eq!(rule["metadata"]["labels"]["release"], "prom");
+    assert_eq!(rule["metadata"]["namespace"], "twinsite-system");
+    let groups = &rule["spec"]["groups"];
+    let rules_file = tmp.path().join("rules.yaml");
+    std::fs::write(
+        &rules_file,
+        serde_yaml::to_string(&serde_yaml::Mapping::from_iter([(
+            Value::from("groups"),
+            groups.clone(),
+        )]))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = ok(promtool()
+        .arg("check")
+        .arg("rules")
+        .arg(&rules_file)
+        .output()
+        .unwrap());
+    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+
+    // Every expression names only metrics the controller exports.
+    let exported = exported_metric_names();
+    let mut alerts = std::collections::BTreeSet::new();
+    for g in groups.as_sequence().unwrap() {
+        for r in g["rules"].as_sequence().unwrap() {
+            let name = r["alert"].as_str().unwrap().to_string();
+            let expr = r["expr"].as_str().unwrap();
+            let used = metric_names_in(expr);
+            assert!(!used.is_empty(), "{name}: no twinsite metric in {expr}");
+            for m in used {
+                assert!(
+                    exported.contains(&m),
+                    "{name} uses {m}, which the controller does not export ({exported:?})"
+                );
+            }
+            alerts.insert(name);
+        }
+    }
+
+    // The unit tests: input series, expected alerts; one firing case at least per alert.
+    let tests_src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/alerts/twinsite_test.yaml");
+    let tests_file = tmp.path().join("twinsite_test.yaml");
+    std::fs::copy(&tests_src, &tests_file).unwrap();
+    let unit: Value = serde_yaml::from_str(&std::fs::read_to_string(&tests_src).unwrap()).unwrap();
+    let mut fired = std::collections::BTreeSet::new();
+    for t in unit["tests"].as_sequence().unwrap() {
+        for a in t["alert_rule_test"].as_sequence().unwrap() {
+            if a["exp_alerts"].as_sequence().is_some_and(|e| !e.is_empty()) {
+                fired.insert(a["alertname"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    assert_eq!(
+        fired, alerts,
+        "every alert needs a unit test where it fires"
+    );
+    let out = promtool()
+        .current_dir(tmp.path())
+        .args(["test", "rules", "twinsite_test.yaml"])
+        .output()
+        .unwrap();
+    ok(out);
+}
+
+#[test]
+fn the_dashboard_queries_only_metrics_the_controller_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = chart_dir().join("dashboards/twinsite.json");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let exported = exported_metric_names();
+    let check = |what: &str, expr: &str| {
+        let used = metric_names_in(expr);
+        assert!(!used.is_empty(), "{what}: no twinsite metric in {expr}");
+        for m in used {
+            assert!(
+                exported.contains(&m),
+                "{what} queries {m}, which the controller does not export ({exported:?})"
+            );
+        }
+    };
+    let mut exprs = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        let title = p["title"].as_str().unwrap();
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {title} has no query");
+        for t in targets {
+            let e = t["expr"].as_str().unwrap();
+            check(title, e);
+            exprs.push(e.to_string());
+        }
+    }
+    assert!(exprs.len() >= 9, "{exprs:?}");
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if v["type"] == "query" {
+            check(
+                v["name"].as_str().unwrap(),
+                v["query"]["query"].as_str().unwrap(),
+            );
+        }
+    }
+    // Every panel query is PromQL promtool parses (as recording rules; Grafana's $variables
+    // only appear inside label matchers' strings).
+    let rules: Vec<serde_json::Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, e)| json!({"record": format!("dashboard:query_{i}"), "expr": e}))
+        .collect();
+    let rules_file = tmp.path().join("dashboard-rules.yaml");
+    std::fs::write(
+        &rules_file,
+        serde_yaml::to_string(&json!({"groups": [{"name": "dashboard", "rules": rules}]})).unwrap(),
+    )
+    .unwrap();
+    let out = promtool()
+        .arg("check")
+        .arg("rules")
+        .arg(&rules_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The chart ships it, when asked, for Grafana's sidecar.
+    let out = render_offline(tmp.path(), &[]);
+    assert!(
+        !docs(&String::from_utf8(out.stdout).unwrap())
+            .iter()
+            .any(|d| d["kind"] == "ConfigMap")
+    );
+    let out = render_offline(tmp.path(), &["--set", "grafanaDashboard.enabled=true"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objects = docs(&String::from_utf8(out.stdout).unwrap());
+    let cm = find(&objects, "ConfigMap");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let shipped: serde_json::Value =
+        serde_json::from_str(cm["data"]["twinsite.json"].as_str().unwrap()).unwrap();
+    assert_eq!(shipped, dash);
 }

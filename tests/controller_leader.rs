@@ -120,9 +120,24 @@ async fn one_leader_acts_and_hands_over_on_sigterm() {
         .unwrap();
     assert!(m.contains("twinsite_site_listings_total{site="), "{m}");
 
+    // The leader exports what the status says (a Site not Ready); the standby exports none of
+    // it, so an alert does not fire once per replica.
+    let text = |url: String| async move { reqwest::get(url).await.unwrap().text().await.unwrap() };
+    wait_until("the leader exports the Sites' conditions", || async {
+        text(a.metrics_url())
+            .await
+            .contains(r#"twinsite_condition{kind="Site",namespace="",name="#)
+    })
+    .await;
+
     // The standby does nothing while the leader lives.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert!(!b.log().contains("leading"), "two leaders:\n{}", b.log());
+    let m = text(b.metrics_url()).await;
+    assert!(
+        !m.contains("twinsite_condition{"),
+        "the standby exports status:\n{m}"
+    );
 
     // SIGTERM: the leader stops (releasing the lease), the standby takes over.
     a.terminate();
@@ -136,6 +151,12 @@ async fn one_leader_acts_and_hands_over_on_sigterm() {
             .await
             .unwrap()
             .contains("twinsite_site_listings_total{site=")
+    })
+    .await;
+    wait_until("the new leader exports the Sites' conditions", || async {
+        text(b.metrics_url())
+            .await
+            .contains(r#"twinsite_condition{kind="Site",namespace="",name="#)
     })
     .await;
     b.terminate();

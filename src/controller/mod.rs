@@ -358,7 +358,16 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                 warn!(error = %e, "FailoverPlan controller stopped");
             }
         };
-        tokio::join!(rvms, site_ctl, plans);
+        // What the objects' status says, as metrics, while this replica leads (a standby
+        // exports none, so alerts do not fire twice).
+        let gauges = async {
+            tokio::select! {
+                _ = metrics::status_gauges(client.clone(), metrics.clone()) => {}
+                _ = trigger(halt.clone()) => {}
+            }
+        };
+        tokio::join!(rvms, site_ctl, plans, gauges);
+        metrics.clear_status();
         lost.abort();
         if stopping.load(Ordering::SeqCst) {
             break;
