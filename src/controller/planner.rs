@@ -793,7 +793,7 @@ enum Next {
 }
 
 /// Newest failover job that succeeded and is not committed yet.
-fn uncommitted_failover(st: &ReplicatedVMStatus) -> Option<&Job> {
+pub(crate) fn uncommitted_failover(st: &ReplicatedVMStatus) -> Option<&Job> {
     let fi = st.jobs.iter().rposition(|j| is_failover(j.type_))?;
     let f = &st.jobs[fi];
     if f.state != JobState::Succeeded {

@@ -294,8 +294,8 @@ mod tests {
         );
         assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
         let other_qemu = xml.replace("<devices>", "<devices><emulator>/tmp/qemu</emulator>");
-        let out = for_replica(&other_qemu, "web", &images, std::path::Path::new("/c"))
-            .expect("rewrites");
+        let out =
+            for_replica(&other_qemu, "web", &images, std::path::Path::new("/c")).expect("rewrites");
         assert!(!out.contains("emulator"), "{out}");
     }
 }
