@@ -672,3 +672,109 @@ async fn a_changed_interval_the_source_does_not_run_is_shown_not_applied() {
     .await;
     w.wait_protected(vm, &p, &s).await;
 }
+
+/// Polls until ReplicatedVM `vm` is gone; returns every Ready message seen meanwhile.
+async fn wait_deleted(w: &World, vm: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + LONG;
+    let mut seen = Vec::new();
+    while let Some(r) = w.rvms().get_opt(vm).await.unwrap() {
+        let msg = r
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        if seen.last() != Some(&msg) {
+            seen.push(msg);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vm} was never deleted: {:?}\n{}",
+            r.status,
+            w.controller.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    seen
+}
+
+/// Deleting a ReplicatedVM is no way to cancel a failover: while a planned failover's graceful
+/// shutdown hangs, the deletion waits for the job to end (Ready says so), and only then stops
+/// replication and removes the replica; the VM keeps running where it ran. A replica that is the
+/// only copy of a VM that runs nowhere (the VM was deleted at its active site) is kept, the
+/// deletion waits with Stalled True, until `twinsite.io/delete-last-copy: "true"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_waits_for_the_running_job_and_keeps_the_last_copy() {
+    let _serial = one_at_a_time().await;
+    let args = ["--shutdown-timeout-seconds".to_string(), "6".to_string()];
+    let mut w = World::start_full("delete", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", "mid")])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    for vm in ["mid", "last"] {
+        w.primary.create_vm(vm, true).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["mid", "last"] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+
+    // A planned failover whose shutdown hangs; the ReplicatedVM is deleted meanwhile.
+    w.patch_spec("mid", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("mid", "ShutdownSource running", |r| {
+            steps(r, "PlannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+        })
+        .await;
+    let job = r.status.unwrap().jobs.last().unwrap().name.clone();
+    w.rvms().delete("mid", &Default::default()).await.unwrap();
+    let seen = wait_deleted(&w, "mid").await;
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with(&format!("deletion waits for job {job} to end"))),
+        "the deletion never waited for {job}: {seen:?}"
+    );
+    // The job ended (its Event), the VM runs at the source, and the replica is gone.
+    let events = w.events("mid").await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, note)| reason == "JobFailed" && note.contains(&job)),
+        "{events:?}"
+    );
+    let vm = w.primary.vm("mid").await.expect("the VM at the source");
+    assert_eq!(vm.power, twinsite::site::Power::Running);
+    assert!(w.secondary.vm("mid").await.is_none(), "replica left behind");
+
+    // The VM is gone at its active site: its replica is the only copy and is kept.
+    w.primary
+        .client
+        .power("last", PowerAction::PowerOff, "test-last-off")
+        .await
+        .unwrap();
+    w.primary
+        .client
+        .delete_vm("last", "test-last-delete")
+        .await
+        .unwrap();
+    w.rvms().delete("last", &Default::default()).await.unwrap();
+    let r = w
+        .wait_for("last", "the deletion keeps the last copy", |r| {
+            cond(r, "Stalled")
+                && r.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Stalled" && c.reason == "LastCopy")
+                })
+        })
+        .await;
+    assert!(r.metadata.deletion_timestamp.is_some());
+    assert!(
+        w.secondary.vm("last").await.is_some(),
+        "the last copy was deleted"
+    );
+    annotate(&w, "rvm", "last", "twinsite.io/delete-last-copy", "true");
+    wait_deleted(&w, "last").await;
+    assert!(w.secondary.vm("last").await.is_none());
+}

@@ -41,6 +41,8 @@ pub const VM_NOT_RUNNING: &str = "VMNotRunning";
 pub const SETTINGS_NOT_APPLIED: &str = "SettingsNotApplied";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
+/// How Ready's message starts while a deletion waits for the running job.
+const DELETION_WAITS: &str = "deletion waits for job";
 /// Words in the message of a step that failed at its deadline: the Stalled message then names
 /// the ways on.
 const DEADLINE_PASSED: &str = "deadline passed";
@@ -363,6 +365,9 @@ pub struct Input<'a> {
     /// When the running FailoverPlan job that moves this VM started: a failover of the VM to
     /// the plan's target that failed before it is run again (a plan retry).
     pub plan_started: Option<Timestamp>,
+    /// The object is being deleted: the running job is driven to its end (deletion waits for
+    /// it, and the conditions say so), and no job starts or is retried.
+    pub deleting: bool,
 }
 
 /// Why the FailoverPlans of the VM's namespace hold it where it runs.
@@ -581,9 +586,12 @@ pub fn plan(input: &Input) -> Plan {
                             }
                             requeue = input.poll;
                         }
-                        Some(n) => {
+                        // A deletion that has just begun is written down (Ready says the
+                        // deletion waits for this job) before the step's site is called.
+                        Some(n) if !input.deleting || deletion_noted(input.status) => {
                             return Plan::Execute(Box::new(step_call(input, &st, ji, si, n)));
                         }
+                        Some(_) => {}
                         None => {
                             // A step this controller does not know (written by a newer one):
                             // fail it rather than guess.
@@ -597,6 +605,8 @@ pub fn plan(input: &Input) -> Plan {
                 }
                 _ => advance(input, &mut st, &mut events, &mut finished),
             }
+        } else if input.deleting {
+            // Deletion waits for a running job only: nothing new starts.
         } else if let Some(attempt) = retry_due(input, &st) {
             retry_job(input, &mut st, attempt, &mut events);
             advance(input, &mut st, &mut events, &mut finished);
@@ -634,6 +644,13 @@ pub fn plan(input: &Input) -> Plan {
     } else {
         Plan::Idle(requeue)
     }
+}
+
+/// Ready already says that a deletion waits for the running job.
+fn deletion_noted(st: &ReplicatedVMStatus) -> bool {
+    st.conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.message.starts_with(DELETION_WAITS))
 }
 
 fn steady_requeue(input: &Input) -> Duration {
@@ -2260,7 +2277,10 @@ fn finalize(
             let step = current_step(j)
                 .map(|(i, _)| j.steps[i].name.clone())
                 .unwrap_or_default();
-            let msg = format!("{} {} at step {step}", job_type_str(j.type_), j.name);
+            let mut msg = format!("{} {} at step {step}", job_type_str(j.type_), j.name);
+            if input.deleting {
+                msg = format!("{DELETION_WAITS} {} to end ({msg})", j.name);
+            }
             want.push(Cond::new(READY, false, "JobRunning", msg.clone()));
             want.push(Cond::new(RECONCILING, true, job_type_str(j.type_), msg));
         }

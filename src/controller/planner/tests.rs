@@ -59,6 +59,8 @@ struct World {
     retry: Option<String>,
     /// When the plan job that moves the VM started.
     plan_started: Option<Timestamp>,
+    /// The object is being deleted.
+    deleting: bool,
     sites: HashMap<String, Option<SimVm>>,
     down: HashSet<String>,
     now: i64,
@@ -99,6 +101,7 @@ impl World {
             annotation: None,
             retry: None,
             plan_started: None,
+            deleting: false,
             sites,
             down: HashSet::new(),
             now: 0,
@@ -150,6 +153,7 @@ impl World {
             cut: self.cut.as_ref(),
             retry: self.retry.as_deref(),
             plan_started: self.plan_started,
+            deleting: self.deleting,
         };
         f(&input)
     }
@@ -1273,6 +1277,7 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         cut: None,
         retry: None,
         plan_started: None,
+        deleting: false,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
     // A fresh one does fence.
@@ -2295,4 +2300,62 @@ fn a_changed_retention_is_shown_not_applied_until_a_reprotect_sends_it() {
         .clone()
         .unwrap();
     assert_eq!(sent.recovery_point_retention_hours, 2);
+}
+
+#[test]
+fn a_deletion_during_a_failover_drives_it_to_its_end_and_starts_nothing_after_it() {
+    let mut w = World::protected(true);
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Planned;
+    });
+    // The failover starts and its first step is written Running.
+    while w.status.jobs.last().map(|j| j.type_) != Some(JobType::PlannedFailover) {
+        w.step();
+    }
+    w.deleting = true;
+    let j = w.job(JobType::PlannedFailover).name.clone();
+    let msg = |w: &World| {
+        w.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    // Written down before the next site call.
+    assert!(matches!(w.step(), Plan::Write(_)));
+    assert!(
+        msg(&w).starts_with(&format!("deletion waits for job {j} to end")),
+        "{}",
+        msg(&w)
+    );
+    assert!(w.cond(RECONCILING));
+    w.settle();
+    // The failover ended; its commit and the reverse replication never started.
+    assert_eq!(
+        w.job_types(),
+        [JobType::EnableReplication, JobType::PlannedFailover]
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_deletion_does_not_retry_a_failed_job() {
+    let mut w = World::protected(false);
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Planned;
+    });
+    w.settle();
+    let j = w.job(JobType::PlannedFailover).name.clone();
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+    w.deleting = true;
+    w.retry = Some(j);
+    w.settle();
+    assert_eq!(w.job(JobType::PlannedFailover).attempt, Some(1));
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
 }
