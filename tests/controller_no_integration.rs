@@ -778,3 +778,119 @@ async fn a_deletion_waits_for_the_running_job_and_keeps_the_last_copy() {
     wait_deleted(&w, "last").await;
     assert!(w.secondary.vm("last").await.is_none());
 }
+
+/// An unplanned failover whose FenceSource fails while the source answers (its power off is
+/// refused with an error, the VM without integration services could not be shut down either):
+/// the VM is known to run at the source, so it is never started at the target. The fence is
+/// retried, backing off, until the step's deadline; then the job fails with the VM running at
+/// the source, Stalled. Once the source can power it off, the retry annotation moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_the_source_refuses_never_starts_the_vm_at_the_target() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("fencefail").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    // The controller reaches the primary site through a proxy that can refuse power offs.
+    let proxy = FaultProxy::start(&w.primary.url).await;
+    let sites: Api<Site> = Api::all(w.client.clone());
+    sites
+        .patch(
+            &p,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"agent": {"url": proxy.url}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let site = sites.get(&p).await.unwrap();
+        let through_proxy = site.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True" && c.message.contains(&proxy.url))
+        });
+        if through_proxy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site never used the proxy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    w.primary.create_vm("web-01", false).await;
+    w.create_rvm(
+        "web-01",
+        json!({"type": "Unplanned", "shutdownSource": true, "stepTimeoutSeconds": 10}),
+    )
+    .await;
+    w.wait_protected("web-01", &p, &s).await;
+
+    proxy
+        .fail_power_off
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    w.patch_spec("web-01", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("web-01", "the unplanned failover ended", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs
+                    .iter()
+                    .rev()
+                    .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+                    .is_some_and(|j| format!("{:?}", j.state) != "Running")
+            })
+        })
+        .await;
+    let st = r.status.clone().unwrap();
+    let job = st
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+        .unwrap()
+        .clone();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:?}");
+    let step = |n: &str| job.steps.iter().find(|x| x.name == n).unwrap().clone();
+    assert_eq!(format!("{:?}", step("FenceSource").state), "Failed");
+    assert!(
+        step("FenceSource")
+            .message
+            .unwrap_or_default()
+            .contains("injected fault"),
+        "{job:?}"
+    );
+    assert_eq!(format!("{:?}", step("StartAtTarget").state), "Skipped");
+    assert_eq!(st.active_site.as_deref(), Some(p.as_str()));
+    assert!(cond(&r, "Stalled"));
+    assert!(
+        proxy
+            .power_offs_refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    );
+    // The VM never ran at the target: it runs at the source only.
+    assert_eq!(
+        w.primary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running)
+    );
+    assert_ne!(
+        w.secondary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running),
+        "the VM was started at the target while it ran at the source"
+    );
+
+    // The source can power it off again: the retry moves the VM.
+    proxy
+        .fail_power_off
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    annotate(&w, "rvm", "web-01", "twinsite.io/retry", &job.name);
+    w.wait_for("web-01", "the VM at the target after the retry", |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|st| st.active_site.as_deref() == Some(s.as_str()))
+    })
+    .await;
+    assert_ne!(
+        w.primary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running)
+    );
+}

@@ -171,6 +171,8 @@ pub struct Context {
     pub started: std::time::Instant,
     /// Status this process wrote last, per ReplicatedVM.
     pub written: rvm::Written,
+    /// Power offs that failed lately, per ReplicatedVM (backoff).
+    pub fences: rvm::Fences,
     /// The only namespace whose Secrets are read.
     pub secret_namespace: String,
 }
@@ -317,6 +319,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             poll: Duration::from_secs(args.site_poll_seconds.max(1)),
             started: std::time::Instant::now(),
             written: Default::default(),
+            fences: Default::default(),
             secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());

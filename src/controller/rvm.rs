@@ -50,6 +50,40 @@ impl Written {
     }
 }
 
+/// Power offs (fences) that failed in a row, per object (by uid), and when the next may be
+/// tried ([`planner::fence_backoff`]). Kept in memory: a restarted controller tries once more
+/// at once and backs off again from there.
+#[derive(Default)]
+pub struct Fences(std::sync::Mutex<std::collections::HashMap<String, (u32, Timestamp)>>);
+
+impl Fences {
+    fn not_before(&self, uid: &str) -> Option<Timestamp> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(uid).map(|(_, t)| *t)
+    }
+
+    /// Records the outcome of a power off; after a failure, how long to back off.
+    fn record(&self, uid: &str, outcome: &planner::Outcome) -> Option<Duration> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(outcome, planner::Outcome::Succeeded { .. }) {
+            m.remove(uid);
+            return None;
+        }
+        let failures = m.get(uid).map_or(0, |(n, _)| *n).saturating_add(1);
+        let wait = planner::fence_backoff(failures);
+        let next = now()
+            .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+            .unwrap_or_else(|_| now());
+        m.insert(uid.to_string(), (failures, next));
+        Some(wait)
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(uid);
+    }
+}
+
 /// Seconds-precision now: status times are whole seconds, so comparisons stay exact.
 pub fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
@@ -198,6 +232,7 @@ async fn apply(
             retry: retry.as_deref(),
             plan_started,
             deleting,
+            fence_not_before: ctx.fences.not_before(&uid),
         };
         let update = match planner::plan(&input) {
             Plan::Idle(d) => {
@@ -211,6 +246,9 @@ async fn apply(
                     call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
                 }
                 let outcome = exec::run(&ctx.sites, &call).await;
+                if call.step_name == StepName::FenceSource {
+                    ctx.fences.record(&uid, &outcome);
+                }
                 let input = Input {
                     now: now(),
                     ..input
@@ -233,6 +271,9 @@ async fn apply(
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
                 let outcome = exec::fence(&ctx.sites, &f).await;
+                if let Some(wait) = ctx.fences.record(&uid, &outcome) {
+                    warn!(rvm = %name, site = %f.site, "power off failed; trying again in {} s", wait.as_secs());
+                }
                 let input = Input {
                     now: now(),
                     ..input
@@ -484,6 +525,7 @@ async fn cleanup(
         name: name.clone(),
     });
     ctx.written.forget(&uid);
+    ctx.fences.forget(&uid);
     info!(rvm = %name, "replication stopped and replica removed");
     Ok(Action::await_change())
 }

@@ -61,6 +61,10 @@ struct World {
     plan_started: Option<Timestamp>,
     /// The object is being deleted.
     deleting: bool,
+    /// No fence before then.
+    fence_not_before: Option<Timestamp>,
+    /// The source answers a power off with an error.
+    fence_refused: bool,
     sites: HashMap<String, Option<SimVm>>,
     down: HashSet<String>,
     now: i64,
@@ -102,6 +106,8 @@ impl World {
             retry: None,
             plan_started: None,
             deleting: false,
+            fence_not_before: None,
+            fence_refused: false,
             sites,
             down: HashSet::new(),
             now: 0,
@@ -154,6 +160,7 @@ impl World {
             retry: self.retry.as_deref(),
             plan_started: self.plan_started,
             deleting: self.deleting,
+            fence_not_before: self.fence_not_before,
         };
         f(&input)
     }
@@ -234,6 +241,9 @@ impl World {
                 Outcome::ok()
             }
             StepName::FenceSource => {
+                if self.fence_refused {
+                    return Outcome::Failed(format!("site {src}: power off refused"));
+                }
                 self.vm_mut(src).vm.power = Power::Off;
                 Outcome::ok()
             }
@@ -1278,6 +1288,7 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         retry: None,
         plan_started: None,
         deleting: false,
+        fence_not_before: None,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
     // A fresh one does fence.
@@ -2358,4 +2369,139 @@ fn a_deletion_does_not_retry_a_failed_job() {
     w.settle();
     assert_eq!(w.job(JobType::PlannedFailover).attempt, Some(1));
     assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+}
+
+#[test]
+fn fence_backoff_doubles_up_to_its_cap() {
+    let secs: Vec<u64> = (1..=9).map(|n| fence_backoff(n).as_secs()).collect();
+    assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    assert_eq!(fence_backoff(u32::MAX), FENCE_BACKOFF_MAX);
+}
+
+#[test]
+fn a_fence_refused_by_a_source_that_answers_never_starts_the_vm_at_the_target() {
+    // No integration services: the shutdown fails; the power off is answered with an error.
+    let mut w = World::protected(false);
+    w.fence_refused = true;
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.step_timeout_seconds = Some(30);
+    });
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Failed, "{f:#?}");
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", F),
+            ("FenceSource", F),
+            ("SyncRemaining", K),
+            ("StopReplication", K),
+            ("StartAtTarget", K),
+        ])
+    );
+    let fence = f.steps.iter().find(|s| s.name == "FenceSource").unwrap();
+    assert!(
+        fence
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("power off refused"),
+        "{fence:?}"
+    );
+    assert!(
+        f.message
+            .as_deref()
+            .unwrap()
+            .contains(&format!("runs at {P}")),
+        "{f:?}"
+    );
+    // The fence was tried more than once; the VM never started at the target.
+    let fences = w
+        .calls
+        .iter()
+        .filter(|c| c.0 == StepName::FenceSource)
+        .count();
+    assert!(fences >= 1);
+    assert!(!w.calls.iter().any(|c| c.0 == StepName::StartAtTarget));
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert!(w.cond(STALLED));
+}
+
+#[test]
+fn a_fence_that_failed_backs_off_before_the_next_power_off() {
+    let mut w = World::protected(false);
+    w.fence_refused = true;
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    // Up to the first refused power off.
+    while !w.calls.iter().any(|c| c.0 == StepName::FenceSource) {
+        w.step();
+    }
+    let job = w.job(JobType::UnplannedFailover);
+    assert_eq!(job.state, JobState::Running);
+    // The reconciler backs off: no power off before then, at the step or anywhere.
+    w.fence_not_before = Some(ts(w.now + 10));
+    assert_eq!(
+        w.with_input(plan),
+        Plan::Idle(Duration::from_secs(10)),
+        "a fence was tried again before its backoff ended"
+    );
+    w.now += 10;
+    assert!(matches!(
+        w.with_input(plan),
+        Plan::Execute(ref c) if c.step_name == StepName::FenceSource
+    ));
+}
+
+#[test]
+fn a_source_seen_running_again_is_powered_off_before_the_vm_starts_at_the_target() {
+    let mut w = World::protected(true);
+    w.now += 40;
+    w.down.insert(P.to_string());
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    let start_state = |w: &World| {
+        w.status
+            .jobs
+            .last()
+            .filter(|j| j.type_ == JobType::UnplannedFailover)
+            .and_then(|j| j.steps.iter().find(|s| s.name == "StartAtTarget"))
+            .map(|s| s.state)
+    };
+    while start_state(&w) != Some(StepState::Running) {
+        w.step();
+    }
+    // The source answers again, the VM running there: it is powered off first.
+    w.down.remove(P);
+    w.now += 2;
+    match w.with_input(plan) {
+        Plan::Fence(f) => assert_eq!(f.site, P),
+        other => panic!("expected a fence of {P}, got {other:?}"),
+    }
+    // Backing off after a failed power off: nothing starts at the target meanwhile.
+    w.fence_not_before = Some(ts(w.now + 20));
+    assert!(matches!(w.with_input(plan), Plan::Idle(_)));
+    w.fence_not_before = None;
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    let order: Vec<StepName> = w.calls.iter().map(|c| c.0).collect();
+    let fence = order
+        .iter()
+        .position(|s| *s == StepName::FenceSource)
+        .unwrap();
+    let start = order
+        .iter()
+        .position(|s| *s == StepName::StartAtTarget)
+        .unwrap();
+    assert!(fence < start, "{order:?}");
 }
