@@ -2,7 +2,8 @@
 //! (`rvm::cleanup`) asks these functions and acts on their answers.
 //!
 //! - A job that runs is never cut off: deletion waits for it to end (the planner drives it to
-//!   its end and starts nothing new, see `planner::Input::deleting`).
+//!   its end and starts nothing new, see `planner::Input::deleting`), unless it only waits for
+//!   the source's copy (no site call in flight; the cleanup stops that replication).
 //! - The replica at the site where the VM does not run is deleted, unless it is the only copy
 //!   of a VM that runs nowhere: then the deletion waits for the annotation
 //!   [`DELETE_LAST_COPY_ANNOTATION`] (`"true"`).
@@ -10,7 +11,8 @@
 use jiff::Timestamp;
 
 use super::conditions::{self, Cond, READY, RECONCILING, STALLED};
-use crate::api::{DELETE_LAST_COPY_ANNOTATION, Job, JobState, ReplicatedVMStatus};
+use super::planner::StepName;
+use crate::api::{DELETE_LAST_COPY_ANNOTATION, Job, JobState, ReplicatedVMStatus, StepState};
 
 /// Ready's and Stalled's reason while the deletion keeps the only copy of the VM.
 pub const LAST_COPY: &str = "LastCopy";
@@ -26,9 +28,22 @@ pub enum Copy {
     Absent,
 }
 
-/// The job deletion waits for, if one runs.
+/// The job deletion waits for, if one runs. A job that only waits for the source's copy
+/// (InitialReplication, Resynchronize: no site call in flight, possibly for hours) is not
+/// waited for: the cleanup stops that replication anyway.
 pub fn running_job(st: &ReplicatedVMStatus) -> Option<&Job> {
-    st.jobs.iter().rev().find(|j| j.state == JobState::Running)
+    st.jobs
+        .iter()
+        .rev()
+        .find(|j| j.state == JobState::Running && !waits_for_copy(j))
+}
+
+fn waits_for_copy(j: &Job) -> bool {
+    j.steps
+        .iter()
+        .find(|s| matches!(s.state, StepState::Pending | StepState::Running))
+        .and_then(|s| StepName::parse(&s.name))
+        .is_some_and(StepName::is_wait)
 }
 
 /// Whether the annotation value allows deleting the last copy.
@@ -97,6 +112,60 @@ mod tests {
         // Nothing to delete, or the VM runs at the other site (never touched anyway).
         assert_eq!(keep(Copy::Absent, Copy::Absent, false), None);
         assert_eq!(keep(Copy::Absent, Copy::Running, false), None);
+    }
+
+    #[test]
+    fn deletion_waits_for_a_running_job_but_not_for_a_copy() {
+        use crate::api::{JobStep, JobType};
+        let step = |n: &str, s: StepState| JobStep {
+            name: n.into(),
+            state: s,
+            message: None,
+            operation_id: None,
+            start_time: None,
+            end_time: None,
+        };
+        let job = |t: JobType, state: JobState, steps: Vec<JobStep>| Job {
+            name: "j".into(),
+            type_: t,
+            source_site: None,
+            target_site: None,
+            state,
+            start_time: None,
+            end_time: None,
+            recovery_point: None,
+            recovery_point_age_seconds: None,
+            cut_id: None,
+            attempt: None,
+            message: None,
+            steps,
+        };
+        let mut st = ReplicatedVMStatus {
+            jobs: vec![job(
+                JobType::PlannedFailover,
+                JobState::Running,
+                vec![
+                    step("ShutdownSource", StepState::Running),
+                    step("StartAtTarget", StepState::Pending),
+                ],
+            )],
+            ..Default::default()
+        };
+        assert!(running_job(&st).is_some());
+        st.jobs[0].state = JobState::Failed;
+        assert!(running_job(&st).is_none());
+        st.jobs = vec![job(
+            JobType::EnableReplication,
+            JobState::Running,
+            vec![
+                step("EnableReplication", StepState::Succeeded),
+                step("InitialReplication", StepState::Running),
+            ],
+        )];
+        assert!(running_job(&st).is_none());
+        st.jobs[0].steps[0].state = StepState::Running;
+        st.jobs[0].steps[1].state = StepState::Pending;
+        assert!(running_job(&st).is_some());
     }
 
     #[test]
