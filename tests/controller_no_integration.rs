@@ -703,3 +703,225 @@ async fn a_changed_interval_and_retention_are_applied_to_the_running_replication
     assert!(!cond(&r, "Stalled"));
     assert_eq!(jobs(&r), jobs_before);
 }
+
+/// Polls until ReplicatedVM `vm` is gone; returns every Ready message seen meanwhile.
+async fn wait_deleted(w: &World, vm: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + LONG;
+    let mut seen = Vec::new();
+    while let Some(r) = w.rvms().get_opt(vm).await.unwrap() {
+        let msg = r
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.message.clone())
+            .unwrap_or_default();
+        if seen.last() != Some(&msg) {
+            seen.push(msg);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vm} was never deleted: {:?}\n{}",
+            r.status,
+            w.controller.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    seen
+}
+
+/// Deleting a ReplicatedVM is no way to cancel a failover: while a planned failover's graceful
+/// shutdown hangs, the deletion waits for the job to end (Ready says so), and only then stops
+/// replication and removes the replica; the VM keeps running where it ran. A replica that is the
+/// only copy of a VM that runs nowhere (the VM was deleted at its active site) is kept, the
+/// deletion waits with Stalled True, until `twinsite.io/delete-last-copy: "true"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_waits_for_the_running_job_and_keeps_the_last_copy() {
+    let _serial = one_at_a_time().await;
+    let args = ["--shutdown-timeout-seconds".to_string(), "6".to_string()];
+    let mut w = World::start_full("delete", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", "mid")])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    for vm in ["mid", "last"] {
+        w.primary.create_vm(vm, true).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["mid", "last"] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+
+    // A planned failover whose shutdown hangs; the ReplicatedVM is deleted meanwhile.
+    w.patch_spec("mid", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("mid", "ShutdownSource running", |r| {
+            steps(r, "PlannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+        })
+        .await;
+    let job = r.status.unwrap().jobs.last().unwrap().name.clone();
+    w.rvms().delete("mid", &Default::default()).await.unwrap();
+    let seen = wait_deleted(&w, "mid").await;
+    assert!(
+        seen.iter()
+            .any(|m| m.starts_with(&format!("deletion waits for job {job} to end"))),
+        "the deletion never waited for {job}: {seen:?}"
+    );
+    // The job ended (its Event), the VM runs at the source, and the replica is gone.
+    let events = w.events("mid").await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, note)| reason == "JobFailed" && note.contains(&job)),
+        "{events:?}"
+    );
+    let vm = w.primary.vm("mid").await.expect("the VM at the source");
+    assert_eq!(vm.power, twinsite::site::Power::Running);
+    assert!(w.secondary.vm("mid").await.is_none(), "replica left behind");
+
+    // The VM is gone at its active site: its replica is the only copy and is kept.
+    w.primary
+        .client
+        .power("last", PowerAction::PowerOff, "test-last-off")
+        .await
+        .unwrap();
+    w.primary
+        .client
+        .delete_vm("last", "test-last-delete")
+        .await
+        .unwrap();
+    w.rvms().delete("last", &Default::default()).await.unwrap();
+    let r = w
+        .wait_for("last", "the deletion keeps the last copy", |r| {
+            cond(r, "Stalled")
+                && r.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Stalled" && c.reason == "LastCopy")
+                })
+        })
+        .await;
+    assert!(r.metadata.deletion_timestamp.is_some());
+    assert!(
+        w.secondary.vm("last").await.is_some(),
+        "the last copy was deleted"
+    );
+    annotate(&w, "rvm", "last", "twinsite.io/delete-last-copy", "true");
+    wait_deleted(&w, "last").await;
+    assert!(w.secondary.vm("last").await.is_none());
+}
+
+/// An unplanned failover whose FenceSource fails while the source answers (its power off is
+/// refused with an error, the VM without integration services could not be shut down either):
+/// the VM is known to run at the source, so it is never started at the target. The fence is
+/// retried, backing off, until the step's deadline; then the job fails with the VM running at
+/// the source, Stalled. Once the source can power it off, the retry annotation moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_the_source_refuses_never_starts_the_vm_at_the_target() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("fencefail").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    // The controller reaches the primary site through a proxy that can refuse power offs.
+    let proxy = FaultProxy::start(&w.primary.url).await;
+    let sites: Api<Site> = Api::all(w.client.clone());
+    sites
+        .patch(
+            &p,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"agent": {"url": proxy.url}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let site = sites.get(&p).await.unwrap();
+        let through_proxy = site.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True" && c.message.contains(&proxy.url))
+        });
+        if through_proxy {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "site never used the proxy"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    w.primary.create_vm("web-01", false).await;
+    w.create_rvm(
+        "web-01",
+        json!({"type": "Unplanned", "shutdownSource": true, "stepTimeoutSeconds": 10}),
+    )
+    .await;
+    w.wait_protected("web-01", &p, &s).await;
+
+    proxy
+        .fail_power_off
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    w.patch_spec("web-01", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("web-01", "the unplanned failover ended", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs
+                    .iter()
+                    .rev()
+                    .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+                    .is_some_and(|j| format!("{:?}", j.state) != "Running")
+            })
+        })
+        .await;
+    let st = r.status.clone().unwrap();
+    let job = st
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+        .unwrap()
+        .clone();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:?}");
+    let step = |n: &str| job.steps.iter().find(|x| x.name == n).unwrap().clone();
+    assert_eq!(format!("{:?}", step("FenceSource").state), "Failed");
+    assert!(
+        step("FenceSource")
+            .message
+            .unwrap_or_default()
+            .contains("injected fault"),
+        "{job:?}"
+    );
+    assert_eq!(format!("{:?}", step("StartAtTarget").state), "Skipped");
+    assert_eq!(st.active_site.as_deref(), Some(p.as_str()));
+    assert!(cond(&r, "Stalled"));
+    assert!(
+        proxy
+            .power_offs_refused
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1
+    );
+    // The VM never ran at the target: it runs at the source only.
+    assert_eq!(
+        w.primary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running)
+    );
+    assert_ne!(
+        w.secondary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running),
+        "the VM was started at the target while it ran at the source"
+    );
+
+    // The source can power it off again: the retry moves the VM.
+    proxy
+        .fail_power_off
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    annotate(&w, "rvm", "web-01", "twinsite.io/retry", &job.name);
+    w.wait_for("web-01", "the VM at the target after the retry", |r| {
+        r.status
+            .as_ref()
+            .is_some_and(|st| st.active_site.as_deref() == Some(s.as_str()))
+    })
+    .await;
+    assert_ne!(
+        w.primary.vm("web-01").await.map(|v| v.power),
+        Some(twinsite::site::Power::Running)
+    );
+}

@@ -160,3 +160,101 @@ async fn wait_completed(
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
 }
+
+/// A group is done only when its VMs' commits have ended too (commit Automatic): the recovery
+/// site's agent dies in the middle of the first group's commit, so the commit fails at its step
+/// deadline. The group fails with it, the plan job fails, and the next group is never released,
+/// although the VM runs at the target and no job of it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_whose_commit_fails_is_not_done_and_the_next_group_waits() {
+    let _serial = one_at_a_time().await;
+    let mut w = World::start("plancommit").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    for vm in ["db-01", "web-01"] {
+        w.primary.create_vm(vm, true).await;
+        w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+            .await;
+    }
+    for vm in ["db-01", "web-01"] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    // The recovery site's agent dies as a commit drops its recovery points.
+    w.secondary
+        .restart_with_env(&[("TWINSITE_FAILPOINT", "commit.points")])
+        .await;
+    for vm in ["db-01", "web-01"] {
+        w.wait_for(vm, "recovery points at the target", |r| {
+            r.status
+                .as_ref()
+                .and_then(|s| s.recovery_points.as_ref())
+                .is_some_and(|p| p.count > 0)
+        })
+        .await;
+    }
+
+    let plans = run_plan(
+        &w,
+        "commit-dr",
+        json!({
+            "failover": {"type": "Planned", "commit": "Automatic", "stepTimeoutSeconds": 10},
+            "groups": [
+                {"name": "databases", "vms": ["db-01"]},
+                {"name": "web", "vms": ["web-01"]},
+            ],
+        }),
+    )
+    .await;
+
+    // db-01 runs at the target; its commit fails at its deadline.
+    let db = w
+        .wait_for("db-01", "db-01's commit failed", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs.last().is_some_and(|j| {
+                    format!("{:?}", j.type_) == "Commit" && format!("{:?}", j.state) == "Failed"
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        db.status.and_then(|s| s.active_site).as_deref(),
+        Some(s.as_str())
+    );
+
+    // The plan sees the group fail: it never counts db-01 done, and web-01 is never released.
+    let deadline = std::time::Instant::now() + LONG;
+    let st = loop {
+        let st = plans
+            .get("commit-dr")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let group = st.groups.iter().find(|g| g.name == "databases");
+        if group.is_some_and(|g| g.state == "Failed" || g.state == "Succeeded") {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the databases group never ended: {st:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    let state = |g: &str, vm: &str| {
+        st.groups
+            .iter()
+            .find(|x| x.name == g)
+            .and_then(|x| x.vms.iter().find(|v| v.name == vm))
+            .map(|v| v.state.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(state("databases", "db-01"), "Failed", "{st:?}");
+    assert_eq!(state("web", "web-01"), "Pending", "{st:?}");
+    assert_eq!(st.phase, Some(PlanPhase::Failed), "{st:?}");
+    let web = w.get("web-01").await;
+    assert_eq!(
+        web.status.and_then(|s| s.active_site).as_deref(),
+        Some(p.as_str()),
+        "web-01 moved although the group before it was not done"
+    );
+    w.secondary.restart_with_env(&[]).await;
+}

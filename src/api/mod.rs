@@ -24,6 +24,9 @@ pub const COMMIT_ANNOTATION: &str = "twinsite.io/commit";
 /// job, and the new run retries the failover jobs of its VMs that failed. The controller never
 /// edits it.
 pub const RETRY_ANNOTATION: &str = "twinsite.io/retry";
+/// Annotation (`"true"`) that lets the deletion of a ReplicatedVM delete a replica that is the
+/// only copy of a VM that runs nowhere; without it the deletion waits.
+pub const DELETE_LAST_COPY_ANNOTATION: &str = "twinsite.io/delete-last-copy";
 /// Annotation that approves a manual-approval action of a plan (`<group>/<action>`).
 pub const APPROVE_ANNOTATION: &str = "twinsite.io/approve";
 

@@ -3,6 +3,8 @@
 //! - [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
 //! - [`planner`]: the pure planner, every rule of the procedure.
 //! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
+//! - [`deletion`]: what the deletion of a ReplicatedVM may do (waits for a running job, keeps
+//!   the only copy of a VM unless asked).
 //! - [`sites`]: the site registry and the shared per-site VM listings.
 //! - [`exec`]: carries out one planned step against the sites.
 //! - [`writes`]: status merge patches and Events, shared by the reconcilers.
@@ -12,6 +14,7 @@
 //! replica waits. SIGTERM stops the reconcilers gracefully and releases the lease.
 
 pub mod conditions;
+pub mod deletion;
 pub mod exec;
 pub mod failover_plan;
 pub mod metrics;
@@ -141,6 +144,14 @@ pub enum Error {
         namespace: String,
         source: kube_lease_manager::LeaseManagerError,
     },
+    /// Not a failure: the deletion of a ReplicatedVM cannot finish yet (a job runs, the only
+    /// copy of the VM is kept, a site is not registered yet). The finalizer stays; the
+    /// reconcile is repeated after `retry`.
+    #[error("deletion waits: {reason}")]
+    DeletionWaits {
+        reason: String,
+        retry: std::time::Duration,
+    },
     #[error("serving {addr}: {source}")]
     Serve {
         addr: SocketAddr,
@@ -160,6 +171,8 @@ pub struct Context {
     pub started: std::time::Instant,
     /// Status this process wrote last, per ReplicatedVM.
     pub written: rvm::Written,
+    /// Power offs that failed lately, per ReplicatedVM (backoff).
+    pub fences: rvm::Fences,
     /// The only namespace whose Secrets are read.
     pub secret_namespace: String,
 }
@@ -306,6 +319,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             poll: Duration::from_secs(args.site_poll_seconds.max(1)),
             started: std::time::Instant::now(),
             written: Default::default(),
+            fences: Default::default(),
             secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());

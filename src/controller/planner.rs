@@ -41,6 +41,27 @@ pub const VM_NOT_RUNNING: &str = "VMNotRunning";
 pub const SETTINGS_NOT_APPLIED: &str = "SettingsNotApplied";
 /// How long to wait before retrying a step whose site did not answer.
 pub const RETRY_UNREACHABLE: Duration = Duration::from_secs(5);
+/// A power off (fence) that failed is tried again after [`fence_backoff`]: from this long,
+/// doubling with every failure in a row ...
+pub const FENCE_BACKOFF_FIRST: Duration = Duration::from_secs(5);
+/// ... up to this long.
+pub const FENCE_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How the message of a FenceSource step starts when it failed while the source still runs the
+/// VM: such a failure fails the failover (the VM is never started at the target then), although
+/// the step is otherwise optional.
+const SOURCE_STILL_RUNS: &str = "the source still runs the VM";
+
+/// How long to wait before powering a VM off again after `failures` failed attempts in a row:
+/// 5 s, 10 s, 20 s, ... at most [`FENCE_BACKOFF_MAX`].
+pub fn fence_backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    FENCE_BACKOFF_FIRST
+        .saturating_mul(1u32 << doublings)
+        .min(FENCE_BACKOFF_MAX)
+}
+
+/// How Ready's message starts while a deletion waits for the running job.
+const DELETION_WAITS: &str = "deletion waits for job";
 /// Words in the message of a step that failed at its deadline: the Stalled message then names
 /// the ways on.
 const DEADLINE_PASSED: &str = "deadline passed";
@@ -363,6 +384,12 @@ pub struct Input<'a> {
     /// When the running FailoverPlan job that moves this VM started: a failover of the VM to
     /// the plan's target that failed before it is run again (a plan retry).
     pub plan_started: Option<Timestamp>,
+    /// The object is being deleted: the running job is driven to its end (deletion waits for
+    /// it, and the conditions say so), and no job starts or is retried.
+    pub deleting: bool,
+    /// A power off of this VM failed lately: no fence (FenceSource, or powering off a VM that
+    /// runs where it must not) is tried before then ([`fence_backoff`]).
+    pub fence_not_before: Option<Timestamp>,
 }
 
 /// Why the FailoverPlans of the VM's namespace hold it where it runs.
@@ -414,6 +441,13 @@ impl Input<'_> {
 
     fn now(&self) -> Time {
         Time(self.now)
+    }
+
+    /// How long a fence must still wait (backing off after failures), if it must.
+    fn fence_wait(&self) -> Option<Duration> {
+        let nb = self.fence_not_before?;
+        let left = (nb - self.now).get_seconds();
+        (left > 0).then(|| Duration::from_secs(left.unsigned_abs()))
     }
 
     /// The newest job failed (the resync after a digest mismatch aside, see [`standing_job`])
@@ -537,7 +571,10 @@ struct Wait {
 /// The next action for this VM.
 pub fn plan(input: &Input) -> Plan {
     if let Some(f) = fence_needed(input) {
-        return Plan::Fence(f);
+        return match input.fence_wait() {
+            Some(d) => Plan::Idle(d),
+            None => Plan::Fence(f),
+        };
     }
     let mut st = input.status.clone();
     let mut events = Vec::new();
@@ -562,7 +599,47 @@ pub fn plan(input: &Input) -> Plan {
                 Some((si, StepState::Running)) => {
                     let step = &job.steps[si];
                     let name = StepName::parse(&step.name);
+                    let unplanned = job.type_ == JobType::UnplannedFailover;
+                    // An unplanned failover never starts the VM at the target while a listing
+                    // taken since the source was last acted on shows it running there.
+                    let source_runs = unplanned
+                        && name == Some(StepName::StartAtTarget)
+                        && source_runs(input, job);
                     match name {
+                        Some(StepName::FenceSource)
+                            if unplanned && input.fence_wait().is_some() =>
+                        {
+                            return Plan::Idle(input.fence_wait().unwrap_or(RETRY_UNREACHABLE));
+                        }
+                        Some(StepName::StartAtTarget)
+                            if source_runs
+                                && overdue(input, step, input.spec.failover.step_timeout()) =>
+                        {
+                            let source = job.source_site.clone().unwrap_or_default();
+                            let msg = format!(
+                                "not started before its {DEADLINE_PASSED} ({} s, \
+                                 spec.failover.stepTimeoutSeconds): VM {} runs at {source} and \
+                                 could not be powered off there",
+                                input.spec.failover.step_timeout(),
+                                input.vm_name
+                            );
+                            let t = job.type_;
+                            let n = StepName::StartAtTarget;
+                            fail_step(input, &mut st, ji, si, t, n, msg, &mut events);
+                            advance(input, &mut st, &mut events, &mut finished);
+                        }
+                        Some(StepName::StartAtTarget) if source_runs => {
+                            if let Some(d) = input.fence_wait() {
+                                return Plan::Idle(d);
+                            }
+                            let source = job.source_site.clone().unwrap_or_default();
+                            let at = input.now.as_second();
+                            return Plan::Fence(FenceCall {
+                                op_id: format!("{}-fence-{source}-{at}", input.uid),
+                                site: source,
+                                vm: input.vm_name.to_string(),
+                            });
+                        }
                         Some(n) if n.is_wait() => {
                             match check_wait(input, job, step) {
                                 WaitCheck::Done => {
@@ -595,9 +672,12 @@ pub fn plan(input: &Input) -> Plan {
                             }
                             requeue = input.poll;
                         }
-                        Some(n) => {
+                        // A deletion that has just begun is written down (Ready says the
+                        // deletion waits for this job) before the step's site is called.
+                        Some(n) if !input.deleting || deletion_noted(input.status) => {
                             return Plan::Execute(Box::new(step_call(input, &st, ji, si, n)));
                         }
+                        Some(_) => {}
                         None => {
                             // A step this controller does not know (written by a newer one):
                             // fail it rather than guess.
@@ -611,6 +691,8 @@ pub fn plan(input: &Input) -> Plan {
                 }
                 _ => advance(input, &mut st, &mut events, &mut finished),
             }
+        } else if input.deleting {
+            // Deletion waits for a running job only: nothing new starts.
         } else if let Some(attempt) = retry_due(input, &st) {
             retry_job(input, &mut st, attempt, &mut events);
             advance(input, &mut st, &mut events, &mut finished);
@@ -763,6 +845,30 @@ pub fn record_settings(input: &Input, call: &SettingsCall, outcome: Outcome) -> 
         events,
         finished: vec![],
     }))
+}
+
+/// The source of failover `job` runs the VM, as a listing taken after the job's latest step
+/// ended (and after the current step started) shows it.
+fn source_runs(input: &Input, job: &Job) -> bool {
+    let Some(source) = job.source_site.as_deref() else {
+        return false;
+    };
+    let since = job
+        .steps
+        .iter()
+        .filter_map(|s| s.end_time.as_ref().or(s.start_time.as_ref()))
+        .map(|t| t.0)
+        .max();
+    // A listing from the same second as the last action may predate it.
+    let since = since.and_then(|t| t.checked_add(jiff::SignedDuration::from_secs(1)).ok());
+    input.view(source).vm_since(since).is_some_and(|v| v.runs())
+}
+
+/// Ready already says that a deletion waits for the running job.
+fn deletion_noted(st: &ReplicatedVMStatus) -> bool {
+    st.conditions
+        .iter()
+        .any(|c| c.type_ == READY && c.message.starts_with(DELETION_WAITS))
 }
 
 fn steady_requeue(input: &Input) -> Duration {
@@ -922,7 +1028,7 @@ enum Next {
 }
 
 /// Newest failover job that succeeded and is not committed yet.
-fn uncommitted_failover(st: &ReplicatedVMStatus) -> Option<&Job> {
+pub(crate) fn uncommitted_failover(st: &ReplicatedVMStatus) -> Option<&Job> {
     let fi = st.jobs.iter().rposition(|j| is_failover(j.type_))?;
     let f = &st.jobs[fi];
     if f.state != JobState::Succeeded {
@@ -1491,7 +1597,10 @@ fn finish_job(
         .iter()
         .find(|s| {
             s.state == StepState::Failed
-                && StepName::parse(&s.name).is_none_or(|n| !is_optional(t, n))
+                && (StepName::parse(&s.name).is_none_or(|n| !is_optional(t, n))
+                    || s.message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(SOURCE_STILL_RUNS)))
         })
         .map(|s| format!("{} failed: {}", s.name, s.message.as_deref().unwrap_or("")));
     let state = if failed_step.is_some() {
@@ -1643,6 +1752,58 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
         }
         o => o,
     };
+    // FenceSource of an unplanned failover that failed while the source is known to run the
+    // VM (its power off was answered with an error, or a fresh listing shows the VM running):
+    // the failover must not go on to start the VM at the target. The fence is retried, backing
+    // off, until the step's deadline; then the failover fails with the VM at the source.
+    if call.job_type == JobType::UnplannedFailover && call.step_name == StepName::FenceSource {
+        let job = &st.jobs[call.job];
+        let refused = match &outcome {
+            Outcome::Failed(m) => Some(m.clone()),
+            Outcome::Unreachable(m) if source_runs(input, job) => Some(m.clone()),
+            _ => None,
+        };
+        if let Some(m) = refused {
+            let (source, target) = (call.source.as_str(), call.target.as_str());
+            if overdue(input, &job.steps[call.step], limit) {
+                let msg = format!(
+                    "{SOURCE_STILL_RUNS}: power off at {source} failed until its \
+                     {DEADLINE_PASSED} ({limit} s, spec.failover.stepTimeoutSeconds): {m}; the \
+                     VM was not started at {target}"
+                );
+                let job = &mut st.jobs[call.job];
+                let s = &mut job.steps[call.step];
+                s.state = StepState::Failed;
+                s.end_time = Some(input.now());
+                s.message = Some(msg.clone());
+                events.push(Note {
+                    warning: true,
+                    action: job_verb(call.job_type),
+                    subject: format!("{}/{}", job.name, s.name),
+                    reason: "StepFailed",
+                    message: format!("{}: {} failed: {msg}", job.name, s.name),
+                });
+                fail_remaining(input, &mut st, call.job);
+                advance(input, &mut st, &mut events, &mut finished);
+            } else {
+                let msg = Some(format!(
+                    "retrying, backing off: power off failed: {m}; the VM is not started at \
+                     {target} while it runs at {source}"
+                ));
+                let s = &mut st.jobs[call.job].steps[call.step];
+                if s.message == msg {
+                    return Plan::Idle(RETRY_UNREACHABLE);
+                }
+                s.message = msg;
+            }
+            finalize(input, &mut st, None, &mut events);
+            return Plan::Write(Box::new(Update {
+                status: st,
+                events,
+                finished,
+            }));
+        }
+    }
     match outcome {
         Outcome::Unreachable(m) if !call.optional => {
             // Retried with the same operation id; the site does the work once.
@@ -2394,7 +2555,10 @@ fn finalize(
             let step = current_step(j)
                 .map(|(i, _)| j.steps[i].name.clone())
                 .unwrap_or_default();
-            let msg = format!("{} {} at step {step}", job_type_str(j.type_), j.name);
+            let mut msg = format!("{} {} at step {step}", job_type_str(j.type_), j.name);
+            if input.deleting {
+                msg = format!("{DELETION_WAITS} {} to end ({msg})", j.name);
+            }
             want.push(Cond::new(READY, false, "JobRunning", msg.clone()));
             want.push(Cond::new(RECONCILING, true, job_type_str(j.type_), msg));
         }

@@ -15,11 +15,12 @@ use super::failover_plan::{self, Hold};
 use super::observe::SiteView;
 use super::planner::{self, Input, Plan, StepName, Update};
 use super::{
-    Context, Error, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels, writes,
+    Context, Error, deletion, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels,
+    writes,
 };
 use crate::api::{
-    COMMIT_ANNOTATION, FailoverPlan, RETRY_ANNOTATION, ReplicatedVM, ReplicatedVMSpec,
-    ReplicatedVMStatus,
+    COMMIT_ANNOTATION, DELETE_LAST_COPY_ANNOTATION, FailoverPlan, RETRY_ANNOTATION, ReplicatedVM,
+    ReplicatedVMSpec, ReplicatedVMStatus,
 };
 use crate::site::SiteError;
 
@@ -49,6 +50,40 @@ impl Written {
     }
 }
 
+/// Power offs (fences) that failed in a row, per object (by uid), and when the next may be
+/// tried ([`planner::fence_backoff`]). Kept in memory: a restarted controller tries once more
+/// at once and backs off again from there.
+#[derive(Default)]
+pub struct Fences(std::sync::Mutex<std::collections::HashMap<String, (u32, Timestamp)>>);
+
+impl Fences {
+    fn not_before(&self, uid: &str) -> Option<Timestamp> {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(uid).map(|(_, t)| *t)
+    }
+
+    /// Records the outcome of a power off; after a failure, how long to back off.
+    fn record(&self, uid: &str, outcome: &planner::Outcome) -> Option<Duration> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(outcome, planner::Outcome::Succeeded { .. }) {
+            m.remove(uid);
+            return None;
+        }
+        let failures = m.get(uid).map_or(0, |(n, _)| *n).saturating_add(1);
+        let wait = planner::fence_backoff(failures);
+        let next = now()
+            .checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+            .unwrap_or_else(|_| now());
+        m.insert(uid.to_string(), (failures, next));
+        Some(wait)
+    }
+
+    fn forget(&self, uid: &str) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(uid);
+    }
+}
+
 /// Seconds-precision now: status times are whole seconds, so comparisons stay exact.
 pub fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now())
@@ -59,8 +94,8 @@ pub async fn reconcile(rvm: Arc<ReplicatedVM>, ctx: Arc<Context>) -> Result<Acti
     let api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer::finalizer(&api, FINALIZER, rvm, |ev| async {
         match ev {
-            Finalizer::Apply(rvm) => apply(&rvm, &ctx, &api).await,
-            Finalizer::Cleanup(rvm) => cleanup(&rvm, &ctx).await,
+            Finalizer::Apply(rvm) => apply(&rvm, &ctx, &api, false).await,
+            Finalizer::Cleanup(rvm) => cleanup(&rvm, &ctx, &api).await,
         }
     })
     .await
@@ -68,6 +103,10 @@ pub async fn reconcile(rvm: Arc<ReplicatedVM>, ctx: Arc<Context>) -> Result<Acti
 }
 
 pub fn error_policy(rvm: Arc<ReplicatedVM>, err: &Error, ctx: Arc<Context>) -> Action {
+    if let Some(retry) = deletion_waits(err) {
+        debug!(rvm = %rvm.name_any(), "{err}");
+        return Action::requeue(retry);
+    }
     let conflict = is_conflict(err);
     let kind = if conflict { "conflict" } else { "other" };
     ctx.metrics
@@ -82,6 +121,20 @@ pub fn error_policy(rvm: Arc<ReplicatedVM>, err: &Error, ctx: Arc<Context>) -> A
     } else {
         warn!(rvm = %rvm.name_any(), error = %err, "reconcile failed");
         Action::requeue(Duration::from_secs(5))
+    }
+}
+
+/// A deletion that cannot finish yet (not a failure), however deep it is wrapped: when to look
+/// again.
+fn deletion_waits(err: &Error) -> Option<Duration> {
+    use kube::runtime::finalizer::Error as F;
+    match err {
+        Error::DeletionWaits { retry, .. } => Some(*retry),
+        Error::Finalizer(f) => match f.as_ref() {
+            F::CleanupFailed(e) => deletion_waits(e),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -101,10 +154,13 @@ fn is_conflict(err: &Error) -> bool {
     }
 }
 
+/// Plans and acts until there is nothing to do right now. `deleting`: the object is being
+/// deleted, so the running job is driven to its end and nothing new starts.
 async fn apply(
     rvm: &ReplicatedVM,
     ctx: &Context,
     api: &Api<ReplicatedVM>,
+    deleting: bool,
 ) -> Result<Action, Error> {
     let name = rvm.name_any();
     let ns = rvm.namespace().unwrap_or_default();
@@ -175,6 +231,8 @@ async fn apply(
             cut: cut.as_ref(),
             retry: retry.as_deref(),
             plan_started,
+            deleting,
+            fence_not_before: ctx.fences.not_before(&uid),
         };
         let update = match planner::plan(&input) {
             Plan::Idle(d) => {
@@ -188,6 +246,9 @@ async fn apply(
                     call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
                 }
                 let outcome = exec::run(&ctx.sites, &call).await;
+                if call.step_name == StepName::FenceSource {
+                    ctx.fences.record(&uid, &outcome);
+                }
                 let input = Input {
                     now: now(),
                     ..input
@@ -232,6 +293,9 @@ async fn apply(
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
                 let outcome = exec::fence(&ctx.sites, &f).await;
+                if let Some(wait) = ctx.fences.record(&uid, &outcome) {
+                    warn!(rvm = %name, site = %f.site, "power off failed; trying again in {} s", wait.as_secs());
+                }
                 let input = Input {
                     now: now(),
                     ..input
@@ -360,12 +424,34 @@ fn record_gauges(ctx: &Context, input: &Input, labels: &VmLabels) {
 }
 
 /// Deleting a ReplicatedVM stops replication and removes the replica and any drill copy. The
-/// VM where it runs is never touched: only replication is stopped there.
-async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
+/// VM where it runs is never touched: only replication is stopped there. A job that runs is
+/// never cut off: the deletion drives it to its end first (starting nothing after it). A
+/// replica that is the only copy of a VM that runs nowhere is kept until the
+/// `twinsite.io/delete-last-copy: "true"` annotation asks for its deletion.
+async fn cleanup(
+    rvm: &ReplicatedVM,
+    ctx: &Context,
+    api: &Api<ReplicatedVM>,
+) -> Result<Action, Error> {
     let name = rvm.name_any();
     let uid = rvm.uid().unwrap_or_else(|| name.clone());
     let vm = rvm.vm_name();
-    let status = rvm.status.clone().unwrap_or_default();
+    let mut status = rvm.status.clone().unwrap_or_default();
+    let mut rv = rvm.resource_version();
+    if let Some(job) = deletion::running_job(&status) {
+        info!(rvm = %name, job = %job.name, "deletion waits for the running job to end");
+        apply(rvm, ctx, api, true).await?;
+        let cur = api.get_status(&name).await?;
+        status = cur.status.clone().unwrap_or_default();
+        rv = cur.resource_version();
+        if let Some(job) = deletion::running_job(&status) {
+            // Not done: an Ok here would remove the finalizer.
+            return Err(Error::DeletionWaits {
+                reason: format!("job {} runs", job.name),
+                retry: ctx.poll,
+            });
+        }
+    }
     let spec = &rvm.spec;
     let active = status
         .active_site
@@ -379,9 +465,49 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
     // A site whose Site object exists but whose listing has not been registered yet (the
     // controller just started) is waited for; a site whose Site object is gone is skipped.
     let sites_api: Api<crate::api::Site> = Api::all(ctx.client.clone());
+    let mut gone = Vec::new();
     for site in [&active, &other] {
-        if !ctx.sites.known(site) && sites_api.get_opt(site).await?.is_some() {
-            return Ok(Action::requeue(ctx.poll));
+        match sites_api.get_opt(site).await? {
+            Some(_) if !ctx.sites.known(site) => {
+                return Err(Error::DeletionWaits {
+                    reason: format!("site {site} is not registered yet"),
+                    retry: ctx.poll,
+                });
+            }
+            Some(_) => {}
+            None => gone.push(site.clone()),
+        }
+    }
+    // The only copy of a VM that runs nowhere is deleted only when asked for.
+    let allowed = deletion::last_copy_allowed(
+        rvm.annotations()
+            .get(DELETE_LAST_COPY_ANNOTATION)
+            .map(String::as_str),
+    );
+    if !allowed {
+        let at_active = copy_at(ctx, &gone, &active, &vm).await?;
+        let at_other = copy_at(ctx, &gone, &other, &vm).await?;
+        if let Some(msg) =
+            deletion::keep_last_copy(&vm, &active, at_active, &other, at_other, allowed)
+        {
+            let new = deletion::held(&status, &msg, rvm.meta().generation, now());
+            let w = writes::write_status::<_, _, Error>(api, &name, &status, &new, rv.as_deref())
+                .await?;
+            if w.written {
+                warn!(rvm = %name, site = %other, "{msg}");
+                let note = writes::Note {
+                    warning: true,
+                    action: "Delete",
+                    subject: format!("last-copy-{other}"),
+                    reason: deletion::LAST_COPY,
+                    message: msg,
+                };
+                writes::publish(&ctx.recorder, &rvm.object_ref(&()), &[note]).await;
+            }
+            return Err(Error::DeletionWaits {
+                reason: format!("the replica at {other} is the only copy of VM {vm}"),
+                retry: ctx.poll,
+            });
         }
     }
     let ok = |r: Result<(), SiteError>| match r {
@@ -389,7 +515,7 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
         Err(e) => Err(Error::Site(e)),
     };
     for site in [&active, &other] {
-        if let Some(p) = ctx.sites.provider(site) {
+        if let Some(p) = ctx.sites.provider(site).filter(|_| !gone.contains(site)) {
             ok(
                 p.stop_replication(&vm, &format!("{uid}-delete-stop-{site}"))
                     .await
@@ -397,7 +523,11 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
             )?;
         }
     }
-    if let Some(p) = ctx.sites.provider(&other) {
+    if let Some(p) = ctx
+        .sites
+        .provider(&other)
+        .filter(|_| !gone.contains(&other))
+    {
         if let Some(tf) = &status.test_failover {
             let p = ctx.sites.provider(&tf.site).unwrap_or_else(|| p.clone());
             ok(p.test_failover_cleanup(&vm, &format!("{uid}-delete-drill"))
@@ -417,6 +547,30 @@ async fn cleanup(rvm: &ReplicatedVM, ctx: &Context) -> Result<Action, Error> {
         name: name.clone(),
     });
     ctx.written.forget(&uid);
+    ctx.fences.forget(&uid);
     info!(rvm = %name, "replication stopped and replica removed");
     Ok(Action::await_change())
+}
+
+/// What `site` holds of VM `vm` for the deletion: a site without a Site object holds nothing
+/// the controller can reach; a site that does not answer is an error (the deletion retries).
+async fn copy_at(
+    ctx: &Context,
+    gone: &[String],
+    site: &str,
+    vm: &str,
+) -> Result<deletion::Copy, Error> {
+    let Some(p) = ctx
+        .sites
+        .provider(site)
+        .filter(|_| !gone.iter().any(|g| g == site))
+    else {
+        return Ok(deletion::Copy::Absent);
+    };
+    match p.get_vm(vm).await {
+        Ok(v) if v.power == crate::site::Power::Running => Ok(deletion::Copy::Running),
+        Ok(_) => Ok(deletion::Copy::Off),
+        Err(SiteError::NotFound(_)) => Ok(deletion::Copy::Absent),
+        Err(e) => Err(Error::Site(e)),
+    }
 }

@@ -640,3 +640,110 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// An HTTP proxy in front of an agent that forwards every request, except that while
+/// `fail_power_off` is set it answers `POST /v1/vms/{vm}/power` with action `PowerOff` itself,
+/// with a 500: a site that answers, but whose power off fails.
+pub struct FaultProxy {
+    pub url: String,
+    pub fail_power_off: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// PowerOff requests answered with the fault.
+    pub power_offs_refused: std::sync::Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    pub async fn start(upstream: &str) -> FaultProxy {
+        use axum::body::{Body, to_bytes};
+        use axum::extract::{Request, State};
+        use axum::response::{IntoResponse, Response};
+        use std::sync::atomic::AtomicBool;
+
+        #[derive(Clone)]
+        struct S {
+            upstream: String,
+            http: reqwest::Client,
+            fail: std::sync::Arc<AtomicBool>,
+            refused: std::sync::Arc<AtomicU32>,
+        }
+        async fn forward(State(s): State<S>, req: Request) -> Response {
+            let (parts, body) = req.into_parts();
+            let body = to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_default();
+            if s.fail.load(Ordering::SeqCst)
+                && parts.method == axum::http::Method::POST
+                && path.starts_with("/v1/vms/")
+                && path.ends_with("/power")
+                && String::from_utf8_lossy(&body).contains("PowerOff")
+            {
+                s.refused.fetch_add(1, Ordering::SeqCst);
+                return (
+                    axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(json!({"error": "injected fault: the hypervisor refused to power the VM off"})),
+                )
+                    .into_response();
+            }
+            let method = reqwest::Method::from_bytes(parts.method.as_str().as_bytes())
+                .unwrap_or(reqwest::Method::GET);
+            let mut r = s.http.request(method, format!("{}{path}", s.upstream));
+            for (k, v) in parts.headers.iter() {
+                if k.as_str() != "host" && k.as_str() != "content-length" {
+                    r = r.header(k.as_str(), v.as_bytes());
+                }
+            }
+            match r.body(body.to_vec()).send().await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let ctype = resp
+                        .headers()
+                        .get("content-type")
+                        .map(|v| v.as_bytes().to_vec());
+                    let bytes = resp.bytes().await.unwrap_or_default();
+                    let mut out = Response::new(Body::from(bytes));
+                    *out.status_mut() = axum::http::StatusCode::from_u16(status)
+                        .unwrap_or(axum::http::StatusCode::BAD_GATEWAY);
+                    if let Some(c) = ctype
+                        && let Ok(v) = axum::http::HeaderValue::from_bytes(&c)
+                    {
+                        out.headers_mut().insert("content-type", v);
+                    }
+                    out
+                }
+                Err(_) => axum::http::StatusCode::BAD_GATEWAY.into_response(),
+            }
+        }
+        let fail = std::sync::Arc::new(AtomicBool::new(false));
+        let refused = std::sync::Arc::new(AtomicU32::new(0));
+        let state = S {
+            upstream: upstream.to_string(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(300))
+                .build()
+                .unwrap(),
+            fail: fail.clone(),
+            refused: refused.clone(),
+        };
+        let app = axum::Router::new().fallback(forward).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FaultProxy {
+            url,
+            fail_power_off: fail,
+            power_offs_refused: refused,
+            task,
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

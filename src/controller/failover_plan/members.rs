@@ -65,6 +65,7 @@ pub fn member(rvm: &ReplicatedVM) -> Member {
         // group back: the VM already runs where it runs.
         busy: newest.is_some_and(|j| j.state == JobState::Running && !replication_only(j.type_)),
         failed: standing.is_some_and(|j| j.state == JobState::Failed),
+        uncommitted: crate::controller::planner::uncommitted_failover(&st).is_some(),
         job_started: standing.and_then(|j| j.start_time.as_ref()).map(|t| t.0),
         drill_running: st.test_failover.is_some(),
         drill_result: st.last_drill.as_ref().map(|d| d.result.clone()),
@@ -90,6 +91,7 @@ fn absent(name: &str) -> Member {
         active_site: None,
         busy: false,
         failed: false,
+        uncommitted: false,
         job_started: None,
         drill_running: false,
         drill_result: None,
@@ -626,6 +628,16 @@ mod tests {
         assert!(!member(&r).busy);
         r.status.as_mut().unwrap().jobs = vec![job(JobType::PlannedFailover, JobState::Failed)];
         assert!(member(&r).failed);
+        // A failover that succeeded is uncommitted until a commit after it succeeds.
+        let done = job(JobType::PlannedFailover, JobState::Succeeded);
+        r.status.as_mut().unwrap().jobs = vec![done.clone()];
+        assert!(member(&r).uncommitted);
+        for s in [JobState::Running, JobState::Failed] {
+            r.status.as_mut().unwrap().jobs = vec![done.clone(), job(JobType::Commit, s)];
+            assert!(member(&r).uncommitted, "{s:?}");
+        }
+        r.status.as_mut().unwrap().jobs = vec![done, job(JobType::Commit, JobState::Succeeded)];
+        assert!(!member(&r).uncommitted);
     }
 
     #[test]

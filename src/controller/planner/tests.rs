@@ -59,6 +59,12 @@ struct World {
     retry: Option<String>,
     /// When the plan job that moves the VM started.
     plan_started: Option<Timestamp>,
+    /// The object is being deleted.
+    deleting: bool,
+    /// No fence before then.
+    fence_not_before: Option<Timestamp>,
+    /// The source answers a power off with an error.
+    fence_refused: bool,
     sites: HashMap<String, Option<SimVm>>,
     down: HashSet<String>,
     now: i64,
@@ -103,6 +109,9 @@ impl World {
             annotation: None,
             retry: None,
             plan_started: None,
+            deleting: false,
+            fence_not_before: None,
+            fence_refused: false,
             sites,
             down: HashSet::new(),
             now: 0,
@@ -156,6 +165,8 @@ impl World {
             cut: self.cut.as_ref(),
             retry: self.retry.as_deref(),
             plan_started: self.plan_started,
+            deleting: self.deleting,
+            fence_not_before: self.fence_not_before,
         };
         f(&input)
     }
@@ -236,6 +247,9 @@ impl World {
                 Outcome::ok()
             }
             StepName::FenceSource => {
+                if self.fence_refused {
+                    return Outcome::Failed(format!("site {src}: power off refused"));
+                }
                 self.vm_mut(src).vm.power = Power::Off;
                 Outcome::ok()
             }
@@ -1308,6 +1322,8 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         cut: None,
         retry: None,
         plan_started: None,
+        deleting: false,
+        fence_not_before: None,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
     // A fresh one does fence.
@@ -2387,4 +2403,197 @@ fn settings_the_source_took_before_the_controller_recorded_them_are_recorded() {
         ),
         (300, 24, 0)
     );
+}
+
+#[test]
+fn a_deletion_during_a_failover_drives_it_to_its_end_and_starts_nothing_after_it() {
+    let mut w = World::protected(true);
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Planned;
+    });
+    // The failover starts and its first step is written Running.
+    while w.status.jobs.last().map(|j| j.type_) != Some(JobType::PlannedFailover) {
+        w.step();
+    }
+    w.deleting = true;
+    let j = w.job(JobType::PlannedFailover).name.clone();
+    let msg = |w: &World| {
+        w.status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == READY)
+            .map(|c| c.message.clone())
+            .unwrap_or_default()
+    };
+    // Written down before the next site call.
+    assert!(matches!(w.step(), Plan::Write(_)));
+    assert!(
+        msg(&w).starts_with(&format!("deletion waits for job {j} to end")),
+        "{}",
+        msg(&w)
+    );
+    assert!(w.cond(RECONCILING));
+    w.settle();
+    // The failover ended; its commit and the reverse replication never started.
+    assert_eq!(
+        w.job_types(),
+        [JobType::EnableReplication, JobType::PlannedFailover]
+    );
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_deletion_does_not_retry_a_failed_job() {
+    let mut w = World::protected(false);
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Planned;
+    });
+    w.settle();
+    let j = w.job(JobType::PlannedFailover).name.clone();
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+    w.deleting = true;
+    w.retry = Some(j);
+    w.settle();
+    assert_eq!(w.job(JobType::PlannedFailover).attempt, Some(1));
+    assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Failed);
+}
+
+#[test]
+fn fence_backoff_doubles_up_to_its_cap() {
+    let secs: Vec<u64> = (1..=9).map(|n| fence_backoff(n).as_secs()).collect();
+    assert_eq!(secs, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    assert_eq!(fence_backoff(u32::MAX), FENCE_BACKOFF_MAX);
+}
+
+#[test]
+fn a_fence_refused_by_a_source_that_answers_never_starts_the_vm_at_the_target() {
+    // No integration services: the shutdown fails; the power off is answered with an error.
+    let mut w = World::protected(false);
+    w.fence_refused = true;
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+        s.failover.step_timeout_seconds = Some(30);
+    });
+    w.settle();
+    let f = w.job(JobType::UnplannedFailover);
+    assert_eq!(f.state, JobState::Failed, "{f:#?}");
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", F),
+            ("FenceSource", F),
+            ("SyncRemaining", K),
+            ("StopReplication", K),
+            ("StartAtTarget", K),
+        ])
+    );
+    let fence = f.steps.iter().find(|s| s.name == "FenceSource").unwrap();
+    assert!(
+        fence
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("power off refused"),
+        "{fence:?}"
+    );
+    assert!(
+        f.message
+            .as_deref()
+            .unwrap()
+            .contains(&format!("runs at {P}")),
+        "{f:?}"
+    );
+    // The fence was tried more than once; the VM never started at the target.
+    let fences = w
+        .calls
+        .iter()
+        .filter(|c| c.0 == StepName::FenceSource)
+        .count();
+    assert!(fences >= 1);
+    assert!(!w.calls.iter().any(|c| c.0 == StepName::StartAtTarget));
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert!(w.cond(STALLED));
+}
+
+#[test]
+fn a_fence_that_failed_backs_off_before_the_next_power_off() {
+    let mut w = World::protected(false);
+    w.fence_refused = true;
+    w.now += 40;
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    // Up to the first refused power off.
+    while !w.calls.iter().any(|c| c.0 == StepName::FenceSource) {
+        w.step();
+    }
+    let job = w.job(JobType::UnplannedFailover);
+    assert_eq!(job.state, JobState::Running);
+    // The reconciler backs off: no power off before then, at the step or anywhere.
+    w.fence_not_before = Some(ts(w.now + 10));
+    assert_eq!(
+        w.with_input(plan),
+        Plan::Idle(Duration::from_secs(10)),
+        "a fence was tried again before its backoff ended"
+    );
+    w.now += 10;
+    assert!(matches!(
+        w.with_input(plan),
+        Plan::Execute(ref c) if c.step_name == StepName::FenceSource
+    ));
+}
+
+#[test]
+fn a_source_seen_running_again_is_powered_off_before_the_vm_starts_at_the_target() {
+    let mut w = World::protected(true);
+    w.now += 40;
+    w.down.insert(P.to_string());
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    let start_state = |w: &World| {
+        w.status
+            .jobs
+            .last()
+            .filter(|j| j.type_ == JobType::UnplannedFailover)
+            .and_then(|j| j.steps.iter().find(|s| s.name == "StartAtTarget"))
+            .map(|s| s.state)
+    };
+    while start_state(&w) != Some(StepState::Running) {
+        w.step();
+    }
+    // The source answers again, the VM running there: it is powered off first.
+    w.down.remove(P);
+    w.now += 2;
+    match w.with_input(plan) {
+        Plan::Fence(f) => assert_eq!(f.site, P),
+        other => panic!("expected a fence of {P}, got {other:?}"),
+    }
+    // Backing off after a failed power off: nothing starts at the target meanwhile.
+    w.fence_not_before = Some(ts(w.now + 20));
+    assert!(matches!(w.with_input(plan), Plan::Idle(_)));
+    w.fence_not_before = None;
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    let order: Vec<StepName> = w.calls.iter().map(|c| c.0).collect();
+    let fence = order
+        .iter()
+        .position(|s| *s == StepName::FenceSource)
+        .unwrap();
+    let start = order
+        .iter()
+        .position(|s| *s == StepName::StartAtTarget)
+        .unwrap();
+    assert!(fence < start, "{order:?}");
 }

@@ -13,8 +13,8 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{
-    FailoverPlanSpec, FailoverPlanStatus, FailoverType, GroupStatus, GroupVmStatus, Job, JobState,
-    JobStep, JobType, PlanAction, PlanPhase, StepState,
+    CommitMode, FailoverPlanSpec, FailoverPlanStatus, FailoverType, GroupStatus, GroupVmStatus,
+    Job, JobState, JobStep, JobType, PlanAction, PlanPhase, StepState,
 };
 use crate::controller::conditions::{self, Cond};
 
@@ -57,6 +57,9 @@ pub struct Member {
     pub busy: bool,
     /// The VM's newest job failed.
     pub failed: bool,
+    /// A failover of the VM succeeded and has not been committed yet (its commit has not run,
+    /// runs, or failed).
+    pub uncommitted: bool,
     /// When the VM's newest job started: a failure from before the plan job is not the plan's.
     pub job_started: Option<Timestamp>,
     /// The VM has a drill copy now.
@@ -238,12 +241,18 @@ fn step_kind<'s>(spec: &'s FailoverPlanSpec, step: &str) -> Option<StepKind<'s>>
         .map(|x| StepKind::Action(gi, x))
 }
 
-/// Whether member `m` is where the job wants it.
-fn member_done(t: JobType, target: &str, m: &Member) -> bool {
+/// Whether member `m` is where the job wants it. A failover is done when the VM runs at the
+/// target, no job of it runs, and, when the plan commits automatically, its commit has ended
+/// too: a VM between its failover and its commit (or whose commit failed) is not done.
+fn member_done(spec: &FailoverPlanSpec, t: JobType, target: &str, m: &Member) -> bool {
     match t {
         JobType::PlanTestFailover => m.drill_running && !m.busy,
         JobType::PlanTestFailoverCleanup => !m.drill_running && !m.busy,
-        _ => m.active_site.as_deref() == Some(target) && !m.busy,
+        _ => {
+            m.active_site.as_deref() == Some(target)
+                && !m.busy
+                && !(m.uncommitted && spec.failover.commit == CommitMode::Automatic)
+        }
     }
 }
 
@@ -253,7 +262,7 @@ fn work_remains(input: &Input, t: JobType) -> bool {
         .groups
         .iter()
         .flatten()
-        .any(|m| !member_done(t, &input.spec.target_site, m))
+        .any(|m| !member_done(input.spec, t, &input.spec.target_site, m))
 }
 
 /// Whether a new plan job of type `t` has anything to do. A VM that already runs at the target
@@ -660,7 +669,7 @@ pub fn plan(input: &Input) -> Action {
                         continue;
                     };
                     if v.state == VM_RELEASED || v.state == VM_PENDING {
-                        if member_done(job_type, &target, m) {
+                        if member_done(input.spec, job_type, &target, m) {
                             v.state = VM_SUCCEEDED.into();
                         } else if v.state == VM_RELEASED
                             && m.failed

@@ -34,6 +34,7 @@ fn member(name: &str, at: &str) -> Member {
         active_site: Some(at.into()),
         busy: false,
         failed: false,
+        uncommitted: false,
         drill_running: false,
         drill_result: None,
         job_started: None,
@@ -599,4 +600,86 @@ fn a_vm_busy_at_the_target_after_the_run_starts_no_new_run() {
     busy.busy = true;
     drive(&sp, &mut st, &[vec![busy]], &[]);
     assert_eq!(st.jobs.len(), 1, "{:?}", st.jobs);
+}
+
+#[test]
+fn a_group_is_done_only_when_its_automatic_commits_have_ended() {
+    let sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+
+    // The failover ended, its commit has not run yet: the VM is at the target and no job of it
+    // runs, but the group is not done.
+    groups[0][0].active_site = Some("secondary".into());
+    groups[0][0].uncommitted = true;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+    assert_eq!(st.groups[0].state, "Running");
+
+    // The commit runs.
+    groups[0][0].busy = true;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+
+    // The commit ended: now the next group goes.
+    groups[0][0].busy = false;
+    groups[0][0].uncommitted = false;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_SUCCEEDED);
+    assert_eq!(vm_state(&st, "web-1"), VM_RELEASED);
+}
+
+#[test]
+fn a_commit_that_fails_fails_the_group() {
+    let sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    // The failover succeeded at the target; its commit (started after the plan job) failed.
+    let m = &mut groups[0][0];
+    m.active_site = Some("secondary".into());
+    m.uncommitted = true;
+    m.failed = true;
+    m.job_started = Some(t(100));
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_FAILED);
+    assert_eq!(st.groups[0].state, "Failed");
+    assert_eq!(vm_state(&st, "web-1"), VM_PENDING);
+    assert_eq!(st.jobs.last().unwrap().state, JobState::Failed);
+    assert_eq!(st.phase, Some(PlanPhase::Failed));
+}
+
+#[test]
+fn a_manual_commit_does_not_hold_the_group() {
+    let mut sp = spec(
+        vec![group("db", &["db-1"]), group("web", &["web-1"])],
+        FailoverType::Planned,
+    );
+    sp.failover.commit = crate::api::CommitMode::Manual;
+    let mut st = FailoverPlanStatus::default();
+    let mut groups = vec![
+        vec![member("db-1", "primary")],
+        vec![member("web-1", "primary")],
+    ];
+    drive(&sp, &mut st, &groups, &[]);
+    groups[0][0].active_site = Some("secondary".into());
+    groups[0][0].uncommitted = true;
+    drive(&sp, &mut st, &groups, &[]);
+    assert_eq!(vm_state(&st, "db-1"), VM_SUCCEEDED);
+    assert_eq!(vm_state(&st, "web-1"), VM_RELEASED);
 }
