@@ -1348,6 +1348,7 @@ fn the_argocd_health_check_reads_every_phase_as_kstatus_does() {
                 last_sync_time: None,
                 rpo_seconds: Some(700),
                 settings: None,
+                progress: None,
             }),
             conditions: conds(want, observed),
             ..Default::default()

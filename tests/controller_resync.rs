@@ -1,8 +1,9 @@
-//! A replica that loses its copy of the VM while its agent is down, against a real API server,
-//! two agent processes and the controller process (its own test binary: a controller
-//! reconciles every ReplicatedVM of its API server). The source resynchronizes the replica on
-//! its own; the ReplicatedVM is never shown Healthy again before the replica holds what the
-//! primary holds, and a planned failover afterwards loses nothing.
+//! Bulk transfers against a real API server, two agent processes and the controller process
+//! (tests that start controllers hold `one_at_a_time()`: a controller reconciles every
+//! ReplicatedVM of its API server). A replica that loses its copy of the VM while its agent is
+//! down: the source resynchronizes it on its own; the ReplicatedVM is never shown Healthy again
+//! before the replica holds what the primary holds, and a planned failover afterwards loses
+//! nothing. An initial copy shows its progress in status and in `kubectl get rvm`.
 
 #[path = "controller_common/mod.rs"]
 mod common;
@@ -19,6 +20,7 @@ use twinsite::site::SiteProvider;
 async fn a_lost_replica_is_resynchronized_before_healthy_and_a_planned_failover_loses_nothing() {
     use twinsite::api::{ReplicationHealth, ReplicationState};
 
+    let _serial = one_at_a_time().await;
     let mut w = World::start("resync").await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
     let vm = "db-01";
@@ -132,5 +134,121 @@ async fn a_lost_replica_is_resynchronized_before_healthy_and_a_planned_failover_
     assert_eq!(
         w.primary.vm(vm).await.unwrap().power,
         twinsite::site::Power::Off
+    );
+}
+
+/// `kubectl get rvm <vm>` in the world's namespace: the PROGRESS column of its row.
+#[cfg(feature = "failpoints")]
+fn progress_column(w: &World, vm: &str) -> String {
+    let out =
+        w.cp.kubectl()
+            .args(["get", "rvm", vm, "-n", &w.ns])
+            .output()
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "kubectl get rvm: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Columns are aligned under their headers; an unset one is blank.
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    let row = lines.next().unwrap_or_default();
+    let start = header
+        .find(" PROGRESS ")
+        .map(|i| i + 1)
+        .unwrap_or_else(|| panic!("no PROGRESS column:\n{text}"));
+    let end = header[start..]
+        .find(" AGE")
+        .map(|i| start + i + 1)
+        .unwrap_or(header.len());
+    row.get(start..end.min(row.len()))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// The initial copy of a VM whose disk takes several batches reports how far it has come: the
+/// source agent in `GET /v1/vms/{vm}`, the ReplicatedVM in `status.replication.progress` and
+/// the PROGRESS column of `kubectl get rvm`. The copy is held after its first batch (fault
+/// switch `TWINSITE_FAULT_HOLD_BULK`), so the status is seen between 0 and the total, and the
+/// progress is gone once the VM is Protected. Needs the agent's fault switches (feature
+/// `failpoints`).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_copy_shows_its_progress_until_the_vm_is_protected() {
+    use twinsite::api::VmPhase;
+
+    const SIZE: u64 = 16 << 20;
+    let _serial = one_at_a_time().await;
+    let mut w = World::start("progress").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let hold = w.primary.dir.join("data").join("hold-bulk");
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_HOLD_BULK", "1")])
+        .await;
+    std::fs::write(&hold, b"").unwrap();
+    let vm = "big-01";
+    w.primary.create_vm_of(vm, SIZE, true).await;
+    // Data in every block: the copy sends all of them, 64 blocks to a batch.
+    for i in 0..SIZE >> 20 {
+        let data = pattern(&format!("mib-{i}"), 1 << 20);
+        w.primary.write(vm, i << 20, &data).await;
+    }
+    w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+        .await;
+
+    let r = w
+        .wait_for(
+            vm,
+            "progress between 0 and the total during the copy",
+            |r| {
+                r.status.as_ref().is_some_and(|st| {
+                    st.phase == Some(VmPhase::InitialReplication)
+                        && st
+                            .replication
+                            .as_ref()
+                            .and_then(|x| x.progress.as_ref())
+                            .is_some_and(|p| 0 < p.done_bytes && p.done_bytes < p.total_bytes)
+                })
+            },
+        )
+        .await;
+    let shown = r
+        .status
+        .and_then(|st| st.replication?.progress)
+        .expect("progress");
+    assert_eq!(shown.total_bytes, SIZE as i64);
+    assert_eq!(shown.percent, shown.done_bytes * 100 / shown.total_bytes);
+    assert_eq!(shown.summary, format!("{}%", shown.percent));
+    // The copy is held: the source reports what status shows.
+    let at_source = w.primary.vm(vm).await.expect("the VM at the primary");
+    let reported = at_source
+        .replication
+        .progress
+        .expect("progress at the source");
+    assert_eq!(
+        (reported.done_bytes, reported.total_bytes),
+        (shown.done_bytes as u64, shown.total_bytes as u64)
+    );
+    assert_eq!(progress_column(&w, vm), shown.summary);
+
+    std::fs::remove_file(&hold).unwrap();
+    let r = w.wait_protected(vm, &p, &s).await;
+    let st = r.status.unwrap();
+    assert_eq!(st.replication.and_then(|x| x.progress), None);
+    assert_eq!(
+        w.primary.vm(vm).await.unwrap().replication.progress,
+        None,
+        "no transfer runs at the source"
+    );
+    assert_eq!(progress_column(&w, vm), "", "no progress once Protected");
+    assert_eq!(
+        steps(&w.get(vm).await, "EnableReplication"),
+        [
+            ("EnableReplication".into(), "Succeeded".into()),
+            ("InitialReplication".into(), "Succeeded".into()),
+        ]
     );
 }

@@ -476,7 +476,8 @@ async fn kubectl_get_shows_the_printer_columns() {
         &PatchParams::default(),
         &Patch::Merge(json!({"status": {
             "phase": "Protected", "activeSite": "primary",
-            "replication": {"state": "Replicating", "health": "Healthy", "rpoSeconds": 212},
+            "replication": {"state": "Resynchronizing", "health": "Warning", "rpoSeconds": 212,
+                "progress": {"doneBytes": 42, "totalBytes": 100, "percent": 42, "summary": "42%"}},
         }})),
     )
     .await
@@ -494,20 +495,22 @@ async fn kubectl_get_shows_the_printer_columns() {
             "REPLICATION",
             "HEALTH",
             "RPO",
+            "PROGRESS",
             "AGE"
         ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        &row[..7],
+        &row[..8],
         [
             "web-01",
             "primary",
             "secondary",
             "Protected",
-            "Replicating",
-            "Healthy",
-            "212"
+            "Resynchronizing",
+            "Warning",
+            "212",
+            "42%"
         ]
     );
 

@@ -48,6 +48,83 @@ fn take_corruption() -> bool {
         .is_ok()
 }
 
+/// How far the bulk transfer of a VM has come, shared with the routes that list VMs.
+#[derive(Default)]
+pub struct Transfer {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+/// The bulk transfer of `vm` under way at this site, if one runs.
+pub fn progress(st: &Shared, vm: &str) -> Option<crate::site::TransferProgress> {
+    let t = st.transfers.lock().ok()?.get(vm)?.clone();
+    let total = t.total.load(Ordering::SeqCst);
+    Some(crate::site::TransferProgress {
+        done_bytes: t.done.load(Ordering::SeqCst).min(total),
+        total_bytes: total,
+    })
+}
+
+/// Registers a bulk transfer of a VM for as long as it lives: dropped when the transfer ends,
+/// fails or its task is aborted.
+struct TransferGuard {
+    st: Shared,
+    vm: String,
+    t: Arc<Transfer>,
+}
+
+impl TransferGuard {
+    fn start(st: &Shared, vm: &str, total: u64) -> Self {
+        let t = Arc::new(Transfer {
+            done: AtomicU64::new(0),
+            total: AtomicU64::new(total),
+        });
+        if let Ok(mut m) = st.transfers.lock() {
+            m.insert(vm.to_string(), t.clone());
+        }
+        Self {
+            st: st.clone(),
+            vm: vm.to_string(),
+            t,
+        }
+    }
+}
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.st.transfers.lock()
+            && m.get(&self.vm).is_some_and(|t| Arc::ptr_eq(t, &self.t))
+        {
+            m.remove(&self.vm);
+        }
+    }
+}
+
+/// Bytes of disk `d` (of `size` bytes) that a bulk transfer by `plan` reads and compares or
+/// sends between blocks `from` and `to`: the blocks of the range, or those the plan names.
+fn plan_bytes(plan: &Plan, d: usize, size: u64, from: u64, to: u64) -> u64 {
+    let to = to.min(block_count(size));
+    match plan {
+        Plan::Blocks(sets) => sets.get(d).map_or(0, |s| {
+            s.iter_from(from)
+                .take_while(|b| *b < to)
+                .map(|b| block_len(size, b) as u64)
+                .sum()
+        }),
+        _ if from >= to => 0,
+        _ => (to * BLOCK_SIZE).min(size) - from * BLOCK_SIZE,
+    }
+}
+
+/// Test-only fault injection (`TWINSITE_FAULT_HOLD_BULK=N`, feature `failpoints` only): once a
+/// bulk transfer has framed N batches, it waits (with its batches in flight acknowledged) while
+/// the file `hold-bulk` exists in the data dir.
+fn hold_after(framed: u64) -> bool {
+    fault::switch("TWINSITE_FAULT_HOLD_BULK")
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| framed >= n)
+}
+
 /// A sync-now request: answered with the acknowledged point.
 pub type SyncReply = oneshot::Sender<Result<RecoveryPoint, String>>;
 
@@ -1222,6 +1299,14 @@ async fn bulk(
 ) -> Result<u64, String> {
     let mut sent = 0;
     let plan = Arc::new(plan);
+    let total = disks
+        .iter()
+        .enumerate()
+        .map(|(d, disk)| plan_bytes(&plan, d, disk.size_bytes, 0, u64::MAX))
+        .sum();
+    let progress = TransferGuard::start(st, vm, total);
+    let whole = plan.clone();
+    let mut framed = 0u64;
     for (d, disk) in disks.iter().enumerate() {
         let n = block_count(disk.size_bytes);
         // A domain's export says which blocks hold data; read once per disk.
@@ -1256,6 +1341,14 @@ async fn bulk(
         let mut next = 0;
         let mut inflight = FuturesUnordered::new();
         while next < n {
+            if hold_after(framed) {
+                while let Some(r) = inflight.next().await {
+                    sent += r?;
+                }
+                while st.data_dir.join("hold-bulk").exists() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
             let vm2 = vm.to_string();
             let size = disk.size_bytes;
             let hashes = peer_hashes.clone();
@@ -1289,10 +1382,20 @@ async fn bulk(
                     .map_err(|e| e.to_string())??
                 }
             };
-            if !blocks.is_empty() {
+            // Done once the peer has acknowledged the batch (at once when nothing travels).
+            let scanned = plan_bytes(&whole, d, disk.size_bytes, next, after);
+            let t = progress.t.clone();
+            if blocks.is_empty() {
+                t.done.fetch_add(scanned, Ordering::SeqCst);
+            } else {
+                framed += 1;
                 inflight.push(async move {
                     let _permit = permit;
-                    send_batch(st, peer, vm, cycle, true, blocks).await
+                    let r = send_batch(st, peer, vm, cycle, true, blocks).await;
+                    if r.is_ok() {
+                        t.done.fetch_add(scanned, Ordering::SeqCst);
+                    }
+                    r
                 });
             }
             while inflight.len() >= PIPELINE {
@@ -1326,7 +1429,35 @@ pub async fn sync_now(st: &Shared, vm: &str) -> Result<RecoveryPoint, ApiError> 
 
 #[cfg(test)]
 mod tests {
-    use super::new_cycle_id;
+    use super::{Arc, BLOCK_SIZE, Bitmap, Plan, block_count, new_cycle_id, plan_bytes};
+
+    /// A transfer's batches cover its disk in consecutive ranges of blocks: their bytes add up
+    /// to the transfer's total, so a transfer's progress ends at 100%.
+    #[test]
+    fn progress_of_consecutive_batches_adds_up_to_the_total() {
+        let size = 10 * BLOCK_SIZE + 123;
+        let n = block_count(size);
+        let mut set = Bitmap::new(n);
+        for b in [0, 3, 4, 10] {
+            set.set(b);
+        }
+        let blocks = Plan::Blocks(Arc::new(vec![set]));
+        let cases = [
+            (Plan::All { skip_zero: true }, size),
+            (Plan::Hash, size),
+            (blocks, 3 * BLOCK_SIZE + 123),
+        ];
+        for (plan, want) in cases {
+            let total = plan_bytes(&plan, 0, size, 0, u64::MAX);
+            assert_eq!(total, want);
+            let cuts = [0, 2, 4, 5, 9, n];
+            let done: u64 = cuts
+                .windows(2)
+                .map(|w| plan_bytes(&plan, 0, size, w[0], w[1]))
+                .sum();
+            assert_eq!(done, total);
+        }
+    }
 
     #[test]
     fn cycle_ids_do_not_repeat_within_one_instant() {

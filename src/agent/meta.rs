@@ -270,6 +270,8 @@ pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> Replication
             blocks_refused: o.blocks_resent,
             recovery_point_retention_hours: Some(o.retention_hours),
             app_consistent_frequency_hours: Some(o.app_consistent_hours),
+            // Held in memory by the transfer's task; the listing routes add it.
+            progress: None,
         };
     }
     if let Some(i) = &meta.inbound

@@ -55,6 +55,8 @@ struct AppState {
     drivers: Mutex<Drivers>,
     /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.
     cycle_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The bulk transfers under way, per VM: how far each has come (`GET /v1/vms`).
+    transfers: Mutex<std::collections::HashMap<String, Arc<driver::Transfer>>>,
     /// Block batches in flight at once over all VMs (bounds the memory of transfers).
     send_slots: tokio::sync::Semaphore,
     /// Cuts run one at a time.

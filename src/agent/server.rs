@@ -152,6 +152,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         store,
         drivers: Mutex::new(Default::default()),
         cycle_locks: Mutex::new(Default::default()),
+        transfers: Mutex::new(Default::default()),
         send_slots: tokio::sync::Semaphore::new(SEND_SLOTS),
         cut_lock: tokio::sync::Mutex::new(()),
         guests: Mutex::new(Default::default()),

@@ -24,6 +24,7 @@ pub const MAX_JOBS: usize = 10;
     printcolumn = r#"{"name":"REPLICATION","type":"string","jsonPath":".status.replication.state"}"#,
     printcolumn = r#"{"name":"HEALTH","type":"string","jsonPath":".status.replication.health"}"#,
     printcolumn = r#"{"name":"RPO","type":"integer","jsonPath":".status.replication.rpoSeconds"}"#,
+    printcolumn = r#"{"name":"PROGRESS","type":"string","jsonPath":".status.replication.progress.summary"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     doc = "One VM protected between two sites: where it should run and how it is replicated.",
     // A root rule: only here can the new spec be compared with the old status.
@@ -253,6 +254,23 @@ pub struct ReplicationStatus {
     /// is shown by condition SettingsApplied until the source has taken it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub settings: Option<ReplicationSettings>,
+    /// The initial copy or resync under way at the source, as of the last site poll; absent
+    /// when none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<ReplicationProgress>,
+}
+
+/// How far the source's initial copy or resync has come: of the `totalBytes` of disk it reads
+/// and compares or sends, `doneBytes` are acknowledged by the target.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicationProgress {
+    pub done_bytes: i64,
+    pub total_bytes: i64,
+    /// `doneBytes` as a whole percentage of `totalBytes`, rounded down (100 only when done).
+    pub percent: i64,
+    /// `percent` for people and the PROGRESS column, e.g. `42%`.
+    pub summary: String,
 }
 
 /// Replication settings as sent to the source site.

@@ -58,6 +58,8 @@ pub struct ObservedReplication {
     pub retention_hours: Option<i64>,
     /// The app-consistent frequency the source runs with; None where the site does not say.
     pub app_consistent_hours: Option<i64>,
+    /// The bulk transfer (initial copy or resync) the source runs now: bytes done and total.
+    pub progress: Option<(u64, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

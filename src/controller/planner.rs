@@ -25,8 +25,8 @@ use super::observe::{
 use crate::api::{
     CommitMode, DrillRecord, FailoverType, Job, JobState, JobStep, JobType, RecoveryPointRef,
     RecoveryPointSummary, ReplicatedVMSpec, ReplicatedVMStatus, ReplicationHealth,
-    ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus, StepState,
-    TestFailoverStatus, VmPhase,
+    ReplicationProgress, ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus,
+    StepState, TestFailoverStatus, VmPhase,
 };
 
 /// Jobs kept in status, newest last.
@@ -721,6 +721,7 @@ pub fn plan(input: &Input) -> Plan {
         note_source_resync(input, &st, before, &mut events);
         record_listed_settings(input, &mut st);
     }
+    refresh_progress(input, &mut st);
     finalize(input, &mut st, wait, &mut events);
     if st != *input.status {
         Plan::Write(Box::new(Update {
@@ -1431,6 +1432,7 @@ fn refuse_job(
     for s in &mut job.steps {
         s.state = StepState::Skipped;
         s.message = Some("the recovery point check failed".into());
+        s.start_time = s.start_time.take().or_else(|| Some(now.clone()));
         s.end_time = Some(now.clone());
     }
     job.state = JobState::Failed;
@@ -1563,8 +1565,10 @@ fn advance(
                 let s = &mut st.jobs[ji].steps[si];
                 match skip {
                     Some(why) => {
+                        // A skipped step starts and ends when the job reaches it.
                         s.state = StepState::Skipped;
                         s.message = Some(why);
+                        s.start_time = Some(input.now());
                         s.end_time = Some(input.now());
                     }
                     None => {
@@ -1642,6 +1646,7 @@ fn finish_job(
                     last_sync_time: None,
                     rpo_seconds: None,
                     settings,
+                    progress: None,
                 });
                 // Figures from the listing right away, not in five minutes.
                 refresh_replication_now(input, st);
@@ -1720,6 +1725,7 @@ fn disabled_replication() -> ReplicationStatus {
         last_sync_time: None,
         rpo_seconds: None,
         settings: None,
+        progress: None,
     }
 }
 
@@ -1915,6 +1921,7 @@ fn fail_remaining(input: &Input, st: &mut ReplicatedVMStatus, ji: usize) {
     {
         s.state = StepState::Skipped;
         s.message = Some("an earlier step failed".into());
+        s.start_time = Some(now.clone());
         s.end_time = Some(now.clone());
     }
     // Shut down or powered off by this job: an unplanned failover that stopped the source
@@ -2016,6 +2023,7 @@ fn apply_step_success(
                 last_sync_time: None,
                 rpo_seconds: None,
                 settings: sent.map(ReplicationSettings::from),
+                progress: None,
             });
         }
         // Nothing replicates from here on (the recovery points stay at the target), whatever
@@ -2087,6 +2095,7 @@ pub fn record_fence(input: &Input, fence: &FenceCall, outcome: Outcome) -> Plan 
                         s.state = StepState::Succeeded;
                         s.message = Some(msg.clone());
                         s.operation_id = Some(fence.op_id.clone());
+                        s.start_time = s.start_time.take().or_else(|| Some(input.now()));
                         s.end_time = Some(input.now());
                     }
                     None => job.steps.push(JobStep {
@@ -2325,6 +2334,52 @@ fn refresh_replication(input: &Input, st: &mut ReplicatedVMStatus) {
     if significant || stale {
         st.replication = Some(new);
         st.recovery_points = rps;
+    }
+}
+
+/// The source's bulk transfer (initial copy or resync) as the newest listing of the source
+/// shows it: copied into status while one runs, removed once the listing shows none. Kept as
+/// it was while the source cannot be listed. A listing changes once per site poll, so this
+/// changes status at most that often.
+fn refresh_progress(input: &Input, st: &mut ReplicatedVMStatus) {
+    let Some(r) = st.replication.as_mut() else {
+        return;
+    };
+    let observed = match (r.state, r.source_site.as_deref()) {
+        (ReplicationState::Disabled, _) | (_, None) => None,
+        (_, Some(source)) => {
+            let view = input.view(source);
+            if !view.reachable() {
+                return;
+            }
+            view.vm()
+                .and_then(|v| v.replication.as_ref())
+                .filter(|rep| {
+                    rep.direction != Some(Direction::Inbound)
+                        && rep
+                            .peer_site
+                            .as_deref()
+                            .is_none_or(|p| Some(p) == r.target_site.as_deref())
+                })
+                .and_then(|rep| rep.progress)
+        }
+    };
+    r.progress = observed.map(|(done, total)| progress_of(done, total));
+}
+
+/// Bytes done of a total as status shows them (done never past total).
+pub fn progress_of(done: u64, total: u64) -> ReplicationProgress {
+    let done = done.min(total);
+    let percent = if total == 0 {
+        100
+    } else {
+        (u128::from(done) * 100 / u128::from(total)) as i64
+    };
+    ReplicationProgress {
+        done_bytes: i64::try_from(done).unwrap_or(i64::MAX),
+        total_bytes: i64::try_from(total).unwrap_or(i64::MAX),
+        percent,
+        summary: format!("{percent}%"),
     }
 }
 

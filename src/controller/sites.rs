@@ -261,6 +261,10 @@ pub fn observed(vm: &Vm) -> ObservedVm {
             .app_consistent_frequency_hours
             .filter(|_| outbound)
             .and_then(|h| i64::try_from(h).ok()),
+        progress: r
+            .progress
+            .filter(|_| outbound)
+            .map(|p| (p.done_bytes, p.total_bytes)),
     });
     let rp = |p: &site::RecoveryPoint| ObservedRecoveryPoint {
         id: p.id.clone(),

@@ -81,6 +81,20 @@ pub struct ReplicationInfo {
     /// How often an app-consistent point is taken, in hours, 0 = never (at the source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub app_consistent_frequency_hours: Option<u64>,
+    /// The bulk transfer (initial replication or resync) under way, at the source; absent when
+    /// none runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<TransferProgress>,
+}
+
+/// How far a bulk transfer has come: of the `totalBytes` it reads and compares or sends, the
+/// `doneBytes` the peer has acknowledged (or that needed no sending). `doneBytes` reaches
+/// `totalBytes` when the last batch is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferProgress {
+    pub done_bytes: u64,
+    pub total_bytes: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -59,6 +59,9 @@ pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
         }
     }
     list.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    for v in &mut list.vms {
+        v.replication.progress = driver::progress(&st, &v.name);
+    }
     Ok(Json(list).into_response())
 }
 
@@ -76,6 +79,7 @@ pub(crate) async fn get_vm(
             if let Some(d) = domain::find(&st, &vm).await? {
                 domain::overlay(&mut v, &d);
             }
+            v.replication.progress = driver::progress(&st, &vm);
             Ok(Json(v).into_response())
         }
         Err(e) => Err(e),

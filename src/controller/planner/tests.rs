@@ -292,6 +292,7 @@ impl World {
                     interval_seconds: Some(c.replication.interval_seconds),
                     retention_hours: Some(c.replication.recovery_point_retention_hours),
                     app_consistent_hours: Some(c.replication.app_consistent_frequency_hours),
+                    progress: None,
                 });
                 let integration = vm.integration;
                 let t = self.sites.get_mut(tgt).unwrap();
@@ -468,6 +469,13 @@ impl World {
                 .count()
                 <= 1
         );
+        // Every step that started or ended records when.
+        for j in &u.status.jobs {
+            for s in j.steps.iter().filter(|s| s.state != StepState::Pending) {
+                let ended = s.state == StepState::Running || s.end_time.is_some();
+                assert!(s.start_time.is_some() && ended, "{}: {s:?}", j.name);
+            }
+        }
         self.status = u.status.clone();
         self.events.extend(u.events.iter().cloned());
         self.writes += 1;
@@ -1241,6 +1249,92 @@ fn unreachable_required_step_is_retried_with_the_same_id() {
     w.down.clear();
     w.settle();
     assert_eq!(w.job(JobType::PlannedFailover).state, JobState::Succeeded);
+}
+
+/// The source's bulk transfer as the listing shows it is copied into status (bytes, percent,
+/// the PROGRESS column's text), written once per new listing, kept while the source cannot be
+/// listed, and removed once the source shows no transfer: at the end of the initial copy and
+/// of a resync the source starts on its own.
+#[test]
+fn transfer_progress_is_copied_from_the_source_and_cleared_when_it_ends() {
+    const MIB: u64 = 1 << 20;
+    let progress = |w: &World| {
+        w.status
+            .replication
+            .as_ref()
+            .and_then(|r| r.progress.clone())
+    };
+    let set = |w: &mut World, p: Option<(u64, u64)>| {
+        w.vm_mut(P).vm.replication.as_mut().unwrap().progress = p;
+    };
+    let mut w = World::new(true);
+    // Up to the initial copy: the source copies, nothing has ticked.
+    let copying = |w: &World| {
+        w.status.jobs.last().is_some_and(|j| {
+            j.steps
+                .iter()
+                .any(|s| s.name == "InitialReplication" && s.state == StepState::Running)
+        })
+    };
+    for _ in 0..10 {
+        if copying(&w) {
+            break;
+        }
+        w.step();
+    }
+    assert!(copying(&w), "{:?}", w.status.jobs);
+    assert_eq!(w.status.phase, Some(VmPhase::InitialReplication));
+    assert_eq!(progress(&w), None);
+
+    set(&mut w, Some((4 * MIB, 16 * MIB)));
+    assert!(matches!(w.step(), Plan::Write(_)));
+    let want = ReplicationProgress {
+        done_bytes: (4 * MIB) as i64,
+        total_bytes: (16 * MIB) as i64,
+        percent: 25,
+        summary: "25%".into(),
+    };
+    assert_eq!(progress(&w), Some(want.clone()));
+    assert_eq!(w.status.phase, Some(VmPhase::InitialReplication));
+    // The same listing again: nothing to write.
+    assert!(matches!(w.step(), Plan::Idle(_)));
+    // The source cannot be listed: the last known progress stays.
+    w.down.insert(P.into());
+    w.step();
+    assert_eq!(progress(&w), Some(want));
+    w.down.remove(P);
+    // Rounded down: 100% only when every byte is done.
+    set(&mut w, Some((16 * MIB - 1, 16 * MIB)));
+    w.step();
+    assert_eq!(progress(&w).map(|p| p.summary), Some("99%".into()));
+
+    // The copy ends: the source reports no transfer and replicates.
+    set(&mut w, None);
+    w.tick(5);
+    w.settle();
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert_eq!(progress(&w), None);
+
+    // A resync the source starts on its own (no job runs) shows the same way.
+    {
+        let r = w.vm_mut(P).vm.replication.as_mut().unwrap();
+        r.state = ObservedReplicationState::Resynchronizing;
+        r.progress = Some((0, 8 * MIB));
+    }
+    w.step();
+    let r = w.status.replication.as_ref().unwrap();
+    assert_eq!(r.state, ReplicationState::Resynchronizing);
+    assert_eq!(r.progress.as_ref().map(|p| p.percent), Some(0));
+    {
+        let r = w.vm_mut(P).vm.replication.as_mut().unwrap();
+        r.state = ObservedReplicationState::Replicating;
+        r.progress = None;
+    }
+    w.tick(5);
+    w.step();
+    assert_eq!(progress(&w), None);
+    assert_eq!(progress_of(0, 0).percent, 100);
+    assert_eq!(progress_of(5, 4).done_bytes, 4);
 }
 
 #[test]
