@@ -77,7 +77,8 @@ def start(root, site):
         f.write(TOKEN)
     port = free_port()
     p = subprocess.Popen([BIN, "agent", "--site", site, "--listen", f"127.0.0.1:{port}",
-                          "--data-dir", d, "--token-file", tok, "--max-disk-bytes", str(SIZE)],
+                          "--data-dir", d, "--token-file", tok, "--max-disk-bytes", str(SIZE),
+                          "--insecure-http"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):

@@ -43,9 +43,9 @@ ua="qemu+unix:///system?socket=$work/site-a/run/libvirt-sock"
 ub="qemu+unix:///system?socket=$work/site-b/run/libvirt-sock"
 echo tok >"$work/token"
 "$bin" agent --site a --listen 127.0.0.1:7391 --data-dir "$work/agent-a" --token-file "$work/token" \
-  --runtime libvirt --libvirt-uri "$ua" >"$work/a.log" 2>&1 &
+  --insecure-http --runtime libvirt --libvirt-uri "$ua" >"$work/a.log" 2>&1 &
 "$bin" agent --site b --listen 127.0.0.1:7392 --data-dir "$work/agent-b" --token-file "$work/token" \
-  --runtime libvirt --libvirt-uri "$ub" >"$work/b.log" 2>&1 &
+  --insecure-http --runtime libvirt --libvirt-uri "$ub" >"$work/b.log" 2>&1 &
 sleep 1
 
 h=(-s -H "Authorization: Bearer tok" -H "content-type: application/json")

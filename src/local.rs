@@ -1,7 +1,8 @@
 //! `twinsite local`: the whole stack on this machine, for a first look and for demos.
 //!
 //! A real etcd + kube-apiserver, two site agents (primary on 127.0.0.1:7101, secondary on
-//! 127.0.0.1:7102), the controller, and the manifests in examples/ applied. With the builtin
+//! 127.0.0.1:7102) serving https with certificates of a CA made for this stack, the
+//! controller, and the manifests in examples/ applied. With the builtin
 //! runtime the agents hold the example VMs; with `--runtime libvirt` each site gets its own
 //! libvirtd, and the primary runs one real QEMU guest (`app-01`, the test guest writing its
 //! pattern) that its example ReplicatedVM protects. `stack.json` in the folder says where
@@ -31,6 +32,10 @@ pub struct LocalArgs {
     /// feature).
     #[arg(long, value_enum, default_value_t = crate::agent::runtime::RuntimeKind::Builtin)]
     pub runtime: crate::agent::runtime::RuntimeKind,
+    /// Port of the primary site's agent; the secondary's is the next one. The Sites' URLs
+    /// are set to match.
+    #[arg(long, default_value_t = 7101, value_parser = clap::value_parser!(u16).range(1..65535))]
+    pub agent_port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +51,11 @@ pub enum LocalError {
 /// The VM the libvirt demo runs as a real guest (one of the example ReplicatedVMs).
 const LIBVIRT_VM: &str = "app-01";
 
-/// The demo sites: name, listen address.
-const SITES: [(&str, &str); 2] = [
-    ("primary", "127.0.0.1:7101"),
-    ("secondary", "127.0.0.1:7102"),
-];
+/// The demo sites, in port order.
+const SITES: [&str; 2] = ["primary", "secondary"];
+
+/// Where the controller reads Secrets (its lease namespace, see docs/security.md).
+const SECRET_NAMESPACE: &str = "twinsite-system";
 
 pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     let dir = std::path::absolute(&args.dir).map_err(|e| LocalError::Io(args.dir.clone(), e))?;
@@ -60,8 +65,13 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     std::fs::create_dir_all(&dir).map_err(|e| LocalError::Io(dir.clone(), e))?;
     let mut manifests = read_manifests(&args.examples)?;
     let libvirt = args.runtime == crate::agent::runtime::RuntimeKind::Libvirt;
-    for (_, addr) in SITES {
-        if std::net::TcpListener::bind(addr).is_err() {
+    let sites: Vec<(&str, String)> = SITES
+        .iter()
+        .zip(args.agent_port..)
+        .map(|(site, port)| (*site, format!("127.0.0.1:{port}")))
+        .collect();
+    for (_, addr) in &sites {
+        if std::net::TcpListener::bind(addr.as_str()).is_err() {
             return Err(LocalError::Setup(format!(
                 "{addr} is in use: is an agent of an earlier `twinsite local` still running? \
                  Stop it (see `ss -ltnp`), then start again"
@@ -74,6 +84,14 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             m["kind"] != "FailoverPlan"
                 && (m["kind"] != "ReplicatedVM" || m["metadata"]["name"] == LIBVIRT_VM)
         });
+    }
+    // A CA for this stack and a certificate per agent (127.0.0.1 and localhost).
+    let certs = dir.join("certs");
+    std::fs::create_dir_all(&certs).map_err(|e| LocalError::Io(certs.clone(), e))?;
+    let ca_pem = crate::envtest::agent_certificates(&certs, &SITES)?;
+    let ca_file = certs.join("agent-ca.crt");
+    for (site, addr) in &sites {
+        use_tls(&mut manifests, site, addr, &ca_pem);
     }
     let mut stack = serde_json::json!({"sites": {}});
     let mut libvirt_sites = Vec::new();
@@ -89,9 +107,15 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
     stack["kubeconfig"] = cp.kubeconfig_path().display().to_string().into();
 
     let exe = std::env::current_exe().map_err(|e| LocalError::Io("twinsite".into(), e))?;
-    let http = reqwest::Client::new();
+    crate::init_crypto();
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes())
+        .map_err(|e| LocalError::Setup(format!("the stack's CA: {e}")))?;
+    let http = reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .build()
+        .map_err(|e| LocalError::Setup(format!("https client: {e}")))?;
     let mut children: Vec<ManagedChild> = Vec::new();
-    for (site, addr) in SITES {
+    for &(site, ref addr) in &sites {
         let token = secret_token(&manifests, &format!("{site}-agent")).ok_or_else(|| {
             LocalError::Setup(format!(
                 "no Secret {site}-agent with stringData.token in {}",
@@ -107,9 +131,16 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             .arg("--data-dir")
             .arg(site_dir.join("data"))
             .arg("--token-file")
-            .arg(&token_file);
-        stack["sites"][site] =
-            serde_json::json!({"agentUrl": format!("http://{addr}"), "token": token});
+            .arg(&token_file)
+            .arg("--tls-cert")
+            .arg(certs.join(format!("{site}.crt")))
+            .arg("--tls-key")
+            .arg(certs.join(format!("{site}.key")));
+        stack["sites"][site] = serde_json::json!({
+            "agentUrl": format!("https://{addr}"),
+            "token": token,
+            "caFile": ca_file.display().to_string(),
+        });
         if libvirt {
             println!("starting libvirtd of site {site}");
             let lv = crate::envtest::libvirt::LibvirtSite::start(site, &site_dir.join("libvirt"))?;
@@ -123,7 +154,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             cmd,
             &site_dir.join("agent.log"),
         )?);
-        wait_http(&http, &format!("http://{addr}/healthz")).await?;
+        wait_http(&http, &format!("https://{addr}/healthz")).await?;
     }
 
     let stack_file = dir.join("stack.json");
@@ -153,7 +184,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             .or(rvm["metadata"]["name"].as_str())
             .unwrap_or_default();
         let primary = rvm["spec"]["primarySite"].as_str().unwrap_or_default();
-        let Some((_, addr)) = SITES.iter().find(|(s, _)| *s == primary) else {
+        let Some((_, addr)) = sites.iter().find(|(s, _)| *s == primary) else {
             continue;
         };
         let token = secret_token(&manifests, &format!("{primary}-agent")).unwrap_or_default();
@@ -163,7 +194,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             "integrationServices": true,
         });
         let resp = http
-            .put(format!("http://{addr}/v1/vms/{name}"))
+            .put(format!("https://{addr}/v1/vms/{name}"))
             .bearer_auth(token)
             .json(&body)
             .send()
@@ -328,6 +359,54 @@ fn read_manifests(dir: &Path) -> Result<Vec<serde_json::Value>, LocalError> {
         }
     }
     Ok(out)
+}
+
+/// Points the Site `site` of the manifests at its agent on `addr` over https, trusting the
+/// stack's CA: sets its URL, gives it a `caSecretRef` when it has none, and adds the Secret
+/// that reference names (in the controller's namespace) holding `ca_pem`.
+fn use_tls(manifests: &mut Vec<serde_json::Value>, site: &str, addr: &str, ca_pem: &str) {
+    let Some(m) = manifests
+        .iter_mut()
+        .find(|m| m["kind"] == "Site" && m["metadata"]["name"] == site)
+    else {
+        return;
+    };
+    let agent = &mut m["spec"]["agent"];
+    agent["url"] = format!("https://{addr}").into();
+    if !agent["caSecretRef"].is_object() {
+        agent["caSecretRef"] = serde_json::json!({
+            "namespace": SECRET_NAMESPACE,
+            "name": format!("{site}-agent-ca"),
+            "key": "ca.crt",
+        });
+    }
+    let r = agent["caSecretRef"].clone();
+    let namespace = r["namespace"]
+        .as_str()
+        .unwrap_or(SECRET_NAMESPACE)
+        .to_string();
+    let name = r["name"].as_str().unwrap_or_default().to_string();
+    let key = r["key"].as_str().unwrap_or("ca.crt").to_string();
+    manifests.retain(|m| {
+        !(m["kind"] == "Secret"
+            && m["metadata"]["name"] == name.as_str()
+            && m["metadata"]["namespace"] == namespace.as_str())
+    });
+    // After the Namespace objects, before the Sites.
+    let at = manifests
+        .iter()
+        .position(|m| m["kind"] != "Namespace")
+        .unwrap_or(manifests.len());
+    manifests.insert(
+        at,
+        serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": name, "namespace": namespace},
+            "type": "Opaque",
+            "stringData": {key: ca_pem},
+        }),
+    );
 }
 
 fn secret_token(manifests: &[serde_json::Value], name: &str) -> Option<String> {

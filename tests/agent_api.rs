@@ -825,6 +825,7 @@ fn a_peer_token_file_that_is_empty_or_the_controller_token_stops_the_start() {
             .arg(&token)
             .arg("--peer-token-file")
             .arg(&peer)
+            .arg("--insecure-http")
             .output()
             .unwrap();
         assert!(!out.status.success(), "the agent started");

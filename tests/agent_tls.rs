@@ -119,3 +119,78 @@ fn a_bad_certificate_stops_the_start_with_a_reason() {
     let err = failed_start(root.path(), &[&cert]);
     assert!(err.contains("--tls-key"), "{err}");
 }
+
+#[test]
+fn without_a_certificate_the_agent_starts_only_with_insecure_http() {
+    let root = tempfile::tempdir().unwrap();
+    // Neither a certificate nor --insecure-http: refused, naming the options.
+    let err = failed_start(root.path(), &[]);
+    for option in ["--tls-cert", "--tls-key", "--insecure-http"] {
+        assert!(err.contains(option), "{option} not named in: {err}");
+    }
+
+    // --insecure-http with a certificate contradicts itself.
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinsite"));
+    let token = root.path().join("token");
+    cmd.args(["agent", "--site", "primary", "--listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(root.path().join("data"))
+        .arg("--token-file")
+        .arg(&token)
+        .args([
+            "--tls-cert",
+            "a.crt",
+            "--tls-key",
+            "a.key",
+            "--insecure-http",
+        ]);
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "the agent started");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--insecure-http"), "{err}");
+
+    // With --insecure-http it serves plain http and says so in its log (standard output).
+    std::fs::write(&token, TOKEN).unwrap();
+    let port = common_agent::free_port();
+    let log = root.path().join("agent.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_twinsite"))
+        .args(["agent", "--site", "primary", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--data-dir")
+        .arg(root.path().join("data"))
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--insecure-http")
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // The child is stopped before any assertion, so a failure leaves no agent behind.
+    let answered = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let mut answer = String::new();
+            if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+                .is_ok()
+            {
+                let _ = s.read_to_string(&mut answer);
+            }
+            break answer;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().ok().flatten().is_some() {
+            break String::from("(the agent did not listen)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("--insecure-http")),
+        "no warning about plain http in:\n{log}"
+    );
+    assert!(!log.contains(TOKEN), "the log holds the token:\n{log}");
+}

@@ -1,6 +1,8 @@
-//! Every manifest in examples/ is accepted by a real API server as written.
+//! Every manifest in examples/ is accepted by a real API server as written, and `twinsite
+//! local` runs them with agents that serve https only.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use twinsite::envtest;
 
@@ -104,7 +106,7 @@ async fn every_example_is_accepted_as_written() {
     };
     assert_eq!(
         get(&["get", "site", "primary", "-o", "jsonpath={.spec.agent.url}"]),
-        "http://127.0.0.1:7101"
+        "https://127.0.0.1:7101"
     );
     assert_eq!(
         get(&[
@@ -114,8 +116,21 @@ async fn every_example_is_accepted_as_written() {
             "-o",
             "jsonpath={.spec.agent.url}"
         ]),
-        "http://127.0.0.1:7102"
+        "https://127.0.0.1:7102"
     );
+    for site in ["primary", "secondary"] {
+        assert_eq!(
+            get(&[
+                "get",
+                "site",
+                site,
+                "-o",
+                "jsonpath={.spec.agent.caSecretRef.namespace}/{.spec.agent.caSecretRef.name}/{.spec.agent.caSecretRef.key}"
+            ]),
+            format!("twinsite-system/{site}-agent-ca/ca.crt"),
+            "site {site} names no CA Secret"
+        );
+    }
     for secret in ["primary-agent", "secondary-agent"] {
         let token = get(&[
             "get",
@@ -138,4 +153,150 @@ async fn every_example_is_accepted_as_written() {
     ]);
     assert!(intervals.lines().count() >= 2, "{intervals}");
     assert!(intervals.lines().all(|l| l == "30"), "{intervals}");
+}
+
+/// Two consecutive free ports on 127.0.0.1.
+fn free_port_pair() -> u16 {
+    loop {
+        let port = envtest::free_port().unwrap();
+        if port < 65535 && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `twinsite local` makes a CA, runs both agents with https certificates of it, and the Sites
+/// it applies use https and that CA: the agents answer https to a client that trusts the CA
+/// and refuse plain http, `stack.json` names the CA, both Sites become Ready and the example
+/// VMs get protected (replication between the agents over TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_stack_serves_https_with_its_own_ca() {
+    twinsite::init_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("local");
+    let port = free_port_pair();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_twinsite"));
+    cmd.arg("local")
+        .arg("--dir")
+        .arg(&dir)
+        .arg("--examples")
+        .arg(examples_dir())
+        .args(["--disk-bytes", "1048576"])
+        .args(["--agent-port", &port.to_string()]);
+    let log = tmp.path().join("local.log");
+    let mut local = envtest::ManagedChild::spawn("twinsite local", cmd, &log).unwrap();
+
+    // stack.json is written once both agents answer.
+    let stack_file = dir.join("stack.json");
+    let deadline = Instant::now() + Duration::from_secs(900);
+    let stack: serde_json::Value = loop {
+        if let Ok(text) = std::fs::read_to_string(&stack_file)
+            && let Ok(v) = serde_json::from_str(&text)
+        {
+            break v;
+        }
+        if let Err(e) = local.check_running() {
+            panic!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "no stack.json");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    for (i, site) in ["primary", "secondary"].into_iter().enumerate() {
+        let s = &stack["sites"][site];
+        let addr = format!("127.0.0.1:{}", port + i as u16);
+        assert_eq!(s["agentUrl"], format!("https://{addr}"), "{stack}");
+        let ca_file = s["caFile"].as_str().expect("stack.json names no caFile");
+        let ca = std::fs::read(ca_file).unwrap();
+        let trusting = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+            .build()
+            .unwrap();
+        let r = trusting
+            .get(format!("https://{addr}/v1/vms"))
+            .bearer_auth(s["token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{site}: {}", r.status());
+
+        // Plain http gets no answer from an agent that serves https.
+        let plain = reqwest::Client::new()
+            .get(format!("http://{addr}/healthz"))
+            .send()
+            .await;
+        assert!(
+            plain.is_err(),
+            "{site} answered plain http: {:?}",
+            plain.map(|r| r.status())
+        );
+        // A client that does not trust the stack's CA refuses the agent.
+        let other_ca = tempfile::tempdir().unwrap();
+        let other = envtest::agent_certificates(other_ca.path(), &[]).unwrap();
+        let untrusting = reqwest::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(other.as_bytes()).unwrap()])
+            .build()
+            .unwrap();
+        assert!(
+            untrusting
+                .get(format!("https://{addr}/healthz"))
+                .send()
+                .await
+                .is_err(),
+            "{site}'s certificate chains to another CA"
+        );
+    }
+
+    // The controller reaches both agents over https with the CA Secrets, and the example VMs
+    // replicate between them.
+    let kubeconfig =
+        kube::config::Kubeconfig::read_from(stack["kubeconfig"].as_str().unwrap()).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let sites: kube::Api<twinsite::api::Site> = kube::Api::all(client.clone());
+    let rvms: kube::Api<twinsite::api::ReplicatedVM> = kube::Api::namespaced(client, "finance");
+    let ready = |v: serde_json::Value| {
+        v["status"]["conditions"].as_array().is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let mut all = true;
+        let mut seen = Vec::new();
+        for site in ["primary", "secondary"] {
+            // The manifests are applied after stack.json is written.
+            let v = serde_json::to_value(sites.get_opt(site).await.unwrap()).unwrap();
+            all &= ready(v.clone());
+            seen.push(v);
+        }
+        let list = rvms.list(&Default::default()).await.unwrap();
+        all &= !list.items.is_empty();
+        for r in list.items {
+            let v = serde_json::to_value(r).unwrap();
+            all &= v["status"]["phase"] == "Protected";
+            seen.push(v);
+        }
+        if all {
+            break;
+        }
+        if let Err(e) = local.check_running() {
+            panic!(
+                "{e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every Site Ready and VM Protected: {seen:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    local.stop(Duration::from_secs(60));
 }

@@ -89,6 +89,11 @@ pub enum AgentError {
     PeerTokenIsControllerToken,
     #[error("loading TLS certificate or key: {0}")]
     Tls(std::io::Error),
+    #[error(
+        "no TLS certificate: give --tls-cert and --tls-key to serve https, or --insecure-http \
+         to serve plain http"
+    )]
+    NoTls,
     #[error("data directory: {0}")]
     Store(#[from] ApiError),
     #[error("runtime: {0}")]

@@ -46,6 +46,10 @@ pub struct AgentArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Serve plain http without --tls-cert/--tls-key: tokens and disk blocks then cross the
+    /// network unencrypted. For tests and a trusted loopback only; logs a warning at start.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure_http: bool,
     /// Largest disk a VM may have, in bytes.
     #[arg(long, default_value_t = 1 << 40)]
     pub max_disk_bytes: u64,
@@ -105,7 +109,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     .map_err(AgentError::Tls)?,
             )
         }
-        _ => None,
+        _ if args.insecure_http => {
+            tracing::warn!(
+                site = %args.site,
+                "serving plain http (--insecure-http): bearer tokens and disk data are not encrypted"
+            );
+            None
+        }
+        _ => return Err(AgentError::NoTls),
     };
     let token = std::fs::read_to_string(&args.token_file)
         .map_err(AgentError::Token)?

@@ -108,6 +108,15 @@ impl AgentProc {
             .arg(&self.token_file)
             .args(["--max-disk-bytes", "1073741824"])
             .args(&self.args)
+            // Plain http unless the test gives a certificate (the agent refuses to start
+            // without either).
+            .args(
+                (!self
+                    .args
+                    .iter()
+                    .any(|a| a == "--tls-cert" || a == "--insecure-http"))
+                .then_some("--insecure-http"),
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(stderr)

@@ -113,8 +113,15 @@ impl Agent {
             .arg("--token-file")
             .arg(&token_file)
             .env("RUST_LOG", "info");
-        if let Some((cert, key)) = &self.tls {
-            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        // Every test agent serves https when the test gives it a certificate and plain http
+        // (--insecure-http) otherwise: the agent refuses to start with neither.
+        match &self.tls {
+            Some((cert, key)) => {
+                cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+            }
+            None => {
+                cmd.arg("--insecure-http");
+            }
         }
         cmd.args(&self.args);
         cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
