@@ -134,15 +134,16 @@ impl Env {
     }
 
     /// The VM arrives at `site`: its failover job ended with `state`.
+    /// The VM's failover job in `state`; a failover that succeeded is followed by its commit,
+    /// as the ReplicatedVM controller runs it (the plans here commit automatically, and a group
+    /// is done only when its commits are).
     async fn vm_moved(&self, name: &str, site: &str, state: &str) {
-        self.vm_status(
-            name,
-            json!({
-                "activeSite": site,
-                "jobs": [job(&format!("{name}-failover-1"), "PlannedFailover", state)],
-            }),
-        )
-        .await;
+        let mut jobs = vec![job(&format!("{name}-failover-1"), "PlannedFailover", state)];
+        if state == "Succeeded" {
+            jobs.push(job(&format!("{name}-commit-1"), "Commit", "Succeeded"));
+        }
+        self.vm_status(name, json!({"activeSite": site, "jobs": jobs}))
+            .await;
     }
 
     async fn plan(&self, name: &str) -> FailoverPlan {
