@@ -30,6 +30,8 @@ pub const ALL: &[&str] = &[
     "replica.applied",
     "replica.retention",
     "replica.bulk-commit",
+    // Replica: points received during a drill, applied after it.
+    "replica.deferred-undo",
     // Replica: failover to an older point, commit.
     "failover.intent",
     "failover.rollback",

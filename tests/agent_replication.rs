@@ -142,6 +142,96 @@ async fn replicate_cycle_failover_to_older_point_and_reverse_resync() {
     assert_eq!(ca.get_vm(VM).await.unwrap().role, Role::Replica);
 }
 
+/// SHA-256 of the replica's image file itself (not what the agent answers for it).
+fn image_sha256(agent: &AgentProc) -> String {
+    use sha2::Digest;
+    let path = agent
+        .data_dir
+        .join("vms")
+        .join(VM)
+        .join("disks")
+        .join("disk0.img");
+    hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()))
+}
+
+#[tokio::test]
+async fn points_received_during_a_drill_wait_for_its_cleanup_and_latest_processed_skips_them() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 8 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    scribble(&ca, VM, 2, size).await;
+    let d2 = ca.digest(VM, "disk0").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+    assert_eq!(image_sha256(&b), d2);
+
+    // A drill from the newest point, then a cycle while its copy exists.
+    let t = cb
+        .test_failover(VM, &RecoveryPointSelector::Latest, "isolated", "tf-1")
+        .await
+        .unwrap();
+    assert_eq!(t.recovery_point.id, rp2.id);
+    scribble(&ca, VM, 3, size).await;
+    let d3 = ca.digest(VM, "disk0").await.unwrap();
+    let rp3 = ca.sync(VM, "sync-3").await.unwrap().recovery_point;
+    // The point is listed and read as the newest, but the image the drill reads is untouched.
+    let ids: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(ids.last(), Some(&rp3.id));
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
+    assert_eq!(image_sha256(&b), d2);
+    assert_eq!(cb.digest(&t.vm_name, "disk0").await.unwrap(), d2);
+    let newest = cb.read_disk(VM, "disk0", 0, size).await.unwrap();
+    assert_eq!(newest, ca.read_disk(VM, "disk0", 0, size).await.unwrap());
+
+    // A failover waits for the drill's cleanup: refused, nothing changed.
+    ca.power(VM, PowerAction::Shutdown, "sd-1").await.unwrap();
+    ca.stop_replication(VM, "stop-1").await.unwrap();
+    let refused = cb
+        .failover(VM, &RecoveryPointSelector::Latest, "fo-0")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, twinsite::site::SiteError::Conflict(m) if m.contains("drill")),
+        "{refused:?}"
+    );
+    assert_eq!(cb.get_vm(VM).await.unwrap().role, Role::Replica);
+
+    // After the cleanup, LatestProcessed brings up the newest point already applied (rp2):
+    // the waiting point rp3 is not applied first, and is dropped.
+    assert!(cb.test_failover_cleanup(VM, "tfc-1").await.unwrap().deleted);
+    assert_eq!(image_sha256(&b), d2);
+    let fo = cb
+        .failover(VM, &RecoveryPointSelector::LatestProcessed, "fo-1")
+        .await
+        .unwrap();
+    assert_eq!(fo.recovery_point.id, rp2.id);
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d2);
+    let left: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(left.last(), Some(&rp2.id));
+    let staging = b.data_dir.join("vms").join(VM).join("staging");
+    let staged = std::fs::read_dir(&staging).map_or(0, |d| d.count());
+    assert_eq!(staged, 0, "staging files left in {}", staging.display());
+}
+
 #[tokio::test]
 async fn receiver_killed_mid_cycle_loses_no_acknowledged_point() {
     let root = tempfile::tempdir().unwrap();

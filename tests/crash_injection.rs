@@ -894,6 +894,10 @@ impl Run {
             let m = self.model.describe(p.time, &d);
             self.violation(format!("the drill copy of {} {m}", p.id));
         }
+        // Cycles while the drill copy exists: the replica keeps them as received, reads as
+        // their newest point, and applies them after the cleanup (at the failover below).
+        self.random_write().await?;
+        self.sync("sync-drill").await?;
         self.step("test failover cleanup tfc-1", Retry::SameOp, async |_| {
             cb.test_failover_cleanup(VM, "tfc-1").await
         })

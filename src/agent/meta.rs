@@ -196,9 +196,14 @@ pub struct RpMeta {
     pub kind: RecoveryPointKind,
     /// Undo segments (applied in order) that take the image from this point to the previous.
     pub undo: Vec<String>,
-    /// Staging file still to be applied to the image (crash between commit and apply).
+    /// Staging file still to be applied to the image: a crash between commit and apply, or a
+    /// point received while a drill copy runs on the image (applied when the drill ends).
     #[serde(default)]
     pub staged: Option<String>,
+    /// The undo segment is still to be written: it is read from the image just before the
+    /// staged blocks are applied, when the image holds the previous point (a deferred point).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub undo_at_apply: bool,
     /// Id of the consistent cut that made this point.
     #[serde(default)]
     pub cut_id: Option<String>,

@@ -3,8 +3,8 @@
 //!
 //! - [`server`]: startup, routes, tokens, request limits;
 //! - [`handlers`]: one function per route, turning requests into store and driver calls;
-//! - [`store`], [`meta`], [`replica`]: VMs on disk, their metadata, the receiving side of
-//!   replication; no HTTP here;
+//! - [`store`], [`meta`], [`replica`], [`pending`]: VMs on disk, their metadata, the receiving
+//!   side of replication and the newest point while points wait to be applied; no HTTP here;
 //! - [`driver`]: the sending side (bulk transfers and cycles); [`cut`]: consistent cuts;
 //! - [`guest`]: what a running guest is to the agent (writes in flight, graceful shutdown);
 //! - [`runtime`]: what the site's VMs are (the agent's own, or libvirt domains).
@@ -19,6 +19,7 @@ mod guest;
 mod handlers;
 mod input;
 mod meta;
+mod pending;
 mod replica;
 pub mod runtime;
 mod server;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::input::valid_name;
 use super::meta::{Inbound, Rollback, RpMeta, VmMeta};
+use super::runtime::{MakeOverlay, OverlayDisk};
 use super::store::{Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult, ErrorKind};
 use crate::fault;
@@ -272,33 +273,122 @@ impl VmRec {
         self.sweep_undo()
     }
 
-    /// Applies the staging file of every recorded point not yet applied (a crash or an I/O
-    /// error between recording a point and applying it). A listed point whose staging file is
-    /// gone is an error: the image cannot be what the list promises.
-    fn finish_pending(&mut self) -> ApiResult<()> {
-        let pending: Vec<(u64, String)> = self
+    /// Whether points are kept as received instead of applied: a drill copy runs on the image
+    /// (a copy-on-write overlay of it, for a domain), so the image must not change until the
+    /// drill is cleaned up.
+    pub(super) fn deferring(&self) -> bool {
+        self.meta
+            .inbound
+            .as_ref()
+            .is_some_and(|i| i.test_copy.is_some())
+    }
+
+    /// Whether a recorded point is not yet applied to the image.
+    fn has_pending(&self) -> bool {
+        self.meta
+            .inbound
+            .as_ref()
+            .is_some_and(|i| i.rps.iter().any(|p| p.staged.is_some()))
+    }
+
+    /// The newest point's content when points wait to be applied; `None` when the image is
+    /// the newest point.
+    pub(super) fn newest_view(&self) -> ApiResult<Option<super::pending::NewestView<'_>>> {
+        if !self.has_pending() {
+            return Ok(None);
+        }
+        let files: Vec<String> = self
             .meta
             .inbound
             .iter()
             .flat_map(|i| i.rps.iter())
-            .filter_map(|p| p.staged.clone().map(|s| (p.seq, s)))
+            .filter_map(|p| p.staged.clone())
             .collect();
-        for (seq, file) in pending {
+        super::pending::NewestView::open(&self.disks, &self.dir.join("staging"), &files)
+            .map(Some)
+            .map_err(ApiError::io)
+    }
+
+    /// Refuses `what` while a drill copy holds the image and points wait to be applied.
+    fn refuse_while_drill(&self, what: &str) -> ApiResult<()> {
+        if self.deferring() {
+            return Err(ApiError::conflict(format!(
+                "VM {} has a drill copy running on its replica here: {what} waits until the                  drill is cleaned up (spec.testFailover.enabled: false)",
+                self.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Applies, oldest first, every recorded point not yet applied: points received during a
+    /// drill, or a crash or an I/O error between recording a point and applying it. Nothing
+    /// while a drill copy still runs on the image. A listed point whose staging file is gone is
+    /// an error: the image cannot be what the list promises.
+    ///
+    /// Order per point: (deferred points) undo segment read from the image and fsynced →
+    /// named in `vm.json` → blocks applied and fsynced → staging mark cleared. A crash before
+    /// the undo is named writes it again; after, the apply is repeated (blocks hold absolute
+    /// contents).
+    fn finish_pending(&mut self) -> ApiResult<()> {
+        if self.deferring() {
+            return Ok(());
+        }
+        let pending: Vec<(u64, String, bool)> = self
+            .meta
+            .inbound
+            .iter()
+            .flat_map(|i| i.rps.iter())
+            .filter_map(|p| p.staged.clone().map(|s| (p.seq, s, p.undo_at_apply)))
+            .collect();
+        let applied = !pending.is_empty();
+        for (seq, file, undo_at_apply) in pending {
             let path = self.dir.join("staging").join(&file);
+            if undo_at_apply {
+                let seg = self.write_undo(seq, &path)?;
+                fault::hit("replica.deferred-undo");
+                if let Some(p) = self.point_mut(seq) {
+                    p.undo = vec![seg];
+                    p.undo_at_apply = false;
+                }
+                self.save()?;
+            }
             self.apply_staging(&path)?;
-            let r = &mut *self;
-            if let Some(p) = r
-                .meta
-                .inbound
-                .as_mut()
-                .and_then(|i| i.rps.iter_mut().find(|p| p.seq == seq))
-            {
+            if let Some(p) = self.point_mut(seq) {
                 p.staged = None;
             }
             self.save()?;
             let _ = fs::remove_file(&path);
         }
+        if applied {
+            self.apply_retention(Timestamp::now())?;
+        }
         Ok(())
+    }
+
+    fn point_mut(&mut self, seq: u64) -> Option<&mut RpMeta> {
+        self.meta
+            .inbound
+            .as_mut()
+            .and_then(|i| i.rps.iter_mut().find(|p| p.seq == seq))
+    }
+
+    /// Saves what the image holds now in the blocks the staging file `stage` will change, as
+    /// point `seq`'s undo segment (every disk gets its index, empty or not: a missing index is
+    /// then damage), durably. Returns the segment's name.
+    fn write_undo(&self, seq: u64, stage: &std::path::Path) -> ApiResult<String> {
+        let staged = self.staged_blocks(stage)?;
+        let seg = format!("u{seq:06}");
+        let udir = self.dir.join("undo");
+        create_dir_durable(&udir).map_err(ApiError::io)?;
+        for (d, disk) in self.meta.disks.iter().enumerate() {
+            let blocks: Vec<u64> = staged[d].iter().collect();
+            let image = self.disks.get(d).ok_or_else(|| {
+                ApiError::conflict(format!("VM {} keeps no disk files here", self.name()))
+            })?;
+            undo::write(&udir, &seg, d, image, disk.size_bytes, &blocks).map_err(ApiError::io)?;
+        }
+        sync_dir(&udir).map_err(ApiError::io)?;
+        Ok(seg)
     }
 
     /// Removes staging files no recorded point needs (blocks of unfinished cycles).
@@ -424,6 +514,10 @@ impl VmRec {
             )));
         }
         let vm = self.meta.name.clone();
+        if b.bulk {
+            // A bulk transfer writes into the image, which the drill copy reads.
+            self.refuse_while_drill("a full or resynchronizing transfer")?;
+        }
         // A commit recorded and never applied is finished before anything else touches the
         // image (its staging file must not be cleared with the unfinished cycles').
         self.finish_pending()?;
@@ -545,6 +639,7 @@ impl VmRec {
 
     /// Receiver: blake3 of every block of a disk, for resync.
     pub fn block_hashes(&self, disk: usize) -> ApiResult<Vec<u8>> {
+        self.refuse_while_drill("a resynchronization")?;
         let r = self;
         let size = r
             .meta
@@ -754,7 +849,6 @@ impl VmRec {
             )));
         }
         check_open(r, &c.cycle_id)?;
-        let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
         if c.bulk {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
@@ -780,30 +874,37 @@ impl VmRec {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(ApiError::io(e)),
         };
-        let staged = self.staged_blocks(&stage)?;
-        let seq = inbound.next_seq.max(1);
-        let seg = format!("u{seq:06}");
-        let udir = self.dir.join("undo");
-        create_dir_durable(&udir).map_err(ApiError::io)?;
-        let r = &*self;
-        let first = inbound.rps.is_empty();
-        if !first {
-            // Every disk gets its index, empty or not: a missing index is then damage.
-            for (d, size) in sizes.iter().enumerate() {
-                let blocks: Vec<u64> = staged[d].iter().collect();
-                undo::write(&udir, &seg, d, &r.disks[d], *size, &blocks).map_err(ApiError::io)?;
-            }
-            sync_dir(&udir).map_err(ApiError::io)?;
-            fault::hit("replica.undo");
+        // Checked before anything is recorded: a torn staging file fails the commit.
+        self.staged_blocks(&stage)?;
+        // While a drill copy runs on the image, the point is kept as received; its undo is
+        // read from the image when it is applied (the image then holds the previous point).
+        let defer = self.deferring();
+        if !defer {
+            // Points an earlier error left unapplied go first: the undo below reads the image.
+            self.finish_pending()?;
         }
+        let (seq, first) = self
+            .meta
+            .inbound
+            .as_ref()
+            .map_or((1, true), |i| (i.next_seq.max(1), i.rps.is_empty()));
+        let deferred_undo = defer && staged_file && !first;
+        let undo = if first || deferred_undo {
+            vec![]
+        } else {
+            let seg = self.write_undo(seq, &stage)?;
+            fault::hit("replica.undo");
+            vec![seg]
+        };
         let point = RpMeta {
             seq,
             time: c.time,
             kind: c.kind,
-            undo: if first { vec![] } else { vec![seg] },
+            undo,
             staged: staged_file
                 .then(|| stage.file_name().map(|n| n.to_string_lossy().to_string()))
                 .flatten(),
+            undo_at_apply: deferred_undo,
             cut_id: c.cut_id.clone(),
         };
         let view = point.view();
@@ -819,10 +920,13 @@ impl VmRec {
         // or a failed apply is finished by `finish_pending` before the image is used again.
         self.save()?;
         fault::hit("replica.point");
+        if defer {
+            return Ok(Some(view));
+        }
         if staged_file {
             self.apply_staging(&stage)?;
             fault::hit("replica.applied");
-            if let Some(p) = self.meta.inbound.as_mut().and_then(|i| i.rps.last_mut()) {
+            if let Some(p) = self.point_mut(seq) {
                 p.staged = None;
             }
             self.save()?;
@@ -913,8 +1017,10 @@ impl VmRec {
             .filter(|_| r.meta.role == Role::Replica)
             .ok_or_else(|| ApiError::conflict(format!("VM {vm} is not a replica here")))?;
         let pos = match sel {
-            RecoveryPointSelector::Latest | RecoveryPointSelector::LatestProcessed => {
-                i.rps.len().checked_sub(1)
+            RecoveryPointSelector::Latest => i.rps.len().checked_sub(1),
+            // The newest point already applied to the image: no waiting point is applied first.
+            RecoveryPointSelector::LatestProcessed => {
+                i.rps.iter().rposition(|p| p.staged.is_none())
             }
             RecoveryPointSelector::LatestAppConsistent => i
                 .rps
@@ -976,8 +1082,14 @@ impl VmRec {
         sel: &RecoveryPointSelector,
         op: Option<&str>,
     ) -> ApiResult<RecoveryPoint> {
-        // A commit recorded and not applied is finished first: the rollback starts from it.
-        self.finish_pending()?;
+        // The drill copy reads the image: the controller cleans it up first.
+        self.refuse_while_drill("a failover")?;
+        // Points recorded and not applied are applied first (the rollback starts from the
+        // newest), except for LatestProcessed: it starts from the newest point already applied,
+        // and the waiting ones are dropped with the other newer points.
+        if *sel != RecoveryPointSelector::LatestProcessed {
+            self.finish_pending()?;
+        }
         let pos = self.select(sel)?;
         let r = &mut *self;
         let i = r
@@ -1054,12 +1166,15 @@ impl VmRec {
             r.meta.note_op(rb.operation_id.as_deref(), &json);
         }
         self.save()?;
+        // Staging files of waiting points newer than the target are no longer listed.
+        self.clear_staging()?;
         self.sweep_undo()
     }
 
     /// Deletes every recovery point of `vm`; the answer is saved with the metadata that stops
     /// listing them.
     pub fn commit_points(&mut self, op: Option<&str>) -> ApiResult<CommitResult> {
+        self.refuse_while_drill("a commit")?;
         let r = &mut *self;
         let n = r.meta.inbound.as_ref().map_or(0, |i| i.rps.len() as u64);
         let answer = CommitResult {
@@ -1090,12 +1205,19 @@ impl VmRec {
 
 impl Store {
     /// Replica: a running drill copy `<vm>-test` (`r` is `vm`, locked).
+    ///
+    /// Its disks are copies of the image rolled back to the point, or, with `overlay` (a
+    /// domain's drill), copy-on-write overlays of the image made by the hypervisor's tools,
+    /// holding only the blocks where the point differs from the image. Either way the replica
+    /// is untouched, and while the drill copy exists the points that arrive wait to be applied
+    /// (the overlays read the image).
     pub(super) fn test_failover(
         &self,
         r: &mut VmRec,
         sel: &RecoveryPointSelector,
         network: &str,
         op: Option<&str>,
+        overlay: Option<MakeOverlay<'_>>,
     ) -> ApiResult<TestFailoverResult> {
         r.finish_pending()?;
         let pos = r.select(sel)?;
@@ -1131,20 +1253,61 @@ impl Store {
         let tmp = self.root.join("vms").join(format!(".tmp-{name}"));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(tmp.join("disks")).map_err(ApiError::io)?;
-        let mut files = Vec::new();
-        for d in &meta.disks {
-            let dst = tmp.join("disks").join(format!("{}.img", d.name));
-            fs::copy(r.dir.join("disks").join(format!("{}.img", d.name)), &dst)
-                .map_err(ApiError::io)?;
-            files.push(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(&dst)
-                    .map_err(ApiError::io)?,
-            );
+        match overlay {
+            None => {
+                let mut files = Vec::new();
+                for d in &meta.disks {
+                    let dst = tmp.join("disks").join(format!("{}.img", d.name));
+                    fs::copy(r.dir.join("disks").join(format!("{}.img", d.name)), &dst)
+                        .map_err(ApiError::io)?;
+                    files.push(
+                        OpenOptions::new()
+                            .read(true)
+                            .write(true)
+                            .open(&dst)
+                            .map_err(ApiError::io)?,
+                    );
+                }
+                r.roll_back(pos, &files)?;
+            }
+            Some(make) => {
+                // The rollback goes into sparse scratch files (only the blocks it changes are
+                // written), which the overlays then take.
+                let mut deltas = Vec::new();
+                for d in &meta.disks {
+                    let path = tmp.join(format!("{}.delta", d.name));
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .map_err(ApiError::io)?;
+                    f.set_len(d.size_bytes).map_err(ApiError::io)?;
+                    deltas.push((path, f));
+                }
+                let files: Vec<File> = deltas
+                    .iter()
+                    .map(|(_, f)| f.try_clone())
+                    .collect::<Result<_, _>>()
+                    .map_err(ApiError::io)?;
+                let changed = r.roll_back(pos, &files)?;
+                for ((d, (delta, _)), changed) in meta.disks.iter().zip(&deltas).zip(&changed) {
+                    let base =
+                        fs::canonicalize(r.dir.join("disks").join(format!("{}.img", d.name)))
+                            .map_err(ApiError::io)?;
+                    make(&OverlayDisk {
+                        base: &base,
+                        overlay: &tmp.join("disks").join(format!("{}.qcow2", d.name)),
+                        size: d.size_bytes,
+                        delta,
+                        changed,
+                    })?;
+                    fs::remove_file(delta).map_err(ApiError::io)?;
+                }
+                // A domain on overlays: the store keeps no raw image of it.
+                meta.domain = Some(Default::default());
+            }
         }
-        r.roll_back(pos, &files)?;
         sync_dir(&tmp.join("disks")).map_err(ApiError::io)?;
         meta.power = Power::Running;
         write_atomic(

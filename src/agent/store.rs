@@ -647,15 +647,22 @@ impl VmRec {
             return Err(ApiError::bad("reads are limited to 256 MiB"));
         }
         let mut buf = vec![0u8; length as usize];
-        self.disks[i]
-            .read_exact_at(&mut buf, offset)
-            .map_err(ApiError::io)?;
+        // A replica reads as its newest point, points waiting to be applied included.
+        match self.newest_view()? {
+            Some(v) => v.read_at(i, offset, &mut buf),
+            None => self.disks[i].read_exact_at(&mut buf, offset),
+        }
+        .map_err(ApiError::io)?;
         Ok(buf)
     }
 
     pub fn digest(&self, disk: &str) -> ApiResult<String> {
         let (i, size) = self.disk_index(disk)?;
-        sha256_file(&self.disks[i], size).map_err(ApiError::io)
+        match self.newest_view()? {
+            Some(v) => v.sha256(i, size),
+            None => sha256_file(&self.disks[i], size),
+        }
+        .map_err(ApiError::io)
     }
 }
 

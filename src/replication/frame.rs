@@ -168,6 +168,11 @@ impl<R: std::io::Read> Reader<R> {
 }
 
 impl<R: std::io::Read + std::io::Seek> Reader<R> {
+    /// Where the stream is: after [`Self::header`], the offset of the frame's data.
+    pub fn position(&mut self) -> std::io::Result<u64> {
+        self.inner.stream_position()
+    }
+
     /// Skips the data of the frame whose header was just read; an error if the stream is
     /// shorter than the frame says.
     pub fn skip(&mut self, h: &Header) -> std::io::Result<()> {

@@ -216,6 +216,39 @@ fn job_steps(r: &twinsite::api::ReplicatedVM, job_type: &str) -> Vec<(String, St
     steps(r, job_type)
 }
 
+/// `qemu-img info` of an image, as JSON.
+fn qemu_img_info(path: &std::path::Path) -> serde_json::Value {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img info {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("qemu-img info answers JSON")
+}
+
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(
+        std::fs::read(path).expect("read image"),
+    ))
+}
+
+/// The id of the newest recovery point the ReplicatedVM's status lists.
+async fn latest_point(w: &World, name: &str) -> Option<String> {
+    w.get(name)
+        .await
+        .status
+        .and_then(|s| s.recovery_points)
+        .and_then(|p| p.latest)
+        .map(|p| p.id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_back() {
     let _serial = one_at_a_time().await;
@@ -260,6 +293,45 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
         domstate(&pl, "app"),
         "running",
         "the drill left the primary alone"
+    );
+    // The copy runs on a copy-on-write overlay of the replica's image, which stays untouched:
+    // points that arrive meanwhile wait until the drill is cleaned up.
+    let overlay = w
+        .secondary
+        .vm_dir("app-test")
+        .join("disks")
+        .join("vda.qcow2");
+    assert!(
+        drill_xml.contains(&*overlay.to_string_lossy()),
+        "{drill_xml}"
+    );
+    let replica_image = w.secondary.vm_dir("app").join("disks").join("vda.img");
+    let info = qemu_img_info(&overlay);
+    assert_eq!(info["format"], "qcow2", "{info}");
+    assert_eq!(
+        std::path::Path::new(info["backing-filename"].as_str().unwrap_or_default()),
+        std::fs::canonicalize(&replica_image).expect("replica image"),
+        "{info}"
+    );
+    let overlay_bytes = std::fs::metadata(&overlay).expect("overlay").len();
+    assert!(
+        overlay_bytes < 16 << 20,
+        "the overlay holds only what the copy wrote: {overlay_bytes} bytes"
+    );
+    let at_drill = sha256_of(&replica_image);
+    let drill_point = latest_point(&w, "app").await;
+    w.wait_for("app", "a recovery point newer than the drill's", |r| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.recovery_points.as_ref())
+            .and_then(|p| p.latest.as_ref())
+            .is_some_and(|p| Some(&p.id) != drill_point.as_ref())
+    })
+    .await;
+    assert_eq!(
+        sha256_of(&replica_image),
+        at_drill,
+        "a point received during the drill changed the image under its overlay"
     );
     w.patch_spec("app", json!({"testFailover": {"enabled": false}}))
         .await;

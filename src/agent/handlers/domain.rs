@@ -315,7 +315,7 @@ pub(super) async fn boot_drill(st: &Shared, vm: &str, copy: &str, network: &str)
                     .map(|d| {
                         (
                             d.name.clone(),
-                            c.dir.join("disks").join(format!("{}.img", d.name)),
+                            c.dir.join("disks").join(format!("{}.qcow2", d.name)),
                         )
                     })
                     .collect::<Vec<_>>())

@@ -490,12 +490,19 @@ pub(crate) async fn test_failover(
         )));
     }
     let network = req.network.clone();
+    let st2 = st.clone();
     let answer = store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+        // A replica of a domain drills on copy-on-write overlays of its images.
+        let runtime = &st2.runtime;
+        let overlay: crate::agent::runtime::MakeOverlay<'_> = &|d| runtime.make_overlay(d);
+        let domain = st2.runtime.kind() != crate::agent::runtime::RuntimeKind::Builtin
+            && r.meta.definition.is_some();
         to_json(s.test_failover(
             r,
             &req.recovery_point,
             &req.network,
             Some(&req.operation_id),
+            domain.then_some(overlay),
         )?)
     })
     .await?;

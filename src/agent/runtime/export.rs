@@ -108,7 +108,7 @@ pub fn socket_dir() -> ApiResult<tempfile::TempDir> {
 }
 
 /// Waits until `socket` exists (the server listens), or `server` exits.
-fn wait_listening(socket: &Path, server: Option<&mut Child>) -> ApiResult<()> {
+pub(super) fn wait_listening(socket: &Path, server: Option<&mut Child>) -> ApiResult<()> {
     let end = Instant::now() + LISTEN_TIMEOUT;
     let mut server = server;
     while !socket.exists() {

@@ -14,7 +14,10 @@ use virt::sys;
 
 use std::path::Path;
 
-use super::{Domain, DomainDisk, Export, Runtime, RuntimeKind, checkpoints, export, xml};
+use super::{
+    Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, checkpoints, export, overlay,
+    xml,
+};
 use crate::agent::{ApiError, ApiResult};
 use crate::site::DiskSpec;
 use crate::site::Power;
@@ -422,6 +425,10 @@ impl Runtime for Libvirt {
         Ok(true)
     }
 
+    fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()> {
+        overlay::make(disk)
+    }
+
     fn boot_drill(
         &self,
         name: &str,
@@ -436,12 +443,8 @@ impl Runtime for Libvirt {
             return Ok(());
         }
         self.ensure_isolated_network(network)?;
-        let mut wrappers = Vec::new();
-        for (disk, raw) in images {
-            wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
-        }
         let console = vm_dir_of(images).join("console.log");
-        let text = xml::for_drill(definition, name, copy, network, &wrappers, &console)
+        let text = xml::for_drill(definition, name, copy, network, images, &console)
             .map_err(ApiError::conflict)?;
         let d = VirDomain::define_xml(&self.conn, &text)
             .map_err(|e| self.failed("defining", copy, &e))?;

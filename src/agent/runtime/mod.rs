@@ -16,6 +16,8 @@ mod checkpoints;
 mod export;
 #[cfg(feature = "libvirt")]
 mod libvirt;
+#[cfg(feature = "libvirt")]
+mod overlay;
 pub mod xml;
 
 use std::path::Path;
@@ -106,8 +108,12 @@ pub trait Runtime: Send + Sync {
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
     ) -> ApiResult<bool>;
+    /// Makes one disk of a drill copy: a copy-on-write overlay over the replica's image, so a
+    /// drill copies nothing and never changes the replica (see [`OverlayDisk`]).
+    fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()>;
     /// Boots drill copy `copy` of domain `name`: as [`Runtime::boot_replica`] on the copy's
-    /// images, with every NIC on the network `network` (made, isolated, if missing).
+    /// overlays (`images`: disk name and overlay path), with every NIC on the network
+    /// `network` (made, isolated, if missing).
     fn boot_drill(
         &self,
         name: &str,
@@ -119,6 +125,20 @@ pub trait Runtime: Send + Sync {
     /// Stops and undefines domain `name` (a drill copy being cleaned up); nothing if absent.
     fn remove(&self, name: &str) -> ApiResult<()>;
 }
+
+/// One disk of a drill copy: `overlay` is made over the raw image `base` (which must not change
+/// while the overlay exists), holding the blocks `changed` of the raw file `delta` (the chosen
+/// point's content where it differs from the image, `size` bytes long).
+pub struct OverlayDisk<'a> {
+    pub base: &'a std::path::Path,
+    pub overlay: &'a std::path::Path,
+    pub size: u64,
+    pub delta: &'a std::path::Path,
+    pub changed: &'a Bitmap,
+}
+
+/// What makes a drill's overlays ([`Runtime::make_overlay`] of the agent's runtime).
+pub type MakeOverlay<'a> = &'a dyn Fn(&OverlayDisk<'_>) -> ApiResult<()>;
 
 /// A point-in-time view of a domain's disks, open for one transfer.
 pub trait Export: Send {
@@ -182,6 +202,12 @@ impl Runtime for Builtin {
         _checkpoint: &str,
     ) -> ApiResult<bool> {
         Err(not_a_domain(name))
+    }
+    fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()> {
+        Err(ApiError::conflict(format!(
+            "the builtin runtime copies drill disks; no overlay for {}",
+            disk.overlay.display()
+        )))
     }
     fn boot_drill(
         &self,
