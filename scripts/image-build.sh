@@ -17,20 +17,7 @@ bin="${1:-target/release/twinsite}"
 out="${2:-target/image/oci}"
 log() { echo "[image-build $(date +%H:%M:%S)] $*" >&2; }
 
-packages=(buildah umoci)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $EUID -ne 0 ]]; then
-    echo "missing Debian packages: ${missing[*]}; run this script as root to install them" >&2
-    exit 1
-  fi
-  log "installing: ${missing[*]}"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+scripts/debian-packages.sh buildah umoci
 [[ "$bin" == --tools ]] && exit 0
 [[ -x "$bin" ]] || { echo "no binary at $bin (cargo build --release first)" >&2; exit 1; }
 

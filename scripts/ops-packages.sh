@@ -8,15 +8,7 @@ set -euo pipefail
 CACHE="${TWINSITE_OPS_CACHE:-$HOME/.cache/twinsite-ops}"
 log() { echo "[ops-packages] $*" >&2; }
 
-if ! dpkg-query -W -f '${Status}' lua5.4 2>/dev/null | grep -q 'install ok installed'; then
-  if [[ $EUID -ne 0 ]]; then
-    log "missing Debian package: lua5.4; run this script as root to install it"
-    exit 1
-  fi
-  log "installing: lua5.4"
-  apt-get update >&2
-  apt-get install -y --no-install-recommends lua5.4 >&2
-fi
+"$(dirname "$0")/debian-packages.sh" lua5.4
 
 version="$(apt-cache policy prometheus 2>/dev/null | awk '/Candidate:/ {print $2}')"
 if [[ -z "$version" || "$version" == "(none)" ]]; then

@@ -5,19 +5,7 @@ set -euo pipefail
 # Keep in sync with DEBIAN_PACKAGES in src/envtest/libvirt.rs.
 packages=(qemu-system-x86 qemu-utils libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
   libvirt-dev busybox-static iptables)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  if [[ $EUID -ne 0 ]]; then
-    echo "missing Debian packages: ${missing[*]}; run this script as root to install them" >&2
-    exit 1
-  fi
-  echo "installing: ${missing[*]}"
-  apt-get update
-  apt-get install -y --no-install-recommends "${missing[@]}"
-fi
+"$(dirname "$0")/debian-packages.sh" "${packages[@]}"
 # libvirt 9 resolves its default QEMU user at start even when qemu.conf says root.
 if ! getent passwd libvirt-qemu >/dev/null; then
   if [[ $EUID -ne 0 ]]; then
