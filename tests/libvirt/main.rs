@@ -239,16 +239,6 @@ fn sha256_of(path: &std::path::Path) -> String {
     ))
 }
 
-/// The id of the newest recovery point the ReplicatedVM's status lists.
-async fn latest_point(w: &World, name: &str) -> Option<String> {
-    w.get(name)
-        .await
-        .status
-        .and_then(|s| s.recovery_points)
-        .and_then(|p| p.latest)
-        .map(|p| p.id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_back() {
     let _serial = one_at_a_time().await;
@@ -319,15 +309,23 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
         "the overlay holds only what the copy wrote: {overlay_bytes} bytes"
     );
     let at_drill = sha256_of(&replica_image);
-    let drill_point = latest_point(&w, "app").await;
-    w.wait_for("app", "a recovery point newer than the drill's", |r| {
-        r.status
-            .as_ref()
-            .and_then(|s| s.recovery_points.as_ref())
-            .and_then(|p| p.latest.as_ref())
-            .is_some_and(|p| Some(&p.id) != drill_point.as_ref())
-    })
-    .await;
+    let during = w
+        .primary
+        .client
+        .sync("app", "lv-drill-sync")
+        .await
+        .expect("a cycle during the drill");
+    let points = w
+        .secondary
+        .client
+        .recovery_points("app")
+        .await
+        .expect("points at the secondary");
+    assert_eq!(
+        points.last().map(|p| &p.id),
+        Some(&during.recovery_point.id),
+        "the point received during the drill is listed"
+    );
     assert_eq!(
         sha256_of(&replica_image),
         at_drill,
