@@ -297,13 +297,7 @@ impl VmRec {
         if !self.has_pending() {
             return Ok(None);
         }
-        let files: Vec<String> = self
-            .meta
-            .inbound
-            .iter()
-            .flat_map(|i| i.rps.iter())
-            .filter_map(|p| p.staged.clone())
-            .collect();
+        let files = self.staged_files();
         super::pending::NewestView::open(&self.disks, &self.dir.join("staging"), &files)
             .map(Some)
             .map_err(ApiError::io)
@@ -391,16 +385,20 @@ impl VmRec {
         Ok(seg)
     }
 
-    /// Removes staging files no recorded point needs (blocks of unfinished cycles).
-    fn clear_staging(&self) -> ApiResult<()> {
-        let dir = self.dir.join("staging");
-        let keep: Vec<String> = self
-            .meta
+    /// The staging files of the points not yet applied, oldest first.
+    fn staged_files(&self) -> Vec<String> {
+        self.meta
             .inbound
             .iter()
             .flat_map(|i| i.rps.iter())
             .filter_map(|p| p.staged.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Removes staging files no recorded point needs (blocks of unfinished cycles).
+    fn clear_staging(&self) -> ApiResult<()> {
+        let dir = self.dir.join("staging");
+        let keep = self.staged_files();
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
