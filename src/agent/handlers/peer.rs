@@ -104,6 +104,7 @@ pub(crate) async fn blocks(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = raw_body(body)?;
+    st.metrics.received(&vm, body.len() as u64);
     let bulk = q.bulk;
     // Checksums are verified before the store lock is taken, so batches in flight verify in
     // parallel with the writes of the one before.
