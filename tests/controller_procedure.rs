@@ -7,6 +7,7 @@
 
 #[path = "controller_common/mod.rs"]
 mod common;
+#[path = "controller_procedure/walkthrough.rs"]
 mod walkthrough;
 
 use common::*;

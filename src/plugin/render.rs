@@ -43,15 +43,9 @@ impl Style {
     }
 }
 
-/// `12s`, `4m10s`, `2h5m`, `3d4h`: how kubectl shows ages, with milliseconds under 10 s.
+/// `12s`, `4m10s`, `2h5m`, `3d4h`: how kubectl shows ages (status times are whole seconds).
 pub fn duration(secs: f64) -> String {
-    if secs < 0.0 {
-        return "0s".into();
-    }
-    if secs < 10.0 {
-        return format!("{secs:.1}s");
-    }
-    let s = secs as u64;
+    let s = secs.max(0.0).round() as u64;
     match s {
         0..60 => format!("{s}s"),
         60..3600 => format!("{}m{}s", s / 60, s % 60),
@@ -350,34 +344,45 @@ pub fn jobs_tree(jobs: &[Job], now: Timestamp, st: Style) -> String {
     if jobs.is_empty() {
         return "Jobs: none\n".into();
     }
-    // One table for all lines, so the columns line up across jobs.
-    let mut rows = vec![];
-    for (i, j) in jobs.iter().enumerate() {
-        let last_job = i + 1 == jobs.len();
-        let mut row = job_line(j, now, st);
-        row[0] = format!("{}{}", if last_job { "└─ " } else { "├─ " }, row[0]);
-        rows.push(row);
-        for (k, s) in j.steps.iter().enumerate() {
-            let last_step = k + 1 == j.steps.len();
-            let mut row = step_line(s, now, st);
-            row[0] = format!(
-                "{}{}{}",
-                if last_job { "   " } else { "│  " },
-                if last_step { "└─ " } else { "├─ " },
-                row[0]
-            );
-            // Step cells under the job's columns: name, (type), (sites), state, duration, message.
-            rows.push(vec![
-                row[0].clone(),
-                String::new(),
-                String::new(),
-                row[1].clone(),
-                row[2].clone(),
-                row[3].clone(),
-            ]);
-        }
+    // The job lines line up across jobs; each job's steps line up among themselves.
+    let job_rows: Vec<Vec<String>> = jobs
+        .iter()
+        .enumerate()
+        .map(|(i, j)| {
+            let mut row = job_line(j, now, st);
+            let branch = if i + 1 == jobs.len() {
+                "└─ "
+            } else {
+                "├─ "
+            };
+            row[0] = format!("{branch}{}", row[0]);
+            row
+        })
+        .collect();
+    let job_lines = table(&job_rows);
+    let mut out = String::from("Jobs:\n");
+    for ((i, j), line) in jobs.iter().enumerate().zip(job_lines.lines()) {
+        out.push_str(line);
+        out.push('\n');
+        let trunk = if i + 1 == jobs.len() { "   " } else { "│  " };
+        let step_rows: Vec<Vec<String>> = j
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(k, s)| {
+                let mut row = step_line(s, now, st);
+                let branch = if k + 1 == j.steps.len() {
+                    "└─ "
+                } else {
+                    "├─ "
+                };
+                row[0] = format!("{trunk}{branch}{}", row[0]);
+                row
+            })
+            .collect();
+        out.push_str(&table(&step_rows));
     }
-    format!("Jobs:\n{}", table(&rows))
+    out
 }
 
 #[cfg(test)]
@@ -439,7 +444,10 @@ mod tests {
         );
         assert!(text.contains("   ├─ ShutdownSource"), "{text}");
         assert!(text.contains("   └─ StartAtTarget"), "{text}");
-        assert!(text.contains("Failed     2.0s  boom"), "{text}");
+        assert!(
+            text.contains("   └─ StartAtTarget   Failed     2s  boom"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -453,7 +461,7 @@ mod tests {
 
     #[test]
     fn durations_read_like_kubectl_ages() {
-        assert_eq!(duration(0.25), "0.2s");
+        assert_eq!(duration(0.25), "0s");
         assert_eq!(duration(42.0), "42s");
         assert_eq!(duration(250.0), "4m10s");
         assert_eq!(duration(7500.0), "2h5m");

@@ -171,7 +171,15 @@ fn plugin_dir() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_walkthrough_page_runs_as_written() {
     let _serial = one_at_a_time().await;
-    let w = World::start_opts("walk", &[], true).await;
+    // The Sites of `twinsite local`, as on the page (no other test of this binary names them).
+    let w = World::start_sites(
+        "walk",
+        &[],
+        true,
+        [&[], &[]],
+        Some(["primary", "secondary"]),
+    )
+    .await;
     let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
 
     // kubectl and the plugin on PATH, the test's namespace as the context's.
@@ -235,11 +243,14 @@ async fn the_walkthrough_page_runs_as_written() {
         let out = sh.run(&cmd);
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success(),
-            "`{cmd}` failed:\n{text}\ncontroller log:\n{}",
-            w.controller.log()
-        );
+        if !out.status.success() {
+            let objects = sh.run("kubectl get rvm -o yaml");
+            panic!(
+                "`{cmd}` failed:\n{text}\nobjects:\n{}\ncontroller log:\n{}",
+                String::from_utf8_lossy(&objects.stdout),
+                w.controller.log()
+            );
+        }
         assert!(!text.contains('\x1b'), "colour in a pipe: {text:?}");
         let actual: Vec<String> = text
             .lines()
