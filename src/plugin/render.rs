@@ -438,7 +438,7 @@ mod tests {
         assert!(text.contains("Progress:"), "{text}");
         assert!(
             text.contains(
-                "└─ web-01-failover-3  PlannedFailover  primary -> secondary  Succeeded  3.0s"
+                "└─ web-01-failover-3  PlannedFailover  primary -> secondary  Succeeded  3s"
             ),
             "{text}"
         );

@@ -258,7 +258,7 @@ async fn the_walkthrough_page_runs_as_written() {
                 word(
                     &word(&word(l, &p, "primary"), &s, "secondary"),
                     &w.ns,
-                    "finance",
+                    "crm",
                 )
             })
             .collect();
