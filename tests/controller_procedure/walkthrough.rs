@@ -316,6 +316,32 @@ async fn script_side(w: &World, sh: &Shell) {
         Some(w.secondary.site.clone())
     );
 
+    // A plan approval is the annotation, added to what is there.
+    let plan: twinsite::api::FailoverPlan = serde_json::from_value(serde_json::json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": "crm-dr", "annotations": {"twinsite.io/approve": "app/other"}},
+        "spec": {"targetSite": w.secondary.site, "groups": [{"name": "app", "vms": [vm],
+                 "preActions": [{"name": "confirm", "manualApproval": {"message": "ok?"}}]}]},
+    }))
+    .unwrap();
+    let plans: kube::Api<twinsite::api::FailoverPlan> =
+        kube::Api::namespaced(w.client.clone(), &w.ns);
+    plans
+        .create(&kube::api::PostParams::default(), &plan)
+        .await
+        .unwrap();
+    let out = sh.run("kubectl twinsite approve crm-dr app/confirm");
+    assert!(out.status.success(), "{out:?}");
+    let approved = plans.get("crm-dr").await.unwrap();
+    let value = approved.metadata.annotations.unwrap()["twinsite.io/approve"].clone();
+    assert!(
+        value.starts_with("app/other,app/confirm"),
+        "{value}: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = sh.run("kubectl twinsite approve crm-dr confirm");
+    assert!(!out.status.success(), "{out:?}");
+
     let out = sh.run(&format!("kubectl twinsite failover {vm} --to elsewhere"));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
