@@ -11,6 +11,7 @@
 //! - [`local`]: `twinsite local`, the whole stack on one machine.
 //! - [`logging`]: the log output of the controller and the agent.
 //! - [`nbd`]: a blocking NBD client for libvirt backups and qemu-nbd exports.
+//! - [`plugin`]: `kubectl twinsite`, status and actions as a kubectl plugin.
 
 pub mod agent;
 pub mod api;
@@ -22,6 +23,7 @@ mod fuzz;
 pub mod local;
 pub mod logging;
 pub mod nbd;
+pub mod plugin;
 pub mod replication;
 pub mod secret;
 pub mod site;

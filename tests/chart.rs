@@ -1895,19 +1895,43 @@ fn exported_metric_names() -> std::collections::BTreeSet<String> {
             replication_state: Some("Replicating".into()),
         },
     );
-    let text = m.encode();
+    let mut text = m.encode();
+    // The site agents' metrics (their own /metrics), with one VM of every kind of series.
+    let agent = twinsite::agent::metrics::Metrics::new();
+    agent.sent("vm", 1);
+    agent.received("vm", 1);
+    agent.cycle("vm", 0.5, true);
+    agent.cycle("vm", 0.5, false);
+    let list: twinsite::site::VmList = serde_json::from_value(json!({
+        "site": "primary",
+        "vms": [{"name": "vm", "power": "Off", "role": "Replica", "integrationServices": true,
+                 "disks": [], "replication": {"state": "Replicating", "peerSite": "secondary",
+                 "pendingBytes": 1}, "recoveryPoints": {"count": 1}}],
+    }))
+    .unwrap();
+    text.push_str(&agent.encode(&list));
     let mut names = std::collections::BTreeSet::new();
     for l in text.lines() {
         if let Some(rest) = l.strip_prefix("# TYPE ") {
             let mut it = rest.split_whitespace();
             let (name, kind) = (it.next().unwrap(), it.next().unwrap());
-            names.insert(match kind {
-                "counter" => format!("{name}_total"),
-                _ => name.to_string(),
-            });
+            match kind {
+                "counter" => {
+                    names.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for suffix in ["_bucket", "_sum", "_count"] {
+                        names.insert(format!("{name}{suffix}"));
+                    }
+                }
+                _ => {
+                    names.insert(name.to_string());
+                }
+            }
         }
     }
     assert!(names.contains("twinsite_rpo_seconds"), "{text}");
+    assert!(names.contains("twinsite_agent_recovery_points"), "{text}");
     names
 }
 
@@ -2032,7 +2056,7 @@ fn the_prometheus_rule_passes_promtool_and_its_unit_tests() {
 }
 
 #[test]
-fn the_dashboard_queries_only_metrics_the_controller_exports() {
+fn the_dashboard_queries_only_metrics_the_controller_or_agents_export() {
     let tmp = tempfile::tempdir().unwrap();
     let file = chart_dir().join("dashboards/twinsite.json");
     let text = std::fs::read_to_string(&file).unwrap();
@@ -2044,7 +2068,7 @@ fn the_dashboard_queries_only_metrics_the_controller_exports() {
         for m in used {
             assert!(
                 exported.contains(&m),
-                "{what} queries {m}, which the controller does not export ({exported:?})"
+                "{what} queries {m}, which neither the controller nor the agent exports ({exported:?})"
             );
         }
     };
@@ -2060,6 +2084,15 @@ fn the_dashboard_queries_only_metrics_the_controller_exports() {
         }
     }
     assert!(exprs.len() >= 9, "{exprs:?}");
+    assert!(
+        exprs
+            .iter()
+            .any(|e| e.contains("twinsite_agent_replication_sent_bytes_total"))
+            && exprs
+                .iter()
+                .any(|e| e.contains("twinsite_agent_replication_cycle_duration_seconds_bucket")),
+        "the dashboard shows the agents' bytes and cycle durations: {exprs:?}"
+    );
     for v in dash["templating"]["list"].as_array().unwrap() {
         if v["type"] == "query" {
             check(

@@ -2,10 +2,13 @@
 //! controller process: protect, write, unplanned failover with shutdown, commit, reverse
 //! replication, write at the secondary, failback (planned although the spec still says Unplanned)
 //! with no data lost (digests prove it),
-//! replication from primary to secondary again.
+//! replication from primary to secondary again. `walkthrough`: docs/walkthrough.md, run with the
+//! kubectl plugin.
 
 #[path = "controller_common/mod.rs"]
 mod common;
+#[path = "controller_procedure/walkthrough.rs"]
+mod walkthrough;
 
 use common::*;
 use serde_json::json;

@@ -509,6 +509,14 @@ pub async fn run_once(
     vm: &str,
     pre: Option<Capture>,
 ) -> Result<RecoveryPoint, String> {
+    let started = std::time::Instant::now();
+    let res = run_cycle(st, vm, pre).await;
+    st.metrics
+        .cycle(vm, started.elapsed().as_secs_f64(), res.is_ok());
+    res
+}
+
+async fn run_cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPoint, String> {
     let cut = pre.is_some();
     match cycle(st, vm, pre).await {
         Ok(rp) => Ok(rp),
@@ -956,6 +964,7 @@ async fn send_batch(
             bytes::Bytes::from(bad)
         };
         let path = format!("/v1/replica/{vm}/cycles/{cycle}/blocks?bulk={bulk}");
+        st.metrics.sent(vm, body.len() as u64);
         let bytes = peer.call(Method::PUT, &path, None, Some(body)).await?;
         let res: BatchResult = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
         if res.refused.is_empty() {

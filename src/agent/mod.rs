@@ -7,7 +7,8 @@
 //!   side of replication and the newest point while points wait to be applied; no HTTP here;
 //! - [`driver`]: the sending side (bulk transfers and cycles); [`cut`]: consistent cuts;
 //! - [`guest`]: what a running guest is to the agent (writes in flight, graceful shutdown);
-//! - [`runtime`]: what the site's VMs are (the agent's own, or libvirt domains).
+//! - [`runtime`]: what the site's VMs are (the agent's own, or libvirt domains);
+//! - [`metrics`]: what Prometheus scrapes at `GET /metrics`.
 //!
 //! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
@@ -19,6 +20,7 @@ mod guest;
 mod handlers;
 mod input;
 mod meta;
+pub mod metrics;
 mod pending;
 mod replica;
 pub mod runtime;
@@ -68,6 +70,8 @@ struct AppState {
     shutdown_timeout: std::time::Duration,
     /// What the site's VMs are: the agent's own, or a hypervisor's domains.
     runtime: Box<dyn runtime::Runtime>,
+    /// What `GET /metrics` serves.
+    metrics: metrics::Metrics,
 }
 
 /// What the agent knows of a VM's guest between requests.

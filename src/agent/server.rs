@@ -169,6 +169,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         guests: Mutex::new(Default::default()),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
         runtime,
+        metrics: Default::default(),
     });
     for vm in outbound {
         driver::spawn(&state, &vm);
@@ -302,6 +303,8 @@ fn router(state: Shared) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        // No token: Prometheus scrapes it (docs/security.md, "Metrics").
+        .route("/metrics", get(handlers::metrics))
         .nest("/v1", v1)
         .layer(DefaultBodyLimit::max(input::JSON_BODY_LIMIT))
         .with_state(state)

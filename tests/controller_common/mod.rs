@@ -359,6 +359,19 @@ impl World {
         tls: bool,
         agent_args: [&[String]; 2],
     ) -> World {
+        Self::start_sites(prefix, controller_args, tls, agent_args, None).await
+    }
+
+    /// As [`World::start_full`], with the Sites named `sites` instead of
+    /// `<prefix>-<id>-primary`/`-secondary` (Sites are cluster-wide: one test at a time may use
+    /// a given name).
+    pub async fn start_sites(
+        prefix: &str,
+        controller_args: &[&str],
+        tls: bool,
+        agent_args: [&[String]; 2],
+        sites: Option<[&str; 2]>,
+    ) -> World {
         twinsite::init_crypto();
         let cp = envtest::shared().await;
         let client = cp.client().await.unwrap();
@@ -369,10 +382,13 @@ impl World {
         n.metadata.name = Some(ns.clone());
         nsapi.create(&PostParams::default(), &n).await.unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let (p, s) = (
-            format!("{prefix}-{id}-primary"),
-            format!("{prefix}-{id}-secondary"),
-        );
+        let (p, s) = match sites {
+            Some([p, s]) => (p.to_string(), s.to_string()),
+            None => (
+                format!("{prefix}-{id}-primary"),
+                format!("{prefix}-{id}-secondary"),
+            ),
+        };
         let ca_pem = tls.then(|| {
             let dir = tmp.path().join("certs");
             std::fs::create_dir_all(&dir).unwrap();

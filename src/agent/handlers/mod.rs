@@ -65,6 +65,19 @@ pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
     Ok(Json(list).into_response())
 }
 
+/// `GET /metrics`: the agent's counters, and the store's VMs as gauges.
+pub(crate) async fn metrics(State(st): State<Shared>) -> ApiResult<Response> {
+    let list = with_store(&st, |s| Ok(s.list())).await?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.encode(&list),
+    )
+        .into_response())
+}
+
 pub(crate) async fn get_vm(
     State(st): State<Shared>,
     Params(vm): Params<String>,

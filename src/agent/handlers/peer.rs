@@ -104,6 +104,7 @@ pub(crate) async fn blocks(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<Response> {
     let body = raw_body(body)?;
+    let len = body.len() as u64;
     let bulk = q.bulk;
     // Checksums are verified before the store lock is taken, so batches in flight verify in
     // parallel with the writes of the one before.
@@ -119,6 +120,7 @@ pub(crate) async fn blocks(
         r.receive(&cycle, bulk, &body, &verified)
     })
     .await?;
+    st.metrics.received(&vm, len);
     if !bulk && crate::fault::switch("TWINSITE_FAULT_HANG_BLOCKS").is_some() {
         hang_if_marked(&st).await;
     }
