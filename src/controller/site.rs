@@ -102,6 +102,8 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
+    ctx.sites
+        .set_network_mappings(&name, &site.spec.network_mappings);
     let (cond, count) = match credentials(&ctx, agent).await {
         Err(cond) => {
             if cond.reason == "SecretNamespace" {

@@ -67,6 +67,8 @@ pub struct ListOutcome {
 #[derive(Default)]
 pub struct Sites {
     inner: RwLock<HashMap<String, Entry>>,
+    /// Each Site's `spec.networkMappings`, as its reconciler last read them.
+    networks: RwLock<HashMap<String, Vec<crate::api::NetworkMapping>>>,
 }
 
 impl Sites {
@@ -120,6 +122,30 @@ impl Sites {
                 refresh: Default::default(),
             },
         );
+    }
+
+    /// Records Site `name`'s network mappings (its `spec.networkMappings`).
+    pub fn set_network_mappings(&self, name: &str, maps: &[crate::api::NetworkMapping]) {
+        let mut map = self.networks.write().unwrap_or_else(|e| e.into_inner());
+        if maps.is_empty() {
+            map.remove(name);
+        } else {
+            map.insert(name.to_string(), maps.to_vec());
+        }
+    }
+
+    /// How networks of site `from` map to site `to`'s, for a failover from `from` to `to`.
+    pub fn network_mappings(&self, to: &str, from: &str) -> Vec<site::NetworkMap> {
+        let map = self.networks.read().unwrap_or_else(|e| e.into_inner());
+        map.get(to)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.site == from)
+            .map(|m| site::NetworkMap {
+                from: m.from.clone(),
+                to: m.to.clone(),
+            })
+            .collect()
     }
 
     pub fn remove(&self, name: &str) {

@@ -173,6 +173,10 @@ pub struct Vm {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmList {
     pub site: String,
+    /// The accelerator the site's replicas of hypervisor domains boot under (`kvm` or `tcg`);
+    /// absent without a hypervisor (the builtin runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
     pub vms: Vec<Vm>,
     /// VMs whose state on disk could not be loaded (the others serve): name and reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -331,6 +335,18 @@ impl std::fmt::Display for RecoveryPointSelector {
 pub struct FailoverRequest {
     pub operation_id: String,
     pub recovery_point: RecoveryPointSelector,
+    /// Networks of the source site that have another name here: each NIC of the VM on a
+    /// `from` network is attached to its `to` network (a domain's; other VMs have no NICs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_mappings: Vec<NetworkMap>,
+}
+
+/// A network of the source site and the network of the target that replaces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMap {
+    pub from: String,
+    pub to: String,
 }
 
 /// `POST /v1/vms/{vm}/test-failover`.

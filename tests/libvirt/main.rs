@@ -90,6 +90,17 @@ fn define_guest(
     name: &str,
     variant: GuestVariant,
 ) -> (PathBuf, PathBuf) {
+    define_guest_with(site, dir, name, variant, |_| {})
+}
+
+/// As [`define_guest`], with the domain's options changed by `edit`.
+fn define_guest_with(
+    site: &LibvirtSite,
+    dir: &Path,
+    name: &str,
+    variant: GuestVariant,
+    edit: impl FnOnce(&mut DomainOptions),
+) -> (PathBuf, PathBuf) {
     let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
     let disk = dir.join(format!("{name}.qcow2"));
     let out = Command::new("qemu-img")
@@ -113,6 +124,7 @@ fn define_guest(
         &console,
     );
     opts.guest.verify = true;
+    edit(&mut opts);
     let xml = dir.join(format!("{name}.xml"));
     std::fs::write(&xml, guest::domain_xml(&opts)).expect("writes the definition");
     virsh(site, &["define", &xml.to_string_lossy()]);
@@ -207,6 +219,10 @@ fn agent_args(site: &LibvirtSite) -> Vec<String> {
         // A guest that ignores ACPI fails its shutdown after this long.
         "--shutdown-timeout-seconds",
         "20",
+        // A Linux guest hangs under nested KVM on some hosts; every test but the probe's runs
+        // under TCG.
+        "--accel",
+        "tcg",
     ]
     .map(str::to_string)
     .to_vec()
@@ -493,4 +509,164 @@ async fn replication_of_a_real_guest_survives_its_agent_and_its_qemu_crashing() 
 
 async fn replication_of(agent: &Agent, vm: &str) -> twinsite::site::ReplicationInfo {
     agent.vm(vm).await.expect("the VM is listed").replication
+}
+
+/// The message of step `step` of the newest job of type `job_type`.
+fn step_message(r: &twinsite::api::ReplicatedVM, job_type: &str, step: &str) -> Option<String> {
+    r.status
+        .as_ref()?
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == job_type)?
+        .steps
+        .iter()
+        .find(|s| s.name == step)?
+        .message
+        .clone()
+}
+
+/// The secondary's Site maps the primary's networks to its own: at failover a guest's NIC moves
+/// to the mapped network there; a mapped network that does not exist fails StartAtTarget,
+/// naming it, before the guest is defined or started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_moves_nics_to_the_networks_the_target_site_maps() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    for (site, net, bridge) in [
+        (&pl, "prod-a", "br-proda"),
+        (&pl, "prod-c", "br-prodc"),
+        (&sl, "prod-b", "br-prodb"),
+    ] {
+        site.create_network(net, bridge)
+            .expect("the network starts");
+    }
+    let w = World::start_full("lvn", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let sites: kube::Api<twinsite::api::Site> = kube::Api::all(w.client.clone());
+    sites
+        .patch(
+            &s,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"networkMappings": [
+                {"site": p, "from": "prod-a", "to": "prod-b"},
+                {"site": p, "from": "prod-c", "to": "prod-missing"},
+            ]}})),
+        )
+        .await
+        .expect("the Site takes the mappings");
+
+    let (_, mapped_console) = define_guest_on(&pl, lv.path(), "mapped", Some("prod-a"));
+    let (_, missing_console) = define_guest_on(&pl, lv.path(), "unmapped", Some("prod-c"));
+    for (vm, console) in [("mapped", &mapped_console), ("unmapped", &missing_console)] {
+        wait_mark(console, guest::WROTE_MARK, 0).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["mapped", "unmapped"] {
+        w.wait_protected(vm, &p, &s).await;
+        w.patch_spec(vm, json!({"activeSite": s})).await;
+    }
+
+    // Mapped: the guest runs at the secondary with its NIC on prod-b, its MAC kept, under the
+    // accelerator the agent reports (TCG: `--accel tcg`).
+    w.wait_protected("mapped", &s, &p).await;
+    let live = virsh(&sl, &["dumpxml", "mapped"]);
+    let listing = w.secondary.client.list_vms().await.expect("the listing");
+    assert_eq!(listing.accelerator.as_deref(), Some("tcg"));
+    assert!(live.starts_with("<domain type='qemu'"), "{live}");
+    let nets = twinsite::agent::runtime::xml::networks(&live).expect("the live XML parses");
+    assert_eq!(nets, vec!["prod-b"], "{live}");
+    let source = virsh(&pl, &["dumpxml", "--inactive", "mapped"]);
+    let mac = |xml: &str| {
+        xml.lines()
+            .find(|l| l.contains("<mac address="))
+            .map(|l| l.trim().to_string())
+    };
+    assert_eq!(mac(&live), mac(&source), "the MAC address stays");
+    let at_secondary = w.secondary.vm_dir("mapped").join("console.log");
+    let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+    assert!(generation(&line) >= 1, "{line}");
+
+    // Mapped to a network the secondary lacks: StartAtTarget fails naming it, nothing starts.
+    let r = w
+        .wait_for("unmapped", "StartAtTarget failed", |r| {
+            job_steps(r, "PlannedFailover")
+                .iter()
+                .any(|(n, state)| n == "StartAtTarget" && state == "Failed")
+        })
+        .await;
+    let msg = step_message(&r, "PlannedFailover", "StartAtTarget").unwrap_or_default();
+    assert!(
+        msg.contains("prod-missing") && msg.contains("prod-c"),
+        "the step names the missing network: {msg}"
+    );
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "unmapped"),
+        "no domain was defined at the secondary"
+    );
+}
+
+/// As [`define_guest`], with a NIC on libvirt network `network`.
+fn define_guest_on(
+    site: &LibvirtSite,
+    dir: &Path,
+    name: &str,
+    network: Option<&str>,
+) -> (PathBuf, PathBuf) {
+    define_guest_with(site, dir, name, GuestVariant::Acpi, |o| {
+        o.network = network.map(str::to_string);
+    })
+}
+
+/// `--accel auto` decides by booting a Linux kernel under KVM once at the agent's start: the
+/// agent reports what it chose and why, and leaves no probe domain behind. (Which one it
+/// chooses depends on the host: under nested virtualization KVM may hang the kernel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_accel_probes_kvm_with_a_real_kernel() {
+    let _serial = one_at_a_time().await;
+    twinsite::init_crypto();
+    let lv = tempfile::tempdir().expect("tempdir");
+    let site = LibvirtSite::start("probe", &lv.path().join("probe")).expect("libvirtd starts");
+    let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
+    let args: Vec<String> = [
+        "--runtime",
+        "libvirt",
+        "--libvirt-uri",
+        site.uri(),
+        "--accel",
+        "auto",
+        "--accel-probe-kernel",
+    ]
+    .map(str::to_string)
+    .into_iter()
+    .chain([guest_dir.join("vmlinuz").to_string_lossy().into_owned()])
+    .collect();
+    let agent = Agent::start_args("probe-site", &lv, None, &args).await;
+    let listing = agent.client.list_vms().await.expect("the listing");
+    let chose = listing
+        .accelerator
+        .expect("a libvirt agent reports its accelerator");
+    let log = std::fs::read_to_string(agent.dir.join("agent.log")).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("replicas boot under"))
+        .unwrap_or_else(|| panic!("the agent logs its choice: {log}"));
+    eprintln!("{line}");
+    match chose.as_str() {
+        "kvm" => assert!(line.contains("booted under KVM"), "{line}"),
+        "tcg" => assert!(
+            line.contains("KVM probe failed") || line.contains("libvirt offers no KVM"),
+            "{line}"
+        ),
+        other => panic!("accelerator {other}"),
+    }
+    assert!(
+        !virsh(&site, &["list", "--all", "--name"]).contains("twinsite-kvm-probe"),
+        "the probe domain is gone"
+    );
 }

@@ -11,6 +11,8 @@
 //! other from the store.
 
 #[cfg(feature = "libvirt")]
+mod accel;
+#[cfg(feature = "libvirt")]
 mod checkpoints;
 #[cfg(feature = "libvirt")]
 mod export;
@@ -31,6 +33,26 @@ pub enum RuntimeKind {
     #[default]
     Builtin,
     Libvirt,
+}
+
+/// `--accel`: the libvirt runtime's accelerator (see docs/libvirt.md).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM if a probe proves it boots a Linux kernel here, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How the runtime is opened.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeOptions {
+    /// libvirt connection URI.
+    pub uri: Option<String>,
+    pub accel: AccelChoice,
+    /// The Linux kernel the `auto` probe boots under KVM.
+    pub probe_kernel: Option<std::path::PathBuf>,
 }
 
 /// A VM as its hypervisor sees it.
@@ -66,6 +88,8 @@ impl DomainDisk {
 /// A site's hypervisor.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
+    /// The accelerator replicas boot under (`kvm` or `tcg`); `None` without a hypervisor.
+    fn accelerator(&self) -> Option<&'static str>;
     /// Every domain of the site.
     fn domains(&self) -> ApiResult<Vec<Domain>>;
     /// The domain `name`, if the hypervisor has one.
@@ -97,15 +121,22 @@ pub trait Runtime: Send + Sync {
     /// Boots a replica as domain `name` (a failover): defines it from the source's
     /// `definition` with its disks on the replica's images (`images`: disk name and raw image
     /// path; MAC addresses and the rest kept), and starts it with checkpoint `checkpoint`
-    /// taken before its first instruction, so every write it makes is tracked. `false`: it
-    /// ran already (an earlier attempt booted it).
+    /// taken before its first instruction, so every write it makes is tracked. Each NIC on a
+    /// network `networks` maps (source's name, this site's) moves to the mapped network; every
+    /// network the domain then uses must exist here. `false`: it ran already (an earlier
+    /// attempt booted it).
     fn boot_replica(
         &self,
         name: &str,
         definition: &str,
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
+        networks: &[(String, String)],
     ) -> ApiResult<bool>;
+    /// Whether a replica defined from `definition` with `networks` mapped (see
+    /// [`Runtime::boot_replica`]) finds every network it needs here; a conflict naming the
+    /// missing ones if not.
+    fn check_networks(&self, definition: &str, networks: &[(String, String)]) -> ApiResult<()>;
     /// Boots drill copy `copy` of domain `name`: as [`Runtime::boot_replica`] on the copy's
     /// images, with every NIC on the network `network` (made, isolated, if missing).
     fn boot_drill(
@@ -139,6 +170,9 @@ pub struct Builtin;
 impl Runtime for Builtin {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Builtin
+    }
+    fn accelerator(&self) -> Option<&'static str> {
+        None
     }
     fn domains(&self) -> ApiResult<Vec<Domain>> {
         Ok(Vec::new())
@@ -180,8 +214,12 @@ impl Runtime for Builtin {
         _definition: &str,
         _images: &[(String, std::path::PathBuf)],
         _checkpoint: &str,
+        _networks: &[(String, String)],
     ) -> ApiResult<bool> {
         Err(not_a_domain(name))
+    }
+    fn check_networks(&self, _definition: &str, _networks: &[(String, String)]) -> ApiResult<()> {
+        Ok(())
     }
     fn boot_drill(
         &self,
@@ -203,16 +241,18 @@ fn not_a_domain(name: &str) -> ApiError {
 }
 
 /// Opens the runtime the agent was started with.
-pub fn open(kind: RuntimeKind, uri: Option<&str>) -> Result<Box<dyn Runtime>, String> {
+pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>, String> {
     match kind {
         RuntimeKind::Builtin => Ok(Box::new(Builtin)),
         #[cfg(feature = "libvirt")]
         RuntimeKind::Libvirt => Ok(Box::new(libvirt::Libvirt::connect(
-            uri.unwrap_or("qemu:///system"),
+            opts.uri.as_deref().unwrap_or("qemu:///system"),
+            opts.accel,
+            opts.probe_kernel.as_deref(),
         )?)),
         #[cfg(not(feature = "libvirt"))]
         RuntimeKind::Libvirt => {
-            let _ = uri;
+            let _ = opts;
             Err(
                 "this twinsite was built without the libvirt runtime; build it with \
                  `cargo build --features libvirt` (needs Debian's libvirt-dev)"
