@@ -85,6 +85,21 @@ pub struct ReplicationInfo {
     /// none runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TransferProgress>,
+    /// The newest app-consistent point taken with the guest's filesystems frozen (a libvirt
+    /// domain's guest agent), at the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_quiesce: Option<Quiesce>,
+}
+
+/// A freeze of a guest's filesystems around the checkpoint of an app-consistent point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quiesce {
+    pub time: Timestamp,
+    /// How long the filesystems stayed frozen (freeze asked to thaw answered).
+    pub frozen_millis: u64,
+    /// How many filesystems the guest agent froze.
+    pub filesystems: u64,
 }
 
 /// How far a bulk transfer has come: of the `totalBytes` it reads and compares or sends, the

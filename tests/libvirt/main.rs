@@ -670,3 +670,165 @@ async fn auto_accel_probes_kvm_with_a_real_kernel() {
         "the probe domain is gone"
     );
 }
+
+/// A ReplicatedVM for `vm` from primary to secondary taking an app-consistent point every hour.
+async fn create_rvm_app_consistent(w: &World, vm: &str, failover: serde_json::Value) {
+    let rvm: twinsite::api::ReplicatedVM = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+        "metadata": {"name": vm},
+        "spec": {
+            "primarySite": w.primary.site,
+            "recoverySite": w.secondary.site,
+            "replication": {"enabled": true, "intervalSeconds": 30, "appConsistentFrequencyHours": 1},
+            "failover": failover,
+        },
+    }))
+    .expect("a ReplicatedVM");
+    w.rvms()
+        .create(&kube::api::PostParams::default(), &rvm)
+        .await
+        .expect("the ReplicatedVM is created");
+}
+
+/// A guest whose QEMU guest agent answers has integration services: its app-consistent points
+/// are taken with its file system frozen (qemu-ga's fsfreeze around the checkpoint), and the
+/// source reports the freeze. A guest without one never gets an app-consistent point, and an
+/// unplanned failover to LatestAppConsistent is refused before its source is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_consistent_points_freeze_the_guest_through_its_guest_agent() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvq", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+
+    let data = lv.path().join("ga-data.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&data)
+        .arg("32M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, ga_console) = define_guest_with(&pl, lv.path(), "ga", GuestVariant::GuestAgent, |o| {
+        o.data_disk = Some(data.clone());
+    });
+    let (_, plain_console) = define_guest(&pl, lv.path(), "plain", GuestVariant::Acpi);
+    wait_mark(&ga_console, "TWINSITE FS mounted", 0).await;
+    wait_mark(&ga_console, "TWINSITE GA started", 0).await;
+    wait_mark(&plain_console, guest::WROTE_MARK, 0).await;
+    create_rvm_app_consistent(&w, "ga", json!({"type": "Planned"})).await;
+    create_rvm_app_consistent(
+        &w,
+        "plain",
+        json!({"type": "Unplanned", "shutdownSource": true, "recoveryPoint": "LatestAppConsistent"}),
+    )
+    .await;
+    w.wait_protected("ga", &p, &s).await;
+    w.wait_protected("plain", &p, &s).await;
+
+    // With its guest agent: integration services, a freeze of its one file system reported by
+    // the source, and an app-consistent point at the replica.
+    let deadline = Instant::now() + BOOT;
+    let quiesce = loop {
+        let v = w.primary.vm("ga").await.expect("ga is listed");
+        assert!(v.integration_services, "qemu-ga answers: {v:?}");
+        if let Some(q) = v.replication.last_quiesce {
+            break q;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no freeze within {BOOT:?}: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        quiesce.filesystems, 1,
+        "the ext2 file system on vdb: {quiesce:?}"
+    );
+    let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("guest filesystems frozen for an app-consistent point"),
+        "the freeze is logged"
+    );
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let rps = w
+            .secondary
+            .client
+            .recovery_points("ga")
+            .await
+            .expect("the replica's points");
+        if rps.iter().any(|rp| rp.app_consistent) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no app-consistent point: {rps:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Thawed right after the checkpoint.
+    let status = qga(&pl, "ga", "guest-fsfreeze-status");
+    assert!(status.contains("thawed"), "{status}");
+
+    // Without a guest agent: no point is app-consistent, no freeze is reported.
+    let rp = w
+        .primary
+        .client
+        .sync("plain", "lvq-sync-1")
+        .await
+        .expect("a sync of plain")
+        .recovery_point;
+    assert!(!rp.app_consistent, "{rp:?}");
+    let v = w.primary.vm("plain").await.expect("plain is listed");
+    assert!(
+        !v.integration_services && v.replication.last_quiesce.is_none(),
+        "{v:?}"
+    );
+    let rps = w
+        .secondary
+        .client
+        .recovery_points("plain")
+        .await
+        .expect("the replica's points");
+    assert!(rps.iter().all(|rp| !rp.app_consistent), "{rps:?}");
+    // An unplanned failover to LatestAppConsistent fails before the source is shut down.
+    w.patch_spec("plain", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("plain", "the failover refused", |r| {
+            jobs(r)
+                .iter()
+                .any(|(t, state)| t == "UnplannedFailover" && state == "Failed")
+        })
+        .await;
+    let msg = r
+        .status
+        .as_ref()
+        .and_then(|st| st.jobs.iter().rev().find_map(|j| j.message.clone()))
+        .unwrap_or_default();
+    assert!(msg.contains("LatestAppConsistent"), "{msg}");
+    assert_eq!(
+        domstate(&pl, "plain"),
+        "running",
+        "the source was not shut down"
+    );
+}
+
+/// Runs guest agent command `cmd` in domain `name` through libvirt.
+fn qga(site: &LibvirtSite, name: &str, cmd: &str) -> String {
+    virsh(
+        site,
+        &[
+            "qemu-agent-command",
+            name,
+            &format!(r#"{{"execute":"{cmd}"}}"#),
+        ],
+    )
+}

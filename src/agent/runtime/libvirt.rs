@@ -140,6 +140,28 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Runs guest agent command `cmd` (no arguments) that answers a count (`{"return": N}`).
+    fn agent_count(&self, name: &str, cmd: &str, timeout: Duration) -> ApiResult<u64> {
+        let d = self.require(name)?;
+        let secs = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        let answer = d
+            .qemu_agent_command(&format!(r#"{{"execute":"{cmd}"}}"#), secs, 0)
+            .map_err(|e| {
+                ApiError::conflict(format!(
+                    "the guest agent of {name} did not run {cmd}: {}",
+                    e.message()
+                ))
+            })?;
+        serde_json::from_str::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v.get("return").and_then(serde_json::Value::as_u64))
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "the guest agent of {name} answered {cmd} with {answer:?}"
+                ))
+            })
+    }
+
     fn describe(&self, d: &VirDomain) -> ApiResult<Domain> {
         let name = d
             .get_name()
@@ -354,6 +376,14 @@ impl Runtime for Libvirt {
             next.to_string(),
             end,
         )?))
+    }
+
+    fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64> {
+        self.agent_count(name, "guest-fsfreeze-freeze", timeout)
+    }
+
+    fn thaw(&self, name: &str, timeout: Duration) -> ApiResult<u64> {
+        self.agent_count(name, "guest-fsfreeze-thaw", timeout)
     }
 
     fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()> {

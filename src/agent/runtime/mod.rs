@@ -111,6 +111,11 @@ pub trait Runtime: Send + Sync {
         next: &str,
         scratch: &Path,
     ) -> ApiResult<Box<dyn Export>>;
+    /// Freezes the filesystems of domain `name`'s guest through its guest agent (for an
+    /// app-consistent point); the number frozen. Waits at most `timeout`.
+    fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64>;
+    /// Thaws what [`Runtime::freeze`] froze; the number thawed (0 when nothing was frozen).
+    fn thaw(&self, name: &str, timeout: Duration) -> ApiResult<u64>;
     /// Makes `keep` the only checkpoint of domain `name` (the peer holds everything before it).
     fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()>;
     /// Drops checkpoint `cp` of domain `name` after a transfer that failed: its changes are
@@ -197,6 +202,12 @@ impl Runtime for Builtin {
         _next: &str,
         _scratch: &Path,
     ) -> ApiResult<Box<dyn Export>> {
+        Err(not_a_domain(name))
+    }
+    fn freeze(&self, name: &str, _timeout: Duration) -> ApiResult<u64> {
+        Err(not_a_domain(name))
+    }
+    fn thaw(&self, name: &str, _timeout: Duration) -> ApiResult<u64> {
         Err(not_a_domain(name))
     }
     fn keep_checkpoint(&self, name: &str, _keep: &str) -> ApiResult<()> {
