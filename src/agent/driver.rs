@@ -376,8 +376,7 @@ impl Drop for Capture {
 /// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
 /// VM can join a cut.
 pub fn cuttable(r: &VmRec) -> bool {
-    r.meta.domain.is_none()
-        && r.meta.role == crate::site::Role::Primary
+    r.meta.role == crate::site::Role::Primary
         && r.meta
             .outbound
             .as_ref()
@@ -1274,6 +1273,29 @@ async fn thaw_guest(st: &Shared, vm: &str, f: Frozen) -> Option<crate::site::Qui
 /// export cannot be made from that checkpoint (it was lost, or QEMU stopped without saving
 /// its bitmaps), the VM resynchronizes.
 async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
+    let open = open_domain_capture(st, vm, true).await?;
+    read_domain_capture(st, open, None).await
+}
+
+/// A domain's capture with its export open: its point in time is fixed, its blocks not read
+/// yet (the guest may run on meanwhile).
+pub struct OpenCapture {
+    vm: String,
+    cycle: String,
+    sealed: Sealed,
+    disks: Vec<crate::site::DiskSpec>,
+    dir: PathBuf,
+    ex: OpenExport,
+    quiesce: Option<crate::site::Quiesce>,
+}
+
+/// The first half of [`capture_domain`]: seals, freezes the guest when an app-consistent
+/// point is due and `may_freeze`, and opens the export.
+pub async fn open_domain_capture(
+    st: &Shared,
+    vm: &str,
+    may_freeze: bool,
+) -> Result<OpenCapture, ApiError> {
     let vm_s = vm.to_string();
     let now = Timestamp::now();
     let (sealed, disks, since, dir, due) = with_vm(st, &vm_s, move |r| {
@@ -1293,7 +1315,7 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
     let cycle = new_cycle_id();
     // An app-consistent point: the guest's filesystems frozen while the export's checkpoint
     // is taken, thawed right after (whatever the export did).
-    let frozen = if due && since.is_some() {
+    let frozen = if may_freeze && due && since.is_some() {
         freeze_guest(st, vm).await
     } else {
         None
@@ -1329,6 +1351,70 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
             return Err(ApiError::conflict(msg));
         }
     };
+    Ok(OpenCapture {
+        vm: vm.to_string(),
+        cycle,
+        sealed,
+        disks,
+        dir,
+        ex,
+        quiesce,
+    })
+}
+
+impl OpenCapture {
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+}
+
+/// Gives up a capture that will not be sent (another VM of its cut failed): its blocks are
+/// dirty again and a domain's new checkpoint is dropped (merged into the base).
+pub async fn abandon_capture(st: &Shared, c: Capture) {
+    if let Some(cp) = c.checkpoint.clone() {
+        settle_checkpoint(st, &c.vm, cp, false).await;
+    }
+    let (vm, sealed) = (c.vm.clone(), c.sealed.clone());
+    let _ = with_vm(st, &vm, move |r| {
+        r.tracker.abort(sealed);
+        Ok(())
+    })
+    .await;
+}
+
+/// Gives up an open capture (another VM of its cut failed): the export ends, its new
+/// checkpoint is dropped (merged into the base) and its blocks are dirty again.
+pub async fn abandon_domain_capture(st: &Shared, open: OpenCapture) {
+    let OpenCapture { vm, sealed, ex, .. } = open;
+    let checkpoint = ex.checkpoint.clone();
+    drop(ex);
+    if let Some(cp) = checkpoint {
+        settle_checkpoint(st, &vm, cp, false).await;
+    }
+    let _ = with_vm(st, &vm, move |r| {
+        r.tracker.abort(sealed);
+        Ok(())
+    })
+    .await;
+}
+
+/// The second half of [`capture_domain`]: reads the changed blocks of an open capture into its
+/// spool file and ends the export. `cut`: the cut's time and id, for a capture of a cut.
+pub async fn read_domain_capture(
+    st: &Shared,
+    open: OpenCapture,
+    cut: Option<(Timestamp, String)>,
+) -> Result<Capture, ApiError> {
+    let OpenCapture {
+        vm,
+        cycle,
+        sealed,
+        disks,
+        dir,
+        ex,
+        quiesce,
+    } = open;
+    let (vm, vm_s) = (vm.as_str(), vm.clone());
     let spool_dir = dir.join("spool");
     let spool = spool_dir.join(format!("{cycle}.blocks"));
     let export = ex.export.clone();
@@ -1382,13 +1468,17 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
                 checkpoint,
                 spool,
                 blocks,
-                time: quiesce.map_or_else(Timestamp::now, |q| q.time),
+                time: cut
+                    .as_ref()
+                    .map(|c| c.0)
+                    .or(quiesce.map(|q| q.time))
+                    .unwrap_or_else(Timestamp::now),
                 kind: if quiesce.is_some() {
                     RecoveryPointKind::AppConsistent
                 } else {
                     RecoveryPointKind::CrashConsistent
                 },
-                cut_id: None,
+                cut_id: cut.map(|c| c.1),
             })
         }
         Err(e) => {

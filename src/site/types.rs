@@ -401,6 +401,10 @@ pub struct CutResult {
     /// The instant of the cut.
     pub time: Timestamp,
     pub points: Vec<CutPoint>,
+    /// How long the cut's running hypervisor domains stayed paused while their checkpoints
+    /// were taken; absent when the cut had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_millis: Option<u64>,
 }
 
 /// Answer of `replication/sync`.

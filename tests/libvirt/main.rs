@@ -832,3 +832,95 @@ fn qga(site: &LibvirtSite, name: &str, cmd: &str) -> String {
         ],
     )
 }
+
+/// The newest job of type `t` of the VM.
+fn newest_job(r: &twinsite::api::ReplicatedVM, t: &str) -> Option<twinsite::api::Job> {
+    r.status
+        .as_ref()?
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == t)
+        .cloned()
+}
+
+/// A two-tier FailoverPlan of real guests ("db", then "web", each writing generation after
+/// generation) fails over from one consistent cut: the source pauses both domains, takes one
+/// checkpoint each, resumes them and logs the pause; each guest boots at the target from the
+/// cut's point with every generation it completed before the plan started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvc", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let mut consoles = Vec::new();
+    for vm in ["db", "web"] {
+        let (_, console) = define_guest(&pl, lv.path(), vm, GuestVariant::Acpi);
+        consoles.push(console);
+    }
+    for (vm, console) in ["db", "web"].iter().zip(&consoles) {
+        wait_mark(console, guest::WROTE_MARK, 0).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["db", "web"] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    let wrote_before: Vec<u64> = consoles.iter().map(|c| last_wrote(c)).collect();
+
+    run_plan(
+        &w,
+        "tiers",
+        json!({
+            "failover": {"type": "Unplanned", "recoveryPoint": "LatestProcessed",
+                         "shutdownSource": true, "commit": "Manual"},
+            "groups": [
+                {"name": "data", "vms": ["db"]},
+                {"name": "front", "vms": ["web"]},
+            ],
+        }),
+    )
+    .await;
+    let mut cut = None;
+    for (i, vm) in ["db", "web"].into_iter().enumerate() {
+        let r = w
+            .wait_for(vm, &format!("{vm} failed over from the cut"), |r| {
+                r.status.as_ref().and_then(|s| s.active_site.as_deref()) == Some(s.as_str())
+                    && newest_job(r, "UnplannedFailover")
+                        .is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+            })
+            .await;
+        let job = newest_job(&r, "UnplannedFailover").expect("the failover job");
+        let id = job.cut_id.clone().expect("the job names its cut");
+        assert_eq!(cut.get_or_insert(id.clone()), &id, "{vm}: one cut for both");
+        let rp = job.recovery_point.clone().expect("the failover's point");
+        let points = w
+            .secondary
+            .client
+            .recovery_points(vm)
+            .await
+            .expect("points");
+        let point = points
+            .iter()
+            .find(|x| x.id == rp)
+            .unwrap_or_else(|| panic!("{vm}: {rp} not at the target: {points:?}"));
+        assert_eq!(point.cut_id.as_deref(), Some(id.as_str()), "{vm}");
+        let at_secondary = w.secondary.vm_dir(vm).join("console.log");
+        let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+        assert!(
+            generation(&line) >= wrote_before[i],
+            "{vm} lost generations written before the plan: {line}, wrote {}",
+            wrote_before[i]
+        );
+    }
+    let log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    let paused = log
+        .lines()
+        .find(|l| l.contains("domains paused for a consistent cut"))
+        .unwrap_or_else(|| panic!("the source logs the pause"));
+    assert!(paused.contains("db") && paused.contains("web"), "{paused}");
+    eprintln!("{paused}");
+}

@@ -378,6 +378,23 @@ impl Runtime for Libvirt {
         )?))
     }
 
+    fn pause(&self, name: &str) -> ApiResult<bool> {
+        let d = self.require(name)?;
+        match d.get_state() {
+            Ok((sys::VIR_DOMAIN_RUNNING, _)) => {}
+            _ => return Ok(false),
+        }
+        d.suspend().map_err(|e| self.failed("pausing", name, &e))?;
+        Ok(true)
+    }
+
+    fn resume(&self, name: &str) -> ApiResult<()> {
+        let d = self.require(name)?;
+        d.resume()
+            .map(|_| ())
+            .map_err(|e| self.failed("resuming", name, &e))
+    }
+
     fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64> {
         self.agent_count(name, "guest-fsfreeze-freeze", timeout)
     }

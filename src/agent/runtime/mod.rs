@@ -111,6 +111,11 @@ pub trait Runtime: Send + Sync {
         next: &str,
         scratch: &Path,
     ) -> ApiResult<Box<dyn Export>>;
+    /// Pauses domain `name` (its vCPUs stop; nothing it holds is lost): `false` when it is not
+    /// running, so there is nothing to pause.
+    fn pause(&self, name: &str) -> ApiResult<bool>;
+    /// Resumes what [`Runtime::pause`] paused.
+    fn resume(&self, name: &str) -> ApiResult<()>;
     /// Freezes the filesystems of domain `name`'s guest through its guest agent (for an
     /// app-consistent point); the number frozen. Waits at most `timeout`.
     fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64>;
@@ -202,6 +207,12 @@ impl Runtime for Builtin {
         _next: &str,
         _scratch: &Path,
     ) -> ApiResult<Box<dyn Export>> {
+        Err(not_a_domain(name))
+    }
+    fn pause(&self, name: &str) -> ApiResult<bool> {
+        Err(not_a_domain(name))
+    }
+    fn resume(&self, name: &str) -> ApiResult<()> {
         Err(not_a_domain(name))
     }
     fn freeze(&self, name: &str, _timeout: Duration) -> ApiResult<u64> {
