@@ -98,4 +98,8 @@ pub struct SiteStatus {
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_count: Option<i64>,
+    /// What the site's replicas of libvirt domains boot under: `kvm` or `tcg` (QEMU's
+    /// emulator), as the agent chose at its start; absent for the builtin runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }

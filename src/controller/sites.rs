@@ -31,6 +31,8 @@ struct Entry {
 struct Listing {
     fetched_at: Timestamp,
     result: Result<Arc<HashMap<String, Vm>>, ListError>,
+    /// The accelerator the site's replicas boot under, as the agent reported it.
+    accelerator: Option<String>,
 }
 
 /// Why a listing failed.
@@ -62,6 +64,8 @@ pub struct PeerInfo {
 pub struct ListOutcome {
     pub at: Timestamp,
     pub result: Result<usize, ListError>,
+    /// `kvm` or `tcg` from a libvirt agent's listing.
+    pub accelerator: Option<String>,
 }
 
 #[derive(Default)]
@@ -188,13 +192,15 @@ impl Sites {
             return Some(outcome(&l));
         }
         let started = Timestamp::now();
+        let mut accelerator = None;
         let result = match provider.list_vms().await {
-            Ok(list) => Ok(Arc::new(
+            Ok(list) => Ok(Arc::new({
+                accelerator = list.accelerator;
                 list.vms
                     .into_iter()
                     .map(|vm| (vm.name.clone(), vm))
-                    .collect::<HashMap<_, _>>(),
-            )),
+                    .collect::<HashMap<_, _>>()
+            })),
             Err(SiteError::Unreachable(m)) => Err(ListError::Unreachable(m)),
             Err(SiteError::Unauthorized(m)) => Err(ListError::Unauthorized(m)),
             Err(e) => Err(ListError::Other(e.to_string())),
@@ -203,6 +209,7 @@ impl Sites {
         let listing = Listing {
             fetched_at: started,
             result,
+            accelerator,
         };
         let out = outcome(&listing);
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -224,6 +231,7 @@ impl Sites {
             Some(Listing {
                 fetched_at,
                 result: Ok(vms),
+                ..
             }) => SiteView::Reachable {
                 fetched_at,
                 vm: vms.get(vm).map(observed),
@@ -231,6 +239,7 @@ impl Sites {
             Some(Listing {
                 fetched_at,
                 result: Err(e),
+                ..
             }) => SiteView::Unreachable {
                 since: fetched_at,
                 reason: e.message().to_string(),
@@ -251,6 +260,7 @@ fn outcome(l: &Listing) -> ListOutcome {
     ListOutcome {
         at: l.fetched_at,
         result: l.result.as_ref().map(|m| m.len()).map_err(Clone::clone),
+        accelerator: l.accelerator.clone(),
     }
 }
 

@@ -577,6 +577,19 @@ async fn failover_moves_nics_to_the_networks_the_target_site_maps() {
     let listing = w.secondary.client.list_vms().await.expect("the listing");
     assert_eq!(listing.accelerator.as_deref(), Some("tcg"));
     assert!(live.starts_with("<domain type='qemu'"), "{live}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let site = sites.get(&s).await.expect("the Site");
+        let accel = site.status.as_ref().and_then(|st| st.accelerator.clone());
+        if accel.as_deref() == Some("tcg") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Site's status shows no accelerator: {accel:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let nets = twinsite::agent::runtime::xml::networks(&live).expect("the live XML parses");
     assert_eq!(nets, vec!["prod-b"], "{live}");
     let source = virsh(&pl, &["dumpxml", "--inactive", "mapped"]);
