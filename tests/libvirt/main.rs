@@ -765,6 +765,7 @@ async fn app_consistent_points_freeze_the_guest_through_its_guest_agent() {
         quiesce.filesystems, 1,
         "the ext2 file system on vdb: {quiesce:?}"
     );
+    eprintln!("freeze: {quiesce:?}");
     let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
     assert!(
         agent_log.contains("guest filesystems frozen for an app-consistent point"),
