@@ -6,6 +6,10 @@
 #   vmlinuz             the kernel (direct kernel boot)
 #   initrd.gz           the guest; honours the ACPI power button (busybox acpid, poweroff -f)
 #   initrd-noacpi.gz    the same guest without acpid: it ignores a shutdown request
+#   initrd-ga.gz        initrd.gz plus the QEMU guest agent (Debian's qemu-guest-agent, with the
+#                       libraries ldd lists) on the virtio-serial port org.qemu.guest_agent.0,
+#                       and an ext2 file system on /dev/vdb (made at first boot, mounted by the
+#                       ext4 driver on /mnt) that a writer appends to: what a freeze freezes
 # Prints the output directory on the last line of stdout.
 #
 # The kernel is pinned (TWINSITE_GUEST_KERNEL, an ABI such as 6.1.0-57) so results are
@@ -36,7 +40,7 @@ flock 9
 tag_for() { echo "linux-$1-busybox-${BB_VERSION//[:~]/_}-$SCRIPT_HASH"; }
 
 out="$CACHE/$(tag_for "$KERNEL_ABI")"
-if [[ -s "$out/vmlinuz" && -s "$out/initrd.gz" && -s "$out/initrd-noacpi.gz" ]]; then
+if [[ -s "$out/vmlinuz" && -s "$out/initrd.gz" && -s "$out/initrd-noacpi.gz" && -s "$out/initrd-ga.gz" ]]; then
   log "guest ready in $out (cached)"
   echo "$out"
   exit 0
@@ -68,7 +72,7 @@ if ! fetch_kernel "$KERNEL_ABI"; then
   log "warning: pinned kernel $KERNEL_ABI is not downloadable; falling back to $newest (set TWINSITE_GUEST_KERNEL=$newest to pin it)"
   KERNEL_ABI="$newest"
   out="$CACHE/$(tag_for "$KERNEL_ABI")"
-  if [[ -s "$out/vmlinuz" && -s "$out/initrd.gz" && -s "$out/initrd-noacpi.gz" ]]; then
+  if [[ -s "$out/vmlinuz" && -s "$out/initrd.gz" && -s "$out/initrd-noacpi.gz" && -s "$out/initrd-ga.gz" ]]; then
     log "guest ready in $out (cached)"
     echo "$out"
     exit 0
@@ -83,11 +87,13 @@ moddir="$work/kernel/lib/modules/$KERNEL_ABI-amd64/kernel"
 # Load order matters: each module needs the ones before it (no modprobe, no depmod in the guest).
 MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk
 failover net_failover virtio_net virtio_console evdev button"
+# The guest agent variant's file system (loaded by its /init only).
+FS_MODULES="crc16 mbcache jbd2 crc32c_generic ext4"
 
 root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,modules}
 cp "$BUSYBOX" "$root/bin/busybox"
-for m in $MODULES; do
+for m in $MODULES $FS_MODULES; do
   f="$(find "$moddir" -name "$m.ko" -o -name "$m.ko.xz" | head -n1)"
   [[ -n "$f" ]] || die "module $m not found in the kernel package"
   case "$f" in
@@ -122,6 +128,32 @@ say() { echo "$*" >"$console"; }
 for m in $(cat /modules/order); do
   insmod "/modules/$m.ko" 2>/dev/null || say "TWINSITE init: insmod $m failed"
 done
+
+# The guest agent variant: a file system on /dev/vdb with a writer, and qemu-ga on its port.
+if [ -x /bin/qemu-ga ]; then
+  for m in crc16 mbcache jbd2 crc32c_generic ext4; do
+    insmod "/modules/$m.ko" 2>/dev/null || say "TWINSITE init: insmod $m failed"
+  done
+  i=0
+  while [ ! -b /dev/vdb ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  mkdir -p /mnt /var/run /run
+  if mount -t ext4 /dev/vdb /mnt 2>/dev/null || { mke2fs -F /dev/vdb >/dev/null 2>&1 && mount -t ext4 /dev/vdb /mnt; }; then
+    say "TWINSITE FS mounted /dev/vdb"
+    (n=0; while :; do echo "line $n" >>/mnt/log; sync; n=$((n + 1)); sleep 1; done) &
+  else
+    say "TWINSITE init: no file system on /dev/vdb"
+  fi
+  port=""
+  for p in /sys/class/virtio-ports/*; do
+    [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port="/dev/${p##*/}"
+  done
+  if [ -n "$port" ]; then
+    qemu-ga -m virtio-serial -p "$port" -t /run >"$console" 2>&1 &
+    say "TWINSITE GA started on $port"
+  else
+    say "TWINSITE init: no guest agent port"
+  fi
+fi
 
 # The power button: poweroff on the ACPI event. Only the acpid variant has /etc/acpi; acpid must
 # stay in the foreground (-d), as a daemon it exits at once in an initramfs.
@@ -243,6 +275,23 @@ mkdir -p "$root/etc/acpi/PWRF"
 printf '#!/bin/sh\nsync\npoweroff -f\n' >"$root/etc/acpi/PWRF/00000080"
 chmod 755 "$root/etc/acpi/PWRF/00000080"
 pack "$work/out/initrd.gz"
+# The guest agent variant: qemu-ga and the libraries it links (from this host, as ldd finds them;
+# Debian 12's qemu-system-x86 pulls in the same ones).
+mkdir "$work/qga"
+chmod 777 "$work/deb"
+(cd "$work/deb" && apt-get download qemu-guest-agent >&2 2>"$work/apt.err") \
+  || die "cannot download qemu-guest-agent: $(cat "$work/apt.err")"
+dpkg -x "$work"/deb/qemu-guest-agent_*.deb "$work/qga"
+cp "$work/qga/usr/sbin/qemu-ga" "$root/bin/qemu-ga"
+ldd "$root/bin/qemu-ga" | grep -oE '/[^ ]+' | while read -r lib; do
+  [[ -e "$lib" ]] || die "qemu-ga needs $lib, which this host lacks (apt-get install libglib2.0-0)"
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+if ldd "$root/bin/qemu-ga" | grep -q 'not found'; then
+  die "qemu-ga needs libraries this host lacks: $(ldd "$root/bin/qemu-ga" | grep 'not found')"
+fi
+pack "$work/out/initrd-ga.gz"
 echo "$KERNEL_ABI" >"$work/out/kernel-abi"
 
 rm -rf "$out"

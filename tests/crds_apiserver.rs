@@ -248,6 +248,23 @@ fn invalid_manifests() -> Vec<Case> {
             site("crds-invalid-ftp", "ftp://127.0.0.1:7101"),
             "spec.agent.url must be an http:// or https:// URL",
         ),
+        case(
+            "site mapping one network twice",
+            format!(
+                "{}  networkMappings:\n  - {{site: primary, from: prod-a, to: prod-b}}\n  \
+                 - {{site: primary, from: prod-a, to: prod-c}}\n",
+                site("crds-invalid-map-twice", "http://127.0.0.1:7101")
+            ),
+            "spec.networkMappings must map each (site, from) network once",
+        ),
+        case(
+            "site mapping to a network name with a slash",
+            format!(
+                "{}  networkMappings:\n  - {{site: primary, from: prod-a, to: prod/b}}\n",
+                site("crds-invalid-map-name", "http://127.0.0.1:7101")
+            ),
+            "spec.networkMappings[0].to in body should match",
+        ),
     ]
 }
 
@@ -327,6 +344,15 @@ async fn valid_manifests_are_accepted_and_defaulted() {
         cp,
         ns,
         &site("crds-valid-site", "https://site-a.example:7101"),
+    );
+    assert_applied(
+        cp,
+        ns,
+        &format!(
+            "{}  networkMappings:\n  - {{site: primary, from: prod-a, to: prod-b}}\n  \
+             - {{site: tertiary, from: prod-a, to: prod-c}}\n",
+            site("crds-valid-mapped", "https://site-b.example:7101")
+        ),
     );
 
     // The schema's defaults are filled in by the API server.

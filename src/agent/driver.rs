@@ -376,8 +376,7 @@ impl Drop for Capture {
 /// Whether `vm` replicates outbound from this site with its bulk transfer done: only such a
 /// VM can join a cut.
 pub fn cuttable(r: &VmRec) -> bool {
-    r.meta.domain.is_none()
-        && r.meta.role == crate::site::Role::Primary
+    r.meta.role == crate::site::Role::Primary
         && r.meta
             .outbound
             .as_ref()
@@ -438,13 +437,11 @@ pub fn capture(
             return Err(ApiError::io(e));
         }
     };
-    let o = r.meta.outbound.as_ref();
-    let due = o.is_some_and(|o| {
-        o.app_consistent_hours > 0
-            && o.last_app_consistent.is_none_or(|t| {
-                time.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
-            })
-    });
+    let due = r
+        .meta
+        .outbound
+        .as_ref()
+        .is_some_and(|o| app_consistent_due(o, time));
     let kind = if due && r.meta.integration_services {
         RecoveryPointKind::AppConsistent
     } else {
@@ -1188,30 +1185,159 @@ async fn open_export(
     })
 }
 
+/// Whether the cycle at `time` is to make an app-consistent point: one every
+/// `app_consistent_hours` (0: never).
+fn app_consistent_due(o: &super::meta::Outbound, time: Timestamp) -> bool {
+    o.app_consistent_hours > 0
+        && o.last_app_consistent.is_none_or(|t| {
+            time.as_second() - t.as_second() >= o.app_consistent_hours as i64 * 3600
+        })
+}
+
+/// The longest a guest agent's freeze or thaw may take. A freeze that takes longer is thawed
+/// and the cycle's point stays crash-consistent.
+const FREEZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A freeze under way: when it was asked for, and how many filesystems it froze.
+struct Frozen {
+    at: Timestamp,
+    started: std::time::Instant,
+    filesystems: u64,
+}
+
+/// Freezes domain `vm`'s guest filesystems through its guest agent; `None` (a crash-consistent
+/// point) when it has none that answers or the freeze fails, after thawing whatever it froze.
+async fn freeze_guest(st: &Shared, vm: &str) -> Option<Frozen> {
+    let (st2, vm2) = (st.clone(), vm.to_string());
+    let res = tokio::task::spawn_blocking(move || -> super::ApiResult<Option<Frozen>> {
+        if !st2.runtime.domain(&vm2)?.is_some_and(|d| d.guest_agent) {
+            return Ok(None);
+        }
+        let (at, started) = (Timestamp::now(), std::time::Instant::now());
+        match st2.runtime.freeze(&vm2, FREEZE_TIMEOUT) {
+            Ok(filesystems) => Ok(Some(Frozen {
+                at,
+                started,
+                filesystems,
+            })),
+            Err(e) => {
+                // A freeze that timed out may still happen in the guest.
+                let _ = st2.runtime.thaw(&vm2, FREEZE_TIMEOUT);
+                Err(e)
+            }
+        }
+    })
+    .await;
+    match res {
+        Ok(Ok(f)) => f,
+        Ok(Err(e)) => {
+            tracing::warn!(vm, error = %e.message, "guest filesystems not frozen: a crash-consistent point");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(vm, error = %e, "guest filesystems not frozen: a crash-consistent point");
+            None
+        }
+    }
+}
+
+/// Thaws what [`freeze_guest`] froze; the freeze as the source reports it, or `None` when the
+/// thaw failed (logged: the guest stays frozen until its agent is reached again).
+async fn thaw_guest(st: &Shared, vm: &str, f: Frozen) -> Option<crate::site::Quiesce> {
+    let (st2, vm2) = (st.clone(), vm.to_string());
+    let res = tokio::task::spawn_blocking(move || {
+        st2.runtime
+            .thaw(&vm2, FREEZE_TIMEOUT)
+            .or_else(|_| st2.runtime.thaw(&vm2, FREEZE_TIMEOUT))
+    })
+    .await;
+    let frozen_millis = u64::try_from(f.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match res {
+        Ok(Ok(_)) => {
+            tracing::info!(
+                vm,
+                filesystems = f.filesystems,
+                frozen_millis,
+                "guest filesystems frozen for an app-consistent point"
+            );
+            Some(crate::site::Quiesce {
+                time: f.at,
+                frozen_millis,
+                filesystems: f.filesystems,
+            })
+        }
+        Ok(Err(e)) => {
+            tracing::error!(vm, error = %e.message, frozen_millis, "thawing the guest's filesystems failed");
+            None
+        }
+        Err(e) => {
+            tracing::error!(vm, error = %e, frozen_millis, "thawing the guest's filesystems failed");
+            None
+        }
+    }
+}
+
 /// A cycle of a hypervisor domain: its changes since the acknowledged checkpoint, read from a
 /// point-in-time export into a spool file (the export ends before anything is sent). When the
 /// export cannot be made from that checkpoint (it was lost, or QEMU stopped without saving
 /// its bitmaps), the VM resynchronizes.
 async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
+    let open = open_domain_capture(st, vm, true).await?;
+    read_domain_capture(st, open, None).await
+}
+
+/// A domain's capture with its export open: its point in time is fixed, its blocks not read
+/// yet (the guest may run on meanwhile).
+pub struct OpenCapture {
+    vm: String,
+    cycle: String,
+    sealed: Sealed,
+    disks: Vec<crate::site::DiskSpec>,
+    dir: PathBuf,
+    ex: OpenExport,
+    quiesce: Option<crate::site::Quiesce>,
+}
+
+/// The first half of [`capture_domain`]: seals, freezes the guest when an app-consistent
+/// point is due and `may_freeze`, and opens the export.
+pub async fn open_domain_capture(
+    st: &Shared,
+    vm: &str,
+    may_freeze: bool,
+) -> Result<OpenCapture, ApiError> {
     let vm_s = vm.to_string();
-    let (sealed, disks, since, dir, is) = with_vm(st, &vm_s, |r| {
+    let now = Timestamp::now();
+    let (sealed, disks, since, dir, due) = with_vm(st, &vm_s, move |r| {
         let sealed = r.tracker.seal().map_err(ApiError::io)?;
         Ok((
             sealed,
             r.meta.disks.clone(),
             r.meta.domain.as_ref().and_then(|d| d.checkpoint.clone()),
             r.dir.clone(),
-            r.meta.integration_services,
+            r.meta
+                .outbound
+                .as_ref()
+                .is_some_and(|o| app_consistent_due(o, now)),
         ))
     })
     .await?;
-    let _ = is;
     let cycle = new_cycle_id();
+    // An app-consistent point: the guest's filesystems frozen while the export's checkpoint
+    // is taken, thawed right after (whatever the export did).
+    let frozen = if may_freeze && due && since.is_some() {
+        freeze_guest(st, vm).await
+    } else {
+        None
+    };
     let opened = match since.clone() {
         Some(cp) => open_export(st, vm, &disks, Some(cp), &cycle, &dir).await,
         None => Err(CycleError::Other(
             "no checkpoint to read changes from".into(),
         )),
+    };
+    let quiesce = match frozen {
+        Some(f) => thaw_guest(st, vm, f).await.filter(|_| opened.is_ok()),
+        None => None,
     };
     let ex = match opened {
         Ok(ex) => ex,
@@ -1234,6 +1360,70 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
             return Err(ApiError::conflict(msg));
         }
     };
+    Ok(OpenCapture {
+        vm: vm.to_string(),
+        cycle,
+        sealed,
+        disks,
+        dir,
+        ex,
+        quiesce,
+    })
+}
+
+impl OpenCapture {
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+}
+
+/// Gives up a capture that will not be sent (another VM of its cut failed): its blocks are
+/// dirty again and a domain's new checkpoint is dropped (merged into the base).
+pub async fn abandon_capture(st: &Shared, c: Capture) {
+    if let Some(cp) = c.checkpoint.clone() {
+        settle_checkpoint(st, &c.vm, cp, false).await;
+    }
+    let (vm, sealed) = (c.vm.clone(), c.sealed.clone());
+    let _ = with_vm(st, &vm, move |r| {
+        r.tracker.abort(sealed);
+        Ok(())
+    })
+    .await;
+}
+
+/// Gives up an open capture (another VM of its cut failed): the export ends, its new
+/// checkpoint is dropped (merged into the base) and its blocks are dirty again.
+pub async fn abandon_domain_capture(st: &Shared, open: OpenCapture) {
+    let OpenCapture { vm, sealed, ex, .. } = open;
+    let checkpoint = ex.checkpoint.clone();
+    drop(ex);
+    if let Some(cp) = checkpoint {
+        settle_checkpoint(st, &vm, cp, false).await;
+    }
+    let _ = with_vm(st, &vm, move |r| {
+        r.tracker.abort(sealed);
+        Ok(())
+    })
+    .await;
+}
+
+/// The second half of [`capture_domain`]: reads the changed blocks of an open capture into its
+/// spool file and ends the export. `cut`: the cut's time and id, for a capture of a cut.
+pub async fn read_domain_capture(
+    st: &Shared,
+    open: OpenCapture,
+    cut: Option<(Timestamp, String)>,
+) -> Result<Capture, ApiError> {
+    let OpenCapture {
+        vm,
+        cycle,
+        sealed,
+        disks,
+        dir,
+        ex,
+        quiesce,
+    } = open;
+    let (vm, vm_s) = (vm.as_str(), vm.clone());
     let spool_dir = dir.join("spool");
     let spool = spool_dir.join(format!("{cycle}.blocks"));
     let export = ex.export.clone();
@@ -1269,18 +1459,37 @@ async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
     let checkpoint = ex.checkpoint.clone();
     drop(ex);
     match read {
-        Ok((sets, blocks)) => Ok(Capture {
-            vm: vm.to_string(),
-            cycle,
-            sealed,
-            sets,
-            checkpoint,
-            spool,
-            blocks,
-            time: Timestamp::now(),
-            kind: RecoveryPointKind::CrashConsistent,
-            cut_id: None,
-        }),
+        Ok((sets, blocks)) => {
+            if let Some(q) = quiesce {
+                with_vm(st, &vm_s, move |r| {
+                    if let Some(o) = r.meta.outbound.as_mut() {
+                        o.last_quiesce = Some(q);
+                    }
+                    r.save()
+                })
+                .await?;
+            }
+            Ok(Capture {
+                vm: vm.to_string(),
+                cycle,
+                sealed,
+                sets,
+                checkpoint,
+                spool,
+                blocks,
+                time: cut
+                    .as_ref()
+                    .map(|c| c.0)
+                    .or(quiesce.map(|q| q.time))
+                    .unwrap_or_else(Timestamp::now),
+                kind: if quiesce.is_some() {
+                    RecoveryPointKind::AppConsistent
+                } else {
+                    RecoveryPointKind::CrashConsistent
+                },
+                cut_id: cut.map(|c| c.1),
+            })
+        }
         Err(e) => {
             let _ = std::fs::remove_file(&spool);
             if let Some(cp) = checkpoint {

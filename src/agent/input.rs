@@ -243,7 +243,38 @@ pub fn operation(req: &OperationRequest) -> ApiResult<()> {
 
 /// The body of `failover` (a recovery point id that names no point is the store's 404).
 pub fn failover(req: &FailoverRequest) -> ApiResult<()> {
-    op_id("operationId", &req.operation_id)
+    op_id("operationId", &req.operation_id)?;
+    network_mappings(&req.network_mappings)
+}
+
+/// The most network mappings a failover carries (a Site holds at most as many).
+pub const MAX_NETWORK_MAPPINGS: usize = 64;
+
+/// Network mappings: libvirt network names (as VM names), each `from` once.
+fn network_mappings(maps: &[crate::site::NetworkMap]) -> ApiResult<()> {
+    if maps.len() > MAX_NETWORK_MAPPINGS {
+        return Err(ApiError::bad(format!(
+            "networkMappings holds {} mappings, at most {MAX_NETWORK_MAPPINGS} are allowed",
+            maps.len()
+        )));
+    }
+    for (i, m) in maps.iter().enumerate() {
+        for (field, name) in [("from", &m.from), ("to", &m.to)] {
+            if !valid_name(name) {
+                return Err(ApiError::bad(format!(
+                    "networkMappings[{i}].{field} {name:?} is not a network name (1 to 63 of \
+                     letters, digits, '-', '_' and '.', not starting with '.')"
+                )));
+            }
+        }
+        if maps[..i].iter().any(|o| o.from == m.from) {
+            return Err(ApiError::bad(format!(
+                "networkMappings maps network {:?} twice",
+                m.from
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The body of `test-failover`.
@@ -293,6 +324,34 @@ mod tests {
             check_param("other", "x").unwrap_err().kind,
             super::super::ErrorKind::Internal
         );
+    }
+
+    #[test]
+    fn network_mappings_are_names_each_mapped_once() {
+        let map = |from: &str, to: &str| crate::site::NetworkMap {
+            from: from.into(),
+            to: to.into(),
+        };
+        let req = |maps| FailoverRequest {
+            operation_id: "op".into(),
+            recovery_point: crate::site::RecoveryPointSelector::Latest,
+            network_mappings: maps,
+        };
+        assert!(failover(&req(vec![map("prod-a", "prod-b"), map("lan", "lan2")])).is_ok());
+        for (maps, says) in [
+            (vec![map("prod-a", "a/b")], "networkMappings[0].to"),
+            (vec![map("", "x")], "networkMappings[0].from"),
+            (vec![map("a", "b"), map("a", "c")], "twice"),
+            (
+                (0..=MAX_NETWORK_MAPPINGS)
+                    .map(|i| map(&format!("n{i}"), "x"))
+                    .collect(),
+                "at most",
+            ),
+        ] {
+            let e = failover(&req(maps)).unwrap_err();
+            assert!(e.message.contains(says), "{}", e.message);
+        }
     }
 }
 
@@ -407,7 +466,16 @@ mod fuzz {
             r.operation_id.as_deref().is_none_or(op_ok)
         })?;
         one::<OperationRequest>("operation", body, operation, |r| op_ok(&r.operation_id))?;
-        one::<FailoverRequest>("failover", body, failover, |r| op_ok(&r.operation_id))?;
+        one::<FailoverRequest>("failover", body, failover, |r| {
+            let maps = &r.network_mappings;
+            op_ok(&r.operation_id)
+                && maps.len() <= MAX_NETWORK_MAPPINGS
+                && maps.iter().all(|m| name_ok(&m.from) && name_ok(&m.to))
+                && maps
+                    .iter()
+                    .enumerate()
+                    .all(|(i, m)| maps[..i].iter().all(|o| o.from != m.from))
+        })?;
         one::<TestFailoverRequest>("test-failover", body, test_failover, |r| {
             op_ok(&r.operation_id) && site_ok(&r.network)
         })?;

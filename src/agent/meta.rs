@@ -139,6 +139,9 @@ pub struct Outbound {
     /// cycle names it beside the journal base as a parent the replica may be at.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// The newest freeze of the guest's filesystems for an app-consistent point.
+    #[serde(default)]
+    pub last_quiesce: Option<crate::site::Quiesce>,
 }
 
 impl Outbound {
@@ -164,6 +167,7 @@ impl Outbound {
             blocks_resent: 0,
             last_error: None,
             in_doubt: None,
+            last_quiesce: None,
         }
     }
 }
@@ -277,6 +281,7 @@ pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> Replication
             app_consistent_frequency_hours: Some(o.app_consistent_hours),
             // Held in memory by the transfer's task; the listing routes add it.
             progress: None,
+            last_quiesce: o.last_quiesce,
         };
     }
     if let Some(i) = &meta.inbound

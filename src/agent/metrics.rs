@@ -155,6 +155,7 @@ mod tests {
         m.cycle("web-01", 0.0, false);
         let text = m.encode(&VmList {
             site: "primary".into(),
+            accelerator: None,
             vms: vec![],
             broken: vec![],
         });

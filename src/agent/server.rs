@@ -63,6 +63,14 @@ pub struct AgentArgs {
     /// libvirt connection URI of the `libvirt` runtime.
     #[arg(long, default_value = "qemu:///system")]
     pub libvirt_uri: String,
+    /// Accelerator of the `libvirt` runtime's replicas: `kvm`, `tcg`, or `auto` (KVM when a
+    /// Linux kernel boots under it here, found by a probe at start; TCG otherwise).
+    #[arg(long, value_enum, default_value_t = runtime::AccelChoice::Auto)]
+    pub accel: runtime::AccelChoice,
+    /// The Linux kernel (bzImage) the `auto` probe boots under KVM; by default the host's
+    /// `/boot/vmlinuz-RELEASE`.
+    #[arg(long)]
+    pub accel_probe_kernel: Option<PathBuf>,
     /// Requests served at once on the controller's routes, and as many again on the
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -136,8 +144,15 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         }
         None => Vec::new(),
     };
-    let runtime =
-        runtime::open(args.runtime, Some(&args.libvirt_uri)).map_err(AgentError::Runtime)?;
+    let runtime = runtime::open(
+        args.runtime,
+        &runtime::RuntimeOptions {
+            uri: Some(args.libvirt_uri.clone()),
+            accel: args.accel,
+            probe_kernel: args.accel_probe_kernel.clone(),
+        },
+    )
+    .map_err(AgentError::Runtime)?;
     let max_requests = args.max_concurrent_requests as usize;
     let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
     store.recover();

@@ -276,6 +276,7 @@ impl Store {
             .collect();
         VmList {
             site: self.site.clone(),
+            accelerator: None,
             vms,
             broken: self
                 .broken

@@ -24,6 +24,35 @@ pub struct SiteSpec {
     pub description: Option<String>,
     /// The site agent that serves this site.
     pub agent: AgentEndpoint,
+    /// How networks of other sites map to this site's: a VM failing over to this site has
+    /// each NIC on network `from` of `site` attached to network `to` here. A network without
+    /// a mapping keeps its name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.site == m.site && n.from == m.from))")
+        .message("spec.networkMappings must map each (site, from) network once: two mappings share a site and from"))]
+    pub network_mappings: Vec<NetworkMapping>,
+}
+
+/// One network of another site and the network of this site that replaces it at failover.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMapping {
+    /// The other site (a Site's name).
+    #[schemars(length(min = 1, max = 253))]
+    pub site: String,
+    /// The network's name at that site.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub from: String,
+    /// The network's name at this site.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+    )]
+    pub to: String,
 }
 
 /// How the controller reaches a site agent.
@@ -69,4 +98,8 @@ pub struct SiteStatus {
     pub last_heartbeat_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_count: Option<i64>,
+    /// What the site's replicas of libvirt domains boot under: `kvm` or `tcg` (QEMU's
+    /// emulator), as the agent chose at its start; absent for the builtin runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }

@@ -131,7 +131,13 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
         }
         StepName::StartAtTarget => {
             let sel = RecoveryPointSelector::from(c.recovery_point.clone());
-            match provider(sites, tgt)?.failover(vm, &sel, op).await {
+            // The target Site's mappings of the source's networks; a drill copy never takes
+            // them (it goes to its isolated network).
+            let networks = sites.network_mappings(tgt, src);
+            match provider(sites, tgt)?
+                .failover_mapped(vm, &sel, &networks, op)
+                .await
+            {
                 Ok(r) => with_rp(&r.recovery_point),
                 Err(e) => failed(tgt, e),
             }

@@ -102,6 +102,9 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
+    ctx.sites
+        .set_network_mappings(&name, &site.spec.network_mappings);
+    let mut accelerator = None;
     let (cond, count) = match credentials(&ctx, agent).await {
         Err(cond) => {
             if cond.reason == "SecretNamespace" {
@@ -127,15 +130,18 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
                             None,
                         ),
                         Some(o) => match o.result {
-                            Ok(n) => (
-                                Cond::new(
-                                    READY,
-                                    true,
-                                    "Connected",
-                                    format!("agent at {} answers", agent.url),
-                                ),
-                                Some(n),
-                            ),
+                            Ok(n) => {
+                                accelerator = o.accelerator;
+                                (
+                                    Cond::new(
+                                        READY,
+                                        true,
+                                        "Connected",
+                                        format!("agent at {} answers", agent.url),
+                                    ),
+                                    Some(n),
+                                )
+                            }
                             Err(ListError::Unauthorized(m)) => (
                                 Cond::new(
                                     READY,
@@ -154,7 +160,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
             }
         }
     };
-    write_status(&site, &ctx, &cond, count, t0).await?;
+    write_status(&site, &ctx, &cond, count.map(|n| (n, accelerator)), t0).await?;
     Ok(Action::requeue(ctx.poll))
 }
 
@@ -162,7 +168,7 @@ async fn write_status(
     site: &Site,
     ctx: &Context,
     cond: &Cond,
-    count: Option<usize>,
+    listed: Option<(usize, Option<String>)>,
     t: Timestamp,
 ) -> Result<(), Error> {
     let old = site.status.clone().unwrap_or_default();
@@ -174,8 +180,9 @@ async fn write_status(
         new.observed_generation,
         t,
     );
-    if let Some(n) = count {
+    if let Some((n, accelerator)) = listed {
         new.vm_count = Some(i64::try_from(n).unwrap_or(i64::MAX));
+        new.accelerator = accelerator;
         let stale = old
             .last_heartbeat_time
             .as_ref()

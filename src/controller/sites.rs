@@ -31,6 +31,8 @@ struct Entry {
 struct Listing {
     fetched_at: Timestamp,
     result: Result<Arc<HashMap<String, Vm>>, ListError>,
+    /// The accelerator the site's replicas boot under, as the agent reported it.
+    accelerator: Option<String>,
 }
 
 /// Why a listing failed.
@@ -62,11 +64,15 @@ pub struct PeerInfo {
 pub struct ListOutcome {
     pub at: Timestamp,
     pub result: Result<usize, ListError>,
+    /// `kvm` or `tcg` from a libvirt agent's listing.
+    pub accelerator: Option<String>,
 }
 
 #[derive(Default)]
 pub struct Sites {
     inner: RwLock<HashMap<String, Entry>>,
+    /// Each Site's `spec.networkMappings`, as its reconciler last read them.
+    networks: RwLock<HashMap<String, Vec<crate::api::NetworkMapping>>>,
 }
 
 impl Sites {
@@ -122,6 +128,30 @@ impl Sites {
         );
     }
 
+    /// Records Site `name`'s network mappings (its `spec.networkMappings`).
+    pub fn set_network_mappings(&self, name: &str, maps: &[crate::api::NetworkMapping]) {
+        let mut map = self.networks.write().unwrap_or_else(|e| e.into_inner());
+        if maps.is_empty() {
+            map.remove(name);
+        } else {
+            map.insert(name.to_string(), maps.to_vec());
+        }
+    }
+
+    /// How networks of site `from` map to site `to`'s, for a failover from `from` to `to`.
+    pub fn network_mappings(&self, to: &str, from: &str) -> Vec<site::NetworkMap> {
+        let map = self.networks.read().unwrap_or_else(|e| e.into_inner());
+        map.get(to)
+            .into_iter()
+            .flatten()
+            .filter(|m| m.site == from)
+            .map(|m| site::NetworkMap {
+                from: m.from.clone(),
+                to: m.to.clone(),
+            })
+            .collect()
+    }
+
     pub fn remove(&self, name: &str) {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         map.remove(name);
@@ -162,13 +192,15 @@ impl Sites {
             return Some(outcome(&l));
         }
         let started = Timestamp::now();
+        let mut accelerator = None;
         let result = match provider.list_vms().await {
-            Ok(list) => Ok(Arc::new(
+            Ok(list) => Ok(Arc::new({
+                accelerator = list.accelerator;
                 list.vms
                     .into_iter()
                     .map(|vm| (vm.name.clone(), vm))
-                    .collect::<HashMap<_, _>>(),
-            )),
+                    .collect::<HashMap<_, _>>()
+            })),
             Err(SiteError::Unreachable(m)) => Err(ListError::Unreachable(m)),
             Err(SiteError::Unauthorized(m)) => Err(ListError::Unauthorized(m)),
             Err(e) => Err(ListError::Other(e.to_string())),
@@ -177,6 +209,7 @@ impl Sites {
         let listing = Listing {
             fetched_at: started,
             result,
+            accelerator,
         };
         let out = outcome(&listing);
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
@@ -198,6 +231,7 @@ impl Sites {
             Some(Listing {
                 fetched_at,
                 result: Ok(vms),
+                ..
             }) => SiteView::Reachable {
                 fetched_at,
                 vm: vms.get(vm).map(observed),
@@ -205,6 +239,7 @@ impl Sites {
             Some(Listing {
                 fetched_at,
                 result: Err(e),
+                ..
             }) => SiteView::Unreachable {
                 since: fetched_at,
                 reason: e.message().to_string(),
@@ -225,6 +260,7 @@ fn outcome(l: &Listing) -> ListOutcome {
     ListOutcome {
         at: l.fetched_at,
         result: l.result.as_ref().map(|m| m.len()).map_err(Clone::clone),
+        accelerator: l.accelerator.clone(),
     }
 }
 

@@ -48,7 +48,7 @@ pub const VERIFY_OK_MARK: &str = "TWINSITE VERIFY ok";
 /// Serial console line printed when `twinsite.verify=1` found an inconsistent pattern.
 pub const VERIFY_BAD_MARK: &str = "TWINSITE VERIFY bad";
 
-/// Where the guest (vmlinuz, initrd.gz, initrd-noacpi.gz) lives, building it first when needed.
+/// Where the guest (vmlinuz, initrd.gz, initrd-noacpi.gz, initrd-ga.gz) lives, building it first when needed.
 /// `TWINSITE_GUEST_DIR` may point at a built guest (a directory holding `vmlinuz`); otherwise it
 /// names the cache the build script uses.
 pub fn guest_dir() -> Result<PathBuf, EnvtestError> {
@@ -68,6 +68,10 @@ pub enum GuestVariant {
     Acpi,
     /// Ignores the power button: a guest whose graceful shutdown fails.
     NoAcpi,
+    /// As `Acpi`, with the QEMU guest agent on the channel `org.qemu.guest_agent.0` (see
+    /// [`DomainOptions::guest_agent_channel`]) and a file system on the data disk `vdb` (see
+    /// [`DomainOptions::data_disk`]) that a writer appends to: what a freeze freezes.
+    GuestAgent,
 }
 
 impl GuestVariant {
@@ -75,6 +79,7 @@ impl GuestVariant {
         guest_dir.join(match self {
             Self::Acpi => "initrd.gz",
             Self::NoAcpi => "initrd-noacpi.gz",
+            Self::GuestAgent => "initrd-ga.gz",
         })
     }
 }
@@ -152,6 +157,8 @@ pub struct DomainOptions {
     pub network: Option<String>,
     /// A virtio-serial channel `org.qemu.guest_agent.0` (for a guest agent).
     pub guest_agent_channel: bool,
+    /// A second qcow2 disk, `vdb` (the guest agent variant's file system).
+    pub data_disk: Option<PathBuf>,
 }
 
 impl DomainOptions {
@@ -176,7 +183,8 @@ impl DomainOptions {
             memory_mib: 192,
             kvm: false,
             network: None,
-            guest_agent_channel: false,
+            guest_agent_channel: variant == GuestVariant::GuestAgent,
+            data_disk: None,
         }
     }
 }
@@ -227,6 +235,18 @@ pub fn domain_xml(opts: &DomainOptions) -> String {
         fmt = opts.disk_format.as_str(),
         disk = p(&opts.disk),
     );
+    if let Some(data) = &opts.data_disk {
+        let _ = write!(
+            x,
+            "    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='{}'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+",
+            p(data)
+        );
+    }
     if let Some(net) = &opts.network {
         let _ = write!(
             x,
@@ -482,6 +502,22 @@ mod tests {
         assert!(x.contains("<source network='net'/>"));
         assert!(!x.contains("append="));
         assert!(!x.contains("guest_agent"));
+        let mut ga = DomainOptions::new(
+            "ga",
+            Path::new("/g"),
+            GuestVariant::GuestAgent,
+            Path::new("/d/a.qcow2"),
+            DiskFormat::Qcow2,
+            Path::new("/s/serial.log"),
+        );
+        ga.data_disk = Some("/d/b.qcow2".into());
+        let x = domain_xml(&ga);
+        assert!(x.contains("<initrd>/g/initrd-ga.gz</initrd>"), "{x}");
+        assert!(x.contains("name='org.qemu.guest_agent.0'"), "{x}");
+        assert!(
+            x.contains("<source file='/d/b.qcow2'/>\n      <target dev='vdb' bus='virtio'/>"),
+            "{x}"
+        );
     }
 
     #[test]

@@ -311,10 +311,21 @@ impl SiteProvider for AgentClient {
         rp: &'a RecoveryPointSelector,
         op_id: &'a str,
     ) -> SiteFuture<'a, FailoverResult> {
+        self.failover_mapped(vm, rp, &[], op_id)
+    }
+
+    fn failover_mapped<'a>(
+        &'a self,
+        vm: &'a str,
+        rp: &'a RecoveryPointSelector,
+        networks: &'a [NetworkMap],
+        op_id: &'a str,
+    ) -> SiteFuture<'a, FailoverResult> {
         Box::pin(async move {
             let body = FailoverRequest {
                 operation_id: op_id.to_string(),
                 recovery_point: rp.clone(),
+                network_mappings: networks.to_vec(),
             };
             self.vm_post(vm, "failover", &body, LONG_TIMEOUT).await
         })

@@ -92,6 +92,25 @@ pub trait SiteProvider: Send + Sync {
         rp: &'a RecoveryPointSelector,
         op_id: &'a str,
     ) -> SiteFuture<'a, FailoverResult>;
+    /// As [`SiteProvider::failover`], with the VM's NICs moved from networks of the source
+    /// to the target's networks `networks` names (a provider without networks refuses any).
+    fn failover_mapped<'a>(
+        &'a self,
+        vm: &'a str,
+        rp: &'a RecoveryPointSelector,
+        networks: &'a [NetworkMap],
+        op_id: &'a str,
+    ) -> SiteFuture<'a, FailoverResult> {
+        if networks.is_empty() {
+            self.failover(vm, rp, op_id)
+        } else {
+            Box::pin(async move {
+                Err(SiteError::BadRequest(
+                    "this site provider maps no networks".into(),
+                ))
+            })
+        }
+    }
     /// At the replica: a running drill copy `<vm>-test` on `network`.
     fn test_failover<'a>(
         &'a self,

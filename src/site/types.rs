@@ -85,6 +85,21 @@ pub struct ReplicationInfo {
     /// none runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<TransferProgress>,
+    /// The newest app-consistent point taken with the guest's filesystems frozen (a libvirt
+    /// domain's guest agent), at the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_quiesce: Option<Quiesce>,
+}
+
+/// A freeze of a guest's filesystems around the checkpoint of an app-consistent point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Quiesce {
+    pub time: Timestamp,
+    /// How long the filesystems stayed frozen (freeze asked to thaw answered).
+    pub frozen_millis: u64,
+    /// How many filesystems the guest agent froze.
+    pub filesystems: u64,
 }
 
 /// How far a bulk transfer has come: of the `totalBytes` it reads and compares or sends, the
@@ -173,6 +188,10 @@ pub struct Vm {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VmList {
     pub site: String,
+    /// The accelerator the site's replicas of hypervisor domains boot under (`kvm` or `tcg`);
+    /// absent without a hypervisor (the builtin runtime).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
     pub vms: Vec<Vm>,
     /// VMs whose state on disk could not be loaded (the others serve): name and reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -331,6 +350,18 @@ impl std::fmt::Display for RecoveryPointSelector {
 pub struct FailoverRequest {
     pub operation_id: String,
     pub recovery_point: RecoveryPointSelector,
+    /// Networks of the source site that have another name here: each NIC of the VM on a
+    /// `from` network is attached to its `to` network (a domain's; other VMs have no NICs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_mappings: Vec<NetworkMap>,
+}
+
+/// A network of the source site and the network of the target that replaces it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkMap {
+    pub from: String,
+    pub to: String,
 }
 
 /// `POST /v1/vms/{vm}/test-failover`.
@@ -370,6 +401,10 @@ pub struct CutResult {
     /// The instant of the cut.
     pub time: Timestamp,
     pub points: Vec<CutPoint>,
+    /// How long the cut's running hypervisor domains stayed paused while their checkpoints
+    /// were taken; absent when the cut had none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_millis: Option<u64>,
 }
 
 /// Answer of `replication/sync`.

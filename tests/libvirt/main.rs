@@ -90,6 +90,17 @@ fn define_guest(
     name: &str,
     variant: GuestVariant,
 ) -> (PathBuf, PathBuf) {
+    define_guest_with(site, dir, name, variant, |_| {})
+}
+
+/// As [`define_guest`], with the domain's options changed by `edit`.
+fn define_guest_with(
+    site: &LibvirtSite,
+    dir: &Path,
+    name: &str,
+    variant: GuestVariant,
+    edit: impl FnOnce(&mut DomainOptions),
+) -> (PathBuf, PathBuf) {
     let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
     let disk = dir.join(format!("{name}.qcow2"));
     let out = Command::new("qemu-img")
@@ -113,6 +124,7 @@ fn define_guest(
         &console,
     );
     opts.guest.verify = true;
+    edit(&mut opts);
     let xml = dir.join(format!("{name}.xml"));
     std::fs::write(&xml, guest::domain_xml(&opts)).expect("writes the definition");
     virsh(site, &["define", &xml.to_string_lossy()]);
@@ -207,6 +219,10 @@ fn agent_args(site: &LibvirtSite) -> Vec<String> {
         // A guest that ignores ACPI fails its shutdown after this long.
         "--shutdown-timeout-seconds",
         "20",
+        // A Linux guest hangs under nested KVM on some hosts; every test but the probe's runs
+        // under TCG.
+        "--accel",
+        "tcg",
     ]
     .map(str::to_string)
     .to_vec()
@@ -563,4 +579,432 @@ async fn replication_of_a_real_guest_survives_its_agent_and_its_qemu_crashing() 
 
 async fn replication_of(agent: &Agent, vm: &str) -> twinsite::site::ReplicationInfo {
     agent.vm(vm).await.expect("the VM is listed").replication
+}
+
+/// The message of step `step` of the newest job of type `job_type`.
+fn step_message(r: &twinsite::api::ReplicatedVM, job_type: &str, step: &str) -> Option<String> {
+    r.status
+        .as_ref()?
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == job_type)?
+        .steps
+        .iter()
+        .find(|s| s.name == step)?
+        .message
+        .clone()
+}
+
+/// The secondary's Site maps the primary's networks to its own: at failover a guest's NIC moves
+/// to the mapped network there; a mapped network that does not exist fails StartAtTarget,
+/// naming it, before the guest is defined or started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn failover_moves_nics_to_the_networks_the_target_site_maps() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    for (site, net, bridge) in [
+        (&pl, "prod-a", "br-proda"),
+        (&pl, "prod-c", "br-prodc"),
+        (&sl, "prod-b", "br-prodb"),
+    ] {
+        site.create_network(net, bridge)
+            .expect("the network starts");
+    }
+    let w = World::start_full("lvn", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let sites: kube::Api<twinsite::api::Site> = kube::Api::all(w.client.clone());
+    sites
+        .patch(
+            &s,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"networkMappings": [
+                {"site": p, "from": "prod-a", "to": "prod-b"},
+                {"site": p, "from": "prod-c", "to": "prod-missing"},
+            ]}})),
+        )
+        .await
+        .expect("the Site takes the mappings");
+
+    let (_, mapped_console) = define_guest_on(&pl, lv.path(), "mapped", Some("prod-a"));
+    let (_, missing_console) = define_guest_on(&pl, lv.path(), "unmapped", Some("prod-c"));
+    for (vm, console) in [("mapped", &mapped_console), ("unmapped", &missing_console)] {
+        wait_mark(console, guest::WROTE_MARK, 0).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["mapped", "unmapped"] {
+        w.wait_protected(vm, &p, &s).await;
+        w.patch_spec(vm, json!({"activeSite": s})).await;
+    }
+
+    // Mapped: the guest runs at the secondary with its NIC on prod-b, its MAC kept, under the
+    // accelerator the agent reports (TCG: `--accel tcg`).
+    w.wait_protected("mapped", &s, &p).await;
+    let live = virsh(&sl, &["dumpxml", "mapped"]);
+    let listing = w.secondary.client.list_vms().await.expect("the listing");
+    assert_eq!(listing.accelerator.as_deref(), Some("tcg"));
+    assert!(live.starts_with("<domain type='qemu'"), "{live}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let site = sites.get(&s).await.expect("the Site");
+        let accel = site.status.as_ref().and_then(|st| st.accelerator.clone());
+        if accel.as_deref() == Some("tcg") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Site's status shows no accelerator: {accel:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let nets = twinsite::agent::runtime::xml::networks(&live).expect("the live XML parses");
+    assert_eq!(nets, vec!["prod-b"], "{live}");
+    let source = virsh(&pl, &["dumpxml", "--inactive", "mapped"]);
+    let mac = |xml: &str| {
+        xml.lines()
+            .find(|l| l.contains("<mac address="))
+            .map(|l| l.trim().to_string())
+    };
+    assert_eq!(mac(&live), mac(&source), "the MAC address stays");
+    let at_secondary = w.secondary.vm_dir("mapped").join("console.log");
+    let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+    assert!(generation(&line) >= 1, "{line}");
+
+    // Mapped to a network the secondary lacks: StartAtTarget fails naming it, nothing starts.
+    let r = w
+        .wait_for("unmapped", "StartAtTarget failed", |r| {
+            job_steps(r, "PlannedFailover")
+                .iter()
+                .any(|(n, state)| n == "StartAtTarget" && state == "Failed")
+        })
+        .await;
+    let msg = step_message(&r, "PlannedFailover", "StartAtTarget").unwrap_or_default();
+    assert!(
+        msg.contains("prod-missing") && msg.contains("prod-c"),
+        "the step names the missing network: {msg}"
+    );
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "unmapped"),
+        "no domain was defined at the secondary"
+    );
+}
+
+/// As [`define_guest`], with a NIC on libvirt network `network`.
+fn define_guest_on(
+    site: &LibvirtSite,
+    dir: &Path,
+    name: &str,
+    network: Option<&str>,
+) -> (PathBuf, PathBuf) {
+    define_guest_with(site, dir, name, GuestVariant::Acpi, |o| {
+        o.network = network.map(str::to_string);
+    })
+}
+
+/// `--accel auto` decides by booting a Linux kernel under KVM once at the agent's start: the
+/// agent reports what it chose and why, and leaves no probe domain behind. (Which one it
+/// chooses depends on the host: under nested virtualization KVM may hang the kernel.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_accel_probes_kvm_with_a_real_kernel() {
+    let _serial = one_at_a_time().await;
+    twinsite::init_crypto();
+    let lv = tempfile::tempdir().expect("tempdir");
+    let site = LibvirtSite::start("probe", &lv.path().join("probe")).expect("libvirtd starts");
+    let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
+    let args: Vec<String> = [
+        "--runtime",
+        "libvirt",
+        "--libvirt-uri",
+        site.uri(),
+        "--accel",
+        "auto",
+        "--accel-probe-kernel",
+    ]
+    .map(str::to_string)
+    .into_iter()
+    .chain([guest_dir.join("vmlinuz").to_string_lossy().into_owned()])
+    .collect();
+    let agent = Agent::start_args("probe-site", &lv, None, &args).await;
+    let listing = agent.client.list_vms().await.expect("the listing");
+    let chose = listing
+        .accelerator
+        .expect("a libvirt agent reports its accelerator");
+    let log = std::fs::read_to_string(agent.dir.join("agent.log")).unwrap_or_default();
+    let line = log
+        .lines()
+        .find(|l| l.contains("replicas boot under"))
+        .unwrap_or_else(|| panic!("the agent logs its choice: {log}"));
+    eprintln!("{line}");
+    match chose.as_str() {
+        "kvm" => assert!(line.contains("booted under KVM"), "{line}"),
+        "tcg" => assert!(
+            line.contains("KVM probe failed") || line.contains("libvirt offers no KVM"),
+            "{line}"
+        ),
+        other => panic!("accelerator {other}"),
+    }
+    assert!(
+        !virsh(&site, &["list", "--all", "--name"]).contains("twinsite-kvm-probe"),
+        "the probe domain is gone"
+    );
+}
+
+/// A ReplicatedVM for `vm` from primary to secondary taking an app-consistent point every hour.
+async fn create_rvm_app_consistent(w: &World, vm: &str, failover: serde_json::Value) {
+    let rvm: twinsite::api::ReplicatedVM = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "ReplicatedVM",
+        "metadata": {"name": vm},
+        "spec": {
+            "primarySite": w.primary.site,
+            "recoverySite": w.secondary.site,
+            "replication": {"enabled": true, "intervalSeconds": 30, "appConsistentFrequencyHours": 1},
+            "failover": failover,
+        },
+    }))
+    .expect("a ReplicatedVM");
+    w.rvms()
+        .create(&kube::api::PostParams::default(), &rvm)
+        .await
+        .expect("the ReplicatedVM is created");
+}
+
+/// A guest whose QEMU guest agent answers has integration services: its app-consistent points
+/// are taken with its file system frozen (qemu-ga's fsfreeze around the checkpoint), and the
+/// source reports the freeze. A guest without one never gets an app-consistent point, and an
+/// unplanned failover to LatestAppConsistent is refused before its source is shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn app_consistent_points_freeze_the_guest_through_its_guest_agent() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvq", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+
+    let data = lv.path().join("ga-data.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&data)
+        .arg("32M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, ga_console) = define_guest_with(&pl, lv.path(), "ga", GuestVariant::GuestAgent, |o| {
+        o.data_disk = Some(data.clone());
+    });
+    let (_, plain_console) = define_guest(&pl, lv.path(), "plain", GuestVariant::Acpi);
+    wait_mark(&ga_console, "TWINSITE FS mounted", 0).await;
+    wait_mark(&ga_console, "TWINSITE GA started", 0).await;
+    wait_mark(&plain_console, guest::WROTE_MARK, 0).await;
+    create_rvm_app_consistent(&w, "ga", json!({"type": "Planned"})).await;
+    create_rvm_app_consistent(
+        &w,
+        "plain",
+        json!({"type": "Unplanned", "shutdownSource": true, "recoveryPoint": "LatestAppConsistent"}),
+    )
+    .await;
+    w.wait_protected("ga", &p, &s).await;
+    w.wait_protected("plain", &p, &s).await;
+
+    // With its guest agent: integration services, a freeze of its one file system reported by
+    // the source, and an app-consistent point at the replica.
+    let deadline = Instant::now() + BOOT;
+    let quiesce = loop {
+        let v = w.primary.vm("ga").await.expect("ga is listed");
+        assert!(v.integration_services, "qemu-ga answers: {v:?}");
+        if let Some(q) = v.replication.last_quiesce {
+            break q;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no freeze within {BOOT:?}: {v:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        quiesce.filesystems, 1,
+        "the ext2 file system on vdb: {quiesce:?}"
+    );
+    eprintln!("freeze: {quiesce:?}");
+    let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        agent_log.contains("guest filesystems frozen for an app-consistent point"),
+        "the freeze is logged"
+    );
+    let deadline = Instant::now() + BOOT;
+    loop {
+        let rps = w
+            .secondary
+            .client
+            .recovery_points("ga")
+            .await
+            .expect("the replica's points");
+        if rps.iter().any(|rp| rp.app_consistent) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no app-consistent point: {rps:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    // Thawed right after the checkpoint.
+    let status = qga(&pl, "ga", "guest-fsfreeze-status");
+    assert!(status.contains("thawed"), "{status}");
+
+    // Without a guest agent: no point is app-consistent, no freeze is reported.
+    let rp = w
+        .primary
+        .client
+        .sync("plain", "lvq-sync-1")
+        .await
+        .expect("a sync of plain")
+        .recovery_point;
+    assert!(!rp.app_consistent, "{rp:?}");
+    let v = w.primary.vm("plain").await.expect("plain is listed");
+    assert!(
+        !v.integration_services && v.replication.last_quiesce.is_none(),
+        "{v:?}"
+    );
+    let rps = w
+        .secondary
+        .client
+        .recovery_points("plain")
+        .await
+        .expect("the replica's points");
+    assert!(rps.iter().all(|rp| !rp.app_consistent), "{rps:?}");
+    // An unplanned failover to LatestAppConsistent fails before the source is shut down.
+    w.patch_spec("plain", json!({"activeSite": s})).await;
+    let r = w
+        .wait_for("plain", "the failover refused", |r| {
+            jobs(r)
+                .iter()
+                .any(|(t, state)| t == "UnplannedFailover" && state == "Failed")
+        })
+        .await;
+    let msg = r
+        .status
+        .as_ref()
+        .and_then(|st| st.jobs.iter().rev().find_map(|j| j.message.clone()))
+        .unwrap_or_default();
+    assert!(msg.contains("LatestAppConsistent"), "{msg}");
+    assert_eq!(
+        domstate(&pl, "plain"),
+        "running",
+        "the source was not shut down"
+    );
+}
+
+/// Runs guest agent command `cmd` in domain `name` through libvirt.
+fn qga(site: &LibvirtSite, name: &str, cmd: &str) -> String {
+    virsh(
+        site,
+        &[
+            "qemu-agent-command",
+            name,
+            &format!(r#"{{"execute":"{cmd}"}}"#),
+        ],
+    )
+}
+
+/// The newest job of type `t` of the VM.
+fn newest_job(r: &twinsite::api::ReplicatedVM, t: &str) -> Option<twinsite::api::Job> {
+    r.status
+        .as_ref()?
+        .jobs
+        .iter()
+        .rev()
+        .find(|j| format!("{:?}", j.type_) == t)
+        .cloned()
+}
+
+/// A two-tier FailoverPlan of real guests ("db", then "web", each writing generation after
+/// generation) fails over from one consistent cut: the source pauses both domains, takes one
+/// checkpoint each, resumes them and logs the pause; each guest boots at the target from the
+/// cut's point with every generation it completed before the plan started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvc", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let mut consoles = Vec::new();
+    for vm in ["db", "web"] {
+        let (_, console) = define_guest(&pl, lv.path(), vm, GuestVariant::Acpi);
+        consoles.push(console);
+    }
+    for (vm, console) in ["db", "web"].iter().zip(&consoles) {
+        wait_mark(console, guest::WROTE_MARK, 0).await;
+        w.create_rvm(vm, json!({"type": "Planned"})).await;
+    }
+    for vm in ["db", "web"] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    let wrote_before: Vec<u64> = consoles.iter().map(|c| last_wrote(c)).collect();
+
+    run_plan(
+        &w,
+        "tiers",
+        json!({
+            "failover": {"type": "Unplanned", "recoveryPoint": "LatestProcessed",
+                         "shutdownSource": true, "commit": "Manual"},
+            "groups": [
+                {"name": "data", "vms": ["db"]},
+                {"name": "front", "vms": ["web"]},
+            ],
+        }),
+    )
+    .await;
+    let mut cut = None;
+    for (i, vm) in ["db", "web"].into_iter().enumerate() {
+        let r = w
+            .wait_for(vm, &format!("{vm} failed over from the cut"), |r| {
+                r.status.as_ref().and_then(|s| s.active_site.as_deref()) == Some(s.as_str())
+                    && newest_job(r, "UnplannedFailover")
+                        .is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+            })
+            .await;
+        let job = newest_job(&r, "UnplannedFailover").expect("the failover job");
+        let id = job.cut_id.clone().expect("the job names its cut");
+        assert_eq!(cut.get_or_insert(id.clone()), &id, "{vm}: one cut for both");
+        let rp = job.recovery_point.clone().expect("the failover's point");
+        let points = w
+            .secondary
+            .client
+            .recovery_points(vm)
+            .await
+            .expect("points");
+        let point = points
+            .iter()
+            .find(|x| x.id == rp)
+            .unwrap_or_else(|| panic!("{vm}: {rp} not at the target: {points:?}"));
+        assert_eq!(point.cut_id.as_deref(), Some(id.as_str()), "{vm}");
+        let at_secondary = w.secondary.vm_dir(vm).join("console.log");
+        let line = wait_mark(&at_secondary, guest::VERIFY_OK_MARK, 0).await;
+        assert!(
+            generation(&line) >= wrote_before[i],
+            "{vm} lost generations written before the plan: {line}, wrote {}",
+            wrote_before[i]
+        );
+    }
+    let log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    let paused = log
+        .lines()
+        .find(|l| l.contains("domains paused for a consistent cut"))
+        .unwrap_or_else(|| panic!("the source logs the pause"));
+    assert!(paused.contains("db") && paused.contains("web"), "{paused}");
+    eprintln!("{paused}");
 }

@@ -90,10 +90,46 @@ pub(super) async fn power(st: &Shared, d: &Domain, action: PowerAction) -> ApiRe
     Ok(v)
 }
 
+/// Before a failover at this site: a replica of a libvirt domain must find every network its
+/// NICs use here (after `networks` maps them). Nothing to check for other VMs, or for one that
+/// runs already (an earlier attempt booted it).
+pub(super) async fn check_networks(
+    st: &Shared,
+    vm: &str,
+    networks: &[(String, String)],
+) -> ApiResult<()> {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return Ok(());
+    }
+    let (st2, name, networks) = (st.clone(), vm.to_string(), networks.to_vec());
+    tokio::task::spawn_blocking(move || {
+        let definition = match st2.store.read_vm(&name, |r| Ok(r.meta.definition.clone())) {
+            Ok(Some(d)) => d,
+            // No replica of a domain here: the store's failover answers for it.
+            Ok(None) | Err(_) => return Ok(()),
+        };
+        if st2
+            .runtime
+            .domain(&name)?
+            .is_some_and(|d| d.power == Power::Running)
+        {
+            return Ok(());
+        }
+        st2.runtime.check_networks(&definition, &networks)
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
 /// After a failover at this site: a replica of a libvirt domain is defined from the source's
 /// definition on its images and started, tracked from its first write (its checkpoint becomes
-/// the base of reverse replication). Nothing to do for other VMs, or when it runs already.
-pub(super) async fn boot_failed_over(st: &Shared, vm: &str) -> ApiResult<()> {
+/// the base of reverse replication); its NICs on the networks `networks` maps move to the
+/// mapped ones. Nothing to do for other VMs, or when it runs already.
+pub(super) async fn boot_failed_over(
+    st: &Shared,
+    vm: &str,
+    networks: Vec<(String, String)>,
+) -> ApiResult<()> {
     if st.runtime.kind() == RuntimeKind::Builtin {
         return Ok(());
     }
@@ -116,7 +152,10 @@ pub(super) async fn boot_failed_over(st: &Shared, vm: &str) -> ApiResult<()> {
                 })
                 .collect();
             let cp = format!("twinsite-failover-{}", jiff::Timestamp::now().as_second());
-            if st2.runtime.boot_replica(&name, &definition, &images, &cp)? {
+            if st2
+                .runtime
+                .boot_replica(&name, &definition, &images, &cp, &networks)?
+            {
                 r.meta.domain = Some(super::super::meta::DomainLink {
                     checkpoint: Some(cp),
                 });

@@ -59,6 +59,7 @@ pub(crate) async fn list_vms(State(st): State<Shared>) -> ApiResult<Response> {
         }
     }
     list.vms.sort_by(|a, b| a.name.cmp(&b.name));
+    list.accelerator = st.runtime.accelerator().map(str::to_string);
     for v in &mut list.vms {
         v.replication.progress = driver::progress(&st, &v.name);
     }
@@ -476,6 +477,13 @@ pub(crate) async fn failover(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::failover(&req)?;
+    let networks: Vec<(String, String)> = req
+        .network_mappings
+        .iter()
+        .map(|m| (m.from.clone(), m.to.clone()))
+        .collect();
+    // A replica of a domain whose networks are missing here is refused before anything changes.
+    domain::check_networks(&st, &vm, &networks).await?;
     let answer = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
@@ -483,7 +491,7 @@ pub(crate) async fn failover(
     .await?;
     // A replica of a domain boots as one; on a retry (the answer replayed) too, in case the
     // boot is what failed.
-    domain::boot_failed_over(&st, &vm).await?;
+    domain::boot_failed_over(&st, &vm, networks).await?;
     Ok(answer)
 }
 

@@ -14,9 +14,10 @@ use virt::sys;
 
 use std::path::Path;
 
+use super::accel::{self, Accel};
 use super::{
-    Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, checkpoints, export, overlay,
-    xml,
+    AccelChoice, Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, checkpoints,
+    export, overlay, xml,
 };
 use crate::agent::{ApiError, ApiResult};
 use crate::site::DiskSpec;
@@ -31,19 +32,28 @@ const GUEST_PING_SECONDS: i32 = 2;
 pub struct Libvirt {
     conn: Connect,
     uri: String,
+    /// What replicas boot under.
+    accel: Accel,
     /// Domains with a backup job this process began and has not ended.
     backups: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Libvirt {
-    pub fn connect(uri: &str) -> Result<Self, String> {
+    pub fn connect(
+        uri: &str,
+        accel: AccelChoice,
+        probe_kernel: Option<&Path>,
+    ) -> Result<Self, String> {
         // libvirt prints every error to stderr by default; the agent reports them itself.
         virt::error::clear_error_callback();
         let conn = Connect::open(Some(uri))
             .map_err(|e| format!("connecting to libvirt at {uri}: {}", e.message()))?;
+        let (accel, why) = accel::choose(&conn, accel, probe_kernel)?;
+        tracing::info!(accelerator = accel.as_str(), reason = %why, "replicas boot under {}", accel.as_str());
         Ok(Self {
             conn,
             uri: uri.to_string(),
+            accel,
             backups: Default::default(),
         })
     }
@@ -131,6 +141,28 @@ impl Libvirt {
         Ok(())
     }
 
+    /// Runs guest agent command `cmd` (no arguments) that answers a count (`{"return": N}`).
+    fn agent_count(&self, name: &str, cmd: &str, timeout: Duration) -> ApiResult<u64> {
+        let d = self.require(name)?;
+        let secs = i32::try_from(timeout.as_secs().max(1)).unwrap_or(i32::MAX);
+        let answer = d
+            .qemu_agent_command(&format!(r#"{{"execute":"{cmd}"}}"#), secs, 0)
+            .map_err(|e| {
+                ApiError::conflict(format!(
+                    "the guest agent of {name} did not run {cmd}: {}",
+                    e.message()
+                ))
+            })?;
+        serde_json::from_str::<serde_json::Value>(&answer)
+            .ok()
+            .and_then(|v| v.get("return").and_then(serde_json::Value::as_u64))
+            .ok_or_else(|| {
+                ApiError::internal(format!(
+                    "the guest agent of {name} answered {cmd} with {answer:?}"
+                ))
+            })
+    }
+
     fn describe(&self, d: &VirDomain) -> ApiResult<Domain> {
         let name = d
             .get_name()
@@ -188,6 +220,10 @@ fn power_of(state: sys::virDomainState) -> Power {
 impl Runtime for Libvirt {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Libvirt
+    }
+
+    fn accelerator(&self) -> Option<&'static str> {
+        Some(self.accel.as_str())
     }
 
     fn domains(&self) -> ApiResult<Vec<Domain>> {
@@ -343,6 +379,31 @@ impl Runtime for Libvirt {
         )?))
     }
 
+    fn pause(&self, name: &str) -> ApiResult<bool> {
+        let d = self.require(name)?;
+        match d.get_state() {
+            Ok((sys::VIR_DOMAIN_RUNNING, _)) => {}
+            _ => return Ok(false),
+        }
+        d.suspend().map_err(|e| self.failed("pausing", name, &e))?;
+        Ok(true)
+    }
+
+    fn resume(&self, name: &str) -> ApiResult<()> {
+        let d = self.require(name)?;
+        d.resume()
+            .map(|_| ())
+            .map_err(|e| self.failed("resuming", name, &e))
+    }
+
+    fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64> {
+        self.agent_count(name, "guest-fsfreeze-freeze", timeout)
+    }
+
+    fn thaw(&self, name: &str, timeout: Duration) -> ApiResult<u64> {
+        self.agent_count(name, "guest-fsfreeze-thaw", timeout)
+    }
+
     fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()> {
         let d = self.require(name)?;
         let all = checkpoints::list(&d).map_err(ApiError::internal)?;
@@ -375,6 +436,7 @@ impl Runtime for Libvirt {
         definition: &str,
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
+        networks: &[(String, String)],
     ) -> ApiResult<bool> {
         if let Some(d) = self.lookup(name)? {
             if d.is_active().unwrap_or(false) {
@@ -399,8 +461,14 @@ impl Runtime for Libvirt {
             wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
         }
         let console = vm_dir_of(images).join("console.log");
-        let text =
-            xml::for_replica(definition, name, &wrappers, &console).map_err(ApiError::conflict)?;
+        let place = xml::Placement {
+            networks,
+            domain_type: Some(self.accel.domain_type()),
+        };
+        let text = xml::for_replica(definition, name, &wrappers, &console, place)
+            .map_err(ApiError::conflict)?;
+        // Before anything is defined: a replica whose network is missing never starts.
+        self.check_networks(&text, &[])?;
         let d = VirDomain::define_xml(&self.conn, &text)
             .map_err(|e| self.failed("defining", name, &e))?;
         // Paused until the checkpoint exists: the guest's first write is already tracked.
@@ -427,6 +495,34 @@ impl Runtime for Libvirt {
 
     fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()> {
         overlay::make(disk)
+    }
+
+    fn check_networks(&self, definition: &str, networks: &[(String, String)]) -> ApiResult<()> {
+        let mut missing = Vec::new();
+        for net in xml::networks(definition).map_err(ApiError::conflict)? {
+            let here = networks
+                .iter()
+                .find(|(from, _)| *from == net)
+                .map_or(net.as_str(), |(_, to)| to.as_str());
+            match virt::network::Network::lookup_by_name(&self.conn, here) {
+                Ok(_) => {}
+                Err(e) if e.code() == ErrorNumber::NoNetwork => missing.push(if here == net {
+                    here.to_string()
+                } else {
+                    format!("{here} (mapped from {net})")
+                }),
+                Err(e) => return Err(self.failed("looking up network", here, &e)),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(ApiError::conflict(format!(
+            "libvirt network {} does not exist at {}: define it, or map the source's network \
+             to one that exists (Site spec.networkMappings)",
+            missing.join(", "),
+            self.uri
+        )))
     }
 
     fn boot_drill(

@@ -11,6 +11,8 @@
 //! other from the store.
 
 #[cfg(feature = "libvirt")]
+mod accel;
+#[cfg(feature = "libvirt")]
 mod checkpoints;
 #[cfg(feature = "libvirt")]
 mod export;
@@ -33,6 +35,26 @@ pub enum RuntimeKind {
     #[default]
     Builtin,
     Libvirt,
+}
+
+/// `--accel`: the libvirt runtime's accelerator (see docs/libvirt.md).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AccelChoice {
+    /// KVM if a probe proves it boots a Linux kernel here, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How the runtime is opened.
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeOptions {
+    /// libvirt connection URI.
+    pub uri: Option<String>,
+    pub accel: AccelChoice,
+    /// The Linux kernel the `auto` probe boots under KVM.
+    pub probe_kernel: Option<std::path::PathBuf>,
 }
 
 /// A VM as its hypervisor sees it.
@@ -68,6 +90,8 @@ impl DomainDisk {
 /// A site's hypervisor.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
+    /// The accelerator replicas boot under (`kvm` or `tcg`); `None` without a hypervisor.
+    fn accelerator(&self) -> Option<&'static str>;
     /// Every domain of the site.
     fn domains(&self) -> ApiResult<Vec<Domain>>;
     /// The domain `name`, if the hypervisor has one.
@@ -89,6 +113,16 @@ pub trait Runtime: Send + Sync {
         next: &str,
         scratch: &Path,
     ) -> ApiResult<Box<dyn Export>>;
+    /// Pauses domain `name` (its vCPUs stop; nothing it holds is lost): `false` when it is not
+    /// running, so there is nothing to pause.
+    fn pause(&self, name: &str) -> ApiResult<bool>;
+    /// Resumes what [`Runtime::pause`] paused.
+    fn resume(&self, name: &str) -> ApiResult<()>;
+    /// Freezes the filesystems of domain `name`'s guest through its guest agent (for an
+    /// app-consistent point); the number frozen. Waits at most `timeout`.
+    fn freeze(&self, name: &str, timeout: Duration) -> ApiResult<u64>;
+    /// Thaws what [`Runtime::freeze`] froze; the number thawed (0 when nothing was frozen).
+    fn thaw(&self, name: &str, timeout: Duration) -> ApiResult<u64>;
     /// Makes `keep` the only checkpoint of domain `name` (the peer holds everything before it).
     fn keep_checkpoint(&self, name: &str, keep: &str) -> ApiResult<()>;
     /// Drops checkpoint `cp` of domain `name` after a transfer that failed: its changes are
@@ -99,18 +133,25 @@ pub trait Runtime: Send + Sync {
     /// Boots a replica as domain `name` (a failover): defines it from the source's
     /// `definition` with its disks on the replica's images (`images`: disk name and raw image
     /// path; MAC addresses and the rest kept), and starts it with checkpoint `checkpoint`
-    /// taken before its first instruction, so every write it makes is tracked. `false`: it
-    /// ran already (an earlier attempt booted it).
+    /// taken before its first instruction, so every write it makes is tracked. Each NIC on a
+    /// network `networks` maps (source's name, this site's) moves to the mapped network; every
+    /// network the domain then uses must exist here. `false`: it ran already (an earlier
+    /// attempt booted it).
     fn boot_replica(
         &self,
         name: &str,
         definition: &str,
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
+        networks: &[(String, String)],
     ) -> ApiResult<bool>;
     /// Makes one disk of a drill copy: a copy-on-write overlay over the replica's image, so a
     /// drill copies nothing and never changes the replica (see [`OverlayDisk`]).
     fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()>;
+    /// Whether a replica defined from `definition` with `networks` mapped (see
+    /// [`Runtime::boot_replica`]) finds every network it needs here; a conflict naming the
+    /// missing ones if not.
+    fn check_networks(&self, definition: &str, networks: &[(String, String)]) -> ApiResult<()>;
     /// Boots drill copy `copy` of domain `name`: as [`Runtime::boot_replica`] on the copy's
     /// overlays (`images`: disk name and overlay path), with every NIC on the network
     /// `network` (made, isolated, if missing).
@@ -160,6 +201,9 @@ impl Runtime for Builtin {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Builtin
     }
+    fn accelerator(&self) -> Option<&'static str> {
+        None
+    }
     fn domains(&self) -> ApiResult<Vec<Domain>> {
         Ok(Vec::new())
     }
@@ -185,6 +229,18 @@ impl Runtime for Builtin {
     ) -> ApiResult<Box<dyn Export>> {
         Err(not_a_domain(name))
     }
+    fn pause(&self, name: &str) -> ApiResult<bool> {
+        Err(not_a_domain(name))
+    }
+    fn resume(&self, name: &str) -> ApiResult<()> {
+        Err(not_a_domain(name))
+    }
+    fn freeze(&self, name: &str, _timeout: Duration) -> ApiResult<u64> {
+        Err(not_a_domain(name))
+    }
+    fn thaw(&self, name: &str, _timeout: Duration) -> ApiResult<u64> {
+        Err(not_a_domain(name))
+    }
     fn keep_checkpoint(&self, name: &str, _keep: &str) -> ApiResult<()> {
         Err(not_a_domain(name))
     }
@@ -200,6 +256,7 @@ impl Runtime for Builtin {
         _definition: &str,
         _images: &[(String, std::path::PathBuf)],
         _checkpoint: &str,
+        _networks: &[(String, String)],
     ) -> ApiResult<bool> {
         Err(not_a_domain(name))
     }
@@ -208,6 +265,9 @@ impl Runtime for Builtin {
             "the builtin runtime copies drill disks; no overlay for {}",
             disk.overlay.display()
         )))
+    }
+    fn check_networks(&self, _definition: &str, _networks: &[(String, String)]) -> ApiResult<()> {
+        Ok(())
     }
     fn boot_drill(
         &self,
@@ -229,16 +289,18 @@ fn not_a_domain(name: &str) -> ApiError {
 }
 
 /// Opens the runtime the agent was started with.
-pub fn open(kind: RuntimeKind, uri: Option<&str>) -> Result<Box<dyn Runtime>, String> {
+pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>, String> {
     match kind {
         RuntimeKind::Builtin => Ok(Box::new(Builtin)),
         #[cfg(feature = "libvirt")]
         RuntimeKind::Libvirt => Ok(Box::new(libvirt::Libvirt::connect(
-            uri.unwrap_or("qemu:///system"),
+            opts.uri.as_deref().unwrap_or("qemu:///system"),
+            opts.accel,
+            opts.probe_kernel.as_deref(),
         )?)),
         #[cfg(not(feature = "libvirt"))]
         RuntimeKind::Libvirt => {
-            let _ = uri;
+            let _ = opts;
             Err(
                 "this twinsite was built without the libvirt runtime; build it with \
                  `cargo build --features libvirt` (needs Debian's libvirt-dev)"

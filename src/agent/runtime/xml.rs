@@ -72,17 +72,51 @@ const FORBIDDEN: &[&str] = &[
     "script",
 ];
 
+/// The libvirt networks the NICs of a domain definition are on (`<interface type='network'>`),
+/// each once, in order.
+pub fn networks(domain_xml: &str) -> Result<Vec<String>, String> {
+    let doc = roxmltree::Document::parse(domain_xml).map_err(|e| format!("domain XML: {e}"))?;
+    let mut out: Vec<String> = Vec::new();
+    let nics = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("devices"))
+        .flat_map(|d| d.children())
+        .filter(|n| n.has_tag_name("interface") && n.attribute("type") == Some("network"));
+    for nic in nics {
+        if let Some(net) = nic
+            .children()
+            .find(|n| n.has_tag_name("source"))
+            .and_then(|s| s.attribute("network"))
+            && !out.iter().any(|n| n == net)
+        {
+            out.push(net.to_string());
+        }
+    }
+    Ok(out)
+}
+
+/// What a replica's definition takes from the site it boots at.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Placement<'a> {
+    /// Networks of the source renamed here (`from`, `to`); others keep their name.
+    pub networks: &'a [(String, String)],
+    /// The domain type here (`kvm` or `qemu`: the accelerator); `None` keeps the source's.
+    pub domain_type: Option<&'a str>,
+}
+
 /// The source's definition of domain `name`, made to run at a replica: each replicated disk
 /// (`images`: target name and image path) on its image here as qcow2, every other file or
-/// block disk removed (it names the source's storage), and file serial consoles written to
-/// `console`. MAC addresses, networks and everything else stay.
+/// block disk removed (it names the source's storage), file serial consoles written to
+/// `console`, NICs on the networks `place` maps them to and the domain type `place` names.
+/// MAC addresses and everything else stay.
 pub fn for_replica(
     definition: &str,
     name: &str,
     images: &[(String, PathBuf)],
     console: &std::path::Path,
+    place: Placement<'_>,
 ) -> Result<String, String> {
-    rewrite(definition, name, images, console, None)
+    rewrite(definition, name, images, console, None, place)
 }
 
 /// A drill copy of domain `name`: as [`for_replica`], named `copy` instead (no UUID: it is a
@@ -95,7 +129,14 @@ pub fn for_drill(
     images: &[(String, PathBuf)],
     console: &std::path::Path,
 ) -> Result<String, String> {
-    rewrite(definition, name, images, console, Some((copy, network)))
+    rewrite(
+        definition,
+        name,
+        images,
+        console,
+        Some((copy, network)),
+        Placement::default(),
+    )
 }
 
 fn rewrite(
@@ -104,6 +145,7 @@ fn rewrite(
     images: &[(String, PathBuf)],
     console: &std::path::Path,
     drill: Option<(&str, &str)>,
+    place: Placement<'_>,
 ) -> Result<String, String> {
     let doc = roxmltree::Document::parse(definition)
         .map_err(|e| format!("replicated definition: {e}"))?;
@@ -131,6 +173,13 @@ fn rewrite(
     }
     // Edits as (byte range of the original, replacement), applied from the end.
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    if let Some(ty) = place.domain_type {
+        let attr = root
+            .attributes()
+            .find(|a| a.name() == "type" && a.namespace().is_none())
+            .ok_or("replicated definition has no domain type")?;
+        edits.push((attr.range_value(), escape(ty)));
+    }
     if let Some((copy, _)) = drill {
         for n in root.children().filter(|n| n.is_element()) {
             if n.has_tag_name("name") {
@@ -190,6 +239,15 @@ fn rewrite(
             }
             nic.push_str("</interface>");
             edits.push((dev.range(), nic));
+        } else if dev.has_tag_name("interface")
+            && dev.attribute("type") == Some("network")
+            && let Some(src) = child("source")
+            && let Some((_, to)) = place
+                .networks
+                .iter()
+                .find(|(from, _)| Some(from.as_str()) == src.attribute("network"))
+        {
+            edits.push((src.range(), format!("<source network='{}'/>", escape(to))));
         } else if (dev.has_tag_name("serial") || dev.has_tag_name("console"))
             && dev.attribute("type") == Some("file")
             && let Some(s) = child("source")
@@ -252,8 +310,14 @@ mod tests {
             "vda".to_string(),
             PathBuf::from("/data/vms/web/disks/vda.qcow2"),
         )];
-        let out = for_replica(xml, "web", &images, std::path::Path::new("/data/c.log"))
-            .expect("rewrites");
+        let out = for_replica(
+            xml,
+            "web",
+            &images,
+            std::path::Path::new("/data/c.log"),
+            Placement::default(),
+        )
+        .expect("rewrites");
         assert!(
             out.contains("<source file='/data/vms/web/disks/vda.qcow2'/>"),
             "{out}"
@@ -268,7 +332,16 @@ mod tests {
         );
         assert!(out.contains("<source path='/data/c.log'/>"), "{out}");
         assert_eq!(disks(&out).expect("parses").len(), 1);
-        assert!(for_replica(xml, "db", &images, std::path::Path::new("/c")).is_err());
+        assert!(
+            for_replica(
+                xml,
+                "db",
+                &images,
+                std::path::Path::new("/c"),
+                Placement::default()
+            )
+            .is_err()
+        );
         let drill = for_drill(
             xml,
             "web",
@@ -287,15 +360,79 @@ mod tests {
             "{drill}"
         );
         let evil = xml.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
-        assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
+        assert!(
+            for_replica(
+                &evil,
+                "web",
+                &images,
+                std::path::Path::new("/c"),
+                Placement::default()
+            )
+            .is_err()
+        );
         let evil = xml.replace(
             "</devices>",
             "<interface type='ethernet'><script path='/tmp/x'/></interface></devices>",
         );
-        assert!(for_replica(&evil, "web", &images, std::path::Path::new("/c")).is_err());
+        assert!(
+            for_replica(
+                &evil,
+                "web",
+                &images,
+                std::path::Path::new("/c"),
+                Placement::default()
+            )
+            .is_err()
+        );
         let other_qemu = xml.replace("<devices>", "<devices><emulator>/tmp/qemu</emulator>");
-        let out =
-            for_replica(&other_qemu, "web", &images, std::path::Path::new("/c")).expect("rewrites");
+        let out = for_replica(
+            &other_qemu,
+            "web",
+            &images,
+            std::path::Path::new("/c"),
+            Placement::default(),
+        )
+        .expect("rewrites");
         assert!(!out.contains("emulator"), "{out}");
+    }
+
+    #[test]
+    fn a_replica_takes_the_networks_and_accelerator_of_its_site() {
+        let xml = r#"<domain type='kvm' id='3'><name>web</name><devices>
+            <interface type='network'><mac address='52:54:00:00:00:01'/><source network='prod-a'/><model type='virtio'/></interface>
+            <interface type='network'><source network='lan' portgroup='p'/></interface>
+            <interface type='network'><source network='prod-a'/></interface>
+            <interface type='bridge'><source bridge='prod-a'/></interface>
+            </devices></domain>"#;
+        assert_eq!(networks(xml).expect("parses"), vec!["prod-a", "lan"]);
+        let maps = vec![("prod-a".to_string(), "prod-b".to_string())];
+        let place = Placement {
+            networks: &maps,
+            domain_type: Some("qemu"),
+        };
+        let out =
+            for_replica(xml, "web", &[], std::path::Path::new("/c"), place).expect("rewrites");
+        assert!(out.starts_with("<domain type='qemu' id='3'>"), "{out}");
+        assert_eq!(networks(&out).expect("parses"), vec!["prod-b", "lan"]);
+        assert!(
+            out.contains(
+                "<mac address='52:54:00:00:00:01'/><source network='prod-b'/><model type='virtio'/>"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("portgroup='p'") && out.contains("<source bridge='prod-a'/>"),
+            "{out}"
+        );
+        let kept = for_replica(
+            xml,
+            "web",
+            &[],
+            std::path::Path::new("/c"),
+            Placement::default(),
+        )
+        .expect("rewrites");
+        assert!(kept.starts_with("<domain type='kvm'"), "{kept}");
+        assert_eq!(networks(&kept).expect("parses"), vec!["prod-a", "lan"]);
     }
 }
