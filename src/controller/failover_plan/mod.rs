@@ -8,6 +8,7 @@
 pub mod members;
 pub mod planner;
 mod reconcile;
+pub mod redact;
 pub mod webhook;
 
 pub use members::{Hold, hold};
