@@ -1,14 +1,14 @@
 //! The controller: reconcilers that drive the sites toward the ReplicatedVM and Site objects.
 //!
-//! - [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
-//! - [`planner`]: the pure planner, every rule of the procedure.
+//! - [`rvm`]: the ReplicatedVM controller (reconcile, the pure planner, step execution,
+//!   deletion).
+//! - [`failover_plan`]: the FailoverPlan controller.
+//! - [`site`]: the Site reconciler; [`sites`]: the site registry and the shared per-site VM
+//!   listings; [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
+//! - [`vm_jobs`]: reading a ReplicatedVM's job record (both controllers).
 //! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
-//! - [`deletion`]: what the deletion of a ReplicatedVM may do (waits for a running job, keeps
-//!   the only copy of a VM unless asked).
-//! - [`sites`]: the site registry and the shared per-site VM listings.
-//! - [`exec`]: carries out one planned step against the sites.
-//! - [`writes`]: status merge patches and Events, shared by the reconcilers.
-//! - `rvm`, `site`: the two reconcilers; `metrics` and the HTTP endpoints.
+//! - [`notes`], [`writes`]: Events and status merge patches, shared by the reconcilers.
+//! - [`metrics`] and the HTTP endpoints; [`error`].
 //!
 //! Only the leader (a Lease held through kube-lease-manager) runs the reconcilers; a second
 //! replica waits. SIGTERM stops the reconcilers gracefully and releases the lease.
