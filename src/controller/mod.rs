@@ -35,11 +35,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::{Config as CtlConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -261,6 +261,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             watcher::Config::default(),
         )
         .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
         .reflect(plan_writer)
         .for_each(|_| async {});
         let ctx = Arc::new(Context {

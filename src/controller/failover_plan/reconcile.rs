@@ -120,8 +120,10 @@ pub async fn run_with(
     let ctrl = Controller::new(plans.clone(), watcher::Config::default());
     let store = ctrl.store();
     let (rvm_store, rvm_writer) = reflector::store::<ReplicatedVM>();
+    // Managed fields are most of an object's bytes and no plan reads them.
     let rvm_cache = watcher(rvms.clone(), watcher::Config::default())
         .default_backoff()
+        .modify(|r| r.managed_fields_mut().clear())
         .reflect(rvm_writer)
         .for_each(|_| async {});
     let ctx = Arc::new(Context {

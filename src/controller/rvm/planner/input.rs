@@ -39,7 +39,7 @@ pub struct Input<'a> {
     /// The consistent cut a plan failover of this VM starts from (Unplanned, LatestProcessed).
     pub cut: Option<&'a Cut>,
     /// Value of the `twinsite.io/retry` annotation: `<job>` runs that failed job a second
-    /// time, `<job>/<n>` runs its attempt `n` (see [`retry_due`]).
+    /// time, `<job>/<n>` runs its attempt `n` (see [`retry_due`](super::next_job::retry_due)).
     pub retry: Option<&'a str>,
     /// When the running FailoverPlan job that moves this VM started: a failover of the VM to
     /// the plan's target that failed before it is run again (a plan retry).
@@ -48,7 +48,8 @@ pub struct Input<'a> {
     /// it, and the conditions say so), and no job starts or is retried.
     pub deleting: bool,
     /// A power off of this VM failed lately: no fence (FenceSource, or powering off a VM that
-    /// runs where it must not) is tried before then ([`fence_backoff`]).
+    /// runs where it must not) is tried before then
+    /// ([`fence_backoff`](super::fencing::fence_backoff)).
     pub fence_not_before: Option<Timestamp>,
 }
 
@@ -100,8 +101,9 @@ impl Input<'_> {
         (left > 0).then(|| Duration::from_secs(left.unsigned_abs()))
     }
 
-    /// The newest job failed (the resync after a digest mismatch aside, see [`standing_job`])
-    /// and nobody changed the spec since: a person has to look.
+    /// The newest job failed (the resync after a digest mismatch aside, see
+    /// [`standing_job`](crate::controller::vm_jobs::standing_job)) and nobody changed the spec
+    /// since: a person has to look.
     pub(super) fn stalled(&self) -> bool {
         standing_job(self.status).is_some_and(|j| j.state == JobState::Failed)
             && self.status.observed_generation == self.generation
@@ -162,7 +164,8 @@ pub struct FenceCall {
 }
 
 /// Send the spec's replication settings to the source's running replication (a change of
-/// `spec.replication`), then [`record_settings`]. Not a job: the replication goes on as it is.
+/// `spec.replication`), then [`record_settings`](super::record_settings). Not a job: the
+/// replication goes on as it is.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SettingsCall {
     pub site: String,
@@ -177,11 +180,13 @@ pub struct SettingsCall {
 pub enum Plan {
     /// Write this status, publish its events, then plan again.
     Write(Box<Update>),
-    /// Call a site for a step already written as Running, then [`record_outcome`].
+    /// Call a site for a step already written as Running, then
+    /// [`record_outcome`](super::record_outcome).
     Execute(Box<StepCall>),
-    /// Power off a VM that runs where it must not, then [`record_fence`].
+    /// Power off a VM that runs where it must not, then [`record_fence`](super::record_fence).
     Fence(FenceCall),
-    /// Apply changed replication settings at the source, then [`record_settings`].
+    /// Apply changed replication settings at the source, then
+    /// [`record_settings`](super::record_settings).
     Settings(SettingsCall),
     /// Nothing to do now; plan again after this long.
     Idle(Duration),
