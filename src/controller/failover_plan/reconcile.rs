@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -170,6 +170,32 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Whether a watch cache has its first picture (waiting a little for it).
+pub async fn cache_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The objects of namespace `ns` in a watch cache.
+pub fn in_namespace<K>(store: &Store<K>, ns: &str) -> Vec<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+        .map(|o| o.as_ref().clone())
+        .collect()
+}
+
 /// Every plan of namespace `ns` but `except`.
 fn plans_of(
     store: &Store<FailoverPlan>,
@@ -217,28 +243,19 @@ pub fn approvals(fp: &FailoverPlan) -> Vec<String> {
 pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = trigger.namespace().unwrap_or_default();
     let name = trigger.name_any();
-    // Before both caches have their first picture, members would look missing.
-    if ctx.plans.wait_until_ready().await.is_err() || ctx.rvms.wait_until_ready().await.is_err() {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
     // The caches may lag our own last write: a status written from an older picture is
-    // refused (409, resourceVersion) and the plan is planned again.
+    // refused (409, resourceVersion) and the plan is planned again. Until both caches have
+    // their first picture (members would look missing), the namespace is listed.
     let plans_api: Api<FailoverPlan> = Api::namespaced(ctx.client.clone(), &ns);
-    let in_ns = |ns_of: Option<String>| ns_of.as_deref() == Some(ns.as_str());
-    let plans: Vec<FailoverPlan> = ctx
-        .plans
-        .state()
-        .iter()
-        .filter(|p| in_ns(p.namespace()))
-        .map(|p| p.as_ref().clone())
-        .collect();
-    let rvms: Vec<ReplicatedVM> = ctx
-        .rvms
-        .state()
-        .iter()
-        .filter(|r| in_ns(r.namespace()))
-        .map(|r| r.as_ref().clone())
-        .collect();
+    let (plans, rvms) = if cache_ready(&ctx.plans).await && cache_ready(&ctx.rvms).await {
+        (in_namespace(&ctx.plans, &ns), in_namespace(&ctx.rvms, &ns))
+    } else {
+        warn!(plan = %name, "watch caches not ready; listing the namespace");
+        let rvm_api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
+        let lp = ListParams::default();
+        let (p, r) = tokio::try_join!(plans_api.list(&lp), rvm_api.list(&lp))?;
+        (p.items, r.items)
+    };
     let Some(fp) = plans
         .iter()
         .find(|p| p.name_any() == name && p.uid() == trigger.uid())

@@ -204,17 +204,17 @@ async fn apply(
         rv = Some(wrv.to_string());
     }
     // A FailoverPlan that selects the VM decides where it should be and when.
-    // Before the cache has its first picture a VM would look free of every plan.
-    if ctx.plans.wait_until_ready().await.is_err() {
-        return Ok(Action::requeue(Duration::from_secs(1)));
-    }
-    let plans: Vec<FailoverPlan> = ctx
-        .plans
-        .state()
-        .iter()
-        .filter(|p| p.namespace().as_deref() == Some(ns.as_str()))
-        .map(|p| p.as_ref().clone())
-        .collect();
+    // Until the cache has its first picture (a VM would look free of every plan), the
+    // namespace's plans are listed.
+    let plans = if failover_plan::cache_ready(&ctx.plans).await {
+        failover_plan::in_namespace(&ctx.plans, &ns)
+    } else {
+        warn!(rvm = %name, "FailoverPlan cache not ready; listing the namespace");
+        Api::<FailoverPlan>::namespaced(ctx.client.clone(), &ns)
+            .list(&Default::default())
+            .await?
+            .items
+    };
     let hold = failover_plan::hold(rvm, &plans);
     let effective = plan_spec(rvm, &status, &hold);
     let spec = &effective;
