@@ -8,6 +8,7 @@ mod common;
 use common::*;
 use serde_json::json;
 use twinsite::api::{FailoverPlan, PlanPhase};
+use twinsite::site::SiteProvider;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plan_fails_over_group_after_group_with_an_approval_between() {
@@ -257,4 +258,155 @@ async fn a_group_whose_commit_fails_is_not_done_and_the_next_group_waits() {
         "web-01 moved although the group before it was not done"
     );
     w.secondary.restart_with_env(&[]).await;
+}
+
+/// A Planned plan moves two VMs; one of them cannot be shut down (no integration services), so
+/// its failover fails and the plan job fails with it. The operator powers that VM off and
+/// retries the plan (`twinsite.io/retry=<plan job>`): the new run retries the VM's failed
+/// failover job (attempt 2) instead of waiting for it forever, and the plan completes with every
+/// VM at the target. The controller never edits the annotation (a GitOps tool keeps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_retry_retries_its_failed_vms() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("planretry").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+
+    // A plan waiting for members that do not exist (MembersMissing) is not Ready, but
+    // Reconciling: kstatus reads it as in progress, not as done.
+    let ghost: FailoverPlan = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": "ghost"},
+        "spec": {"targetSite": s, "groups": [{"name": "g", "vms": ["nobody"]}]},
+    }))
+    .unwrap();
+    let plans_api: kube::api::Api<FailoverPlan> =
+        kube::api::Api::namespaced(w.client.clone(), &w.ns);
+    plans_api.create(&Default::default(), &ghost).await.unwrap();
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let st = plans_api
+            .get("ghost")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        let c = |t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| c.status.clone())
+        };
+        if c("MembersMissing").as_deref() == Some("True") {
+            assert_eq!(c("Ready").as_deref(), Some("False"), "{st:?}");
+            assert_eq!(c("Reconciling").as_deref(), Some("True"), "{st:?}");
+            assert_eq!(c("Stalled").as_deref(), Some("False"), "{st:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ghost plan: {st:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    plans_api
+        .delete("ghost", &Default::default())
+        .await
+        .unwrap();
+
+    let (good, legacy) = ("app-01", "legacy-02");
+    w.primary.create_vm(good, true).await;
+    w.primary.create_vm(legacy, false).await;
+    for vm in [good, legacy] {
+        w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+            .await;
+    }
+    for vm in [good, legacy] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    let plans = run_plan(
+        &w,
+        "legacy-dr",
+        json!({
+            "failover": {"type": "Planned"},
+            "groups": [{"name": "apps", "vms": [good, legacy]}],
+        }),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + LONG;
+    let failed = loop {
+        let st = plans
+            .get("legacy-dr")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        if st.phase == Some(PlanPhase::Failed) {
+            break st.jobs.last().unwrap().name.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "plan never failed: {st:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    let r = w.get(legacy).await;
+    let vm_job = r.status.as_ref().unwrap().jobs.last().unwrap().clone();
+    assert_eq!(format!("{:?}", vm_job.state), "Failed");
+    assert_eq!(format!("{:?}", vm_job.type_), "PlannedFailover");
+
+    // The cause is removed (the operator powers the VM off) and the plan is retried.
+    w.primary
+        .client
+        .power(
+            legacy,
+            twinsite::site::PowerAction::PowerOff,
+            "operator-off",
+        )
+        .await
+        .unwrap();
+    annotate(&w, "fp", "legacy-dr", "twinsite.io/retry", &failed);
+
+    let r = w
+        .wait_for(legacy, "the VM's failover retried and done", |r| {
+            r.status.as_ref().is_some_and(|st| {
+                st.jobs.iter().any(|j| {
+                    j.name == vm_job.name
+                        && j.attempt == Some(2)
+                        && format!("{:?}", j.state) == "Succeeded"
+                })
+            })
+        })
+        .await;
+    assert_eq!(
+        r.status.as_ref().and_then(|s| s.active_site.as_deref()),
+        Some(s.as_str())
+    );
+    let st = wait_completed(&plans, "legacy-dr").await;
+    // The retry is in the plan's status: the failed run, then the run that completed.
+    assert_eq!(st.jobs.len(), 2, "{st:?}");
+    assert_eq!(st.jobs[0].name, failed);
+    assert_eq!(format!("{:?}", st.jobs[0].state), "Failed", "{st:?}");
+    assert_eq!(format!("{:?}", st.jobs[1].state), "Succeeded", "{st:?}");
+    for vm in [good, legacy] {
+        let r = w.get(vm).await;
+        assert_eq!(
+            r.status.as_ref().and_then(|s| s.active_site.as_deref()),
+            Some(s.as_str()),
+            "{vm}"
+        );
+        let vm_state = st
+            .groups
+            .iter()
+            .flat_map(|g| g.vms.iter())
+            .find(|v| v.name == vm)
+            .map(|v| v.state.clone());
+        assert_eq!(vm_state.as_deref(), Some("Succeeded"), "{vm}: {st:?}");
+    }
+    // The annotation is the user's: the controller left it as it was set.
+    let fp = plans.get("legacy-dr").await.unwrap();
+    assert_eq!(
+        fp.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("twinsite.io/retry"))
+            .map(String::as_str),
+        Some(failed.as_str())
+    );
 }

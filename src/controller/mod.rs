@@ -1,29 +1,32 @@
 //! The controller: reconcilers that drive the sites toward the ReplicatedVM and Site objects.
 //!
-//! - [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
-//! - [`planner`]: the pure planner, every rule of the procedure.
+//! - [`rvm`]: the ReplicatedVM controller (reconcile, the pure planner, step execution,
+//!   deletion).
+//! - [`failover_plan`]: the FailoverPlan controller.
+//! - [`site`]: the Site reconciler; [`sites`]: the site registry and the shared per-site VM
+//!   listings; [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
+//! - [`vm_jobs`]: reading a ReplicatedVM's job record (both controllers).
 //! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
-//! - [`deletion`]: what the deletion of a ReplicatedVM may do (waits for a running job, keeps
-//!   the only copy of a VM unless asked).
-//! - [`sites`]: the site registry and the shared per-site VM listings.
-//! - [`exec`]: carries out one planned step against the sites.
-//! - [`writes`]: status merge patches and Events, shared by the reconcilers.
-//! - `rvm`, `site`: the two reconcilers; `metrics` and the HTTP endpoints.
+//! - [`notes`], [`writes`]: Events and status merge patches, shared by the reconcilers.
+//! - [`metrics`] and the HTTP endpoints; [`error`].
 //!
 //! Only the leader (a Lease held through kube-lease-manager) runs the reconcilers; a second
 //! replica waits. SIGTERM stops the reconcilers gracefully and releases the lease.
 
 pub mod conditions;
-pub mod deletion;
-pub mod exec;
+pub mod error;
 pub mod failover_plan;
 pub mod metrics;
+pub mod notes;
 pub mod observe;
-pub mod planner;
 pub mod rvm;
 pub mod site;
 pub mod sites;
+pub mod vm_jobs;
 pub mod writes;
+
+pub use error::Error;
+pub use rvm::Context;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,11 +35,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::Client;
 use kube::api::Api;
 use kube::runtime::controller::{Config as CtlConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -120,61 +123,6 @@ pub struct ControllerArgs {
     /// Logs as JSON lines (the same as `--log-format json`).
     #[arg(long)]
     pub log_json: bool,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("kubeconfig: {0}")]
-    Kubeconfig(#[from] kube::config::KubeconfigError),
-    #[error("site: {0}")]
-    Site(#[from] crate::site::SiteError),
-    #[error("json: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-    #[error("leader election: {0}")]
-    Lease(#[from] kube_lease_manager::LeaseManagerError),
-    #[error(
-        "leader election: the Lease in namespace {namespace} (--lease-namespace) cannot be \
-         used; the namespace must exist, the controller does not create it: {source}"
-    )]
-    LeaseNamespace {
-        namespace: String,
-        source: kube_lease_manager::LeaseManagerError,
-    },
-    /// Not a failure: the deletion of a ReplicatedVM cannot finish yet (a job runs, the only
-    /// copy of the VM is kept, a site is not registered yet). The finalizer stays; the
-    /// reconcile is repeated after `retry`.
-    #[error("deletion waits: {reason}")]
-    DeletionWaits {
-        reason: String,
-        retry: std::time::Duration,
-    },
-    #[error("serving {addr}: {source}")]
-    Serve {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
-
-/// What every reconcile shares.
-pub struct Context {
-    pub client: Client,
-    pub sites: Arc<Sites>,
-    pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
-    /// Site listing period.
-    pub poll: Duration,
-    /// When this process began leading.
-    pub started: std::time::Instant,
-    /// Status this process wrote last, per ReplicatedVM.
-    pub written: rvm::Written,
-    /// Power offs that failed lately, per ReplicatedVM (backoff).
-    pub fences: rvm::Fences,
-    /// The only namespace whose Secrets are read.
-    pub secret_namespace: String,
 }
 
 async fn client(args: &ControllerArgs) -> Result<Client, Error> {
@@ -305,6 +253,17 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             break;
         }
         info!(%identity, "leading: reconcilers start");
+        // The FailoverPlans as the ReplicatedVM reconciles read them: a watch cache, not a list
+        // per reconcile.
+        let (plan_store, plan_writer) = kube::runtime::reflector::store::<FailoverPlan>();
+        let plan_cache = watcher(
+            Api::<FailoverPlan>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .modify(|p| p.managed_fields_mut().clear())
+        .reflect(plan_writer)
+        .for_each(|_| async {});
         let ctx = Arc::new(Context {
             client: client.clone(),
             sites: sites.clone(),
@@ -320,6 +279,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             started: std::time::Instant::now(),
             written: Default::default(),
             fences: Default::default(),
+            plans: plan_store,
             secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());
@@ -380,7 +340,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                 _ = trigger(halt.clone()) => {}
             }
         };
-        tokio::join!(rvms, site_ctl, plans, gauges);
+        let plan_cache = async {
+            tokio::select! {
+                _ = plan_cache => {}
+                _ = trigger(halt.clone()) => {}
+            }
+        };
+        tokio::join!(rvms, site_ctl, plans, gauges, plan_cache);
         metrics.clear_status();
         lost.abort();
         if stopping.load(Ordering::SeqCst) {

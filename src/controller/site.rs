@@ -13,11 +13,11 @@ use kube::{Resource, ResourceExt};
 use tracing::{debug, warn};
 
 use super::conditions::{self, Cond, READY};
+use super::error::Error;
 use super::metrics::{KindLabels, SiteLabels};
-use super::rvm::now;
+use super::rvm::{Context, now};
 use super::sites::ListError;
 use super::writes;
-use super::{Context, Error};
 use crate::api::{SecretKeyRef, Site};
 
 /// lastHeartbeatTime is rewritten at most this often while nothing else changes.

@@ -302,11 +302,6 @@ pub fn observed(vm: &Vm) -> ObservedVm {
             .filter(|_| outbound)
             .map(|p| (p.done_bytes, p.total_bytes)),
     });
-    let rp = |p: &site::RecoveryPoint| ObservedRecoveryPoint {
-        id: p.id.clone(),
-        time: Some(p.time),
-        app_consistent: p.app_consistent,
-    };
     let rps = &vm.recovery_points;
     ObservedVm {
         power: match vm.power {
@@ -321,10 +316,25 @@ pub fn observed(vm: &Vm) -> ObservedVm {
         replication,
         recovery_points: (rps.count > 0).then(|| ObservedRecoveryPoints {
             count: i64::try_from(rps.count).unwrap_or(i64::MAX),
-            latest: rps.latest.as_ref().map(rp),
-            latest_app_consistent: rps.latest_app_consistent.as_ref().map(rp),
+            latest: rps.latest.as_ref().map(ObservedRecoveryPoint::from),
+            latest_app_consistent: rps
+                .latest_app_consistent
+                .as_ref()
+                .map(ObservedRecoveryPoint::from),
         }),
         test_copy: vm.test_copy.as_ref().map(|t| t.vm_name.clone()),
+    }
+}
+
+/// A recovery point as a site names it, in the planner's terms: the one place that maps one
+/// shape to the other (listings and step answers alike).
+impl From<&site::RecoveryPoint> for ObservedRecoveryPoint {
+    fn from(p: &site::RecoveryPoint) -> Self {
+        ObservedRecoveryPoint {
+            id: p.id.clone(),
+            time: Some(p.time),
+            app_consistent: p.app_consistent,
+        }
     }
 }
 

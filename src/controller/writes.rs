@@ -13,6 +13,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use tracing::warn;
 
+pub use super::notes::Note;
+
 /// What [`write_status`] did.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StatusWrite {
@@ -84,21 +86,6 @@ pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
         }
     }
     out
-}
-
-/// An Event to publish for an object.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Note {
-    pub warning: bool,
-    /// What was done, as a verb (`Failover`, `Replicate`, `Fence`): the Event's `action`.
-    pub action: &'static str,
-    /// What the event is about (a job, a job's step, a fence, a conflict), published as the
-    /// `fieldPath` of the Event's `regarding` reference (the part of the object concerned):
-    /// the recorder folds events with the same action, reason and regarding into one series,
-    /// so repeats of one subject fold together and different jobs never do.
-    pub subject: String,
-    pub reason: &'static str,
-    pub message: String,
 }
 
 /// Publishes `notes` as Events about `regarding`, in order. A failure is logged, never

@@ -11,7 +11,7 @@ use kube::core::{Selector, SelectorExt};
 use super::planner::{self, Member};
 use crate::api::{FailoverPlan, FailoverSpec, JobState, JobType, ReplicatedVM};
 use crate::controller::conditions;
-use crate::controller::planner::Cut;
+use crate::controller::vm_jobs::{self, Cut};
 
 /// A plan's members, resolved against the ReplicatedVMs of its namespace.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -57,7 +57,7 @@ pub fn member(rvm: &ReplicatedVM) -> Member {
     let st = rvm.status.clone().unwrap_or_default();
     let newest = st.jobs.last();
     // The resync a failed digest verification starts leaves that failover's failure standing.
-    let standing = crate::controller::planner::standing_job(&st);
+    let standing = vm_jobs::standing_job(&st);
     Member {
         name: rvm.name_any(),
         active_site: st.active_site.clone(),
@@ -65,7 +65,7 @@ pub fn member(rvm: &ReplicatedVM) -> Member {
         // group back: the VM already runs where it runs.
         busy: newest.is_some_and(|j| j.state == JobState::Running && !replication_only(j.type_)),
         failed: standing.is_some_and(|j| j.state == JobState::Failed),
-        uncommitted: crate::controller::planner::uncommitted_failover(&st).is_some(),
+        uncommitted: vm_jobs::uncommitted_failover(&st).is_some(),
         job_started: standing.and_then(|j| j.start_time.as_ref()).map(|t| t.0),
         drill_running: st.test_failover.is_some(),
         drill_result: st.last_drill.as_ref().map(|d| d.result.clone()),

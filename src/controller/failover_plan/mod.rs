@@ -8,10 +8,11 @@
 pub mod members;
 pub mod planner;
 mod reconcile;
+pub mod redact;
 pub mod webhook;
 
 pub use members::{Hold, hold};
 
 /// Names a failed plan job to run again: `kubectl annotate fp NAME twinsite.io/retry=<job>`.
 pub use crate::api::RETRY_ANNOTATION;
-pub use reconcile::{Error, approvals, run, run_in_namespace, run_with};
+pub use reconcile::{Error, approvals, cache_ready, in_namespace, run, run_in_namespace, run_with};

@@ -13,15 +13,15 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::RETRY_ANNOTATION;
 use super::members::{self, now};
 use super::planner::{self, Input};
 use super::webhook::{self, Payload};
+use crate::api::RETRY_ANNOTATION;
 use crate::api::{APPROVE_ANNOTATION, FailoverPlan, ReplicatedVM};
 use crate::controller::writes;
 
@@ -52,6 +52,10 @@ pub struct Context {
     shutdown: Shared<BoxFuture<'static, ()>>,
     /// Consecutive failed reconciles per plan (by uid), for the retry backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The plans and ReplicatedVMs, from watch caches: a reconcile reads them here instead of
+    /// listing them.
+    plans: Store<FailoverPlan>,
+    rvms: Store<ReplicatedVM>,
 }
 
 impl Context {
@@ -106,6 +110,22 @@ pub async fn run_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let shutdown: Shared<BoxFuture<'static, ()>> = shutdown.boxed().shared();
+    let (plans, rvms): (Api<FailoverPlan>, Api<ReplicatedVM>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let ctrl = Controller::new(plans.clone(), watcher::Config::default());
+    let store = ctrl.store();
+    let (rvm_store, rvm_writer) = reflector::store::<ReplicatedVM>();
+    // Managed fields are most of an object's bytes and no plan reads them.
+    let rvm_cache = watcher(rvms.clone(), watcher::Config::default())
+        .default_backoff()
+        .modify(|r| r.managed_fields_mut().clear())
+        .reflect(rvm_writer)
+        .for_each(|_| async {});
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -119,35 +139,61 @@ pub async fn run_with(
         shutdown: shutdown.clone(),
         failures: Mutex::default(),
         client: client.clone(),
+        plans: store.clone(),
+        rvms: rvm_store,
     });
-    let (plans, rvms): (Api<FailoverPlan>, Api<ReplicatedVM>) = match namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client, ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client)),
-    };
-    let ctrl = Controller::new(plans.clone(), watcher::Config::default());
-    let store = ctrl.store();
     let by_vm = store.clone();
     let by_plan = store;
-    ctrl.watches(rvms, watcher::Config::default(), move |rvm| {
-        plans_of(&by_vm, rvm.namespace().as_deref(), None)
-    })
-    .watches(plans, watcher::Config::default(), move |fp| {
-        plans_of(&by_plan, fp.namespace().as_deref(), Some(&fp.name_any()))
-    })
-    .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
-    .for_each(|res| async move {
-        match res {
-            Ok((obj, _)) => debug!(plan = %obj.name, "reconciled"),
-            Err(e) => debug!(error = %e, "plan reconcile failed"),
+    let run = ctrl
+        .watches(rvms, watcher::Config::default(), move |rvm| {
+            plans_of(&by_vm, rvm.namespace().as_deref(), None)
+        })
+        .watches(plans, watcher::Config::default(), move |fp| {
+            plans_of(&by_plan, fp.namespace().as_deref(), Some(&fp.name_any()))
+        })
+        .graceful_shutdown_on(shutdown.clone())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => debug!(plan = %obj.name, "reconciled"),
+                Err(e) => debug!(error = %e, "plan reconcile failed"),
+            }
+        });
+    let rvm_cache = async {
+        tokio::select! {
+            _ = rvm_cache => {}
+            _ = shutdown.clone() => {}
         }
-    })
-    .await;
+    };
+    tokio::join!(run, rvm_cache);
     info!("FailoverPlan controller stopped");
     Ok(())
+}
+
+/// Whether a watch cache has its first picture (waiting a little for it).
+pub async fn cache_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
+/// The objects of namespace `ns` in a watch cache.
+pub fn in_namespace<K>(store: &Store<K>, ns: &str) -> Vec<K>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+        .map(|o| o.as_ref().clone())
+        .collect()
 }
 
 /// Every plan of namespace `ns` but `except`.
@@ -197,14 +243,20 @@ pub fn approvals(fp: &FailoverPlan) -> Vec<String> {
 pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<Action, Error> {
     let ns = trigger.namespace().unwrap_or_default();
     let name = trigger.name_any();
+    // The caches may lag our own last write: a status written from an older picture is
+    // refused (409, resourceVersion) and the plan is planned again. Until both caches have
+    // their first picture (members would look missing), the namespace is listed.
     let plans_api: Api<FailoverPlan> = Api::namespaced(ctx.client.clone(), &ns);
-    let rvm_api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
-    let lp = ListParams::default();
-    let (plans, rvms) = tokio::try_join!(plans_api.list(&lp), rvm_api.list(&lp))?;
-    // A list is a consistent read, so the plan in it is at least as new as the cached one
-    // that woke us (which may lag our own last write).
+    let (plans, rvms) = if cache_ready(&ctx.plans).await && cache_ready(&ctx.rvms).await {
+        (in_namespace(&ctx.plans, &ns), in_namespace(&ctx.rvms, &ns))
+    } else {
+        warn!(plan = %name, "watch caches not ready; listing the namespace");
+        let rvm_api: Api<ReplicatedVM> = Api::namespaced(ctx.client.clone(), &ns);
+        let lp = ListParams::default();
+        let (p, r) = tokio::try_join!(plans_api.list(&lp), rvm_api.list(&lp))?;
+        (p.items, r.items)
+    };
     let Some(fp) = plans
-        .items
         .iter()
         .find(|p| p.name_any() == name && p.uid() == trigger.uid())
     else {
@@ -214,7 +266,7 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
         return Ok(Action::await_change());
     }
     let uid = fp.uid().unwrap_or_else(|| name.clone());
-    let resolved = members::resolve(fp, &plans.items, &rvms.items);
+    let resolved = members::resolve(fp, &plans, &rvms);
     let approvals = approvals(fp);
     let mut status = fp.status.clone().unwrap_or_default();
     let mut rv = fp.resource_version();

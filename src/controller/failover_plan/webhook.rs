@@ -16,6 +16,8 @@
 use std::time::Duration;
 
 use reqwest::Url;
+
+pub use super::redact::redact;
 use serde::Serialize;
 
 /// The header that carries the body's HMAC-SHA256 signature, `sha256=<hex>`.
@@ -176,32 +178,6 @@ pub fn check(raw: &str, allowed: Option<&AllowedHosts>) -> Result<Target, String
         ));
     }
     Ok(Target { url })
-}
-
-/// A URL as it may be shown: scheme, host, port and path, without user info, query or
-/// fragment. A URL that does not parse is cut the same way by hand.
-pub fn redact(raw: &str) -> String {
-    if let Ok(mut u) = Url::parse(raw.trim())
-        && u.has_host()
-    {
-        let _ = u.set_username("");
-        let _ = u.set_password(None);
-        u.set_query(None);
-        u.set_fragment(None);
-        return u.to_string();
-    }
-    let raw = raw.trim();
-    let cut = raw.find(['?', '#']).map_or(raw, |i| &raw[..i]);
-    let (scheme, rest) = match cut.find("://") {
-        Some(i) => (&cut[..i + 3], &cut[i + 3..]),
-        None => ("", cut),
-    };
-    let auth_end = rest.find('/').unwrap_or(rest.len());
-    let rest = match rest[..auth_end].rfind('@') {
-        Some(at) => &rest[at + 1..],
-        None => rest,
-    };
-    format!("{scheme}{rest}")
 }
 
 /// An HTTP client for webhooks: no redirects (a POST is not replayed elsewhere; a 3xx is a

@@ -99,7 +99,7 @@ pub struct Note {
     pub message: String,
 }
 
-impl From<&Note> for crate::controller::writes::Note {
+impl From<&Note> for crate::controller::notes::Note {
     /// A plan's events are told apart by their message: different jobs and steps stay apart,
     /// and repeats of one fold together.
     fn from(n: &Note) -> Self {
@@ -132,7 +132,7 @@ pub struct WebhookCall {
     pub action: String,
     /// `pre` or `post`: before or after the group's VMs move.
     pub stage: String,
-    /// The URL as written in the spec; show it only through [`super::webhook::redact`].
+    /// The URL as written in the spec; show it only through [`super::redact::redact`].
     pub url: String,
     /// PEM CAs an https receiver must chain to (`webhook.caBundle`).
     pub ca_bundle: Option<String>,
@@ -151,7 +151,7 @@ impl std::fmt::Debug for WebhookCall {
             .field("group", &self.group)
             .field("action", &self.action)
             .field("stage", &self.stage)
-            .field("url", &super::webhook::redact(&self.url))
+            .field("url", &super::redact::redact(&self.url))
             .field("ca_bundle", &self.ca_bundle.as_ref().map(|b| b.len()))
             .field("timeout", &self.timeout)
             .field("direction", &self.direction)
@@ -449,7 +449,22 @@ pub fn plan(input: &Input) -> Action {
                 || input.status.observed_generation != input.generation
                 || (j.state == JobState::Failed && input.retry.as_deref() == Some(&j.name))
         });
-        if input.conflicts.is_empty() && new_spec && work_to_start(input, t) {
+        // A run after a failed one starts in a later second than that one ended: status times
+        // have whole seconds, and a VM tells a failure of the earlier run (which the new run
+        // retries) from one of the new run by time.
+        let too_soon = last
+            .filter(|j| j.state == JobState::Failed)
+            .and_then(|j| j.end_time.as_ref())
+            .is_some_and(|e| e.0 >= input.now);
+        let start = input.conflicts.is_empty() && new_spec && work_to_start(input, t);
+        if start && too_soon {
+            settle(input, &mut st, None);
+            return match write_or_idle(input, st, notes) {
+                Action::Idle(_) => Action::Idle(Duration::from_secs(1)),
+                other => other,
+            };
+        }
+        if start {
             let name = next_job_name(input.name, t, &st.jobs);
             let with_actions = t == JobType::PlanFailover;
             st.jobs.push(Job {
@@ -612,7 +627,7 @@ pub fn plan(input: &Input) -> Action {
                         // Persist Running before the call, then call.
                         s.state = StepState::Running;
                         s.start_time = Some(now.clone());
-                        s.message = Some(format!("POST {}", super::webhook::redact(&hook.url)));
+                        s.message = Some(format!("POST {}", super::redact::redact(&hook.url)));
                         break;
                     }
                     settle(input, &mut st, None);

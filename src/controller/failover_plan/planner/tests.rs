@@ -566,6 +566,26 @@ fn a_failed_job_runs_again_when_the_retry_annotation_names_it() {
     };
     // A retry naming another job does nothing.
     assert!(matches!(retry(&st, "app-failover-7"), Action::Idle(_)));
+    // Not in the second the failed run ended: its VMs tell that run's failures from the new
+    // run's by time.
+    let ended = st.jobs[0].end_time.clone().unwrap().0;
+    let same_second = plan(&Input {
+        name: "app",
+        generation: Some(2),
+        spec: &sp,
+        status: &st,
+        approvals: vec![],
+        retry: Some(failed.clone()),
+        groups: groups.clone(),
+        conflicts: vec![],
+        missing: vec![],
+        now: ended,
+    });
+    match same_second {
+        Action::Idle(d) => assert_eq!(d, Duration::from_secs(1)),
+        Action::Write(next, _) => assert_eq!(next.jobs.len(), 1, "{next:?}"),
+        other => panic!("unexpected {other:?}"),
+    }
     let Action::Write(next, _) = retry(&st, &failed) else {
         panic!("expected a new job");
     };

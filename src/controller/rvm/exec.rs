@@ -1,26 +1,18 @@
 //! Carries out one planned step against the sites. Every call carries the step's operation id,
 //! so a repeat after a crash is answered from the site's record instead of done twice.
 
-use super::observe::ObservedRecoveryPoint;
 use super::planner::{EnableMode, FenceCall, Outcome, SettingsCall, StepCall, StepName};
-use super::sites::Sites;
+use crate::controller::observe::ObservedRecoveryPoint;
+use crate::controller::sites::Sites;
 use crate::site::{
     AcceptReplication, CutRequest, EnableReplication, PowerAction, RecoveryPoint,
     RecoveryPointSelector, ReplicationMode, ReplicationSettingsRequest, SiteError, SiteProvider,
 };
 
-fn rp(p: &RecoveryPoint) -> ObservedRecoveryPoint {
-    ObservedRecoveryPoint {
-        id: p.id.clone(),
-        time: Some(p.time),
-        app_consistent: p.app_consistent,
-    }
-}
-
 fn with_rp(p: &RecoveryPoint) -> Outcome {
     Outcome::Succeeded {
         message: None,
-        recovery_point: Some(rp(p)),
+        recovery_point: Some(ObservedRecoveryPoint::from(p)),
         test_vm: None,
     }
 }
@@ -161,7 +153,7 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
             {
                 Ok(r) => Outcome::Succeeded {
                     message: Some(format!("drill copy {} on network {}", r.vm_name, c.network)),
-                    recovery_point: Some(rp(&r.recovery_point)),
+                    recovery_point: Some(ObservedRecoveryPoint::from(&r.recovery_point)),
                     test_vm: Some(r.vm_name),
                 },
                 Err(e) => failed(tgt, e),
@@ -235,7 +227,7 @@ async fn consistent_cut(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome>
             answer.time,
             answer.points.len()
         )),
-        recovery_point: Some(rp(&point.recovery_point)),
+        recovery_point: Some(ObservedRecoveryPoint::from(&point.recovery_point)),
         test_vm: None,
     })
 }

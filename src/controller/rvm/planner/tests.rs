@@ -3,9 +3,16 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::MAX_JOBS;
+use super::input::*;
 use super::*;
+use crate::api::*;
 use crate::api::{FailoverSpec, TestFailoverSpec};
-use crate::controller::observe::{ObservedReplication, ObservedVm, Power, Role};
+use crate::controller::conditions::{self, *};
+use crate::controller::observe::*;
+use crate::controller::vm_jobs::*;
+use jiff::Timestamp;
+use std::time::Duration;
 
 const P: &str = "primary";
 const S: &str = "secondary";
@@ -2175,6 +2182,16 @@ fn a_plan_run_started_after_a_failover_failed_retries_it() {
     w.settle();
     let j = w.job(JobType::PlannedFailover);
     assert_eq!((j.state, j.attempt), (JobState::Succeeded, Some(2)));
+}
+
+#[test]
+fn a_failover_failing_in_the_second_its_plan_run_started_is_not_retried_in_that_run() {
+    let mut w = World::protected(false);
+    w.plan_started = Some(ts(w.now));
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    let j = w.job(JobType::PlannedFailover);
+    assert_eq!((j.state, j.attempt), (JobState::Failed, Some(1)));
 }
 
 /// Runs plans until the next call would be `step`.

@@ -11,18 +11,44 @@ use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::failover_plan::{self, Hold};
-use super::observe::SiteView;
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+
 use super::planner::{self, Input, Plan, StepName, Update};
-use super::{
-    Context, Error, deletion, exec, metrics::JobKind, metrics::KindLabels, metrics::VmLabels,
-    writes,
-};
+use super::{deletion, exec};
 use crate::api::{
     COMMIT_ANNOTATION, DELETE_LAST_COPY_ANNOTATION, FailoverPlan, RETRY_ANNOTATION, ReplicatedVM,
     ReplicatedVMSpec, ReplicatedVMStatus,
 };
+use crate::controller::error::Error;
+use crate::controller::failover_plan::{self, Hold};
+use crate::controller::metrics::{JobKind, KindLabels, Metrics, VmLabels};
+use crate::controller::observe::SiteView;
+use crate::controller::sites::Sites;
+use crate::controller::writes;
 use crate::site::SiteError;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub sites: Arc<Sites>,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Site listing period.
+    pub poll: Duration,
+    /// When this process began leading.
+    pub started: std::time::Instant,
+    /// Status this process wrote last, per ReplicatedVM.
+    pub written: Written,
+    /// Power offs that failed lately, per ReplicatedVM (backoff).
+    pub fences: Fences,
+    /// The FailoverPlans, from the watch cache: a reconcile reads them here instead of
+    /// listing them.
+    pub plans: Store<FailoverPlan>,
+    /// The only namespace whose Secrets are read.
+    pub secret_namespace: String,
+}
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
 /// Plans acted on in one reconcile before handing the VM back to the queue (fairness).
@@ -178,10 +204,17 @@ async fn apply(
         rv = Some(wrv.to_string());
     }
     // A FailoverPlan that selects the VM decides where it should be and when.
-    let plans = Api::<FailoverPlan>::namespaced(ctx.client.clone(), &ns)
-        .list(&Default::default())
-        .await?
-        .items;
+    // Until the cache has its first picture (a VM would look free of every plan), the
+    // namespace's plans are listed.
+    let plans = if failover_plan::cache_ready(&ctx.plans).await {
+        failover_plan::in_namespace(&ctx.plans, &ns)
+    } else {
+        warn!(rvm = %name, "FailoverPlan cache not ready; listing the namespace");
+        Api::<FailoverPlan>::namespaced(ctx.client.clone(), &ns)
+            .list(&Default::default())
+            .await?
+            .items
+    };
     let hold = failover_plan::hold(rvm, &plans);
     let effective = plan_spec(rvm, &status, &hold);
     let spec = &effective;

@@ -10,9 +10,9 @@
 
 use jiff::Timestamp;
 
-use super::conditions::{self, Cond, READY, RECONCILING, STALLED};
 use super::planner::StepName;
 use crate::api::{DELETE_LAST_COPY_ANNOTATION, Job, JobState, ReplicatedVMStatus, StepState};
+use crate::controller::conditions::{self, Cond, READY, RECONCILING, STALLED};
 
 /// Ready's and Stalled's reason while the deletion keeps the only copy of the VM.
 pub const LAST_COPY: &str = "LastCopy";
