@@ -254,7 +254,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         }
         info!(%identity, "leading: reconcilers start");
         // The FailoverPlans as the ReplicatedVM reconciles read them: a watch cache, not a list
-        // per reconcile.
+        // per reconcile. The same stream triggers those reconciles, so a plan's change reaches
+        // the cache before the reconcile it wakes reads it.
         let (plan_store, plan_writer) = kube::runtime::reflector::store::<FailoverPlan>();
         let plan_cache = watcher(
             Api::<FailoverPlan>::all(client.clone()),
@@ -263,7 +264,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .default_backoff()
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(plan_writer)
-        .for_each(|_| async {});
+        .touched_objects();
         let ctx = Arc::new(Context {
             client: client.clone(),
             sites: sites.clone(),
@@ -301,11 +302,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             watcher::Config::default(),
         )
         // A plan releasing a group wakes the VMs it names.
-        .watches(
-            Api::<FailoverPlan>::all(client.clone()),
-            watcher::Config::default(),
-            plan_members,
-        )
+        .watches_stream(plan_cache, plan_members)
         .with_config(CtlConfig::default().concurrency(args.concurrency))
         .graceful_shutdown_on(trigger(halt.clone()))
         .run(rvm::reconcile, rvm::error_policy, ctx.clone())
@@ -340,13 +337,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                 _ = trigger(halt.clone()) => {}
             }
         };
-        let plan_cache = async {
-            tokio::select! {
-                _ = plan_cache => {}
-                _ = trigger(halt.clone()) => {}
-            }
-        };
-        tokio::join!(rvms, site_ctl, plans, gauges, plan_cache);
+        tokio::join!(rvms, site_ctl, plans, gauges);
         metrics.clear_status();
         lost.abort();
         if stopping.load(Ordering::SeqCst) {

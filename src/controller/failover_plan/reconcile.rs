@@ -120,12 +120,14 @@ pub async fn run_with(
     let ctrl = Controller::new(plans.clone(), watcher::Config::default());
     let store = ctrl.store();
     let (rvm_store, rvm_writer) = reflector::store::<ReplicatedVM>();
-    // Managed fields are most of an object's bytes and no plan reads them.
-    let rvm_cache = watcher(rvms.clone(), watcher::Config::default())
+    // Managed fields are most of an object's bytes and no plan reads them. The same stream
+    // triggers the plans' reconciles, so a VM's change reaches the cache before the reconcile
+    // it wakes reads it.
+    let rvm_cache = watcher(rvms, watcher::Config::default())
         .default_backoff()
         .modify(|r| r.managed_fields_mut().clear())
         .reflect(rvm_writer)
-        .for_each(|_| async {});
+        .touched_objects();
     let ctx = Arc::new(Context {
         recorder: Recorder::new(
             client.clone(),
@@ -145,7 +147,7 @@ pub async fn run_with(
     let by_vm = store.clone();
     let by_plan = store;
     let run = ctrl
-        .watches(rvms, watcher::Config::default(), move |rvm| {
+        .watches_stream(rvm_cache, move |rvm| {
             plans_of(&by_vm, rvm.namespace().as_deref(), None)
         })
         .watches(plans, watcher::Config::default(), move |fp| {
@@ -159,13 +161,7 @@ pub async fn run_with(
                 Err(e) => debug!(error = %e, "plan reconcile failed"),
             }
         });
-    let rvm_cache = async {
-        tokio::select! {
-            _ = rvm_cache => {}
-            _ = shutdown.clone() => {}
-        }
-    };
-    tokio::join!(run, rvm_cache);
+    run.await;
     info!("FailoverPlan controller stopped");
     Ok(())
 }
