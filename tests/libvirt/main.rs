@@ -232,6 +232,34 @@ fn job_steps(r: &twinsite::api::ReplicatedVM, job_type: &str) -> Vec<(String, St
     steps(r, job_type)
 }
 
+/// Follows the consoles `logs` (guest `i` is `logs[i]`) from now on, recording when each
+/// `TWINSITE WROTE gen=N` line first appeared, as `(i, N) → Instant`.
+fn watch_generations(
+    logs: Vec<PathBuf>,
+) -> std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(usize, u64), Instant>>> {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+    let out = seen.clone();
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1800) {
+            for (i, log) in logs.iter().enumerate() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let now = Instant::now();
+                let Ok(mut seen) = seen.lock() else { return };
+                // A line still being written has no number yet: it is read again next time.
+                for g in text.lines().filter_map(|l| {
+                    l.split_once(guest::WROTE_MARK)
+                        .and_then(|(_, n)| n.trim().parse::<u64>().ok())
+                }) {
+                    seen.entry((i, g)).or_insert(now);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    out
+}
+
 /// `qemu-img info` of an image, as JSON.
 fn qemu_img_info(path: &std::path::Path) -> serde_json::Value {
     let out = Command::new("qemu-img")
@@ -954,6 +982,10 @@ async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
         w.wait_protected(vm, &p, &s).await;
     }
     let wrote_before: Vec<u64> = consoles.iter().map(|c| last_wrote(c)).collect();
+    // When each generation's line reached the host: a guest prints it after the generation is
+    // on its disk, so a generation a point holds was printed before the cut (or right after
+    // its pause ends), and one it lacks was printed after the cut.
+    let printed = watch_generations(consoles.clone());
 
     run_plan(
         &w,
@@ -969,6 +1001,7 @@ async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
     )
     .await;
     let mut cut = None;
+    let mut held = Vec::new();
     for (i, vm) in ["db", "web"].into_iter().enumerate() {
         let r = w
             .wait_for(vm, &format!("{vm} failed over from the cut"), |r| {
@@ -998,6 +1031,25 @@ async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
             generation(&line) >= wrote_before[i],
             "{vm} lost generations written before the plan: {line}, wrote {}",
             wrote_before[i]
+        );
+        held.push(generation(&line));
+    }
+    // One instant separates what the cut holds from what it lacks, across both guests: no
+    // generation either point holds was written after one the other point lacks (the web
+    // tier never got ahead of the db writes it followed).
+    let printed = printed.lock().expect("watcher").clone();
+    let at = |vm: usize, g: u64| printed.get(&(vm, g)).copied();
+    let last_in: Vec<Instant> = (0..2).filter_map(|vm| at(vm, held[vm])).collect();
+    let first_out: Vec<Instant> = (0..2).filter_map(|vm| at(vm, held[vm] + 1)).collect();
+    assert!(
+        !first_out.is_empty(),
+        "neither guest wrote after the cut (held {held:?}): the check would prove nothing"
+    );
+    if let (Some(a), Some(b)) = (last_in.iter().max(), first_out.iter().min()) {
+        assert!(
+            a < b,
+            "a generation the cut holds was written {:?} after one it lacks (held {held:?})",
+            a.duration_since(*b)
         );
     }
     let log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
