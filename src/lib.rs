@@ -5,7 +5,8 @@
 //! - [`site`]: the provider seam the controller talks to sites through, and the agent client.
 //! - [`agent`]: the site agent's HTTP server and VM runtime.
 //! - [`replication`]: change tracking, the block stream, recovery points and resync.
-//! - [`secret`]: credentials whose `Debug` never shows them.
+//! - [`secret`]: credentials whose `Debug` never shows them; [`redact`]: URLs as they may be
+//!   shown.
 //! - [`fault`]: failpoints for crash injection (test builds only).
 //! - [`envtest`]: a real etcd + kube-apiserver on loopback, for tests and the local demo.
 //! - [`local`]: `twinsite local`, the whole stack on one machine.
@@ -24,6 +25,7 @@ pub mod local;
 pub mod logging;
 pub mod nbd;
 pub mod plugin;
+pub mod redact;
 pub mod replication;
 pub mod secret;
 pub mod site;

@@ -137,10 +137,7 @@ pub struct Webhook {
 impl std::fmt::Debug for Webhook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Webhook")
-            .field(
-                "url",
-                &crate::controller::failover_plan::webhook::redact(&self.url),
-            )
+            .field("url", &crate::redact::redact(&self.url))
             .field("timeout_seconds", &self.timeout_seconds)
             .field("ca_bundle", &self.ca_bundle.as_ref().map(|b| b.len()))
             .finish()

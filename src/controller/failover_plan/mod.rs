@@ -8,7 +8,6 @@
 pub mod members;
 pub mod planner;
 mod reconcile;
-pub mod redact;
 pub mod webhook;
 
 pub use members::{Hold, hold};

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-pub use super::redact::redact;
+pub use crate::redact::redact;
 use serde::Serialize;
 
 /// The header that carries the body's HMAC-SHA256 signature, `sha256=<hex>`.

@@ -132,7 +132,7 @@ pub struct WebhookCall {
     pub action: String,
     /// `pre` or `post`: before or after the group's VMs move.
     pub stage: String,
-    /// The URL as written in the spec; show it only through [`super::redact::redact`].
+    /// The URL as written in the spec; show it only through [`crate::redact::redact`].
     pub url: String,
     /// PEM CAs an https receiver must chain to (`webhook.caBundle`).
     pub ca_bundle: Option<String>,
@@ -151,7 +151,7 @@ impl std::fmt::Debug for WebhookCall {
             .field("group", &self.group)
             .field("action", &self.action)
             .field("stage", &self.stage)
-            .field("url", &super::redact::redact(&self.url))
+            .field("url", &crate::redact::redact(&self.url))
             .field("ca_bundle", &self.ca_bundle.as_ref().map(|b| b.len()))
             .field("timeout", &self.timeout)
             .field("direction", &self.direction)
@@ -627,7 +627,7 @@ pub fn plan(input: &Input) -> Action {
                         // Persist Running before the call, then call.
                         s.state = StepState::Running;
                         s.start_time = Some(now.clone());
-                        s.message = Some(format!("POST {}", super::redact::redact(&hook.url)));
+                        s.message = Some(format!("POST {}", crate::redact::redact(&hook.url)));
                         break;
                     }
                     settle(input, &mut st, None);
