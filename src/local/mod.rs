@@ -254,6 +254,8 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         cmd.arg("controller")
             .arg("--metrics-addr")
             .arg(metrics_addr.to_string())
+            // The example plan's webhook calls a receiver on this machine.
+            .args(["--webhook-allowed-hosts", "127.0.0.1"])
             .env("KUBECONFIG", &kubeconfig)
             .env("RUST_LOG", "info");
         cmd
