@@ -12,6 +12,10 @@ for port in 7391 7392; do
     exit 1
   fi
 done
+# What the benchmarks run and compare against (rsync is the cycle's reference; bc does the
+# arithmetic): installed when missing, or named in a clear message when not root.
+scripts/vm-packages.sh
+scripts/debian-packages.sh rsync bc curl
 guest="$(scripts/guest-build.sh | tail -n1)"
 work="$(mktemp -d /tmp/twinsite-bench.XXXXXX)"
 cleanup() {

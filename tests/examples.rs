@@ -168,10 +168,15 @@ fn free_port_pair() -> u16 {
 /// `twinsite local` makes a CA, runs both agents with https certificates of it, and the Sites
 /// it applies use https and that CA: the agents answer https to a client that trusts the CA
 /// and refuse plain http, `stack.json` names the CA, both Sites become Ready and the example
-/// VMs get protected (replication between the agents over TLS).
+/// VMs get protected (replication between the agents over TLS). It shares the machine: the
+/// port a controller listens on by default (8080) is taken, and the stack still comes up with
+/// the controller's metrics where stack.json says. An agent killed (a site fault tried on the
+/// stack) is reported and started again while the rest of the stack runs on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_stack_serves_https_with_its_own_ca() {
     twinsite::init_crypto();
+    // Taken here, or by something else on this machine: either way not free for the stack.
+    let _taken = std::net::TcpListener::bind("127.0.0.1:8080");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("local");
     let port = free_port_pair();
@@ -298,5 +303,65 @@ async fn local_stack_serves_https_with_its_own_ca() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+
+    // The controller's metrics are where stack.json says (not on the taken 8080).
+    let stack: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+    let metrics_url = stack["controller"]["metricsUrl"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!metrics_url.contains(":8080/"), "{metrics_url}");
+    let r = reqwest::get(&metrics_url).await.unwrap();
+    assert!(r.status().is_success(), "{metrics_url}: {}", r.status());
+
+    // The primary's agent is killed: the stack reports it, starts it again (a new pid in
+    // stack.json) and keeps running; the agent answers again.
+    let old_pid = stack["sites"]["primary"]["pid"].as_u64().unwrap();
+    assert_eq!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &old_pid.to_string()])
+            .status()
+            .unwrap()
+            .code(),
+        Some(0)
+    );
+    let ca = std::fs::read(stack["sites"]["primary"]["caFile"].as_str().unwrap()).unwrap();
+    let trusting = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).unwrap()])
+        .build()
+        .unwrap();
+    let healthz = format!("https://127.0.0.1:{port}/healthz");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Err(e) = local.check_running() {
+            panic!(
+                "the stack stopped when an agent died: {e}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        let now: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stack_file).unwrap()).unwrap();
+        let new_pid = now["sites"]["primary"]["pid"].as_u64();
+        let answers = trusting
+            .get(&healthz)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if new_pid.is_some_and(|p| p != old_pid) && answers {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the killed agent was not started again: {now}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let printed = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        printed.contains("agent primary") && printed.contains("started again"),
+        "the restart was not reported:\n{printed}"
+    );
     local.stop(Duration::from_secs(60));
 }

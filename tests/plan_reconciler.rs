@@ -47,7 +47,7 @@ struct Env {
 
 impl Env {
     async fn new(what: &str) -> Self {
-        Self::with_settings(what, |_| webhook::Settings::default()).await
+        Self::with_settings(what, |_| local_hooks()).await
     }
 
     /// A world whose plan controller has these webhook settings (made from the namespace's
@@ -188,8 +188,16 @@ impl Env {
     }
 }
 
+/// The tests' receivers listen on 127.0.0.1, which the allow-list must name itself.
+fn local_hooks() -> webhook::Settings {
+    webhook::Settings {
+        allowed_hosts: webhook::AllowedHosts::new(&["127.0.0.1"]),
+        signing_secret: None,
+    }
+}
+
 fn start_controller(client: kube::Client, ns: &str) -> Controller {
-    start_controller_with(client, ns, webhook::Settings::default())
+    start_controller_with(client, ns, local_hooks())
 }
 
 fn start_controller_with(
@@ -1178,7 +1186,7 @@ async fn event_messages(env: &Env, name: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_signed_webhook_carries_an_hmac_the_receiver_verifies() {
     let env = Env::with_settings("hooksigned", |ns| webhook::Settings {
-        allowed_hosts: None,
+        allowed_hosts: webhook::AllowedHosts::new(&["127.0.0.1"]),
         signing_secret: Some(webhook::SigningSecretRef {
             namespace: ns.to_string(),
             name: "hook-key".into(),
@@ -1279,6 +1287,55 @@ async fn a_host_off_the_allow_list_is_refused_and_not_called() {
             .any(|m| m.contains("webhook host 127.0.0.1 is not allowed")),
         "{events:?}"
     );
+}
+
+/// A controller started without an allow-list calls no webhook: the action fails with a
+/// message that says how to turn webhooks on, and the receiver hears nothing.
+#[tokio::test]
+async fn webhooks_are_off_until_the_allow_list_names_a_host() {
+    let env = Env::with_settings("hookoff", |_| webhook::Settings::default()).await;
+    let hook = hook(204).await;
+    env.vm("db-1", "", "").await;
+    env.apply(&pre_hook_plan(&hook.url));
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("webhooks are off") && msg.contains("--webhook-allowed-hosts"),
+        "{msg}"
+    );
+    assert!(hook.raw.lock().unwrap().is_empty(), "the hook was called");
+    assert_eq!(vm_state(&fp, "db-1"), planner::VM_PENDING);
+}
+
+/// A name on the allow-list that resolves to this machine (as a rebound DNS name would) is not
+/// called: only an address the allow-list names itself reaches loopback.
+#[tokio::test]
+async fn an_allowed_name_that_resolves_to_loopback_is_not_called() {
+    let env = Env::with_settings("hookrebind", |_| webhook::Settings {
+        allowed_hosts: webhook::AllowedHosts::new(&["localhost"]),
+        signing_secret: None,
+    })
+    .await;
+    let hook = hook(204).await;
+    env.vm("db-1", "", "").await;
+    env.apply(&pre_hook_plan(&hook.url.replace("127.0.0.1", "localhost")));
+    let fp = env
+        .wait("app", "the plan failed", |fp| phase(fp) == "Failed")
+        .await;
+    let msg = step(&fp, "pre:db/check")
+        .message
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        msg.contains("webhook host localhost resolves to") && msg.contains("may not reach"),
+        "{msg}"
+    );
+    assert!(hook.raw.lock().unwrap().is_empty(), "the hook was called");
 }
 
 #[tokio::test]

@@ -175,11 +175,12 @@ pub struct FailoverPlanStatus {
     /// The newest drill, recorded once its cleanup is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_drill: Option<DrillRecord>,
-    /// Values of the `twinsite.io/approve` annotation that approved a step of a plan job,
-    /// newest last (at most 64). A value counts once: the annotation is never removed by the
-    /// controller, so a value kept in Git does not approve the next run.
+    /// Plain values (`<group>/<action>`) of the `twinsite.io/approve` annotation that approved
+    /// a step of a plan job, oldest first (at most 2000, one per approval a spec can hold). A
+    /// value counts once: the annotation is never removed by the controller, so a value kept in
+    /// Git does not approve the next run.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 2000))]
     pub consumed_approvals: Vec<String>,
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

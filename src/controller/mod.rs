@@ -88,8 +88,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "TWINSITE_SECRET_NAMESPACE")]
     pub secret_namespace: Option<String>,
     /// Hosts FailoverPlan webhooks may call, comma-separated: names (`hooks.example.com`),
-    /// subdomain wildcards (`*.example.com`) or IP addresses; any port. Unset: any host. A
-    /// webhook to another host fails without being called.
+    /// subdomain wildcards (`*.example.com`) or IP addresses; any port. Unset: no host, so
+    /// webhook actions fail without calling anything. A name that resolves to a loopback,
+    /// link-local, unspecified, multicast or broadcast address is not called unless that
+    /// address is listed itself.
     #[arg(long, env = "TWINSITE_WEBHOOK_ALLOWED_HOSTS", value_delimiter = ',')]
     pub webhook_allowed_hosts: Vec<String>,
     /// A Secret in the secret namespace whose key `--webhook-signing-secret-key` is the

@@ -11,7 +11,7 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use super::notes::Note;
 
@@ -92,6 +92,17 @@ pub fn diff(old: &Value, new: &Value) -> Map<String, Value> {
 /// returned: an Event is not worth failing a reconcile for.
 pub async fn publish(recorder: &Recorder, regarding: &ObjectReference, notes: &[Note]) {
     for n in notes {
+        // Every job start and end is an Event; the same line in the log follows a failover
+        // without kubectl.
+        let (kind, name) = (
+            regarding.kind.as_deref().unwrap_or_default(),
+            regarding.name.as_deref().unwrap_or_default(),
+        );
+        if n.warning {
+            warn!(kind, name, subject = %n.subject, reason = %n.reason, "{}", n.message);
+        } else {
+            info!(kind, name, subject = %n.subject, reason = %n.reason, "{}", n.message);
+        }
         let mut about = regarding.clone();
         about.field_path = Some(n.subject.chars().take(256).collect());
         let ev = Event {

@@ -36,16 +36,12 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("serializing status: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("{0}")]
-    Http(String),
 }
 
 /// Shared by every reconcile of the plan controller.
 pub struct Context {
     client: Client,
     recorder: Recorder,
-    /// The webhook client without a CA bundle of its own.
-    http: reqwest::Client,
     settings: webhook::Settings,
     /// Resolves when the controller shuts down: a webhook call in flight is abandoned (its
     /// step stays Running, and the next controller calls again).
@@ -136,7 +132,6 @@ pub async fn run_with(
                 instance: std::env::var("POD_NAME").ok(),
             },
         ),
-        http: webhook::client(None).map_err(Error::Http)?,
         settings,
         shutdown: shutdown.clone(),
         failures: Mutex::default(),
@@ -350,21 +345,24 @@ async fn prepare(
     >,
     Error,
 > {
-    let target = match webhook::check(&call.url, ctx.settings.allowed_hosts.as_ref()) {
+    let target = match webhook::check(&call.url, &ctx.settings.allowed_hosts) {
         Ok(t) => t,
         Err(refused) => return Ok(Err(refused)),
     };
-    let http = match &call.ca_bundle {
-        None => ctx.http.clone(),
-        Some(_) if !target.shown().starts_with("https://") => {
-            return Ok(Err(
-                "webhook.caBundle is only for an https:// webhook.url".into()
-            ));
-        }
-        Some(pem) => match webhook::client(Some(pem.as_bytes())) {
-            Ok(c) => c,
-            Err(refused) => return Ok(Err(refused)),
-        },
+    if call.ca_bundle.is_some() && !target.shown().starts_with("https://") {
+        return Ok(Err(
+            "webhook.caBundle is only for an https:// webhook.url".into()
+        ));
+    }
+    // Resolved and checked now; the call connects to these addresses and no others.
+    let addrs = match target.resolve(&ctx.settings.allowed_hosts).await {
+        Ok(a) => a,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let pin = target.host_name().map(|h| (h, addrs.as_slice()));
+    let http = match webhook::client(call.ca_bundle.as_deref().map(str::as_bytes), pin) {
+        Ok(c) => c,
+        Err(refused) => return Ok(Err(refused)),
     };
     let key = match &ctx.settings.signing_secret {
         None => None,

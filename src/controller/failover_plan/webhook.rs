@@ -3,8 +3,13 @@
 //!
 //! What keeps a webhook from becoming a way into places it should not reach:
 //! - a URL that carries credentials (`user:password@`) is refused (the CRD refuses it too);
-//! - an optional allow-list of hosts ([`AllowedHosts`], `--webhook-allowed-hosts`) refuses
-//!   every other host before anything is sent;
+//! - an allow-list of hosts ([`AllowedHosts`], `--webhook-allowed-hosts`) refuses every other
+//!   host before anything is sent; empty (the default) means no webhook is called at all;
+//! - a host name is resolved once per call and every address it resolves to is checked
+//!   ([`Target::resolve`]): loopback, link-local (cloud metadata), unspecified, multicast and
+//!   broadcast addresses are refused unless the allow-list names that address itself; the call
+//!   then connects to the checked addresses only, so a second DNS answer (rebinding) is never
+//!   used;
 //! - no redirect is followed;
 //! - at most [`RESPONSE_LIMIT`] bytes of an answer are read, the rest is dropped unread;
 //! - the URL is shown without its user info, query and fragment ([`redact`]), and logs show
@@ -51,20 +56,32 @@ pub struct Payload {
 }
 
 /// Hosts the controller may call webhooks on: names (`hooks.example.com`), wildcards of one
-/// domain's subdomains (`*.example.com`) or IP addresses (`10.0.0.7`, `::1`). Any port.
+/// domain's subdomains (`*.example.com`) or IP addresses (`10.0.0.7`, `::1`). Any port. Empty
+/// (the default): no host, so no webhook is called.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AllowedHosts(Vec<String>);
 
 impl AllowedHosts {
-    /// From the flag's entries; empty entries are ignored, None when nothing is left (no
-    /// allow-list: every host may be called).
-    pub fn new<S: AsRef<str>>(entries: &[S]) -> Option<Self> {
-        let v: Vec<String> = entries
+    /// From the flag's entries; empty entries are ignored.
+    pub fn new<S: AsRef<str>>(entries: &[S]) -> Self {
+        Self(
+            entries
+                .iter()
+                .map(|e| normalize_host(e.as_ref()))
+                .filter(|e| !e.is_empty())
+                .collect(),
+        )
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The allow-list names this address itself (not only a name that resolves to it).
+    fn names_address(&self, ip: std::net::IpAddr) -> bool {
+        self.0
             .iter()
-            .map(|e| normalize_host(e.as_ref()))
-            .filter(|e| !e.is_empty())
-            .collect();
-        (!v.is_empty()).then_some(Self(v))
+            .any(|e| e.parse::<std::net::IpAddr>().is_ok_and(|a| a == ip))
     }
 
     pub fn allows(&self, host: &str) -> bool {
@@ -91,8 +108,8 @@ fn normalize_host(h: &str) -> String {
 /// Controller-wide webhook settings (controller flags).
 #[derive(Clone, Debug, Default)]
 pub struct Settings {
-    /// When set, only these hosts are called.
-    pub allowed_hosts: Option<AllowedHosts>,
+    /// Only these hosts are called; none when empty.
+    pub allowed_hosts: AllowedHosts,
     /// Where the signing key is: a Secret in the controller's secret namespace.
     pub signing_secret: Option<SigningSecretRef>,
 }
@@ -126,6 +143,31 @@ pub struct Target {
     url: Url,
 }
 
+/// Whether an address is one a webhook must not reach unless the allow-list names it:
+/// this machine, link-local (where cloud metadata services answer), unspecified, multicast
+/// or broadcast, also as an IPv4-mapped IPv6 address.
+fn is_special(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_multicast()
+                || v4.is_broadcast()
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_special(IpAddr::V4(v4));
+            }
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || v6.is_unicast_link_local()
+        }
+    }
+}
+
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Target")
@@ -144,12 +186,59 @@ impl Target {
     pub fn origin(&self) -> String {
         self.url.origin().ascii_serialization()
     }
+
+    /// The addresses to connect to: the host's own address, or every address its name
+    /// resolves to, each checked. A special address ([`is_special`]) is refused unless the
+    /// allow-list names it, so an allowed name that resolves (or is rebound) to this machine or
+    /// to a metadata service is not called.
+    pub async fn resolve(
+        &self,
+        allowed: &AllowedHosts,
+    ) -> Result<Vec<std::net::SocketAddr>, String> {
+        let host = self.url.host_str().unwrap_or_default();
+        let port = self.url.port_or_known_default().unwrap_or(443);
+        let addrs: Vec<std::net::SocketAddr> = match self.url.host() {
+            Some(url::Host::Ipv4(ip)) => vec![(ip, port).into()],
+            Some(url::Host::Ipv6(ip)) => vec![(ip, port).into()],
+            _ => tokio::net::lookup_host((host, port))
+                .await
+                .map_err(|e| {
+                    format!("webhook host {host} does not resolve: {e}; nothing was sent")
+                })?
+                .collect(),
+        };
+        if addrs.is_empty() {
+            return Err(format!(
+                "webhook host {host} resolves to no address; nothing was sent"
+            ));
+        }
+        if let Some(a) = addrs
+            .iter()
+            .find(|a| is_special(a.ip()) && !allowed.names_address(a.ip()))
+        {
+            return Err(format!(
+                "webhook host {host} resolves to {}, an address webhooks may not reach \
+                 (loopback, link-local, unspecified, multicast or broadcast) unless \
+                 --webhook-allowed-hosts names that address itself; nothing was sent",
+                a.ip()
+            ));
+        }
+        Ok(addrs)
+    }
+
+    /// The host name to pin to the checked addresses (None for an address URL).
+    pub fn host_name(&self) -> Option<&str> {
+        match self.url.host() {
+            Some(url::Host::Domain(d)) => Some(d),
+            _ => None,
+        }
+    }
 }
 
 /// Checks a webhook URL before anything is sent: an http(s) URL without credentials whose host
-/// the allow-list (if any) names. The error is the message to record; it never repeats the
-/// URL's credentials or query.
-pub fn check(raw: &str, allowed: Option<&AllowedHosts>) -> Result<Target, String> {
+/// the allow-list names. The error is the message to record; it never repeats the URL's
+/// credentials or query.
+pub fn check(raw: &str, allowed: &AllowedHosts) -> Result<Target, String> {
     let url = Url::parse(raw.trim())
         .map_err(|e| format!("webhook.url {} is not a valid URL: {e}", redact(raw)))?;
     if url.scheme() != "http" && url.scheme() != "https" {
@@ -168,9 +257,14 @@ pub fn check(raw: &str, allowed: Option<&AllowedHosts>) -> Result<Target, String
     let Some(host) = url.host_str() else {
         return Err(format!("webhook.url {} has no host", redact(raw)));
     };
-    if let Some(allowed) = allowed
-        && !allowed.allows(host)
-    {
+    if allowed.is_empty() {
+        return Err(format!(
+            "webhooks are off: the controller's allow-list (--webhook-allowed-hosts, chart value \
+             webhooks.allowedHosts) is empty; add {} to it to call this webhook; nothing was sent",
+            normalize_host(host)
+        ));
+    }
+    if !allowed.allows(host) {
         return Err(format!(
             "webhook host {} is not allowed: the controller calls only the hosts of its \
              allow-list (--webhook-allowed-hosts); nothing was sent",
@@ -180,14 +274,22 @@ pub fn check(raw: &str, allowed: Option<&AllowedHosts>) -> Result<Target, String
     Ok(Target { url })
 }
 
-/// An HTTP client for webhooks: no redirects (a POST is not replayed elsewhere; a 3xx is a
-/// failure like any other non-2xx answer). With `ca_pem`, an https certificate must chain to
-/// those CAs and no other.
-pub fn client(ca_pem: Option<&[u8]>) -> Result<reqwest::Client, String> {
+/// An HTTP client for one webhook call: no redirects (a POST is not replayed elsewhere; a 3xx
+/// is a failure like any other non-2xx answer), connecting to `pin`'s checked addresses for
+/// its host name only. With `ca_pem`, an https certificate must chain to those CAs and no
+/// other.
+pub fn client(
+    ca_pem: Option<&[u8]>,
+    pin: Option<(&str, &[std::net::SocketAddr])>,
+) -> Result<reqwest::Client, String> {
     crate::init_crypto();
     let mut b = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .user_agent(concat!("twinsite/", env!("CARGO_PKG_VERSION")));
+    if let Some((host, addrs)) = pin {
+        b = b.resolve_to_addrs(host, addrs);
+    }
     if let Some(pem) = ca_pem {
         let certs = reqwest::Certificate::from_pem_bundle(pem)
             .ok()
@@ -322,18 +424,19 @@ mod tests {
 
     #[test]
     fn urls_with_credentials_are_refused_without_repeating_them() {
+        let hooks = AllowedHosts::new(&["hooks.example.com"]);
         for raw in [
             "https://user:p4ss@hooks.example.com/x",
             "https://user@hooks.example.com/x",
             "https://:p4ss@hooks.example.com/x",
         ] {
-            let e = check(raw, None).unwrap_err();
+            let e = check(raw, &hooks).unwrap_err();
             assert!(e.contains("credentials"), "{e}");
             assert!(!e.contains("p4ss") && !e.contains("user@"), "{e}");
         }
-        assert!(check("ftp://hooks.example.com/x", None).is_err());
-        assert!(check("not a url", None).is_err());
-        let t = check("https://hooks.example.com/x?token=s3cr3t", None).unwrap();
+        assert!(check("ftp://hooks.example.com/x", &hooks).is_err());
+        assert!(check("not a url", &hooks).is_err());
+        let t = check("https://hooks.example.com/x?token=s3cr3t", &hooks).unwrap();
         assert_eq!(t.shown(), "https://hooks.example.com/x");
         assert_eq!(t.origin(), "https://hooks.example.com");
         assert!(!format!("{t:?}").contains("s3cr3t"));
@@ -341,14 +444,13 @@ mod tests {
 
     #[test]
     fn the_allow_list_names_hosts_wildcards_and_addresses() {
-        assert!(AllowedHosts::new(&["", " "]).is_none());
+        assert!(AllowedHosts::new(&["", " "]).is_empty());
         let a = AllowedHosts::new(&[
             "Hooks.Example.com",
             "*.ops.example.org",
             "10.0.0.7",
             "[::1]",
-        ])
-        .unwrap();
+        ]);
         for ok in [
             "https://hooks.example.com/x",
             "https://HOOKS.example.com.:444/x",
@@ -357,7 +459,7 @@ mod tests {
             "http://10.0.0.7:9000/x",
             "http://[::1]:9000/x",
         ] {
-            assert!(check(ok, Some(&a)).is_ok(), "{ok}");
+            assert!(check(ok, &a).is_ok(), "{ok}");
         }
         for refused in [
             "https://evil.example.com/x",
@@ -368,7 +470,7 @@ mod tests {
             "http://127.0.0.1/x",
             "http://169.254.169.254/latest/meta-data",
         ] {
-            let e = check(refused, Some(&a)).unwrap_err();
+            let e = check(refused, &a).unwrap_err();
             assert!(e.contains("is not allowed"), "{refused}: {e}");
         }
     }
@@ -376,20 +478,20 @@ mod tests {
     #[test]
     fn the_allow_list_sees_the_host_a_url_parser_sees() {
         // Other spellings of an address are compared in their usual form.
-        let local = AllowedHosts::new(&["127.0.0.1"]).unwrap();
+        let local = AllowedHosts::new(&["127.0.0.1"]);
         for spelled in [
             "http://2130706433/x",
             "http://0x7f.0.0.1/x",
             "http://127.1/x",
         ] {
-            assert!(check(spelled, Some(&local)).is_ok(), "{spelled}");
+            assert!(check(spelled, &local).is_ok(), "{spelled}");
         }
-        let names = AllowedHosts::new(&["hooks.example.com"]).unwrap();
+        let names = AllowedHosts::new(&["hooks.example.com"]);
         for spelled in [
             "http://2130706433/x",
             "http://hooks.example.com@127.0.0.1/x",
         ] {
-            assert!(check(spelled, Some(&names)).is_err(), "{spelled}");
+            assert!(check(spelled, &names).is_err(), "{spelled}");
         }
     }
 
@@ -413,7 +515,57 @@ mod tests {
 
     #[test]
     fn a_ca_bundle_without_certificates_is_refused() {
-        let e = client(Some(b"not a certificate")).unwrap_err();
+        let e = client(Some(b"not a certificate"), None).unwrap_err();
         assert!(e.contains("caBundle"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_allow_list_calls_no_webhook() {
+        let none = AllowedHosts::default();
+        for url in ["https://hooks.example.com/x", "http://127.0.0.1:9000/x"] {
+            let e = check(url, &none).unwrap_err();
+            assert!(
+                e.contains("webhooks are off") && e.contains("--webhook-allowed-hosts"),
+                "{url}: {e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_to_a_special_address_is_refused_unless_that_address_is_listed() {
+        // `localhost` resolves to loopback from /etc/hosts, with no DNS server needed.
+        let by_name = AllowedHosts::new(&["localhost"]);
+        let t = check("http://localhost:9000/x", &by_name).unwrap();
+        let e = t.resolve(&by_name).await.unwrap_err();
+        assert!(
+            e.contains("may not reach") && e.contains("nothing was sent"),
+            "{e}"
+        );
+        let listed = AllowedHosts::new(&["localhost", "127.0.0.1", "::1"]);
+        let addrs = t.resolve(&listed).await.unwrap();
+        assert!(
+            addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 9000),
+            "{addrs:?}"
+        );
+        // An address URL is its own resolution; listing it is what allows it.
+        let ip = AllowedHosts::new(&["127.0.0.1"]);
+        let t = check("http://127.0.0.1:9000/x", &ip).unwrap();
+        assert_eq!(t.resolve(&ip).await.unwrap().len(), 1);
+        assert_eq!(t.host_name(), None);
+        for special in [
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::ffff:127.0.0.1",
+            "fe80::1",
+        ] {
+            assert!(is_special(special.parse().unwrap()), "{special}");
+        }
+        for plain in ["10.0.0.7", "192.168.1.2", "2001:db8::1", "8.8.8.8"] {
+            assert!(!is_special(plain.parse().unwrap()), "{plain}");
+        }
     }
 }

@@ -274,7 +274,7 @@ async fn apply(
             }
             Plan::Write(u) => u,
             Plan::Execute(mut call) => {
-                debug!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "calling site");
+                info!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "step starts");
                 if call.step_name == StepName::ConsistentCut {
                     call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
                 }

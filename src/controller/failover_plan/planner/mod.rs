@@ -31,8 +31,9 @@ pub const VM_FAILED: &str = "Failed";
 
 /// Jobs kept in status, newest last.
 const MAX_JOBS: usize = 10;
-/// Consumed approval values kept in status, newest last.
-const MAX_APPROVALS: usize = 64;
+/// Consumed approval values kept in status: one per manual approval a spec can hold (100
+/// groups of 10 pre- and 10 post-actions), so no value of the plan's own is ever forgotten.
+const MAX_APPROVALS: usize = 2000;
 
 /// The annotation value that approves action `key` (`<group>/<action>`) in plan job `job`:
 /// `<key>@<job>` always does; the plain `<key>` does once, unless an earlier run consumed it
@@ -45,6 +46,30 @@ fn approval_for(input: &Input, st: &FailoverPlanStatus, key: &str, job: &str) ->
     }
     (input.approvals.iter().any(|a| a == key) && !st.consumed_approvals.iter().any(|c| c == key))
         .then(|| key.to_string())
+}
+
+/// Records that the plain value `key` approved a run. Only plain values are kept: a scoped
+/// value (`<key>@<job>`) names its job and cannot approve another. When the list is full, the
+/// oldest value naming no manual approval of today's spec goes first; a value of the spec is
+/// never dropped (there are at most `MAX_APPROVALS` of them), so it never approves twice.
+fn consume_approval(spec: &FailoverPlanSpec, consumed: &mut Vec<String>, key: &str) {
+    if !consumed.iter().any(|c| c == key) {
+        consumed.push(key.to_string());
+    }
+    while consumed.len() > MAX_APPROVALS {
+        let in_spec = |v: &String| {
+            spec.groups.iter().any(|g| {
+                g.pre_actions
+                    .iter()
+                    .chain(&g.post_actions)
+                    .any(|a| a.manual_approval.is_some() && *v == format!("{}/{}", g.name, a.name))
+            })
+        };
+        match consumed.iter().position(|v| !in_spec(v)) {
+            Some(i) => consumed.remove(i),
+            None => consumed.remove(0),
+        };
+    }
 }
 
 /// What the plan needs to know of one member ReplicatedVM.
@@ -580,10 +605,9 @@ pub fn plan(input: &Input) -> Action {
                     let key = format!("{group}/{}", action.name);
                     let job_name = st.jobs[ji].name.clone();
                     if let Some(value) = approval_for(input, &st, &key, &job_name) {
-                        st.consumed_approvals.retain(|v| *v != value);
-                        st.consumed_approvals.push(value.clone());
-                        let extra = st.consumed_approvals.len().saturating_sub(MAX_APPROVALS);
-                        st.consumed_approvals.drain(..extra);
+                        if value == key {
+                            consume_approval(input.spec, &mut st.consumed_approvals, &key);
+                        }
                         let s = &mut st.jobs[ji].steps[si];
                         s.state = StepState::Succeeded;
                         s.message = Some(format!("approved ({value})"));

@@ -220,6 +220,46 @@ fn a_kept_approval_does_not_pre_approve_the_next_run() {
     assert_eq!(vm_state(&st, "db-1"), VM_RELEASED);
 }
 
+/// A plain approval value, once consumed, never approves again: however many runs follow,
+/// each approved with its own scoped value, the plain value left in the annotation is not
+/// forgotten.
+#[test]
+fn a_consumed_plain_approval_stays_consumed_after_many_runs() {
+    let mut g = group("db", &["db-1"]);
+    g.pre_actions.push(PlanAction {
+        name: "fenced".into(),
+        manual_approval: Some(ManualApproval { message: None }),
+        webhook: None,
+    });
+    let sp = spec(vec![g], FailoverType::Planned);
+    let mut st = FailoverPlanStatus::default();
+    let away = vec![vec![member("db-1", "primary")]];
+    let there = vec![vec![member("db-1", "secondary")]];
+    // Run 1 with the plain value; the VM ends at the target.
+    drive(&sp, &mut st, &away, &["db/fenced"]);
+    drive(&sp, &mut st, &there, &["db/fenced"]);
+    for run in 0..100 {
+        // The VM moved away again (a failback outside the plan): a new run starts.
+        let groups = away.clone();
+        drive(&sp, &mut st, &groups, &["db/fenced"]);
+        let job = st.jobs.last().unwrap().name.clone();
+        assert_eq!(
+            vm_state(&st, "db-1"),
+            VM_PENDING,
+            "run {run}: the plain value approved {job} again"
+        );
+        let scoped = format!("db/fenced@{job}");
+        drive(&sp, &mut st, &groups, &["db/fenced", &scoped]);
+        assert_eq!(vm_state(&st, "db-1"), VM_RELEASED, "run {run}");
+        drive(&sp, &mut st, &there, &["db/fenced", &scoped]);
+        assert_eq!(
+            st.jobs.last().unwrap().state,
+            JobState::Succeeded,
+            "run {run}"
+        );
+    }
+}
+
 fn with_webhook(kind: FailoverType) -> FailoverPlanSpec {
     let mut g1 = group("db", &["db-1"]);
     g1.post_actions.push(PlanAction {

@@ -6,7 +6,9 @@
 //! runtime the agents hold the example VMs; with `--runtime libvirt` each site gets its own
 //! libvirtd, and the primary runs one real QEMU guest (`app-01`, the test guest writing its
 //! pattern) that its example ReplicatedVM protects. `stack.json` in the folder says where
-//! everything is. Everything stops on Ctrl-C, or when any process of the stack exits.
+//! everything is. A process of the stack that exits (an agent killed to try a site fault) is
+//! reported and started again; everything stops on Ctrl-C or SIGTERM, or when a process keeps
+//! exiting right after its start.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::envtest::{ControlPlane, ManagedChild, Options};
+use crate::envtest::{ControlPlane, Options};
+
+mod supervisor;
+use supervisor::Supervised;
 
 #[derive(clap::Args, Debug)]
 pub struct LocalArgs {
@@ -114,7 +119,7 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         .tls_certs_only([ca])
         .build()
         .map_err(|e| LocalError::Setup(format!("https client: {e}")))?;
-    let mut children: Vec<ManagedChild> = Vec::new();
+    let mut children: Vec<Supervised> = Vec::new();
     for &(site, ref addr) in &sites {
         let token = secret_token(&manifests, &format!("{site}-agent")).ok_or_else(|| {
             LocalError::Setup(format!(
@@ -126,40 +131,50 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         std::fs::create_dir_all(&site_dir).map_err(|e| LocalError::Io(site_dir.clone(), e))?;
         let token_file = site_dir.join("token");
         std::fs::write(&token_file, &token).map_err(|e| LocalError::Io(token_file.clone(), e))?;
-        let mut cmd = Command::new(&exe);
-        cmd.args(["agent", "--site", site, "--listen", addr])
-            .arg("--data-dir")
-            .arg(site_dir.join("data"))
-            .arg("--token-file")
-            .arg(&token_file)
-            .arg("--tls-cert")
-            .arg(certs.join(format!("{site}.crt")))
-            .arg("--tls-key")
-            .arg(certs.join(format!("{site}.key")));
         stack["sites"][site] = serde_json::json!({
             "agentUrl": format!("https://{addr}"),
             "token": token,
             "caFile": ca_file.display().to_string(),
         });
+        let mut libvirt_uri = None;
         if libvirt {
             println!("starting libvirtd of site {site}");
             let lv = crate::envtest::libvirt::LibvirtSite::start(site, &site_dir.join("libvirt"))?;
-            cmd.args(["--runtime", "libvirt", "--libvirt-uri", lv.uri()]);
+            libvirt_uri = Some(lv.uri().to_string());
             stack["sites"][site]["libvirtUri"] = lv.uri().into();
             libvirt_sites.push(lv);
         }
+        let (exe, site_name, addr_arg, certs) =
+            (exe.clone(), site.to_string(), addr.clone(), certs.clone());
+        let command = move || {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["agent", "--site", &site_name, "--listen", &addr_arg])
+                .arg("--data-dir")
+                .arg(site_dir.join("data"))
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--tls-cert")
+                .arg(certs.join(format!("{site_name}.crt")))
+                .arg("--tls-key")
+                .arg(certs.join(format!("{site_name}.key")));
+            if let Some(uri) = &libvirt_uri {
+                cmd.args(["--runtime", "libvirt", "--libvirt-uri", uri]);
+            }
+            cmd
+        };
         println!("starting the {site} site agent on {addr}");
-        children.push(ManagedChild::spawn(
+        let agent = Supervised::start(
             &format!("agent {site}"),
-            cmd,
-            &site_dir.join("agent.log"),
-        )?);
+            Box::new(command),
+            &dir.join(site).join("agent.log"),
+        )?;
+        stack["sites"][site]["pid"] = agent.pid().into();
+        children.push(agent);
         wait_http(&http, &format!("https://{addr}/healthz")).await?;
     }
 
     let stack_file = dir.join("stack.json");
-    let text = serde_json::to_string_pretty(&stack).unwrap_or_default();
-    std::fs::write(&stack_file, text).map_err(|e| LocalError::Io(stack_file.clone(), e))?;
+    write_stack(&stack_file, &stack)?;
 
     let mut watch = String::new();
     if let Some(primary) = libvirt_sites.first() {
@@ -231,16 +246,29 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
         )));
     }
 
-    let mut cmd = Command::new(&exe);
-    cmd.arg("controller")
-        .env("KUBECONFIG", cp.kubeconfig_path())
-        .env("RUST_LOG", "info");
+    // Its metrics port is picked free, so two stacks (or a stack and the tests) share a machine.
+    let metrics_addr = free_local_addr()?;
+    let kubeconfig = cp.kubeconfig_path().to_path_buf();
+    let command = move || {
+        let mut cmd = Command::new(&exe);
+        cmd.arg("controller")
+            .arg("--metrics-addr")
+            .arg(metrics_addr.to_string())
+            // The example plan's webhook calls a receiver on this machine.
+            .args(["--webhook-allowed-hosts", "127.0.0.1"])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info");
+        cmd
+    };
     println!("starting the controller");
-    children.push(ManagedChild::spawn(
-        "controller",
-        cmd,
-        &dir.join("controller.log"),
-    )?);
+    let controller =
+        Supervised::start("controller", Box::new(command), &dir.join("controller.log"))?;
+    stack["controller"] = serde_json::json!({
+        "metricsUrl": format!("http://{metrics_addr}/metrics"),
+        "pid": controller.pid(),
+    });
+    children.push(controller);
+    write_stack(&stack_file, &stack)?;
 
     let kc = cp.kubeconfig_path().display();
     let kubectl = cp.bin_dir().join("kubectl");
@@ -253,7 +281,8 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
          \nFail back to primary:     kubectl patch rvm -n finance app-01 --type merge -p '{{\"spec\":{{\"activeSite\":\"primary\"}}}}'\
          \nLogs:                     {}{watch}\
          \nWhere everything is:      {}\n\
-         \nCtrl-C stops everything.",
+         \nA process of the stack that exits (kill an agent to try a site fault) is started\
+         \nagain and reported here. Ctrl-C stops everything.",
         kubectl.display(),
         dir.display(),
         stack_file.display(),
@@ -269,8 +298,9 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             }
             _ = term.recv() => break None,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                if let Some(e) = children.iter_mut().find_map(|c| c.check_running().err()) {
-                    break Some(e);
+                match keep_running(&mut children, &mut stack, &stack_file) {
+                    Ok(()) => {}
+                    Err(e) => break Some(e),
                 }
             }
         }
@@ -325,6 +355,42 @@ fn start_guest(
     run_ok(site.virsh().arg("define").arg(&xml))?;
     run_ok(site.virsh().args(["start", LIBVIRT_VM]))?;
     Ok(console)
+}
+
+/// Restarts any process of the stack that exited, reports it, and records its new pid in
+/// stack.json.
+fn keep_running(
+    children: &mut [Supervised],
+    stack: &mut serde_json::Value,
+    stack_file: &Path,
+) -> Result<(), LocalError> {
+    for child in children.iter_mut() {
+        if let Some(report) = child.keep_running()? {
+            println!("{report}");
+            tracing::warn!(process = child.name(), "{report}");
+            match child.name().strip_prefix("agent ") {
+                Some(site) => stack["sites"][site]["pid"] = child.pid().into(),
+                None => stack["controller"]["pid"] = child.pid().into(),
+            }
+            write_stack(stack_file, stack)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes stack.json whole through a temporary file, so a reader never sees half of it.
+fn write_stack(path: &Path, stack: &serde_json::Value) -> Result<(), LocalError> {
+    let text = serde_json::to_string_pretty(stack).unwrap_or_default();
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| LocalError::Io(tmp.clone(), e))?;
+    std::fs::rename(&tmp, path).map_err(|e| LocalError::Io(path.to_path_buf(), e))
+}
+
+/// A free port on 127.0.0.1, for a listener the stack starts next.
+fn free_local_addr() -> Result<std::net::SocketAddr, LocalError> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| LocalError::Io("127.0.0.1:0".into(), e))
 }
 
 fn run_ok(cmd: &mut Command) -> Result<(), LocalError> {
