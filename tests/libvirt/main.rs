@@ -429,7 +429,12 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
     w.patch_spec("app", json!({"activeSite": p})).await;
     w.wait_protected("app", &p, &s).await;
     assert_eq!(domstate(&pl, "app"), "running");
-    assert_eq!(domstate(&sl, "app"), "shut off");
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "app"),
+        "the secondary holds the replica again and keeps no domain on it"
+    );
     let at_primary = w.primary.vm_dir("app").join("console.log");
     let line = wait_mark(&at_primary, guest::VERIFY_OK_MARK, 0).await;
     assert!(generation(&line) >= wrote_at_secondary, "{line}");
@@ -1318,6 +1323,13 @@ async fn round_trip(tag: &str, crash_at_boot: bool) {
     let job = failed_over(&w, "app", &p).await;
     annotate(&w, "rvm", "app", twinsite::api::COMMIT_ANNOTATION, &job);
     w.wait_protected("app", &p, &s).await;
+    // The secondary holds the replica again: no domain there may start into its image.
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "app"),
+        "the secondary keeps a domain on the replica's image"
+    );
     let acked = last_logged(&second).expect("records written at the secondary");
     let third = w.primary.vm_dir("app").join("console.log");
     let found = log_checked(&third, 0).await;

@@ -329,6 +329,32 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
     .map_err(|e| ApiError::internal(e.to_string()))?
 }
 
+/// After a bulk transfer began into `vm` here (this site holds its replica now): a domain of
+/// that name on the replica's images is undefined, another one loses its autostart (see
+/// `Runtime::demote`). A failure is logged; the next bulk transfer tries again.
+pub(super) async fn demote(st: &Shared, vm: &str) {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return;
+    }
+    let (st2, name) = (st.clone(), vm.to_string());
+    let res = tokio::task::spawn_blocking(move || {
+        let images = st2.store.read_vm(&name, |r| {
+            Ok(r.meta
+                .disks
+                .iter()
+                .map(|d| r.dir.join("disks").join(format!("{}.img", d.name)))
+                .collect::<Vec<_>>())
+        })?;
+        st2.runtime.demote(&name, &images)
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(vm, error = %e.message, "demoting the domain of a replica"),
+        Err(e) => tracing::warn!(vm, error = %e, "demoting the domain of a replica"),
+    }
+}
+
 /// After a test failover at this site: the drill copy `copy` of a replica of a libvirt domain
 /// boots as a domain, its NICs on `network`. Nothing to do for other VMs.
 pub(super) async fn boot_drill(st: &Shared, vm: &str, copy: &str, network: &str) -> ApiResult<()> {

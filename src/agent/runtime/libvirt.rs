@@ -729,6 +729,32 @@ impl Runtime for Libvirt {
             res => res.map_err(|e| self.failed("undefining", name, &e)),
         }
     }
+
+    fn demote(&self, name: &str, images: &[std::path::PathBuf]) -> ApiResult<()> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(());
+        };
+        if d.is_active().unwrap_or(true) {
+            return Ok(());
+        }
+        let on_replica = self.describe(&d)?.disks.iter().any(|x| {
+            images
+                .iter()
+                .any(|raw| x.path == *raw || x.path == raw.with_extension("qcow2"))
+        });
+        if on_replica {
+            tracing::info!(
+                vm = name,
+                "undefining the domain on the replica's images: this site holds the replica now"
+            );
+            return self.remove(name);
+        }
+        if d.get_autostart().unwrap_or(false) {
+            d.set_autostart(false)
+                .map_err(|e| self.failed("disabling the autostart of", name, &e))?;
+        }
+        Ok(())
+    }
 }
 
 /// The virtual size of a disk image: a qcow2 header's size field (big endian, at byte 24), or

@@ -168,6 +168,11 @@ pub trait Runtime: Send + Sync {
     ) -> ApiResult<()>;
     /// Stops and undefines domain `name` (a drill copy being cleaned up); nothing if absent.
     fn remove(&self, name: &str) -> ApiResult<()>;
+    /// Domain `name` at a site that now holds its replica (`images`: the replica's raw images):
+    /// one defined on those images (it ran here after a failover) is undefined, so nothing
+    /// starts it into what replication writes (a failover here defines it again); any other
+    /// (on its own images) loses its autostart. One that runs is left alone.
+    fn demote(&self, name: &str, images: &[std::path::PathBuf]) -> ApiResult<()>;
 }
 
 /// One disk of a drill copy: `overlay` is made over the raw image `base` (which must not change
@@ -283,6 +288,9 @@ impl Runtime for Builtin {
         Err(not_a_domain(name))
     }
     fn remove(&self, _name: &str) -> ApiResult<()> {
+        Ok(())
+    }
+    fn demote(&self, _name: &str, _images: &[std::path::PathBuf]) -> ApiResult<()> {
         Ok(())
     }
 }
