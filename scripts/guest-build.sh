@@ -114,6 +114,14 @@ cat >"$root/init" <<'INIT'
 #   twinsite.bench=M     instead of writing records: write M MiB from 64 MiB on, flushed, again and
 #                        again (pause between runs), each run printed as
 #                        "TWINSITE BENCH <MB/s>MB/s <M> MiB in <seconds> s"
+#   twinsite.log=1       instead of generations: an append-only log. Record K (0, 1, ...) is written
+#                        once, at byte offset K * 64 KiB, fsynced, then "TWINSITE LOGGED seq=K" is
+#                        printed (the guest acknowledged it). At every boot the records from 0 are
+#                        checked up to the first blank slot, and the 64 slots after it must be
+#                        blank: "TWINSITE LOG ok count=C" (then it appends from C, one record per
+#                        pause) or "TWINSITE LOG bad ..." (then it writes nothing).
+#                        Log record layout (4096 bytes): the line "TWINSITE-LOG v1 seq=K" + "\n"
+#                        repeated and cut at 4032 bytes, then the hex sha256 of those bytes.
 # Record layout (4096 bytes): 4032 bytes of body, the line
 #   "TWINSITE-RECORD v1 gen=G idx=I n=N" + "\n" repeated and cut at 4032 bytes,
 # then the 64 lowercase hex digits of the body's sha256. A blank (all-zero) block is generation 0.
@@ -161,7 +169,7 @@ if [ -x /etc/acpi/PWRF/00000080 ]; then
   acpid -d -c /etc/acpi >"$console" 2>&1 &
 fi
 
-verify=0 write=1 records=32 pause=1 bench=0
+verify=0 write=1 records=32 pause=1 bench=0 log=0
 for opt in $(cat /proc/cmdline); do
   case "$opt" in
     twinsite.verify=*) verify="${opt#*=}" ;;
@@ -169,6 +177,7 @@ for opt in $(cat /proc/cmdline); do
     twinsite.records=*) records="${opt#*=}" ;;
     twinsite.pause=*) pause="${opt#*=}" ;;
     twinsite.bench=*) bench="${opt#*=}" ;;
+    twinsite.log=*) log="${opt#*=}" ;;
   esac
 done
 
@@ -185,6 +194,50 @@ make_record() {
   cat /tmp/body
   printf '%s' "$sum"
 }
+
+# The append-only log (twinsite.log=1): checked, then appended to forever.
+if [ "$log" = 1 ]; then
+  logline() { echo "TWINSITE-LOG v1 seq=$1"; }
+  slots=$(( $(cat /sys/block/vda/size) / 128 ))
+  count=0 bad=""
+  while [ $count -lt $slots ]; do
+    dd if=/dev/vda of=/tmp/rec bs=4096 skip=$((count * 16)) count=1 2>/dev/null
+    cmp -s /tmp/rec /tmp/zero && break
+    head -c 4032 /tmp/rec >/tmp/body
+    if [ "$(head -n1 /tmp/body)" != "$(logline $count)" ]; then
+      bad="record=$count is not log record $count"; break
+    fi
+    if [ "$(tail -c 64 /tmp/rec)" != "$(sha256sum /tmp/body | cut -c1-64)" ]; then
+      bad="record=$count checksum mismatch"; break
+    fi
+    count=$((count + 1))
+  done
+  # Each record is durable before the next is written: nothing follows the first blank slot.
+  i=$((count + 1))
+  while [ -z "$bad" ] && [ $i -lt $((count + 65)) ] && [ $i -lt $slots ]; do
+    dd if=/dev/vda of=/tmp/rec bs=4096 skip=$((i * 16)) count=1 2>/dev/null
+    cmp -s /tmp/rec /tmp/zero || bad="record=$i written after blank record=$count"
+    i=$((i + 1))
+  done
+  if [ -n "$bad" ]; then
+    say "TWINSITE LOG bad $bad"
+  else
+    say "TWINSITE LOG ok count=$count"
+    seq=$count
+    while [ "$write" != 0 ] && [ $seq -lt $slots ]; do
+      yes "$(logline $seq)" | head -c 4032 >/tmp/body
+      { cat /tmp/body; printf '%s' "$(sha256sum /tmp/body | cut -c1-64)"; } >/tmp/rec
+      if dd if=/tmp/rec of=/dev/vda bs=4096 seek=$((seq * 16)) count=1 conv=notrunc,fsync 2>/dev/null; then
+        say "TWINSITE LOGGED seq=$seq"
+      else
+        say "TWINSITE init: write of log record $seq failed"; break
+      fi
+      seq=$((seq + 1))
+      sleep "$pause"
+    done
+  fi
+  while :; do sleep 3600; done
+fi
 
 # Reads every record. Sets max (the highest generation seen), complete (the newest complete
 # generation), partial (how many records already hold the generation after it) and bad (why the

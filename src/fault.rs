@@ -46,6 +46,8 @@ pub const ALL: &[&str] = &[
 pub const LIBVIRT: &[&str] = &[
     // Source: a libvirt pull backup is open (its job and NBD server live in libvirtd).
     "source.export",
+    // Target: a failed-over domain was started paused, its failover checkpoint not made yet.
+    "failover.boot",
 ];
 
 /// How a failpoint is armed.

@@ -635,6 +635,16 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         let checkpoint = export.as_ref().and_then(|e| e.checkpoint.clone());
         let plan = match (mode, peer_dirty) {
             (ReplicationMode::Initial, _) => Plan::All { skip_zero: zeroed },
+            // A domain's guest writes through QEMU, past the change journals: they hold the
+            // blocks a failover rolled back, never what the guest wrote since. Only hashes
+            // tell what differs.
+            (ReplicationMode::Resync, _) if domain => {
+                tracing::info!(
+                    vm,
+                    "resync by block hashes: a domain's journals miss its writes"
+                );
+                Plan::Hash
+            }
             (ReplicationMode::Resync, Some((base, mut sets)))
                 if my_base.as_deref() == Some(base.as_str()) =>
             {
@@ -1173,7 +1183,7 @@ async fn open_export(
     let scratch = dir.join("spool");
     let ex = tokio::task::spawn_blocking(move || {
         st2.runtime
-            .export(&vm2, &disks2, since.as_deref(), &next, &scratch)
+            .export(&vm2, &disks2, since.as_deref(), Some(&next), &scratch)
     })
     .await
     .map_err(|e| e.to_string())?

@@ -621,11 +621,12 @@ impl VmRec {
                 "VM {vm} runs at this site; its changes are not final"
             )));
         }
+        // A domain's guest writes past the journal, which then vouches for nothing.
         let base = r
             .meta
             .journal_base
             .clone()
-            .filter(|_| r.meta.role == Role::Primary);
+            .filter(|_| r.meta.role == Role::Primary && r.meta.domain.is_none());
         // Not just the dirty set: a cycle of this side may be in flight (sealed, never to be
         // acknowledged now), and its blocks differ from the peer's too.
         let sets = r.tracker.unacknowledged().map_err(ApiError::io)?;

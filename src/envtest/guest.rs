@@ -24,6 +24,19 @@
 //! ...`) on its serial console; `twinsite.write=0` stops it writing; `twinsite.records=N`
 //! (default 32) and `twinsite.pause=S` (seconds between generations, default 1). After each
 //! generation it prints `TWINSITE WROTE gen=G`.
+//!
+//! # The append-only log
+//!
+//! With `twinsite.log=1` the guest writes no generations: record `K` (0, 1, ...) is written
+//! once, at byte offset `K * 64 KiB` (one replication block each), synced, and then
+//! acknowledged on the console as `TWINSITE LOGGED seq=K`. A record is 4096 bytes: the line
+//! `TWINSITE-LOG v1 seq=K` and a newline, repeated and cut at 4032 bytes, then the lowercase hex
+//! SHA-256 of those bytes. At every boot it checks the records from 0 up to the first blank
+//! slot, and that the 64 slots after it are blank, and prints `TWINSITE LOG ok count=C` (then
+//! appends from `C`, one record per pause) or `TWINSITE LOG bad ...` (then writes nothing). A
+//! record written once and lost later (a copy that missed some writes) stays lost: no later
+//! generation rewrites it, so a disk that holds fewer records than the guest acknowledged proves
+//! lost writes.
 
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
@@ -47,6 +60,14 @@ pub const WROTE_MARK: &str = "TWINSITE WROTE gen=";
 pub const VERIFY_OK_MARK: &str = "TWINSITE VERIFY ok";
 /// Serial console line printed when `twinsite.verify=1` found an inconsistent pattern.
 pub const VERIFY_BAD_MARK: &str = "TWINSITE VERIFY bad";
+/// Serial console line of the append-only log: record `K` is on the disk (synced).
+pub const LOGGED_MARK: &str = "TWINSITE LOGGED seq=";
+/// Serial console line of the append-only log's check at boot: `C` intact records.
+pub const LOG_OK_MARK: &str = "TWINSITE LOG ok count=";
+/// Serial console line of the append-only log's check at boot when it failed.
+pub const LOG_BAD_MARK: &str = "TWINSITE LOG bad";
+/// Distance between records of the append-only log (one replication block).
+pub const LOG_STRIDE: u64 = 64 << 10;
 
 /// Where the guest (vmlinuz, initrd.gz, initrd-noacpi.gz, initrd-ga.gz) lives, building it first when needed.
 /// `TWINSITE_GUEST_DIR` may point at a built guest (a directory holding `vmlinuz`); otherwise it
@@ -107,8 +128,10 @@ pub struct GuestOptions {
     /// Write generations forever.
     pub write: bool,
     pub records: usize,
-    /// Seconds between generations.
+    /// Seconds between generations (between log records with `log`).
     pub pause_secs: u32,
+    /// The append-only log instead of generations (see the module documentation).
+    pub log: bool,
 }
 
 impl Default for GuestOptions {
@@ -118,6 +141,7 @@ impl Default for GuestOptions {
             write: true,
             records: DEFAULT_RECORDS,
             pause_secs: 1,
+            log: false,
         }
     }
 }
@@ -126,11 +150,12 @@ impl GuestOptions {
     /// The `twinsite.*` kernel command line options.
     pub fn cmdline(&self) -> String {
         format!(
-            "twinsite.verify={} twinsite.write={} twinsite.records={} twinsite.pause={}",
+            "twinsite.verify={} twinsite.write={} twinsite.records={} twinsite.pause={}{}",
             u8::from(self.verify),
             u8::from(self.write),
             self.records,
-            self.pause_secs
+            self.pause_secs,
+            if self.log { " twinsite.log=1" } else { "" }
         )
     }
 }
@@ -436,6 +461,54 @@ pub fn verify_records(
     })
 }
 
+/// The exact bytes the guest writes as record `seq` of its append-only log.
+pub fn expected_log_record(seq: u64) -> Vec<u8> {
+    let line = format!("TWINSITE-LOG v1 seq={seq}\n");
+    let mut rec: Vec<u8> = line.bytes().cycle().take(BODY_SIZE).collect();
+    let sum = hex::encode(Sha256::digest(&rec));
+    rec.extend_from_slice(sum.as_bytes());
+    rec
+}
+
+/// A log slot that holds neither a blank block nor the record that belongs there.
+#[derive(Debug, thiserror::Error)]
+#[error("log slot {slot} holds neither a blank block nor log record {slot} (first bytes {head:?})")]
+pub struct LogError {
+    pub slot: u64,
+    pub head: String,
+}
+
+/// Checks the append-only log in `slots` slots; `read(offset, len)` returns the disk's bytes
+/// there. Returns the number of records before the first blank slot, and the slots written
+/// after it (a gap: writes lost in between).
+pub fn verify_log(
+    mut read: impl FnMut(u64, usize) -> std::io::Result<Vec<u8>>,
+    slots: u64,
+) -> Result<(u64, Vec<u64>), LogError> {
+    let mut count = None;
+    let mut after_gap = Vec::new();
+    for slot in 0..slots {
+        let bytes = read(slot * LOG_STRIDE, RECORD_SIZE).map_err(|e| LogError {
+            slot,
+            head: e.to_string(),
+        })?;
+        if bytes.iter().all(|b| *b == 0) {
+            count.get_or_insert(slot);
+            continue;
+        }
+        if bytes != expected_log_record(slot) {
+            return Err(LogError {
+                slot,
+                head: String::from_utf8_lossy(&bytes[..bytes.len().min(40)]).into_owned(),
+            });
+        }
+        if count.is_some() {
+            after_gap.push(slot);
+        }
+    }
+    Ok((count.unwrap_or(slots), after_gap))
+}
+
 /// [`verify_records`] on a raw disk image file.
 pub fn verify_raw_image(path: &Path, records: usize) -> Result<PatternSummary, PatternError> {
     let mut file = std::fs::File::open(path).map_err(|source| PatternError::Read {
@@ -538,6 +611,35 @@ mod tests {
         assert_eq!((s.generation, s.partial), (0, 1));
         let s = verify(&disk(&[0, 0])).expect("blank");
         assert_eq!(s.generation, 0);
+    }
+
+    #[test]
+    fn the_log_counts_records_up_to_its_first_gap_and_names_those_after_it() {
+        let slots = 8u64;
+        let mut disk = vec![0u8; (slots * LOG_STRIDE) as usize];
+        let put = |disk: &mut Vec<u8>, k: u64| {
+            let at = (k * LOG_STRIDE) as usize;
+            disk[at..at + RECORD_SIZE].copy_from_slice(&expected_log_record(k));
+        };
+        for k in [0, 1, 2, 5] {
+            put(&mut disk, k);
+        }
+        let read = |disk: &Vec<u8>| {
+            let d = disk.clone();
+            move |off: u64, len: usize| Ok(d[off as usize..off as usize + len].to_vec())
+        };
+        let (count, after) = verify_log(read(&disk), slots).expect("intact records");
+        assert_eq!((count, after), (3, vec![5]));
+        let r = expected_log_record(4);
+        assert!(r.starts_with(b"TWINSITE-LOG v1 seq=4\nTWINSITE-LOG"));
+        assert_eq!(r.len(), RECORD_SIZE);
+        // Record 3 in slot 4: misplaced.
+        let at = (4 * LOG_STRIDE) as usize;
+        disk[at..at + RECORD_SIZE].copy_from_slice(&expected_log_record(3));
+        assert_eq!(
+            verify_log(read(&disk), slots).map_err(|e| e.slot).err(),
+            Some(4)
+        );
     }
 
     #[test]

@@ -429,7 +429,12 @@ async fn real_guests_are_protected_drilled_failed_over_reprotected_and_failed_ba
     w.patch_spec("app", json!({"activeSite": p})).await;
     w.wait_protected("app", &p, &s).await;
     assert_eq!(domstate(&pl, "app"), "running");
-    assert_eq!(domstate(&sl, "app"), "shut off");
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "app"),
+        "the secondary holds the replica again and keeps no domain on it"
+    );
     let at_primary = w.primary.vm_dir("app").join("console.log");
     let line = wait_mark(&at_primary, guest::VERIFY_OK_MARK, 0).await;
     assert!(generation(&line) >= wrote_at_secondary, "{line}");
@@ -1059,4 +1064,375 @@ async fn a_two_tier_plan_of_real_guests_fails_over_from_one_cut() {
         .unwrap_or_else(|| panic!("the source logs the pause"));
     assert!(paused.contains("db") && paused.contains("web"), "{paused}");
     eprintln!("{paused}");
+}
+
+/// The newest record the guest acknowledged on console `log` (its append-only log), if any.
+fn last_logged(log: &Path) -> Option<u64> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(guest::LOGGED_MARK))
+        .filter_map(|(_, k)| k.trim().parse::<u64>().ok())
+        .max()
+}
+
+/// The guest's check of its log at boot `nth` on console `log`: the records it found.
+async fn log_checked(log: &Path, nth: usize) -> u64 {
+    let line = wait_mark(log, "TWINSITE LOG ", nth).await;
+    assert!(
+        !line.contains(guest::LOG_BAD_MARK),
+        "the guest found its log damaged: {line}"
+    );
+    line.split_once(guest::LOG_OK_MARK)
+        .and_then(|(_, c)| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no record count in {line:?}"))
+}
+
+/// Waits until the guest on console `log` has acknowledged record `seq`.
+async fn wait_logged(log: &Path, seq: u64) {
+    let deadline = Instant::now() + BOOT;
+    while last_logged(log).is_none_or(|k| k < seq) {
+        assert!(
+            Instant::now() < deadline,
+            "the guest on {} acknowledged no record {seq} within {BOOT:?}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// (device, inode) of a file.
+fn file_id(path: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.dev(), m.ino())
+}
+
+/// (device, inode) of every file the QEMU of domain `name` at `site` holds open.
+fn qemu_open_files(site: &LibvirtSite, name: &str) -> Vec<(u64, u64)> {
+    let pid_file = site.dir().join("run/qemu").join(format!("{name}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no QEMU pid in {}", pid_file.display()));
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("QEMU's open files")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::metadata(e.path()).ok())
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+        .collect()
+}
+
+/// Waits until the newest planned failover of `vm` made `to` its active site and waits for its
+/// commit; returns the job's name.
+async fn failed_over(w: &World, vm: &str, to: &str) -> String {
+    let r = w
+        .wait_for(
+            vm,
+            &format!("{vm} failed over to {to}, not committed"),
+            |r| {
+                r.status.as_ref().is_some_and(|st| {
+                    st.active_site.as_deref() == Some(to)
+                        && st.phase == Some(twinsite::api::VmPhase::FailedOver)
+                }) && newest_job(r, "PlannedFailover")
+                    .is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+            },
+        )
+        .await;
+    let steps = job_steps(&r, "PlannedFailover");
+    assert!(
+        steps
+            .iter()
+            .all(|(_, st)| st == "Succeeded" || st == "Skipped"),
+        "{steps:?}"
+    );
+    newest_job(&r, "PlannedFailover")
+        .expect("the failover job")
+        .name
+}
+
+/// The way there and back with a guest whose records are each written once (an append-only
+/// log, every record synced before the next, checked at every boot): a planned failover, its
+/// commit once the guest wrote at the new site, reverse replication that reaches
+/// Replicating/Healthy, more records written at the new site, and a planned failback that passes VerifyDigests at its first attempt. The guest at
+/// the primary then finds every record it acknowledged at either site, and so did the copy
+/// the reverse replication called healthy. From failover to failback QEMU at the secondary
+/// writes into the agent's image there (the same inode).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_record_a_real_guest_acknowledged_survives_failover_and_failback() {
+    round_trip("lvl", false).await;
+}
+
+/// As [`every_record_a_real_guest_acknowledged_survives_failover_and_failback`], with the
+/// target's agent killed during the failover after it started the domain paused: the retried
+/// StartAtTarget finds the domain booted and still tracks its writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_whose_boot_is_retried_loses_no_record() {
+    round_trip("lvr", true).await;
+}
+
+async fn round_trip(tag: &str, crash_at_boot: bool) {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let mut w = World::start_full(tag, &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, first) = define_guest_with(&pl, lv.path(), "app", GuestVariant::Acpi, |o| {
+        o.guest.log = true;
+    });
+    assert_eq!(
+        log_checked(&first, 0).await,
+        0,
+        "a new disk holds no record"
+    );
+    wait_logged(&first, 0).await;
+    w.create_rvm("app", json!({"type": "Planned", "commit": "Manual"}))
+        .await;
+    w.wait_protected("app", &p, &s).await;
+
+    // Planned failover; the guest runs at the secondary a while before it is committed and
+    // reprotected toward the primary, as a person checks an application before committing.
+    if crash_at_boot {
+        w.secondary.envs = vec![("TWINSITE_FAILPOINT".into(), "failover.boot".into())];
+        w.secondary.restart().await;
+    }
+    w.patch_spec("app", json!({"activeSite": s})).await;
+    if crash_at_boot {
+        let log = w.secondary.dir.join("agent.log");
+        let deadline = Instant::now() + BOOT;
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint failover.boot reached")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the failover never booted the domain"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(
+            domstate(&sl, "app"),
+            "paused",
+            "started paused, then the agent died"
+        );
+        w.secondary.envs.clear();
+        w.secondary.restart().await;
+    }
+    let job = failed_over(&w, "app", &s).await;
+    let at_primary = last_logged(&first).expect("records written at the primary");
+    let second = w.secondary.vm_dir("app").join("console.log");
+    let found = log_checked(&second, 0).await;
+    assert!(
+        found > at_primary,
+        "the guest at the secondary found {found} records; it acknowledged 0..={at_primary}"
+    );
+    wait_logged(&second, found + 5).await;
+    annotate(&w, "rvm", "app", twinsite::api::COMMIT_ANNOTATION, &job);
+    w.wait_protected("app", &s, &p).await;
+    let image = w.secondary.vm_dir("app").join("disks").join("vda.img");
+    let wrapper = image.with_extension("qcow2");
+    let held = qemu_open_files(&sl, "app");
+    let files = [file_id(&image), file_id(&wrapper)];
+    assert!(
+        files.iter().all(|f| held.contains(f)),
+        "QEMU at the secondary runs on other files than the agent's image and its wrapper"
+    );
+    let health = |r: &twinsite::api::ReplicatedVM| {
+        r.status
+            .as_ref()
+            .and_then(|s| s.replication.as_ref())
+            .map(|x| format!("{:?}/{:?}", x.state, x.health))
+            .unwrap_or_default()
+    };
+    let r = w
+        .wait_for("app", "reverse replication Replicating/Healthy", |r| {
+            health(r) == "Replicating/Some(Healthy)"
+        })
+        .await;
+    eprintln!("reverse replication: {}", health(&r));
+
+    // More records at the secondary; a point taken after them holds every one (read back from
+    // the primary's copy, which status calls healthy).
+    let before = last_logged(&second).unwrap_or(found);
+    wait_logged(&second, before + 3).await;
+    let acked = last_logged(&second).expect("records written at the secondary");
+    w.agent(&s)
+        .client
+        .sync("app", &format!("{tag}-sync-1"))
+        .await
+        .expect("a sync toward the primary");
+    let slots = acked + 1 + 64;
+    let bytes = w
+        .primary
+        .client
+        .read_disk("app", "vda", 0, slots * guest::LOG_STRIDE)
+        .await
+        .expect("the primary's copy reads");
+    let (held, after_gap) = guest::verify_log(
+        |off, len| Ok(bytes[off as usize..off as usize + len].to_vec()),
+        slots,
+    )
+    .expect("the primary's copy holds intact records");
+    assert!(
+        held > acked && after_gap.is_empty(),
+        "the primary's copy holds records 0..{held} (and {after_gap:?} after a gap); the guest \
+         acknowledged 0..={acked} before the point was taken (0..={at_primary} at the primary)"
+    );
+
+    // Planned failback: VerifyDigests passes at the first attempt, the guest finds every record.
+    wait_logged(&second, acked + 2).await;
+    assert_eq!(
+        [file_id(&image), file_id(&wrapper)],
+        files,
+        "the agent's image at the secondary was replaced while the guest ran on it"
+    );
+    let held = qemu_open_files(&sl, "app");
+    assert!(
+        files.iter().all(|f| held.contains(f)),
+        "QEMU's files changed"
+    );
+    let failovers = |r: &twinsite::api::ReplicatedVM| {
+        jobs(r)
+            .iter()
+            .filter(|(t, _)| t == "PlannedFailover")
+            .count()
+    };
+    let earlier = failovers(&w.get("app").await);
+    w.patch_spec("app", json!({"activeSite": p})).await;
+    let r = w
+        .wait_for("app", "the failback ends", |r| {
+            failovers(r) > earlier
+                && newest_job(r, "PlannedFailover").is_some_and(|j| {
+                    matches!(format!("{:?}", j.state).as_str(), "Succeeded" | "Failed")
+                })
+        })
+        .await;
+    let job = newest_job(&r, "PlannedFailover").expect("the failback job");
+    assert!(
+        format!("{:?}", job.state) == "Succeeded" && job.attempt.unwrap_or(1) == 1,
+        "the failback did not pass at its first attempt: {:?}, steps {:?}, message {:?}",
+        job.state,
+        job_steps(&r, "PlannedFailover"),
+        job.message
+    );
+    let job = failed_over(&w, "app", &p).await;
+    annotate(&w, "rvm", "app", twinsite::api::COMMIT_ANNOTATION, &job);
+    w.wait_protected("app", &p, &s).await;
+    // The secondary holds the replica again: no domain there may start into its image.
+    assert!(
+        !virsh(&sl, &["list", "--all", "--name"])
+            .lines()
+            .any(|l| l.trim() == "app"),
+        "the secondary keeps a domain on the replica's image"
+    );
+    let acked = last_logged(&second).expect("records written at the secondary");
+    let third = w.primary.vm_dir("app").join("console.log");
+    let found = log_checked(&third, 0).await;
+    assert!(
+        found > acked,
+        "the guest back at the primary found {found} records; it acknowledged 0..={acked} at \
+         the secondary"
+    );
+}
+
+/// Runs `qemu-io` command `cmd` on qcow2 image `image` (a domain that is off), waiting while a
+/// cycle's reader holds the image.
+fn qemu_io(image: &Path, cmd: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(image)
+            .output()
+            .expect("qemu-io runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() && !err.contains("lock") {
+            return;
+        }
+        assert!(
+            err.contains("lock") && Instant::now() < deadline,
+            "qemu-io {cmd}: {err}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A domain that is protected while it is off gets recovery points like one that runs: its
+/// first transfer starts a checkpoint (a persistent bitmap in its images, which libvirt knows),
+/// and each cycle sends what changed in its images since, here a write made while it was off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_that_is_off_gets_recovery_points() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvo", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let disk = lv.path().join("off.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("16M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success());
+    qemu_io(&disk, "write -P 0x5a 1M 64k");
+    let xml = format!(
+        "<domain type='qemu'><name>off</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let file = lv.path().join("off.xml");
+    std::fs::write(&file, xml).expect("writes");
+    virsh(&pl, &["define", &file.to_string_lossy()]);
+    w.create_rvm("off", json!({"type": "Planned"})).await;
+    // Protected and replicating (never Ready: a VM that is off where it should run is not).
+    w.wait_for("off", "off protected, replicating", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.phase == Some(twinsite::api::VmPhase::Protected)
+                && st.replication.as_ref().is_some_and(|x| {
+                    x.source_site.as_deref() == Some(p.as_str())
+                        && x.target_site.as_deref() == Some(s.as_str())
+                        && format!("{:?}", x.state) == "Replicating"
+                })
+        })
+    })
+    .await;
+    let first = w
+        .primary
+        .client
+        .sync("off", "lvo-sync-1")
+        .await
+        .expect("a cycle of a domain that is off");
+    qemu_io(&disk, "write -P 0xa5 2M 64k");
+    let second = w
+        .primary
+        .client
+        .sync("off", "lvo-sync-2")
+        .await
+        .expect("a cycle after a write to its image");
+    assert_ne!(first.recovery_point.id, second.recovery_point.id);
+    for (off, byte) in [(1u64 << 20, 0x5au8), (2 << 20, 0xa5)] {
+        let got = w
+            .secondary
+            .client
+            .read_disk("off", "vda", off, 8)
+            .await
+            .expect("the replica reads");
+        assert_eq!(got, [byte; 8], "the replica at {off}");
+    }
+    let v = w.primary.vm("off").await.expect("off is listed");
+    assert_eq!(
+        format!("{:?}", v.replication.state),
+        "Replicating",
+        "no resync: {v:?}"
+    );
+    assert_eq!(domstate(&pl, "off"), "shut off");
 }

@@ -152,10 +152,12 @@ pub(super) async fn boot_failed_over(
                 })
                 .collect();
             let cp = format!("twinsite-failover-{}", jiff::Timestamp::now().as_second());
-            if st2
+            // A retry finds the domain booted: it is a domain all the same (its guest writes
+            // through QEMU, which only its checkpoints see), whatever the first attempt saved.
+            let cp = st2
                 .runtime
-                .boot_replica(&name, &definition, &images, &cp, &networks)?
-            {
+                .boot_replica(&name, &definition, &images, &cp, &networks)?;
+            if r.meta.domain.as_ref().and_then(|d| d.checkpoint.as_deref()) != Some(cp.as_str()) {
                 r.meta.domain = Some(super::super::meta::DomainLink {
                     checkpoint: Some(cp),
                 });
@@ -202,9 +204,7 @@ fn own_image_export(
             "VM {name} runs: {what} is taken of a VM that is off"
         )));
     }
-    let ex = st
-        .runtime
-        .export(name, &disks, None, "twinsite-read", &scratch)?;
+    let ex = st.runtime.export(name, &disks, None, None, &scratch)?;
     Ok(Some((ex, i, disks[i].size_bytes)))
 }
 
@@ -303,9 +303,9 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
                 "VM {name} runs at this site; it cannot receive replication"
             )));
         }
-        let mut ex =
-            st2.runtime
-                .export(&name, &disks, None, "twinsite-copy", &dir.join("spool"))?;
+        let mut ex = st2
+            .runtime
+            .export(&name, &disks, None, None, &dir.join("spool"))?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         for (i, d) in disks.iter().enumerate() {
             let path = dir.join("disks").join(format!("{}.img", d.name));
@@ -327,6 +327,32 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?
+}
+
+/// After a bulk transfer began into `vm` here (this site holds its replica now): a domain of
+/// that name on the replica's images is undefined, another one loses its autostart (see
+/// `Runtime::demote`). A failure is logged; the next bulk transfer tries again.
+pub(super) async fn demote(st: &Shared, vm: &str) {
+    if st.runtime.kind() == RuntimeKind::Builtin {
+        return;
+    }
+    let (st2, name) = (st.clone(), vm.to_string());
+    let res = tokio::task::spawn_blocking(move || {
+        let images = st2.store.read_vm(&name, |r| {
+            Ok(r.meta
+                .disks
+                .iter()
+                .map(|d| r.dir.join("disks").join(format!("{}.img", d.name)))
+                .collect::<Vec<_>>())
+        })?;
+        st2.runtime.demote(&name, &images)
+    })
+    .await;
+    match res {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(vm, error = %e.message, "demoting the domain of a replica"),
+        Err(e) => tracing::warn!(vm, error = %e, "demoting the domain of a replica"),
+    }
 }
 
 /// After a test failover at this site: the drill copy `copy` of a replica of a libvirt domain

@@ -56,13 +56,18 @@ pub(crate) async fn begin(
             ),
         ));
     }
-    if req.bulk {
+    let bulk = req.bulk;
+    if bulk {
         super::domain::take_images(&st, &vm, &req.source_site).await?;
     }
     let vm2 = vm.clone();
     let answer = with_store(&st, move |s| s.begin(&vm2, &req)).await?;
     // This VM follows the peer now: a replication task of its own (an old source's) must end.
     driver::stop(&st, &vm);
+    if bulk {
+        // Nothing here may start the domain into the replica's images.
+        super::domain::demote(&st, &vm).await;
+    }
     Ok(Json(answer).into_response())
 }
 

@@ -60,6 +60,26 @@ pub fn create(d: &Domain, xml: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Gives libvirt the checkpoint `xml` whose bitmaps exist already in the images (a domain that
+/// is off, where libvirt creates none itself).
+pub fn redefine(d: &Domain, xml: &str) -> Result<(), String> {
+    let x = cstring("checkpoint XML", xml)?;
+    // SAFETY: `d` is a live domain handle; `x` outlives the call. The returned handle is freed.
+    let cp = unsafe {
+        sys::virDomainCheckpointCreateXML(
+            d.as_ptr(),
+            x.as_ptr(),
+            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE,
+        )
+    };
+    if cp.is_null() {
+        return Err(last_error());
+    }
+    // SAFETY: `cp` is the handle just returned.
+    unsafe { sys::virDomainCheckpointFree(cp) };
+    Ok(())
+}
+
 /// Names of every checkpoint of the domain.
 pub fn list(d: &Domain) -> Result<Vec<String>, String> {
     let mut arr: *mut sys::virDomainCheckpointPtr = std::ptr::null_mut();

@@ -167,10 +167,12 @@ pub fn backup_export(
 }
 
 /// Serves the images of a domain that is off with `qemu-nbd` (read-only), one server per
-/// disk, exposing the persistent bitmap of checkpoint `since`.
+/// disk, exposing the persistent bitmap of checkpoint `since`. `started`: the checkpoint added
+/// to the images just before (the next transfer's base), if any.
 pub fn image_export(
     disks: &[(DiskSpec, PathBuf, String)],
     since: Option<&str>,
+    started: Option<String>,
 ) -> ApiResult<NbdExport> {
     let dir = socket_dir()?;
     let mut servers: Vec<Child> = Vec::new();
@@ -223,7 +225,7 @@ pub fn image_export(
     match result {
         Ok(()) => Ok(NbdExport {
             disks: opened,
-            checkpoint: None,
+            checkpoint: started,
             end: Some(Box::new(stop)),
             _dir: dir,
         }),

@@ -115,6 +115,166 @@ impl Libvirt {
         ApiError::internal(format!("libvirt: {what} {name}: {}", e.message()))
     }
 
+    /// Takes checkpoint `checkpoint` of every replicated disk of a failed-over domain.
+    fn failover_checkpoint(
+        &self,
+        d: &VirDomain,
+        name: &str,
+        images: &[(String, std::path::PathBuf)],
+        checkpoint: &str,
+    ) -> ApiResult<()> {
+        let mut cx = format!(
+            "<domaincheckpoint><name>{}</name><disks>",
+            xml::escape(checkpoint)
+        );
+        for (disk, _) in images {
+            cx.push_str(&format!(
+                "<disk name='{}' checkpoint='bitmap'/>",
+                xml::escape(disk)
+            ));
+        }
+        cx.push_str("</disks></domaincheckpoint>");
+        checkpoints::create(d, &cx).map_err(|e| {
+            ApiError::internal(format!("libvirt: checkpoint of {name} at failover: {e}"))
+        })
+    }
+
+    /// A failed-over domain that runs already: an earlier attempt of this failover booted it,
+    /// so it must run on the wrappers of the replica's images (a domain of that name on other
+    /// disks is not this failover's, and its writes would never reach the replica). Its writes
+    /// are tracked from the checkpoint that attempt made; an attempt that stopped before making
+    /// one left the domain paused, so it is made now, before the guest's first instruction.
+    fn booted_already(
+        &self,
+        d: &VirDomain,
+        name: &str,
+        images: &[(String, std::path::PathBuf)],
+        checkpoint: &str,
+    ) -> ApiResult<String> {
+        let dom = self.describe(d)?;
+        for (disk, raw) in images {
+            let wrapper = raw.with_extension("qcow2");
+            if !dom
+                .disks
+                .iter()
+                .any(|x| x.name == *disk && x.path == wrapper)
+            {
+                return Err(ApiError::conflict(format!(
+                    "domain {name} runs at this site, but its disk {disk} is not the replica's                      image {}: it was not started by this failover; power it off first",
+                    wrapper.display()
+                )));
+            }
+        }
+        let paused = matches!(d.get_state(), Ok((sys::VIR_DOMAIN_PAUSED, _)));
+        let mut ours: Vec<String> = checkpoints::list(d)
+            .map_err(ApiError::internal)?
+            .into_iter()
+            .filter(|c| c.starts_with(CHECKPOINT_PREFIX))
+            .collect();
+        ours.sort();
+        let cp = match ours.pop() {
+            Some(cp) => cp,
+            None => {
+                if !paused {
+                    // Started without one (by hand?): tracked from now on. The reverse
+                    // replication of a domain compares block hashes, so nothing is missed.
+                    tracing::warn!(vm = name, "a failed-over domain ran without a checkpoint");
+                }
+                self.failover_checkpoint(d, name, images, checkpoint)?;
+                checkpoint.to_string()
+            }
+        };
+        self.keep_checkpoint(name, &cp)?;
+        if paused {
+            d.resume().map_err(|e| self.failed("resuming", name, &e))?;
+        }
+        Ok(cp)
+    }
+
+    /// Starts checkpoint `cp` of domain `name`, which is off (libvirt takes checkpoints of
+    /// running domains only): a persistent bitmap named `cp` in the top image of each disk
+    /// (`qemu-img bitmap --add`, enabled, so QEMU and qemu-img track every later write into
+    /// it), then the checkpoint given to libvirt over those bitmaps, so a backup of the running
+    /// domain can start from it later.
+    fn offline_checkpoint(
+        &self,
+        d: &VirDomain,
+        name: &str,
+        images: &[(DiskSpec, std::path::PathBuf, String)],
+        cp: &str,
+    ) -> ApiResult<()> {
+        let mut disks = String::new();
+        for (spec, path, format) in images {
+            if format != "qcow2" {
+                return Err(ApiError::conflict(format!(
+                    "disk {} of {name} is {format}: change tracking needs qcow2",
+                    spec.name
+                )));
+            }
+            let out = std::process::Command::new("qemu-img")
+                .args(["bitmap", "--add", "-f", "qcow2"])
+                .arg(path)
+                .arg(cp)
+                .output()
+                .map_err(|e| {
+                    ApiError::internal(format!("running qemu-img (Debian package qemu-utils): {e}"))
+                })?;
+            if !out.status.success() {
+                return Err(ApiError::internal(format!(
+                    "qemu-img bitmap --add {cp} on {}: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            disks.push_str(&format!(
+                "<disk name='{}' checkpoint='bitmap' bitmap='{}'/>",
+                xml::escape(&spec.name),
+                xml::escape(cp)
+            ));
+        }
+        let text = format!(
+            "<domaincheckpoint><name>{}</name><creationTime>{}</creationTime><disks>{disks}\
+             </disks></domaincheckpoint>",
+            xml::escape(cp),
+            jiff::Timestamp::now().as_second()
+        );
+        checkpoints::redefine(d, &text).map_err(|e| {
+            ApiError::internal(format!(
+                "libvirt: checkpoint {cp} of {name}, which is off: {e}"
+            ))
+        })
+    }
+
+    /// Deletes checkpoint `cp` of domain `name`. libvirt deletes none of a domain that is off:
+    /// its bitmap is removed from the images (each checkpoint's bitmap tracks every change
+    /// since that checkpoint, so no other one needs it) and libvirt forgets it.
+    fn delete_checkpoint(&self, d: &VirDomain, name: &str, cp: &str) -> ApiResult<()> {
+        let failed = |e: String| {
+            ApiError::internal(format!("libvirt: deleting checkpoint {cp} of {name}: {e}"))
+        };
+        if d.is_active().unwrap_or(true) {
+            return checkpoints::delete(d, cp).map_err(failed);
+        }
+        for disk in self
+            .describe(d)?
+            .disks
+            .iter()
+            .filter(|x| x.format == "qcow2")
+        {
+            let out = std::process::Command::new("qemu-img")
+                .args(["bitmap", "--remove", "-f", "qcow2"])
+                .arg(&disk.path)
+                .arg(cp)
+                .output()
+                .map_err(|e| ApiError::internal(format!("running qemu-img: {e}")))?;
+            let err = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() && !err.contains("not found") {
+                return Err(failed(err.trim().to_string()));
+            }
+        }
+        checkpoints::forget(d, cp).map_err(failed)
+    }
+
     /// Makes libvirt network `name` if it is missing: a bridge with no forwarding and no
     /// addresses, so a drill copy reaches nothing outside it.
     fn ensure_isolated_network(&self, name: &str) -> ApiResult<()> {
@@ -291,10 +451,17 @@ impl Runtime for Libvirt {
         name: &str,
         disks: &[DiskSpec],
         since: Option<&str>,
-        next: &str,
+        next: Option<&str>,
         scratch: &Path,
     ) -> ApiResult<Box<dyn Export>> {
         let d = self.require(name)?;
+        if let Some(cp) = next
+            && !cp.starts_with(CHECKPOINT_PREFIX)
+        {
+            return Err(ApiError::internal(format!(
+                "checkpoint {cp} lacks the agent's prefix"
+            )));
+        }
         if !d.is_active().unwrap_or(false) {
             let dom = self.describe(&d)?;
             let mut images = Vec::new();
@@ -311,13 +478,23 @@ impl Runtime for Libvirt {
                     })?;
                 images.push((spec.clone(), x.path.clone(), x.format.clone()));
             }
-            return Ok(Box::new(export::image_export(&images, since)?));
+            // Without a checkpoint (protected while off, or resynchronizing), the transfer
+            // starts one in the images before they are read: what QEMU writes once the domain
+            // starts (or qemu-img meanwhile) is tracked from there.
+            let started = match (since, next) {
+                (None, Some(cp)) => {
+                    self.offline_checkpoint(&d, name, &images, cp)?;
+                    Some(cp.to_string())
+                }
+                _ => None,
+            };
+            return Ok(Box::new(export::image_export(&images, since, started)?));
         }
-        if !next.starts_with(CHECKPOINT_PREFIX) {
-            return Err(ApiError::internal(format!(
-                "checkpoint {next} lacks the agent's prefix"
+        let Some(next) = next else {
+            return Err(ApiError::conflict(format!(
+                "domain {name} runs: its disks are read only by replication"
             )));
-        }
+        };
         std::fs::create_dir_all(scratch).map_err(ApiError::io)?;
         let dir = export::socket_dir()?;
         let socket = dir.path().join("backup.sock");
@@ -409,9 +586,7 @@ impl Runtime for Libvirt {
         let all = checkpoints::list(&d).map_err(ApiError::internal)?;
         for cp in all {
             if cp != keep && cp.starts_with(CHECKPOINT_PREFIX) {
-                checkpoints::delete(&d, &cp).map_err(|e| {
-                    ApiError::internal(format!("libvirt: deleting checkpoint {cp} of {name}: {e}"))
-                })?;
+                self.delete_checkpoint(&d, name, &cp)?;
             }
         }
         Ok(())
@@ -419,9 +594,7 @@ impl Runtime for Libvirt {
 
     fn drop_checkpoint(&self, name: &str, cp: &str) -> ApiResult<()> {
         let d = self.require(name)?;
-        checkpoints::delete(&d, cp).map_err(|e| {
-            ApiError::internal(format!("libvirt: deleting checkpoint {cp} of {name}: {e}"))
-        })
+        self.delete_checkpoint(&d, name, cp)
     }
 
     fn definition(&self, name: &str) -> ApiResult<String> {
@@ -437,14 +610,10 @@ impl Runtime for Libvirt {
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
         networks: &[(String, String)],
-    ) -> ApiResult<bool> {
+    ) -> ApiResult<String> {
         if let Some(d) = self.lookup(name)? {
             if d.is_active().unwrap_or(false) {
-                // Booted by an earlier attempt of this failover (paused if it stopped short).
-                if let Ok((sys::VIR_DOMAIN_PAUSED, _)) = d.get_state() {
-                    d.resume().map_err(|e| self.failed("resuming", name, &e))?;
-                }
-                return Ok(false);
+                return self.booted_already(&d, name, images, checkpoint);
             }
             // The domain (this site's old copy) moves onto the replica's images: checkpoints of
             // its old images mean nothing there.
@@ -474,23 +643,11 @@ impl Runtime for Libvirt {
         // Paused until the checkpoint exists: the guest's first write is already tracked.
         d.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
             .map_err(|e| self.failed("starting", name, &e))?;
-        let mut cx = format!(
-            "<domaincheckpoint><name>{}</name><disks>",
-            xml::escape(checkpoint)
-        );
-        for (disk, _) in images {
-            cx.push_str(&format!(
-                "<disk name='{}' checkpoint='bitmap'/>",
-                xml::escape(disk)
-            ));
-        }
-        cx.push_str("</disks></domaincheckpoint>");
-        checkpoints::create(&d, &cx).map_err(|e| {
-            ApiError::internal(format!("libvirt: checkpoint of {name} at failover: {e}"))
-        })?;
+        crate::fault::hit("failover.boot");
+        self.failover_checkpoint(&d, name, images, checkpoint)?;
         self.keep_checkpoint(name, checkpoint)?;
         d.resume().map_err(|e| self.failed("resuming", name, &e))?;
-        Ok(true)
+        Ok(checkpoint.to_string())
     }
 
     fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()> {
@@ -571,6 +728,32 @@ impl Runtime for Libvirt {
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
             res => res.map_err(|e| self.failed("undefining", name, &e)),
         }
+    }
+
+    fn demote(&self, name: &str, images: &[std::path::PathBuf]) -> ApiResult<()> {
+        let Some(d) = self.lookup(name)? else {
+            return Ok(());
+        };
+        if d.is_active().unwrap_or(true) {
+            return Ok(());
+        }
+        let on_replica = self.describe(&d)?.disks.iter().any(|x| {
+            images
+                .iter()
+                .any(|raw| x.path == *raw || x.path == raw.with_extension("qcow2"))
+        });
+        if on_replica {
+            tracing::info!(
+                vm = name,
+                "undefining the domain on the replica's images: this site holds the replica now"
+            );
+            return self.remove(name);
+        }
+        if d.get_autostart().unwrap_or(false) {
+            d.set_autostart(false)
+                .map_err(|e| self.failed("disabling the autostart of", name, &e))?;
+        }
+        Ok(())
     }
 }
 

@@ -104,13 +104,15 @@ pub trait Runtime: Send + Sync {
     /// A point-in-time view of the disks of domain `name` (`disks`, in that order), with the
     /// changes since checkpoint `since` (none: a full copy). A running domain starts checkpoint
     /// `next` at the same instant; a domain that is off is read from its images and keeps
-    /// `since` (nothing can write to it). `scratch` holds the export's temporary files.
+    /// `since` (nothing can write to it), or, without one, starts `next` in its images. `next`
+    /// is `None` for a read of a domain that is off that starts no checkpoint. `scratch` holds
+    /// the export's temporary files.
     fn export(
         &self,
         name: &str,
         disks: &[DiskSpec],
         since: Option<&str>,
-        next: &str,
+        next: Option<&str>,
         scratch: &Path,
     ) -> ApiResult<Box<dyn Export>>;
     /// Pauses domain `name` (its vCPUs stop; nothing it holds is lost): `false` when it is not
@@ -135,8 +137,9 @@ pub trait Runtime: Send + Sync {
     /// path; MAC addresses and the rest kept), and starts it with checkpoint `checkpoint`
     /// taken before its first instruction, so every write it makes is tracked. Each NIC on a
     /// network `networks` maps (source's name, this site's) moves to the mapped network; every
-    /// network the domain then uses must exist here. `false`: it ran already (an earlier
-    /// attempt booted it).
+    /// network the domain then uses must exist here. A domain that runs already on the
+    /// replica's images (an earlier attempt booted it) is kept; one on other disks is refused.
+    /// Returns the checkpoint its writes are tracked from (an earlier attempt's, if it made one).
     fn boot_replica(
         &self,
         name: &str,
@@ -144,7 +147,7 @@ pub trait Runtime: Send + Sync {
         images: &[(String, std::path::PathBuf)],
         checkpoint: &str,
         networks: &[(String, String)],
-    ) -> ApiResult<bool>;
+    ) -> ApiResult<String>;
     /// Makes one disk of a drill copy: a copy-on-write overlay over the replica's image, so a
     /// drill copies nothing and never changes the replica (see [`OverlayDisk`]).
     fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()>;
@@ -165,6 +168,11 @@ pub trait Runtime: Send + Sync {
     ) -> ApiResult<()>;
     /// Stops and undefines domain `name` (a drill copy being cleaned up); nothing if absent.
     fn remove(&self, name: &str) -> ApiResult<()>;
+    /// Domain `name` at a site that now holds its replica (`images`: the replica's raw images):
+    /// one defined on those images (it ran here after a failover) is undefined, so nothing
+    /// starts it into what replication writes (a failover here defines it again); any other
+    /// (on its own images) loses its autostart. One that runs is left alone.
+    fn demote(&self, name: &str, images: &[std::path::PathBuf]) -> ApiResult<()>;
 }
 
 /// One disk of a drill copy: `overlay` is made over the raw image `base` (which must not change
@@ -224,7 +232,7 @@ impl Runtime for Builtin {
         name: &str,
         _disks: &[DiskSpec],
         _since: Option<&str>,
-        _next: &str,
+        _next: Option<&str>,
         _scratch: &Path,
     ) -> ApiResult<Box<dyn Export>> {
         Err(not_a_domain(name))
@@ -257,7 +265,7 @@ impl Runtime for Builtin {
         _images: &[(String, std::path::PathBuf)],
         _checkpoint: &str,
         _networks: &[(String, String)],
-    ) -> ApiResult<bool> {
+    ) -> ApiResult<String> {
         Err(not_a_domain(name))
     }
     fn make_overlay(&self, disk: &OverlayDisk<'_>) -> ApiResult<()> {
@@ -280,6 +288,9 @@ impl Runtime for Builtin {
         Err(not_a_domain(name))
     }
     fn remove(&self, _name: &str) -> ApiResult<()> {
+        Ok(())
+    }
+    fn demote(&self, _name: &str, _images: &[std::path::PathBuf]) -> ApiResult<()> {
         Ok(())
     }
 }
