@@ -145,6 +145,9 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             println!("starting libvirtd of site {site}");
             let lv = crate::envtest::libvirt::LibvirtSite::start(site, &site_dir.join("libvirt"))?;
             cmd.args(["--runtime", "libvirt", "--libvirt-uri", lv.uri()]);
+            // Replicas boot the test guest's kernel directly from its directory.
+            cmd.arg("--boot-file-dir")
+                .arg(crate::envtest::guest::guest_dir()?);
             stack["sites"][site]["libvirtUri"] = lv.uri().into();
             libvirt_sites.push(lv);
         }
