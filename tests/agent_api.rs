@@ -1065,3 +1065,361 @@ async fn point_ids(c: &twinsite::site::AgentClient, vm: &str) -> Vec<String> {
         .map(|p| p.id)
         .collect()
 }
+
+/// A peer's `begin` whose libvirt domain definition holds anything outside the allowlist (a
+/// host file, device or socket, another NIC type, firmware and NVRAM paths, a loosened
+/// security label, a console on every address, a kernel outside `--boot-file-dir`) is refused
+/// with a 400 naming it, and nothing is stored: no replica, no file changed. The same `begin`
+/// with the plain definition is taken.
+#[tokio::test]
+async fn a_begin_with_a_hostile_domain_definition_is_refused_and_stores_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let boot = tempfile::tempdir().unwrap();
+    std::fs::write(boot.path().join("vmlinuz"), b"kernel").unwrap();
+    let boot_dir = boot.path().to_string_lossy().to_string();
+    let b = AgentProc::start_with("dr", root.path(), &[], &["--boot-file-dir", &boot_dir]);
+    let cb = b.client();
+    cb.accept_replication(
+        "web",
+        &twinsite::site::AcceptReplication {
+            operation_id: "acc-1".into(),
+            source_site: "primary".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let definition = |devices: &str, os: &str| {
+        format!(
+            "<domain type='qemu'><name>web</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type><kernel>{boot_dir}/vmlinuz</kernel>\
+             {os}</os><devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='/src/web.qcow2'/><target dev='disk0' bus='virtio'/></disk>\
+             <serial type='file'><source path='/src/console.log'/></serial>{devices}</devices>\
+             </domain>"
+        )
+    };
+    let begin = |definition: String| {
+        serde_json::to_vec(
+            &serde_json::json!({"sourceSite": "primary", "cycleId": "c1-00",
+            "disks": [{"name": "disk0", "sizeBytes": MIB}], "integrationServices": false,
+            "retentionHours": 1, "bulk": true, "definition": definition}),
+        )
+        .unwrap()
+    };
+    let before = snapshot(root.path());
+    let hostile = [
+        (
+            definition(
+                "<disk device='disk'><source file='/etc/shadow'/><target dev='disk1'/></disk>",
+                "",
+            ),
+            "type attribute is missing",
+        ),
+        (
+            definition(
+                "<disk type='volume' device='disk'><source pool='p' volume='v'/><target dev='disk1'/></disk>",
+                "",
+            ),
+            "type 'volume'",
+        ),
+        (
+            definition(
+                "<disk type='network' device='disk'><source protocol='nbd' name='x'/><target dev='disk1'/></disk>",
+                "",
+            ),
+            "type 'network'",
+        ),
+        (
+            definition("", "").replace(
+                "<source file='/src/web.qcow2'/>",
+                "<source file='/src/web.qcow2'/><backingStore type='file'><source file='/etc/shadow'/></backingStore>",
+            ),
+            "<backingStore>",
+        ),
+        (
+            definition("<interface type='direct'><source dev='eth0' mode='bridge'/></interface>", ""),
+            "<interface type='direct'>",
+        ),
+        (
+            definition("<interface type='hostdev'><source><address type='pci' bus='1'/></source></interface>", ""),
+            "<interface type='hostdev'>",
+        ),
+        (
+            definition("<console type='tcp'><source mode='bind' host='0.0.0.0' service='2445'/></console>", ""),
+            "type='tcp'",
+        ),
+        (
+            definition("<parallel type='file'><source path='/etc/cron.d/x'/></parallel>", ""),
+            "<parallel>",
+        ),
+        (definition("", "<loader type='pflash'>/etc/evil.fd</loader>"), "<loader>"),
+        (definition("", "<nvram>/etc/shadow</nvram>"), "<nvram>"),
+        (
+            definition("<memory model='nvdimm'><source><path>/dev/pmem0</path></source></memory>", ""),
+            "<memory>",
+        ),
+        (
+            definition("<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>", ""),
+            "passthrough",
+        ),
+        (
+            definition("<input type='evdev'><source dev='/dev/input/event0'/></input>", ""),
+            "evdev",
+        ),
+        (
+            definition("<graphics type='vnc' listen='0.0.0.0'/>", ""),
+            "0.0.0.0",
+        ),
+        (
+            definition("", "").replace("</devices>", "</devices><seclabel type='none'/>"),
+            "<seclabel type='none'>",
+        ),
+        (
+            definition("", "").replace(
+                "</devices>",
+                "</devices><seclabel type='static' model='dac' relabel='no'><label>+0:+0</label></seclabel>",
+            ),
+            "<seclabel type='static'>",
+        ),
+        (
+            definition("<hostdev mode='subsystem' type='pci'/>", ""),
+            "<hostdev>",
+        ),
+        (
+            definition("", "").replace(&format!("{boot_dir}/vmlinuz"), "/etc/passwd"),
+            "<os><kernel>",
+        ),
+    ];
+    for (def, says) in hostile {
+        let (status, answer) =
+            raw(b.port, "POST", "/v1/replica/web/begin", TOKEN, begin(def)).await;
+        assert_eq!(status, 400, "{says}: {answer}");
+        let why = answer["error"].as_str().unwrap_or_default();
+        assert!(why.contains(says), "{why:?} does not name {says:?}");
+    }
+    assert_eq!(
+        snapshot(root.path()),
+        before,
+        "a refused begin stored nothing"
+    );
+    assert!(
+        cb.list_vms()
+            .await
+            .unwrap()
+            .vms
+            .iter()
+            .all(|v| v.name != "web")
+    );
+
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/web/begin",
+        TOKEN,
+        begin(definition("", "")),
+    )
+    .await;
+    assert_eq!(status, 200, "the plain definition is taken: {answer}");
+    assert!(
+        cb.list_vms()
+            .await
+            .unwrap()
+            .vms
+            .iter()
+            .any(|v| v.name == "web")
+    );
+}
+
+/// A replica `web` of site `primary` at an agent started with `args`: accepted, its bulk
+/// transfer `c0` committed (no blocks: the disk stays zeros), so incremental cycles follow.
+async fn replica_of_primary(root: &std::path::Path, disks: u64, args: &[&str]) -> AgentProc {
+    let b = AgentProc::start_with("dr", root, &[], args);
+    b.client()
+        .accept_replication(
+            "web",
+            &twinsite::site::AcceptReplication {
+                operation_id: "acc-1".into(),
+                source_site: "primary".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/begin",
+        begin_body("c0", None, disks),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/commit",
+        commit_body("c0", true, "2026-01-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    b
+}
+
+async fn post(port: u16, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    raw(
+        port,
+        "POST",
+        path,
+        TOKEN,
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+}
+
+/// A `begin` of `disks` disks of 1 MiB: bulk without a parent, else incremental on `parent`.
+fn begin_body(cycle: &str, parent: Option<&str>, disks: u64) -> serde_json::Value {
+    let disks: Vec<_> = (0..disks)
+        .map(|i| serde_json::json!({"name": format!("disk{i}"), "sizeBytes": MIB}))
+        .collect();
+    serde_json::json!({"sourceSite": "primary", "cycleId": cycle, "disks": disks,
+        "integrationServices": false, "retentionHours": 24, "bulk": parent.is_none(),
+        "parent": parent})
+}
+
+fn commit_body(cycle: &str, bulk: bool, time: &str) -> serde_json::Value {
+    serde_json::json!({"cycleId": cycle, "bulk": bulk, "time": time, "kind": "AppConsistent"})
+}
+
+/// `--max-disks-per-vm`: a `begin` with more disks is refused (400 naming `disks`) and makes
+/// no replica; as many is taken.
+#[tokio::test]
+async fn a_begin_with_more_disks_than_allowed_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let b = AgentProc::start_with("dr", root.path(), &[], &["--max-disks-per-vm", "2"]);
+    let before = snapshot(root.path());
+    let (status, answer) = post(b.port, "/v1/replica/web/begin", begin_body("c0", None, 3)).await;
+    assert_eq!(status, 400, "{answer}");
+    let why = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("disks") && why.contains("--max-disks-per-vm"),
+        "{why}"
+    );
+    assert_eq!(snapshot(root.path()), before);
+    let (status, answer) = post(b.port, "/v1/replica/web/begin", begin_body("c0", None, 2)).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// A cycle stages at most twice its VM's disks: the batch that would go past is refused
+/// (413) and not staged; the cycle still commits what it staged before.
+#[tokio::test]
+async fn a_cycle_that_stages_more_than_twice_its_disks_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let b = replica_of_primary(root.path(), 1, &[]).await;
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/begin",
+        begin_body("c1", Some("c0"), 1),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // The disk's 16 blocks, all ones: 1 MiB and a little per batch.
+    let mut batch = Vec::new();
+    for block in 0..16 {
+        twinsite::replication::frame::push(&mut batch, 0, block, &[1u8; 64 << 10]);
+    }
+    let staging = b.data_dir.join("vms/web/staging");
+    let staged = || -> u64 {
+        std::fs::read_dir(&staging)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum()
+    };
+    let path = "/v1/replica/web/cycles/c1/blocks";
+    for _ in 0..2 {
+        let (status, answer) = raw(b.port, "PUT", path, TOKEN, batch.clone()).await;
+        assert_eq!(status, 200, "{answer}");
+    }
+    let at_limit = staged();
+    let (status, answer) = raw(b.port, "PUT", path, TOKEN, batch.clone()).await;
+    assert_eq!(status, 413, "{answer}");
+    let why = answer["error"].as_str().unwrap_or_default();
+    assert!(why.contains("staging"), "{why}");
+    assert_eq!(staged(), at_limit, "the refused batch was not staged");
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/commit",
+        commit_body("c1", false, "2026-01-01T00:00:00Z"),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let data = b.client().read_disk("web", "disk0", 0, 8).await.unwrap();
+    assert_eq!(data, [1u8; 8]);
+}
+
+/// `--max-points-per-vm`: a commit whose point would leave more points after retention is
+/// refused (409 naming the recovery points) and records nothing; a commit time beyond this
+/// site's clock and the skew allowance is refused (400 naming `time`) and records nothing.
+#[tokio::test]
+async fn commits_over_the_point_limit_or_from_the_future_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let b = replica_of_primary(root.path(), 1, &["--max-points-per-vm", "2"]).await;
+    let c = b.client();
+    let now = jiff::Timestamp::now();
+    let at = |secs: i64| (now + jiff::SignedDuration::from_secs(secs)).to_string();
+    let mut parent = "c0".to_string();
+    for (n, secs) in [(1, -300), (2, -200)] {
+        let cycle = format!("c{n}");
+        let (status, answer) = post(
+            b.port,
+            "/v1/replica/web/begin",
+            begin_body(&cycle, Some(&parent), 1),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        let (status, answer) = post(
+            b.port,
+            "/v1/replica/web/commit",
+            commit_body(&cycle, false, &at(secs)),
+        )
+        .await;
+        assert_eq!(status, 200, "{answer}");
+        parent = cycle;
+    }
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/begin",
+        begin_body("c3", Some("c2"), 1),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let points = point_ids(&c, "web").await;
+    assert_eq!(points.len(), 2);
+    let before = snapshot(root.path());
+
+    // A time an hour ahead: refused, naming the field.
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/commit",
+        commit_body("c3", false, &at(3600)),
+    )
+    .await;
+    assert_eq!(status, 400, "{answer}");
+    let why = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("time ") && why.contains("--max-clock-skew-seconds"),
+        "{why}"
+    );
+    assert_eq!(snapshot(root.path()), before);
+
+    // A third point (app-consistent points of the last hour are all kept): refused.
+    let (status, answer) = post(
+        b.port,
+        "/v1/replica/web/commit",
+        commit_body("c3", false, &at(-100)),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    let why = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("recovery points") && why.contains("--max-points-per-vm"),
+        "{why}"
+    );
+    assert_eq!(snapshot(root.path()), before);
+    assert_eq!(point_ids(&c, "web").await, points);
+}

@@ -19,6 +19,7 @@ mod error;
 mod guest;
 mod handlers;
 mod input;
+mod limits;
 mod meta;
 pub mod metrics;
 mod pending;
@@ -68,6 +69,10 @@ struct AppState {
     guests: Mutex<std::collections::HashMap<String, Guest>>,
     /// How long a graceful shutdown waits for the guest.
     shutdown_timeout: std::time::Duration,
+    /// `--boot-file-dir`: where the kernels a replicated definition boots may be.
+    boot_file_dirs: Vec<PathBuf>,
+    /// What peers may make this site keep.
+    limits: limits::PeerLimits,
     /// What the site's VMs are: the agent's own, or a hypervisor's domains.
     runtime: Box<dyn runtime::Runtime>,
     /// What `GET /metrics` serves.

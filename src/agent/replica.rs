@@ -150,7 +150,7 @@ fn check_open(r: &VmRec, cycle: &str) -> ApiResult<()> {
     Ok(())
 }
 
-fn staging(dir: &std::path::Path, cycle: &str) -> std::path::PathBuf {
+pub(super) fn staging(dir: &std::path::Path, cycle: &str) -> std::path::PathBuf {
     dir.join("staging")
         .join(format!("{}.blocks", hex::encode(cycle)))
 }

@@ -71,6 +71,21 @@ pub struct AgentArgs {
     /// `/boot/vmlinuz-RELEASE`.
     #[arg(long)]
     pub accel_probe_kernel: Option<PathBuf>,
+    /// A directory of kernels and initrds that replicas of libvirt domains may boot directly
+    /// (repeatable). A peer's definition naming a `<kernel>` or `<initrd>` outside these is
+    /// refused at `begin`; with none, direct kernel boot is refused.
+    #[arg(long)]
+    pub boot_file_dir: Vec<PathBuf>,
+    /// Most disks a replicated VM may have (a peer's `begin` with more is refused).
+    #[arg(long, default_value_t = super::limits::DEFAULT_MAX_DISKS)]
+    pub max_disks_per_vm: usize,
+    /// Most recovery points a replica keeps after retention (a commit that would keep more is
+    /// refused).
+    #[arg(long, default_value_t = super::limits::DEFAULT_MAX_POINTS)]
+    pub max_points_per_vm: usize,
+    /// How far a commit's time may be ahead of this site's clock, in seconds.
+    #[arg(long, default_value_t = super::limits::DEFAULT_MAX_CLOCK_SKEW_SECONDS)]
+    pub max_clock_skew_seconds: u64,
     /// Requests served at once on the controller's routes, and as many again on the
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -183,6 +198,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         cut_lock: tokio::sync::Mutex::new(()),
         guests: Mutex::new(Default::default()),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_seconds),
+        boot_file_dirs: args.boot_file_dir.clone(),
+        limits: super::limits::PeerLimits {
+            max_disks: args.max_disks_per_vm,
+            max_points: args.max_points_per_vm,
+            max_clock_skew_seconds: args.max_clock_skew_seconds,
+        },
         runtime,
         metrics: Default::default(),
     });

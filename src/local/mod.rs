@@ -137,10 +137,13 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
             "caFile": ca_file.display().to_string(),
         });
         let mut libvirt_uri = None;
+        let mut boot_file_dir = None;
         if libvirt {
             println!("starting libvirtd of site {site}");
             let lv = crate::envtest::libvirt::LibvirtSite::start(site, &site_dir.join("libvirt"))?;
             libvirt_uri = Some(lv.uri().to_string());
+            // Replicas boot the test guest's kernel directly from its directory.
+            boot_file_dir = Some(crate::envtest::guest::guest_dir()?);
             stack["sites"][site]["libvirtUri"] = lv.uri().into();
             libvirt_sites.push(lv);
         }
@@ -159,6 +162,9 @@ pub async fn run(args: LocalArgs) -> Result<(), LocalError> {
                 .arg(certs.join(format!("{site_name}.key")));
             if let Some(uri) = &libvirt_uri {
                 cmd.args(["--runtime", "libvirt", "--libvirt-uri", uri]);
+            }
+            if let Some(dir) = &boot_file_dir {
+                cmd.arg("--boot-file-dir").arg(dir);
             }
             cmd
         };

@@ -211,7 +211,8 @@ async fn read_through_the_agent(w: &World, site: &LibvirtSite, dir: &Path) {
 }
 
 fn agent_args(site: &LibvirtSite) -> Vec<String> {
-    [
+    let guest_dir = guest::guest_dir().expect("the test guest builds (scripts/guest-build.sh)");
+    let mut args: Vec<String> = [
         "--runtime",
         "libvirt",
         "--libvirt-uri",
@@ -225,7 +226,11 @@ fn agent_args(site: &LibvirtSite) -> Vec<String> {
         "tcg",
     ]
     .map(str::to_string)
-    .to_vec()
+    .to_vec();
+    // Replicas boot the test guest's kernel directly: it is this directory's.
+    args.push("--boot-file-dir".into());
+    args.push(guest_dir.to_string_lossy().into_owned());
+    args
 }
 
 fn job_steps(r: &twinsite::api::ReplicatedVM, job_type: &str) -> Vec<(String, String)> {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::super::auth::Caller;
 use super::super::input::Params;
+use super::super::runtime::domspec;
 use super::super::{
     ApiError, ApiResult, ErrorKind, Shared, driver, read_vm, replica, store, with_store, with_vm,
 };
@@ -56,6 +57,8 @@ pub(crate) async fn begin(
             ),
         ));
     }
+    st.limits.check_begin(&req)?;
+    check_definition(&st, &vm, &req)?;
     let bulk = req.bulk;
     if bulk {
         super::domain::take_images(&st, &vm, &req.source_site).await?;
@@ -69,6 +72,18 @@ pub(crate) async fn begin(
         super::domain::demote(&st, &vm).await;
     }
     Ok(Json(answer).into_response())
+}
+
+/// A peer's domain definition is read through the allowlist where it arrives: one the
+/// replica would not boot as it is is refused before anything is stored (400 naming it).
+fn check_definition(st: &Shared, vm: &str, req: &replica::BeginCycle) -> ApiResult<()> {
+    let Some(def) = &req.definition else {
+        return Ok(());
+    };
+    let disks: Vec<&str> = req.disks.iter().map(|d| d.name.as_str()).collect();
+    domspec::check(def, vm, &disks, &st.boot_file_dirs)
+        .map(|_| ())
+        .map_err(|e| ApiError::bad(format!("definition: {e}")))
 }
 
 pub(crate) async fn hashes(
@@ -122,6 +137,7 @@ pub(crate) async fn blocks(
     let verified = verified.ok_or_else(|| ApiError::bad("malformed block batch"))?;
     let res = with_vm(&st, &vm.clone(), move |r| {
         peer_may_use(&caller, r)?;
+        r.check_staging(&cycle, bulk, len)?;
         r.receive(&cycle, bulk, &body, &verified)
     })
     .await?;
@@ -151,8 +167,11 @@ pub(crate) async fn commit(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     req.check()?;
+    st.limits.check_commit_time(&req, jiff::Timestamp::now())?;
+    let max_points = st.limits.max_points;
     with_vm(&st, &vm.clone(), move |r| {
         peer_may_use(&caller, r)?;
+        r.check_points(&req, max_points, jiff::Timestamp::now())?;
         Ok(Json(r.commit_cycle(&req)?).into_response())
     })
     .await

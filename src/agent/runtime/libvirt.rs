@@ -301,6 +301,15 @@ impl Libvirt {
         Ok(())
     }
 
+    /// The security models of this host, each of which confines a replica with a dynamic label.
+    fn security_models(&self) -> ApiResult<Vec<String>> {
+        let caps = self
+            .conn
+            .get_capabilities()
+            .map_err(|e| self.failed("reading the capabilities of", &self.uri, &e))?;
+        xml::security_models(&caps).map_err(ApiError::internal)
+    }
+
     /// Runs guest agent command `cmd` (no arguments) that answers a count (`{"return": N}`).
     fn agent_count(&self, name: &str, cmd: &str, timeout: Duration) -> ApiResult<u64> {
         let d = self.require(name)?;
@@ -630,9 +639,11 @@ impl Runtime for Libvirt {
             wrappers.push((disk.clone(), qcow2_wrapper(raw)?));
         }
         let console = vm_dir_of(images).join("console.log");
+        let security_models = self.security_models()?;
         let place = xml::Placement {
             networks,
             domain_type: Some(self.accel.domain_type()),
+            security_models: &security_models,
         };
         let text = xml::for_replica(definition, name, &wrappers, &console, place)
             .map_err(ApiError::conflict)?;
@@ -697,8 +708,17 @@ impl Runtime for Libvirt {
         }
         self.ensure_isolated_network(network)?;
         let console = vm_dir_of(images).join("console.log");
-        let text = xml::for_drill(definition, name, copy, network, images, &console)
-            .map_err(ApiError::conflict)?;
+        let security_models = self.security_models()?;
+        let text = xml::for_drill(
+            definition,
+            name,
+            copy,
+            network,
+            images,
+            &console,
+            &security_models,
+        )
+        .map_err(ApiError::conflict)?;
         let d = VirDomain::define_xml(&self.conn, &text)
             .map_err(|e| self.failed("defining", copy, &e))?;
         d.create().map_err(|e| self.failed("starting", copy, &e))?;

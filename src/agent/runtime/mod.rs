@@ -14,6 +14,7 @@
 mod accel;
 #[cfg(feature = "libvirt")]
 mod checkpoints;
+pub mod domspec;
 #[cfg(feature = "libvirt")]
 mod export;
 #[cfg(feature = "libvirt")]

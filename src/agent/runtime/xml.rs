@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use super::domspec;
+
 /// `s` with XML's special characters escaped, for text and attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -60,18 +62,6 @@ pub fn disks(domain_xml: &str) -> Result<Vec<XmlDisk>, String> {
     Ok(out)
 }
 
-/// Elements a replicated definition may not carry: they reach the host itself (devices,
-/// directories, raw QEMU arguments, scripts libvirt runs for a NIC), and the definition comes
-/// from another site.
-const FORBIDDEN: &[&str] = &[
-    "hostdev",
-    "filesystem",
-    "commandline",
-    "smartcard",
-    "redirdev",
-    "script",
-];
-
 /// The libvirt networks the NICs of a domain definition are on (`<interface type='network'>`),
 /// each once, in order.
 pub fn networks(domain_xml: &str) -> Result<Vec<String>, String> {
@@ -102,13 +92,15 @@ pub struct Placement<'a> {
     pub networks: &'a [(String, String)],
     /// The domain type here (`kvm` or `qemu`: the accelerator); `None` keeps the source's.
     pub domain_type: Option<&'a str>,
+    /// This host's security models: each confines the replica with a dynamic label.
+    pub security_models: &'a [String],
 }
 
-/// The source's definition of domain `name`, made to run at a replica: each replicated disk
-/// (`images`: target name and image path) on its image here as qcow2, every other file or
-/// block disk removed (it names the source's storage), file serial consoles written to
-/// `console`, NICs on the networks `place` maps them to and the domain type `place` names.
-/// MAC addresses and everything else stay.
+/// The definition domain `name` boots from at a replica, generated from the source's
+/// `definition` read through the allowlist ([`domspec`]): each replicated disk (`images`: disk
+/// name and image path) on its image here as qcow2, the serial console written to `console`,
+/// NICs on the networks `place` maps them to, the domain type and security labels `place`
+/// names. The UUID, MAC addresses, CPU, memory and machine stay the source's.
 pub fn for_replica(
     definition: &str,
     name: &str,
@@ -116,7 +108,17 @@ pub fn for_replica(
     console: &std::path::Path,
     place: Placement<'_>,
 ) -> Result<String, String> {
-    rewrite(definition, name, images, console, None, place)
+    let spec = read(definition, name)?;
+    spec.render(&domspec::Target {
+        name,
+        keep_uuid: true,
+        domain_type: place.domain_type,
+        images,
+        console,
+        networks: domspec::Networks::Mapped(place.networks),
+        security_models: place.security_models,
+    })
+    .map_err(|e| format!("replicated definition of {name}: {e}"))
 }
 
 /// A drill copy of domain `name`: as [`for_replica`], named `copy` instead (no UUID: it is a
@@ -128,140 +130,49 @@ pub fn for_drill(
     network: &str,
     images: &[(String, PathBuf)],
     console: &std::path::Path,
+    security_models: &[String],
 ) -> Result<String, String> {
-    rewrite(
-        definition,
-        name,
+    let spec = read(definition, name)?;
+    spec.render(&domspec::Target {
+        name: copy,
+        keep_uuid: false,
+        domain_type: None,
         images,
         console,
-        Some((copy, network)),
-        Placement::default(),
-    )
+        networks: domspec::Networks::All(network),
+        security_models,
+    })
+    .map_err(|e| format!("replicated definition of {name}: {e}"))
 }
 
-fn rewrite(
-    definition: &str,
-    name: &str,
-    images: &[(String, PathBuf)],
-    console: &std::path::Path,
-    drill: Option<(&str, &str)>,
-    place: Placement<'_>,
-) -> Result<String, String> {
-    let doc = roxmltree::Document::parse(definition)
-        .map_err(|e| format!("replicated definition: {e}"))?;
-    let root = doc.root_element();
-    if !root.has_tag_name("domain") {
-        return Err("replicated definition is not a <domain>".into());
-    }
-    let named = root
-        .children()
-        .find(|n| n.has_tag_name("name"))
-        .and_then(|n| n.text());
-    if named != Some(name) {
+/// The stored definition of `name` through the allowlist (it was checked when it arrived;
+/// read again, nothing outside the allowlist can reach libvirt).
+fn read(definition: &str, name: &str) -> Result<domspec::DomainSpec, String> {
+    let spec = domspec::DomainSpec::parse(definition)
+        .map_err(|e| format!("replicated definition of {name}: {e}"))?;
+    if spec.name != name {
         return Err(format!(
-            "replicated definition names {named:?}, not {name:?}"
+            "replicated definition names {:?}, not {name:?}",
+            spec.name
         ));
     }
-    if let Some(bad) = root
+    Ok(spec)
+}
+
+/// This host's security models from libvirt's capabilities XML (`<host><secmodel><model>`),
+/// `none` left out.
+pub fn security_models(capabilities: &str) -> Result<Vec<String>, String> {
+    let doc = roxmltree::Document::parse(capabilities).map_err(|e| format!("capabilities: {e}"))?;
+    Ok(doc
         .descendants()
-        .find(|n| n.is_element() && FORBIDDEN.contains(&n.tag_name().name()))
-    {
-        return Err(format!(
-            "replicated definition of {name} has a <{}> element, which a replica never defines",
-            bad.tag_name().name()
-        ));
-    }
-    // Edits as (byte range of the original, replacement), applied from the end.
-    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
-    if let Some(ty) = place.domain_type {
-        let attr = root
-            .attributes()
-            .find(|a| a.name() == "type" && a.namespace().is_none())
-            .ok_or("replicated definition has no domain type")?;
-        edits.push((attr.range_value(), escape(ty)));
-    }
-    if let Some((copy, _)) = drill {
-        for n in root.children().filter(|n| n.is_element()) {
-            if n.has_tag_name("name") {
-                edits.push((n.range(), format!("<name>{}</name>", escape(copy))));
-            } else if n.has_tag_name("uuid") {
-                edits.push((n.range(), String::new()));
-            }
-        }
-    }
-    let devices = root.children().filter(|n| n.has_tag_name("devices"));
-    for dev in devices
-        .flat_map(|d| d.children())
-        .filter(|n| n.is_element())
-    {
-        if dev.has_tag_name("emulator") {
-            // The program libvirt runs as this site's QEMU is this site's choice (its default),
-            // never a path another site names.
-            edits.push((dev.range(), String::new()));
-            continue;
-        }
-        let child = |tag: &str| dev.children().find(|n| n.has_tag_name(tag));
-        if dev.has_tag_name("disk") {
-            let target = child("target").and_then(|t| t.attribute("dev"));
-            let replicated = dev.attribute("device").unwrap_or("disk") == "disk"
-                && dev.attribute("type") == Some("file");
-            match images.iter().find(|(t, _)| Some(t.as_str()) == target) {
-                Some((_, path)) if replicated => {
-                    let src = format!("<source file='{}'/>", escape(&path.to_string_lossy()));
-                    match child("source") {
-                        Some(s) => edits.push((s.range(), src)),
-                        None => return Err(format!("disk {target:?} has no <source>")),
-                    }
-                    let drv = "<driver name='qemu' type='qcow2'/>".to_string();
-                    match child("driver") {
-                        Some(d) => edits.push((d.range(), drv)),
-                        None => edits.push((
-                            child("source").map_or(0..0, |s| s.range().end..s.range().end),
-                            drv,
-                        )),
-                    }
-                }
-                _ if dev.attribute("type") == Some("file")
-                    || dev.attribute("type") == Some("block") =>
-                {
-                    edits.push((dev.range(), String::new()));
-                }
-                _ => {}
-            }
-        } else if let (true, Some((_, network))) = (dev.has_tag_name("interface"), drill) {
-            let mut nic = String::from("<interface type='network'>");
-            if let Some(mac) = child("mac").and_then(|m| m.attribute("address")) {
-                nic.push_str(&format!("<mac address='{}'/>", escape(mac)));
-            }
-            nic.push_str(&format!("<source network='{}'/>", escape(network)));
-            if let Some(model) = child("model").and_then(|m| m.attribute("type")) {
-                nic.push_str(&format!("<model type='{}'/>", escape(model)));
-            }
-            nic.push_str("</interface>");
-            edits.push((dev.range(), nic));
-        } else if dev.has_tag_name("interface")
-            && dev.attribute("type") == Some("network")
-            && let Some(src) = child("source")
-            && let Some((_, to)) = place
-                .networks
-                .iter()
-                .find(|(from, _)| Some(from.as_str()) == src.attribute("network"))
-        {
-            edits.push((src.range(), format!("<source network='{}'/>", escape(to))));
-        } else if (dev.has_tag_name("serial") || dev.has_tag_name("console"))
-            && dev.attribute("type") == Some("file")
-            && let Some(s) = child("source")
-        {
-            let src = format!("<source path='{}'/>", escape(&console.to_string_lossy()));
-            edits.push((s.range(), src));
-        }
-    }
-    edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
-    let mut out = definition.to_string();
-    for (r, text) in edits {
-        out.replace_range(r, &text);
-    }
-    Ok(out)
+        .filter(|n| n.has_tag_name("secmodel"))
+        .filter(|n| n.parent().is_some_and(|p| p.has_tag_name("host")))
+        .filter_map(|n| n.children().find(|c| c.has_tag_name("model")))
+        .filter_map(|m| m.text())
+        .map(str::trim)
+        .filter(|m| !m.is_empty() && *m != "none")
+        .map(str::to_string)
+        .collect())
 }
 
 #[cfg(test)]
@@ -297,122 +208,164 @@ mod tests {
         assert!(disks("<domain").is_err());
     }
 
-    #[test]
-    fn a_replica_runs_on_its_images_and_keeps_its_identity() {
-        let xml = r#"<domain type='qemu'><name>web</name><uuid>u-1</uuid><devices>
-            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-              <source file='/src/web.qcow2'/><target dev='vda' bus='virtio'/></disk>
-            <disk type='file' device='cdrom'><source file='/iso/x.iso'/><target dev='sda'/></disk>
-            <interface type='network'><mac address='52:54:00:12:34:56'/><source network='lan'/></interface>
-            <serial type='file'><source path='/src/console.log'/></serial>
-            </devices></domain>"#;
-        let images = vec![(
+    /// The source's definition as libvirt writes it back (`dumpxml --inactive`) for the test
+    /// guest: what a replica is generated from.
+    const SOURCE: &str = r#"<domain type='qemu'>
+  <name>web</name>
+  <uuid>0b3c4b8e-2d0c-4c4e-9a57-3f1f8c1d2e3a</uuid>
+  <memory unit='KiB'>196608</memory>
+  <currentMemory unit='KiB'>196608</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>
+    <kernel>/guest/vmlinuz</kernel>
+    <initrd>/guest/initrd.gz</initrd>
+    <cmdline>console=ttyS0 twinsite.verify=1</cmdline>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='custom' match='exact' check='none'><model fallback='forbid'>qemu64</model></cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/tmp/qemu</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='/src/web.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x04' function='0x0'/>
+    </disk>
+    <controller type='usb' index='0' model='piix3-uhci'><address type='pci' slot='0x01'/></controller>
+    <controller type='pci' index='0' model='pci-root'/>
+    <controller type='virtio-serial' index='0'/>
+    <interface type='network'>
+      <mac address='52:54:00:12:34:56'/>
+      <source network='lan' portgroup='p'/>
+      <model type='virtio'/>
+    </interface>
+    <serial type='file'>
+      <source path='/src/console.log'/>
+      <target type='isa-serial' port='0'><model name='isa-serial'/></target>
+    </serial>
+    <console type='file'><source path='/src/console.log'/><target type='serial' port='0'/></console>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+      <address type='virtio-serial' controller='0' bus='0' port='1'/>
+    </channel>
+    <input type='mouse' bus='ps2'/>
+    <input type='keyboard' bus='ps2'/>
+    <audio id='1' type='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"#;
+
+    fn images() -> Vec<(String, PathBuf)> {
+        vec![(
             "vda".to_string(),
             PathBuf::from("/data/vms/web/disks/vda.qcow2"),
-        )];
+        )]
+    }
+
+    #[test]
+    fn a_replica_runs_on_its_images_and_keeps_its_identity() {
+        let models = vec!["apparmor".to_string(), "dac".to_string()];
+        let place = Placement {
+            security_models: &models,
+            ..Placement::default()
+        };
         let out = for_replica(
-            xml,
+            SOURCE,
             "web",
-            &images,
+            &images(),
             std::path::Path::new("/data/c.log"),
-            Placement::default(),
+            place,
         )
-        .expect("rewrites");
-        assert!(
-            out.contains("<source file='/data/vms/web/disks/vda.qcow2'/>"),
-            "{out}"
-        );
-        assert!(
-            !out.contains("/src/web.qcow2") && !out.contains("x.iso"),
-            "{out}"
-        );
-        assert!(
-            out.contains("52:54:00:12:34:56") && out.contains("<uuid>u-1</uuid>"),
-            "{out}"
-        );
-        assert!(out.contains("<source path='/data/c.log'/>"), "{out}");
+        .expect("generates");
+        for want in [
+            "<source file='/data/vms/web/disks/vda.qcow2'/>",
+            "<driver name='qemu' type='qcow2'/>",
+            "<target dev='vda' bus='virtio'/>",
+            "<uuid>0b3c4b8e-2d0c-4c4e-9a57-3f1f8c1d2e3a</uuid>",
+            "<mac address='52:54:00:12:34:56'/><source network='lan' portgroup='p'/>",
+            "<serial type='file'><source path='/data/c.log'/>",
+            "<type arch='x86_64' machine='pc-i440fx-7.2'>hvm</type>",
+            "<kernel>/guest/vmlinuz</kernel><initrd>/guest/initrd.gz</initrd>",
+            "<memory unit='KiB'>196608</memory>",
+            "name='org.qemu.guest_agent.0'",
+            "<seclabel type='dynamic' model='apparmor' relabel='yes'/>",
+            "<seclabel type='dynamic' model='dac' relabel='yes'/>",
+            "<domain type='qemu'>",
+        ] {
+            assert!(out.contains(want), "{want} missing from {out}");
+        }
+        for gone in ["/src/", "/tmp/qemu", "emulator", "<address"] {
+            assert!(!out.contains(gone), "{gone} in {out}");
+        }
         assert_eq!(disks(&out).expect("parses").len(), 1);
+        // What a replica is defined with is itself a definition the allowlist reads (it
+        // travels back at failback).
+        let again = domspec::DomainSpec::parse(&out).expect("the generated definition reads");
+        assert_eq!(again, domspec::DomainSpec::parse(SOURCE).expect("reads"));
         assert!(
             for_replica(
-                xml,
+                SOURCE,
                 "db",
-                &images,
+                &images(),
                 std::path::Path::new("/c"),
                 Placement::default()
             )
             .is_err()
         );
         let drill = for_drill(
-            xml,
+            SOURCE,
             "web",
             "web-test",
             "isolated",
-            &images,
+            &images(),
             std::path::Path::new("/c"),
+            &[],
         )
-        .expect("rewrites");
+        .expect("generates");
         assert!(
             drill.contains("<name>web-test</name>") && !drill.contains("<uuid>"),
             "{drill}"
         );
         assert!(
-            drill.contains("<interface type='network'><mac address='52:54:00:12:34:56'/><source network='isolated'/></interface>"),
+            drill.contains("<interface type='network'><mac address='52:54:00:12:34:56'/><source network='isolated'/><model type='virtio'/></interface>"),
             "{drill}"
         );
-        let evil = xml.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
-        assert!(
-            for_replica(
-                &evil,
-                "web",
-                &images,
-                std::path::Path::new("/c"),
-                Placement::default()
-            )
-            .is_err()
-        );
-        let evil = xml.replace(
-            "</devices>",
-            "<interface type='ethernet'><script path='/tmp/x'/></interface></devices>",
-        );
-        assert!(
-            for_replica(
-                &evil,
-                "web",
-                &images,
-                std::path::Path::new("/c"),
-                Placement::default()
-            )
-            .is_err()
-        );
-        let other_qemu = xml.replace("<devices>", "<devices><emulator>/tmp/qemu</emulator>");
-        let out = for_replica(
-            &other_qemu,
+        assert!(!drill.contains("seclabel"), "{drill}");
+        let evil = SOURCE.replace("</devices>", "<hostdev mode='subsystem'/></devices>");
+        let e = for_replica(
+            &evil,
             "web",
-            &images,
+            &images(),
             std::path::Path::new("/c"),
             Placement::default(),
         )
-        .expect("rewrites");
-        assert!(!out.contains("emulator"), "{out}");
+        .unwrap_err();
+        assert!(e.contains("<hostdev>"), "{e}");
     }
 
     #[test]
     fn a_replica_takes_the_networks_and_accelerator_of_its_site() {
-        let xml = r#"<domain type='kvm' id='3'><name>web</name><devices>
+        let xml = r#"<domain type='kvm' id='3'><name>web</name><memory>1024</memory><devices>
             <interface type='network'><mac address='52:54:00:00:00:01'/><source network='prod-a'/><model type='virtio'/></interface>
             <interface type='network'><source network='lan' portgroup='p'/></interface>
             <interface type='network'><source network='prod-a'/></interface>
-            <interface type='bridge'><source bridge='prod-a'/></interface>
             </devices></domain>"#;
         assert_eq!(networks(xml).expect("parses"), vec!["prod-a", "lan"]);
         let maps = vec![("prod-a".to_string(), "prod-b".to_string())];
         let place = Placement {
             networks: &maps,
             domain_type: Some("qemu"),
+            security_models: &[],
         };
         let out =
-            for_replica(xml, "web", &[], std::path::Path::new("/c"), place).expect("rewrites");
-        assert!(out.starts_with("<domain type='qemu' id='3'>"), "{out}");
+            for_replica(xml, "web", &[], std::path::Path::new("/c"), place).expect("generates");
+        assert!(out.starts_with("<domain type='qemu'>"), "{out}");
         assert_eq!(networks(&out).expect("parses"), vec!["prod-b", "lan"]);
         assert!(
             out.contains(
@@ -420,10 +373,7 @@ mod tests {
             ),
             "{out}"
         );
-        assert!(
-            out.contains("portgroup='p'") && out.contains("<source bridge='prod-a'/>"),
-            "{out}"
-        );
+        assert!(out.contains("portgroup='p'"), "{out}");
         let kept = for_replica(
             xml,
             "web",
@@ -431,8 +381,22 @@ mod tests {
             std::path::Path::new("/c"),
             Placement::default(),
         )
-        .expect("rewrites");
+        .expect("generates");
         assert!(kept.starts_with("<domain type='kvm'"), "{kept}");
         assert_eq!(networks(&kept).expect("parses"), vec!["prod-a", "lan"]);
+    }
+
+    #[test]
+    fn security_models_come_from_the_capabilities() {
+        let caps = "<capabilities><host><secmodel><model>apparmor</model><doi>0</doi></secmodel>\
+            <secmodel><model>dac</model><doi>0</doi></secmodel></host>\
+            <guest><secmodel><model>x</model></secmodel></guest></capabilities>";
+        assert_eq!(
+            security_models(caps).expect("parses"),
+            vec!["apparmor", "dac"]
+        );
+        let none =
+            "<capabilities><host><secmodel><model>none</model></secmodel></host></capabilities>";
+        assert!(security_models(none).expect("parses").is_empty());
     }
 }
