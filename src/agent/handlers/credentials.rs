@@ -110,3 +110,32 @@ pub(crate) async fn install(
     }
     Ok(Json(answer).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any string as a credential (made-up, short, long, with spaces or control
+        /// characters): taken exactly when it is 16 to 1024 visible ASCII characters,
+        /// otherwise a 400 naming the field.
+        #[test]
+        fn a_credential_is_taken_only_when_it_could_be_presented(
+            s in prop_oneof![
+                ".{0,40}",
+                "[!-~]{0,1100}",
+                "[ -~]{10,30}",
+            ]
+        ) {
+            let got = check("inbound", &Secret::from(s.as_str()));
+            let want = (16..=MAX_CREDENTIAL_BYTES).contains(&s.len())
+                && s.bytes().all(|b| b.is_ascii_graphic());
+            prop_assert_eq!(got.is_ok(), want, "{:?}", s);
+            if let Err(e) = got {
+                prop_assert_eq!(e.kind, ErrorKind::BadRequest);
+                prop_assert!(e.message.starts_with("inbound"));
+            }
+        }
+    }
+}
