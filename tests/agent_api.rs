@@ -725,6 +725,7 @@ async fn a_peer_token_reaches_only_the_replica_routes() {
         .unwrap();
     let mut en = common_agent::enable_to("en-1", &b, twinsite::site::ReplicationMode::Initial);
     en.peer_token = PEER_TOKEN.into();
+    common_agent::accept_site(&cb, "web-01", "primary").await;
     ca.enable_replication("web-01", &en).await.unwrap();
     ca.sync("web-01", "sync-1").await.unwrap();
     assert_eq!(
@@ -804,20 +805,23 @@ async fn a_peer_token_reaches_only_the_replica_routes() {
 }
 
 #[test]
-fn a_peer_token_file_that_is_empty_or_the_controller_token_stops_the_start() {
+fn a_peer_token_file_that_is_empty_siteless_or_the_controller_token_stops_the_start() {
     let root = tempfile::tempdir().unwrap();
     let token = root.path().join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let bound = format!("primary {TOKEN}");
     for (content, want) in [
         ("\n# only a comment\n", "peer token file holds no token"),
-        (TOKEN, "controller token"),
+        // A token with no site would reach the replicas of every site's VMs.
+        ("# a comment\nsome-peer-token-1234", "line 2 names no site"),
+        (TOKEN, "names no site"),
         (bound.as_str(), "controller token"),
         ("a b c", "line 1"),
     ] {
         let peer = root.path().join("peer");
         std::fs::write(&peer, content).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_twinsite"))
+        let log = root.path().join("stderr");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twinsite"))
             .args(["agent", "--site", "s", "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(root.path().join("data"))
@@ -826,10 +830,28 @@ fn a_peer_token_file_that_is_empty_or_the_controller_token_stops_the_start() {
             .arg("--peer-token-file")
             .arg(&peer)
             .arg("--insecure-http")
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
             .unwrap();
-        assert!(!out.status.success(), "the agent started");
-        let err = String::from_utf8_lossy(&out.stderr);
+        // An agent that takes the file serves until it is stopped: not waited for forever.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            status.is_some_and(|s| !s.success()),
+            "the agent started with {content:?}: {err}"
+        );
         assert!(err.contains(want), "{content:?}: {err}");
     }
 }
@@ -850,6 +872,7 @@ async fn replication_settings_change_on_a_running_replication_without_a_new_copy
     ca.create_vm(vm, &spec(4 * MIB, true)).await.unwrap();
     ca.write_disk(vm, "disk0", 0, vec![1u8; 100]).await.unwrap();
     // 900 s between cycles, 24 h of points.
+    common_agent::accept_site(&cb, vm, "primary").await;
     ca.enable_replication(
         vm,
         &common_agent::enable_to("en-1", &b, ReplicationMode::Initial),
@@ -1422,4 +1445,228 @@ async fn commits_over_the_point_limit_or_from_the_future_are_refused() {
     );
     assert_eq!(snapshot(root.path()), before);
     assert_eq!(point_ids(&c, "web").await, points);
+
+fn begin_body(site: &str, size: u64) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"sourceSite": site, "cycleId": "c1-00",
+        "disks": [{"name": "disk0", "sizeBytes": size}], "integrationServices": true,
+        "retentionHours": 1, "bulk": true}))
+    .unwrap()
+}
+
+/// A peer creates no VM here on its own: a bulk `begin` for a VM that is not here is refused
+/// until the controller accepts that source for it, and then only from that source.
+#[tokio::test]
+async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing() {
+    let root = tempfile::tempdir().unwrap();
+    let mut b = start_with_peer_token("secondary", root.path());
+    let cb = b.client();
+    let before = snapshot(&b.data_dir);
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/fresh/begin",
+        PEER_TOKEN,
+        begin_body("primary", MIB),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("controller"),
+        "{answer}"
+    );
+    assert!(cb.list_vms().await.unwrap().vms.is_empty());
+    assert_eq!(snapshot(&b.data_dir), before);
+
+    // Accepted for another source: still refused for this one.
+    common_agent::accept_site(&cb, "fresh", "other").await;
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/fresh/begin",
+        PEER_TOKEN,
+        begin_body("primary", MIB),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(cb.list_vms().await.unwrap().vms.is_empty());
+
+    // Accepted for it: the first bulk transfer creates the replica, once.
+    common_agent::accept_site(&cb, "fresh", "primary").await;
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/fresh/begin",
+        PEER_TOKEN,
+        begin_body("primary", MIB),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let vm = cb.get_vm("fresh").await.unwrap();
+    assert_eq!(vm.role, Role::Replica);
+    // Lost here (its files gone while the agent was down), the replica is created again by
+    // the source's next bulk transfer: the controller still means it to be one.
+    b.kill();
+    std::fs::remove_dir_all(b.data_dir.join("vms/fresh")).unwrap();
+    b.spawn();
+    let cb = b.client();
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/fresh/begin",
+        PEER_TOKEN,
+        begin_body("primary", MIB),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    // Deleted by the controller, it is not: the grant goes with it.
+    cb.delete_vm("fresh", "del-1").await.unwrap();
+    let (status, answer) = raw(
+        b.port,
+        "POST",
+        "/v1/replica/fresh/begin",
+        PEER_TOKEN,
+        begin_body("primary", MIB),
+    )
+    .await;
+    assert_eq!(status, 409, "{answer}");
+    assert!(cb.list_vms().await.unwrap().vms.is_empty());
+}
+
+/// `PUT /v1/peer-credentials/{site}`: the controller installs the credential a peer site
+/// presents here. It reaches only the replica routes of that site's VMs; a new one replaces
+/// it (the old one is refused at once, after a restart too); only a digest is on disk; the
+/// outbound credential replaces the peer token of the VMs replicating to that site.
+#[tokio::test]
+async fn installed_peer_credentials_are_bound_to_their_site_and_rotate() {
+    use twinsite::site::{PeerCredentials, ReplicationMode};
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let mut b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    const FIRST: &str = "first-pair-credential-0123456789";
+    const SECOND: &str = "second-pair-credential-012345678";
+    let install = |inbound: Option<&str>, outbound: Option<&str>| PeerCredentials {
+        inbound: inbound.map(Into::into),
+        outbound: outbound.map(Into::into),
+    };
+
+    // Bad requests: 400 naming the field, nothing installed.
+    for (site, body, want) in [
+        ("primary", serde_json::json!({}), "inbound, outbound"),
+        (
+            "primary",
+            serde_json::json!({"inbound": "short"}),
+            "inbound must be",
+        ),
+        (
+            "primary",
+            serde_json::json!({"outbound": "with a space in it 0123"}),
+            "outbound must be",
+        ),
+        (
+            "secondary",
+            serde_json::json!({"inbound": FIRST}),
+            "own site",
+        ),
+    ] {
+        let (status, answer) = raw(
+            b.port,
+            "PUT",
+            &format!("/v1/peer-credentials/{site}"),
+            TOKEN,
+            serde_json::to_vec(&body).unwrap(),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(
+            answer["error"].as_str().unwrap().contains(want),
+            "{body}: {answer}"
+        );
+    }
+    // The controller token is never a peer's.
+    let err = cb
+        .install_peer_credentials("primary", &install(Some(TOKEN), None))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("controller token"), "{err}");
+
+    let r = cb
+        .install_peer_credentials("primary", &install(Some(FIRST), None))
+        .await
+        .unwrap();
+    assert!(r.inbound_changed);
+    // Again: nothing changes.
+    let r = cb
+        .install_peer_credentials("primary", &install(Some(FIRST), None))
+        .await
+        .unwrap();
+    assert!(!r.inbound_changed);
+    // Only a digest of it is kept.
+    let stored = std::fs::read_to_string(b.data_dir.join("peer-credentials.json")).unwrap();
+    assert!(!stored.contains(FIRST), "{stored}");
+    assert_eq!(mode(&b.data_dir.join("peer-credentials.json")), 0o600);
+
+    // Not on the controller's routes, nor on the route that installs credentials.
+    for (method, path) in [("GET", "/v1/vms"), ("PUT", "/v1/peer-credentials/primary")] {
+        let body = serde_json::to_vec(&serde_json::json!({"inbound": SECOND})).unwrap();
+        let (status, answer) = raw(b.port, method, path, FIRST, body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+    }
+
+    // Replication from A into B with the installed credential.
+    ca.create_vm("web-01", &spec(MIB, true)).await.unwrap();
+    ca.write_disk("web-01", "disk0", 0, vec![7u8; 70_000])
+        .await
+        .unwrap();
+    common_agent::accept_site(&cb, "web-01", "primary").await;
+    let mut en = common_agent::enable_to("en-1", &b, ReplicationMode::Initial);
+    en.peer_token = FIRST.into();
+    ca.enable_replication("web-01", &en).await.unwrap();
+    ca.sync("web-01", "sync-1").await.unwrap();
+    let hashes = "/v1/replica/web-01/disks/0/hashes";
+    assert_eq!(raw(b.port, "GET", hashes, FIRST, vec![]).await.0, 200);
+
+    // B's own VM does not replicate from primary: none of its replica routes.
+    cb.create_vm("local", &spec(MIB, true)).await.unwrap();
+    for (method, path, body) in [
+        ("GET", "/v1/replica/local/disks/0/hashes", vec![]),
+        ("GET", "/v1/replica/local/dirty", vec![]),
+        (
+            "POST",
+            "/v1/replica/local/begin",
+            begin_body("primary", MIB),
+        ),
+    ] {
+        let (status, answer) = raw(b.port, method, path, FIRST, body).await;
+        assert!(
+            status == 403 || status == 409,
+            "{method} {path}: {status} {answer}"
+        );
+    }
+
+    // Rotation: the new credential at B, then at A (the outbound one of A's VMs to B).
+    cb.install_peer_credentials("primary", &install(Some(SECOND), None))
+        .await
+        .unwrap();
+    assert_eq!(raw(b.port, "GET", hashes, FIRST, vec![]).await.0, 401);
+    assert_eq!(raw(b.port, "GET", hashes, SECOND, vec![]).await.0, 200);
+    let r = ca
+        .install_peer_credentials("secondary", &install(None, Some(SECOND)))
+        .await
+        .unwrap();
+    assert_eq!(r.outbound_vms, 1);
+    let vm_json = std::fs::read_to_string(a.data_dir.join("vms/web-01/vm.json")).unwrap();
+    assert!(vm_json.contains(SECOND) && !vm_json.contains(FIRST));
+    ca.write_disk("web-01", "disk0", 0, vec![8u8; 100])
+        .await
+        .unwrap();
+    ca.sync("web-01", "sync-2").await.unwrap();
+    assert_eq!(
+        cb.digest("web-01", "disk0").await.unwrap(),
+        ca.digest("web-01", "disk0").await.unwrap()
+    );
+    // After a restart B still refuses the old one and takes the new one.
+    b.kill_and_restart();
+    assert_eq!(raw(b.port, "GET", hashes, FIRST, vec![]).await.0, 401);
+    assert_eq!(raw(b.port, "GET", hashes, SECOND, vec![]).await.0, 200);
 }

@@ -37,6 +37,7 @@ async fn app_consistent_points_only_with_integration_services() {
     for (vm, is) in [("with-is", true), ("without-is", false)] {
         ca.create_vm(vm, &spec(is)).await.unwrap();
         write(&ca, vm, 1).await;
+        common_agent::accept_site(&cb, vm, "primary").await;
         ca.enable_replication(vm, &enable(&format!("en-{vm}"), &b))
             .await
             .unwrap();

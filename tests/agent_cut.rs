@@ -24,6 +24,7 @@ async fn protect_all(ca: &AgentClient, peer: &AgentProc, size: u64) {
     for (i, vm) in VMS.iter().enumerate() {
         ca.create_vm(vm, &spec(size)).await.unwrap();
         scribble(ca, vm, i as u8 + 1, size).await;
+        common_agent::accept_site(&peer.client(), vm, "primary").await;
         ca.enable_replication(vm, &enable(&format!("en-{vm}"), peer))
             .await
             .unwrap();
@@ -184,6 +185,7 @@ async fn cuts_taken_during_writes_are_consistent_across_vms() {
     let size = MIB;
     for vm in VMS {
         ca.create_vm(vm, &spec(size)).await.unwrap();
+        common_agent::accept_site(&cb, vm, "primary").await;
         ca.enable_replication(vm, &enable(&format!("en-{vm}"), &b))
             .await
             .unwrap();

@@ -35,6 +35,7 @@ async fn protect(a: &AgentProc, b: &AgentProc, size: u64) -> (AgentClient, Agent
         .await
         .unwrap();
     write(&ca, 0, 3 * BLOCK, 1).await;
+    common_agent::accept_site(&cb, VM, &a.site).await;
     ca.enable_replication(VM, &enable("en-1", b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -344,6 +345,7 @@ async fn merged_points_fold_their_undo_data_and_still_read_back_exactly() {
         app_consistent_frequency_hours: 1,
         ..enable("en-1", &b, ReplicationMode::Initial)
     };
+    common_agent::accept_site(&cb, VM, &a.site).await;
     ca.enable_replication(VM, &en).await.unwrap();
     // The first cycle (right after the initial transfer) is the app-consistent one.
     ca.sync(VM, "sync-0").await.unwrap();
@@ -400,6 +402,7 @@ async fn a_crash_after_an_undo_fold_leaves_every_point_exact() {
         app_consistent_frequency_hours: 1,
         ..enable("en-1", &b, ReplicationMode::Initial)
     };
+    common_agent::accept_site(&cb, VM, &a.site).await;
     ca.enable_replication(VM, &en).await.unwrap();
     ca.sync(VM, "sync-0").await.unwrap();
     let d_app = ca.digest(VM, "disk0").await.unwrap();

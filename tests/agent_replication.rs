@@ -46,6 +46,7 @@ async fn replicate_cycle_failover_to_older_point_and_reverse_resync() {
     scribble(&ca, VM, 1, size).await;
 
     // Initial replication, then sync-now: equal digests.
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -163,6 +164,7 @@ async fn points_received_during_a_drill_wait_for_its_cleanup_and_latest_processe
     let size = 8 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(&ca, VM, 1, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -245,6 +247,7 @@ async fn receiver_killed_mid_cycle_loses_no_acknowledged_point() {
     let size = 8 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(&ca, VM, 1, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -296,6 +299,7 @@ async fn block_corrupted_in_transit_is_refused_and_resent() {
     let size = 2 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(&ca, VM, 5, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -338,6 +342,7 @@ async fn cycle_of_many_batches_over_two_disks_streams_through() {
         integration_services: true,
     };
     ca.create_vm(VM, &two).await.unwrap();
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -379,6 +384,7 @@ async fn write_blocks(c: &AgentClient, blocks: &[u64], seed: u8) {
 async fn diverge(ca: &AgentClient, cb: &AgentClient, b: &AgentProc, size: u64) {
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(ca, VM, 1, size).await;
+    common_agent::accept_site(cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", b, ReplicationMode::Initial))
         .await
         .unwrap();

@@ -76,6 +76,7 @@ async fn agents_serve_https_and_replicate_over_tls() {
         app_consistent_frequency_hours: 0,
         mode: ReplicationMode::Initial,
     };
+    common_agent::accept_site(&cb, "db-01", "primary").await;
     ca.enable_replication("db-01", &enable).await.unwrap();
     ca.sync("db-01", "sync-1").await.unwrap();
     ca.write_disk("db-01", "disk0", 3 << 20, vec![9u8; 70_000])

@@ -305,8 +305,10 @@ async fn the_service_account_gets_exactly_what_the_controller_needs() {
             "-n",
             "finance",
         ],
-        // Secrets: get, in the controller's namespace only.
+        // Secrets: get, and create (the pairs' peer credentials), in the controller's
+        // namespace only.
         &["get", "secrets", "-n", ns],
+        &["create", "secrets", "-n", ns],
         &["create", "events", "-n", "finance"],
         &["patch", "events.events.k8s.io", "-n", "finance"],
         &["get", "leases.coordination.k8s.io", "-n", ns],
@@ -324,8 +326,9 @@ async fn the_service_account_gets_exactly_what_the_controller_needs() {
         &["list", "secrets", "-n", ns],
         &["watch", "secrets", "-n", ns],
         &["list", "secrets", "-A"],
-        &["create", "secrets", "-n", ns],
+        &["create", "secrets", "-n", "finance"],
         &["update", "secrets", "-n", ns],
+        &["delete", "secrets", "-n", ns],
         &["delete", "events", "-n", "finance"],
         &["update", "leases.coordination.k8s.io", "-n", "default"],
         &["delete", "leases.coordination.k8s.io", "-n", ns],

@@ -1,5 +1,7 @@
-//! Who calls: the controller's token reaches every route, a peer agent's token (from
-//! `--peer-token-file`, optionally bound to its site) only the agent-to-agent routes.
+//! Who calls: the controller's token reaches every route; a peer agent's credential, always
+//! bound to one site (installed by the controller through `PUT /v1/peer-credentials/{site}`, or
+//! a `SITE TOKEN` line of `--peer-token-file`), only the agent-to-agent routes, and there only
+//! the VMs that replicate from that site.
 
 use axum::extract::{Request, State};
 use axum::http::header;
@@ -13,13 +15,14 @@ use crate::secret::Secret;
 /// A peer agent's token from `--peer-token-file`.
 #[derive(Debug)]
 pub(super) struct PeerToken {
-    /// The peer site it belongs to; `None`: any site's.
-    site: Option<String>,
+    /// The peer site it belongs to: a token speaks for one site only.
+    site: String,
     pub(super) token: Secret,
 }
 
 impl PeerToken {
-    /// One token per line: `TOKEN` or `SITE TOKEN`; blank lines and `#` comments are skipped.
+    /// One token per line: `SITE TOKEN`; blank lines and `#` comments are skipped. A token with
+    /// no site would reach every site's replicas: refused.
     pub(super) fn parse(text: &str) -> Result<Vec<Self>, AgentError> {
         let mut tokens = Vec::new();
         for (i, line) in text.lines().enumerate() {
@@ -29,12 +32,9 @@ impl PeerToken {
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
             tokens.push(match fields[..] {
-                [token] => PeerToken {
-                    site: None,
-                    token: token.into(),
-                },
+                [_] => return Err(AgentError::PeerTokenWithoutSite(i + 1)),
                 [site, token] => PeerToken {
-                    site: Some(site.to_string()),
+                    site: site.to_string(),
                     token: token.into(),
                 },
                 _ => return Err(AgentError::PeerTokenLine(i + 1)),
@@ -51,17 +51,17 @@ impl PeerToken {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Caller {
     Controller,
-    /// A peer agent; `site` when its token is bound to one.
+    /// A peer agent, with the site its credential is bound to.
     Peer {
-        site: Option<String>,
+        site: String,
     },
 }
 
 impl Caller {
-    /// The site a peer's token is bound to: its requests reach only that site's VMs.
+    /// The site a peer's credential is bound to: its requests reach only that site's VMs.
     pub(super) fn bound_site(&self) -> Option<&str> {
         match self {
-            Caller::Peer { site } => site.as_deref(),
+            Caller::Peer { site } => Some(site),
             Caller::Controller => None,
         }
     }
@@ -87,7 +87,13 @@ pub(super) async fn auth(State(st): State<Shared>, mut req: Request, next: Next)
                 });
             }
         }
-        found
+        let installed = st
+            .installed
+            .read()
+            .ok()
+            .and_then(|i| i.site_of(t))
+            .map(|site| Caller::Peer { site });
+        found.or(installed)
     });
     match caller {
         Some(c) => {
@@ -113,6 +119,6 @@ pub(super) async fn controller_only(req: Request, next: Next) -> Response {
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -83,8 +83,15 @@ pub enum AgentError {
     PeerToken(std::io::Error),
     #[error("peer token file holds no token")]
     EmptyPeerToken,
-    #[error("peer token file: line {0} is neither TOKEN nor SITE TOKEN")]
+    #[error("peer token file: line {0} is not SITE TOKEN")]
     PeerTokenLine(usize),
+    #[error(
+        "peer token file: line {0} names no site: write SITE TOKEN, so that the token reaches \
+         only the replicas of that site's VMs (a token with no site would reach every site's)"
+    )]
+    PeerTokenWithoutSite(usize),
+    #[error("peer credentials ({0}): {1}")]
+    PeerCredentials(std::path::PathBuf, std::io::Error),
     #[error("a token of the peer token file is the controller token; give peers their own")]
     PeerTokenIsControllerToken,
     #[error("loading TLS certificate or key: {0}")]

@@ -89,6 +89,14 @@ fn check_param(name: &str, value: &str) -> ApiResult<()> {
                 && value.bytes().all(|b| b.is_ascii_digit()),
             "a disk index: 1 to 4 digits",
         ),
+        "site" => (
+            !value.is_empty()
+                && value.len() <= MAX_SITE_NAME
+                && value
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)),
+            "a site name: 1 to 253 characters of A-Z a-z 0-9 . _ -",
+        ),
         // A route whose parameter has no rule here is refused rather than served unchecked.
         _ => {
             return Err(ApiError::new(

@@ -22,6 +22,7 @@ mod input;
 mod limits;
 mod meta;
 pub mod metrics;
+mod peers;
 mod pending;
 mod replica;
 pub mod runtime;
@@ -51,6 +52,8 @@ struct AppState {
     token: Secret,
     /// Peer agents' tokens, each with the site it is bound to: the agent-to-agent routes only.
     peer_tokens: Vec<auth::PeerToken>,
+    /// Peer credentials the controller installed, per source site (the same reach).
+    installed: std::sync::RwLock<peers::Installed>,
     /// Requests served at once on the controller's routes and on the agent-to-agent routes.
     /// Apart, so a peer's block stream never waits behind controller calls that wait for it.
     control_requests: Arc<tokio::sync::Semaphore>,

@@ -9,9 +9,9 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::input::valid_name;
-use super::meta::{Inbound, Rollback, RpMeta, VmMeta};
+use super::meta::{Rollback, RpMeta, VmMeta};
 use super::runtime::{MakeOverlay, OverlayDisk};
-use super::store::{Store, VmRec, open_vm, write_atomic};
+use super::store::{GRANTS_FILE, Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult, ErrorKind};
 use crate::fault;
 use crate::replication::tracker::{create_dir_durable, sync_dir};
@@ -195,14 +195,44 @@ impl Store {
     }
 
     /// Controller: lets `source` replicate into `vm` here, where no VM of that name exists:
-    /// nothing to protect, the first bulk transfer creates the replica.
+    /// the first bulk transfer from `source` creates the replica. Without the grant no peer
+    /// creates a VM here.
     pub fn accept_missing(&self, vm: &str, source: &str) -> ApiResult<AcceptResult> {
         if self.is_broken(vm) {
             return Err(self.missing(vm));
         }
+        self.set_grant(vm, Some(source))?;
         Ok(AcceptResult {
             source_site: source.to_string(),
         })
+    }
+
+    /// Records (`Some`) or withdraws (`None`) the controller's grant that `source` may create
+    /// `vm` here, durable before it returns. It stands while the controller means `vm` to be
+    /// that source's replica, so a replica whose files are lost here is created again by the
+    /// source's resync; the controller's accept for another source, delete, stop or failover
+    /// of the VM here withdraws it.
+    pub(super) fn set_grant(&self, vm: &str, source: Option<&str>) -> ApiResult<()> {
+        let mut grants = self
+            .grants
+            .lock()
+            .map_err(|_| ApiError::internal("agent state poisoned"))?;
+        if grants.get(vm).map(String::as_str) == source {
+            return Ok(());
+        }
+        let mut next = grants.clone();
+        match source {
+            Some(s) => next.insert(vm.to_string(), s.to_string()),
+            None => next.remove(vm),
+        };
+        let bytes = serde_json::to_vec_pretty(&next).map_err(|e| ApiError::io(e.into()))?;
+        write_atomic(&self.root.join(GRANTS_FILE), &bytes).map_err(ApiError::io)?;
+        *grants = next;
+        Ok(())
+    }
+
+    fn grant(&self, vm: &str) -> Option<String> {
+        self.grants.lock().ok()?.get(vm).cloned()
     }
 
     /// Receiver: a cycle or bulk transfer starts (see [`VmRec::begin`]); a bulk transfer
@@ -221,17 +251,22 @@ impl Store {
             if !valid_name(vm) {
                 return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
             }
+            // Only the controller decides which site may create a VM here.
+            if self.grant(vm).as_deref() != Some(b.source_site.as_str()) {
+                return Err(ApiError::conflict(format!(
+                    "VM {vm} is not at this site and site {} was not accepted to replicate \
+                     into it; replication into it must be enabled by the controller",
+                    b.source_site
+                )));
+            }
             let mut meta = VmMeta::new(
                 vm,
                 Power::Off,
                 Role::Replica,
                 (&b.disks, b.integration_services),
             );
-            meta.inbound = Some(Inbound {
-                source_site: b.source_site.clone(),
-                accepting: true,
-                ..Default::default()
-            });
+            // The grant moves onto the VM, where `begin` below takes it.
+            meta.accept_from = Some(b.source_site.clone());
             match self.insert_new(vm, meta) {
                 // Made meanwhile by another begin: go on with it.
                 Ok(())

@@ -34,10 +34,11 @@ pub struct AgentArgs {
     /// File holding the controller's bearer token (every route).
     #[arg(long)]
     pub token_file: PathBuf,
-    /// File holding the bearer tokens of peer agents, one per line (`TOKEN`, or `SITE TOKEN` to
-    /// bind it to the peer site SITE; `#` starts a comment line): they reach only the
-    /// agent-to-agent routes (`/v1/replica/...`), a bound one only for the VMs that replicate
-    /// with its site. Without it the controller's token is the only one, and peers present it.
+    /// File holding bearer tokens of peer agents, one `SITE TOKEN` per line (`#` starts a
+    /// comment line; a line with no site stops the start): each reaches only the
+    /// agent-to-agent routes (`/v1/replica/...`) of the VMs that replicate from SITE. The
+    /// controller installs per-site credentials of its own (`PUT /v1/peer-credentials/{site}`);
+    /// this file is for peers the controller does not manage.
     #[arg(long)]
     pub peer_token_file: Option<PathBuf>,
     /// PEM certificate chain: serve https instead of http (with --tls-key).
@@ -170,6 +171,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     .map_err(AgentError::Runtime)?;
     let max_requests = args.max_concurrent_requests as usize;
     let store = Store::open(&args.data_dir, &args.site, args.max_disk_bytes)?;
+    let installed = super::peers::Installed::open(&args.data_dir)
+        .map_err(|e| AgentError::PeerCredentials(args.data_dir.clone(), e))?;
     store.recover();
     tune_allocator();
     let outbound: Vec<String> = store
@@ -188,6 +191,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         data_dir: args.data_dir.clone(),
         token: token.into(),
         peer_tokens,
+        installed: std::sync::RwLock::new(installed),
         control_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
         replica_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
         store,
@@ -315,6 +319,10 @@ fn router(state: Shared) -> Router {
         )
         .route("/vms/{vm}/commit", post(handlers::commit))
         .route("/cuts", post(handlers::cut))
+        .route(
+            "/peer-credentials/{site}",
+            put(handlers::credentials::install),
+        )
         .route_layer(middleware::from_fn_with_state(
             state.control_requests.clone(),
             limit_requests,

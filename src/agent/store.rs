@@ -39,6 +39,9 @@ const OPS_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 /// `DATA/ops` is pruned at start and after every this many answers saved.
 const OPS_PRUNE_EVERY: u64 = 100;
 
+/// Where the grants of VMs not here yet are kept (see [`Store::grants`]).
+pub(super) const GRANTS_FILE: &str = "accepted.json";
+
 /// One VM's state: metadata, open disks, change tracker. Reached only through its cell's lock.
 pub(super) struct VmRec {
     pub(super) dir: PathBuf,
@@ -67,6 +70,9 @@ pub struct Store {
     broken: Mutex<BTreeMap<String, String>>,
     /// Answers saved under `DATA/ops` since the start (prunes every `OPS_PRUNE_EVERY`).
     ops_saved: AtomicU64,
+    /// VMs not here that the controller let a source site replicate into (`accept`), kept in
+    /// `DATA/accepted.json` until the first bulk transfer from that site creates the replica.
+    pub(super) grants: Mutex<BTreeMap<String, String>>,
 }
 
 /// A stored answer of an operation.
@@ -138,6 +144,12 @@ impl Store {
                 }
             }
         }
+        let grants = match fs::read(root.join(GRANTS_FILE)) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| ApiError::internal(format!("{GRANTS_FILE}: {e}")))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(ApiError::io(e)),
+        };
         let store = Self {
             root: root.to_path_buf(),
             site: site.to_string(),
@@ -145,6 +157,7 @@ impl Store {
             vms: Mutex::new(vms),
             broken: Mutex::new(broken),
             ops_saved: AtomicU64::new(0),
+            grants: Mutex::new(grants),
         };
         store.prune_ops(SystemTime::now()).map_err(ApiError::io)?;
         Ok(store)

@@ -4,7 +4,7 @@
 //!   deletion).
 //! - [`failover_plan`]: the FailoverPlan controller.
 //! - [`site`]: the Site reconciler; [`sites`]: the site registry and the shared per-site VM
-//!   listings; [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
+//!   listings; [`peers`]: the credential of each pair of sites; [`observe`]: the provider-neutral view of a VM at a site that the planner reads.
 //! - [`vm_jobs`]: reading a ReplicatedVM's job record (both controllers).
 //! - [`conditions`]: Ready / Reconciling / Stalled / CommitPending helpers.
 //! - [`notes`], [`writes`]: Events and status merge patches, shared by the reconcilers.
@@ -19,6 +19,7 @@ pub mod failover_plan;
 pub mod metrics;
 pub mod notes;
 pub mod observe;
+pub mod peers;
 pub mod rvm;
 pub mod site;
 pub mod sites;

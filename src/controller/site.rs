@@ -1,5 +1,6 @@
 //! The Site reconciler: reads the token Secret, lists the site's VMs once per period (the
-//! listing every ReplicatedVM reconcile reads) and reports the agent's health in status.
+//! listing every ReplicatedVM reconcile reads), installs the peer credentials of the site's
+//! pairs at its agent ([`super::peers`]) and reports the agent's health in status.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -159,6 +160,20 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
                 }
             }
         }
+    };
+    let cond = if cond.status {
+        // The agent answers: it gets the credentials of its pairs with the other sites.
+        match super::peers::sync(&ctx, &name).await {
+            Ok(()) => cond,
+            Err(m) => {
+                warn!(site = %name, "peer credentials: {m}");
+                Cond::new(READY, false, "PeerCredentials", m)
+            }
+        }
+    } else {
+        // It may come back without what it held (a new data directory): install again then.
+        ctx.sites.pairs.forget(&name);
+        cond
     };
     write_status(&site, &ctx, &cond, count.map(|n| (n, accelerator)), t0).await?;
     Ok(Action::requeue(ctx.poll))

@@ -73,6 +73,8 @@ pub struct Sites {
     inner: RwLock<HashMap<String, Entry>>,
     /// Each Site's `spec.networkMappings`, as its reconciler last read them.
     networks: RwLock<HashMap<String, Vec<crate::api::NetworkMapping>>>,
+    /// The peer credentials of each pair of sites (super::peers).
+    pub pairs: super::peers::Pairs,
 }
 
 impl Sites {
@@ -155,6 +157,7 @@ impl Sites {
     pub fn remove(&self, name: &str) {
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
         map.remove(name);
+        self.pairs.forget(name);
     }
 
     pub fn known(&self, name: &str) -> bool {
@@ -167,11 +170,20 @@ impl Sites {
         map.get(name).map(|e| e.provider.clone())
     }
 
-    pub fn peer(&self, name: &str) -> Option<PeerInfo> {
+    /// The names of the registered sites.
+    pub fn names(&self) -> Vec<String> {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
-        map.get(name).map(|e| PeerInfo {
+        map.keys().cloned().collect()
+    }
+
+    /// How `source`'s agent reaches `target`'s: its URL and CA, and the pair's own credential
+    /// (never `target`'s controller token). `None` until `target` holds that credential.
+    pub fn peer(&self, source: &str, target: &str) -> Option<PeerInfo> {
+        let token = self.pairs.credential(source, target)?;
+        let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        map.get(target).map(|e| PeerInfo {
             url: e.url.clone(),
-            token: e.token.clone(),
+            token,
             ca_pem: e.ca_pem.clone(),
         })
     }

@@ -277,6 +277,18 @@ impl SiteProvider for AgentClient {
         Box::pin(self.vm_post(vm, "replication/accept", params, SHORT_TIMEOUT))
     }
 
+    fn install_peer_credentials<'a>(
+        &'a self,
+        site: &'a str,
+        creds: &'a PeerCredentials,
+    ) -> SiteFuture<'a, PeerCredentialsResult> {
+        Box::pin(async move {
+            let path = format!("/v1/peer-credentials/{}", enc(site));
+            self.call(Method::PUT, &path, Some(creds), SHORT_TIMEOUT)
+                .await
+        })
+    }
+
     fn sync<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, SyncResult> {
         Box::pin(self.vm_op(vm, "replication/sync", op_id, SYNC_TIMEOUT))
     }

@@ -129,4 +129,19 @@ pub trait SiteProvider: Send + Sync {
     fn commit<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, CommitResult>;
     /// sha256 of a whole disk (for a replica, of its newest recovery point).
     fn digest<'a>(&'a self, vm: &'a str, disk: &'a str) -> SiteFuture<'a, String>;
+    /// Installs the credentials of the pair of this site and `site` (either may be left out).
+    /// A provider without agent-to-agent replication has none to install.
+    fn install_peer_credentials<'a>(
+        &'a self,
+        site: &'a str,
+        creds: &'a PeerCredentials,
+    ) -> SiteFuture<'a, PeerCredentialsResult> {
+        let _ = (site, creds);
+        Box::pin(async {
+            Err(SiteError::Other(
+                501,
+                "this site takes no peer credentials".into(),
+            ))
+        })
+    }
 }

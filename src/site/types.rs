@@ -291,6 +291,33 @@ pub struct AcceptReplication {
     pub source_site: String,
 }
 
+/// Body of `PUT /v1/peer-credentials/{site}` (the controller only): the credentials of the
+/// pair of this site and `site`. Each is optional; the other one is left as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerCredentials {
+    /// What `site`'s agent presents here: from now on the only credential of that site,
+    /// reaching the replica routes of the VMs that replicate from it (the one before stops
+    /// working at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<crate::secret::Secret>,
+    /// What this agent presents to `site`'s agent: replaces the peer token of every VM here
+    /// that replicates to `site`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound: Option<crate::secret::Secret>,
+}
+
+/// Answer of `PUT /v1/peer-credentials/{site}`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeerCredentialsResult {
+    pub site: String,
+    /// The inbound credential was new here (`false`: it was installed already, or not given).
+    pub inbound_changed: bool,
+    /// VMs replicating to `site` whose peer token was replaced.
+    pub outbound_vms: u64,
+}
+
 /// Answer of `POST /v1/vms/{vm}/replication/accept`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -214,6 +214,24 @@ pub async fn accept(target: &twinsite::site::AgentClient, vm: &str, source: &Age
         .unwrap();
 }
 
+/// At the agent of `target` (client `target`), lets site `source` replicate into `vm`, with an
+/// operation id of its own.
+pub async fn accept_site(target: &twinsite::site::AgentClient, vm: &str, source: &str) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use twinsite::site::SiteProvider;
+    static N: AtomicU32 = AtomicU32::new(0);
+    target
+        .accept_replication(
+            vm,
+            &twinsite::site::AcceptReplication {
+                operation_id: format!("acc-{vm}-{source}-{}", N.fetch_add(1, Ordering::SeqCst)),
+                source_site: source.into(),
+            },
+        )
+        .await
+        .unwrap();
+}
+
 pub fn enable_to(
     op: &str,
     peer: &AgentProc,

@@ -1,6 +1,7 @@
 //! The controller's routes: each handler checks its input, then calls the store, the driver
 //! or a cut. The agent-to-agent routes are in [`peer`].
 
+pub(crate) mod credentials;
 mod domain;
 pub(crate) mod peer;
 
@@ -139,6 +140,8 @@ pub(crate) async fn delete_vm(
         driver::stop(&st, &vm);
     }
     with_store(&st, move |s| {
+        // No peer creates it again (nor creates it, where it is not here).
+        s.set_grant(&vm, None)?;
         let v = s.idempotent(&vm, q.operation_id.as_deref(), |s, r| {
             s.delete_locked(&vm, r)
         })?;
@@ -392,8 +395,11 @@ pub(crate) async fn accept(
             return to_json(s.accept_missing(&vm, &req.source_site)?);
         }
         // Once per operation id: a retry must not grant again what a transfer used up.
-        s.idempotent(&vm, Some(&op), |_, r| {
-            to_json(r.accept(&req.source_site, Some(&op))?)
+        s.idempotent(&vm, Some(&op), |s, r| {
+            let answer = to_json(r.accept(&req.source_site, Some(&op))?)?;
+            // Should the replica's files be lost later, the source may create it again.
+            s.set_grant(&vm, Some(&req.source_site))?;
+            Ok(answer)
         })
     })
     .await?;
@@ -463,8 +469,9 @@ pub(crate) async fn stop(
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     driver::stop(&st, &vm);
-    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         r.stop_inbound()?;
+        s.set_grant(&r.meta.name, None)?;
         to_json(r.view().replication)
     })
     .await
@@ -484,8 +491,10 @@ pub(crate) async fn failover(
         .collect();
     // A replica of a domain whose networks are missing here is refused before anything changes.
     domain::check_networks(&st, &vm, &networks).await?;
-    let answer = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+    let answer = store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
+        // The VM runs here now: no peer may create it again.
+        s.set_grant(&r.meta.name, None)?;
         to_json(crate::site::FailoverResult { recovery_point: rp })
     })
     .await?;

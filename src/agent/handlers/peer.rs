@@ -1,6 +1,6 @@
 //! The agent-to-agent routes (`/v1/replica/...`): a source site's agent opens cycles, sends
-//! blocks and commits them into recovery points here. A peer token bound to a site reaches only
-//! the VMs that replicate with that site.
+//! blocks and commits them into recovery points here. A peer's credential is bound to its site
+//! and reaches only the VMs that replicate from that site.
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, JsonRejection};
@@ -18,22 +18,22 @@ use super::super::{
 use super::{parse, raw_body};
 use crate::replication::frame;
 
-/// A peer token bound to a site reaches only the VMs that replicate with that site: its
-/// replicas here, a VM replicating to it, one the controller let it replicate into (403).
+/// A peer's credential reaches only the VMs that replicate from its site: its replicas here,
+/// and a VM the controller let it replicate into (`accept`). Not a VM that replicates to it, nor
+/// one that ran here since (403).
 fn peer_may_use(caller: &Caller, r: &store::VmRec) -> ApiResult<()> {
     let Some(site) = caller.bound_site() else {
         return Ok(());
     };
     let m = &r.meta;
-    if m.inbound.as_ref().is_some_and(|i| i.source_site == site)
-        || m.outbound.as_ref().is_some_and(|o| o.peer_site == site)
-        || m.accept_from.as_deref() == Some(site)
-    {
+    let replica_of_site = m.role == crate::site::Role::Replica
+        && m.inbound.as_ref().is_some_and(|i| i.source_site == site);
+    if replica_of_site || m.accept_from.as_deref() == Some(site) {
         return Ok(());
     }
     Err(ApiError::new(
         ErrorKind::Forbidden,
-        format!("VM {} does not replicate with site {site}", m.name),
+        format!("VM {} does not replicate from site {site}", m.name),
     ))
 }
 

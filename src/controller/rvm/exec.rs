@@ -49,8 +49,17 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
     Ok(match c.step_name {
         StepName::EnableReplication => {
             let p = provider(sites, src)?;
-            let peer = sites.peer(tgt).ok_or_else(|| {
-                Outcome::Unreachable(format!("site {tgt} is not known (no Site object)"))
+            if !sites.known(tgt) {
+                return Err(Outcome::Unreachable(format!(
+                    "site {tgt} is not known (no Site object)"
+                )));
+            }
+            // The pair's own credential, never the target's token: the source can reach
+            // nothing at the target but the replicas of its own VMs.
+            let peer = sites.peer(src, tgt).ok_or_else(|| {
+                Outcome::Unreachable(format!(
+                    "the peer credential of {src} -> {tgt} is not installed at {tgt} yet"
+                ))
             })?;
             // The target first: the data path never makes a VM a replica on its own, so the
             // target is told to accept this source before the source starts sending (an

@@ -13,6 +13,8 @@ use crate::site::{
 const P: &str = "primary";
 const S: &str = "secondary";
 const OP: &str = "uid1-web-01-enable-1-EnableReplication";
+/// The credential of the pair primary -> secondary.
+const PAIR: &str = "pair-credential-of-primary-to-secondary";
 
 type Log = Arc<Mutex<Vec<String>>>;
 
@@ -58,8 +60,12 @@ impl SiteProvider for Fake {
         p: &'a EnableReplication,
     ) -> SiteFuture<'a, ReplicationInfo> {
         self.note(format!(
-            "enable at {} {vm} {} to {} {:?}",
-            self.site, p.operation_id, p.peer_site, p.mode
+            "enable at {} {vm} {} to {} {:?} with {}",
+            self.site,
+            p.operation_id,
+            p.peer_site,
+            p.mode,
+            p.peer_token.expose()
         ));
         Box::pin(async { Ok(ReplicationInfo::default()) })
     }
@@ -148,6 +154,7 @@ fn sites(accept: fn() -> Result<(), SiteError>) -> (Sites, Log) {
         };
         sites.insert_provider(site, &format!("http://{site}.invalid"), Arc::new(fake));
     }
+    sites.pairs.installed_at_target(P, S, PAIR.into());
     (sites, log)
 }
 
@@ -190,10 +197,38 @@ async fn enable_replication_accepts_at_the_target_before_enabling_at_the_source(
             calls(&log),
             [
                 format!("accept at {S} web-01 {OP}-accept from {P}"),
-                format!("enable at {P} web-01 {OP} to {S} {wire}"),
+                format!("enable at {P} web-01 {OP} to {S} {wire} with {PAIR}"),
             ]
         );
     }
+}
+
+/// Until the target holds the pair's credential, nothing is called: the source never gets a
+/// credential the target would refuse, nor the target's own token.
+#[tokio::test]
+async fn without_the_pairs_credential_at_the_target_nothing_is_enabled() {
+    let log = Log::default();
+    let sites = Sites::new();
+    for site in [P, S] {
+        let fake = Fake {
+            site,
+            log: log.clone(),
+            accept: || Ok(()),
+        };
+        sites.insert_provider(site, &format!("http://{site}.invalid"), Arc::new(fake));
+    }
+    // The reverse pair does not do.
+    sites.pairs.installed_at_target(S, P, PAIR.into());
+    let o = run(
+        &sites,
+        &enable_call(JobType::EnableReplication, EnableMode::Initial),
+    )
+    .await;
+    assert!(
+        matches!(&o, Outcome::Unreachable(m) if m.contains("peer credential")),
+        "{o:?}"
+    );
+    assert!(calls(&log).is_empty());
 }
 
 #[tokio::test]
