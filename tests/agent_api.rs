@@ -1445,6 +1445,7 @@ async fn commits_over_the_point_limit_or_from_the_future_are_refused() {
     );
     assert_eq!(snapshot(root.path()), before);
     assert_eq!(point_ids(&c, "web").await, points);
+}
 
 fn begin_body(site: &str, size: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"sourceSite": site, "cycleId": "c1-00",
