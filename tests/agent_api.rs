@@ -1324,6 +1324,16 @@ async fn a_begin_with_more_disks_than_allowed_is_refused() {
         "{why}"
     );
     assert_eq!(snapshot(root.path()), before);
+    b.client()
+        .accept_replication(
+            "web",
+            &twinsite::site::AcceptReplication {
+                operation_id: "acc-1".into(),
+                source_site: "primary".into(),
+            },
+        )
+        .await
+        .unwrap();
     let (status, answer) = post(b.port, "/v1/replica/web/begin", begin_body("c0", None, 2)).await;
     assert_eq!(status, 200, "{answer}");
 }
@@ -1447,7 +1457,7 @@ async fn commits_over_the_point_limit_or_from_the_future_are_refused() {
     assert_eq!(point_ids(&c, "web").await, points);
 }
 
-fn begin_body(site: &str, size: u64) -> Vec<u8> {
+fn bulk_begin_body(site: &str, size: u64) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"sourceSite": site, "cycleId": "c1-00",
         "disks": [{"name": "disk0", "sizeBytes": size}], "integrationServices": true,
         "retentionHours": 1, "bulk": true}))
@@ -1467,7 +1477,7 @@ async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing
         "POST",
         "/v1/replica/fresh/begin",
         PEER_TOKEN,
-        begin_body("primary", MIB),
+        bulk_begin_body("primary", MIB),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
@@ -1485,7 +1495,7 @@ async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing
         "POST",
         "/v1/replica/fresh/begin",
         PEER_TOKEN,
-        begin_body("primary", MIB),
+        bulk_begin_body("primary", MIB),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
@@ -1498,7 +1508,7 @@ async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing
         "POST",
         "/v1/replica/fresh/begin",
         PEER_TOKEN,
-        begin_body("primary", MIB),
+        bulk_begin_body("primary", MIB),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -1515,7 +1525,7 @@ async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing
         "POST",
         "/v1/replica/fresh/begin",
         PEER_TOKEN,
-        begin_body("primary", MIB),
+        bulk_begin_body("primary", MIB),
     )
     .await;
     assert_eq!(status, 200, "{answer}");
@@ -1526,7 +1536,7 @@ async fn a_begin_for_a_vm_that_was_never_accepted_is_refused_and_creates_nothing
         "POST",
         "/v1/replica/fresh/begin",
         PEER_TOKEN,
-        begin_body("primary", MIB),
+        bulk_begin_body("primary", MIB),
     )
     .await;
     assert_eq!(status, 409, "{answer}");
@@ -1635,7 +1645,7 @@ async fn installed_peer_credentials_are_bound_to_their_site_and_rotate() {
         (
             "POST",
             "/v1/replica/local/begin",
-            begin_body("primary", MIB),
+            bulk_begin_body("primary", MIB),
         ),
     ] {
         let (status, answer) = raw(b.port, method, path, FIRST, body).await;
