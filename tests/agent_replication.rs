@@ -464,3 +464,57 @@ async fn reverse_resync_hashes_blocks_when_a_journal_is_lost() {
     let sent = cb.get_vm(VM).await.unwrap().replication.bytes_sent;
     assert_eq!(sent, 4 * BLOCK, "hash resync sent {sent} bytes");
 }
+
+/// A failover to `LatestProcessed` after a drill leaves out the points received during the
+/// drill, which the old source holds: the reverse resync must send those blocks back too, so
+/// the old source ends with exactly the new source's disk.
+#[tokio::test]
+async fn reverse_resync_after_latest_processed_skipped_points_of_a_drill_leaves_equal_disks() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 8 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+
+    // A point arrives while a drill copy exists, then the drill ends and B fails over to the
+    // newest point already applied: the waiting point (A's blocks 3, 4, 50) is left out.
+    cb.test_failover(VM, &RecoveryPointSelector::Latest, "isolated", "tf-1")
+        .await
+        .unwrap();
+    write_blocks(&ca, &[3, 4, 50], 7).await;
+    ca.sync(VM, "sync-3").await.unwrap();
+    cb.test_failover_cleanup(VM, "tfc-1").await.unwrap();
+    ca.power(VM, PowerAction::Shutdown, "sd-1").await.unwrap();
+    ca.stop_replication(VM, "stop-1").await.unwrap();
+    let fo = cb
+        .failover(VM, &RecoveryPointSelector::LatestProcessed, "fo-1")
+        .await
+        .unwrap();
+    assert_eq!(fo.recovery_point.id, rp2.id);
+    cb.commit(VM, "commit-1").await.unwrap();
+    write_blocks(&cb, &[4, 90], 9).await;
+
+    // Reprotect B -> A; once the resync and a cycle are done, A holds B's disk.
+    common_agent::accept(&ca, VM, &b, "acc-2").await;
+    cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
+        .await
+        .unwrap();
+    cb.sync(VM, "sync-r1").await.unwrap();
+    let v = cb.get_vm(VM).await.unwrap();
+    assert_eq!(
+        v.replication.state,
+        twinsite::site::ReplicationState::Replicating
+    );
+    assert_eq!(
+        ca.digest(VM, "disk0").await.unwrap(),
+        cb.digest(VM, "disk0").await.unwrap(),
+        "the old source differs from the new source after the reverse resync"
+    );
+}

@@ -359,6 +359,33 @@ impl VmRec {
         Ok(())
     }
 
+    /// The blocks where the source's image at `last_cycle` may differ from the image besides
+    /// those a rollback to point `pos` undoes: the blocks of the newer points still waiting to
+    /// be applied, which a failover drops unapplied. `None` when a staging file is gone or
+    /// torn: then nobody can say.
+    fn unapplied_blocks(&self, pos: usize) -> Option<Vec<Bitmap>> {
+        let sdir = self.dir.join("staging");
+        let i = self.meta.inbound.as_ref()?;
+        let files = i.rps.iter().skip(pos + 1).filter_map(|p| p.staged.clone());
+        let mut sets: Vec<Bitmap> = self
+            .meta
+            .disks
+            .iter()
+            .map(|d| Bitmap::new(block_count(d.size_bytes)))
+            .collect();
+        for f in files {
+            let path = sdir.join(f);
+            if !path.exists() {
+                return None;
+            }
+            let staged = self.staged_blocks(&path).ok()?;
+            for (a, b) in sets.iter_mut().zip(&staged) {
+                a.union(b);
+            }
+        }
+        Some(sets)
+    }
+
     fn point_mut(&mut self, seq: u64) -> Option<&mut RpMeta> {
         self.meta
             .inbound
@@ -1131,22 +1158,31 @@ impl VmRec {
             .map_err(ApiError::io)?;
         let changed = self.roll_back(pos, &files)?;
         fault::hit("failover.rolled-back");
+        // Points left waiting (a failover to LatestProcessed after a drill) are dropped without
+        // touching the image, and the old source holds them.
+        let unapplied = self.unapplied_blocks(pos);
         let r = &mut *self;
-        // The rolled-back blocks differ from what the old source holds: a later resync sends
-        // them (recording them again after a crash is harmless).
+        // The rolled-back and the unapplied blocks differ from what the old source holds: a
+        // later resync sends them (recording them again after a crash is harmless).
         for (d, set) in changed.iter().enumerate() {
+            r.tracker.record_set(d, set).map_err(ApiError::io)?;
+        }
+        for (d, set) in unapplied.iter().flatten().enumerate() {
             r.tracker.record_set(d, set).map_err(ApiError::io)?;
         }
         r.meta.role = Role::Primary;
         r.meta.power = Power::Running;
-        // The image held the last committed cycle; the tracker now holds every change since
-        // (the rolled-back blocks and, from now on, guest writes).
+        // The source held the last committed cycle; the tracker now holds every block where
+        // this image may differ from it (rolled back, never applied and, from now on, guest
+        // writes). Unless a staging file was lost: then no journal can vouch for the
+        // difference, and a resync compares hashes.
         r.meta.journal_base = r
             .meta
             .inbound
             .as_ref()
             .and_then(|i| i.last_cycle.as_ref())
-            .map(|(id, _)| id.clone());
+            .map(|(id, _)| id.clone())
+            .filter(|_| unapplied.is_some());
         let mut answer = None;
         if let Some(i) = r.meta.inbound.as_mut() {
             answer = Some(FailoverResult {
