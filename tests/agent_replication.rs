@@ -654,3 +654,51 @@ async fn a_resync_keeps_the_last_good_point_until_it_completes() {
     assert_eq!(fo.recovery_point.id, rp3.id);
     assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
 }
+
+/// Two commits in a row whose answers never came (the first committed at the replica, the
+/// second not): the next cycle still applies onto what the replica holds, without a resync.
+#[tokio::test]
+async fn two_commits_in_doubt_in_a_row_need_no_resync() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let mut b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 4 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+
+    // The replica commits the next cycle and dies before it answers: in doubt, held there.
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", Some("replica.retention"));
+    b.spawn();
+    write_blocks(&ca, &[1], 1).await;
+    assert!(ca.sync(VM, "sync-2").await.is_err());
+    // The one after dies before it records its point: in doubt too, not held.
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", Some("replica.undo"));
+    b.spawn();
+    write_blocks(&ca, &[2], 2).await;
+    assert!(ca.sync(VM, "sync-3").await.is_err());
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", None);
+    b.spawn();
+
+    // A cycle sends every block not acknowledged (1, 2 and 3); a resync would have compared
+    // hashes and sent what the replica lacks (2 and 3).
+    write_blocks(&ca, &[3], 3).await;
+    let before = ca.get_vm(VM).await.unwrap().replication.bytes_sent;
+    ca.sync(VM, "sync-4").await.unwrap();
+    let sent = ca.get_vm(VM).await.unwrap().replication.bytes_sent - before;
+    assert_eq!(
+        sent,
+        3 * BLOCK,
+        "the source resynchronized (sent {sent} bytes)"
+    );
+    assert_eq!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap()
+    );
+}

@@ -139,6 +139,12 @@ pub struct Outbound {
     /// cycle names it beside the journal base as a parent the replica may be at.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// Cycles in doubt before `in_doubt`, oldest first, since the last acknowledgement: the
+    /// replica may hold any of them (a commit that committed but did not answer, then one that
+    /// failed before it committed). Every block of them is still unacknowledged, so the next
+    /// cycle applies onto each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_earlier: Vec<String>,
     /// The newest freeze of the guest's filesystems for an app-consistent point.
     #[serde(default)]
     pub last_quiesce: Option<crate::site::Quiesce>,
@@ -167,6 +173,7 @@ impl Outbound {
             blocks_resent: 0,
             last_error: None,
             in_doubt: None,
+            in_doubt_earlier: Vec::new(),
             last_quiesce: None,
         }
     }

@@ -47,11 +47,18 @@ pub struct BeginCycle {
     /// A cycle whose commit the source never saw answered: the replica may hold it instead.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// Cycles in doubt before `in_doubt` (at most [`MAX_IN_DOUBT`]): the replica may hold any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_earlier: Vec<String>,
     /// The source's hypervisor definition of the VM (libvirt domain XML), kept at the replica
     /// so a failover can define the VM there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<String>,
 }
+
+/// The most cycles a source keeps in doubt before the newest (older ones are forgotten: the
+/// replica then resyncs if it holds one of those).
+pub const MAX_IN_DOUBT: usize = 8;
 
 /// The largest VM definition a peer may send.
 pub(super) const MAX_DEFINITION_BYTES: usize = 64 << 10;
@@ -73,6 +80,14 @@ impl BeginCycle {
         }
         if let Some(p) = &self.in_doubt {
             input::cycle_id("inDoubt", p)?;
+        }
+        if self.in_doubt_earlier.len() > MAX_IN_DOUBT {
+            return Err(ApiError::bad(format!(
+                "inDoubtEarlier names more than {MAX_IN_DOUBT} cycles"
+            )));
+        }
+        for p in &self.in_doubt_earlier {
+            input::cycle_id("inDoubtEarlier", p)?;
         }
         if self
             .definition
@@ -628,8 +643,11 @@ impl VmRec {
                 .as_ref()
                 .and_then(|i| i.last_cycle.as_ref())
                 .map(|(id, _)| id.as_str());
-            let parent_ok =
-                held.is_some() && (held == b.parent.as_deref() || held == b.in_doubt.as_deref());
+            let parent_ok = held.is_some_and(|h| {
+                b.parent.as_deref() == Some(h)
+                    || b.in_doubt.as_deref() == Some(h)
+                    || b.in_doubt_earlier.iter().any(|c| c == h)
+            });
             if !ours || !parent_ok {
                 return Err(ApiError::resync(format!(
                     "VM {vm} here does not hold the parent of cycle {} (parent {}, held here {}); \
