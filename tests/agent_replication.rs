@@ -702,3 +702,46 @@ async fn two_commits_in_doubt_in_a_row_need_no_resync() {
         ca.digest(VM, "disk0").await.unwrap()
     );
 }
+
+/// A point received during a drill whose staging file is damaged before it is applied is not
+/// applied: the replica drops it and the source resyncs, so the replica ends with the source's
+/// disk (it once wrote the damaged block into the image).
+#[tokio::test]
+async fn a_damaged_staging_file_is_never_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 4 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    cb.test_failover(VM, &RecoveryPointSelector::Latest, "isolated", "tf-1")
+        .await
+        .unwrap();
+    write_blocks(&ca, &[5], 5).await;
+    ca.sync(VM, "sync-2").await.unwrap();
+
+    // One byte of the waiting point's block rots on the replica's disk.
+    let dir = b.data_dir.join("vms").join(VM).join("staging");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("the waiting point's staging file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    cb.test_failover_cleanup(VM, "tfc-1").await.unwrap();
+    write_blocks(&ca, &[6], 6).await;
+    ca.sync(VM, "sync-3").await.unwrap();
+    assert_eq!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap(),
+        "the replica applied a damaged staging file"
+    );
+}

@@ -355,6 +355,9 @@ impl VmRec {
         let applied = !pending.is_empty();
         for (seq, file, undo_at_apply) in pending {
             let path = self.dir.join("staging").join(&file);
+            if let Err(e) = self.staged_blocks(&path) {
+                return self.drop_damaged(seq, &e.message);
+            }
             if undo_at_apply {
                 let seg = self.write_undo(seq, &path)?;
                 fault::hit("replica.deferred-undo");
@@ -431,6 +434,51 @@ impl VmRec {
             }
         }
         Some(sets)
+    }
+
+    /// A recorded point whose staging file fails its checks cannot be applied: the image goes
+    /// back to the point before it (through its undo segment, when an apply may have begun),
+    /// and it and every newer point are dropped, metadata first. The replica then holds no
+    /// cycle the source knows, so the source's next cycle is refused and it resyncs.
+    fn drop_damaged(&mut self, seq: u64, why: &str) -> ApiResult<()> {
+        let vm = self.name().to_string();
+        tracing::error!(
+            vm,
+            seq,
+            error = why,
+            "dropping recovery points whose staged blocks are damaged"
+        );
+        let Some(pos) = self
+            .meta
+            .inbound
+            .as_ref()
+            .and_then(|i| i.rps.iter().position(|p| p.seq == seq))
+        else {
+            return Ok(());
+        };
+        let udir = self.dir.join("undo");
+        let point = self.meta.inbound.as_ref().map(|i| i.rps[pos].clone());
+        if let Some(p) = point.filter(|p| !p.undo_at_apply) {
+            for seg in &p.undo {
+                for (d, disk) in self.meta.disks.iter().enumerate() {
+                    let image = self.disks.get(d).ok_or_else(|| {
+                        ApiError::conflict(format!("VM {vm} keeps no disk files here"))
+                    })?;
+                    undo::apply(&udir, seg, d, image, disk.size_bytes).map_err(ApiError::io)?;
+                }
+            }
+            for d in &self.disks {
+                d.sync_all().map_err(ApiError::io)?;
+            }
+        }
+        if let Some(i) = self.meta.inbound.as_mut() {
+            i.rps.truncate(pos);
+            i.last_cycle = None;
+            i.resync = None;
+        }
+        self.save()?;
+        self.clear_staging()?;
+        self.sweep_undo()
     }
 
     fn point_mut(&mut self, seq: u64) -> Option<&mut RpMeta> {
@@ -934,9 +982,19 @@ impl VmRec {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sets),
             Err(e) => return Err(ApiError::io(e)),
         };
-        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(64 << 10, file));
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
         while let Some(h) = rd.header().map_err(|_| ApiError::bad("torn staging"))? {
-            rd.skip(&h).map_err(|_| ApiError::bad("torn staging"))?;
+            // Every block is checked against the checksum it came with before it may be
+            // applied: a staging file damaged on disk is refused, never written into the image.
+            rd.data(&h, &mut buf)
+                .map_err(|_| ApiError::bad("torn staging"))?;
+            if frame::checksum(h.disk, h.block, &buf) != h.hash {
+                return Err(ApiError::bad(format!(
+                    "damaged staging: block {} of disk {} does not match its checksum",
+                    h.block, h.disk
+                )));
+            }
             let set = sets
                 .get_mut(h.disk as usize)
                 .ok_or_else(|| ApiError::bad("staged block of no disk"))?;
@@ -1006,7 +1064,7 @@ impl VmRec {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(ApiError::io(e)),
         };
-        // Checked before anything is recorded: a torn staging file fails the commit.
+        // Checked before anything is recorded: a torn or damaged staging file fails the commit.
         self.staged_blocks(&stage)?;
         if c.bulk {
             return self.commit_resync(&c.cycle_id, &stage, staged_file);
