@@ -470,3 +470,284 @@ async fn reverse_resync_hashes_blocks_when_a_journal_is_lost() {
     let sent = cb.get_vm(VM).await.unwrap().replication.bytes_sent;
     assert_eq!(sent, 4 * BLOCK, "hash resync sent {sent} bytes");
 }
+
+/// A failover to `LatestProcessed` after a drill leaves out the points received during the
+/// drill, which the old source holds: the reverse resync must send those blocks back too, so
+/// the old source ends with exactly the new source's disk.
+#[tokio::test]
+async fn reverse_resync_after_latest_processed_skipped_points_of_a_drill_leaves_equal_disks() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 8 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+
+    // A point arrives while a drill copy exists, then the drill ends and B fails over to the
+    // newest point already applied: the waiting point (A's blocks 3, 4, 50) is left out.
+    cb.test_failover(VM, &RecoveryPointSelector::Latest, "isolated", "tf-1")
+        .await
+        .unwrap();
+    write_blocks(&ca, &[3, 4, 50], 7).await;
+    ca.sync(VM, "sync-3").await.unwrap();
+    cb.test_failover_cleanup(VM, "tfc-1").await.unwrap();
+    ca.power(VM, PowerAction::Shutdown, "sd-1").await.unwrap();
+    ca.stop_replication(VM, "stop-1").await.unwrap();
+    let fo = cb
+        .failover(VM, &RecoveryPointSelector::LatestProcessed, "fo-1")
+        .await
+        .unwrap();
+    assert_eq!(fo.recovery_point.id, rp2.id);
+    cb.commit(VM, "commit-1").await.unwrap();
+    write_blocks(&cb, &[4, 90], 9).await;
+
+    // Reprotect B -> A; once the resync and a cycle are done, A holds B's disk.
+    common_agent::accept(&ca, VM, &b, "acc-2").await;
+    cb.enable_replication(VM, &enable("en-2", &a, ReplicationMode::Resync))
+        .await
+        .unwrap();
+    cb.sync(VM, "sync-r1").await.unwrap();
+    let v = cb.get_vm(VM).await.unwrap();
+    assert_eq!(
+        v.replication.state,
+        twinsite::site::ReplicationState::Replicating
+    );
+    assert_eq!(
+        ca.digest(VM, "disk0").await.unwrap(),
+        cb.digest(VM, "disk0").await.unwrap(),
+        "the old source differs from the new source after the reverse resync"
+    );
+}
+
+/// The source of `vm` loses its change journal and starts again: its next run is a resync by
+/// block hashes, which holds (with `TWINSITE_FAULT_HOLD_BULK`) once a batch was acknowledged,
+/// until the file `hold-bulk` goes. Returns when that batch is acknowledged.
+async fn resync_held_mid_way(a: &mut AgentProc) {
+    a.kill();
+    std::fs::remove_dir_all(a.data_dir.join("vms").join(VM).join("track")).unwrap();
+    std::fs::write(a.data_dir.join("hold-bulk"), b"").unwrap();
+    a.spawn();
+    let ca = a.client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = ca.get_vm(VM).await.unwrap().replication;
+        if r.progress.is_some_and(|p| p.done_bytes > 0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resync never sent a batch: {r:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What a replica serves while a resync runs into it: its points listed as before, its newest
+/// point read back exactly, its digest unchanged.
+async fn assert_points_intact(cb: &AgentClient, ids: &[String], image: &[u8], digest: &str) {
+    let now: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(now, ids, "recovery points changed while a resync runs");
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), digest);
+    let read = cb
+        .read_disk(VM, "disk0", 0, image.len() as u64)
+        .await
+        .unwrap();
+    assert!(
+        read == image,
+        "the newest point reads back otherwise mid-resync"
+    );
+}
+
+/// A resync (here after the source lost its journal) keeps the replica's points usable until
+/// it completes: listed, read back exactly, and a failover mid-resync brings up the newest
+/// point as it was. Once it completes the old points are still there and the replica holds
+/// the source's disk.
+#[tokio::test]
+async fn a_resync_keeps_the_last_good_point_until_it_completes() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a =
+        AgentProc::start_with_env("primary", root.path(), &[("TWINSITE_FAULT_HOLD_BULK", "1")]);
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 16 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    scribble(&ca, VM, 2, size).await;
+    let d2 = ca.digest(VM, "disk0").await.unwrap();
+    let rp2 = ca.sync(VM, "sync-2").await.unwrap().recovery_point;
+    let ids: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    let image2 = cb.read_disk(VM, "disk0", 0, size).await.unwrap();
+
+    // 12 MiB the replica does not have: the resync sends several batches.
+    let data: Vec<u8> = (0..12 * MIB as u32).map(|j| (j % 253) as u8).collect();
+    ca.write_disk(VM, "disk0", MIB, data).await.unwrap();
+    resync_held_mid_way(&mut a).await;
+    assert_points_intact(&cb, &ids, &image2, &d2).await;
+    let t = cb
+        .test_failover(
+            VM,
+            &RecoveryPointSelector::Id(rp2.id.clone()),
+            "isolated",
+            "tf-1",
+        )
+        .await
+        .unwrap();
+    assert_eq!(cb.digest(&t.vm_name, "disk0").await.unwrap(), d2);
+    cb.test_failover_cleanup(VM, "tfc-1").await.unwrap();
+
+    // The resync goes on and completes: the old points stay, the replica is the source.
+    std::fs::remove_file(a.data_dir.join("hold-bulk")).unwrap();
+    let ca = a.client();
+    let rp3 = ca.sync(VM, "sync-3").await.unwrap().recovery_point;
+    let d3 = ca.digest(VM, "disk0").await.unwrap();
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
+    let after: Vec<String> = cb
+        .recovery_points(VM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.id)
+        .collect();
+    assert!(after.starts_with(&ids), "{after:?} lost points of {ids:?}");
+    assert_eq!(after.last(), Some(&rp3.id));
+    let t = cb
+        .test_failover(
+            VM,
+            &RecoveryPointSelector::Id(rp2.id.clone()),
+            "isolated",
+            "tf-2",
+        )
+        .await
+        .unwrap();
+    assert_eq!(cb.digest(&t.vm_name, "disk0").await.unwrap(), d2);
+    cb.test_failover_cleanup(VM, "tfc-2").await.unwrap();
+
+    // Another resync, and the source is lost in the middle of it: a failover brings up the
+    // newest point exactly.
+    let image3 = cb.read_disk(VM, "disk0", 0, size).await.unwrap();
+    let ids: Vec<String> = after;
+    let data: Vec<u8> = (0..12 * MIB as u32).map(|j| (j % 241) as u8).collect();
+    ca.write_disk(VM, "disk0", 2 * MIB, data).await.unwrap();
+    resync_held_mid_way(&mut a).await;
+    assert_points_intact(&cb, &ids, &image3, &d3).await;
+    a.kill();
+    let fo = cb
+        .failover(VM, &RecoveryPointSelector::Latest, "fo-1")
+        .await
+        .unwrap();
+    assert_eq!(fo.recovery_point.id, rp3.id);
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), d3);
+}
+
+/// Two commits in a row whose answers never came (the first committed at the replica, the
+/// second not): the next cycle still applies onto what the replica holds, without a resync.
+#[tokio::test]
+async fn two_commits_in_doubt_in_a_row_need_no_resync() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let mut b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 4 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+
+    // The replica commits the next cycle and dies before it answers: in doubt, held there.
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", Some("replica.retention"));
+    b.spawn();
+    write_blocks(&ca, &[1], 1).await;
+    assert!(ca.sync(VM, "sync-2").await.is_err());
+    // The one after dies before it records its point: in doubt too, not held.
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", Some("replica.undo"));
+    b.spawn();
+    write_blocks(&ca, &[2], 2).await;
+    assert!(ca.sync(VM, "sync-3").await.is_err());
+    b.kill();
+    b.set_env("TWINSITE_FAILPOINT", None);
+    b.spawn();
+
+    // A cycle sends every block not acknowledged (1, 2 and 3); a resync would have compared
+    // hashes and sent what the replica lacks (2 and 3).
+    write_blocks(&ca, &[3], 3).await;
+    let before = ca.get_vm(VM).await.unwrap().replication.bytes_sent;
+    ca.sync(VM, "sync-4").await.unwrap();
+    let sent = ca.get_vm(VM).await.unwrap().replication.bytes_sent - before;
+    assert_eq!(
+        sent,
+        3 * BLOCK,
+        "the source resynchronized (sent {sent} bytes)"
+    );
+    assert_eq!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap()
+    );
+}
+
+/// A point received during a drill whose staging file is damaged before it is applied is not
+/// applied: the replica drops it and the source resyncs, so the replica ends with the source's
+/// disk (it once wrote the damaged block into the image).
+#[tokio::test]
+async fn a_damaged_staging_file_is_never_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 4 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    cb.test_failover(VM, &RecoveryPointSelector::Latest, "isolated", "tf-1")
+        .await
+        .unwrap();
+    write_blocks(&ca, &[5], 5).await;
+    ca.sync(VM, "sync-2").await.unwrap();
+
+    // One byte of the waiting point's block rots on the replica's disk.
+    let dir = b.data_dir.join("vms").join(VM).join("staging");
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .next()
+        .expect("the waiting point's staging file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&file, bytes).unwrap();
+
+    cb.test_failover_cleanup(VM, "tfc-1").await.unwrap();
+    write_blocks(&ca, &[6], 6).await;
+    ca.sync(VM, "sync-3").await.unwrap();
+    assert_eq!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap(),
+        "the replica applied a damaged staging file"
+    );
+}

@@ -1,7 +1,7 @@
 //! Crash injection: two real agents replicate one VM through a whole protection life cycle
-//! (guest writes, cycles, a test failover, a failover to an older point, a reverse resync,
-//! commit), while one of them is armed to die by SIGKILL at the N-th time it reaches one
-//! failpoint of `twinsite::fault::ALL`. The dead agent is started again (unarmed), the
+//! (guest writes, cycles, a test failover, a resync into the replica, a failover to an older
+//! point, a reverse resync, commit), while one of them is armed to die by SIGKILL at the N-th
+//! time it reaches one failpoint of `twinsite::fault::ALL`. The dead agent is started again (unarmed), the
 //! interrupted step is retried the way the controller would (the same operation id; a new one
 //! for sync), and the suite checks its invariants against a model of the source's image:
 //!
@@ -10,6 +10,8 @@
 //! 2. every acknowledged guest write is on the primary's disks;
 //! 3. the replica's image is its newest point, never an image the source did not have (such as
 //!    zeros plus the last cycle), and after a sync it is the source's image;
+//! 5. a resync into a replica that holds points (forced by a refused parent) keeps every one of
+//!    them listed, and reading back as above, while it runs and after it;
 //! 4. the agent starts again and answers after every crash;
 //!
 //! and that an operation retried with its id after a crash answers or does the operation (never
@@ -310,6 +312,9 @@ struct Run {
     seq: u64,
     /// Recovery points read back through a test failover by the checks.
     points_read: u64,
+    /// Points the replica listed before a resync into it: they must stay listed (and read
+    /// back, as every point) while it runs and after. Emptied by the failover.
+    kept: Vec<String>,
     _root: tempfile::TempDir,
 }
 
@@ -402,6 +407,7 @@ impl Run {
             violations: Vec::new(),
             seq: 0,
             points_read: 0,
+            kept: Vec::new(),
             _root: root,
         })
     }
@@ -736,8 +742,17 @@ impl Run {
                 return;
             }
         };
+        let missing: Vec<&String> = self
+            .kept
+            .iter()
+            .filter(|id| !points.iter().any(|p| p.id == **id))
+            .collect();
+        if !missing.is_empty() {
+            let msg = format!("{when}: a resync dropped the replica's points {missing:?}");
+            self.violation(msg);
+        }
         let Some(newest) = points.last() else {
-            // No point (a bulk transfer under way): the image need not be any one state.
+            // No point (an initial copy under way): the image need not be any one state.
             return;
         };
         // 3: the replica's image is its newest point, an image the source had.
@@ -814,6 +829,7 @@ impl Run {
             self.sync(&format!("sync-{}", c + 2)).await?;
         }
         self.drill().await?;
+        self.resync_keeping_points().await?;
 
         // Failover to an older point: the source shut down, replication stopped at both.
         self.step("shutdown at A", Retry::SameOp, async |_| {
@@ -908,6 +924,44 @@ impl Run {
         Ok(())
     }
 
+    /// A resync into a replica that holds points (its replication stopped there, then accepted
+    /// again, so the source's next cycle is refused): the points stay listed and read back
+    /// exactly while it runs (every check after a crash) and after it.
+    async fn resync_keeping_points(&mut self) -> Result<(), Abort> {
+        let cb = self.client(Side::B);
+        let before = self
+            .step("points at B before the resync", Retry::SameOp, async |_| {
+                cb.recovery_points(VM).await
+            })
+            .await?;
+        self.kept = before.into_iter().map(|p| p.id).collect();
+        self.step("stop at B before the resync", Retry::SameOp, async |_| {
+            cb.stop_replication(VM, "stop-b0").await
+        })
+        .await?;
+        self.accept(Side::B, "acc-r").await?;
+        self.random_write().await?;
+        self.random_write().await?;
+        self.sync("sync-resync").await?;
+        // Listed still (a check after a crash reads them back; an armed agent may be running
+        // here, so no test failover now).
+        let after = self
+            .step("points at B after the resync", Retry::SameOp, async |_| {
+                cb.recovery_points(VM).await
+            })
+            .await?;
+        let gone: Vec<&String> = self
+            .kept
+            .iter()
+            .filter(|id| !after.iter().any(|p| p.id == **id))
+            .collect();
+        if !gone.is_empty() {
+            let msg = format!("the resync dropped the replica's points {gone:?}");
+            self.violation(msg);
+        }
+        Ok(())
+    }
+
     /// Failover at B to an older point; B then runs the VM with that point's image.
     async fn failover(&mut self) -> Result<(), Abort> {
         let cb = self.client(Side::B);
@@ -956,6 +1010,7 @@ impl Run {
         }
         self.model.adopt(image, t0, Timestamp::now());
         self.phase = Phase::FailedOver;
+        self.kept.clear();
         Ok(())
     }
 

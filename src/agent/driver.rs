@@ -14,7 +14,7 @@ use reqwest::Method;
 use tokio::sync::{mpsc, oneshot};
 
 use super::error::RESYNC_REQUIRED;
-use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet};
+use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, MAX_IN_DOUBT};
 use super::runtime::Export;
 use super::store::VmRec;
 use super::{ApiError, Shared, read_vm, with_vm};
@@ -596,6 +596,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         zero: false,
         parent: None,
         in_doubt: None,
+        in_doubt_earlier: Vec::new(),
     };
     if let Some(mode) = o.bulk.filter(|_| pre.is_none()) {
         let cycle = new_cycle_id();
@@ -721,10 +722,12 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
     let res: Result<(u64, RecoveryPoint), CycleError> = async {
         // The parent as it is now (a bulk transfer just above moves it).
         let vm_s = vm.to_string();
-        let (parent, in_doubt) = read_vm(st, &vm_s, move |r| {
+        let (parent, in_doubt, in_doubt_earlier) = read_vm(st, &vm_s, move |r| {
+            let o = r.meta.outbound.as_ref();
             Ok((
                 r.meta.journal_base.clone(),
-                r.meta.outbound.as_ref().and_then(|o| o.in_doubt.clone()),
+                o.and_then(|o| o.in_doubt.clone()),
+                o.map(|o| o.in_doubt_earlier.clone()).unwrap_or_default(),
             ))
         })
         .await
@@ -732,6 +735,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         let b = BeginCycle {
             parent,
             in_doubt,
+            in_doubt_earlier,
             ..begin(false, &cap.cycle)
         };
         let body = serde_json::to_value(b).map_err(|e| e.to_string())?;
@@ -778,7 +782,12 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         let (vm_s, id) = (vm.to_string(), cap.cycle.clone());
         with_vm(st, &vm_s, move |r| {
             if let Some(o) = r.meta.outbound.as_mut() {
-                o.in_doubt = Some(id);
+                // The cycle in doubt before stays one the replica may hold.
+                if let Some(prev) = o.in_doubt.replace(id) {
+                    o.in_doubt_earlier.push(prev);
+                    let extra = o.in_doubt_earlier.len().saturating_sub(MAX_IN_DOUBT);
+                    o.in_doubt_earlier.drain(..extra);
+                }
             }
             r.save()
         })
@@ -879,6 +888,7 @@ async fn finish(
                     o.bytes_sent += n;
                     o.last_error = None;
                     o.in_doubt = None;
+                    o.in_doubt_earlier.clear();
                     if bulk {
                         o.bulk = None;
                     }

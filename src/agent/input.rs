@@ -505,6 +505,8 @@ mod fuzz {
                     && cycle_ok(&r.cycle_id)
                     && r.parent.as_deref().is_none_or(cycle_ok)
                     && r.in_doubt.as_deref().is_none_or(cycle_ok)
+                    && r.in_doubt_earlier.len() <= 8
+                    && r.in_doubt_earlier.iter().all(|c| cycle_ok(c))
                     && r.definition
                         .as_ref()
                         .is_none_or(|d| d.len() <= MAX_DEFINITION_BYTES)
@@ -598,7 +600,7 @@ mod fuzz {
             "vms": ["web-01"], "disks": [{"name": "disk0", "sizeBytes": 1048576}],
             "integrationServices": true, "retentionHours": 24, "cycleId": "c-1",
             "parent": "c-0", "definition": "<domain/>", "bulk": false, "zero": false,
-            "inDoubt": "c-0", "time": "2026-11-30T04:00:00Z", "kind": "CrashConsistent",
+            "inDoubt": "c-0", "inDoubtEarlier": ["c-00"], "time": "2026-11-30T04:00:00Z", "kind": "CrashConsistent",
             "action": "Start", "power": "Running",
         })
     }
@@ -616,6 +618,7 @@ mod fuzz {
                 .prop_map(|n| Value::from("x".repeat(n)))
         ];
         let vms = prop_oneof![6 => vec(text(), 0..4).prop_map(Value::from), 1 => text()];
+        let cycles = prop_oneof![6 => vec(text(), 0..10).prop_map(Value::from), 1 => text()];
         vec(
             prop_oneof![
                 field("operationId", text().boxed()),
@@ -640,6 +643,7 @@ mod fuzz {
                 field("bulk", flag().boxed()),
                 field("zero", flag().boxed()),
                 field("inDoubt", text().boxed()),
+                field("inDoubtEarlier", cycles.boxed()),
                 field(
                     "time",
                     word(&["2026-11-30T04:00:00Z", "1970-01-01T00:00:00Z"]).boxed()

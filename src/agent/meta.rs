@@ -139,6 +139,12 @@ pub struct Outbound {
     /// cycle names it beside the journal base as a parent the replica may be at.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// Cycles in doubt before `in_doubt`, oldest first, since the last acknowledgement: the
+    /// replica may hold any of them (a commit that committed but did not answer, then one that
+    /// failed before it committed). Every block of them is still unacknowledged, so the next
+    /// cycle applies onto each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_earlier: Vec<String>,
     /// The newest freeze of the guest's filesystems for an app-consistent point.
     #[serde(default)]
     pub last_quiesce: Option<crate::site::Quiesce>,
@@ -167,6 +173,7 @@ impl Outbound {
             blocks_resent: 0,
             last_error: None,
             in_doubt: None,
+            in_doubt_earlier: Vec::new(),
             last_quiesce: None,
         }
     }
@@ -240,6 +247,16 @@ pub struct Inbound {
     /// cycle are refused (a second `begin` discarded that cycle's staged blocks).
     #[serde(default)]
     pub open_cycle: Option<String>,
+    /// The open transfer writes straight into the image: an initial copy that emptied it.
+    /// Every other transfer is staged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub open_direct: bool,
+    /// A resync committed and not yet applied: its blocks wait in a staging file and land with
+    /// the next cycle, as that cycle's point (a resync alone is no state the source had: it
+    /// reads the source's disk while the guest writes). Until then the image stays the newest
+    /// point. `last_cycle` names the resync.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<StagedResync>,
     pub last_sync_time: Option<Timestamp>,
     pub blocks_refused: u64,
     /// Recovery points are history of the replica only until the VM runs here.
@@ -251,6 +268,15 @@ pub struct Inbound {
     /// the image changes, so a crash mid-rollback is finished at the next start.
     #[serde(default)]
     pub rollback: Option<Rollback>,
+}
+
+/// A committed resync's staging file, `len` bytes long at its commit: a cycle that appended
+/// to it and did not commit is cut away by the next cycle's `begin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StagedResync {
+    pub file: String,
+    pub len: u64,
 }
 
 /// The intent of a failover, recorded before its rollback rewrites the image.

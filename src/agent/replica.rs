@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::input::valid_name;
-use super::meta::{Rollback, RpMeta, VmMeta};
+use super::meta::{Inbound, Rollback, RpMeta, StagedResync, VmMeta};
 use super::runtime::{MakeOverlay, OverlayDisk};
 use super::store::{GRANTS_FILE, Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult, ErrorKind};
@@ -32,7 +32,9 @@ pub struct BeginCycle {
     pub disks: Vec<DiskSpec>,
     pub integration_services: bool,
     pub retention_hours: u64,
-    /// Bulk transfers write straight into the image and drop older points.
+    /// A bulk transfer (initial copy or resync) rather than a cycle: an initial copy (`zero`)
+    /// writes straight into the image and drops older points; a resync is staged and lands
+    /// with the next cycle.
     pub bulk: bool,
     /// Initial transfer: the replica empties its images first (sparse, all zeros), so the
     /// source can skip blocks that hold only zeros. The answer says whether it did.
@@ -45,11 +47,18 @@ pub struct BeginCycle {
     /// A cycle whose commit the source never saw answered: the replica may hold it instead.
     #[serde(default)]
     pub in_doubt: Option<String>,
+    /// Cycles in doubt before `in_doubt` (at most [`MAX_IN_DOUBT`]): the replica may hold any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub in_doubt_earlier: Vec<String>,
     /// The source's hypervisor definition of the VM (libvirt domain XML), kept at the replica
     /// so a failover can define the VM there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub definition: Option<String>,
 }
+
+/// The most cycles a source keeps in doubt before the newest (older ones are forgotten: the
+/// replica then resyncs if it holds one of those).
+pub const MAX_IN_DOUBT: usize = 8;
 
 /// The largest VM definition a peer may send.
 pub(super) const MAX_DEFINITION_BYTES: usize = 64 << 10;
@@ -71,6 +80,14 @@ impl BeginCycle {
         }
         if let Some(p) = &self.in_doubt {
             input::cycle_id("inDoubt", p)?;
+        }
+        if self.in_doubt_earlier.len() > MAX_IN_DOUBT {
+            return Err(ApiError::bad(format!(
+                "inDoubtEarlier names more than {MAX_IN_DOUBT} cycles"
+            )));
+        }
+        for p in &self.in_doubt_earlier {
+            input::cycle_id("inDoubtEarlier", p)?;
         }
         if self
             .definition
@@ -300,6 +317,7 @@ impl VmRec {
         {
             self.save()?;
         }
+        self.check_resync()?;
         self.clear_staging()?;
         let spool = self.dir.join("spool");
         if spool.exists() {
@@ -372,6 +390,9 @@ impl VmRec {
         let applied = !pending.is_empty();
         for (seq, file, undo_at_apply) in pending {
             let path = self.dir.join("staging").join(&file);
+            if let Err(e) = self.staged_blocks(&path) {
+                return self.drop_damaged(seq, &e.message);
+            }
             if undo_at_apply {
                 let seg = self.write_undo(seq, &path)?;
                 fault::hit("replica.deferred-undo");
@@ -392,6 +413,107 @@ impl VmRec {
             self.apply_retention(Timestamp::now())?;
         }
         Ok(())
+    }
+
+    /// A committed resync whose staging file is gone or shorter than at its commit cannot
+    /// land: it is forgotten with the cycle it names, so the source's next cycle is refused and
+    /// it resyncs again. The image is the newest point either way.
+    fn check_resync(&mut self) -> ApiResult<()> {
+        let Some(r) = self.meta.inbound.as_ref().and_then(|i| i.resync.clone()) else {
+            return Ok(());
+        };
+        let path = self.dir.join("staging").join(&r.file);
+        let held = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        if held >= r.len {
+            return Ok(());
+        }
+        tracing::warn!(
+            vm = self.name(),
+            file = r.file,
+            "the staging file of a committed resync is damaged: resynchronizing again"
+        );
+        if let Some(i) = self.meta.inbound.as_mut() {
+            i.resync = None;
+            i.last_cycle = None;
+        }
+        self.save()
+    }
+
+    /// The blocks where the source's image at `last_cycle` may differ from the image besides
+    /// those a rollback to point `pos` undoes: the blocks of the newer points still waiting to
+    /// be applied and of a committed resync, which a failover drops unapplied. `None` when a
+    /// staging file is gone or torn: then nobody can say.
+    fn unapplied_blocks(&self, pos: usize) -> Option<Vec<Bitmap>> {
+        let sdir = self.dir.join("staging");
+        let i = self.meta.inbound.as_ref()?;
+        let files = i
+            .rps
+            .iter()
+            .skip(pos + 1)
+            .filter_map(|p| p.staged.clone())
+            .chain(i.resync.as_ref().map(|r| r.file.clone()));
+        let mut sets: Vec<Bitmap> = self
+            .meta
+            .disks
+            .iter()
+            .map(|d| Bitmap::new(block_count(d.size_bytes)))
+            .collect();
+        for f in files {
+            let path = sdir.join(f);
+            if !path.exists() {
+                return None;
+            }
+            let staged = self.staged_blocks(&path).ok()?;
+            for (a, b) in sets.iter_mut().zip(&staged) {
+                a.union(b);
+            }
+        }
+        Some(sets)
+    }
+
+    /// A recorded point whose staging file fails its checks cannot be applied: the image goes
+    /// back to the point before it (through its undo segment, when an apply may have begun),
+    /// and it and every newer point are dropped, metadata first. The replica then holds no
+    /// cycle the source knows, so the source's next cycle is refused and it resyncs.
+    fn drop_damaged(&mut self, seq: u64, why: &str) -> ApiResult<()> {
+        let vm = self.name().to_string();
+        tracing::error!(
+            vm,
+            seq,
+            error = why,
+            "dropping recovery points whose staged blocks are damaged"
+        );
+        let Some(pos) = self
+            .meta
+            .inbound
+            .as_ref()
+            .and_then(|i| i.rps.iter().position(|p| p.seq == seq))
+        else {
+            return Ok(());
+        };
+        let udir = self.dir.join("undo");
+        let point = self.meta.inbound.as_ref().map(|i| i.rps[pos].clone());
+        if let Some(p) = point.filter(|p| !p.undo_at_apply) {
+            for seg in &p.undo {
+                for (d, disk) in self.meta.disks.iter().enumerate() {
+                    let image = self.disks.get(d).ok_or_else(|| {
+                        ApiError::conflict(format!("VM {vm} keeps no disk files here"))
+                    })?;
+                    undo::apply(&udir, seg, d, image, disk.size_bytes).map_err(ApiError::io)?;
+                }
+            }
+            for d in &self.disks {
+                d.sync_all().map_err(ApiError::io)?;
+            }
+        }
+        if let Some(i) = self.meta.inbound.as_mut() {
+            i.rps.truncate(pos);
+            i.last_cycle = None;
+            i.resync = None;
+        }
+        self.save()?;
+        self.clear_staging()?;
+        self.sweep_undo()
     }
 
     fn point_mut(&mut self, seq: u64) -> Option<&mut RpMeta> {
@@ -430,10 +552,27 @@ impl VmRec {
             .collect()
     }
 
-    /// Removes staging files no recorded point needs (blocks of unfinished cycles).
+    /// Where the blocks of `cycle` are staged: after a committed resync, appended to the
+    /// resync's staging file (the two land as one point), else a file of the cycle's own.
+    fn stage_path(&self, cycle: &str) -> std::path::PathBuf {
+        match self.meta.inbound.as_ref().and_then(|i| i.resync.as_ref()) {
+            Some(r) => self.dir.join("staging").join(&r.file),
+            None => staging(&self.dir, cycle),
+        }
+    }
+
+    /// Removes staging files no recorded point or committed resync needs (blocks of
+    /// unfinished cycles).
     fn clear_staging(&self) -> ApiResult<()> {
         let dir = self.dir.join("staging");
-        let keep = self.staged_files();
+        let mut keep = self.staged_files();
+        keep.extend(
+            self.meta
+                .inbound
+                .as_ref()
+                .and_then(|i| i.resync.as_ref())
+                .map(|r| r.file.clone()),
+        );
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -548,7 +687,8 @@ impl VmRec {
         }
         let vm = self.meta.name.clone();
         if b.bulk {
-            // A bulk transfer writes into the image, which the drill copy reads.
+            // An initial copy writes into the image, which the drill copy reads; a resync is
+            // compared against the image, which is not the newest point while points wait.
             self.refuse_while_drill("a full or resynchronizing transfer")?;
         }
         // A commit recorded and never applied is finished before anything else touches the
@@ -573,6 +713,12 @@ impl VmRec {
                     && i.rollback.is_none()
             });
         let granted = r.meta.accept_from.as_deref() == Some(b.source_site.as_str());
+        // The points describe this image when it only ever took this source's cycles since
+        // (stopped or not): a resync keeps them.
+        let lineage = r.meta.role == Role::Replica
+            && r.meta.inbound.as_ref().is_some_and(|i| {
+                i.source_site == b.source_site && !i.failed_over && i.rollback.is_none()
+            });
         if !b.bulk {
             let held = r
                 .meta
@@ -580,8 +726,11 @@ impl VmRec {
                 .as_ref()
                 .and_then(|i| i.last_cycle.as_ref())
                 .map(|(id, _)| id.as_str());
-            let parent_ok =
-                held.is_some() && (held == b.parent.as_deref() || held == b.in_doubt.as_deref());
+            let parent_ok = held.is_some_and(|h| {
+                b.parent.as_deref() == Some(h)
+                    || b.in_doubt.as_deref() == Some(h)
+                    || b.in_doubt_earlier.iter().any(|c| c == h)
+            });
             if !ours || !parent_ok {
                 return Err(ApiError::resync(format!(
                     "VM {vm} here does not hold the parent of cycle {} (parent {}, held here {}); \
@@ -602,6 +751,9 @@ impl VmRec {
                 b.source_site
             )));
         }
+        // An initial copy empties the image and writes into it; a resync (any other bulk
+        // transfer) is staged and compared against the image, which stays the newest point.
+        let direct = b.bulk && b.zero;
         let r = &mut *self;
         r.meta.accept_from = None;
         r.meta.role = Role::Replica;
@@ -610,21 +762,26 @@ impl VmRec {
         r.meta.journal_base = None;
         let mut inbound = r.meta.inbound.take().unwrap_or_default();
         if b.bulk {
-            // Blocks are about to be written out of order: the image matches no cycle until
-            // the bulk transfer commits, and older points cannot survive it.
+            // The image matches no cycle of this transfer until it lands; a resync begun
+            // before and not landed yet is replaced (its staging file goes below).
             inbound.last_cycle = None;
+            inbound.resync = None;
             inbound.failed_over = false;
             inbound.rollback = None;
         }
         inbound.source_site = b.source_site.clone();
         inbound.open_cycle = Some(b.cycle_id.clone());
+        inbound.open_direct = direct;
         inbound.accepting = true;
         inbound.retention_hours = b.retention_hours;
         self.meta.inbound = Some(inbound);
         if let Some(d) = &b.definition {
             self.meta.definition = Some(d.clone());
         }
-        if b.bulk {
+        // The points survive a resync into this source's replica: the image stays theirs until
+        // the resync lands as a point with undo data. An initial copy rewrites the image, and
+        // the points of a VM that ran here or replicated from elsewhere are not this image's.
+        if direct || !lineage {
             // Saved with the open cycle; the points' undo data goes after the metadata.
             self.drop_points()?;
         }
@@ -632,6 +789,16 @@ impl VmRec {
         fault::hit("replica.begin");
         self.clear_staging()?;
         create_dir_durable(&self.dir.join("staging")).map_err(ApiError::io)?;
+        if let Some(r) = self.meta.inbound.as_ref().and_then(|i| i.resync.clone()) {
+            // The cycle the resync waits for: blocks an earlier attempt of it appended (and
+            // perhaps tore) are cut away.
+            let f = OpenOptions::new()
+                .write(true)
+                .open(self.dir.join("staging").join(&r.file))
+                .map_err(ApiError::io)?;
+            f.set_len(r.len).map_err(ApiError::io)?;
+            f.sync_all().map_err(ApiError::io)?;
+        }
         let mut answer = BeginAnswer::default();
         if b.bulk && b.zero {
             // Every block is about to be sent anyway; an emptied sparse image lets the source
@@ -703,8 +870,8 @@ impl VmRec {
         Ok(out)
     }
 
-    /// Receiver: a batch of blocks. Verified blocks are written (bulk) or staged (cycle);
-    /// damaged ones are refused.
+    /// Receiver: a batch of blocks. Verified blocks are written into the image (an initial
+    /// copy) or staged (a cycle, a resync); damaged ones are refused.
     pub fn receive(
         &mut self,
         cycle: &str,
@@ -717,7 +884,7 @@ impl VmRec {
         if frames.len() != verified.len() {
             return Err(ApiError::bad("verification does not match the batch"));
         }
-        let stage_path = staging(&self.dir, cycle);
+        let stage_path = self.stage_path(cycle);
         let r = &mut *self;
         if r.meta.role != Role::Replica || !r.meta.inbound.as_ref().is_some_and(|i| i.accepting) {
             return Err(ApiError::conflict(format!(
@@ -725,6 +892,13 @@ impl VmRec {
             )));
         }
         check_open(r, cycle)?;
+        // What `begin` opened decides: only an initial copy writes into the image.
+        let direct = r.meta.inbound.as_ref().is_some_and(|i| i.open_direct);
+        if direct && !bulk {
+            return Err(ApiError::conflict(format!(
+                "cycle {cycle} of {vm} was opened as an initial copy, not as a cycle"
+            )));
+        }
         let mut res = BatchResult::default();
         let mut good = Vec::new();
         for (f, ok) in frames.iter().zip(verified) {
@@ -752,7 +926,7 @@ impl VmRec {
         if let Some(i) = r.meta.inbound.as_mut() {
             i.blocks_refused += res.refused.len() as u64;
         }
-        if bulk {
+        if direct {
             for f in &good {
                 r.disks[f.disk as usize]
                     .write_all_at(f.data, f.block * BLOCK_SIZE)
@@ -844,9 +1018,19 @@ impl VmRec {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(sets),
             Err(e) => return Err(ApiError::io(e)),
         };
-        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(64 << 10, file));
+        let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
+        let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
         while let Some(h) = rd.header().map_err(|_| ApiError::bad("torn staging"))? {
-            rd.skip(&h).map_err(|_| ApiError::bad("torn staging"))?;
+            // Every block is checked against the checksum it came with before it may be
+            // applied: a staging file damaged on disk is refused, never written into the image.
+            rd.data(&h, &mut buf)
+                .map_err(|_| ApiError::bad("torn staging"))?;
+            if frame::checksum(h.disk, h.block, &buf) != h.hash {
+                return Err(ApiError::bad(format!(
+                    "damaged staging: block {} of disk {} does not match its checksum",
+                    h.block, h.disk
+                )));
+            }
             let set = sets
                 .get_mut(h.disk as usize)
                 .ok_or_else(|| ApiError::bad("staged block of no disk"))?;
@@ -883,7 +1067,14 @@ impl VmRec {
             )));
         }
         check_open(r, &c.cycle_id)?;
-        if c.bulk {
+        let direct = inbound.open_direct;
+        if direct && !c.bulk {
+            return Err(ApiError::conflict(format!(
+                "cycle {} of {vm} was opened as an initial copy, not as a cycle",
+                c.cycle_id
+            )));
+        }
+        if direct {
             for d in &r.disks {
                 d.sync_all().map_err(ApiError::io)?;
             }
@@ -895,10 +1086,11 @@ impl VmRec {
             let i = r.meta.inbound.get_or_insert_default();
             i.last_cycle = Some((c.cycle_id.clone(), None));
             i.open_cycle = None;
+            i.open_direct = false;
             self.save()?;
             return Ok(None);
         }
-        let stage = staging(&self.dir, &c.cycle_id);
+        let stage = self.stage_path(&c.cycle_id);
         let staged_file = match File::open(&stage) {
             Ok(f) => {
                 f.sync_all().map_err(ApiError::io)?;
@@ -908,8 +1100,11 @@ impl VmRec {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(e) => return Err(ApiError::io(e)),
         };
-        // Checked before anything is recorded: a torn staging file fails the commit.
+        // Checked before anything is recorded: a torn or damaged staging file fails the commit.
         self.staged_blocks(&stage)?;
+        if c.bulk {
+            return self.commit_resync(&c.cycle_id, &stage, staged_file);
+        }
         // While a drill copy runs on the image, the point is kept as received; its undo is
         // read from the image when it is applied (the image then holds the previous point).
         let defer = self.deferring();
@@ -949,6 +1144,8 @@ impl VmRec {
             i.last_cycle = Some((c.cycle_id.clone(), Some(view.clone())));
             i.open_cycle = None;
             i.last_sync_time = Some(c.time);
+            // A resync it followed lands with it: its blocks are this point's staging file.
+            i.resync = None;
         }
         // The point is recorded (with its staging file) before the image changes, so a crash
         // or a failed apply is finished by `finish_pending` before the image is used again.
@@ -968,6 +1165,38 @@ impl VmRec {
         }
         self.apply_retention(Timestamp::now())?;
         Ok(Some(view))
+    }
+
+    /// The commit of a resync: its blocks stay staged, durably, and the image stays the newest
+    /// point; they land with the next cycle (staged after them in the same file), as one point
+    /// with undo data like any other. Order: staging fsynced (`replica.bulk-commit`) → tracker
+    /// reset → the resync recorded in `vm.json` with the staging file's length.
+    fn commit_resync(
+        &mut self,
+        cycle: &str,
+        stage: &std::path::Path,
+        staged_file: bool,
+    ) -> ApiResult<Option<RecoveryPoint>> {
+        fault::hit("replica.bulk-commit");
+        let len = if staged_file {
+            fs::metadata(stage).map_err(ApiError::io)?.len()
+        } else {
+            0
+        };
+        let file = stage
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        // What this side tracked before is history: the image will be the peer's, and a later
+        // failback must start from a clean journal.
+        self.tracker.reset().map_err(ApiError::io)?;
+        let i = self.meta.inbound.get_or_insert_default();
+        i.last_cycle = Some((cycle.to_string(), None));
+        i.open_cycle = None;
+        // Nothing differed: the image is already the resync's.
+        i.resync = (len > 0).then_some(StagedResync { file, len });
+        self.save()?;
+        Ok(None)
     }
 
     fn apply_retention(&mut self, now: Timestamp) -> ApiResult<()> {
@@ -1167,22 +1396,31 @@ impl VmRec {
             .map_err(ApiError::io)?;
         let changed = self.roll_back(pos, &files)?;
         fault::hit("failover.rolled-back");
+        // Points left waiting (a failover to LatestProcessed after a drill) and a committed
+        // resync are dropped without touching the image, which the old source holds them on.
+        let unapplied = self.unapplied_blocks(pos);
         let r = &mut *self;
-        // The rolled-back blocks differ from what the old source holds: a later resync sends
-        // them (recording them again after a crash is harmless).
+        // The rolled-back and the unapplied blocks differ from what the old source holds: a
+        // later resync sends them (recording them again after a crash is harmless).
         for (d, set) in changed.iter().enumerate() {
+            r.tracker.record_set(d, set).map_err(ApiError::io)?;
+        }
+        for (d, set) in unapplied.iter().flatten().enumerate() {
             r.tracker.record_set(d, set).map_err(ApiError::io)?;
         }
         r.meta.role = Role::Primary;
         r.meta.power = Power::Running;
-        // The image held the last committed cycle; the tracker now holds every change since
-        // (the rolled-back blocks and, from now on, guest writes).
+        // The source held the last committed cycle; the tracker now holds every block where
+        // this image may differ from it (rolled back, never applied and, from now on, guest
+        // writes). Unless a staging file was lost: then no journal can vouch for the
+        // difference, and a resync compares hashes.
         r.meta.journal_base = r
             .meta
             .inbound
             .as_ref()
             .and_then(|i| i.last_cycle.as_ref())
-            .map(|(id, _)| id.clone());
+            .map(|(id, _)| id.clone())
+            .filter(|_| unapplied.is_some());
         let mut answer = None;
         if let Some(i) = r.meta.inbound.as_mut() {
             answer = Some(FailoverResult {
@@ -1191,6 +1429,7 @@ impl VmRec {
             i.accepting = false;
             i.failed_over = true;
             i.rollback = None;
+            i.resync = None;
             // Newer points no longer describe this image; their undo data goes after the
             // metadata stops listing them (orphans are swept at the next start).
             i.rps.truncate(pos + 1);
