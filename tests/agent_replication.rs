@@ -483,6 +483,7 @@ async fn reverse_resync_after_latest_processed_skipped_points_of_a_drill_leaves_
     let size = 8 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(&ca, VM, 1, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -584,6 +585,7 @@ async fn a_resync_keeps_the_last_good_point_until_it_completes() {
     let size = 16 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
     scribble(&ca, VM, 1, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -671,6 +673,7 @@ async fn two_commits_in_doubt_in_a_row_need_no_resync() {
     let (ca, cb) = (a.client(), b.client());
     let size = 4 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
@@ -720,6 +723,7 @@ async fn a_damaged_staging_file_is_never_applied() {
     let (ca, cb) = (a.client(), b.client());
     let size = 4 * MIB;
     ca.create_vm(VM, &spec(size)).await.unwrap();
+    common_agent::accept_site(&cb, VM, "primary").await;
     ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
         .await
         .unwrap();
