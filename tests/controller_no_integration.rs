@@ -321,9 +321,10 @@ async fn a_failed_planned_failover_runs_again_on_the_retry_annotation() {
 }
 
 /// An unplanned failover whose source site hangs (its agent stopped with SIGSTOP: connections
-/// are accepted, nothing answers). Once the Site shows the source unreachable, the failover
-/// skips the source steps (Skipped, with the reason) instead of waiting for each call to time
-/// out, and the VM runs at the target.
+/// are accepted, nothing answers). A site that does not answer may still run the VM: the
+/// failover waits at FenceSource and says how to go on. Once the site is declared lost, the
+/// failover skips the source steps (Skipped, naming the declaration) instead of calling it, and
+/// the VM runs at the target.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
     let _serial = one_at_a_time().await;
@@ -358,8 +359,19 @@ async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
     let _cont = Cont(pid);
     wait_site(&w, &p, ("False", "Unreachable")).await;
 
-    let started = std::time::Instant::now();
     w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w
+        .wait_for(vm, "the failover waits for the source", |r| {
+            condition(r, "Ready").is_some_and(|c| c.reason == "SourceNotFenced")
+        })
+        .await;
+    let ready = condition(&r, "Ready").unwrap();
+    assert!(ready.message.contains("declare it lost"), "{ready:?}");
+    assert_ne!(
+        w.secondary.vm(vm).await.unwrap().power,
+        twinsite::site::Power::Running
+    );
+    declare_lost(&w, &p, true).await;
     let r = w
         .wait_for(vm, "the VM runs at the target", |r| {
             r.status.as_ref().is_some_and(|st| {
@@ -371,7 +383,6 @@ async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
             })
         })
         .await;
-    let took = started.elapsed();
     assert_eq!(
         w.secondary.vm(vm).await.unwrap().power,
         twinsite::site::Power::Running
@@ -383,6 +394,15 @@ async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
             "{step} not skipped: {st:?}"
         );
     }
+    let fence = job_step(&r, "FenceSource");
+    assert!(
+        fence
+            .message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("declared lost"),
+        "{fence:?}"
+    );
     let job = r
         .status
         .as_ref()
@@ -398,16 +418,29 @@ async fn an_unplanned_failover_from_a_hung_source_skips_its_steps() {
         .iter()
         .find(|x| x.name == "ShutdownSource")
         .unwrap();
+    // Not called: skipped because the site could not be listed (before the declaration).
     assert!(
         shutdown
             .message
             .as_deref()
             .unwrap_or_default()
-            .contains("unreachable"),
+            .contains("cannot be listed"),
         "{shutdown:?}"
     );
-    // No call waited for the hung site (a Shutdown call alone may wait 90 s).
-    assert!(took < std::time::Duration::from_secs(80), "took {took:?}");
+}
+
+fn job_step(r: &ReplicatedVM, n: &str) -> twinsite::api::JobStep {
+    r.status
+        .as_ref()
+        .and_then(|st| {
+            st.jobs
+                .iter()
+                .rev()
+                .find(|j| format!("{:?}", j.type_) == "UnplannedFailover")
+        })
+        .and_then(|j| j.steps.iter().find(|s| s.name == n))
+        .cloned()
+        .unwrap()
 }
 
 /// The source dies in the middle of a planned failover, after it shut the VM down (its agent
@@ -489,8 +522,12 @@ async fn a_planned_failover_whose_source_dies_fails_at_the_deadline_and_goes_on_
     );
     assert_eq!(cond_status(&r, "Reconciling").as_deref(), Some("False"));
 
-    // The way on: an unplanned failover from the newest recovery point at the target.
+    assert!(stalled.message.contains("declare it lost"), "{stalled:?}");
+
+    // The way on: the source site is declared lost, and an unplanned failover starts from the
+    // newest recovery point at the target.
     std::fs::remove_file(w.secondary.dir.join("data").join("hang-blocks")).unwrap();
+    declare_lost(&w, &p, true).await;
     w.patch_spec(vm, json!({"failover": {"type": "Unplanned"}}))
         .await;
     let r = w

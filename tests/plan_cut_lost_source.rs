@@ -1,8 +1,9 @@
 //! A FailoverPlan's consistent cut when the source site is gone (a real disaster): the API
 //! server, two agent processes and the controller process. The primary agent is stopped before
-//! the plan runs, so no cut can be taken: the site listing shows the source unreachable, each
-//! VM's ConsistentCut step is Skipped with the reason (no call waits for a site known to be
-//! down), and the unplanned failover goes on from LatestProcessed without a cutId.
+//! the plan runs, so no cut can be taken: the site listing shows the source unreachable and an
+//! operator declares it lost, each VM's ConsistentCut step is Skipped naming the declaration
+//! (nothing calls a lost site), and the unplanned failover goes on from LatestProcessed without a
+//! cutId.
 
 #[path = "controller_common/mod.rs"]
 mod common;
@@ -39,6 +40,8 @@ async fn without_the_source_site_the_cut_fails_and_the_plan_failover_goes_on() {
         assert!(std::time::Instant::now() < deadline, "site {p} still Ready");
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
+    // An operator declares it lost: only then may the VMs start without it being fenced.
+    declare_lost(&w, &p, true).await;
 
     let plans = run_plan(
         &w,
@@ -96,7 +99,7 @@ async fn without_the_source_site_the_cut_fails_and_the_plan_failover_goes_on() {
         assert_eq!(format!("{:?}", cut.state), "Skipped", "{vm}: {job:?}");
         let msg = cut.message.clone().unwrap_or_default();
         assert!(
-            msg.contains(&p) && msg.contains("failover continues"),
+            msg.contains(&p) && msg.contains("declared lost"),
             "{vm}: {msg}"
         );
         assert_eq!(job.cut_id, None, "{vm}: no cut was used");

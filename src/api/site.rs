@@ -32,6 +32,19 @@ pub struct SiteSpec {
     #[x_kube(validation = Rule::new("self.all(m, self.exists_one(n, n.site == m.site && n.from == m.from))")
         .message("spec.networkMappings must map each (site, from) network once: two mappings share a site and from"))]
     pub network_mappings: Vec<NetworkMapping>,
+    /// `Lost` declares the site lost (a person or GitOps decides it, the controller never
+    /// does): VMs fail over and fail back without it, fencing it counts as done by this
+    /// declaration, and nothing it says is trusted until the field is removed. Its VMs that must
+    /// not run there are powered off once it answers again without the declaration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<SiteFence>,
+}
+
+/// What a Site's `spec.fence` declares.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema)]
+pub enum SiteFence {
+    /// The site is gone: never called, never waited for, never believed.
+    Lost,
 }
 
 /// One network of another site and the network of this site that replaces it at failover.
@@ -102,4 +115,26 @@ pub struct SiteStatus {
     /// emulator), as the agent chose at its start; absent for the builtin runtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accelerator: Option<String>,
+    /// While `spec.fence` is `Lost`: since when the controller holds the site lost, and who
+    /// declared it (the field manager that set `spec.fence`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<SiteFenceStatus>,
+}
+
+/// The declaration of a lost site, as the controller recorded it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SiteFenceStatus {
+    /// What `spec.fence` declares (`Lost`).
+    pub state: SiteFence,
+    /// When the controller first saw the declaration: from then on nothing the site says is
+    /// trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// The field manager that set `spec.fence` (`kubectl-patch`, a GitOps controller, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_by: Option<String>,
+    /// When that manager wrote it, as the API server recorded (its managedFields time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub declared_at: Option<Time>,
 }

@@ -20,6 +20,11 @@ pub const REPLICATION_ERROR: &str = "ReplicationError";
 /// replicates.
 pub const SETTINGS_APPLIED: &str = "SettingsApplied";
 
+/// The VM runs at both sites and the copy status.activeSite does not name may hold writes the
+/// other lacks: True with what to do (nothing starts meanwhile), False (`OneCopyRuns`)
+/// otherwise.
+pub const SPLIT_BRAIN: &str = "SplitBrain";
+
 /// A condition to set, before times and generations are filled in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cond {
@@ -87,6 +92,7 @@ pub fn set_all(conds: &mut Vec<Condition>, want: &[Cond], generation: Option<i64
             CONFLICT,
             REPLICATION_ERROR,
             SETTINGS_APPLIED,
+            SPLIT_BRAIN,
         ]
         .iter()
         .position(|x| *x == t)

@@ -49,6 +49,9 @@ pub struct ObservedReplication {
     pub peer_site: Option<String>,
     pub last_sync_time: Option<Timestamp>,
     pub bytes_sent: u64,
+    /// Bytes written since the last cycle the peer acknowledged (at the source): 0 means
+    /// everything this copy wrote is in a recovery point at the peer.
+    pub pending_bytes: u64,
     pub last_error: Option<String>,
     /// The copy frequency the source runs with (its `intervalSeconds`); None where the site
     /// does not say (a replica).
@@ -100,8 +103,12 @@ impl ObservedVm {
 pub enum SiteView {
     /// Never listed yet (controller just started, or the Site is unknown).
     Unknown,
-    /// The last listing failed.
+    /// The last listing failed: the site may still run the VM (a refused token, a 5xx, a
+    /// timeout say nothing about what runs there).
     Unreachable { since: Timestamp, reason: String },
+    /// The site is declared lost (its Site's `spec.fence: Lost`, seen at `since`): it is never
+    /// called and nothing it lists is believed; fencing it is done by that declaration.
+    Lost { since: Timestamp },
     /// Listed at `fetched_at`; `vm` is None when the site has no VM of that name.
     Reachable {
         fetched_at: Timestamp,
@@ -112,6 +119,23 @@ pub enum SiteView {
 impl SiteView {
     pub fn reachable(&self) -> bool {
         matches!(self, SiteView::Reachable { .. })
+    }
+
+    /// Declared lost: the one view on which a site may be taken as off without its answer.
+    pub fn lost(&self) -> bool {
+        matches!(self, SiteView::Lost { .. })
+    }
+
+    /// Why the site cannot be listed now, for messages.
+    pub fn why_not(&self) -> String {
+        match self {
+            SiteView::Reachable { .. } => "it answers".into(),
+            SiteView::Unknown => "it has not been listed since the controller started or its \
+                                  URL or token changed"
+                .into(),
+            SiteView::Unreachable { reason, .. } => reason.clone(),
+            SiteView::Lost { .. } => "it is declared lost (spec.fence: Lost)".into(),
+        }
     }
 
     pub fn vm(&self) -> Option<&ObservedVm> {

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::conditions::{self, Cond, READY};
 use super::error::Error;
@@ -19,7 +19,7 @@ use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{Context, now};
 use super::sites::ListError;
 use super::writes;
-use crate::api::{SecretKeyRef, Site};
+use crate::api::{SecretKeyRef, Site, SiteFence, SiteFenceStatus};
 
 /// lastHeartbeatTime is rewritten at most this often while nothing else changes.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
@@ -99,12 +99,65 @@ async fn credentials(
     Ok((token, ca))
 }
 
+/// Who declared the site lost and when: the field manager of `spec.fence` (managedFields).
+fn declared_by(site: &Site) -> (Option<String>, Option<Time>) {
+    site.meta()
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .and_then(|f| f.0.get("f:spec"))
+                .and_then(|s| s.get("f:fence"))
+                .is_some()
+        })
+        .max_by_key(|m| m.time.as_ref().map(|t| t.0))
+        .map(|m| (m.manager.clone(), m.time.clone()))
+        .unwrap_or_default()
+}
+
+/// `status.fence` of a Site declared lost since `since` (None when it is not).
+fn fence_status(site: &Site, since: Option<Timestamp>) -> Option<SiteFenceStatus> {
+    let since = since?;
+    let state = site.spec.fence?;
+    let (by, at) = declared_by(site);
+    Some(SiteFenceStatus {
+        state,
+        since: Some(Time(since)),
+        declared_by: by,
+        declared_at: at,
+    })
+}
+
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
     ctx.sites
         .set_network_mappings(&name, &site.spec.network_mappings);
+    // A declaration seen for the first time is held from now on; the listing below still runs
+    // (the Site shows what its agent answers) but nothing the planners read comes from it.
+    let lost = site.spec.fence == Some(SiteFence::Lost);
+    let was_lost = ctx.sites.lost_since(&name).is_some();
+    let first_seen = site
+        .status
+        .as_ref()
+        .and_then(|s| s.fence.as_ref())
+        .and_then(|f| f.since.as_ref())
+        .map_or(t0, |t| t.0);
+    let lost_since = ctx
+        .sites
+        .set_lost(&name, lost, if lost { first_seen } else { t0 });
+    if lost != was_lost {
+        let (by, _) = declared_by(&site);
+        if lost {
+            warn!(site = %name, declared_by = by.as_deref().unwrap_or("unknown"), "site declared lost: failovers go on without it and nothing it says is trusted");
+        } else {
+            info!(site = %name, "site no longer declared lost: its VMs that must not run there are powered off before replication resumes");
+        }
+    }
+    let fence = fence_status(&site, lost_since);
     let mut accelerator = None;
     let (cond, count) = match credentials(&ctx, agent).await {
         Err(cond) => {
@@ -161,7 +214,12 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
             }
         }
     };
-    let cond = if cond.status {
+    let cond = if fence.is_some() {
+        // A site declared lost is not called: its credentials are installed again once the
+        // declaration is removed.
+        ctx.sites.pairs.forget(&name);
+        cond
+    } else if cond.status {
         // The agent answers: it gets the credentials of its pairs with the other sites.
         match super::peers::sync(&ctx, &name).await {
             Ok(()) => cond,
@@ -175,7 +233,38 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
         ctx.sites.pairs.forget(&name);
         cond
     };
-    write_status(&site, &ctx, &cond, count.map(|n| (n, accelerator)), t0).await?;
+    let cond = match &fence {
+        Some(f) => Cond::new(
+            READY,
+            false,
+            "DeclaredLost",
+            format!(
+                "declared lost (spec.fence: Lost) by {} since {}: VMs fail over and fail back \
+                 without it and nothing it says is trusted; remove spec.fence once it is back \
+                 (its agent {})",
+                f.declared_by.as_deref().unwrap_or("an unknown manager"),
+                f.since
+                    .as_ref()
+                    .map(|t| t.0.to_string())
+                    .unwrap_or_default(),
+                if cond.status {
+                    "answers now"
+                } else {
+                    "does not answer"
+                }
+            ),
+        ),
+        None => cond,
+    };
+    write_status(
+        &site,
+        &ctx,
+        &cond,
+        count.map(|n| (n, accelerator)),
+        fence,
+        t0,
+    )
+    .await?;
     Ok(Action::requeue(ctx.poll))
 }
 
@@ -184,11 +273,20 @@ async fn write_status(
     ctx: &Context,
     cond: &Cond,
     listed: Option<(usize, Option<String>)>,
+    fence: Option<SiteFenceStatus>,
     t: Timestamp,
 ) -> Result<(), Error> {
     let old = site.status.clone().unwrap_or_default();
     let mut new = old.clone();
     new.observed_generation = site.meta().generation;
+    // A controller restarted while the site is lost keeps the time the declaration was first
+    // seen.
+    new.fence = fence.map(|mut f| {
+        if let Some(s) = old.fence.as_ref().and_then(|o| o.since.clone()) {
+            f.since = Some(s);
+        }
+        f
+    });
     conditions::set_all(
         &mut new.conditions,
         std::slice::from_ref(cond),

@@ -71,6 +71,10 @@ pub struct ListOutcome {
 #[derive(Default)]
 pub struct Sites {
     inner: RwLock<HashMap<String, Entry>>,
+    /// Sites declared lost (`spec.fence: Lost`), with when the controller first saw it.
+    lost: RwLock<HashMap<String, Timestamp>>,
+    /// When a declaration was removed, per site: listings taken before are not believed.
+    trusted_since: RwLock<HashMap<String, Timestamp>>,
     /// Each Site's `spec.networkMappings`, as its reconciler last read them.
     networks: RwLock<HashMap<String, Vec<crate::api::NetworkMapping>>>,
     /// The peer credentials of each pair of sites (super::peers).
@@ -128,6 +132,30 @@ impl Sites {
                 refresh: Default::default(),
             },
         );
+    }
+
+    /// Records whether Site `name` is declared lost, and since when (the first time seen).
+    /// Returns that time while it is lost. A removed declaration makes every listing taken
+    /// before the removal unbelieved: only what the site says afterwards counts.
+    pub fn set_lost(&self, name: &str, lost: bool, now: Timestamp) -> Option<Timestamp> {
+        let mut map = self.lost.write().unwrap_or_else(|e| e.into_inner());
+        if lost {
+            return Some(*map.entry(name.to_string()).or_insert(now));
+        }
+        if map.remove(name).is_some() {
+            let mut t = self
+                .trusted_since
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            t.insert(name.to_string(), now);
+        }
+        None
+    }
+
+    /// Since when site `name` is declared lost, if it is.
+    pub fn lost_since(&self, name: &str) -> Option<Timestamp> {
+        let map = self.lost.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).copied()
     }
 
     /// Records Site `name`'s network mappings (its `spec.networkMappings`).
@@ -236,9 +264,20 @@ impl Sites {
         map.get(name)?.listing.clone()
     }
 
-    /// The site's view of one VM, from the newest listing.
+    /// The site's view of one VM, from the newest listing. A site declared lost is Lost
+    /// whatever it lists; a listing older than the removal of such a declaration is none.
     pub fn view(&self, site: &str, vm: &str) -> SiteView {
-        match self.listing(site) {
+        if let Some(since) = self.lost_since(site) {
+            return SiteView::Lost { since };
+        }
+        let trusted = {
+            let t = self.trusted_since.read().unwrap_or_else(|e| e.into_inner());
+            t.get(site).copied()
+        };
+        let listing = self
+            .listing(site)
+            .filter(|l| trusted.is_none_or(|t| l.fetched_at >= t));
+        match listing {
             None => SiteView::Unknown,
             Some(Listing {
                 fetched_at,
@@ -297,6 +336,7 @@ pub fn observed(vm: &Vm) -> ObservedVm {
         peer_site: r.peer_site.clone(),
         last_sync_time: r.last_sync_time,
         bytes_sent: r.bytes_sent,
+        pending_bytes: r.pending_bytes,
         last_error: r.last_error.clone(),
         interval_seconds: (outbound && r.interval_seconds > 0)
             .then(|| i64::try_from(r.interval_seconds).ok())

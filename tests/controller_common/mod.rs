@@ -666,10 +666,13 @@ pub fn peak_rss_kib(pid: u32) -> Option<u64> {
 
 /// An HTTP proxy in front of an agent that forwards every request, except that while
 /// `fail_power_off` is set it answers `POST /v1/vms/{vm}/power` with action `PowerOff` itself,
-/// with a 500: a site that answers, but whose power off fails.
+/// with a 500: a site that answers, but whose power off fails. With `lose_failover_answer`
+/// set, the next failover request is forwarded (the agent does it) and its answer replaced by
+/// a 502, as a proxy that lost the agent's answer.
 pub struct FaultProxy {
     pub url: String,
     pub fail_power_off: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub lose_failover_answer: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// PowerOff requests answered with the fault.
     pub power_offs_refused: std::sync::Arc<AtomicU32>,
     task: tokio::task::JoinHandle<()>,
@@ -688,6 +691,7 @@ impl FaultProxy {
             http: reqwest::Client,
             fail: std::sync::Arc<AtomicBool>,
             refused: std::sync::Arc<AtomicU32>,
+            lose: std::sync::Arc<AtomicBool>,
         }
         async fn forward(State(s): State<S>, req: Request) -> Response {
             let (parts, body) = req.into_parts();
@@ -718,7 +722,16 @@ impl FaultProxy {
                     r = r.header(k.as_str(), v.as_bytes());
                 }
             }
+            let lose = parts.method == axum::http::Method::POST
+                && path.starts_with("/v1/vms/")
+                && path.ends_with("/failover")
+                && s.lose.swap(false, Ordering::SeqCst);
             match r.body(body.to_vec()).send().await {
+                Ok(_) if lose => (
+                    axum::http::StatusCode::BAD_GATEWAY,
+                    "injected fault: the agent's answer was lost",
+                )
+                    .into_response(),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
                     let ctype = resp
@@ -741,7 +754,9 @@ impl FaultProxy {
         }
         let fail = std::sync::Arc::new(AtomicBool::new(false));
         let refused = std::sync::Arc::new(AtomicU32::new(0));
+        let lose = std::sync::Arc::new(AtomicBool::new(false));
         let state = S {
+            lose: lose.clone(),
             upstream: upstream.to_string(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(300))
@@ -759,6 +774,7 @@ impl FaultProxy {
         FaultProxy {
             url,
             fail_power_off: fail,
+            lose_failover_answer: lose,
             power_offs_refused: refused,
             task,
         }
@@ -769,4 +785,64 @@ impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Declares Site `site` lost (`spec.fence: Lost`) or removes the declaration, as an operator
+/// does with `kubectl patch`.
+pub async fn declare_lost(w: &World, site: &str, lost: bool) {
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let fence = if lost { json!("Lost") } else { json!(null) };
+    sites
+        .patch(
+            site,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"fence": fence}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// Sets the token in Site `site`'s token Secret (`<site>-agent`), as a rotation does.
+pub async fn set_site_token(w: &World, site: &str, token: &str) {
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
+    secrets
+        .patch(
+            &format!("{site}-agent"),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"token": token}})),
+        )
+        .await
+        .unwrap();
+}
+
+/// Polls Site `site` until its Ready condition has `status` and `reason`.
+pub async fn wait_site_ready(w: &World, site: &str, status: &str, reason: &str) -> Site {
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let deadline = Instant::now() + LONG;
+    loop {
+        let s = sites.get(site).await.unwrap();
+        let ok = s.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == status && c.reason == reason)
+        });
+        if ok {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "site {site}: {:?}", s.status);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Condition `t` of the object, when it is set.
+pub fn condition(
+    r: &ReplicatedVM,
+    t: &str,
+) -> Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    r.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .cloned()
 }

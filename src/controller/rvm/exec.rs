@@ -140,6 +140,14 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
                 .await
             {
                 Ok(r) => with_rp(&r.recovery_point),
+                // A 5xx may come after the target started the VM (a proxy's 502 or 504, an
+                // error after the role flipped): not a refusal. The target is asked again with
+                // the same operation id (its record answers) until the step's deadline, before
+                // anything starts the source again.
+                Err(SiteError::Other(code, m)) if code >= 500 => Outcome::Unreachable(format!(
+                    "site {tgt} gave no clear answer ({code}: {m}); asking again with the same \
+                     operation id"
+                )),
                 Err(e) => failed(tgt, e),
             }
         }
@@ -250,6 +258,12 @@ async fn power(
 ) -> Result<Outcome, Outcome> {
     Ok(match provider(sites, site)?.power(vm, action, op).await {
         Ok(_) => Outcome::ok(),
+        // A VM the site does not hold does not run there: stopped as asked.
+        Err(SiteError::NotFound(m)) if action != PowerAction::Start => Outcome::Succeeded {
+            message: Some(format!("VM {vm} is not at {site}: {m}")),
+            recovery_point: None,
+            test_vm: None,
+        },
         Err(e) => failed(site, e),
     })
 }

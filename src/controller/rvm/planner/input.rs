@@ -219,4 +219,7 @@ impl Outcome {
 pub(super) struct Wait {
     pub(super) reason: &'static str,
     pub(super) message: String,
+    /// Only a person moves it on (a site down that blocks a failover): Stalled, not
+    /// Reconciling.
+    pub(super) stalls: bool,
 }

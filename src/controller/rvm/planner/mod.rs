@@ -31,8 +31,9 @@ use std::time::Duration;
 use crate::api::{
     JobState, JobStep, JobType, ReplicationHealth, ReplicationSettings, ReplicationState, StepState,
 };
+use crate::controller::conditions::SPLIT_BRAIN;
 use crate::controller::vm_jobs::{current_step, is_failover, running_job};
-use fencing::{SOURCE_STILL_RUNS, fence_needed, source_runs};
+use fencing::{Drift, SOURCE_STILL_RUNS, drift, fence_needed, source_runs, source_unconfirmed};
 use health::{
     note_source_resync, record_listed_settings, refresh_progress, refresh_replication,
     settings_call,
@@ -41,8 +42,8 @@ use next_job::{
     Next, locate, missing_recovery_point, next_job, refuse_job, retry_due, retry_job, start_job,
 };
 use progress::{
-    WaitCheck, advance, apply_step_success, check_wait, copy_limit, fail_remaining, fail_step,
-    overdue, step_call,
+    WaitCheck, advance, apply_step_success, by_declaration, check_wait, copy_limit, fail_remaining,
+    fail_step, overdue, step_call,
 };
 use status::{deletion_noted, finalize};
 
@@ -96,11 +97,24 @@ pub fn plan(input: &Input) -> Plan {
                     let source_runs = unplanned
                         && name == Some(StepName::StartAtTarget)
                         && source_runs(input, job);
+                    let declared = name.and_then(|n| by_declaration(input, job, n));
                     match name {
+                        // The source was declared lost while the step waited for it: the
+                        // declaration stands for it.
+                        Some(_) if declared.is_some() => {
+                            let s = &mut st.jobs[ji].steps[si];
+                            s.state = StepState::Skipped;
+                            s.message = declared;
+                            s.end_time = Some(input.now());
+                            advance(input, &mut st, &mut events, &mut finished);
+                        }
+                        // Backing off after a failed power off; a declaration made meanwhile
+                        // is seen within a poll.
                         Some(StepName::FenceSource)
                             if unplanned && input.fence_wait().is_some() =>
                         {
-                            return Plan::Idle(input.fence_wait().unwrap_or(RETRY_UNREACHABLE));
+                            let d = input.fence_wait().unwrap_or(RETRY_UNREACHABLE);
+                            return Plan::Idle(d.min(input.poll.max(RETRY_UNREACHABLE)));
                         }
                         Some(StepName::StartAtTarget)
                             if source_runs
@@ -184,6 +198,18 @@ pub fn plan(input: &Input) -> Plan {
             }
         } else if input.deleting {
             // Deletion waits for a running job only: nothing new starts.
+        } else if let Drift::SplitBrain(m) = drift(input, &st) {
+            // Nothing starts while two copies run and neither may be powered off.
+            wait = Some(input::Wait {
+                reason: SPLIT_BRAIN,
+                message: m,
+                stalls: true,
+            });
+            requeue = input.poll;
+        } else if let Drift::Fence(_) = drift(input, &st) {
+            // Just located: the copy that must not run is powered off (next plan) before any
+            // job starts.
+            requeue = Duration::ZERO;
         } else if let Some(attempt) = retry_due(input, &st) {
             retry_job(input, &mut st, attempt, &mut events);
             advance(input, &mut st, &mut events, &mut finished);
@@ -317,6 +343,35 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
         let refused = match &outcome {
             Outcome::Failed(m) => Some(m.clone()),
             Outcome::Unreachable(m) if source_runs(input, job) => Some(m.clone()),
+            // No answer says nothing about whether the VM runs there: the failover waits,
+            // backing off, until the site powers it off or a person declares it lost (the
+            // conditions turn Stalled at the step's deadline). It never starts the VM at the
+            // target on its own.
+            Outcome::Unreachable(m) => {
+                let (source, target) = (call.source.as_str(), call.target.as_str());
+                let msg = Some(source_unconfirmed(source, target, m));
+                let s = &mut st.jobs[call.job].steps[call.step];
+                if s.message.is_none() {
+                    events.push(Note {
+                        warning: true,
+                        action: job_verb(call.job_type),
+                        subject: format!("{}/{}", call.job_name, s.name),
+                        reason: "SourceNotFenced",
+                        message: msg.clone().unwrap_or_default(),
+                    });
+                }
+                s.message = msg;
+                finalize(input, &mut st, None, &mut events);
+                // Written when something changed (the message, Stalled at the deadline).
+                if st == *input.status {
+                    return Plan::Idle(RETRY_UNREACHABLE);
+                }
+                return Plan::Write(Box::new(Update {
+                    status: st,
+                    events,
+                    finished,
+                }));
+            }
             _ => None,
         };
         if let Some(m) = refused {
@@ -325,7 +380,8 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
                 let msg = format!(
                     "{SOURCE_STILL_RUNS}: power off at {source} failed until its \
                      {DEADLINE_PASSED} ({limit} s, spec.failover.stepTimeoutSeconds): {m}; the \
-                     VM was not started at {target}"
+                     VM was not started at {target} (if site {source} is gone, declare it lost \
+                     with spec.fence: Lost on its Site, then run the job again)"
                 );
                 let job = &mut st.jobs[call.job];
                 let s = &mut job.steps[call.step];

@@ -117,6 +117,12 @@ pub(super) fn locate(input: &Input) -> Result<String, Wait> {
         v.vm()
             .is_some_and(|vm| vm.role == crate::controller::observe::Role::Primary)
     };
+    // A VM that runs at both sites is where the spec says: the controller never picks a copy
+    // by itself (which copy may be powered off is the drift fence's decision).
+    if input.primary.vm().is_some_and(|v| v.runs()) && input.recovery.vm().is_some_and(|v| v.runs())
+    {
+        return Ok(input.desired().to_string());
+    }
     // A VM that runs somewhere is where it is; otherwise a stopped one at the primary site.
     if input.primary.vm().is_some_and(|v| v.runs()) {
         return Ok(p.clone());
@@ -139,11 +145,13 @@ pub(super) fn locate(input: &Input) -> Result<String, Wait> {
         Err(Wait {
             reason: "VMNotFound",
             message: format!("VM {} is at neither {p} nor {r}", input.vm_name),
+            stalls: false,
         })
     } else {
         Err(Wait {
             reason: "SiteUnreachable",
             message: format!("waiting for site {}", unreachable.join(", ")),
+            stalls: false,
         })
     }
 }
@@ -157,15 +165,35 @@ pub(super) enum Next {
 /// The sites a job needs must answer, and their listings must postdate the newest job's end
 /// (decisions are never made on a picture older than the controller's own last action).
 pub(super) fn need_sites(input: &Input, sites: &[&str]) -> Option<Wait> {
-    let down: Vec<&str> = sites
+    // A site declared lost is waited for until the declaration is removed: nothing is
+    // replicated to it or started there meanwhile.
+    let lost: Vec<&str> = sites
+        .iter()
+        .copied()
+        .filter(|s| input.view(s).lost())
+        .collect();
+    if !lost.is_empty() {
+        return Some(Wait {
+            reason: "SiteLost",
+            message: format!(
+                "site {} is declared lost (spec.fence: Lost): nothing is replicated to it or \
+                 started there until the declaration is removed from its Site",
+                lost.join(", ")
+            ),
+            stalls: false,
+        });
+    }
+    let down: Vec<String> = sites
         .iter()
         .copied()
         .filter(|s| !input.view(s).reachable())
+        .map(|s| format!("{s} ({})", input.view(s).why_not()))
         .collect();
     if !down.is_empty() {
         return Some(Wait {
             reason: "SiteUnreachable",
             message: format!("waiting for site {}", down.join(", ")),
+            stalls: false,
         });
     }
     let since = input
@@ -174,14 +202,23 @@ pub(super) fn need_sites(input: &Input, sites: &[&str]) -> Option<Wait> {
         .last()
         .and_then(|j| j.end_time.as_ref())
         .map(|t| t.0);
+    // A VM running where it must not is powered off (or reported as a split brain) on a listing
+    // taken after the controller's newest action: no job starts on an older one that shows it.
+    let fence_since = super::fencing::after_last_action(input.status);
+    let active = input.status.active_site.as_deref();
     let stale: Vec<&str> = sites
         .iter()
         .copied()
-        .filter(|s| !input.view(s).fetched_since(since))
+        .filter(|s| {
+            let v = input.view(s);
+            let runs_elsewhere = Some(*s) != active && v.vm().is_some_and(|vm| vm.runs());
+            !v.fetched_since(since) || runs_elsewhere && !v.fetched_since(fence_since)
+        })
         .collect();
     (!stale.is_empty()).then(|| Wait {
         reason: "Observing",
         message: format!("waiting for a fresh listing of site {}", stale.join(", ")),
+        stalls: false,
     })
 }
 
@@ -238,6 +275,7 @@ pub(super) fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
                 crate::api::COMMIT_ANNOTATION,
                 f.name
             ),
+            stalls: false,
         });
     }
 
@@ -250,7 +288,14 @@ pub(super) fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
 
     if desired != active {
         if has_replica(st, &active, &desired) {
-            return match failover_type(input, st, &active, &desired) {
+            let t = failover_type(input, st, &active, &desired);
+            if t == FailoverType::Planned
+                && input.view(&desired).reachable()
+                && !input.view(&active).reachable()
+            {
+                return Next::Wait(planned_without_source(input, &active, &desired));
+            }
+            return match t {
                 FailoverType::Planned => start(
                     JobType::PlannedFailover,
                     &active,
@@ -287,6 +332,7 @@ pub(super) fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
             return Next::Wait(Wait {
                 reason: "VMNotFound",
                 message: format!("VM {} is not at site {active}", input.vm_name),
+                stalls: false,
             });
         }
         let t = if input.view(&other).vm().is_some() {
@@ -317,10 +363,28 @@ pub(super) fn next_job(input: &Input, st: &ReplicatedVMStatus) -> Next {
             return Next::Wait(Wait {
                 reason: "WaitingForReplication",
                 message: "a drill needs replication to be running".into(),
+                stalls: false,
             });
         }
     }
     Next::Nothing
+}
+
+/// A planned failover (a failback among them) from `active`, which cannot be listed: it needs
+/// that site, and only a person can say it is gone.
+fn planned_without_source(input: &Input, active: &str, desired: &str) -> Wait {
+    Wait {
+        reason: "SiteUnreachable",
+        message: format!(
+            "the planned failover to {desired} waits for site {active}, which does not answer \
+             ({}): it runs once {active} answers (fix the Site's agent URL or token Secret); \
+             to fail over without {active} now from the newest recovery point at {desired}, \
+             declare it lost: kubectl patch site {active} --type merge -p \
+             '{{\"spec\":{{\"fence\":\"Lost\"}}}}'",
+            input.view(active).why_not()
+        ),
+        stalls: true,
+    }
 }
 
 /// How a change of activeSite from `active` to `desired` is carried out. A failback (back to
@@ -336,6 +400,11 @@ pub(super) fn failover_type(
     active: &str,
     desired: &str,
 ) -> FailoverType {
+    // A source declared lost cannot take part: whatever was asked, the VM starts from a
+    // recovery point without it.
+    if input.view(active).lost() {
+        return FailoverType::Unplanned;
+    }
     let asked = input.spec.failover.type_;
     let failback = desired == input.spec.primary_site && active != desired;
     if !failback || asked == FailoverType::Planned {

@@ -1,7 +1,7 @@
 //! Job progress: the site call of a step, what a step's outcome changes, skipped and failed
 //! steps, and what a finished job changes in status.
 
-use super::fencing::SOURCE_STILL_RUNS;
+use super::fencing::{BY_DECLARATION, SOURCE_STILL_RUNS};
 use super::health::{disabled_replication, refresh_replication_now};
 use super::input::{EnableMode, Input, Note, Outcome, StepCall};
 use super::steps::{StepName, attempt_operation_id, is_optional, job_type_str, job_verb, job_word};
@@ -115,24 +115,35 @@ pub(super) fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<St
             .map(|s| s.state)
     };
     let source = job.source_site.as_deref().unwrap_or_default();
+    let target = job.target_site.as_deref().unwrap_or_default();
+    if let Some(why) = by_declaration(input, job, step) {
+        return Some(why);
+    }
+    let view = input.view(source);
     match (job.type_, step) {
         (JobType::UnplannedFailover, StepName::ShutdownSource | StepName::SyncRemaining)
             if !input.spec.failover.shutdown_source =>
         {
             Some("shutdownSource is false".into())
         }
-        // The disaster does not wait for a site known to be down: a call to it would only
-        // hang until its timeout. It is fenced when it answers again.
-        (
-            JobType::UnplannedFailover,
-            StepName::ConsistentCut
-            | StepName::ShutdownSource
-            | StepName::FenceSource
-            | StepName::SyncRemaining,
-        ) if !input.view(source).reachable() => Some(format!(
-            "skipped: site {source} is unreachable (its listing fails); the failover continues, \
-             and {source} is fenced when it answers again"
-        )),
+        // A source that cannot be listed is not called for what only serves the data (a cut,
+        // a graceful shutdown): a call would only wait for its timeout. That it cannot be listed
+        // says nothing about whether the VM runs there (a refused token, a 5xx, a timeout):
+        // FenceSource must still power it off before the VM starts at the target.
+        (JobType::UnplannedFailover, StepName::ConsistentCut) if !view.reachable() => {
+            Some(format!(
+                "skipped: site {source} cannot be listed ({}); the failover starts without \
+                 the plan's cut",
+                view.why_not()
+            ))
+        }
+        (JobType::UnplannedFailover, StepName::ShutdownSource) if !view.reachable() => {
+            Some(format!(
+                "skipped: site {source} cannot be listed ({}); FenceSource powers the VM off \
+                 there before it starts at {target}",
+                view.why_not()
+            ))
+        }
         (JobType::UnplannedFailover, StepName::FenceSource)
             if step_state(StepName::ShutdownSource) == Some(StepState::Succeeded) =>
         {
@@ -140,6 +151,28 @@ pub(super) fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<St
         }
         _ => None,
     }
+}
+
+/// Why a source step of an unplanned failover is not made because its site is declared lost:
+/// the declaration stands for the shutdown and the fence, and nothing is asked of that site.
+pub(super) fn by_declaration(input: &Input, job: &Job, step: StepName) -> Option<String> {
+    let source = job.source_site.as_deref().unwrap_or_default();
+    let source_step = matches!(
+        step,
+        StepName::ConsistentCut
+            | StepName::ShutdownSource
+            | StepName::FenceSource
+            | StepName::SyncRemaining
+    );
+    (job.type_ == JobType::UnplannedFailover && source_step && input.view(source).lost()).then(
+        || {
+            format!(
+                "{BY_DECLARATION}: site {source} is declared lost (Site {source} \
+                 spec.fence: Lost), so it is taken as fenced and not called; its VMs that must \
+                 not run there are powered off once the declaration is removed and it answers"
+            )
+        },
+    )
 }
 
 /// Moves the running job forward: skips what is to be skipped, marks the next step Running

@@ -1,11 +1,13 @@
 //! Phase and conditions: how Ready, Reconciling, Stalled, CommitPending and the other
 //! conditions follow from the jobs and the replication.
 
+use super::fencing::{SOURCE_UNCONFIRMED, split_brain};
 use super::health::{
     SETTINGS_NOT_APPLIED, Settings, replication_error, replication_in_progress, settings_state,
     vm_off,
 };
 use super::input::{Input, Note, Wait};
+use super::progress::overdue;
 use super::steps::{DEADLINE_PASSED, job_type_str};
 use crate::api::{
     CommitMode, JobState, JobType, ReplicatedVMStatus, ReplicationState, StepState, VmPhase,
@@ -13,12 +15,16 @@ use crate::api::{
 use crate::controller::conditions;
 use crate::controller::conditions::{
     COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, SETTINGS_APPLIED,
-    STALLED,
+    SPLIT_BRAIN, STALLED,
 };
 use crate::controller::vm_jobs::{
     current_step, mismatch_resync_running, replication_on, running_job, standing_job,
     uncommitted_failover,
 };
+
+/// Ready's reason (Stalled's past the step deadline) while an unplanned failover waits for its
+/// source to confirm the VM off.
+pub const SOURCE_NOT_FENCED: &str = "SourceNotFenced";
 
 /// Ready's reason (and the Event's) while the VM is off at the site where it runs.
 pub const VM_NOT_RUNNING: &str = "VMNotRunning";
@@ -65,7 +71,8 @@ pub(super) fn stalled_message(input: &Input, st: &ReplicatedVMStatus) -> String 
                     .is_some_and(|m| m.contains(DEADLINE_PASSED))
         });
     let unplanned = if timed_out {
-        " once the site answers again, or set spec.failover.type to Unplanned to fail over now \
+        " once the site answers again, or, if the source site is gone, declare it lost \
+         (spec.fence: Lost on its Site) and set spec.failover.type to Unplanned to fail over now \
          from a recovery point without the source (what was written after the newest recovery \
          point at the target is lost)"
     } else {
@@ -156,8 +163,30 @@ pub(super) fn finalize(
             if input.deleting {
                 msg = format!("{DELETION_WAITS} {} to end ({msg})", j.name);
             }
-            want.push(Cond::new(READY, false, "JobRunning", msg.clone()));
-            want.push(Cond::new(RECONCILING, true, job_type_str(j.type_), msg));
+            // A failover that waits for its source to confirm the VM off says so, and past the
+            // step's deadline it needs a person (the site back, or declared lost).
+            let unconfirmed = current_step(j).map(|(i, _)| &j.steps[i]).filter(|s| {
+                s.state == StepState::Running
+                    && s.message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with(SOURCE_UNCONFIRMED))
+            });
+            match unconfirmed {
+                Some(s) => {
+                    let why = format!("{msg}: {}", s.message.as_deref().unwrap_or_default());
+                    want.push(Cond::new(READY, false, SOURCE_NOT_FENCED, why.clone()));
+                    if overdue(input, s, input.spec.failover.step_timeout()) {
+                        want.push(Cond::new(RECONCILING, false, SOURCE_NOT_FENCED, ""));
+                        needs_person = Some((SOURCE_NOT_FENCED, why));
+                    } else {
+                        want.push(Cond::new(RECONCILING, true, SOURCE_NOT_FENCED, why));
+                    }
+                }
+                None => {
+                    want.push(Cond::new(READY, false, "JobRunning", msg.clone()));
+                    want.push(Cond::new(RECONCILING, true, job_type_str(j.type_), msg));
+                }
+            }
         }
         None => {
             let desired = input.desired();
@@ -183,7 +212,11 @@ pub(super) fn finalize(
                 want.push(Cond::new(READY, false, "Conflict", c.message.clone()));
             } else if let Some(w) = &wait {
                 want.push(Cond::new(READY, false, w.reason, w.message.clone()));
-                progressing = Some((w.reason, w.message.clone()));
+                if w.stalls {
+                    needs_person = Some((w.reason, w.message.clone()));
+                } else {
+                    progressing = Some((w.reason, w.message.clone()));
+                }
             } else if let Some(msg) = vm_off(input, st) {
                 if !input
                     .status
@@ -250,7 +283,7 @@ pub(super) fn finalize(
         (false, Some(c), _) if running.is_none() => {
             Cond::new(STALLED, true, "Conflict", c.message.clone())
         }
-        (false, None, Some((reason, msg))) => Cond::new(STALLED, true, *reason, msg.clone()),
+        (false, _, Some((reason, msg))) => Cond::new(STALLED, true, *reason, msg.clone()),
         _ => Cond::new(STALLED, false, "NotStalled", ""),
     });
     want.push(match (commit_pending, &commit) {
@@ -287,6 +320,26 @@ pub(super) fn finalize(
         // The source cannot be listed now: what it reported last stands.
         None if st.conditions.iter().any(|c| c.type_ == REPLICATION_ERROR) => {}
         None => want.push(Cond::new(REPLICATION_ERROR, false, "NoError", "")),
+    }
+    let split = split_brain(input, st);
+    // Shown once it happened (a VM that never ran twice carries no such condition).
+    match &split {
+        Some(m) => want.push(Cond::new(SPLIT_BRAIN, true, SPLIT_BRAIN, m.clone())),
+        None if st.conditions.iter().any(|c| c.type_ == SPLIT_BRAIN) => {
+            want.push(Cond::new(SPLIT_BRAIN, false, "OneCopyRuns", ""))
+        }
+        None => {}
+    }
+    if let Some(m) = &split
+        && !conditions::is_true(&input.status.conditions, SPLIT_BRAIN)
+    {
+        events.push(Note {
+            warning: true,
+            action: "Observe",
+            subject: "split-brain".into(),
+            reason: SPLIT_BRAIN,
+            message: m.clone(),
+        });
     }
     conditions::set_all(&mut st.conditions, &want, input.generation, input.now);
     // A conflict is news once, when its condition turns True.

@@ -74,6 +74,8 @@ struct World {
     fence_refused: bool,
     sites: HashMap<String, Option<SimVm>>,
     down: HashSet<String>,
+    /// Sites declared lost (spec.fence: Lost): never called.
+    lost: HashSet<String>,
     now: i64,
     /// (step, site call went to, operation id) in call order.
     calls: Vec<(StepName, String)>,
@@ -121,6 +123,7 @@ impl World {
             fence_refused: false,
             sites,
             down: HashSet::new(),
+            lost: HashSet::new(),
             now: 0,
             calls: vec![],
             done: HashMap::new(),
@@ -141,6 +144,9 @@ impl World {
     }
 
     fn view(&self, site: &str) -> SiteView {
+        if self.lost.contains(site) {
+            return SiteView::Lost { since: ts(0) };
+        }
         if self.down.contains(site) {
             return SiteView::Unreachable {
                 since: ts(self.now),
@@ -220,6 +226,11 @@ impl World {
             | StepName::RestartSource => c.source.clone(),
             _ => c.target.clone(),
         };
+        assert!(
+            !self.lost.contains(&site_of_call),
+            "{:?} called site {site_of_call}, which is declared lost",
+            c.step_name
+        );
         if self.down.contains(&site_of_call) {
             return Outcome::Unreachable(format!("site {site_of_call} does not answer"));
         }
@@ -295,6 +306,7 @@ impl World {
                     peer_site: Some(tgt.into()),
                     last_sync_time: Some(now),
                     bytes_sent: 0,
+                    pending_bytes: 0,
                     last_error: None,
                     interval_seconds: Some(c.replication.interval_seconds),
                     retention_hours: Some(c.replication.recovery_point_retention_hours),
@@ -437,6 +449,7 @@ impl World {
             }
             Plan::Fence(f) => {
                 let site = f.site.clone();
+                assert!(!self.lost.contains(&site), "fenced lost site {site}");
                 self.calls.push((StepName::FenceSource, site.clone()));
                 self.vm_mut(&site).vm.power = Power::Off;
                 let p = self.with_input(|i| record_fence(i, f, Outcome::ok()));
@@ -491,8 +504,18 @@ impl World {
     /// Plans until nothing is left to do (the agents progressing in between), at most `n` plans.
     fn settle(&mut self) {
         let mut idle = 0;
+        let mut quiet = 0;
         for _ in 0..500 {
+            let writes = self.writes;
             match self.step() {
+                // A call whose outcome changed nothing (a site that keeps not answering): time
+                // goes on, up to a step's deadline or so.
+                Plan::Execute(_) if self.writes == writes => {
+                    quiet += 1;
+                    if quiet > 150 {
+                        return;
+                    }
+                }
                 // A site that refuses new settings is asked again at every plan.
                 Plan::Settings(_) if self.settings_refused.is_some() => {
                     idle += 1;
@@ -843,6 +866,41 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
         s.failover.type_ = FailoverType::Unplanned;
     });
     w.settle();
+    // A source that does not answer may still run the VM: the failover waits at FenceSource,
+    // retrying, and never starts the VM at the target.
+    assert_eq!(
+        w.steps(JobType::UnplannedFailover),
+        st(&[
+            ("ShutdownSource", K),
+            ("FenceSource", StepState::Running),
+            ("SyncRemaining", StepState::Pending),
+            ("StopReplication", StepState::Pending),
+            ("StartAtTarget", StepState::Pending),
+        ])
+    );
+    assert!(!w.calls.iter().any(|c| c.0 == StepName::StartAtTarget));
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    let ready = w.condition(READY).clone();
+    assert_eq!(ready.reason, "SourceNotFenced");
+    assert!(
+        ready.message.contains("declare it lost") && ready.message.contains(P),
+        "{ready:?}"
+    );
+    assert!(w.events.iter().any(|e| e.reason == "SourceNotFenced"));
+    // Past the step's deadline it needs a person, and says so; the job still waits.
+    for _ in 0..200 {
+        w.tick(5);
+        w.step();
+    }
+    assert!(w.cond(STALLED), "{:?}", w.status.conditions);
+    assert_eq!(w.condition(STALLED).reason, "SourceNotFenced");
+    assert!(!w.cond(RECONCILING));
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Running);
+    assert!(!w.calls.iter().any(|c| c.0 == StepName::StartAtTarget));
+
+    // Declared lost: the declaration stands for the fence, and the site is not called.
+    w.lost.insert(P.into());
+    w.settle();
     assert_eq!(
         w.steps(JobType::UnplannedFailover),
         st(&[
@@ -853,18 +911,22 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
             ("StartAtTarget", OK),
         ])
     );
-    // The site listing shows the source down: its steps are skipped, not called.
-    let shutdown = &w.job(JobType::UnplannedFailover).steps[0];
-    assert!(
-        shutdown.message.as_deref().unwrap().contains("unreachable"),
-        "{shutdown:?}"
-    );
-    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
-    // Committed; reverse replication waits for the old site.
+    let job = w.job(JobType::UnplannedFailover);
+    for n in ["FenceSource", "SyncRemaining"] {
+        let s = job.steps.iter().find(|s| s.name == n).unwrap();
+        assert!(
+            s.message.as_deref().unwrap().contains("declared lost"),
+            "{s:?}"
+        );
+    }
+    assert_eq!(job.state, JobState::Succeeded);
+    // Committed; nothing replicates toward the lost site.
     assert_eq!(w.job_types().last(), Some(&JobType::Commit));
     assert!(!w.cond(READY));
-    assert_eq!(w.condition(READY).reason, "SiteUnreachable");
-    // The old site comes back with the VM still running: powered off before anything else.
+    assert_eq!(w.condition(READY).reason, "SiteLost");
+    // Back, the declaration removed, the VM still running there: powered off before anything
+    // else.
+    w.lost.clear();
     w.down.clear();
     w.tick(1);
     let plan = w.step();
@@ -885,6 +947,77 @@ fn lost_source_is_fenced_when_it_comes_back_and_that_is_recorded() {
     w.settle();
     assert_eq!(w.job_types().last(), Some(&JobType::ReverseReplicate));
     assert_eq!(w.status.phase, Some(VmPhase::Protected));
+}
+
+#[test]
+fn a_source_that_answers_again_is_fenced_by_the_waiting_failover() {
+    let mut w = World::protected(true);
+    w.down.insert(P.into());
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Running);
+    // The token is fixed: the power off goes through and the failover goes on.
+    w.down.clear();
+    w.fence_not_before = None;
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    assert!(w.calls.contains(&(StepName::FenceSource, P.to_string())));
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+}
+
+#[test]
+fn a_failback_to_the_primary_waits_for_a_dead_recovery_site_and_goes_on_once_it_is_lost() {
+    let mut w = World::protected(true);
+    w.set_spec(|s| {
+        s.active_site = Some(S.into());
+        s.failover.type_ = FailoverType::Unplanned;
+    });
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    let jobs = w.status.jobs.len();
+    // The recovery site dies; the VM is sent back. A failback is planned and needs both sites:
+    // it waits, Stalled, and says how to go on.
+    w.down.insert(S.into());
+    w.set_spec(|s| s.active_site = Some(P.into()));
+    w.settle();
+    assert_eq!(w.status.jobs.len(), jobs);
+    assert!(w.cond(STALLED));
+    let stalled = w.condition(STALLED).clone();
+    assert_eq!(stalled.reason, "SiteUnreachable");
+    assert!(
+        stalled.message.contains("declare it lost") && stalled.message.contains(S),
+        "{stalled:?}"
+    );
+    // Declared lost: an unplanned failover from the newest recovery point at the primary.
+    w.lost.insert(S.into());
+    w.settle();
+    let job = w.job(JobType::UnplannedFailover);
+    assert_eq!(job.target_site.as_deref(), Some(P));
+    assert_eq!(job.state, JobState::Succeeded);
+    assert_eq!(w.status.active_site.as_deref(), Some(P));
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert!(!w.cond(STALLED));
+    assert_eq!(w.condition(READY).reason, "SiteLost");
+}
+
+#[test]
+fn a_planned_failover_from_a_lost_source_runs_unplanned() {
+    let mut w = World::protected(true);
+    w.lost.insert(P.into());
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.settle();
+    assert_eq!(w.job(JobType::UnplannedFailover).state, JobState::Succeeded);
+    assert!(
+        !w.job_types().contains(&JobType::PlannedFailover),
+        "{:?}",
+        w.job_types()
+    );
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
 }
 
 #[test]
@@ -1427,10 +1560,24 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         fence_not_before: None,
     };
     assert!(!matches!(plan(&input), Plan::Fence(_)));
-    // A fresh one does fence.
+    // A fresh one does fence (its copy sent everything it wrote to the site the VM runs at).
+    let mut vm = running_vm(true).vm;
+    vm.replication = Some(ObservedReplication {
+        state: ObservedReplicationState::Replicating,
+        direction: Some(Direction::Outbound),
+        peer_site: Some(S.into()),
+        last_sync_time: Some(ts(w.now)),
+        bytes_sent: 0,
+        pending_bytes: 0,
+        last_error: None,
+        interval_seconds: None,
+        retention_hours: None,
+        app_consistent_hours: None,
+        progress: None,
+    });
     let fresh = SiteView::Reachable {
         fetched_at: ts(w.now),
-        vm: Some(running_vm(true).vm),
+        vm: Some(vm),
     };
     let input = Input {
         primary: &fresh,
@@ -1530,15 +1677,15 @@ fn a_failed_cut_is_recorded_and_the_failover_goes_on_from_latest_processed() {
     let mut w = World::protected(true);
     w.cut = Some(plan_cut());
     unplanned_from_latest_processed(&mut w);
-    w.down.insert(P.into());
+    w.lost.insert(P.into());
     w.settle();
     let f = w.job(JobType::UnplannedFailover);
     assert_eq!(f.state, JobState::Succeeded, "{f:?}");
     assert_eq!(f.steps[0].name, "ConsistentCut");
-    // The listing shows the source down: the cut is skipped, not asked for.
+    // The source is declared lost: the cut is skipped, not asked for.
     assert_eq!(f.steps[0].state, K);
     let msg = f.steps[0].message.as_deref().unwrap();
-    assert!(msg.contains(P) && msg.contains("continues"), "{msg}");
+    assert!(msg.contains(P) && msg.contains("declared lost"), "{msg}");
     assert_eq!(f.cut_id, None, "no cut was used");
     assert_eq!(w.started_from, vec!["LatestProcessed".to_string()]);
     assert_eq!(w.status.active_site.as_deref(), Some(S));
@@ -2258,7 +2405,9 @@ fn a_planned_failover_whose_source_dies_after_shutdown_fails_at_the_step_deadlin
             && stalled.contains(&format!("twinsite.io/retry={}", job.name)),
         "{stalled}"
     );
-    // The way on: the same move as an unplanned failover, from the target's newest point.
+    // The way on: the source site declared lost, the same move as an unplanned failover, from
+    // the target's newest point.
+    w.lost.insert(P.into());
     w.set_spec(|s| s.failover.type_ = FailoverType::Unplanned);
     w.settle();
     let u = w.job(JobType::UnplannedFailover);
@@ -2651,9 +2800,11 @@ fn a_fence_that_failed_backs_off_before_the_next_power_off() {
     assert_eq!(job.state, JobState::Running);
     // The reconciler backs off: no power off before then, at the step or anywhere.
     w.fence_not_before = Some(ts(w.now + 10));
+    // Looked at again within a poll (a site may be declared lost meanwhile), never powered off
+    // before the backoff ends.
     assert_eq!(
         w.with_input(plan),
-        Plan::Idle(Duration::from_secs(10)),
+        Plan::Idle(Duration::from_secs(5)),
         "a fence was tried again before its backoff ended"
     );
     w.now += 10;
@@ -2667,7 +2818,7 @@ fn a_fence_that_failed_backs_off_before_the_next_power_off() {
 fn a_source_seen_running_again_is_powered_off_before_the_vm_starts_at_the_target() {
     let mut w = World::protected(true);
     w.now += 40;
-    w.down.insert(P.to_string());
+    w.lost.insert(P.to_string());
     w.set_spec(|s| {
         s.active_site = Some(S.into());
         s.failover.type_ = FailoverType::Unplanned;
@@ -2683,8 +2834,9 @@ fn a_source_seen_running_again_is_powered_off_before_the_vm_starts_at_the_target
     while start_state(&w) != Some(StepState::Running) {
         w.step();
     }
-    // The source answers again, the VM running there: it is powered off first.
-    w.down.remove(P);
+    // The declaration is removed and the source answers, the VM running there: it is powered
+    // off first.
+    w.lost.remove(P);
     w.now += 2;
     match w.with_input(plan) {
         Plan::Fence(f) => assert_eq!(f.site, P),
@@ -2707,4 +2859,69 @@ fn a_source_seen_running_again_is_powered_off_before_the_vm_starts_at_the_target
         .position(|s| *s == StepName::StartAtTarget)
         .unwrap();
     assert!(fence < start, "{order:?}");
+}
+
+/// The management cluster was rebuilt without status after a failover to the recovery site,
+/// and the VM runs at both sites.
+fn both_running_status_wiped(pending_at_primary: u64) -> World {
+    let mut w = World::protected(true);
+    let s = w.vm_mut(S);
+    s.vm.power = Power::Running;
+    s.vm.role = Role::Primary;
+    s.vm.replication = None;
+    w.vm_mut(P).vm.replication.as_mut().unwrap().pending_bytes = pending_at_primary;
+    w.status = ReplicatedVMStatus::default();
+    w.set_spec(|s| s.active_site = Some(S.into()));
+    w.tick(5);
+    w
+}
+
+#[test]
+fn a_vm_running_at_both_sites_without_status_follows_the_spec_and_no_unsure_copy_is_fenced() {
+    let mut w = both_running_status_wiped(4096);
+    w.settle();
+    // Where the spec says, never the primary by itself.
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(!w.calls.iter().any(|c| c.0 == StepName::FenceSource));
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Running);
+    assert_eq!(w.sites[S].as_ref().unwrap().vm.power, Power::Running);
+    assert!(w.cond(SPLIT_BRAIN));
+    let m = &w.condition(SPLIT_BRAIN).message;
+    assert!(
+        m.contains("4096 bytes not yet replicated") && m.contains("power it off"),
+        "{m}"
+    );
+    assert!(w.cond(STALLED));
+    assert_eq!(w.condition(READY).reason, SPLIT_BRAIN);
+    assert!(w.status.jobs.is_empty(), "{:?}", w.job_types());
+    assert_eq!(
+        w.events.iter().filter(|e| e.reason == SPLIT_BRAIN).count(),
+        1
+    );
+    // The operator saves what the primary's copy holds and powers it off: protected again
+    // from the copy the spec names.
+    w.vm_mut(P).vm.power = Power::Off;
+    w.tick(5);
+    w.settle();
+    assert!(!w.cond(SPLIT_BRAIN));
+    assert_eq!(w.job_types().last(), Some(&JobType::ReverseReplicate));
+    assert_eq!(w.status.phase, Some(VmPhase::Protected));
+    assert_eq!(w.sites[S].as_ref().unwrap().vm.power, Power::Running);
+}
+
+#[test]
+fn a_second_copy_whose_writes_all_reached_the_kept_one_is_powered_off() {
+    let mut w = both_running_status_wiped(0);
+    w.settle();
+    assert_eq!(w.status.active_site.as_deref(), Some(S));
+    assert!(
+        w.calls.contains(&(StepName::FenceSource, P.to_string())),
+        "{:?} {:#?} {:#?}",
+        w.calls,
+        w.sites[P].as_ref().map(|v| v.vm.clone()),
+        w.status
+    );
+    assert_eq!(w.sites[P].as_ref().unwrap().vm.power, Power::Off);
+    assert_eq!(w.sites[S].as_ref().unwrap().vm.power, Power::Running);
+    assert!(!w.cond(SPLIT_BRAIN));
 }
