@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::input::valid_name;
-use super::meta::{Inbound, Rollback, RpMeta, StagedResync, VmMeta};
+use super::meta::{Rollback, RpMeta, StagedResync, VmMeta};
 use super::runtime::{MakeOverlay, OverlayDisk};
 use super::store::{GRANTS_FILE, Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult, ErrorKind};
