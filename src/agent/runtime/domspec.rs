@@ -15,8 +15,6 @@ use std::path::{Component, Path, PathBuf};
 
 use roxmltree::Node;
 
-use super::xml::escape;
-
 /// A peer's definition the allowlist refuses; the message names the element or attribute.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -1347,6 +1345,22 @@ pub fn check(definition: &str, vm: &str, disks: &[&str], boot_dirs: &[PathBuf]) 
         }
     }
     Ok(spec)
+}
+
+/// `s` with XML's special characters escaped, for text and attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '\'' => out.push_str("&apos;"),
+            '"' => out.push_str("&quot;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -4,21 +4,7 @@ use std::path::PathBuf;
 
 use super::domspec;
 
-/// `s` with XML's special characters escaped, for text and attribute values.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '\'' => out.push_str("&apos;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use super::domspec::escape;
 
 /// A disk of a domain definition, before its size is known.
 #[derive(Debug, PartialEq, Eq)]
