@@ -807,7 +807,8 @@ async fn poll<T>(what: &str, log: impl Fn() -> String, mut f: impl AsyncFnMut() 
 async fn create_site(client: &kube::Client, agent: &Agent, secret_ns: &str) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), secret_ns);
     let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": format!("{}-agent", agent.site)},
+        "metadata": {"name": format!("{}-agent", agent.site),
+            "labels": {"twinsite.io/site": agent.site}},
         "stringData": {"token": agent.token},
     }))
     .unwrap();
@@ -817,6 +818,7 @@ async fn create_site(client: &kube::Client, agent: &Agent, secret_ns: &str) {
         "metadata": {"name": agent.site},
         "spec": {"agent": {
             "url": agent.url,
+            "insecure": agent.url.starts_with("http://"),
             "tokenSecretRef": {"namespace": secret_ns, "name": format!("{}-agent", agent.site), "key": "token"},
         }},
     }))
@@ -1098,13 +1100,22 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
             &PostParams::default(),
             &make(
                 far,
-                json!({"url": a.url, "tokenSecretRef":
+                json!({"url": a.url, "insecure": true, "tokenSecretRef":
                     {"namespace": elsewhere, "name": "token-elsewhere", "key": "token"}}),
             ),
         )
         .await
         .unwrap();
     let no_ca = "chart-secrets-no-ca";
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "no-ca-token", "labels": {"twinsite.io/site": no_ca}},
+        "stringData": {"token": a.token},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
     sites
         .create(
             &PostParams::default(),
@@ -1112,7 +1123,7 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
                 no_ca,
                 json!({
                     "url": a.url.replace("http://", "https://"),
-                    "tokenSecretRef": {"namespace": ns, "name": format!("{}-agent", a.site), "key": "token"},
+                    "tokenSecretRef": {"namespace": ns, "name": "no-ca-token", "key": "token"},
                     "caSecretRef": {"namespace": ns, "name": "missing-ca", "key": "ca.crt"},
                 }),
             ),
