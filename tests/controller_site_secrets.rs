@@ -193,3 +193,39 @@ async fn a_site_reads_only_secrets_labelled_for_it() {
     wait_site_ready(&w, &p, "True", "Connected").await;
 }
 
+fn condition(s: &Site, t: &str) -> Option<(String, String, String)> {
+    s.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == t)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// A Site on plain http says so: `Insecure` True (`PlainHTTP`) while `spec.agent.insecure` lets
+/// it; the API server refuses to drop `insecure` while the URL is http://, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_site_is_allowed_only_when_insecure_and_shows_it() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("insecure").await;
+    let p = w.primary.site.clone();
+    let s = wait_site_ready(&w, &p, "True", "Connected").await;
+    let (status, reason, message) = condition(&s, "Insecure").expect("no Insecure condition");
+    assert_eq!((status.as_str(), reason.as_str()), ("True", "PlainHTTP"));
+    assert!(message.contains("spec.agent.insecure"), "{message}");
+
+    let err = Api::<Site>::all(w.client.clone())
+        .patch(
+            &p,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"agent": {"insecure": false}}})),
+        )
+        .await
+        .expect_err("an http Site without insecure was accepted");
+    assert!(
+        err.to_string().contains(
+            "spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true"
+        ),
+        "{err}"
+    );
+}

@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::conditions::{self, Cond, READY};
+use super::conditions::{self, Cond, INSECURE, READY};
 use super::error::Error;
 use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{Context, now};
@@ -131,6 +131,36 @@ fn check_namespace(ctx: &Context, field: &str, r: &SecretKeyRef) -> Result<(), C
     ))
 }
 
+/// The `Insecure` condition of a Site's agent URL, or the Ready=False condition of an http://
+/// URL without `spec.agent.insecure: true` (the API server refuses one; a Site stored before
+/// that rule is refused here, and its agent is not called).
+fn url_scheme(agent: &crate::api::AgentEndpoint) -> Result<Cond, Cond> {
+    if agent.url.starts_with("https://") {
+        return Ok(Cond::new(
+            INSECURE,
+            false,
+            "HTTPS",
+            "the agent is called over https",
+        ));
+    }
+    if agent.insecure {
+        return Ok(Cond::new(
+            INSECURE,
+            true,
+            "PlainHTTP",
+            "spec.agent.insecure is true: the agent's token and the VMs' blocks replicated to \
+             this site cross the network unencrypted; use an https:// URL",
+        ));
+    }
+    Err(Cond::new(
+        READY,
+        false,
+        "InsecureURL",
+        "spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true to \
+         send the agent's token and the VMs' blocks unencrypted; the agent is not called",
+    ))
+}
+
 /// The agent's token and CA bundle, or the Ready=False condition that says why not.
 async fn credentials(
     ctx: &Context,
@@ -229,7 +259,15 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     }
     let fence = fence_status(&site, lost_since);
     let mut accelerator = None;
-    let creds = credentials(&ctx, &name, agent).await;
+    let scheme = url_scheme(agent);
+    let insecure = match &scheme {
+        Ok(c) => c.clone(),
+        Err(_) => Cond::new(INSECURE, false, "NotCalled", "the agent is not called"),
+    };
+    let creds = match scheme {
+        Err(cond) => Err(cond),
+        Ok(_) => credentials(&ctx, &name, agent).await,
+    };
     let (cond, count) = match creds {
         Err(cond) => {
             if ["SecretNamespace", "SecretNotForSite", "InsecureURL"]
@@ -332,7 +370,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     write_status(
         &site,
         &ctx,
-        &[cond],
+        &[cond, insecure],
         count.map(|n| (n, accelerator)),
         fence,
         t0,
