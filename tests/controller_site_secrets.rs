@@ -5,6 +5,8 @@
 
 #[path = "controller_common/mod.rs"]
 mod common;
+#[path = "hostile/mod.rs"]
+mod hostile;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,4 +230,52 @@ async fn an_http_site_is_allowed_only_when_insecure_and_shows_it() {
         ),
         "{err}"
     );
+}
+
+/// An agent URL whose answer is an error with an endless body: the controller reads only its
+/// start, and the Site's Ready message shows at most a few hundred characters of it, with the
+/// Site's token (which the answer echoes) redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_error_answer_is_read_only_by_its_start() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("endless").await;
+    let token = "endless-site-token-0123456789";
+    let agent = hostile::endless_error(&format!("agent refuses {token} because")).await;
+    let site = format!("{}-endless", w.primary.site);
+    create_secret(
+        &w,
+        "endless-token",
+        json!({"twinsite.io/site": site}),
+        json!({"token": token}),
+    )
+    .await;
+    create_site(
+        &w,
+        &site,
+        json!({"url": agent.url, "insecure": true,
+            "tokenSecretRef": {"namespace": w.ns, "name": "endless-token", "key": "token"}}),
+    )
+    .await;
+    let deadline = std::time::Instant::now() + LONG;
+    let message = loop {
+        let s = Api::<Site>::all(w.client.clone()).get(&site).await.unwrap();
+        let m = ready_message(&s);
+        if m.contains("agent refuses") {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the Site never showed the answer: {:?}",
+            s.status
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    };
+    assert!(
+        message.contains("agent refuses [redacted] because"),
+        "{message}"
+    );
+    assert!(message.len() < 1000, "{} bytes", message.len());
+    assert!(!w.controller.log().contains(token), "the token was logged");
+    let sent = agent.sent.load(Ordering::SeqCst);
+    assert!(sent < 32 << 20, "{sent} bytes were read from the agent");
 }
