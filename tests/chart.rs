@@ -130,6 +130,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Role",
             "Role",
