@@ -16,6 +16,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod body;
 pub mod controller;
 pub mod envtest;
 pub mod fault;

@@ -130,6 +130,7 @@ async fn the_rendered_chart_is_accepted_by_the_api_server() {
             "CustomResourceDefinition",
             "CustomResourceDefinition",
             "Deployment",
+            "NetworkPolicy",
             "PodDisruptionBudget",
             "Role",
             "Role",
@@ -503,7 +504,6 @@ async fn bad_values_are_refused_with_the_name_of_the_value() {
 async fn optional_objects_render_when_enabled() {
     let cp = envtest::shared().await;
     let objects = docs(&render(cp, "defaults", "chart-optional", &[]));
-    assert!(!objects.iter().any(|d| d["kind"] == "NetworkPolicy"));
     assert!(!objects.iter().any(|d| d["kind"] == "ServiceMonitor"));
     let pdb = find(&objects, "PodDisruptionBudget");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
@@ -519,7 +519,7 @@ async fn optional_objects_render_when_enabled() {
         "chart-optional",
         &[
             "--set",
-            "networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true",
+            "metrics.serviceMonitor.enabled=true",
             "--set",
             "metrics.serviceMonitor.labels.release=prom,podDisruptionBudget.minAvailable=1",
         ],
@@ -527,10 +527,6 @@ async fn optional_objects_render_when_enabled() {
     let objects = docs(&yaml);
     let np = find(&objects, "NetworkPolicy");
     assert_eq!(np["spec"]["ingress"][0]["ports"][0]["port"], "metrics");
-    assert_eq!(
-        np["spec"]["policyTypes"],
-        serde_yaml::to_value(["Ingress"]).unwrap()
-    );
     let sm = find(&objects, "ServiceMonitor");
     assert_eq!(sm["metadata"]["labels"]["release"], "prom");
     assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
@@ -575,6 +571,131 @@ async fn optional_objects_render_when_enabled() {
     );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("metrics.service.enabled"));
+}
+
+/// The egress rules of a rendered NetworkPolicy as (ports, CIDRs) pairs; every rule has ports.
+fn egress_rules(np: &Value) -> Vec<(Vec<i64>, Vec<String>)> {
+    np["spec"]["egress"]
+        .as_sequence()
+        .expect("no egress rules")
+        .iter()
+        .map(|r| {
+            let ports: Vec<i64> = r["ports"]
+                .as_sequence()
+                .unwrap_or_else(|| panic!("an egress rule without ports: {r:?}"))
+                .iter()
+                .map(|p| p["port"].as_i64().unwrap())
+                .collect();
+            let cidrs = r["to"]
+                .as_sequence()
+                .map(|to| {
+                    to.iter()
+                        .filter_map(|t| t["ipBlock"]["cidr"].as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (ports, cidrs)
+        })
+        .collect()
+}
+
+/// The NetworkPolicy is on by default and closes egress to all but DNS, the API server (its
+/// addresses looked up at install), the agents' ports and the webhook hosts it is given; the
+/// API server takes it as rendered.
+#[tokio::test]
+async fn the_network_policy_renders_by_default_and_closes_egress() {
+    let cp = envtest::shared().await;
+    let objects = docs(&render(cp, "np", "chart-np", &[]));
+    let np = find(&objects, "NetworkPolicy");
+    assert_eq!(
+        np["spec"]["policyTypes"],
+        serde_yaml::to_value(["Ingress", "Egress"]).unwrap()
+    );
+    let rules = egress_rules(np);
+    let ports: Vec<Vec<i64>> = rules.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(ports, [vec![53, 53], vec![443, 6443], vec![7101]]);
+    assert!(np["spec"]["egress"][0]["to"][0]["namespaceSelector"].is_mapping());
+
+    // With the addresses given, every rule names where it goes; webhook hosts get a rule.
+    let objects = docs(&render(
+        cp,
+        "np",
+        "chart-np",
+        &[
+            "--set",
+            "networkPolicy.apiServer.cidrs={10.0.0.1/32},networkPolicy.agents.cidrs={10.20.0.5/32}",
+            "--set",
+            "networkPolicy.webhooks.cidrs={10.9.9.9/32},networkPolicy.webhooks.ports={443}",
+        ],
+    ));
+    let rules = egress_rules(find(&objects, "NetworkPolicy"));
+    assert_eq!(rules[1], (vec![443, 6443], vec!["10.0.0.1/32".to_string()]));
+    assert_eq!(rules[2], (vec![7101], vec!["10.20.0.5/32".to_string()]));
+    assert_eq!(rules[3], (vec![443], vec!["10.9.9.9/32".to_string()]));
+    assert_eq!(rules.len(), 4);
+
+    // At install (lookup possible) the API server's rule names its addresses: those of the
+    // `kubernetes` Endpoints, which a cluster's API server writes (this test one runs without
+    // that reconciler, so the test writes them as it would).
+    let out = kubectl_stdin(
+        cp,
+        &["apply", "-f", "-"],
+        "apiVersion: v1\nkind: Endpoints\nmetadata: {name: kubernetes, namespace: default}\n\
+         subsets:\n- addresses: [{ip: 10.96.0.1}]\n  ports: [{name: https, port: 6443, protocol: TCP}]\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = render(cp, "np", "chart-np", &["--dry-run=server"]);
+    let objects = docs(&yaml);
+    let np = find(&objects, "NetworkPolicy");
+    let out = cp
+        .kubectl()
+        .args([
+            "get",
+            "endpoints",
+            "kubernetes",
+            "-n",
+            "default",
+            "-o",
+            "yaml",
+        ])
+        .output()
+        .unwrap();
+    let ep: Value = serde_yaml::from_slice(&out.stdout).unwrap_or_default();
+    let ip = ep["subsets"][0]["addresses"][0]["ip"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "no address in the kubernetes Endpoints: {ep:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+        .to_string();
+    let rules = egress_rules(np);
+    assert_eq!(rules[1].1, vec![format!("{ip}/32")]);
+    create_namespace(cp, "chart-np");
+    let out = kubectl_stdin(
+        cp,
+        &["apply", "--dry-run=server", "-f", "-"],
+        &serde_yaml::to_string(np).unwrap(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Off when asked.
+    let objects = docs(&render(
+        cp,
+        "np",
+        "chart-np",
+        &["--set", "networkPolicy.enabled=false"],
+    ));
+    assert!(!objects.iter().any(|d| d["kind"] == "NetworkPolicy"));
 }
 
 /// The controller run as the chart's Deployment runs it: its args, its environment (the
@@ -807,7 +928,8 @@ async fn poll<T>(what: &str, log: impl Fn() -> String, mut f: impl AsyncFnMut() 
 async fn create_site(client: &kube::Client, agent: &Agent, secret_ns: &str) {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), secret_ns);
     let s: Secret = serde_json::from_value(json!({
-        "metadata": {"name": format!("{}-agent", agent.site)},
+        "metadata": {"name": format!("{}-agent", agent.site),
+            "labels": {"twinsite.io/site": agent.site}},
         "stringData": {"token": agent.token},
     }))
     .unwrap();
@@ -817,6 +939,7 @@ async fn create_site(client: &kube::Client, agent: &Agent, secret_ns: &str) {
         "metadata": {"name": agent.site},
         "spec": {"agent": {
             "url": agent.url,
+            "insecure": agent.url.starts_with("http://"),
             "tokenSecretRef": {"namespace": secret_ns, "name": format!("{}-agent", agent.site), "key": "token"},
         }},
     }))
@@ -1098,13 +1221,22 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
             &PostParams::default(),
             &make(
                 far,
-                json!({"url": a.url, "tokenSecretRef":
+                json!({"url": a.url, "insecure": true, "tokenSecretRef":
                     {"namespace": elsewhere, "name": "token-elsewhere", "key": "token"}}),
             ),
         )
         .await
         .unwrap();
     let no_ca = "chart-secrets-no-ca";
+    let s: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "no-ca-token", "labels": {"twinsite.io/site": no_ca}},
+        "stringData": {"token": a.token},
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &s)
+        .await
+        .unwrap();
     sites
         .create(
             &PostParams::default(),
@@ -1112,7 +1244,7 @@ async fn the_controller_reads_secrets_in_its_own_namespace_only() {
                 no_ca,
                 json!({
                     "url": a.url.replace("http://", "https://"),
-                    "tokenSecretRef": {"namespace": ns, "name": format!("{}-agent", a.site), "key": "token"},
+                    "tokenSecretRef": {"namespace": ns, "name": "no-ca-token", "key": "token"},
                     "caSecretRef": {"namespace": ns, "name": "missing-ca", "key": "ca.crt"},
                 }),
             ),

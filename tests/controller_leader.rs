@@ -43,19 +43,20 @@ async fn one_leader_acts_and_hands_over_on_sigterm() {
     n.metadata.name = Some(ns.clone());
     nsapi.create(&PostParams::default(), &n).await.unwrap();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    let sec: Secret =
-        serde_json::from_value(json!({"metadata": {"name": "tok"}, "stringData": {"token": "t"}}))
-            .unwrap();
-    secrets.create(&PostParams::default(), &sec).await.unwrap();
     // Sites whose agents do not answer (a port nobody listens on).
     let port = twinsite::envtest::free_port().unwrap();
     let sites: Api<Site> = Api::all(client.clone());
     let (p, s) = (format!("{ns}-p"), format!("{ns}-s"));
     for name in [&p, &s] {
+        let sec: Secret = serde_json::from_value(json!({
+            "metadata": {"name": format!("tok-{name}"), "labels": {"twinsite.io/site": name}},
+            "stringData": {"token": "t"}}))
+        .unwrap();
+        secrets.create(&PostParams::default(), &sec).await.unwrap();
         let site: Site = serde_json::from_value(json!({
             "apiVersion": "twinsite.io/v1alpha1", "kind": "Site", "metadata": {"name": name},
-            "spec": {"agent": {"url": format!("http://127.0.0.1:{port}"),
-                "tokenSecretRef": {"namespace": ns, "name": "tok", "key": "token"}}}}))
+            "spec": {"agent": {"url": format!("http://127.0.0.1:{port}"), "insecure": true,
+                "tokenSecretRef": {"namespace": ns, "name": format!("tok-{name}"), "key": "token"}}}}))
         .unwrap();
         sites.create(&PostParams::default(), &site).await.unwrap();
     }

@@ -65,13 +65,14 @@ async fn shutdown_fails_and_the_unplanned_failover_goes_on() {
     let bad = format!("{p}-badtoken");
     let secrets: Api<Secret> = Api::namespaced(w.client.clone(), &w.ns);
     let sec: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "wrong"}, "stringData": {"token": "not-the-token"}}))
+        "metadata": {"name": "wrong", "labels": {"twinsite.io/site": bad}},
+        "stringData": {"token": "not-the-token"}}))
     .unwrap();
     secrets.create(&PostParams::default(), &sec).await.unwrap();
     let sites: Api<Site> = Api::all(w.client.clone());
     let obj: Site = serde_json::from_value(json!({
         "apiVersion": "twinsite.io/v1alpha1", "kind": "Site", "metadata": {"name": bad},
-        "spec": {"agent": {"url": w.primary.url,
+        "spec": {"agent": {"url": w.primary.url, "insecure": true,
             "tokenSecretRef": {"namespace": w.ns, "name": "wrong", "key": "token"}}}}))
     .unwrap();
     sites.create(&PostParams::default(), &obj).await.unwrap();

@@ -65,10 +65,16 @@ fn plan(name: &str, body: &str) -> String {
     )
 }
 
+/// A Site manifest; an http:// URL comes with `insecure: true`, as it must.
 fn site(name: &str, url: &str) -> String {
+    let insecure = if url.starts_with("http://") {
+        "    insecure: true\n"
+    } else {
+        ""
+    };
     format!(
         "apiVersion: twinsite.io/v1alpha1\nkind: Site\nmetadata:\n  name: {name}\nspec:\n  agent:\n    \
-         url: {url}\n    tokenSecretRef: {{namespace: twinsite-system, name: {name}-agent, key: token}}\n"
+         url: {url}\n{insecure}    tokenSecretRef: {{namespace: twinsite-system, name: {name}-agent, key: token}}\n"
     )
 }
 
@@ -242,6 +248,11 @@ fn invalid_manifests() -> Vec<Case> {
                 site("crds-invalid-ca", "http://127.0.0.1:7101")
             ),
             "spec.agent.caSecretRef is only for an https:// agent URL",
+        ),
+        case(
+            "site with an http URL and no insecure",
+            site("crds-invalid-http", "http://127.0.0.1:7101").replace("    insecure: true\n", ""),
+            "spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true",
         ),
         case(
             "site with a URL that is not http",

@@ -270,6 +270,10 @@ impl From<&str> for CycleError {
     }
 }
 
+/// The largest answer read from a peer but for block hashes (a dirty set of the largest disk
+/// fits many times over); a larger one fails the call unread.
+const PEER_ANSWER_LIMIT: usize = 64 << 20;
+
 impl Peer {
     async fn call(
         &self,
@@ -277,6 +281,20 @@ impl Peer {
         path: &str,
         json: Option<serde_json::Value>,
         body: Option<bytes::Bytes>,
+    ) -> Result<bytes::Bytes, CycleError> {
+        self.call_limited(method, path, json, body, PEER_ANSWER_LIMIT)
+            .await
+    }
+
+    /// As [`Peer::call`], reading at most `limit` bytes of a successful answer; an error
+    /// answer is read only by its start and shown cut and redacted.
+    async fn call_limited(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<serde_json::Value>,
+        body: Option<bytes::Bytes>,
+        limit: usize,
     ) -> Result<bytes::Bytes, CycleError> {
         let mut req = self
             .http
@@ -289,27 +307,29 @@ impl Peer {
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req
+        let mut resp = req
             .send()
             .await
             .map_err(|e| format!("peer unreachable: {e}"))?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| format!("peer: {e}"))?;
         if !status.is_success() {
-            let body = serde_json::from_slice::<ErrorBody>(&bytes).ok();
+            // It lands in the VM's lastError and the controller's status: only its start.
+            let head = crate::body::read_head(&mut resp, crate::body::ERROR_READ).await;
+            drop(resp);
+            let body = serde_json::from_slice::<ErrorBody>(&head).ok();
             let msg = format!(
                 "peer answered {status}: {}",
-                body.as_ref().map_or_else(
-                    || String::from_utf8_lossy(&bytes).to_string(),
-                    |b| { b.error.clone() }
-                )
+                crate::body::shown(&head, &[self.token.expose()])
             );
             if body.and_then(|b| b.reason).as_deref() == Some(RESYNC_REQUIRED) {
                 return Err(CycleError::Resync(msg));
             }
             return Err(CycleError::Other(msg));
         }
-        Ok(bytes)
+        let bytes = crate::body::read_limited(&mut resp, limit)
+            .await
+            .map_err(|e| format!("peer: {e}"))?;
+        Ok(bytes.into())
     }
 }
 
@@ -1564,12 +1584,15 @@ async fn bulk(
             _ => None,
         };
         let peer_hashes = if matches!(*plan, Plan::Hash) {
+            // One 32-byte hash per block of the disk, no more.
+            let limit = usize::try_from(n.saturating_mul(32)).unwrap_or(usize::MAX);
             Some(
-                peer.call(
+                peer.call_limited(
                     Method::GET,
                     &format!("/v1/replica/{vm}/disks/{d}/hashes"),
                     None,
                     None,
+                    limit,
                 )
                 .await?,
             )

@@ -13,6 +13,7 @@
 //! Agent-to-agent replication routes live under `/v1/replica` (docs/agent.md).
 
 mod auth;
+mod budget;
 mod cut;
 mod driver;
 mod error;
@@ -58,6 +59,8 @@ struct AppState {
     /// Apart, so a peer's block stream never waits behind controller calls that wait for it.
     control_requests: Arc<tokio::sync::Semaphore>,
     replica_requests: Arc<tokio::sync::Semaphore>,
+    /// Request bodies in flight over every route, and the slots of the routes without a token.
+    budget: Arc<budget::Budget>,
     store: Store,
     drivers: Mutex<Drivers>,
     /// Per VM: held for the whole of a cycle, so a VM's cycles never overlap.

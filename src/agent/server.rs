@@ -91,6 +91,12 @@ pub struct AgentArgs {
     /// agent-to-agent routes; more wait.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,
+    /// Bytes of request bodies in flight at once over every route (a body counts with its
+    /// Content-Length, or the most its route reads); a request that does not fit gets 503
+    /// before its body is read. At least 1 MiB.
+    #[arg(long, default_value_t = super::budget::DEFAULT_INFLIGHT_BODY_BYTES,
+        value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
+    pub max_inflight_body_bytes: u64,
     /// Log format (`RUST_LOG` filters; info by default).
     #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text, env = "TWINSITE_LOG_FORMAT")]
     pub log_format: crate::logging::LogFormat,
@@ -194,6 +200,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         installed: std::sync::RwLock::new(installed),
         control_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
         replica_requests: Arc::new(tokio::sync::Semaphore::new(max_requests)),
+        budget: Arc::new(super::budget::Budget::new(args.max_inflight_body_bytes)),
         store,
         drivers: Mutex::new(Default::default()),
         cycle_locks: Mutex::new(Default::default()),
@@ -286,7 +293,9 @@ async fn shutdown_signal() {
 
 /// The routes. Every route under `/v1` needs a token; the controller's reaches every route, a
 /// peer agent's only the agent-to-agent ones (`/v1/replica/...`, 403 elsewhere). Bodies are
-/// limited to 1 MiB except on the guest write and block stream routes (256 MiB).
+/// limited to 1 MiB except on the guest write and block stream routes (256 MiB), and all
+/// bodies in flight together to `--max-inflight-body-bytes`; `/healthz` and `/metrics` take
+/// no body and serve a few requests at once ([`super::budget`]).
 fn router(state: Shared) -> Router {
     let data_limit = DefaultBodyLimit::max(input::DATA_BODY_LIMIT);
     let control = Router::new()
@@ -345,12 +354,22 @@ fn router(state: Shared) -> Router {
     let v1 = control
         .merge(replica)
         .layer(middleware::from_fn_with_state(state.clone(), auth));
-    Router::new()
+    let open = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         // No token: Prometheus scrapes it (docs/security.md, "Metrics").
         .route("/metrics", get(handlers::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            state.budget.clone(),
+            super::budget::open_routes,
+        ));
+    Router::new()
+        .merge(open)
         .nest("/v1", v1)
         .layer(DefaultBodyLimit::max(input::JSON_BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(
+            state.budget.clone(),
+            super::budget::bodies,
+        ))
         .with_state(state)
 }
 

@@ -73,13 +73,21 @@ pub struct NetworkMapping {
 #[x_kube(validation = Rule::new("!has(self.caSecretRef) || self.url.startsWith('https://')")
     .message("spec.agent.caSecretRef is only for an https:// agent URL")
     .field_path(".caSecretRef"))]
+#[x_kube(validation = Rule::new("self.url.startsWith('https://') || (has(self.insecure) && self.insecure)")
+    .message("spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true to send the agent's token and the VMs' blocks unencrypted")
+    .field_path(".url"))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentEndpoint {
-    /// http:// or https:// URL of the agent.
+    /// https:// URL of the agent; http:// only with `insecure: true`.
     #[schemars(length(min = 1, max = 2048))]
     #[x_kube(validation = Rule::new("self.matches('^https?://[^/?#[:space:]]+')")
         .message("spec.agent.url must be an http:// or https:// URL, e.g. https://site-a.example:7101"))]
     pub url: String,
+    /// Allows an http:// URL: the agent's token, and the blocks replicated to this site, then
+    /// cross the network unencrypted. The Site shows condition `Insecure` True while it is set
+    /// with such a URL. For tests and a demo on one machine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
     /// The agent's bearer token.
     pub token_secret_ref: SecretKeyRef,
     /// CA bundle for an https agent.

@@ -317,7 +317,22 @@ fn site_url_must_be_http() {
                                "tokenSecretRef": {"namespace": "twinsite-system", "name": "primary-agent", "key": "token"}}},
         })
     };
-    assert_accepted::<Site>(&site("http://127.0.0.1:7101"), None);
+    let insecure = |url: &str| with(site(url), "/spec/agent/insecure", json!(true));
+    assert_accepted::<Site>(&insecure("http://127.0.0.1:7101"), None);
+    assert_refused::<Site>(
+        &site("http://127.0.0.1:7101"),
+        None,
+        "spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true",
+    );
+    assert_refused::<Site>(
+        &with(
+            site("http://127.0.0.1:7101"),
+            "/spec/agent/insecure",
+            json!(false),
+        ),
+        None,
+        "spec.agent.insecure: true",
+    );
     assert_accepted::<Site>(&site("https://site-a.example:7101/"), None);
     let ca = json!({"namespace": "twinsite-system", "name": "primary-agent-ca", "key": "ca.crt"});
     let https = with(
@@ -326,7 +341,11 @@ fn site_url_must_be_http() {
         ca.clone(),
     );
     assert_accepted::<Site>(&https, None);
-    let http = with(site("http://127.0.0.1:7101"), "/spec/agent/caSecretRef", ca);
+    let http = with(
+        insecure("http://127.0.0.1:7101"),
+        "/spec/agent/caSecretRef",
+        ca,
+    );
     assert_refused::<Site>(&http, None, "caSecretRef is only for an https:// agent URL");
     assert_refused::<Site>(
         &site("127.0.0.1:7101"),

@@ -25,6 +25,10 @@ pub const SETTINGS_APPLIED: &str = "SettingsApplied";
 /// otherwise.
 pub const SPLIT_BRAIN: &str = "SplitBrain";
 
+/// A Site's agent is called over plain http (`spec.agent.insecure: true`): True (`PlainHTTP`)
+/// with what crosses the network unencrypted, False (`HTTPS`) otherwise.
+pub const INSECURE: &str = "Insecure";
+
 /// A condition to set, before times and generations are filled in.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cond {

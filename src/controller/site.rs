@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::conditions::{self, Cond, READY};
+use super::conditions::{self, Cond, INSECURE, READY};
 use super::error::Error;
 use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{Context, now};
@@ -24,13 +24,68 @@ use crate::api::{SecretKeyRef, Site, SiteFence, SiteFenceStatus};
 /// lastHeartbeatTime is rewritten at most this often while nothing else changes.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
 
-async fn secret_value(ctx: &Context, r: &SecretKeyRef) -> Result<String, String> {
+/// The label that binds a Secret to the one Site whose credentials it holds: the controller
+/// reads a Secret for Site S only when it carries `twinsite.io/site: S`.
+pub const SITE_LABEL: &str = "twinsite.io/site";
+
+/// Why a Secret a Site names was not used.
+enum Unread {
+    /// Not labelled for this Site: its content was never fetched.
+    NotForSite(Cond),
+    /// Missing, no such key, or the API server did not answer.
+    Unreadable(String),
+}
+
+fn labelled_for(labels: Option<&std::collections::BTreeMap<String, String>>, site: &str) -> bool {
+    labels.and_then(|l| l.get(SITE_LABEL)).map(String::as_str) == Some(site)
+}
+
+fn not_for_site(site: &str, field: &str, r: &SecretKeyRef) -> Cond {
+    Cond::new(
+        READY,
+        false,
+        "SecretNotForSite",
+        format!(
+            "spec.agent.{field} names Secret {ns}/{name}, which is not labelled \
+             {SITE_LABEL}={site}: the controller reads only Secrets labelled for their Site, and \
+             did not read this one; if it holds this Site's credentials, label it \
+             (kubectl -n {ns} label secret {name} {SITE_LABEL}={site})",
+            ns = r.namespace,
+            name = r.name,
+        ),
+    )
+}
+
+/// Key `r.key` of the Secret `r`, read only when the Secret is labelled for `site`: its
+/// metadata is fetched first, so the content of a Secret that is not is never fetched.
+async fn secret_value(
+    ctx: &Context,
+    site: &str,
+    field: &str,
+    r: &SecretKeyRef,
+) -> Result<String, Unread> {
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let unreadable = |e: kube::Error| {
+        Unread::Unreadable(format!("reading Secret {}/{}: {e}", r.namespace, r.name))
+    };
+    let missing = || Unread::Unreadable(format!("Secret {}/{} not found", r.namespace, r.name));
+    let meta = api
+        .get_metadata_opt(&r.name)
+        .await
+        .map_err(unreadable)?
+        .ok_or_else(missing)?;
+    if !labelled_for(meta.metadata.labels.as_ref(), site) {
+        return Err(Unread::NotForSite(not_for_site(site, field, r)));
+    }
     let s = api
         .get_opt(&r.name)
         .await
-        .map_err(|e| format!("reading Secret {}/{}: {e}", r.namespace, r.name))?
-        .ok_or_else(|| format!("Secret {}/{} not found", r.namespace, r.name))?;
+        .map_err(unreadable)?
+        .ok_or_else(missing)?;
+    // The label may have been removed in between: the object read decides.
+    if !labelled_for(s.metadata.labels.as_ref(), site) {
+        return Err(Unread::NotForSite(not_for_site(site, field, r)));
+    }
     let bytes = s
         .data
         .as_ref()
@@ -42,14 +97,19 @@ async fn secret_value(ctx: &Context, r: &SecretKeyRef) -> Result<String, String>
                 .and_then(|d| d.get(&r.key))
                 .map(|v| v.clone().into_bytes())
         })
-        .ok_or_else(|| format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key))?;
+        .ok_or_else(|| {
+            Unread::Unreadable(format!(
+                "Secret {}/{} has no key {}",
+                r.namespace, r.name, r.key
+            ))
+        })?;
     String::from_utf8(bytes)
         .map(|s| s.trim().to_string())
         .map_err(|_| {
-            format!(
+            Unread::Unreadable(format!(
                 "Secret {}/{} key {} is not UTF-8",
                 r.namespace, r.name, r.key
-            )
+            ))
         })
 }
 
@@ -71,31 +131,71 @@ fn check_namespace(ctx: &Context, field: &str, r: &SecretKeyRef) -> Result<(), C
     ))
 }
 
+/// The `Insecure` condition of a Site's agent URL, or the Ready=False condition of an http://
+/// URL without `spec.agent.insecure: true` (the API server refuses one; a Site stored before
+/// that rule is refused here, and its agent is not called).
+fn url_scheme(agent: &crate::api::AgentEndpoint) -> Result<Cond, Cond> {
+    if agent.url.starts_with("https://") {
+        return Ok(Cond::new(
+            INSECURE,
+            false,
+            "HTTPS",
+            "the agent is called over https",
+        ));
+    }
+    if agent.insecure {
+        return Ok(Cond::new(
+            INSECURE,
+            true,
+            "PlainHTTP",
+            "spec.agent.insecure is true: the agent's token and the VMs' blocks replicated to \
+             this site cross the network unencrypted; use an https:// URL",
+        ));
+    }
+    Err(Cond::new(
+        READY,
+        false,
+        "InsecureURL",
+        "spec.agent.url is http://: use an https:// URL, or set spec.agent.insecure: true to \
+         send the agent's token and the VMs' blocks unencrypted; the agent is not called",
+    ))
+}
+
 /// The agent's token and CA bundle, or the Ready=False condition that says why not.
 async fn credentials(
     ctx: &Context,
+    site: &str,
     agent: &crate::api::AgentEndpoint,
 ) -> Result<(String, Option<String>), Cond> {
     check_namespace(ctx, "tokenSecretRef", &agent.token_secret_ref)?;
     if let Some(r) = &agent.ca_secret_ref {
         check_namespace(ctx, "caSecretRef", r)?;
     }
-    let token = secret_value(ctx, &agent.token_secret_ref)
+    let token = secret_value(ctx, site, "tokenSecretRef", &agent.token_secret_ref)
         .await
-        .map_err(|m| Cond::new(READY, false, "Unauthorized", m))?;
-    let ca = match &agent.ca_secret_ref {
-        None => None,
-        // Never the system roots instead: the Site named the CA its agent's certificate is
-        // checked against.
-        Some(r) => Some(secret_value(ctx, r).await.map_err(|m| {
-            Cond::new(
-                READY,
-                false,
-                "CAUnavailable",
-                format!("spec.agent.caSecretRef: {m}; the agent is not called without its CA"),
-            )
-        })?),
-    };
+        .map_err(|e| match e {
+            Unread::NotForSite(c) => c,
+            Unread::Unreadable(m) => Cond::new(READY, false, "Unauthorized", m),
+        })?;
+    let ca =
+        match &agent.ca_secret_ref {
+            None => None,
+            // Never the system roots instead: the Site named the CA its agent's certificate is
+            // checked against.
+            Some(r) => Some(secret_value(ctx, site, "caSecretRef", r).await.map_err(
+                |e| match e {
+                    Unread::NotForSite(c) => c,
+                    Unread::Unreadable(m) => Cond::new(
+                        READY,
+                        false,
+                        "CAUnavailable",
+                        format!(
+                            "spec.agent.caSecretRef: {m}; the agent is not called without its CA"
+                        ),
+                    ),
+                },
+            )?),
+        };
     Ok((token, ca))
 }
 
@@ -159,11 +259,22 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     }
     let fence = fence_status(&site, lost_since);
     let mut accelerator = None;
-    let (cond, count) = match credentials(&ctx, agent).await {
+    let scheme = url_scheme(agent);
+    let insecure = match &scheme {
+        Ok(c) => c.clone(),
+        Err(_) => Cond::new(INSECURE, false, "NotCalled", "the agent is not called"),
+    };
+    let creds = match scheme {
+        Err(cond) => Err(cond),
+        Ok(_) => credentials(&ctx, &name, agent).await,
+    };
+    let (cond, count) = match creds {
         Err(cond) => {
-            if cond.reason == "SecretNamespace" {
-                // Credentials from a namespace the controller may not read are not used, not
-                // even the ones read before the Site changed.
+            if ["SecretNamespace", "SecretNotForSite", "InsecureURL"]
+                .contains(&cond.reason.as_str())
+            {
+                // Credentials the controller may not read are not used, not even the ones read
+                // before the Site or the Secret changed.
                 ctx.sites.remove(&name);
             }
             debug!(site = %name, reason = %cond.reason, "{}", cond.message);
@@ -259,7 +370,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     write_status(
         &site,
         &ctx,
-        &cond,
+        &[cond, insecure],
         count.map(|n| (n, accelerator)),
         fence,
         t0,
@@ -271,7 +382,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
 async fn write_status(
     site: &Site,
     ctx: &Context,
-    cond: &Cond,
+    conds: &[Cond],
     listed: Option<(usize, Option<String>)>,
     fence: Option<SiteFenceStatus>,
     t: Timestamp,
@@ -287,12 +398,7 @@ async fn write_status(
         }
         f
     });
-    conditions::set_all(
-        &mut new.conditions,
-        std::slice::from_ref(cond),
-        new.observed_generation,
-        t,
-    );
+    conditions::set_all(&mut new.conditions, conds, new.observed_generation, t);
     if let Some((n, accelerator)) = listed {
         new.vm_count = Some(i64::try_from(n).unwrap_or(i64::MAX));
         new.accelerator = accelerator;
@@ -318,7 +424,7 @@ async fn write_status(
             kind: "Site".into(),
         })
         .inc();
-    debug!(site = %site.name_any(), ready = cond.status, "site status written");
+    debug!(site = %site.name_any(), ready = conds.first().is_some_and(|c| c.status), "site status written");
     Ok(())
 }
 

@@ -474,7 +474,8 @@ fn use_tls(manifests: &mut Vec<serde_json::Value>, site: &str, addr: &str, ca_pe
         serde_json::json!({
             "apiVersion": "v1",
             "kind": "Secret",
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace,
+                "labels": {crate::controller::site::SITE_LABEL: site}},
             "type": "Opaque",
             "stringData": {key: ca_pem},
         }),

@@ -25,6 +25,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 const CUT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Commit, drill cleanup and VM deletion remove files at the site.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(300);
+/// The largest JSON answer read (a listing of every VM, 20,000 recovery points of one VM fit
+/// many times over); a larger one is refused unread.
+const ANSWER_LIMIT: usize = 64 << 20;
 
 /// A [`SiteProvider`] backed by a `twinsite agent` over HTTP(S) with a bearer token.
 #[derive(Clone, Debug)]
@@ -77,10 +80,11 @@ impl AgentClient {
         if status.is_success() {
             return Ok(resp);
         }
-        let body = resp.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<ErrorBody>(&body)
-            .map(|b| b.error)
-            .unwrap_or(body);
+        // An error answer lands in conditions and Events: only its start is read and shown.
+        let mut resp = resp;
+        let head = crate::body::read_head(&mut resp, crate::body::ERROR_READ).await;
+        drop(resp);
+        let message = crate::body::shown(&head, &[self.token.expose()]);
         Err(match status {
             StatusCode::UNAUTHORIZED => SiteError::Unauthorized(message),
             StatusCode::NOT_FOUND => SiteError::NotFound(message),
@@ -103,10 +107,12 @@ impl AgentClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = self.send(req).await?;
+        let mut resp = self.send(req).await?;
         let status = resp.status().as_u16();
-        resp.json::<T>()
+        let body = crate::body::read_limited(&mut resp, ANSWER_LIMIT)
             .await
+            .map_err(|e| SiteError::Other(status, e.to_string()))?;
+        serde_json::from_slice::<T>(&body)
             .map_err(|e| SiteError::Other(status, format!("decoding answer: {e}")))
     }
 
@@ -166,13 +172,14 @@ impl AgentClient {
             enc(vm),
             enc(disk)
         );
-        let resp = self
+        let mut resp = self
             .send(self.request(Method::GET, &path, LONG_TIMEOUT))
             .await?;
-        resp.bytes()
+        // The agent answers exactly `length` bytes.
+        let limit = usize::try_from(length).unwrap_or(usize::MAX);
+        crate::body::read_limited(&mut resp, limit)
             .await
-            .map(|b| b.to_vec())
-            .map_err(|e| SiteError::Unreachable(error_chain(&e)))
+            .map_err(|e| SiteError::Other(200, e.to_string()))
     }
 }
 

@@ -399,7 +399,8 @@ impl World {
         for a in [&primary, &secondary] {
             let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
             let s: Secret = serde_json::from_value(json!({
-                "metadata": {"name": format!("{}-agent", a.site)},
+                "metadata": {"name": format!("{}-agent", a.site),
+                    "labels": {"twinsite.io/site": a.site}},
                 "stringData": {"token": a.token, "ca.crt": ca_pem.clone().unwrap_or_default()},
             }))
             .unwrap();
@@ -409,6 +410,9 @@ impl World {
             let mut agent = json!({"url": a.url, "tokenSecretRef": secret("token")});
             if tls {
                 agent["caSecretRef"] = secret("ca.crt");
+            } else {
+                // Plain http on loopback: allowed only where the Site says so.
+                agent["insecure"] = json!(true);
             }
             let site: Site = serde_json::from_value(json!({
                 "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
