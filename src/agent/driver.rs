@@ -1363,8 +1363,10 @@ pub async fn open_domain_capture(
         Ok(ex) => ex,
         Err(e) => {
             let msg = format!(
-                "changes of {vm} cannot be read since its last checkpoint ({e}): resynchronizing"
+                "changes of {vm} cannot be read since its last checkpoint ({e}): resynchronizing \
+                 by block hashes"
             );
+            tracing::warn!(vm, error = %e, "the base of the next transfer is lost: resynchronizing by block hashes");
             with_vm(st, &vm_s, move |r| {
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bulk = Some(ReplicationMode::Resync);

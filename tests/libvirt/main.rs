@@ -1441,3 +1441,152 @@ async fn a_domain_that_is_off_gets_recovery_points() {
     );
     assert_eq!(domstate(&pl, "off"), "shut off");
 }
+
+/// Defines domain `name` at `site`, off, on the one qcow2 disk `disk`.
+fn define_off_domain(site: &LibvirtSite, dir: &Path, name: &str, disk: &Path) {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let file = dir.join(format!("{name}.xml"));
+    std::fs::write(&file, xml).expect("writes");
+    virsh(site, &["define", &file.to_string_lossy()]);
+}
+
+/// The replica of `vm` at the secondary holds exactly what the source's disk `top` (a qcow2
+/// image, read through its backing chain) holds.
+fn assert_replica_equals(w: &World, vm: &str, top: &Path, scratch: &Path) {
+    let raw = scratch.join(format!("{vm}-source.raw"));
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(top)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replica = w.secondary.vm_dir(vm).join("disks/vda.img");
+    assert_eq!(
+        sha256_of(&replica),
+        sha256_of(&raw),
+        "the replica of {vm} differs from its source"
+    );
+}
+
+/// A domain that is off is read with its checkpoint's bitmap only when every layer of each
+/// disk proves that bitmap complete. After an external snapshot (a new top image the bitmap is
+/// not in, so qemu-nbd would find the old one in the backing file, which saw none of the
+/// writes since) and after a tool died with the image open (the bitmap stays `in-use`), the
+/// next transfer compares block hashes, and the replica equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_that_is_off_is_compared_by_hashes_when_its_bitmap_is_not_trusted() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvb", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let base = lv.path().join("snap.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success());
+    qemu_io(&base, "write -P 0x5a 1M 64k");
+    define_off_domain(&pl, lv.path(), "snap", &base);
+    w.create_rvm("snap", json!({"type": "Planned"})).await;
+    w.wait_for("snap", "snap replicating", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.replication
+                .as_ref()
+                .is_some_and(|x| format!("{:?}", x.state) == "Replicating")
+        })
+    })
+    .await;
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-1")
+        .await
+        .expect("a cycle of a domain that is off");
+    assert_replica_equals(&w, "snap", &base, lv.path());
+
+    // An external snapshot taken by another tool: the domain now runs on a new top image.
+    let top = lv.path().join("snap-top.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success());
+    let xml = virsh(&pl, &["dumpxml", "--inactive", "snap"]).replace(
+        &format!("'{}'", base.display()),
+        &format!("'{}'", top.display()),
+    );
+    assert!(xml.contains(&top.display().to_string()), "{xml}");
+    let file = lv.path().join("snap-top.xml");
+    std::fs::write(&file, xml).expect("writes");
+    virsh(&pl, &["define", &file.to_string_lossy()]);
+    qemu_io(&top, "write -P 0x3c 3M 64k");
+    let untrusted = w.primary.client.sync("snap", "lvb-sync-2").await;
+    let msg = format!("{untrusted:?}");
+    assert!(
+        untrusted.is_err() && msg.contains("block hashes"),
+        "the bitmap in the backing file only is not trusted: {msg}"
+    );
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-3")
+        .await
+        .expect("the resync by block hashes");
+    assert_replica_equals(&w, "snap", &top, lv.path());
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-4")
+        .await
+        .expect("a cycle from the new top image's bitmap");
+
+    // A tool that dies with the image open leaves its bitmap `in-use`: what it wrote may be
+    // missing from it.
+    qemu_io(&top, "write -P 0x4b 4M 64k");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&top)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !qemu_img_info(&top).to_string().contains("in-use") {
+        assert!(Instant::now() < deadline, "qemu-io never opened {top:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    holder.kill().expect("kills qemu-io");
+    let _ = holder.wait();
+    let untrusted = w.primary.client.sync("snap", "lvb-sync-5").await;
+    let msg = format!("{untrusted:?}");
+    assert!(
+        untrusted.is_err() && msg.contains("block hashes"),
+        "an in-use bitmap is not trusted: {msg}"
+    );
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-6")
+        .await
+        .expect("the resync by block hashes");
+    assert_replica_equals(&w, "snap", &top, lv.path());
+    let got = w
+        .secondary
+        .client
+        .read_disk("snap", "vda", 3 << 20, 8)
+        .await
+        .expect("the replica reads");
+    assert_eq!(got, [0x3c; 8], "the write into the snapshot's top image");
+}

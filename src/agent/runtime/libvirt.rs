@@ -16,8 +16,8 @@ use std::path::Path;
 
 use super::accel::{self, Accel};
 use super::{
-    AccelChoice, Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, checkpoints,
-    export, overlay, xml,
+    AccelChoice, Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, bitmaps,
+    checkpoints, export, overlay, xml,
 };
 use crate::agent::{ApiError, ApiResult};
 use crate::site::DiskSpec;
@@ -486,6 +486,18 @@ impl Runtime for Libvirt {
                         ))
                     })?;
                 images.push((spec.clone(), x.path.clone(), x.format.clone()));
+            }
+            // qemu-nbd validates no bitmap chain (libvirt does, for a running domain): a
+            // bitmap that misses writes would send a wrong base, so it is checked first.
+            if let Some(cp) = since {
+                for (spec, path, _) in &images {
+                    bitmaps::check(path, cp).map_err(|why| {
+                        ApiError::resync(format!(
+                            "disk {} of {name}, which is off: {why}",
+                            spec.name
+                        ))
+                    })?;
+                }
             }
             // Without a checkpoint (protected while off, or resynchronizing), the transfer
             // starts one in the images before they are read: what QEMU writes once the domain

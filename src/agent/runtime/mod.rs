@@ -13,6 +13,8 @@
 #[cfg(feature = "libvirt")]
 mod accel;
 #[cfg(feature = "libvirt")]
+mod bitmaps;
+#[cfg(feature = "libvirt")]
 mod checkpoints;
 pub mod domspec;
 #[cfg(feature = "libvirt")]
