@@ -1590,3 +1590,87 @@ async fn a_domain_that_is_off_is_compared_by_hashes_when_its_bitmap_is_not_trust
         .expect("the replica reads");
     assert_eq!(got, [0x3c; 8], "the write into the snapshot's top image");
 }
+
+/// An export that fails for a reason that leaves the checkpoint intact is retried from it; only
+/// a lost or broken checkpoint resynchronizes. Here, a backup job of another tool (the export
+/// waits for it) and a restart of the site's libvirtd between cycles (the agent connects again):
+/// the cycles after each succeed from the same base, nothing is resynchronized, and the
+/// replica holds every generation the guest completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_job_of_another_tool_and_a_libvirtd_restart_cost_no_resync() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvr", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "web", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("web", json!({"type": "Planned"})).await;
+    w.wait_protected("web", &p, &s).await;
+    w.primary
+        .client
+        .sync("web", "lvr-sync-1")
+        .await
+        .expect("a first cycle");
+
+    // Another tool's backup job: the cycle waits (409) and keeps its base.
+    let backup = lv.path().join("other-backup.xml");
+    std::fs::write(
+        &backup,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/>\
+             <disks><disk name='vda' backup='yes' type='file'><scratch file='{}'/></disk>\
+             </disks></domainbackup>",
+            lv.path().join("other.sock").display(),
+            lv.path().join("other.scratch").display()
+        ),
+    )
+    .expect("writes");
+    virsh(&pl, &["backup-begin", "web", &backup.to_string_lossy()]);
+    let waited = w.primary.client.sync("web", "lvr-sync-2").await;
+    let msg = format!("{waited:?}");
+    assert!(
+        waited.is_err() && msg.contains("did not start"),
+        "the export waits for the other tool's backup: {msg}"
+    );
+    let v = replication_of(&w.primary, "web").await;
+    assert_eq!(format!("{:?}", v.state), "Replicating", "no resync: {v:?}");
+    virsh(&pl, &["domjobabort", "web"]);
+    let wrote = last_wrote(&console);
+    w.primary
+        .client
+        .sync("web", "lvr-sync-3")
+        .await
+        .expect("a cycle once the other backup ended");
+    let summary = verify_at(&w.secondary, "web").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+
+    // libvirtd restarts between two cycles: the guest runs on, the agent connects again.
+    pl.restart_libvirtd().expect("libvirtd restarts");
+    assert_eq!(domstate(&pl, "web"), "running");
+    for n in 4..6 {
+        let wrote = last_wrote(&console);
+        w.primary
+            .client
+            .sync("web", &format!("lvr-sync-{n}"))
+            .await
+            .expect("a cycle after libvirtd restarted");
+        let summary = verify_at(&w.secondary, "web").await;
+        assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+    }
+    let v = replication_of(&w.primary, "web").await;
+    assert_eq!(format!("{:?}", v.state), "Replicating", "no resync: {v:?}");
+    let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        !agent_log.contains("cannot be read since its last checkpoint")
+            && !agent_log.contains("resync by block hashes"),
+        "nothing was resynchronized: {}",
+        agent_log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
