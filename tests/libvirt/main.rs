@@ -1674,3 +1674,65 @@ async fn a_backup_job_of_another_tool_and_a_libvirtd_restart_cost_no_resync() {
             .join("\n")
     );
 }
+
+/// A consistent cut pauses its domains; an agent killed while they are paused (failpoint
+/// `cut.paused`) leaves them paused, and its next start resumes them: the cut recorded them
+/// before pausing. The guest then writes on, and replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_paused_for_a_cut_runs_again_when_the_agent_that_died_starts() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let mut w = World::start_full("lvp", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "db", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("db", json!({"type": "Planned"})).await;
+    w.wait_protected("db", &p, &s).await;
+
+    w.primary.envs = vec![("TWINSITE_FAILPOINT".into(), "cut.paused".into())];
+    w.primary.stop();
+    w.primary.launch();
+    let req = twinsite::site::CutRequest {
+        cut_id: "lvp-cut-1".into(),
+        vms: vec!["db".into()],
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.primary.client.health().await.is_err() {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = w.primary.client.cut(&req).await;
+    assert!(cut.is_err(), "the agent died during the cut: {cut:?}");
+    let log = w.primary.dir.join("agent.log");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint cut.paused reached"),
+        "the agent died with the domain paused"
+    );
+    assert_eq!(domstate(&pl, "db"), "paused", "the guest was paused");
+
+    w.primary.envs.clear();
+    w.primary.restart().await;
+    assert_eq!(
+        domstate(&pl, "db"),
+        "running",
+        "the agent's start resumed the guest"
+    );
+    let marks = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches(guest::WROTE_MARK)
+        .count();
+    wait_mark(&console, guest::WROTE_MARK, marks).await;
+    let wrote = last_wrote(&console);
+    w.primary
+        .client
+        .sync("db", "lvp-sync-1")
+        .await
+        .expect("a cycle after the restart");
+    let summary = verify_at(&w.secondary, "db").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+}

@@ -678,6 +678,9 @@ impl Runtime for Libvirt {
 
     fn resume(&self, name: &str) -> ApiResult<()> {
         let d = self.require(name)?;
+        if !matches!(d.get_state(), Ok((sys::VIR_DOMAIN_PAUSED, _))) {
+            return Ok(());
+        }
         d.resume()
             .map(|_| ())
             .map_err(|e| self.failed("resuming", name, &e))
