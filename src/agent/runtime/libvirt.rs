@@ -847,7 +847,10 @@ impl Runtime for Libvirt {
         for cp in checkpoints::list(&d).map_err(ApiError::internal)? {
             let _ = checkpoints::forget(&d, &cp);
         }
-        match d.undefine() {
+        // With its NVRAM file: libvirt refuses to undefine a UEFI domain otherwise, and the
+        // file is this domain's own (a drill copy's, or a replica's whose failover defines it
+        // again from the source's definition).
+        match d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
             // Removed meanwhile (a retry of the same cleanup).
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
             res => res.map_err(|e| self.failed("undefining", name, &e)),
