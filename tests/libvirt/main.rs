@@ -1736,3 +1736,47 @@ async fn a_guest_paused_for_a_cut_runs_again_when_the_agent_that_died_starts() {
     let summary = verify_at(&w.secondary, "db").await;
     assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
 }
+
+/// A disk that grows under a protected guest (`virsh blockresize`) is never replicated, nor
+/// digested, at its old size: the next cycle fails, naming the disk and both sizes, so the
+/// replica is not reported current while it lacks the disk's tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_that_grows_is_not_replicated_at_its_old_size() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvg", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "web", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("web", json!({"type": "Planned"})).await;
+    w.wait_protected("web", &p, &s).await;
+    w.primary
+        .client
+        .sync("web", "lvg-sync-1")
+        .await
+        .expect("a cycle before the disk grows");
+    let info = virsh(&pl, &["domblkinfo", "web", "vda", "--human"]);
+    let size: u64 = virsh(&pl, &["domblkinfo", "web", "vda"])
+        .lines()
+        .find_map(|l| l.strip_prefix("Capacity:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the disk's capacity: {info}"));
+    let grown = size + (16 << 20);
+    virsh(&pl, &["blockresize", "web", "vda", &format!("{grown}B")]);
+    let refused = w.primary.client.sync("web", "lvg-sync-2").await;
+    let msg = format!("{refused:?}");
+    assert!(
+        refused.is_err() && msg.contains(&grown.to_string()) && msg.contains(&size.to_string()),
+        "a cycle at the old size is refused, naming both sizes: {msg}"
+    );
+    let v = replication_of(&w.primary, "web").await;
+    assert!(
+        v.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("size changed")),
+        "the VM's status says why: {v:?}"
+    );
+}

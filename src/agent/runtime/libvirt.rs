@@ -361,9 +361,23 @@ impl Libvirt {
             .get_state()
             .map_err(|e| self.failed("reading the state of", &name, &e))?;
         let power = power_of(state);
+        let disks = self.disks_of(d, &name)?;
+        let guest_agent = power == Power::Running
+            && d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, GUEST_PING_SECONDS, 0)
+                .is_ok();
+        Ok(Domain {
+            name,
+            power,
+            disks,
+            guest_agent,
+        })
+    }
+
+    /// The disks of domain `d` (named `name`), with their current sizes.
+    fn disks_of(&self, d: &VirDomain, name: &str) -> ApiResult<Vec<DomainDisk>> {
         let text = d
             .get_xml_desc(0)
-            .map_err(|e| self.failed("reading the definition of", &name, &e))?;
+            .map_err(|e| self.failed("reading the definition of", name, &e))?;
         let mut disks = Vec::new();
         for x in xml::disks(&text).map_err(ApiError::internal)? {
             // QEMU answers for a running domain; while it starts or stops, and for a domain that
@@ -385,15 +399,7 @@ impl Libvirt {
                 path: x.path,
             });
         }
-        let guest_agent = power == Power::Running
-            && d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, GUEST_PING_SECONDS, 0)
-                .is_ok();
-        Ok(Domain {
-            name,
-            power,
-            disks,
-            guest_agent,
-        })
+        Ok(disks)
     }
 }
 
@@ -542,6 +548,20 @@ impl Runtime for Libvirt {
             return Err(ApiError::internal(format!(
                 "checkpoint {cp} lacks the agent's prefix"
             )));
+        }
+        // A disk whose size changed since the VM was protected would be read, and digested,
+        // at its old size: the replica would lack its tail and a digest would pass on it.
+        let now = self.disks_of(&d, name)?;
+        for spec in disks {
+            if let Some(x) = now.iter().find(|x| x.name == spec.name)
+                && x.size_bytes != spec.size_bytes
+            {
+                return Err(ApiError::conflict(format!(
+                    "disk {} of {name} is {} bytes now, {} when it was protected: a disk whose \
+                     size changed is not replicated",
+                    spec.name, x.size_bytes, spec.size_bytes
+                )));
+            }
         }
         if !d.is_active().unwrap_or(false) {
             let dom = self.describe(&d)?;
