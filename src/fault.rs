@@ -48,6 +48,8 @@ pub const LIBVIRT: &[&str] = &[
     "source.export",
     // Target: a failed-over domain was started paused, its failover checkpoint not made yet.
     "failover.boot",
+    // Source: a consistent cut paused its domains, their exports not open yet.
+    "cut.paused",
 ];
 
 /// How a failpoint is armed.

@@ -6,43 +6,179 @@
 //! domains of the cut are paused first, so none of their guests writes either while their
 //! checkpoints are taken (one export each), and resumed as soon as every export is open (the
 //! blocks are read while they run on). The pause is bounded by [`PAUSE_LIMIT`] and logged.
+//!
+//! No path leaves a guest paused: the domains are resumed by the cut once its exports are open,
+//! by a watchdog when the limit passes first (an export that hangs), when the cut is dropped
+//! (its request went away), and, when the agent died meanwhile, at the agent's next start: the
+//! domains of a cut are recorded durably ([`PAUSED_FILE`]) before the first is paused.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{ApiError, ApiResult, Shared, driver, input, with_store};
+use crate::fault;
 use crate::site::CutRequest;
 
 /// The longest the domains of a cut stay paused: a cut whose exports take longer resumes them
 /// and fails.
 const PAUSE_LIMIT: Duration = Duration::from_secs(30);
 
-/// Runs a runtime call off the async threads.
-async fn blocking<T: Send + 'static>(
-    st: &Shared,
-    f: impl FnOnce(&dyn super::runtime::Runtime) -> ApiResult<T> + Send + 'static,
-) -> ApiResult<T> {
-    let st = st.clone();
-    tokio::task::spawn_blocking(move || f(st.runtime.as_ref()))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
+/// In the data directory: the domains a cut is pausing, until they are resumed.
+const PAUSED_FILE: &str = "cut-paused.json";
+
+/// The domains a cut paused, resumed exactly once (see the module's comment).
+struct Paused {
+    st: Shared,
+    /// Those paused so far; `None` once resumed (nothing more is paused then).
+    names: Mutex<Option<Vec<String>>>,
 }
 
-/// Resumes the paused domains `paused` (each tried, the first failure answered).
-async fn resume_all(st: &Shared, paused: &[String]) -> ApiResult<()> {
-    let names = paused.to_vec();
-    blocking(st, move |rt| {
-        let mut first = Ok(());
-        for vm in &names {
-            if let Err(e) = rt.resume(vm) {
-                tracing::error!(vm, error = %e.message, "resuming a domain paused for a cut");
-                if first.is_ok() {
-                    first = Err(e);
-                }
+impl Paused {
+    /// Pauses each of `domains` that runs; stops at the first failure. Blocking.
+    fn pause(&self, domains: &[String]) -> ApiResult<()> {
+        let mut names = self
+            .names
+            .lock()
+            .map_err(|_| ApiError::internal("paused set poisoned"))?;
+        for vm in domains {
+            // Resumed already (the cut was dropped, or the limit passed): pause no more.
+            let Some(paused) = names.as_mut() else {
+                return Err(ApiError::conflict(
+                    "the cut ended while its domains were paused",
+                ));
+            };
+            if self.st.runtime.pause(vm)? {
+                paused.push(vm.clone());
             }
         }
+        Ok(())
+    }
+
+    /// Whether the domains were resumed already.
+    fn resumed(&self) -> bool {
+        self.names.lock().map_or(true, |n| n.is_none())
+    }
+
+    /// Resumes the paused domains (each tried, the first failure answered) unless done already,
+    /// then forgets the record. Blocking.
+    fn resume(&self) -> ApiResult<()> {
+        let Some(names) = self.names.lock().ok().and_then(|mut n| n.take()) else {
+            return Ok(());
+        };
+        let first = resume_each(self.st.runtime.as_ref(), &names);
+        if first.is_ok() {
+            forget_record(&self.st);
+        }
         first
-    })
-    .await
+    }
+}
+
+/// Resumes what a cut holds when the cut itself is gone without doing so.
+struct PauseGuard {
+    paused: Arc<Paused>,
+    watchdog: tokio::task::JoinHandle<()>,
+}
+
+impl PauseGuard {
+    fn new(st: &Shared) -> Self {
+        let paused = Arc::new(Paused {
+            st: st.clone(),
+            names: Mutex::new(Some(Vec::new())),
+        });
+        let p = paused.clone();
+        // The limit holds whatever one export does (a backup job that hangs).
+        let watchdog = tokio::spawn(async move {
+            tokio::time::sleep(PAUSE_LIMIT).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                if !p.resumed() {
+                    tracing::warn!(
+                        limit_seconds = PAUSE_LIMIT.as_secs(),
+                        "a cut's domains stayed paused too long: resuming them"
+                    );
+                }
+                p.resume()
+            })
+            .await;
+        });
+        Self { paused, watchdog }
+    }
+
+    /// Resumes the paused domains now.
+    async fn resume(&self) -> ApiResult<()> {
+        self.watchdog.abort();
+        let p = self.paused.clone();
+        tokio::task::spawn_blocking(move || p.resume())
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+    }
+}
+
+impl Drop for PauseGuard {
+    fn drop(&mut self) {
+        self.watchdog.abort();
+        if self.paused.resumed() {
+            return;
+        }
+        let p = self.paused.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = p.resume() {
+                tracing::error!(error = %e.message, "resuming the domains of a cut that ended");
+            }
+        });
+    }
+}
+
+/// Resumes `names` (each tried, the first failure answered).
+fn resume_each(rt: &dyn super::runtime::Runtime, names: &[String]) -> ApiResult<()> {
+    let mut first = Ok(());
+    for vm in names {
+        if let Err(e) = rt.resume(vm) {
+            tracing::error!(vm, error = %e.message, "resuming a domain paused for a cut");
+            if first.is_ok() {
+                first = Err(e);
+            }
+        }
+    }
+    first
+}
+
+/// Records durably that the domains `names` are about to be paused for a cut.
+fn record(st: &Shared, names: &[String]) -> ApiResult<()> {
+    let text = serde_json::to_vec(names).map_err(|e| ApiError::internal(e.to_string()))?;
+    super::store::write_atomic(&st.data_dir.join(PAUSED_FILE), &text).map_err(ApiError::io)
+}
+
+fn forget_record(st: &Shared) {
+    let path = st.data_dir.join(PAUSED_FILE);
+    if let Err(e) = std::fs::remove_file(&path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(error = %e, "removing the record of a cut's paused domains");
+    }
+}
+
+/// At the agent's start: resumes every domain that a cut of an earlier agent process paused
+/// and did not resume (it died while they were paused). Blocking.
+pub fn resume_after_restart(st: &Shared) {
+    let path = st.data_dir.join(PAUSED_FILE);
+    let names: Vec<String> = match std::fs::read(&path) {
+        Ok(text) => serde_json::from_slice(&text).unwrap_or_default(),
+        Err(_) => return,
+    };
+    for vm in &names {
+        if !st.runtime.domain(vm).is_ok_and(|d| d.is_some()) {
+            continue;
+        }
+        // (A domain that is not paused is left as it is.)
+        match st.runtime.resume(vm) {
+            Ok(()) => tracing::warn!(vm, "resumed a domain an earlier agent paused for a cut"),
+            Err(e) => {
+                tracing::error!(vm, error = %e.message, "resuming a domain an earlier agent paused for a cut");
+                return;
+            }
+        }
+    }
+    forget_record(st);
 }
 
 /// Takes the cut `req` (once per cut id: a repeated id answers the first cut's result).
@@ -91,25 +227,34 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
         )
     };
     // The domains pause first: from then on none of the cut's guests writes.
-    let names4 = domains.clone();
+    let guard = PauseGuard::new(st);
+    if !domains.is_empty() {
+        let names4 = domains.clone();
+        let st4 = st.clone();
+        tokio::task::spawn_blocking(move || record(&st4, &names4))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+    }
     let paused_at = Instant::now();
-    let pausing = blocking(st, move |rt| {
-        let mut paused = Vec::new();
-        for vm in &names4 {
-            match rt.pause(vm) {
-                Ok(true) => paused.push(vm.clone()),
-                Ok(false) => {}
-                Err(e) => return Ok((paused, Some(e))),
-            }
-        }
-        Ok((paused, None))
+    let (p, names4) = (guard.paused.clone(), domains.clone());
+    let pausing = tokio::task::spawn_blocking(move || {
+        let res = p.pause(&names4);
+        fault::hit("cut.paused");
+        res
     })
-    .await?;
-    let paused = pausing.0;
-    if let Some(e) = pausing.1 {
-        resume_all(st, &paused).await?;
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Err(e) = pausing {
+        guard.resume().await?;
         return Err(e);
     }
+    let paused: Vec<String> = guard
+        .paused
+        .names
+        .lock()
+        .ok()
+        .and_then(|n| n.clone())
+        .unwrap_or_default();
     let cut_id = req.cut_id.clone();
     // Every VM of the cut locked at once: no guest write of any of them interleaves.
     let captured = with_store(st, move |s| {
@@ -140,7 +285,7 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
     let (time, mut captures) = match captured {
         Ok(c) => c,
         Err(e) => {
-            resume_all(st, &paused).await?;
+            guard.resume().await?;
             return Err(e);
         }
     };
@@ -155,7 +300,7 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
                 break;
             }
         }
-        if paused_at.elapsed() > PAUSE_LIMIT {
+        if guard.paused.resumed() || paused_at.elapsed() > PAUSE_LIMIT {
             failure = Some(ApiError::conflict(format!(
                 "the checkpoints of the cut's domains took over {}s; their guests were resumed",
                 PAUSE_LIMIT.as_secs()
@@ -163,7 +308,7 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
             break;
         }
     }
-    let resumed = resume_all(st, &paused).await;
+    let resumed = guard.resume().await;
     let paused_millis = (!paused.is_empty())
         .then(|| u64::try_from(paused_at.elapsed().as_millis()).unwrap_or(u64::MAX));
     if let Some(ms) = paused_millis {

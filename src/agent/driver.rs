@@ -649,7 +649,11 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         unsent.sealed = Some(sealed.clone());
         // A domain is read from a point-in-time export that starts its first checkpoint.
         let export = if domain {
-            Some(open_export(st, vm, &disks, None, &cycle, &dir).await?)
+            Some(
+                open_export(st, vm, &disks, None, &cycle, &dir)
+                    .await
+                    .map_err(|e| e.message)?,
+            )
         } else {
             None
         };
@@ -1207,7 +1211,7 @@ async fn open_export(
     since: Option<String>,
     cycle: &str,
     dir: &std::path::Path,
-) -> Result<OpenExport, CycleError> {
+) -> Result<OpenExport, ApiError> {
     let (st2, vm2, disks2) = (st.clone(), vm.to_string(), disks.to_vec());
     let next = format!("twinsite-{cycle}");
     let scratch = dir.join("spool");
@@ -1216,8 +1220,7 @@ async fn open_export(
             .export(&vm2, &disks2, since.as_deref(), Some(&next), &scratch)
     })
     .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.message)?;
+    .map_err(|e| ApiError::internal(e.to_string()))??;
     let checkpoint = ex.checkpoint().map(str::to_string);
     Ok(OpenExport {
         export: Arc::new(std::sync::Mutex::new(ex)),
@@ -1371,9 +1374,7 @@ pub async fn open_domain_capture(
     };
     let opened = match since.clone() {
         Some(cp) => open_export(st, vm, &disks, Some(cp), &cycle, &dir).await,
-        None => Err(CycleError::Other(
-            "no checkpoint to read changes from".into(),
-        )),
+        None => Err(ApiError::resync("no checkpoint to read changes from")),
     };
     let quiesce = match frozen {
         Some(f) => thaw_guest(st, vm, f).await.filter(|_| opened.is_ok()),
@@ -1381,10 +1382,23 @@ pub async fn open_domain_capture(
     };
     let ex = match opened {
         Ok(ex) => ex,
+        // The base is intact (another backup job, a lock timeout, libvirtd restarting): the
+        // next cycle reads from the same checkpoint.
+        Err(e) if e.reason != Some(RESYNC_REQUIRED) => {
+            with_vm(st, &vm_s, move |r| {
+                r.tracker.abort(sealed);
+                Ok(())
+            })
+            .await?;
+            return Err(e);
+        }
         Err(e) => {
             let msg = format!(
-                "changes of {vm} cannot be read since its last checkpoint ({e}): resynchronizing"
+                "changes of {vm} cannot be read since its last checkpoint ({}): resynchronizing \
+                 by block hashes",
+                e.message
             );
+            tracing::warn!(vm, error = %e.message, "the base of the next transfer is lost: resynchronizing by block hashes");
             with_vm(st, &vm_s, move |r| {
                 if let Some(o) = r.meta.outbound.as_mut() {
                     o.bulk = Some(ReplicationMode::Resync);

@@ -218,6 +218,9 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         runtime,
         metrics: Default::default(),
     });
+    // A cut of an earlier agent process may have died with its domains paused.
+    let st = state.clone();
+    let _ = tokio::task::spawn_blocking(move || super::cut::resume_after_restart(&st)).await;
     for vm in outbound {
         driver::spawn(&state, &vm);
     }

@@ -247,6 +247,43 @@ impl LibvirtSite {
         }
     }
 
+    /// Restarts the site's libvirtd (as an upgrade or a crash and its service manager would):
+    /// stopped, then started again in the site's namespaces; its QEMU processes run on, and
+    /// every client connection is broken.
+    pub fn restart_libvirtd(&self) -> Result<(), EnvtestError> {
+        let run = self.dir.join("run");
+        let pid_file = run.join("libvirtd.pid");
+        // virtlogd stays: it holds the namespaces the new libvirtd joins.
+        let Some(logd) = process::read_pid_file(&run.join("virtlogd.pid")) else {
+            return Err(EnvtestError::DaemonExited {
+                name: format!("virtlogd of site {}", self.name),
+                log: self.log_path(),
+            });
+        };
+        if let Some(pid) = process::read_pid_file(&pid_file) {
+            process::stop_detached(pid, "libvirtd", Duration::from_secs(10));
+        }
+        let status = Command::new("nsenter")
+            .arg("-t")
+            .arg(logd.to_string())
+            .args(["-m", "-n", "libvirtd", "-d", "-p"])
+            .arg(&pid_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| {
+                EnvtestError::Spawn(format!("libvirtd of site {}", self.name), e.to_string())
+            })?;
+        if !status.success() {
+            return Err(EnvtestError::DaemonExited {
+                name: format!("restarting libvirtd of site {} ({status})", self.name),
+                log: self.log_path(),
+            });
+        }
+        self.wait_ready()
+    }
+
     /// Stops the site's QEMU processes, then libvirtd, then virtlogd.
     fn stop_daemons(&self) {
         let run = self.dir.join("run");

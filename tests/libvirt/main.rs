@@ -1441,3 +1441,342 @@ async fn a_domain_that_is_off_gets_recovery_points() {
     );
     assert_eq!(domstate(&pl, "off"), "shut off");
 }
+
+/// Defines domain `name` at `site`, off, on the one qcow2 disk `disk`.
+fn define_off_domain(site: &LibvirtSite, dir: &Path, name: &str, disk: &Path) {
+    let xml = format!(
+        "<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>\
+         <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source file='{}'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+        disk.display()
+    );
+    let file = dir.join(format!("{name}.xml"));
+    std::fs::write(&file, xml).expect("writes");
+    virsh(site, &["define", &file.to_string_lossy()]);
+}
+
+/// The replica of `vm` at the secondary holds exactly what the source's disk `top` (a qcow2
+/// image, read through its backing chain) holds.
+fn assert_replica_equals(w: &World, vm: &str, top: &Path, scratch: &Path) {
+    let raw = scratch.join(format!("{vm}-source.raw"));
+    let out = Command::new("qemu-img")
+        .args(["convert", "-U", "-O", "raw"])
+        .arg(top)
+        .arg(&raw)
+        .output()
+        .expect("qemu-img runs");
+    assert!(
+        out.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replica = w.secondary.vm_dir(vm).join("disks/vda.img");
+    assert_eq!(
+        sha256_of(&replica),
+        sha256_of(&raw),
+        "the replica of {vm} differs from its source"
+    );
+}
+
+/// A domain that is off is read with its checkpoint's bitmap only when every layer of each
+/// disk proves that bitmap complete. After an external snapshot (a new top image the bitmap is
+/// not in, so qemu-nbd would find the old one in the backing file, which saw none of the
+/// writes since) and after a tool died with the image open (the bitmap stays `in-use`), the
+/// next transfer compares block hashes, and the replica equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_that_is_off_is_compared_by_hashes_when_its_bitmap_is_not_trusted() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvb", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let base = lv.path().join("snap.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M")
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success());
+    qemu_io(&base, "write -P 0x5a 1M 64k");
+    define_off_domain(&pl, lv.path(), "snap", &base);
+    w.create_rvm("snap", json!({"type": "Planned"})).await;
+    w.wait_for("snap", "snap replicating", |r| {
+        r.status.as_ref().is_some_and(|st| {
+            st.replication
+                .as_ref()
+                .is_some_and(|x| format!("{:?}", x.state) == "Replicating")
+        })
+    })
+    .await;
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-1")
+        .await
+        .expect("a cycle of a domain that is off");
+    assert_replica_equals(&w, "snap", &base, lv.path());
+
+    // An external snapshot taken by another tool: the domain now runs on a new top image.
+    let top = lv.path().join("snap-top.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .output()
+        .expect("qemu-img runs");
+    assert!(out.status.success());
+    let xml = virsh(&pl, &["dumpxml", "--inactive", "snap"]).replace(
+        &format!("'{}'", base.display()),
+        &format!("'{}'", top.display()),
+    );
+    assert!(xml.contains(&top.display().to_string()), "{xml}");
+    let file = lv.path().join("snap-top.xml");
+    std::fs::write(&file, xml).expect("writes");
+    virsh(&pl, &["define", &file.to_string_lossy()]);
+    qemu_io(&top, "write -P 0x3c 3M 64k");
+    let untrusted = w.primary.client.sync("snap", "lvb-sync-2").await;
+    let msg = format!("{untrusted:?}");
+    assert!(
+        untrusted.is_err() && msg.contains("block hashes"),
+        "the bitmap in the backing file only is not trusted: {msg}"
+    );
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-3")
+        .await
+        .expect("the resync by block hashes");
+    assert_replica_equals(&w, "snap", &top, lv.path());
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-4")
+        .await
+        .expect("a cycle from the new top image's bitmap");
+
+    // A tool that dies with the image open leaves its bitmap `in-use`: what it wrote may be
+    // missing from it.
+    qemu_io(&top, "write -P 0x4b 4M 64k");
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2"])
+        .arg(&top)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu-io runs");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !qemu_img_info(&top).to_string().contains("in-use") {
+        assert!(Instant::now() < deadline, "qemu-io never opened {top:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    holder.kill().expect("kills qemu-io");
+    let _ = holder.wait();
+    let untrusted = w.primary.client.sync("snap", "lvb-sync-5").await;
+    let msg = format!("{untrusted:?}");
+    assert!(
+        untrusted.is_err() && msg.contains("block hashes"),
+        "an in-use bitmap is not trusted: {msg}"
+    );
+    w.primary
+        .client
+        .sync("snap", "lvb-sync-6")
+        .await
+        .expect("the resync by block hashes");
+    assert_replica_equals(&w, "snap", &top, lv.path());
+    let got = w
+        .secondary
+        .client
+        .read_disk("snap", "vda", 3 << 20, 8)
+        .await
+        .expect("the replica reads");
+    assert_eq!(got, [0x3c; 8], "the write into the snapshot's top image");
+}
+
+/// An export that fails for a reason that leaves the checkpoint intact is retried from it; only
+/// a lost or broken checkpoint resynchronizes. Here, a backup job of another tool (the export
+/// waits for it) and a restart of the site's libvirtd between cycles (the agent connects again):
+/// the cycles after each succeed from the same base, nothing is resynchronized, and the
+/// replica holds every generation the guest completed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backup_job_of_another_tool_and_a_libvirtd_restart_cost_no_resync() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvr", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "web", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("web", json!({"type": "Planned"})).await;
+    w.wait_protected("web", &p, &s).await;
+    w.primary
+        .client
+        .sync("web", "lvr-sync-1")
+        .await
+        .expect("a first cycle");
+
+    // Another tool's backup job: the cycle waits (409) and keeps its base.
+    let backup = lv.path().join("other-backup.xml");
+    std::fs::write(
+        &backup,
+        format!(
+            "<domainbackup mode='pull'><server transport='unix' socket='{}'/>\
+             <disks><disk name='vda' backup='yes' type='file'><scratch file='{}'/></disk>\
+             </disks></domainbackup>",
+            lv.path().join("other.sock").display(),
+            lv.path().join("other.scratch").display()
+        ),
+    )
+    .expect("writes");
+    virsh(&pl, &["backup-begin", "web", &backup.to_string_lossy()]);
+    let waited = w.primary.client.sync("web", "lvr-sync-2").await;
+    let msg = format!("{waited:?}");
+    assert!(
+        waited.is_err() && msg.contains("did not start"),
+        "the export waits for the other tool's backup: {msg}"
+    );
+    let v = replication_of(&w.primary, "web").await;
+    assert_eq!(format!("{:?}", v.state), "Replicating", "no resync: {v:?}");
+    virsh(&pl, &["domjobabort", "web"]);
+    let wrote = last_wrote(&console);
+    w.primary
+        .client
+        .sync("web", "lvr-sync-3")
+        .await
+        .expect("a cycle once the other backup ended");
+    let summary = verify_at(&w.secondary, "web").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+
+    // libvirtd restarts between two cycles: the guest runs on, the agent connects again.
+    pl.restart_libvirtd().expect("libvirtd restarts");
+    assert_eq!(domstate(&pl, "web"), "running");
+    for n in 4..6 {
+        let wrote = last_wrote(&console);
+        w.primary
+            .client
+            .sync("web", &format!("lvr-sync-{n}"))
+            .await
+            .expect("a cycle after libvirtd restarted");
+        let summary = verify_at(&w.secondary, "web").await;
+        assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+    }
+    let v = replication_of(&w.primary, "web").await;
+    assert_eq!(format!("{:?}", v.state), "Replicating", "no resync: {v:?}");
+    let agent_log = std::fs::read_to_string(w.primary.dir.join("agent.log")).unwrap_or_default();
+    assert!(
+        !agent_log.contains("cannot be read since its last checkpoint")
+            && !agent_log.contains("resync by block hashes"),
+        "nothing was resynchronized: {}",
+        agent_log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// A consistent cut pauses its domains; an agent killed while they are paused (failpoint
+/// `cut.paused`) leaves them paused, and its next start resumes them: the cut recorded them
+/// before pausing. The guest then writes on, and replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_paused_for_a_cut_runs_again_when_the_agent_that_died_starts() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let mut w = World::start_full("lvp", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "db", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("db", json!({"type": "Planned"})).await;
+    w.wait_protected("db", &p, &s).await;
+
+    w.primary.envs = vec![("TWINSITE_FAILPOINT".into(), "cut.paused".into())];
+    w.primary.stop();
+    w.primary.launch();
+    let req = twinsite::site::CutRequest {
+        cut_id: "lvp-cut-1".into(),
+        vms: vec!["db".into()],
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.primary.client.health().await.is_err() {
+        assert!(Instant::now() < deadline, "the agent did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cut = w.primary.client.cut(&req).await;
+    assert!(cut.is_err(), "the agent died during the cut: {cut:?}");
+    let log = w.primary.dir.join("agent.log");
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("failpoint cut.paused reached"),
+        "the agent died with the domain paused"
+    );
+    assert_eq!(domstate(&pl, "db"), "paused", "the guest was paused");
+
+    w.primary.envs.clear();
+    w.primary.restart().await;
+    assert_eq!(
+        domstate(&pl, "db"),
+        "running",
+        "the agent's start resumed the guest"
+    );
+    let marks = std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches(guest::WROTE_MARK)
+        .count();
+    wait_mark(&console, guest::WROTE_MARK, marks).await;
+    let wrote = last_wrote(&console);
+    w.primary
+        .client
+        .sync("db", "lvp-sync-1")
+        .await
+        .expect("a cycle after the restart");
+    let summary = verify_at(&w.secondary, "db").await;
+    assert!(summary.generation >= wrote, "{summary:?}, wrote {wrote}");
+}
+
+/// A disk that grows under a protected guest (`virsh blockresize`) is never replicated, nor
+/// digested, at its old size: the next cycle fails, naming the disk and both sizes, so the
+/// replica is not reported current while it lacks the disk's tail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_disk_that_grows_is_not_replicated_at_its_old_size() {
+    let _serial = one_at_a_time().await;
+    let lv = tempfile::tempdir().expect("tempdir");
+    let pl = LibvirtSite::start("primary", &lv.path().join("primary")).expect("libvirtd starts");
+    let sl =
+        LibvirtSite::start("secondary", &lv.path().join("secondary")).expect("libvirtd starts");
+    let w = World::start_full("lvg", &[], false, [&agent_args(&pl), &agent_args(&sl)]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (_disk, console) = define_guest(&pl, lv.path(), "web", GuestVariant::Acpi);
+    wait_mark(&console, guest::WROTE_MARK, 0).await;
+    w.create_rvm("web", json!({"type": "Planned"})).await;
+    w.wait_protected("web", &p, &s).await;
+    w.primary
+        .client
+        .sync("web", "lvg-sync-1")
+        .await
+        .expect("a cycle before the disk grows");
+    let info = virsh(&pl, &["domblkinfo", "web", "vda", "--human"]);
+    let size: u64 = virsh(&pl, &["domblkinfo", "web", "vda"])
+        .lines()
+        .find_map(|l| l.strip_prefix("Capacity:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the disk's capacity: {info}"));
+    let grown = size + (16 << 20);
+    virsh(&pl, &["blockresize", "web", "vda", &format!("{grown}B")]);
+    let refused = w.primary.client.sync("web", "lvg-sync-2").await;
+    let msg = format!("{refused:?}");
+    assert!(
+        refused.is_err() && msg.contains(&grown.to_string()) && msg.contains(&size.to_string()),
+        "a cycle at the old size is refused, naming both sizes: {msg}"
+    );
+    let v = replication_of(&w.primary, "web").await;
+    assert!(
+        v.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("size changed")),
+        "the VM's status says why: {v:?}"
+    );
+}

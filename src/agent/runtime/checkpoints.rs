@@ -4,6 +4,7 @@
 use std::ffi::{CStr, CString};
 
 use virt::domain::Domain;
+use virt::error::ErrorNumber;
 use virt::sys;
 
 /// The last libvirt error of this thread, as text.
@@ -15,14 +16,40 @@ fn cstring(what: &str, s: &str) -> Result<CString, String> {
     CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
 }
 
+/// Why a backup did not begin.
+#[derive(Debug)]
+pub struct BeginError {
+    pub message: String,
+    /// The incremental checkpoint is gone or broken (libvirt's `VIR_ERR_CHECKPOINT_INCONSISTENT`,
+    /// `VIR_ERR_NO_DOMAIN_CHECKPOINT`): no backup can start from it. Anything else (another job,
+    /// a lock timeout, libvirtd restarting) may pass on a retry.
+    pub checkpoint_lost: bool,
+}
+
 /// Starts a pull-mode backup job (`backup_xml`) and the checkpoint `checkpoint_xml` at the
 /// same instant.
-pub fn backup_begin(d: &Domain, backup_xml: &str, checkpoint_xml: &str) -> Result<(), String> {
-    let b = cstring("backup XML", backup_xml)?;
-    let c = cstring("checkpoint XML", checkpoint_xml)?;
+pub fn backup_begin(d: &Domain, backup_xml: &str, checkpoint_xml: &str) -> Result<(), BeginError> {
+    let other = |message| BeginError {
+        message,
+        checkpoint_lost: false,
+    };
+    let b = cstring("backup XML", backup_xml).map_err(other)?;
+    let c = cstring("checkpoint XML", checkpoint_xml).map_err(other)?;
     // SAFETY: `d` is a live domain handle; both strings outlive the call.
     let rc = unsafe { sys::virDomainBackupBegin(d.as_ptr(), b.as_ptr(), c.as_ptr(), 0) };
-    if rc < 0 { Err(last_error()) } else { Ok(()) }
+    if rc >= 0 {
+        return Ok(());
+    }
+    let e = virt::error::Error::last_error();
+    Err(BeginError {
+        message: e.message().to_string(),
+        checkpoint_lost: matches!(
+            e.code(),
+            ErrorNumber::CheckpointInconsistent
+                | ErrorNumber::NoDomainCheckpoint
+                | ErrorNumber::InvalidDomainCheckpoint
+        ),
+    })
 }
 
 /// The XML of the domain's running backup job.

@@ -688,8 +688,15 @@ fn parse_os(n: Node<'_, '_>) -> Res<Os> {
             }
             // A boot menu is the guest's own; nothing of the host.
             "bootmenu" => {}
-            // `<loader>` and `<nvram>` name host files (firmware to run, a file to write): a
-            // replica boots this site's firmware (`firmware='efi'`) with NVRAM libvirt keeps.
+            // With `firmware='efi'` libvirt fills in the firmware it chose and the domain's
+            // NVRAM file (newer libvirt does so in the persistent definition too): the source
+            // host's files, dropped. A replica or drill copy gets this site's firmware and an
+            // NVRAM file of its own name, never the source's (a drill copy would write into
+            // it, and its cleanup would delete it).
+            "loader" | "nvram" | "firmware" if os.firmware.as_deref() == Some("efi") => {}
+            // Otherwise `<loader>` and `<nvram>` name host files (firmware to run, a file to
+            // write): a replica boots this site's firmware (`firmware='efi'`) with NVRAM
+            // libvirt keeps.
             _ => {
                 return refuse(format!(
                     "{at} is not allowed in a replicated definition{}",

@@ -16,8 +16,8 @@ use std::path::Path;
 
 use super::accel::{self, Accel};
 use super::{
-    AccelChoice, Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, checkpoints,
-    export, overlay, xml,
+    AccelChoice, Domain, DomainDisk, Export, OverlayDisk, Runtime, RuntimeKind, bitmaps,
+    checkpoints, export, overlay, xml,
 };
 use crate::agent::{ApiError, ApiResult};
 use crate::site::DiskSpec;
@@ -29,8 +29,14 @@ const CHECKPOINT_PREFIX: &str = "twinsite-";
 /// How long the guest agent may take to answer a ping.
 const GUEST_PING_SECONDS: i32 = 2;
 
+/// Keepalive of the libvirt connection: a probe every 5 s, the connection closed after 6
+/// unanswered (as virsh does), so a libvirtd that went away is noticed between calls.
+const KEEPALIVE_SECONDS: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 6;
+
 pub struct Libvirt {
-    conn: Connect,
+    /// The connection, opened again when libvirtd restarted (see [`Libvirt::conn`]).
+    conn: std::sync::Mutex<Connect>,
     uri: String,
     /// What replicas boot under.
     accel: Accel,
@@ -46,12 +52,12 @@ impl Libvirt {
     ) -> Result<Self, String> {
         // libvirt prints every error to stderr by default; the agent reports them itself.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(uri))
-            .map_err(|e| format!("connecting to libvirt at {uri}: {}", e.message()))?;
+        run_event_loop();
+        let conn = open_connection(uri)?;
         let (accel, why) = accel::choose(&conn, accel, probe_kernel)?;
         tracing::info!(accelerator = accel.as_str(), reason = %why, "replicas boot under {}", accel.as_str());
         Ok(Self {
-            conn,
+            conn: std::sync::Mutex::new(conn),
             uri: uri.to_string(),
             accel,
             backups: Default::default(),
@@ -98,8 +104,23 @@ impl Libvirt {
             .map_err(|e| ApiError::internal(format!("libvirt: ending the backup of {name}: {e}")))
     }
 
+    /// The connection to libvirtd, opened again when it was lost (libvirtd restarted, or stopped
+    /// answering its keepalive): a restart costs the calls that were under way, not the agent.
+    fn conn(&self) -> ApiResult<Conn> {
+        let mut conn = self
+            .conn
+            .lock()
+            .map_err(|_| ApiError::internal("libvirt connection poisoned"))?;
+        if !conn.is_alive().unwrap_or(false) {
+            tracing::warn!(uri = %self.uri, "the connection to libvirt was lost: connecting again");
+            let fresh = open_connection(&self.uri).map_err(ApiError::internal)?;
+            let _ = std::mem::replace(&mut *conn, fresh).close();
+        }
+        Ok(Conn(conn.clone()))
+    }
+
     fn lookup(&self, name: &str) -> ApiResult<Option<VirDomain>> {
-        match VirDomain::lookup_by_name(&self.conn, name) {
+        match VirDomain::lookup_by_name(&*self.conn()?, name) {
             Ok(d) => Ok(Some(d)),
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(None),
             Err(e) => Err(self.failed("looking up domain", name, &e)),
@@ -278,7 +299,7 @@ impl Libvirt {
     /// Makes libvirt network `name` if it is missing: a bridge with no forwarding and no
     /// addresses, so a drill copy reaches nothing outside it.
     fn ensure_isolated_network(&self, name: &str) -> ApiResult<()> {
-        if let Ok(n) = virt::network::Network::lookup_by_name(&self.conn, name) {
+        if let Ok(n) = virt::network::Network::lookup_by_name(&*self.conn()?, name) {
             if !n.is_active().unwrap_or(false) {
                 n.create()
                     .map_err(|e| self.failed("starting network", name, &e))?;
@@ -294,7 +315,7 @@ impl Libvirt {
             "<network><name>{}</name><bridge name='{bridge}'/></network>",
             xml::escape(name)
         );
-        let n = virt::network::Network::define_xml(&self.conn, &text)
+        let n = virt::network::Network::define_xml(&*self.conn()?, &text)
             .map_err(|e| self.failed("defining network", name, &e))?;
         n.create()
             .map_err(|e| self.failed("starting network", name, &e))?;
@@ -304,7 +325,7 @@ impl Libvirt {
     /// The security models of this host, each of which confines a replica with a dynamic label.
     fn security_models(&self) -> ApiResult<Vec<String>> {
         let caps = self
-            .conn
+            .conn()?
             .get_capabilities()
             .map_err(|e| self.failed("reading the capabilities of", &self.uri, &e))?;
         xml::security_models(&caps).map_err(ApiError::internal)
@@ -340,9 +361,23 @@ impl Libvirt {
             .get_state()
             .map_err(|e| self.failed("reading the state of", &name, &e))?;
         let power = power_of(state);
+        let disks = self.disks_of(d, &name)?;
+        let guest_agent = power == Power::Running
+            && d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, GUEST_PING_SECONDS, 0)
+                .is_ok();
+        Ok(Domain {
+            name,
+            power,
+            disks,
+            guest_agent,
+        })
+    }
+
+    /// The disks of domain `d` (named `name`), with their current sizes.
+    fn disks_of(&self, d: &VirDomain, name: &str) -> ApiResult<Vec<DomainDisk>> {
         let text = d
             .get_xml_desc(0)
-            .map_err(|e| self.failed("reading the definition of", &name, &e))?;
+            .map_err(|e| self.failed("reading the definition of", name, &e))?;
         let mut disks = Vec::new();
         for x in xml::disks(&text).map_err(ApiError::internal)? {
             // QEMU answers for a running domain; while it starts or stops, and for a domain that
@@ -364,16 +399,59 @@ impl Libvirt {
                 path: x.path,
             });
         }
-        let guest_agent = power == Power::Running
-            && d.qemu_agent_command(r#"{"execute":"guest-ping"}"#, GUEST_PING_SECONDS, 0)
-                .is_ok();
-        Ok(Domain {
-            name,
-            power,
-            disks,
-            guest_agent,
-        })
+        Ok(disks)
     }
+}
+
+/// A reference to the connection, given back when dropped (the binding's `Connect` counts
+/// references but closes none by itself).
+struct Conn(Connect);
+
+impl std::ops::Deref for Conn {
+    type Target = Connect;
+    fn deref(&self) -> &Connect {
+        &self.0
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let _ = self.0.close();
+    }
+}
+
+/// Opens a connection to libvirtd at `uri` with a keepalive.
+fn open_connection(uri: &str) -> Result<Connect, String> {
+    let conn = Connect::open(Some(uri))
+        .map_err(|e| format!("connecting to libvirt at {uri}: {}", e.message()))?;
+    if let Err(e) = conn.set_keep_alive(KEEPALIVE_SECONDS, KEEPALIVE_COUNT) {
+        tracing::warn!(uri, error = %e.message(), "no keepalive on the libvirt connection");
+    }
+    Ok(conn)
+}
+
+/// libvirt's default event loop, on a thread of its own, started once before the first
+/// connection: the keepalive and the notice of a closed connection need one.
+fn run_event_loop() {
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(error = %e.message(), "no libvirt event loop: no keepalive");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if virt::event::event_run_default_impl().is_err() {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no libvirt event loop: no keepalive");
+        }
+    });
 }
 
 /// Running and paused guests hold their disks; every other state is off.
@@ -397,7 +475,7 @@ impl Runtime for Libvirt {
 
     fn domains(&self) -> ApiResult<Vec<Domain>> {
         let all = self
-            .conn
+            .conn()?
             .list_all_domains(0)
             .map_err(|e| self.failed("listing", "domains", &e))?;
         let mut out = Vec::new();
@@ -471,6 +549,20 @@ impl Runtime for Libvirt {
                 "checkpoint {cp} lacks the agent's prefix"
             )));
         }
+        // A disk whose size changed since the VM was protected would be read, and digested,
+        // at its old size: the replica would lack its tail and a digest would pass on it.
+        let now = self.disks_of(&d, name)?;
+        for spec in disks {
+            if let Some(x) = now.iter().find(|x| x.name == spec.name)
+                && x.size_bytes != spec.size_bytes
+            {
+                return Err(ApiError::conflict(format!(
+                    "disk {} of {name} is {} bytes now, {} when it was protected: a disk whose \
+                     size changed is not replicated",
+                    spec.name, x.size_bytes, spec.size_bytes
+                )));
+            }
+        }
         if !d.is_active().unwrap_or(false) {
             let dom = self.describe(&d)?;
             let mut images = Vec::new();
@@ -486,6 +578,18 @@ impl Runtime for Libvirt {
                         ))
                     })?;
                 images.push((spec.clone(), x.path.clone(), x.format.clone()));
+            }
+            // qemu-nbd validates no bitmap chain (libvirt does, for a running domain): a
+            // bitmap that misses writes would send a wrong base, so it is checked first.
+            if let Some(cp) = since {
+                for (spec, path, _) in &images {
+                    bitmaps::check(path, cp).map_err(|why| {
+                        ApiError::resync(format!(
+                            "disk {} of {name}, which is off: {why}",
+                            spec.name
+                        ))
+                    })?;
+                }
             }
             // Without a checkpoint (protected while off, or resynchronizing), the transfer
             // starts one in the images before they are read: what QEMU writes once the domain
@@ -536,9 +640,26 @@ impl Runtime for Libvirt {
         }
         bx.push_str("</disks></domainbackup>");
         cx.push_str("</disks></domaincheckpoint>");
+        if let Some(cp) = since
+            && !checkpoints::list(&d)
+                .map_err(ApiError::internal)?
+                .iter()
+                .any(|c| c == cp)
+        {
+            return Err(ApiError::resync(format!(
+                "domain {name} has no checkpoint {cp} any more"
+            )));
+        }
         self.end_stale_backup(&d, name)?;
         checkpoints::backup_begin(&d, &bx, &cx).map_err(|e| {
-            ApiError::conflict(format!("libvirt: starting a backup of {name}: {e}"))
+            let msg = format!("libvirt: starting a backup of {name}: {}", e.message);
+            // Only a checkpoint that is gone or broken loses the base; anything else is
+            // retried from the same checkpoint.
+            if e.checkpoint_lost {
+                ApiError::resync(msg)
+            } else {
+                ApiError::conflict(msg)
+            }
         })?;
         if let Ok(mut held) = self.backups.lock() {
             held.insert(name.to_string());
@@ -577,6 +698,9 @@ impl Runtime for Libvirt {
 
     fn resume(&self, name: &str) -> ApiResult<()> {
         let d = self.require(name)?;
+        if !matches!(d.get_state(), Ok((sys::VIR_DOMAIN_PAUSED, _))) {
+            return Ok(());
+        }
         d.resume()
             .map(|_| ())
             .map_err(|e| self.failed("resuming", name, &e))
@@ -649,7 +773,7 @@ impl Runtime for Libvirt {
             .map_err(ApiError::conflict)?;
         // Before anything is defined: a replica whose network is missing never starts.
         self.check_networks(&text, &[])?;
-        let d = VirDomain::define_xml(&self.conn, &text)
+        let d = VirDomain::define_xml(&*self.conn()?, &text)
             .map_err(|e| self.failed("defining", name, &e))?;
         // Paused until the checkpoint exists: the guest's first write is already tracked.
         d.create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
@@ -672,7 +796,7 @@ impl Runtime for Libvirt {
                 .iter()
                 .find(|(from, _)| *from == net)
                 .map_or(net.as_str(), |(_, to)| to.as_str());
-            match virt::network::Network::lookup_by_name(&self.conn, here) {
+            match virt::network::Network::lookup_by_name(&*self.conn()?, here) {
                 Ok(_) => {}
                 Err(e) if e.code() == ErrorNumber::NoNetwork => missing.push(if here == net {
                     here.to_string()
@@ -719,7 +843,7 @@ impl Runtime for Libvirt {
             &security_models,
         )
         .map_err(ApiError::conflict)?;
-        let d = VirDomain::define_xml(&self.conn, &text)
+        let d = VirDomain::define_xml(&*self.conn()?, &text)
             .map_err(|e| self.failed("defining", copy, &e))?;
         d.create().map_err(|e| self.failed("starting", copy, &e))?;
         Ok(())
@@ -743,7 +867,10 @@ impl Runtime for Libvirt {
         for cp in checkpoints::list(&d).map_err(ApiError::internal)? {
             let _ = checkpoints::forget(&d, &cp);
         }
-        match d.undefine() {
+        // With its NVRAM file: libvirt refuses to undefine a UEFI domain otherwise, and the
+        // file is this domain's own (a drill copy's, or a replica's whose failover defines it
+        // again from the source's definition).
+        match d.undefine_flags(sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
             // Removed meanwhile (a retry of the same cleanup).
             Err(e) if e.code() == ErrorNumber::NoDomain => Ok(()),
             res => res.map_err(|e| self.failed("undefining", name, &e)),

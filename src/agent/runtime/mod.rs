@@ -13,6 +13,8 @@
 #[cfg(feature = "libvirt")]
 mod accel;
 #[cfg(feature = "libvirt")]
+mod bitmaps;
+#[cfg(feature = "libvirt")]
 mod checkpoints;
 pub mod domspec;
 #[cfg(feature = "libvirt")]
@@ -119,7 +121,7 @@ pub trait Runtime: Send + Sync {
     /// Pauses domain `name` (its vCPUs stop; nothing it holds is lost): `false` when it is not
     /// running, so there is nothing to pause.
     fn pause(&self, name: &str) -> ApiResult<bool>;
-    /// Resumes what [`Runtime::pause`] paused.
+    /// Resumes what [`Runtime::pause`] paused; nothing when it is not paused.
     fn resume(&self, name: &str) -> ApiResult<()>;
     /// Freezes the filesystems of domain `name`'s guest through its guest agent (for an
     /// app-consistent point); the number frozen. Waits at most `timeout`.

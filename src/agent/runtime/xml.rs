@@ -254,6 +254,60 @@ mod tests {
         )]
     }
 
+    /// A UEFI guest as newer libvirt keeps it (the chosen firmware and the domain's NVRAM file
+    /// in its persistent definition): a drill copy and a replica boot this site's firmware with
+    /// an NVRAM file libvirt makes under their own name, never the source's; without
+    /// `firmware='efi'` a loader or NVRAM path is still refused.
+    #[test]
+    fn a_uefi_guest_s_copies_get_their_own_nvram() {
+        let efi = SOURCE.replace(
+            "<os>",
+            "<os firmware='efi'><loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd\
+             </loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'>\
+             /var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram>",
+        );
+        assert_ne!(efi, SOURCE);
+        let drill = for_drill(
+            &efi,
+            "web",
+            "web-test",
+            "isolated",
+            &images(),
+            std::path::Path::new("/c"),
+            &[],
+        )
+        .expect("generates");
+        let replica = for_replica(
+            &efi,
+            "web",
+            &images(),
+            std::path::Path::new("/c"),
+            Placement::default(),
+        )
+        .expect("generates");
+        for out in [&drill, &replica] {
+            assert!(out.contains("<os firmware='efi'>"), "{out}");
+            for gone in ["nvram", "VARS", "loader", "OVMF"] {
+                assert!(!out.contains(gone), "{gone} in {out}");
+            }
+        }
+        let manual = SOURCE.replace(
+            "<os>",
+            "<os><nvram>/var/lib/libvirt/qemu/nvram/web_VARS.fd</nvram>",
+        );
+        let e = for_drill(
+            &manual,
+            "web",
+            "web-test",
+            "isolated",
+            &images(),
+            std::path::Path::new("/c"),
+            &[],
+        )
+        .expect_err("refused");
+        assert!(e.contains("<os><nvram>"), "{e}");
+    }
+
     #[test]
     fn a_replica_runs_on_its_images_and_keeps_its_identity() {
         let models = vec!["apparmor".to_string(), "dac".to_string()];
