@@ -32,6 +32,8 @@ pub struct AgentClient {
     http: reqwest::Client,
     base: String,
     token: crate::secret::Secret,
+    /// Sent as the namespace header on every call ([`SiteProvider::for_namespace`]).
+    namespace: Option<String>,
 }
 
 impl AgentClient {
@@ -53,6 +55,7 @@ impl AgentClient {
             http,
             base: url.trim_end_matches('/').to_string(),
             token: token.into(),
+            namespace: None,
         })
     }
 
@@ -62,10 +65,15 @@ impl AgentClient {
     }
 
     fn request(&self, method: Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
-        self.http
+        let req = self
+            .http
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(self.token.expose())
-            .timeout(timeout)
+            .timeout(timeout);
+        match &self.namespace {
+            Some(ns) => req.header(NAMESPACE_HEADER, ns),
+            None => req,
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SiteError> {
@@ -202,6 +210,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl SiteProvider for AgentClient {
+    fn for_namespace(&self, namespace: &str) -> Option<std::sync::Arc<dyn SiteProvider>> {
+        Some(std::sync::Arc::new(Self {
+            namespace: Some(namespace.to_string()),
+            ..self.clone()
+        }))
+    }
+
     fn health(&self) -> SiteFuture<'_, ()> {
         Box::pin(async move {
             let req = self.request(Method::GET, "/healthz", SHORT_TIMEOUT);
