@@ -264,3 +264,90 @@ async fn a_vm_belongs_to_the_namespace_that_protected_it() {
     );
     assert_eq!(picture(&w, vm).await, before);
 }
+
+/// A Site that lists its allowed namespaces refuses the ReplicatedVMs and FailoverPlans of
+/// every other namespace, naming the field, and nothing is done at the sites for them; a
+/// listed namespace protects its VM as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_serves_only_the_namespaces_it_allows() {
+    let _one = one_at_a_time().await;
+    let w = World::start("tenallow").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let sites: Api<twinsite::api::Site> = Api::all(w.client.clone());
+    sites
+        .patch(
+            &s,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allowedNamespaces": [w.ns]}})),
+        )
+        .await
+        .unwrap();
+    // The field is in the schema: a name that is not a namespace's is refused by the API server.
+    let bad = sites
+        .patch(
+            &s,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"allowedNamespaces": ["Team_C"]}})),
+        )
+        .await
+        .expect_err("a malformed namespace name is refused");
+    assert!(bad.to_string().contains("allowedNamespaces"), "{bad}");
+
+    let vm = "app";
+    w.primary.create_vm(vm, true).await;
+    let team_c = namespace(&w, "c").await;
+    let c_api = create_rvm_in(&w, &team_c, "app", vm).await;
+    let msg = wait_refused(&w, &c_api, "app", "NamespaceNotAllowed").await;
+    assert!(msg.contains("spec.allowedNamespaces"), "{msg}");
+    assert!(msg.contains(&format!("Site {s}")), "{msg}");
+    assert!(jobs(&c_api.get("app").await.unwrap()).is_empty());
+
+    // A plan of that namespace targeting the Site is refused too.
+    let plans: Api<twinsite::api::FailoverPlan> = Api::namespaced(w.client.clone(), &team_c);
+    let fp: twinsite::api::FailoverPlan = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "FailoverPlan",
+        "metadata": {"name": "dr"},
+        "spec": {"targetSite": s, "groups": [{"name": "all", "vms": ["app"]}]},
+    }))
+    .unwrap();
+    plans.create(&PostParams::default(), &fp).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let fp = plans.get("dr").await.unwrap();
+        let ready = fp
+            .status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == "Ready").cloned());
+        if let Some(c) = ready
+            && c.status == "False"
+            && c.reason == "NamespaceNotAllowed"
+        {
+            assert!(
+                c.message.contains("spec.allowedNamespaces"),
+                "{}",
+                c.message
+            );
+            assert!(fp.status.unwrap().jobs.is_empty());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "plan not refused: {:?}",
+            fp.status
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Nothing happened at the sites for team-c.
+    let at_p = w.primary.vm(vm).await.unwrap();
+    assert_eq!(
+        at_p.replication.state,
+        twinsite::site::ReplicationState::Disabled,
+        "{at_p:?}"
+    );
+    assert!(w.secondary.vm(vm).await.is_none());
+    c_api.delete("app", &DeleteParams::default()).await.unwrap();
+
+    // The namespace the Site lists protects the VM as usual.
+    w.create_rvm(vm, json!({"type": "Planned"})).await;
+    w.wait_protected(vm, &p, &s).await;
+}
