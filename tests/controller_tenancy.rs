@@ -263,6 +263,30 @@ async fn a_vm_belongs_to_the_namespace_that_protected_it() {
         "team-a's ReplicatedVM is not Ready"
     );
     assert_eq!(picture(&w, vm).await, before);
+
+    // team-a deletes its ReplicatedVM: its VM stays at the primary, still team-a's as the agent
+    // recorded it. A new ReplicatedVM of team-b for it is refused from that record, before any
+    // call (no accept, no enable), though no object of team-a names the VM any more.
+    w.rvms().delete(vm, &DeleteParams::default()).await.unwrap();
+    let deadline = Instant::now() + LONG;
+    while w.rvms().get_opt(vm).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "team-a's ReplicatedVM is not deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let left = w.primary.vm(vm).await.expect("team-a's VM stays");
+    assert_eq!(left.power, twinsite::site::Power::Running);
+    let b_api = create_rvm_in(&w, &team_b, "their-web-2", vm).await;
+    let msg = wait_refused(&w, &b_api, "their-web-2", "VMOwnedByOtherNamespace").await;
+    assert!(msg.contains(&format!("namespace {}", w.ns)), "{msg}");
+    let b = b_api.get("their-web-2").await.unwrap();
+    assert!(jobs(&b).is_empty(), "{:?}", jobs(&b));
+    assert!(
+        w.secondary.vm(vm).await.is_none(),
+        "a replica was made for team-b"
+    );
 }
 
 /// A Site that lists its allowed namespaces refuses the ReplicatedVMs and FailoverPlans of

@@ -593,6 +593,7 @@ impl VmRec {
             recovery_points: meta::rp_summary(&self.meta),
             test_copy: meta::test_copy_of(&self.meta),
             network: self.meta.network.clone(),
+            owner: self.meta.owner.clone(),
         }
     }
 

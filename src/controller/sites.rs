@@ -318,6 +318,15 @@ impl Sites {
         map.get(name)?.listing.clone()
     }
 
+    /// The namespace that owns VM `vm` at `site`, as its newest listing shows (the agent
+    /// records it at `enable` and `accept`); `None` when unknown or unowned.
+    pub fn owner(&self, site: &str, vm: &str) -> Option<String> {
+        match self.listing(site)?.result {
+            Ok(vms) => vms.get(vm)?.owner.clone(),
+            Err(_) => None,
+        }
+    }
+
     /// The site's view of one VM, from the newest listing. A site declared lost is Lost
     /// whatever it lists; a listing older than the removal of such a declaration is none.
     pub fn view(&self, site: &str, vm: &str) -> SiteView {

@@ -191,6 +191,10 @@ pub struct Vm {
     /// Network of a drill copy (TestCopy role only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Namespace of the ReplicatedVM that protects the VM, as the controller's `enable` or
+    /// `accept` recorded it ([`NAMESPACE_HEADER`]); absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// `GET /v1/vms`.

@@ -424,9 +424,13 @@ async fn tenancy_refusal(
             .map(tenancy::Claim::of)
             .collect()
     };
-    Ok(tenancy::refusal(&tenancy::Claim::of(rvm), &all, |s| {
-        ctx.sites.allowed_namespaces(s)
-    }))
+    let vm = rvm.vm_name();
+    Ok(tenancy::refusal(
+        &tenancy::Claim::of(rvm),
+        &all,
+        |s| ctx.sites.allowed_namespaces(s),
+        |s| ctx.sites.owner(s, &vm),
+    ))
 }
 
 /// The names of the VMs at the sites (`spec.vmName`) of the ReplicatedVMs `names` of namespace

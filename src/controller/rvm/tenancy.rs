@@ -55,16 +55,23 @@ impl Claim {
 }
 
 /// Why `me` may not act, if it may not: a site it names does not allow its namespace
-/// (`allowed(site)` is the Site's `spec.allowedNamespaces`, empty for all), or a ReplicatedVM of
-/// another namespace created before it names the same VM at one of its sites.
+/// (`allowed(site)` is the Site's `spec.allowedNamespaces`, empty for all), a site it names
+/// shows the VM owned by another namespace (`owner(site)`, what the agent recorded), or a
+/// ReplicatedVM of another namespace created before it names the same VM at one of its sites.
 pub fn refusal(
     me: &Claim,
     all: &[Claim],
     allowed: impl Fn(&str) -> Vec<String>,
+    owner: impl Fn(&str) -> Option<String>,
 ) -> Option<(&'static str, String)> {
     for site in &me.sites {
         if let Some(message) = not_allowed(&me.namespace, site, &allowed(site)) {
             return Some((NAMESPACE_NOT_ALLOWED, message));
+        }
+    }
+    for site in &me.sites {
+        if let Some(o) = owner(site).filter(|o| *o != me.namespace) {
+            return Some((OWNED_ELSEWHERE, owned_by(&me.vm, site, &o)));
         }
     }
     let owner = all
@@ -81,18 +88,16 @@ pub fn refusal(
                 std::cmp::Ordering::Greater
             }
         });
-    owner.map(|(o, site)| {
-        (
-            OWNED_ELSEWHERE,
-            format!(
-                "VM {} at Site {site} belongs to a ReplicatedVM of namespace {}, which protected \
-                 it first; this ReplicatedVM changes nothing at the sites (no replication, \
-                 power, failover or deletion of that VM). Set spec.vmName to a VM of your own, \
-                 or have namespace {} delete its ReplicatedVM first",
-                me.vm, o.namespace, o.namespace
-            ),
-        )
-    })
+    owner.map(|(o, site)| (OWNED_ELSEWHERE, owned_by(&me.vm, site, &o.namespace)))
+}
+
+fn owned_by(vm: &str, site: &str, owner: &str) -> String {
+    format!(
+        "VM {vm} at Site {site} belongs to a ReplicatedVM of namespace {owner}, which protected it \
+         first; this ReplicatedVM changes nothing at the sites (no replication, power, failover \
+         or deletion of that VM). Set spec.vmName to a VM of your own, or have namespace {owner} \
+         delete its ReplicatedVM first"
+    )
 }
 
 /// Why namespace `ns` may not use Site `site`, whose `spec.allowedNamespaces` is `allowed`
@@ -149,14 +154,32 @@ mod tests {
 
     const AB: [&str; 2] = ["site-a", "site-b"];
 
+    fn unowned(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn a_vm_the_agent_shows_owned_by_another_namespace_is_refused() {
+        let b = claim("team-b", "web", 20, "web", AB);
+        let none = |_: &str| Vec::new();
+        let owned = |s: &str| (s == "site-b").then(|| "team-a".to_string());
+        let (reason, msg) = refusal(&b, std::slice::from_ref(&b), none, owned).expect("refused");
+        assert_eq!(reason, OWNED_ELSEWHERE);
+        assert!(msg.contains("Site site-b"), "{msg}");
+        assert!(msg.contains("namespace team-a"), "{msg}");
+        // Its own namespace's record is no refusal.
+        let mine = |_: &str| Some("team-b".to_string());
+        assert_eq!(refusal(&b, std::slice::from_ref(&b), none, mine), None);
+    }
+
     #[test]
     fn the_first_namespace_holds_a_vm_and_the_later_one_is_refused() {
         let a = claim("team-a", "web", 10, "web", AB);
         let b = claim("team-b", "web", 20, "web", AB);
         let all = [a.clone(), b.clone()];
         let none = |_: &str| Vec::new();
-        assert_eq!(refusal(&a, &all, none), None);
-        let (reason, msg) = refusal(&b, &all, none).expect("refused");
+        assert_eq!(refusal(&a, &all, none, unowned), None);
+        let (reason, msg) = refusal(&b, &all, none, unowned).expect("refused");
         assert_eq!(reason, OWNED_ELSEWHERE);
         assert!(msg.contains("namespace team-a"), "{msg}");
         assert!(msg.contains("spec.vmName"), "{msg}");
@@ -173,14 +196,14 @@ mod tests {
             claim("team-a", "web-2", 20, "web", AB),
         ] {
             assert_eq!(
-                refusal(&other, &[a.clone(), other.clone()], none),
+                refusal(&other, &[a.clone(), other.clone()], none, unowned),
                 None,
                 "{other:?}"
             );
         }
         // One shared site is enough: that is where the VM is.
         let b = claim("team-b", "web", 20, "web", ["site-c", "site-a"]);
-        let (_, msg) = refusal(&b, &[a, b.clone()], none).expect("refused");
+        let (_, msg) = refusal(&b, &[a, b.clone()], none, unowned).expect("refused");
         assert!(msg.contains("Site site-a"), "{msg}");
     }
 
@@ -194,11 +217,15 @@ mod tests {
                 Vec::new()
             }
         };
-        let (reason, msg) = refusal(&b, std::slice::from_ref(&b), allowed).expect("refused");
+        let (reason, msg) =
+            refusal(&b, std::slice::from_ref(&b), allowed, unowned).expect("refused");
         assert_eq!(reason, NAMESPACE_NOT_ALLOWED);
         assert!(msg.contains("spec.allowedNamespaces"), "{msg}");
         assert!(msg.contains("Site site-b"), "{msg}");
         let a = claim("team-a", "web", 20, "web", AB);
-        assert_eq!(refusal(&a, std::slice::from_ref(&a), allowed), None);
+        assert_eq!(
+            refusal(&a, std::slice::from_ref(&a), allowed, unowned),
+            None
+        );
     }
 }
