@@ -69,10 +69,20 @@ pub fn refusal(
             return Some((NAMESPACE_NOT_ALLOWED, message));
         }
     }
+    let mut recorded_mine = false;
     for site in &me.sites {
-        if let Some(o) = owner(site).filter(|o| *o != me.namespace) {
-            return Some((OWNED_ELSEWHERE, owned_by(&me.vm, site, &o)));
+        match owner(site) {
+            Some(o) if o != me.namespace => {
+                return Some((OWNED_ELSEWHERE, owned_by(&me.vm, site, &o)));
+            }
+            Some(_) => recorded_mine = true,
+            None => {}
         }
+    }
+    // The agents' record decides over the order of creation: an older object of another
+    // namespace does not take a VM a site holds for this one.
+    if recorded_mine {
+        return None;
     }
     let owner = all
         .iter()
@@ -167,9 +177,14 @@ mod tests {
         assert_eq!(reason, OWNED_ELSEWHERE);
         assert!(msg.contains("Site site-b"), "{msg}");
         assert!(msg.contains("namespace team-a"), "{msg}");
-        // Its own namespace's record is no refusal.
+        // Its own namespace's record is no refusal, even beside an older object of another
+        // namespace naming the VM (the record decides).
         let mine = |_: &str| Some("team-b".to_string());
         assert_eq!(refusal(&b, std::slice::from_ref(&b), none, mine), None);
+        let older = claim("team-c", "web", 5, "web", AB);
+        assert_eq!(refusal(&b, &[older.clone(), b.clone()], none, mine), None);
+        let (_, msg) = refusal(&b, &[older, b.clone()], none, unowned).expect("refused");
+        assert!(msg.contains("namespace team-c"), "{msg}");
     }
 
     #[test]
