@@ -64,6 +64,43 @@ impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for Params<
     }
 }
 
+/// The namespace the controller acts for (the `twinsite-namespace` header), checked as a
+/// Kubernetes namespace name: 1 to 63 of `a-z 0-9 -`, starting and ending with a letter or
+/// digit. `None` when the header is absent (a call for no namespace).
+pub struct Tenant(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let header = crate::site::NAMESPACE_HEADER;
+        let Some(v) = parts.headers.get(header) else {
+            return Ok(Self(None));
+        };
+        let v = v
+            .to_str()
+            .map_err(|_| ApiError::bad(format!("header {header} is not visible ASCII")))?;
+        if !valid_namespace(v) {
+            return Err(ApiError::bad(format!(
+                "header {header} {} is not a namespace name (1 to 63 of a-z 0-9 -, starting \
+                 and ending with a letter or digit)",
+                shown(v)
+            )));
+        }
+        Ok(Self(Some(v.to_string())))
+    }
+}
+
+/// A Kubernetes namespace name (an RFC 1123 label).
+pub fn valid_namespace(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+}
+
 /// A value as a reason shows it: quoted, cut to 80 characters.
 fn shown(v: &str) -> String {
     let mut s: String = v.chars().take(80).collect();

@@ -52,6 +52,11 @@ pub(super) struct VmMeta {
     /// after a crash answers the first result instead of doing (or refusing) it again.
     #[serde(default)]
     pub(super) ops: Vec<OpDone>,
+    /// Namespace of the ReplicatedVM that protects this VM (recorded by the controller's
+    /// `enable` at a source and `accept` at a replica): calls from another namespace are
+    /// refused. `None`: no namespace claimed it yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) owner: Option<String>,
 }
 
 /// What the agent keeps of a VM that is a hypervisor domain.
@@ -87,7 +92,23 @@ impl VmMeta {
             domain: None,
             definition: None,
             ops: Vec::new(),
+            owner: None,
         }
+    }
+
+    /// Refuses a call from namespace `caller` when another namespace owns the VM. A call that
+    /// names no namespace (an operator's, or an older controller's) is not refused.
+    pub(super) fn check_owner(&self, caller: Option<&str>) -> Result<(), super::ApiError> {
+        owner_check(&self.name, self.owner.as_deref(), caller)
+    }
+
+    /// Records `caller` as the VM's owner (checked first); saved with the next `save`.
+    pub(super) fn claim(&mut self, caller: Option<&str>) -> Result<(), super::ApiError> {
+        self.check_owner(caller)?;
+        if let Some(ns) = caller {
+            self.owner = Some(ns.to_string());
+        }
+        Ok(())
     }
 
     /// Records the answer of operation `id`; saved with the next `save`.
@@ -109,6 +130,25 @@ impl VmMeta {
             .iter()
             .find(|o| o.id == id)
             .map(|o| o.answer.clone())
+    }
+}
+
+/// The refusal of a call from namespace `caller` for VM `vm` that namespace `owner` owns.
+pub(super) fn owner_check(
+    vm: &str,
+    owner: Option<&str>,
+    caller: Option<&str>,
+) -> Result<(), super::ApiError> {
+    match (owner, caller) {
+        (Some(owner), Some(caller)) if owner != caller => Err(super::ApiError {
+            reason: Some(crate::site::VM_OWNED_BY_OTHER_NAMESPACE),
+            ..super::ApiError::conflict(format!(
+                "VM {vm} at this site belongs to a ReplicatedVM of namespace {owner}; namespace \
+                 {caller} may not change it (name another VM, or delete the ReplicatedVM of \
+                 namespace {owner} first)"
+            ))
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::input::valid_name;
 use super::meta::{Rollback, RpMeta, StagedResync, VmMeta};
 use super::runtime::{MakeOverlay, OverlayDisk};
-use super::store::{GRANTS_FILE, Store, VmRec, open_vm, write_atomic};
+use super::store::{GRANTS_FILE, Grant, Store, VmRec, open_vm, write_atomic};
 use super::{ApiError, ApiResult, ErrorKind};
 use crate::fault;
 use crate::replication::tracker::{create_dir_durable, sync_dir};
@@ -214,11 +214,18 @@ impl Store {
     /// Controller: lets `source` replicate into `vm` here, where no VM of that name exists:
     /// the first bulk transfer from `source` creates the replica. Without the grant no peer
     /// creates a VM here.
-    pub fn accept_missing(&self, vm: &str, source: &str) -> ApiResult<AcceptResult> {
+    pub fn accept_missing(
+        &self,
+        vm: &str,
+        source: &str,
+        owner: Option<&str>,
+    ) -> ApiResult<AcceptResult> {
         if self.is_broken(vm) {
             return Err(self.missing(vm));
         }
-        self.set_grant(vm, Some(source))?;
+        // A grant another namespace holds is theirs until withdrawn.
+        self.check_grant_owner(vm, owner)?;
+        self.set_grant(vm, Some(Grant::new(source, owner)))?;
         Ok(AcceptResult {
             source_site: source.to_string(),
         })
@@ -229,17 +236,17 @@ impl Store {
     /// that source's replica, so a replica whose files are lost here is created again by the
     /// source's resync; the controller's accept for another source, delete, stop or failover
     /// of the VM here withdraws it.
-    pub(super) fn set_grant(&self, vm: &str, source: Option<&str>) -> ApiResult<()> {
+    pub(super) fn set_grant(&self, vm: &str, grant: Option<Grant>) -> ApiResult<()> {
         let mut grants = self
             .grants
             .lock()
             .map_err(|_| ApiError::internal("agent state poisoned"))?;
-        if grants.get(vm).map(String::as_str) == source {
+        if grants.get(vm) == grant.as_ref() {
             return Ok(());
         }
         let mut next = grants.clone();
-        match source {
-            Some(s) => next.insert(vm.to_string(), s.to_string()),
+        match grant {
+            Some(g) => next.insert(vm.to_string(), g),
             None => next.remove(vm),
         };
         let bytes = serde_json::to_vec_pretty(&next).map_err(|e| ApiError::io(e.into()))?;
@@ -248,7 +255,13 @@ impl Store {
         Ok(())
     }
 
-    fn grant(&self, vm: &str) -> Option<String> {
+    /// Refuses namespace `caller` a VM not here whose grant another namespace holds.
+    pub(super) fn check_grant_owner(&self, vm: &str, caller: Option<&str>) -> ApiResult<()> {
+        let held = self.grant(vm);
+        super::meta::owner_check(vm, held.as_ref().and_then(Grant::owner), caller)
+    }
+
+    fn grant(&self, vm: &str) -> Option<Grant> {
         self.grants.lock().ok()?.get(vm).cloned()
     }
 
@@ -269,7 +282,8 @@ impl Store {
                 return Err(ApiError::bad(format!("invalid VM name {vm:?}")));
             }
             // Only the controller decides which site may create a VM here.
-            if self.grant(vm).as_deref() != Some(b.source_site.as_str()) {
+            let grant = self.grant(vm);
+            if grant.as_ref().map(Grant::source) != Some(b.source_site.as_str()) {
                 return Err(ApiError::conflict(format!(
                     "VM {vm} is not at this site and site {} was not accepted to replicate \
                      into it; replication into it must be enabled by the controller",
@@ -282,8 +296,9 @@ impl Store {
                 Role::Replica,
                 (&b.disks, b.integration_services),
             );
-            // The grant moves onto the VM, where `begin` below takes it.
+            // The grant moves onto the VM, where `begin` below takes it, with its owner.
             meta.accept_from = Some(b.source_site.clone());
+            meta.owner = grant.as_ref().and_then(Grant::owner).map(str::to_string);
             match self.insert_new(vm, meta) {
                 // Made meanwhile by another begin: go on with it.
                 Ok(())
@@ -652,7 +667,13 @@ impl VmRec {
 
     /// Controller: lets `source` replicate into this VM. A VM that is not that source's replica
     /// becomes one only through this (at the next bulk transfer from it).
-    pub(super) fn accept(&mut self, source: &str, op: Option<&str>) -> ApiResult<AcceptResult> {
+    pub(super) fn accept(
+        &mut self,
+        source: &str,
+        owner: Option<&str>,
+        op: Option<&str>,
+    ) -> ApiResult<AcceptResult> {
+        self.meta.check_owner(owner)?;
         let vm = self.meta.name.clone();
         let answer = AcceptResult {
             source_site: source.to_string(),
@@ -664,6 +685,7 @@ impl VmRec {
             )));
         }
         r.meta.accept_from = Some(source.to_string());
+        r.meta.claim(owner)?;
         let json = serde_json::to_value(&answer).map_err(|e| ApiError::io(e.into()))?;
         r.meta.note_op(op, &json);
         self.save()?;

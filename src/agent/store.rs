@@ -72,7 +72,45 @@ pub struct Store {
     ops_saved: AtomicU64,
     /// VMs not here that the controller let a source site replicate into (`accept`), kept in
     /// `DATA/accepted.json` until the first bulk transfer from that site creates the replica.
-    pub(super) grants: Mutex<BTreeMap<String, String>>,
+    pub(super) grants: Mutex<BTreeMap<String, Grant>>,
+}
+
+/// A grant of `accepted.json`: the source site that may create the VM here and the namespace
+/// that will own it. Older files hold the source site alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(super) enum Grant {
+    Source(String),
+    #[serde(rename_all = "camelCase")]
+    Owned {
+        source_site: String,
+        owner: String,
+    },
+}
+
+impl Grant {
+    pub(super) fn new(source: &str, owner: Option<&str>) -> Self {
+        match owner {
+            Some(o) => Self::Owned {
+                source_site: source.to_string(),
+                owner: o.to_string(),
+            },
+            None => Self::Source(source.to_string()),
+        }
+    }
+
+    pub(super) fn source(&self) -> &str {
+        match self {
+            Self::Source(s) | Self::Owned { source_site: s, .. } => s,
+        }
+    }
+
+    pub(super) fn owner(&self) -> Option<&str> {
+        match self {
+            Self::Source(_) => None,
+            Self::Owned { owner, .. } => Some(owner),
+        }
+    }
 }
 
 /// A stored answer of an operation.
@@ -555,6 +593,7 @@ impl VmRec {
             recovery_points: meta::rp_summary(&self.meta),
             test_copy: meta::test_copy_of(&self.meta),
             network: self.meta.network.clone(),
+            owner: self.meta.owner.clone(),
         }
     }
 

@@ -38,6 +38,18 @@ pub struct SiteSpec {
     /// not run there are powered off once it answers again without the declaration.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<SiteFence>,
+    /// The namespaces whose ReplicatedVMs and FailoverPlans may use this site; empty or absent:
+    /// every namespace. An object of another namespace naming the site is refused (its Ready
+    /// condition says so) and nothing is done at the site for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 63)),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    #[x_kube(validation = Rule::new("self.all(n, n.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))")
+        .message("spec.allowedNamespaces must hold namespace names: 1 to 63 of a-z 0-9 -, starting and ending with a letter or digit"))]
+    pub allowed_namespaces: Vec<String>,
 }
 
 /// What a Site's `spec.fence` declares.

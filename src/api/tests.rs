@@ -355,6 +355,31 @@ fn site_url_must_be_http() {
 }
 
 #[test]
+fn site_allowed_namespaces_must_be_namespace_names() {
+    let site = |names: Value| {
+        json!({
+            "apiVersion": "twinsite.io/v1alpha1", "kind": "Site", "metadata": {"name": "primary"},
+            "spec": {"agent": {"url": "https://site-a.example:7101",
+                               "tokenSecretRef": {"namespace": "twinsite-system", "name": "primary-agent", "key": "token"}},
+                     "allowedNamespaces": names},
+        })
+    };
+    assert_accepted::<Site>(&site(json!([])), None);
+    assert_accepted::<Site>(&site(json!(["team-a", "b2"])), None);
+    for bad in ["Team-A", "-team", "team-", "team_a", "a.b"] {
+        assert_refused::<Site>(
+            &site(json!(["team-a", bad])),
+            None,
+            "spec.allowedNamespaces must hold namespace names",
+        );
+    }
+    let s = schema::<Site>();
+    let field = &s["properties"]["spec"]["properties"]["allowedNamespaces"];
+    assert_eq!(field["x-kubernetes-list-type"], json!("set"));
+    assert_eq!(field["items"]["maxLength"], json!(63));
+}
+
+#[test]
 fn enums_and_defaults_are_in_the_schema() {
     let s = schema::<ReplicatedVM>();
     let failover = &s["properties"]["spec"]["properties"]["failover"]["properties"];

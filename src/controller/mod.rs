@@ -268,7 +268,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(plan_writer)
         .touched_objects();
+        // Built before the context, which reads its cache (every ReplicatedVM, for tenancy).
+        let rvm_ctl = Controller::new(
+            Api::<ReplicatedVM>::all(client.clone()),
+            watcher::Config::default(),
+        );
         let ctx = Arc::new(Context {
+            rvms: rvm_ctl.store(),
             client: client.clone(),
             sites: sites.clone(),
             metrics: metrics.clone(),
@@ -300,20 +306,17 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             })
         };
         let trigger = |n: Arc<Notify>| async move { n.notified().await };
-        let rvms = Controller::new(
-            Api::<ReplicatedVM>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        // A plan releasing a group wakes the VMs it names.
-        .watches_stream(plan_cache, plan_members)
-        .with_config(CtlConfig::default().concurrency(args.concurrency))
-        .graceful_shutdown_on(trigger(halt.clone()))
-        .run(rvm::reconcile, rvm::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "ReplicatedVM reconcile");
-            }
-        });
+        let rvms = rvm_ctl
+            // A plan releasing a group wakes the VMs it names.
+            .watches_stream(plan_cache, plan_members)
+            .with_config(CtlConfig::default().concurrency(args.concurrency))
+            .graceful_shutdown_on(trigger(halt.clone()))
+            .run(rvm::reconcile, rvm::error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "ReplicatedVM reconcile");
+                }
+            });
         let site_ctl =
             Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default())
                 .with_config(CtlConfig::default().concurrency(8))

@@ -236,6 +236,8 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let t0 = now();
     ctx.sites
         .set_network_mappings(&name, &site.spec.network_mappings);
+    ctx.sites
+        .set_allowed_namespaces(&name, &site.spec.allowed_namespaces);
     // A declaration seen for the first time is held from now on; the listing below still runs
     // (the Site shows what its agent answers) but nothing the planners read comes from it.
     let lost = site.spec.fence == Some(SiteFence::Lost);

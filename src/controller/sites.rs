@@ -16,6 +16,32 @@ use super::observe::{
 use crate::secret::Secret;
 use crate::site::{self, AgentClient, SiteError, SiteProvider, Vm};
 
+/// [`Sites`] for the objects of one namespace ([`Sites::tenant`]).
+pub struct TenantSites<'a> {
+    sites: &'a Sites,
+    namespace: &'a str,
+}
+
+impl TenantSites<'_> {
+    /// Site `name`'s provider, naming the namespace on every call.
+    pub fn provider(&self, name: &str) -> Option<Arc<dyn SiteProvider>> {
+        let p = self.sites.provider(name)?;
+        Some(p.for_namespace(self.namespace).unwrap_or(p))
+    }
+
+    pub fn known(&self, name: &str) -> bool {
+        self.sites.known(name)
+    }
+
+    pub fn peer(&self, source: &str, target: &str) -> Option<PeerInfo> {
+        self.sites.peer(source, target)
+    }
+
+    pub fn network_mappings(&self, to: &str, from: &str) -> Vec<site::NetworkMap> {
+        self.sites.network_mappings(to, from)
+    }
+}
+
 /// How to reach a site and what it showed last.
 struct Entry {
     url: String,
@@ -77,6 +103,9 @@ pub struct Sites {
     trusted_since: RwLock<HashMap<String, Timestamp>>,
     /// Each Site's `spec.networkMappings`, as its reconciler last read them.
     networks: RwLock<HashMap<String, Vec<crate::api::NetworkMapping>>>,
+    /// Each Site's `spec.allowedNamespaces` (absent: every namespace), as its reconciler last
+    /// read them.
+    allowed: RwLock<HashMap<String, Vec<String>>>,
     /// The peer credentials of each pair of sites (super::peers).
     pub pairs: super::peers::Pairs,
 }
@@ -168,6 +197,22 @@ impl Sites {
         }
     }
 
+    /// Records Site `name`'s `spec.allowedNamespaces` (empty: every namespace).
+    pub fn set_allowed_namespaces(&self, name: &str, namespaces: &[String]) {
+        let mut map = self.allowed.write().unwrap_or_else(|e| e.into_inner());
+        if namespaces.is_empty() {
+            map.remove(name);
+        } else {
+            map.insert(name.to_string(), namespaces.to_vec());
+        }
+    }
+
+    /// The namespaces Site `name` allows (empty: every namespace).
+    pub fn allowed_namespaces(&self, name: &str) -> Vec<String> {
+        let map = self.allowed.read().unwrap_or_else(|e| e.into_inner());
+        map.get(name).cloned().unwrap_or_default()
+    }
+
     /// How networks of site `from` map to site `to`'s, for a failover from `from` to `to`.
     pub fn network_mappings(&self, to: &str, from: &str) -> Vec<site::NetworkMap> {
         let map = self.networks.read().unwrap_or_else(|e| e.into_inner());
@@ -196,6 +241,15 @@ impl Sites {
     pub fn provider(&self, name: &str) -> Option<Arc<dyn SiteProvider>> {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
         map.get(name).map(|e| e.provider.clone())
+    }
+
+    /// The sites as the objects of `namespace` reach them: every call names the namespace, so
+    /// a site refuses it for a VM another namespace owns.
+    pub fn tenant<'a>(&'a self, namespace: &'a str) -> TenantSites<'a> {
+        TenantSites {
+            sites: self,
+            namespace,
+        }
     }
 
     /// The names of the registered sites.
@@ -262,6 +316,15 @@ impl Sites {
     fn listing(&self, name: &str) -> Option<Listing> {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
         map.get(name)?.listing.clone()
+    }
+
+    /// The namespace that owns VM `vm` at `site`, as its newest listing shows (the agent
+    /// records it at `enable` and `accept`); `None` when unknown or unowned.
+    pub fn owner(&self, site: &str, vm: &str) -> Option<String> {
+        match self.listing(site)?.result {
+            Ok(vms) => vms.get(vm)?.owner.clone(),
+            Err(_) => None,
+        }
     }
 
     /// The site's view of one VM, from the newest listing. A site declared lost is Lost

@@ -35,6 +35,8 @@ pub struct AgentClient {
     http: reqwest::Client,
     base: String,
     token: crate::secret::Secret,
+    /// Sent as the namespace header on every call ([`SiteProvider::for_namespace`]).
+    namespace: Option<String>,
 }
 
 impl AgentClient {
@@ -56,6 +58,7 @@ impl AgentClient {
             http,
             base: url.trim_end_matches('/').to_string(),
             token: token.into(),
+            namespace: None,
         })
     }
 
@@ -65,10 +68,15 @@ impl AgentClient {
     }
 
     fn request(&self, method: Method, path: &str, timeout: Duration) -> reqwest::RequestBuilder {
-        self.http
+        let req = self
+            .http
             .request(method, format!("{}{}", self.base, path))
             .bearer_auth(self.token.expose())
-            .timeout(timeout)
+            .timeout(timeout);
+        match &self.namespace {
+            Some(ns) => req.header(NAMESPACE_HEADER, ns),
+            None => req,
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, SiteError> {
@@ -209,6 +217,13 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 impl SiteProvider for AgentClient {
+    fn for_namespace(&self, namespace: &str) -> Option<std::sync::Arc<dyn SiteProvider>> {
+        Some(std::sync::Arc::new(Self {
+            namespace: Some(namespace.to_string()),
+            ..self.clone()
+        }))
+    }
+
     fn health(&self) -> SiteFuture<'_, ()> {
         Box::pin(async move {
             let req = self.request(Method::GET, "/healthz", SHORT_TIMEOUT);

@@ -129,6 +129,12 @@ pub trait SiteProvider: Send + Sync {
     fn commit<'a>(&'a self, vm: &'a str, op_id: &'a str) -> SiteFuture<'a, CommitResult>;
     /// sha256 of a whole disk (for a replica, of its newest recovery point).
     fn digest<'a>(&'a self, vm: &'a str, disk: &'a str) -> SiteFuture<'a, String>;
+    /// This provider naming `namespace` on every call (the agent refuses calls of one
+    /// namespace for VMs another owns). `None`: the provider keeps no namespaces.
+    fn for_namespace(&self, namespace: &str) -> Option<std::sync::Arc<dyn SiteProvider>> {
+        let _ = namespace;
+        None
+    }
     /// Installs the credentials of the pair of this site and `site` (either may be left out).
     /// A provider without agent-to-agent replication has none to install.
     fn install_peer_credentials<'a>(

@@ -3,6 +3,15 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+/// Request header the controller sends with every call that changes a VM: the namespace of
+/// the ReplicatedVM (or FailoverPlan) it acts for. A site VM belongs to the namespace that
+/// protected it; a call from another namespace is refused (409, reason
+/// [`VM_OWNED_BY_OTHER_NAMESPACE`]) and changes nothing.
+pub const NAMESPACE_HEADER: &str = "twinsite-namespace";
+
+/// `reason` of a 409 for a VM that belongs to another namespace's ReplicatedVM.
+pub const VM_OWNED_BY_OTHER_NAMESPACE: &str = "VMOwnedByOtherNamespace";
+
 /// Power state of a VM at a site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Power {
@@ -182,6 +191,10 @@ pub struct Vm {
     /// Network of a drill copy (TestCopy role only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<String>,
+    /// Namespace of the ReplicatedVM that protects the VM, as the controller's `enable` or
+    /// `accept` recorded it ([`NAMESPACE_HEADER`]); absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// `GET /v1/vms`.

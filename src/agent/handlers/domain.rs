@@ -52,6 +52,7 @@ pub(super) fn view(d: &Domain) -> Vm {
         recovery_points: Default::default(),
         test_copy: None,
         network: None,
+        owner: None,
     }
 }
 

@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use super::input::{self, Params};
+use super::input::{self, Params, Tenant};
 use super::{
     ApiError, ApiResult, ErrorKind, Shared, Store, driver, guest, meta, read_vm, replica, store,
     with_store, with_vm,
@@ -48,6 +48,23 @@ fn too_large(limit: usize) -> ApiError {
         ErrorKind::PayloadTooLarge,
         format!("body larger than {limit} bytes"),
     )
+}
+
+/// Refuses, before anything is done, a call for namespace `ns` about a VM (or the grant of a
+/// VM not here yet) that another namespace owns: 409 naming the owner.
+async fn check_tenant(st: &Shared, vm: &str, ns: &Option<String>) -> ApiResult<()> {
+    let Some(ns) = ns.clone() else {
+        return Ok(());
+    };
+    let vm = vm.to_string();
+    with_store(st, move |s| {
+        s.check_grant_owner(&vm, Some(&ns))?;
+        if s.exists(&vm) {
+            s.read_vm(&vm, |r| r.meta.check_owner(Some(&ns)))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// The store's VMs, and the hypervisor's domains that are not (yet) in it.
@@ -126,9 +143,11 @@ pub(crate) struct OpQuery {
 pub(crate) async fn delete_vm(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     Query(q): Query<OpQuery>,
 ) -> ApiResult<Response> {
     input::opt_op_id("operationId", q.operation_id.as_deref())?;
+    check_tenant(&st, &vm, &ns).await?;
     let vm2 = vm.clone();
     let running = with_store(&st, move |s| {
         Ok(s.vm(&vm2)?.power == crate::site::Power::Running)
@@ -143,6 +162,7 @@ pub(crate) async fn delete_vm(
         // No peer creates it again (nor creates it, where it is not here).
         s.set_grant(&vm, None)?;
         let v = s.idempotent(&vm, q.operation_id.as_deref(), |s, r| {
+            r.meta.check_owner(ns.as_deref())?;
             s.delete_locked(&vm, r)
         })?;
         Ok(Json(v).into_response())
@@ -153,10 +173,12 @@ pub(crate) async fn delete_vm(
 pub(crate) async fn power(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<PowerRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::power(&req)?;
+    check_tenant(&st, &vm, &ns).await?;
     if let Some(d) = domain::find(&st, &vm).await? {
         let mut v = domain::power(&st, &d, req.action).await?;
         // The store's copy of the power state follows (a replica must be off to receive).
@@ -179,7 +201,10 @@ pub(crate) async fn power(
     }
     if req.action != crate::site::PowerAction::Shutdown {
         return with_store(&st, move |s| {
-            let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+            let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| {
+                r.meta.check_owner(ns.as_deref())?;
+                r.power(req.action)
+            })?;
             Ok(Json(v).into_response())
         })
         .await;
@@ -206,7 +231,10 @@ pub(crate) async fn power(
         None
     };
     with_store(&st, move |s| {
-        let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| r.power(req.action))?;
+        let v = s.idempotent(&vm, req.operation_id.as_deref(), |_, r| {
+            r.meta.check_owner(ns.as_deref())?;
+            r.power(req.action)
+        })?;
         Ok(Json(v).into_response())
     })
     .await
@@ -289,10 +317,12 @@ pub(crate) async fn recovery_points(
 pub(crate) async fn enable(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::EnableReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::enable(&req)?;
+    check_tenant(&st, &vm, &ns).await?;
     if let Some(d) = domain::find(&st, &vm).await? {
         // A domain joins the store when it is first protected; its disks stay its own.
         domain::check_protectable(&d)?;
@@ -318,6 +348,9 @@ pub(crate) async fn enable(
                     "VM {vm2} is not a primary here"
                 )));
             }
+            // The VM belongs to the enabling namespace from now on (saved below, with the
+            // settings).
+            r.meta.claim(ns.as_deref())?;
             r.meta.inbound = None;
             r.meta.outbound = Some(meta::Outbound::from_enable(&req));
             // The answer is saved with the settings: a retry after a crash never starts the
@@ -341,6 +374,7 @@ pub(crate) async fn enable(
 pub(crate) async fn settings(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::ReplicationSettingsRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
@@ -351,7 +385,7 @@ pub(crate) async fn settings(
         app_consistent_hours: req.app_consistent_frequency_hours,
     };
     let vm2 = vm.clone();
-    let resp = store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+    let resp = store_op(&st, &vm, &ns, req.operation_id.clone(), move |_, r| {
         if r.meta.role != crate::site::Role::Primary {
             return Err(ApiError::conflict(format!(
                 "VM {vm2} is not a primary here: its replication settings are its source's"
@@ -384,6 +418,7 @@ pub(crate) async fn settings(
 pub(crate) async fn accept(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::AcceptReplication>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
@@ -392,13 +427,14 @@ pub(crate) async fn accept(
     let v = with_store(&st, move |s| {
         if !s.exists(&vm) {
             // Nothing here to protect: the first bulk transfer creates the replica.
-            return to_json(s.accept_missing(&vm, &req.source_site)?);
+            return to_json(s.accept_missing(&vm, &req.source_site, ns.as_deref())?);
         }
         // Once per operation id: a retry must not grant again what a transfer used up.
         s.idempotent(&vm, Some(&op), |s, r| {
-            let answer = to_json(r.accept(&req.source_site, Some(&op))?)?;
+            let answer = to_json(r.accept(&req.source_site, ns.as_deref(), Some(&op))?)?;
             // Should the replica's files be lost later, the source may create it again.
-            s.set_grant(&vm, Some(&req.source_site))?;
+            let grant = store::Grant::new(&req.source_site, r.meta.owner.as_deref());
+            s.set_grant(&vm, Some(grant))?;
             Ok(answer)
         })
     })
@@ -408,15 +444,24 @@ pub(crate) async fn accept(
 
 /// Runs storage work once per operation id (checked here): a repeated id answers the first
 /// call's result.
+/// A VM another namespace owns is refused (409) before `f` runs.
 async fn store_op(
     st: &Shared,
     vm: &str,
+    ns: &Option<String>,
     op_id: String,
     f: impl FnOnce(&Store, &mut store::VmRec) -> ApiResult<serde_json::Value> + Send + 'static,
 ) -> ApiResult<Response> {
     input::op_id("operationId", &op_id)?;
     let vm = vm.to_string();
-    let v = with_store(st, move |s| s.idempotent(&vm, Some(&op_id), f)).await?;
+    let ns = ns.clone();
+    let v = with_store(st, move |s| {
+        s.idempotent(&vm, Some(&op_id), |s, r| {
+            r.meta.check_owner(ns.as_deref())?;
+            f(s, r)
+        })
+    })
+    .await?;
     Ok(Json(v).into_response())
 }
 
@@ -440,12 +485,14 @@ async fn once(
 pub(crate) async fn sync(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
     input::operation(&req)?;
     let vm2 = vm.clone();
     read_vm(&st, &vm2, |_| Ok(())).await?;
+    check_tenant(&st, &vm, &ns).await?;
     once(&st, &req.operation_id, async {
         let rp = driver::sync_now(&st, &vm).await?;
         to_json(crate::site::SyncResult { recovery_point: rp })
@@ -456,20 +503,28 @@ pub(crate) async fn sync(
 /// `POST /v1/cuts`: one recovery point per listed outbound VM, all cut at the same instant.
 pub(crate) async fn cut(
     State(st): State<Shared>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::CutRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    input::cut(&req)?;
+    // A cut makes a point of every VM it lists: none of them may be another namespace's.
+    for vm in &req.vms {
+        check_tenant(&st, vm, &ns).await?;
+    }
     Ok(Json(super::cut::run(&st, req).await?).into_response())
 }
 
 pub(crate) async fn stop(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    check_tenant(&st, &vm, &ns).await?;
     driver::stop(&st, &vm);
-    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+    store_op(&st, &vm, &ns, req.operation_id.clone(), move |s, r| {
         r.stop_inbound()?;
         s.set_grant(&r.meta.name, None)?;
         to_json(r.view().replication)
@@ -480,6 +535,7 @@ pub(crate) async fn stop(
 pub(crate) async fn failover(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::FailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
@@ -489,9 +545,10 @@ pub(crate) async fn failover(
         .iter()
         .map(|m| (m.from.clone(), m.to.clone()))
         .collect();
+    check_tenant(&st, &vm, &ns).await?;
     // A replica of a domain whose networks are missing here is refused before anything changes.
     domain::check_networks(&st, &vm, &networks).await?;
-    let answer = store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+    let answer = store_op(&st, &vm, &ns, req.operation_id.clone(), move |s, r| {
         let rp = r.failover(&req.recovery_point, Some(&req.operation_id))?;
         // The VM runs here now: no peer may create it again.
         s.set_grant(&r.meta.name, None)?;
@@ -507,6 +564,7 @@ pub(crate) async fn failover(
 pub(crate) async fn test_failover(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::TestFailoverRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
@@ -519,9 +577,10 @@ pub(crate) async fn test_failover(
              characters (VM names of at most 58 characters can be tested)"
         )));
     }
+    check_tenant(&st, &vm, &ns).await?;
     let network = req.network.clone();
     let st2 = st.clone();
-    let answer = store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+    let answer = store_op(&st, &vm, &ns, req.operation_id.clone(), move |s, r| {
         // A replica of a domain drills on copy-on-write overlays of its images.
         let runtime = &st2.runtime;
         let overlay: crate::agent::runtime::MakeOverlay<'_> = &|d| runtime.make_overlay(d);
@@ -545,12 +604,14 @@ pub(crate) async fn test_failover(
 pub(crate) async fn test_cleanup(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
+    check_tenant(&st, &vm, &ns).await?;
     // The drill copy's domain goes first: its images are deleted next.
     domain::remove(&st, &vm, &replica::drill_copy_name(&vm)).await?;
-    store_op(&st, &vm, req.operation_id.clone(), move |s, r| {
+    store_op(&st, &vm, &ns, req.operation_id.clone(), move |s, r| {
         let (vm_name, deleted) = s.test_cleanup(r)?;
         to_json(crate::site::CleanupResult { vm_name, deleted })
     })
@@ -560,10 +621,11 @@ pub(crate) async fn test_cleanup(
 pub(crate) async fn commit(
     State(st): State<Shared>,
     Params(vm): Params<String>,
+    Tenant(ns): Tenant,
     body: Result<Json<crate::site::OperationRequest>, JsonRejection>,
 ) -> ApiResult<Response> {
     let req = parse(body)?;
-    store_op(&st, &vm, req.operation_id.clone(), move |_, r| {
+    store_op(&st, &vm, &ns, req.operation_id.clone(), move |_, r| {
         to_json(r.commit_points(Some(&req.operation_id))?)
     })
     .await

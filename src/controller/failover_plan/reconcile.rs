@@ -22,7 +22,10 @@ use super::members::{self, now};
 use super::planner::{self, Input};
 use super::webhook::{self, Payload};
 use crate::api::RETRY_ANNOTATION;
+use crate::api::Site;
 use crate::api::{APPROVE_ANNOTATION, FailoverPlan, ReplicatedVM};
+use crate::controller::conditions::{Cond, READY, STALLED};
+use crate::controller::rvm::tenancy;
 use crate::controller::writes;
 
 /// Actions taken in one reconcile before handing the plan back to the queue (fairness).
@@ -187,6 +190,15 @@ where
         .collect()
 }
 
+/// Why namespace `ns` may not use Site `site` ([`tenancy::not_allowed`]); a Site that does
+/// not exist refuses nothing here (the VMs' reconciles report it).
+async fn site_refusal(client: &Client, ns: &str, site: &str) -> Result<Option<String>, Error> {
+    let Some(s) = Api::<Site>::all(client.clone()).get_opt(site).await? else {
+        return Ok(None);
+    };
+    Ok(tenancy::not_allowed(ns, site, &s.spec.allowed_namespaces))
+}
+
 /// Every plan of namespace `ns` but `except`.
 fn plans_of(
     store: &Store<FailoverPlan>,
@@ -255,6 +267,34 @@ pub async fn reconcile(trigger: Arc<FailoverPlan>, ctx: Arc<Context>) -> Result<
     };
     if fp.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
+    }
+    // A target Site that does not allow the namespace: the plan does nothing, its status says
+    // why (its VMs are refused by their own reconciles too).
+    if let Some(message) = site_refusal(&ctx.client, &ns, &fp.spec.target_site).await? {
+        let mut new = fp.status.clone().unwrap_or_default();
+        crate::controller::conditions::set_all(
+            &mut new.conditions,
+            &[
+                Cond::new(READY, false, tenancy::NAMESPACE_NOT_ALLOWED, &message),
+                Cond::new(STALLED, true, tenancy::NAMESPACE_NOT_ALLOWED, &message),
+            ],
+            fp.meta().generation,
+            now(),
+        );
+        let old = fp.status.clone().unwrap_or_default();
+        let w = writes::write_status::<_, _, Error>(
+            &plans_api,
+            &name,
+            &old,
+            &new,
+            fp.resource_version().as_deref(),
+        )
+        .await?;
+        if w.written {
+            warn!(plan = %name, namespace = %ns, "{message}");
+        }
+        // Site changes do not wake plans: look again later.
+        return Ok(Action::requeue(Duration::from_secs(60)));
     }
     let uid = fp.uid().unwrap_or_else(|| name.clone());
     let resolved = members::resolve(fp, &plans, &rvms);

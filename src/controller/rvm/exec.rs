@@ -3,7 +3,7 @@
 
 use super::planner::{EnableMode, FenceCall, Outcome, SettingsCall, StepCall, StepName};
 use crate::controller::observe::ObservedRecoveryPoint;
-use crate::controller::sites::Sites;
+use crate::controller::sites::TenantSites;
 use crate::site::{
     AcceptReplication, CutRequest, EnableReplication, PowerAction, RecoveryPoint,
     RecoveryPointSelector, ReplicationMode, ReplicationSettingsRequest, SiteError, SiteProvider,
@@ -29,20 +29,23 @@ fn failed(site: &str, e: SiteError) -> Outcome {
     }
 }
 
-fn provider(sites: &Sites, site: &str) -> Result<std::sync::Arc<dyn SiteProvider>, Outcome> {
+fn provider(
+    sites: &TenantSites<'_>,
+    site: &str,
+) -> Result<std::sync::Arc<dyn SiteProvider>, Outcome> {
     sites
         .provider(site)
         .ok_or_else(|| Outcome::Unreachable(format!("site {site} is not known (no Site object)")))
 }
 
 /// Runs the step's site calls.
-pub async fn run(sites: &Sites, c: &StepCall) -> Outcome {
+pub async fn run(sites: &TenantSites<'_>, c: &StepCall) -> Outcome {
     match run_inner(sites, c).await {
         Ok(o) | Err(o) => o,
     }
 }
 
-async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
+async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Outcome> {
     let vm = c.vm.as_str();
     let op = c.op_id.as_str();
     let (src, tgt) = (c.source.as_str(), c.target.as_str());
@@ -203,7 +206,7 @@ async fn run_inner(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
 /// This VM's point of the plan's consistent cut, asked of the source site (the cut id is the
 /// step's operation id: the site cuts once per id and answers every repeat the same). The point
 /// must still be at the target for the failover to start from it.
-async fn consistent_cut(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome> {
+async fn consistent_cut(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Outcome> {
     let (vm, cut_id, src, tgt) = (
         c.vm.as_str(),
         c.op_id.as_str(),
@@ -250,7 +253,7 @@ async fn consistent_cut(sites: &Sites, c: &StepCall) -> Result<Outcome, Outcome>
 }
 
 async fn power(
-    sites: &Sites,
+    sites: &TenantSites<'_>,
     site: &str,
     vm: &str,
     action: PowerAction,
@@ -270,7 +273,12 @@ async fn power(
 
 /// Zero data loss, proven: every disk's digest at the source equals the digest of the target's
 /// newest recovery point.
-async fn verify_digests(sites: &Sites, src: &str, tgt: &str, vm: &str) -> Result<Outcome, Outcome> {
+async fn verify_digests(
+    sites: &TenantSites<'_>,
+    src: &str,
+    tgt: &str,
+    vm: &str,
+) -> Result<Outcome, Outcome> {
     let s = provider(sites, src)?;
     let t = provider(sites, tgt)?;
     let disks = match s.get_vm(vm).await {
@@ -309,7 +317,7 @@ fn short(h: &str) -> &str {
 }
 
 /// Powers a VM off where it must not run.
-pub async fn fence(sites: &Sites, f: &FenceCall) -> Outcome {
+pub async fn fence(sites: &TenantSites<'_>, f: &FenceCall) -> Outcome {
     match sites.provider(&f.site) {
         None => Outcome::Unreachable(format!("site {} is not known", f.site)),
         Some(p) => match p.power(&f.vm, PowerAction::PowerOff, &f.op_id).await {
@@ -320,7 +328,7 @@ pub async fn fence(sites: &Sites, f: &FenceCall) -> Outcome {
 }
 
 /// Sends changed replication settings to the source's running replication.
-pub async fn settings(sites: &Sites, c: &SettingsCall) -> Outcome {
+pub async fn settings(sites: &TenantSites<'_>, c: &SettingsCall) -> Outcome {
     let Some(p) = sites.provider(&c.site) else {
         return Outcome::Unreachable(format!("site {} is not known", c.site));
     };

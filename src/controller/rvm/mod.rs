@@ -6,6 +6,8 @@
 //! - [`exec`]: carries out one planned step against the sites.
 //! - [`deletion`]: what the deletion of a ReplicatedVM may do (waits for a running job, keeps
 //!   the only copy of a VM unless asked).
+//! - [`tenancy`]: which namespace's ReplicatedVM holds a site VM, and the Sites' allowed
+//!   namespaces (no I/O).
 //!
 //! The VM as a site shows it ([`super::observe`]) and the site listings ([`super::sites`]) are
 //! shared with the Site reconciler and stay one level up.
@@ -14,5 +16,6 @@ pub mod deletion;
 pub mod exec;
 pub mod planner;
 pub mod reconcile;
+pub mod tenancy;
 
 pub use reconcile::{Context, FINALIZER, Fences, Written, error_policy, now, reconcile};

@@ -16,7 +16,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::reflector::Store;
 
 use super::planner::{self, Input, Plan, StepName, Update};
-use super::{deletion, exec};
+use super::{deletion, exec, tenancy};
 use crate::api::{
     COMMIT_ANNOTATION, DELETE_LAST_COPY_ANNOTATION, FailoverPlan, RETRY_ANNOTATION, ReplicatedVM,
     ReplicatedVMSpec, ReplicatedVMStatus,
@@ -48,6 +48,8 @@ pub struct Context {
     pub plans: Store<FailoverPlan>,
     /// The only namespace whose Secrets are read.
     pub secret_namespace: String,
+    /// Every ReplicatedVM, from the reconciler's watch cache: which namespace holds a site VM.
+    pub rvms: Store<ReplicatedVM>,
 }
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
@@ -203,6 +205,25 @@ async fn apply(
         status = wst;
         rv = Some(wrv.to_string());
     }
+    // A VM of another namespace, or a Site that does not allow this namespace: nothing is
+    // done at the sites, the status says why.
+    if let Some((reason, message)) = tenancy_refusal(rvm, ctx).await? {
+        let new = tenancy::refused(&status, reason, &message, rvm.meta().generation, now());
+        let w =
+            writes::write_status::<_, _, Error>(api, &name, &status, &new, rv.as_deref()).await?;
+        if w.written {
+            warn!(rvm = %name, namespace = %ns, "{message}");
+            let note = writes::Note {
+                warning: true,
+                action: "Refuse",
+                subject: format!("tenancy-{vm_name}"),
+                reason,
+                message,
+            };
+            writes::publish(&ctx.recorder, &rvm.object_ref(&()), &[note]).await;
+        }
+        return Ok(Action::requeue(ctx.poll));
+    }
     // A FailoverPlan that selects the VM decides where it should be and when.
     // Until the cache has its first picture (a VM would look free of every plan), the
     // namespace's plans are listed.
@@ -278,7 +299,7 @@ async fn apply(
                 if call.step_name == StepName::ConsistentCut {
                     call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
                 }
-                let outcome = exec::run(&ctx.sites, &call).await;
+                let outcome = exec::run(&ctx.sites.tenant(&ns), &call).await;
                 if call.step_name == StepName::FenceSource {
                     ctx.fences.record(&uid, &outcome);
                 }
@@ -303,7 +324,7 @@ async fn apply(
             }
             Plan::Settings(c) => {
                 info!(rvm = %name, site = %c.site, op = %c.op_id, "sending replication settings");
-                let outcome = exec::settings(&ctx.sites, &c).await;
+                let outcome = exec::settings(&ctx.sites.tenant(&ns), &c).await;
                 let ok = matches!(outcome, planner::Outcome::Succeeded { .. });
                 if ok {
                     // The next plan needs a listing that shows the new settings.
@@ -325,7 +346,7 @@ async fn apply(
             }
             Plan::Fence(f) => {
                 info!(rvm = %name, site = %f.site, "VM runs where it must not; powering it off");
-                let outcome = exec::fence(&ctx.sites, &f).await;
+                let outcome = exec::fence(&ctx.sites.tenant(&ns), &f).await;
                 if let Some(wait) = ctx.fences.record(&uid, &outcome) {
                     warn!(rvm = %name, site = %f.site, "power off failed; trying again in {} s", wait.as_secs());
                 }
@@ -379,6 +400,37 @@ async fn apply(
         status = new;
     }
     Ok(Action::requeue(Duration::ZERO))
+}
+
+/// Why tenancy refuses `rvm`, if it does ([`tenancy::refusal`]): from the watch cache of every
+/// ReplicatedVM, or a listing until the cache has its first picture.
+async fn tenancy_refusal(
+    rvm: &ReplicatedVM,
+    ctx: &Context,
+) -> Result<Option<(&'static str, String)>, Error> {
+    let all: Vec<tenancy::Claim> = if failover_plan::cache_ready(&ctx.rvms).await {
+        ctx.rvms
+            .state()
+            .iter()
+            .map(|r| tenancy::Claim::of(r))
+            .collect()
+    } else {
+        warn!(rvm = %rvm.name_any(), "ReplicatedVM cache not ready; listing them");
+        Api::<ReplicatedVM>::all(ctx.client.clone())
+            .list(&Default::default())
+            .await?
+            .items
+            .iter()
+            .map(tenancy::Claim::of)
+            .collect()
+    };
+    let vm = rvm.vm_name();
+    Ok(tenancy::refusal(
+        &tenancy::Claim::of(rvm),
+        &all,
+        |s| ctx.sites.allowed_namespaces(s),
+        |s| ctx.sites.owner(s, &vm),
+    ))
 }
 
 /// The names of the VMs at the sites (`spec.vmName`) of the ReplicatedVMs `names` of namespace
@@ -467,8 +519,18 @@ async fn cleanup(
     api: &Api<ReplicatedVM>,
 ) -> Result<Action, Error> {
     let name = rvm.name_any();
+    let ns = rvm.namespace().unwrap_or_default();
+    let tenant = ctx.sites.tenant(&ns);
     let uid = rvm.uid().unwrap_or_else(|| name.clone());
     let vm = rvm.vm_name();
+    // A refused ReplicatedVM never touched a site: its deletion does not either (the VM and
+    // its replica are another namespace's, or at a Site that does not allow this one).
+    if let Some((_, message)) = tenancy_refusal(rvm, ctx).await? {
+        info!(rvm = %name, "deleted without any site call: {message}");
+        ctx.written.forget(&uid);
+        ctx.fences.forget(&uid);
+        return Ok(Action::await_change());
+    }
     let mut status = rvm.status.clone().unwrap_or_default();
     let mut rv = rvm.resource_version();
     if let Some(job) = deletion::running_job(&status) {
@@ -548,7 +610,7 @@ async fn cleanup(
         Err(e) => Err(Error::Site(e)),
     };
     for site in [&active, &other] {
-        if let Some(p) = ctx.sites.provider(site).filter(|_| !gone.contains(site)) {
+        if let Some(p) = tenant.provider(site).filter(|_| !gone.contains(site)) {
             ok(
                 p.stop_replication(&vm, &format!("{uid}-delete-stop-{site}"))
                     .await
@@ -556,13 +618,9 @@ async fn cleanup(
             )?;
         }
     }
-    if let Some(p) = ctx
-        .sites
-        .provider(&other)
-        .filter(|_| !gone.contains(&other))
-    {
+    if let Some(p) = tenant.provider(&other).filter(|_| !gone.contains(&other)) {
         if let Some(tf) = &status.test_failover {
-            let p = ctx.sites.provider(&tf.site).unwrap_or_else(|| p.clone());
+            let p = tenant.provider(&tf.site).unwrap_or_else(|| p.clone());
             ok(p.test_failover_cleanup(&vm, &format!("{uid}-delete-drill"))
                 .await
                 .map(|_| ()))?;

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::api::{JobType, ReplicationSpec};
+use crate::controller::sites::Sites;
 use crate::site::{
     AcceptReplication, AcceptResult, CleanupResult, CommitResult, CreateVm, CutRequest, CutResult,
     FailoverResult, RecoveryPoint, RecoveryPointSelector, ReplicationInfo, SiteFuture, SyncResult,
@@ -191,7 +192,7 @@ async fn enable_replication_accepts_at_the_target_before_enabling_at_the_source(
         (JobType::ReverseReplicate, EnableMode::Resync, "Resync"),
     ] {
         let (sites, log) = sites(|| Ok(()));
-        let o = run(&sites, &enable_call(t, mode)).await;
+        let o = run(&sites.tenant("team"), &enable_call(t, mode)).await;
         assert_eq!(o, Outcome::ok());
         assert_eq!(
             calls(&log),
@@ -220,7 +221,7 @@ async fn without_the_pairs_credential_at_the_target_nothing_is_enabled() {
     // The reverse pair does not do.
     sites.pairs.installed_at_target(S, P, PAIR.into());
     let o = run(
-        &sites,
+        &sites.tenant("team"),
         &enable_call(JobType::EnableReplication, EnableMode::Initial),
     )
     .await;
@@ -235,7 +236,7 @@ async fn without_the_pairs_credential_at_the_target_nothing_is_enabled() {
 async fn a_target_that_does_not_answer_the_accept_is_retried_and_nothing_is_enabled() {
     let (sites, log) = sites(|| Err(SiteError::Unreachable("connection refused".into())));
     let o = run(
-        &sites,
+        &sites.tenant("team"),
         &enable_call(JobType::EnableReplication, EnableMode::Initial),
     )
     .await;
@@ -253,7 +254,7 @@ async fn a_target_that_does_not_answer_the_accept_is_retried_and_nothing_is_enab
 async fn a_target_that_refuses_the_accept_fails_the_step_and_nothing_is_enabled() {
     let (sites, log) = sites(|| Err(SiteError::Conflict("VM web-01 runs here".into())));
     let o = run(
-        &sites,
+        &sites.tenant("team"),
         &enable_call(JobType::ReverseReplicate, EnableMode::Resync),
     )
     .await;
@@ -272,7 +273,7 @@ async fn an_unknown_target_is_retried_and_nothing_is_called() {
     let (sites, log) = sites(|| Ok(()));
     sites.remove(S);
     let o = run(
-        &sites,
+        &sites.tenant("team"),
         &enable_call(JobType::EnableReplication, EnableMode::Initial),
     )
     .await;
@@ -289,7 +290,7 @@ async fn an_unknown_target_is_retried_and_nothing_is_called() {
 async fn a_target_that_refuses_the_token_is_retried_until_the_deadline() {
     let (sites, log) = sites(|| Err(SiteError::Unauthorized("401".into())));
     let o = run(
-        &sites,
+        &sites.tenant("team"),
         &enable_call(JobType::EnableReplication, EnableMode::Initial),
     )
     .await;
@@ -317,7 +318,7 @@ async fn a_settings_change_goes_to_the_source_with_the_specs_numbers() {
             ..ReplicationSpec::default()
         },
     };
-    assert_eq!(settings(&sites, &call).await, Outcome::ok());
+    assert_eq!(settings(&sites.tenant("team"), &call).await, Outcome::ok());
     assert_eq!(
         calls(&log),
         [format!(
@@ -327,7 +328,7 @@ async fn a_settings_change_goes_to_the_source_with_the_specs_numbers() {
     // A site without a Site object is not called: retried later.
     call.site = "elsewhere".into();
     assert!(matches!(
-        settings(&sites, &call).await,
+        settings(&sites.tenant("team"), &call).await,
         Outcome::Unreachable(_)
     ));
     assert_eq!(calls(&log).len(), 1);
