@@ -680,13 +680,31 @@ impl VmRec {
     }
 }
 
-/// Makes `dir` (and its parents) if needed, readable by the agent's user only.
+/// Makes `dir` (and its parents) if needed, readable by the agent's user only. A directory it
+/// makes is durable before it returns (its parent fsynced): a power cut after the first start
+/// would otherwise lose `vms/` with every VM created in it.
 fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && !p.try_exists()? {
+        missing.push(p);
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    for d in missing.iter().rev() {
+        match d.parent() {
+            Some(q) if !q.as_os_str().is_empty() => sync_dir(q)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// Loads one VM from its directory; the error is the reason it is reported broken.
