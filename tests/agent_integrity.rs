@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common_agent::AgentProc;
 use twinsite::site::{
-    AgentClient, EnableReplication, PowerAction, RecoveryPointSelector, ReplicationMode,
+    AgentClient, EnableReplication, Power, PowerAction, RecoveryPointSelector, ReplicationMode,
     ReplicationState, Role, SiteProvider,
 };
 
@@ -432,4 +432,43 @@ async fn a_crash_after_an_undo_fold_leaves_every_point_exact() {
         "orphans swept"
     );
     assert_points(&cb2, &[(app.id, d_app), (last.id, d_last)]).await;
+}
+
+/// A `vm.json` save that fails (a disk error, a full disk) leaves the VM as it is on disk: the
+/// agent's answer, its memory and a restart all agree that nothing changed.
+#[tokio::test]
+async fn a_failed_save_leaves_memory_as_the_disk_has_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = AgentProc::start_with_env(
+        "primary",
+        root.path(),
+        &[("TWINSITE_FAILPOINT", "meta.save:error@1")],
+    );
+    let ca = a.client();
+    ca.create_vm(VM, &common_agent::vm_spec(MIB, true))
+        .await
+        .unwrap();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Running);
+
+    let err = ca.power(VM, PowerAction::PowerOff, "off-1").await;
+    assert!(
+        err.is_err(),
+        "the power-off whose save failed answered {err:?}"
+    );
+    assert_eq!(
+        ca.get_vm(VM).await.unwrap().power,
+        Power::Running,
+        "the agent serves a power state its vm.json does not have"
+    );
+    // Guest writes go on: the VM still runs.
+    write(&ca, 0, BLOCK, 7).await;
+
+    a.kill();
+    a.set_env("TWINSITE_FAILPOINT", None);
+    a.spawn();
+    let ca = a.client();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Running);
+    // The same operation again succeeds once the disk takes it.
+    ca.power(VM, PowerAction::PowerOff, "off-2").await.unwrap();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Off);
 }
