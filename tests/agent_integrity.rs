@@ -472,3 +472,47 @@ async fn a_failed_save_leaves_memory_as_the_disk_has_it() {
     ca.power(VM, PowerAction::PowerOff, "off-2").await.unwrap();
     assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Off);
 }
+
+/// Undo data is checked against the hash recorded with it before it is applied: a point whose
+/// undo data was damaged on disk is refused (test failover and failover answer an error that
+/// names the damage), never materialized as an image the source never had.
+#[tokio::test]
+async fn damaged_undo_data_is_refused_not_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = protect(&a, &b, 4 * MIB).await;
+    let older = cb.recovery_points(VM).await.unwrap();
+    let older = older.last().unwrap().id.clone();
+    write(&ca, 0, 2 * BLOCK, 9).await;
+    ca.sync(VM, "sync-1").await.unwrap();
+
+    // The newest point's undo data holds the older point's blocks 0 and 1: flip one byte.
+    let undo = b.data_dir.join("vms").join(VM).join("undo");
+    let mut damaged = 0;
+    for e in std::fs::read_dir(&undo).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "dat") && std::fs::metadata(&p).unwrap().len() > 0 {
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes[100] ^= 0xff;
+            std::fs::write(&p, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "one undo segment with data");
+
+    let sel = RecoveryPointSelector::Id(older.clone());
+    let res = cb.test_failover(VM, &sel, "isolated", "tf-damaged").await;
+    let err = match res {
+        Ok(t) => panic!(
+            "a test failover to {older} over damaged undo data answered {} (disk0 {})",
+            t.vm_name,
+            cb.digest(&t.vm_name, "disk0").await.unwrap()
+        ),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("checksum"),
+        "the error does not name the damage: {err}"
+    );
+}
