@@ -41,6 +41,7 @@ echo "== fuzz (property tests of the block-stream decoder and the agent's JSON b
 # Its own run, so each target's line `fuzz <target>: inputs: N, crashes: 0` is printed.
 cargo test --locked --features failpoints,libvirt --lib ::fuzz::fuzz_ -- --nocapture
 
-echo "== crash injection (SIGKILL at every failpoint of the data path)"
-# Its own run, so its closing line `injected crashes: N, invariant violations: M` is printed.
+echo "== crash injection (SIGKILL and power cut at every failpoint of the data path)"
+# Its own run, so its closing line `injected crashes: N, power cuts: P, invariant violations: M`
+# is printed. The power cuts run the agents on a FUSE mount (as root: /dev/fuse only).
 cargo test --locked --features failpoints,libvirt --test crash_injection -- --nocapture

@@ -52,6 +52,13 @@ pub const LIBVIRT: &[&str] = &[
     "cut.paused",
 ];
 
+/// Failpoints armed only as `NAME:error` (an I/O error, not a crash): steps whose crash the
+/// failpoints above already cover.
+pub const ERRORS: &[&str] = &[
+    // Any save of a VM's `vm.json`.
+    "meta.save",
+];
+
 /// How a failpoint is armed.
 #[cfg(feature = "failpoints")]
 struct Armed {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common_agent::AgentProc;
 use twinsite::site::{
-    AgentClient, EnableReplication, PowerAction, RecoveryPointSelector, ReplicationMode,
+    AgentClient, EnableReplication, Power, PowerAction, RecoveryPointSelector, ReplicationMode,
     ReplicationState, Role, SiteProvider,
 };
 
@@ -432,4 +432,87 @@ async fn a_crash_after_an_undo_fold_leaves_every_point_exact() {
         "orphans swept"
     );
     assert_points(&cb2, &[(app.id, d_app), (last.id, d_last)]).await;
+}
+
+/// A `vm.json` save that fails (a disk error, a full disk) leaves the VM as it is on disk: the
+/// agent's answer, its memory and a restart all agree that nothing changed.
+#[tokio::test]
+async fn a_failed_save_leaves_memory_as_the_disk_has_it() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = AgentProc::start_with_env(
+        "primary",
+        root.path(),
+        &[("TWINSITE_FAILPOINT", "meta.save:error@1")],
+    );
+    let ca = a.client();
+    ca.create_vm(VM, &common_agent::vm_spec(MIB, true))
+        .await
+        .unwrap();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Running);
+
+    let err = ca.power(VM, PowerAction::PowerOff, "off-1").await;
+    assert!(
+        err.is_err(),
+        "the power-off whose save failed answered {err:?}"
+    );
+    assert_eq!(
+        ca.get_vm(VM).await.unwrap().power,
+        Power::Running,
+        "the agent serves a power state its vm.json does not have"
+    );
+    // Guest writes go on: the VM still runs.
+    write(&ca, 0, BLOCK, 7).await;
+
+    a.kill();
+    a.set_env("TWINSITE_FAILPOINT", None);
+    a.spawn();
+    let ca = a.client();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Running);
+    // The same operation again succeeds once the disk takes it.
+    ca.power(VM, PowerAction::PowerOff, "off-2").await.unwrap();
+    assert_eq!(ca.get_vm(VM).await.unwrap().power, Power::Off);
+}
+
+/// Undo data is checked against the hash recorded with it before it is applied: a point whose
+/// undo data was damaged on disk is refused (test failover and failover answer an error that
+/// names the damage), never materialized as an image the source never had.
+#[tokio::test]
+async fn damaged_undo_data_is_refused_not_applied() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start("primary", root.path());
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = protect(&a, &b, 4 * MIB).await;
+    let older = cb.recovery_points(VM).await.unwrap();
+    let older = older.last().unwrap().id.clone();
+    write(&ca, 0, 2 * BLOCK, 9).await;
+    ca.sync(VM, "sync-1").await.unwrap();
+
+    // The newest point's undo data holds the older point's blocks 0 and 1: flip one byte.
+    let undo = b.data_dir.join("vms").join(VM).join("undo");
+    let mut damaged = 0;
+    for e in std::fs::read_dir(&undo).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "dat") && std::fs::metadata(&p).unwrap().len() > 0 {
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes[100] ^= 0xff;
+            std::fs::write(&p, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert_eq!(damaged, 1, "one undo segment with data");
+
+    let sel = RecoveryPointSelector::Id(older.clone());
+    let res = cb.test_failover(VM, &sel, "isolated", "tf-damaged").await;
+    let err = match res {
+        Ok(t) => panic!(
+            "a test failover to {older} over damaged undo data answered {} (disk0 {})",
+            t.vm_name,
+            cb.digest(&t.vm_name, "disk0").await.unwrap()
+        ),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("checksum"),
+        "the error does not name the damage: {err}"
+    );
 }

@@ -1,7 +1,12 @@
 //! Crash injection: two real agents replicate one VM through a whole protection life cycle
 //! (guest writes, cycles, a test failover, a resync into the replica, a failover to an older
 //! point, a reverse resync, commit), while one of them is armed to die by SIGKILL at the N-th
-//! time it reaches one failpoint of `twinsite::fault::ALL`. The dead agent is started again (unarmed), the
+//! time it reaches one failpoint of `twinsite::fault::ALL`. Every failpoint is run twice: once
+//! as a plain SIGKILL (the page cache keeps every write), once as a power cut: each agent's data
+//! directory is on the power-loss filesystem (`twinsite-powerloss-fs`, tests/common_powerloss),
+//! and when the armed agent dies its site loses every write it had not made durable (file and
+//! directory fsync) before the agent starts again on what survived. The dead agent is started
+//! again (unarmed), the
 //! interrupted step is retried the way the controller would (the same operation id; a new one
 //! for sync), and the suite checks its invariants against a model of the source's image:
 //!
@@ -16,11 +21,15 @@
 //!
 //! and that an operation retried with its id after a crash answers or does the operation (never
 //! a 409, or a 404, because half of its effect happened). Violations are collected, not
-//! panicked on; the test ends with one line `injected crashes: N, invariant violations: M`.
+//! panicked on; the test ends with one line
+//! `injected crashes: N, power cuts: P, invariant violations: M` (N: SIGKILLs that kept the page
+//! cache, P: crashes that lost it).
 //!
-//! Run with `cargo test --features failpoints --test crash_injection -- --nocapture`.
+//! Run with `cargo test --features failpoints --test crash_injection -- --nocapture`;
+//! `CRASH_ONLY=name,name` runs only those failpoints, `CRASH_MODE=kill` or `power` only one kind.
 
 mod common_agent;
+mod common_powerloss;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::process::ExitStatusExt;
@@ -29,6 +38,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common_agent::{AgentProc, TOKEN};
+use common_powerloss::PowerLossDir;
 use jiff::Timestamp;
 use sha2::Digest;
 use twinsite::site::{
@@ -303,11 +313,16 @@ struct Run {
     armed: Option<(&'static str, Side)>,
     a: Agent,
     b: Agent,
+    /// The sites' data directories on the power-loss filesystem (A, B), for a power-cut run:
+    /// an agent's death at its failpoint cuts its site's power. Dropped after the agents.
+    power: Option<[PowerLossDir; 2]>,
     phase: Phase,
     model: Model,
     rng: Rng,
     /// The agent died at its failpoint (and was started again).
     crashed: bool,
+    /// Its site lost, at that death, every write it had not made durable.
+    power_cut: bool,
     violations: Vec<String>,
     seq: u64,
     /// Recovery points read back through a test failover by the checks.
@@ -385,9 +400,22 @@ fn start_agent(root: &std::path::Path, site: &str, point: Option<String>) -> Res
 }
 
 impl Run {
-    /// Two fresh agents; `armed` is `(failpoint, side, n)`.
-    fn new(label: String, armed: Option<(&'static str, Side, u64)>) -> Result<Self, String> {
+    /// Two fresh agents; `armed` is `(failpoint, side, n)`; `power`: their data directories are
+    /// on the power-loss filesystem.
+    fn new(
+        label: String,
+        armed: Option<(&'static str, Side, u64)>,
+        power: bool,
+    ) -> Result<Self, String> {
         let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let power = if power {
+            Some([
+                PowerLossDir::new(&root.path().join(SITE_A))?,
+                PowerLossDir::new(&root.path().join(SITE_B))?,
+            ])
+        } else {
+            None
+        };
         let arm = |side: Side| {
             armed
                 .filter(|(_, s, _)| *s == side)
@@ -401,9 +429,11 @@ impl Run {
             armed: armed.map(|(p, s, _)| (p, s)),
             a,
             b,
+            power,
             phase: Phase::Forward,
             model: Model::new(Timestamp::now()),
             crashed: false,
+            power_cut: false,
             violations: Vec::new(),
             seq: 0,
             points_read: 0,
@@ -535,7 +565,17 @@ impl Run {
                     {
                         self.crashed = true;
                         eprintln!("[{}] {site} died at failpoint {p}", self.label);
-                        format!("after its crash at {p}")
+                        let cut = self.power.as_mut().map(|d| d[side as usize].cut());
+                        if let Some(cut) = cut {
+                            if let Err(e) = cut {
+                                self.violation(format!("cutting {site}'s power: {e}"));
+                                return Err(Abort);
+                            }
+                            self.power_cut = true;
+                            format!("after its crash and power cut at {p}")
+                        } else {
+                            format!("after its crash at {p}")
+                        }
                     } else {
                         self.violation(format!(
                             "{site} (armed with {p}) died otherwise than at its failpoint: {st}"
@@ -1138,6 +1178,7 @@ struct Outcome {
     label: String,
     point: Option<&'static str>,
     crashed: bool,
+    power_cut: bool,
     violations: Vec<String>,
     points_read: u64,
     took: Duration,
@@ -1145,12 +1186,13 @@ struct Outcome {
 
 enum Job {
     WrongParent,
-    Point(&'static str, Side),
+    /// A failpoint, where it is armed, and whether its crash cuts the site's power.
+    Point(&'static str, Side, bool),
 }
 
-async fn run_one(label: String, armed: Option<(&'static str, Side, u64)>) -> Outcome {
+async fn run_one(label: String, armed: Option<(&'static str, Side, u64)>, power: bool) -> Outcome {
     let t0 = Instant::now();
-    let mut run = match Run::new(label.clone(), armed) {
+    let mut run = match Run::new(label.clone(), armed, power) {
         Ok(r) => r,
         Err(e) => {
             return Outcome {
@@ -1158,6 +1200,7 @@ async fn run_one(label: String, armed: Option<(&'static str, Side, u64)>) -> Out
                 label,
                 point: armed.map(|a| a.0),
                 crashed: false,
+                power_cut: false,
                 points_read: 0,
                 took: t0.elapsed(),
             };
@@ -1172,6 +1215,7 @@ async fn run_one(label: String, armed: Option<(&'static str, Side, u64)>) -> Out
         label: run.label.clone(),
         point: run.armed.map(|a| a.0),
         crashed: run.crashed,
+        power_cut: run.power_cut,
         violations: std::mem::take(&mut run.violations),
         points_read: run.points_read,
         took: t0.elapsed(),
@@ -1179,7 +1223,9 @@ async fn run_one(label: String, armed: Option<(&'static str, Side, u64)>) -> Out
     eprintln!(
         "run {}: {}, {} violation(s), {:.1}s",
         out.label,
-        if out.crashed {
+        if out.power_cut {
+            "crashed at its failpoint, power cut"
+        } else if out.crashed {
             "crashed at its failpoint"
         } else {
             "failpoint not reached"
@@ -1198,14 +1244,15 @@ async fn worker(jobs: &Mutex<VecDeque<Job>>, outcomes: &Mutex<Vec<Outcome>>) {
         };
         match job {
             Job::WrongParent => {
-                let o = run_one("wrong-parent".into(), None).await;
+                let o = run_one("wrong-parent".into(), None, false).await;
                 outcomes.lock().unwrap().push(o);
             }
-            Job::Point(p, side) => {
+            Job::Point(p, side, power) => {
                 // NAME@1, NAME@2, ... until a run does not reach the point that often.
                 for n in 1..=K_MAX {
-                    let label = format!("{p}@{n} at {side:?}");
-                    let o = run_one(label, Some((p, side, n))).await;
+                    let how = if power { ", power cut" } else { "" };
+                    let label = format!("{p}@{n} at {side:?}{how}");
+                    let o = run_one(label, Some((p, side, n)), power).await;
                     let crashed = o.crashed;
                     outcomes.lock().unwrap().push(o);
                     if !crashed {
@@ -1224,6 +1271,8 @@ fn agents_keep_their_promises_across_crashes_at_every_failpoint() {
     let only: Option<Vec<String>> = std::env::var("CRASH_ONLY")
         .ok()
         .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    // `CRASH_MODE=kill` or `power`: only that kind of crash.
+    let mode = std::env::var("CRASH_MODE").unwrap_or_default();
     let mut queue = VecDeque::new();
     queue.push_back(Job::WrongParent);
     for p in twinsite::fault::ALL {
@@ -1231,7 +1280,12 @@ fn agents_keep_their_promises_across_crashes_at_every_failpoint() {
             continue;
         }
         for side in sides_of(p) {
-            queue.push_back(Job::Point(p, side));
+            for power in [false, true] {
+                if mode == if power { "kill" } else { "power" } {
+                    continue;
+                }
+                queue.push_back(Job::Point(p, side, power));
+            }
         }
     }
     let jobs = Mutex::new(queue);
@@ -1250,20 +1304,30 @@ fn agents_keep_their_promises_across_crashes_at_every_failpoint() {
     let outcomes = outcomes.into_inner().unwrap();
 
     let mut per_point: BTreeMap<&str, u64> = twinsite::fault::ALL.iter().map(|p| (*p, 0)).collect();
+    let mut cuts_per_point = per_point.clone();
     let mut violations = Vec::new();
     for o in &outcomes {
         if o.crashed
             && let Some(p) = o.point
         {
-            *per_point.entry(p).or_default() += 1;
+            let counts = if o.power_cut {
+                &mut cuts_per_point
+            } else {
+                &mut per_point
+            };
+            *counts.entry(p).or_default() += 1;
         }
         violations.extend(o.violations.iter().cloned());
     }
-    let crashes = outcomes.iter().filter(|o| o.crashed).count();
+    let crashes = outcomes
+        .iter()
+        .filter(|o| o.crashed && !o.power_cut)
+        .count();
+    let cuts = outcomes.iter().filter(|o| o.power_cut).count();
     let unreached: Vec<&str> = twinsite::fault::ALL
         .iter()
         .copied()
-        .filter(|p| per_point[p] == 0)
+        .filter(|p| per_point[p] == 0 || cuts_per_point[p] == 0)
         .collect();
     for v in &violations {
         println!("violation: {v}");
@@ -1273,6 +1337,11 @@ fn agents_keep_their_promises_across_crashes_at_every_failpoint() {
         .map(|p| format!("{p}={}", per_point[p]))
         .collect();
     println!("crashes per failpoint: {}", counts.join(" "));
+    let counts: Vec<String> = twinsite::fault::ALL
+        .iter()
+        .map(|p| format!("{p}={}", cuts_per_point[p]))
+        .collect();
+    println!("power cuts per failpoint: {}", counts.join(" "));
     println!("failpoints never reached: {unreached:?}");
     println!(
         "recovery points read back by the checks: {}",
@@ -1284,10 +1353,11 @@ fn agents_keep_their_promises_across_crashes_at_every_failpoint() {
         started.elapsed().as_secs_f64()
     );
     println!(
-        "injected crashes: {crashes}, invariant violations: {}",
+        "injected crashes: {crashes}, power cuts: {cuts}, invariant violations: {}",
         violations.len()
     );
     assert!(crashes >= 100, "only {crashes} injected crashes");
+    assert!(cuts >= 100, "only {cuts} power cuts");
     assert_eq!(violations.len(), 0, "invariant violations");
     assert!(
         unreached.is_empty(),

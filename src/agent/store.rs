@@ -597,9 +597,32 @@ impl VmRec {
         }
     }
 
-    pub(super) fn save(&self) -> ApiResult<()> {
-        let bytes = serde_json::to_vec_pretty(&self.meta).map_err(|e| ApiError::io(e.into()))?;
-        write_atomic(&self.dir.join("vm.json"), &bytes).map_err(ApiError::io)
+    /// Writes `vm.json` from memory. When that fails (a disk error, a full disk), memory takes
+    /// back what `vm.json` holds, so the agent never serves or acts on a state its disk does not
+    /// have (a restart would load the disk's); the caller's error is the write's.
+    pub(super) fn save(&mut self) -> ApiResult<()> {
+        let path = self.dir.join("vm.json");
+        let written = serde_json::to_vec_pretty(&self.meta)
+            .map_err(io::Error::from)
+            .and_then(|bytes| {
+                fault::fail("meta.save")?;
+                write_atomic(&path, &bytes)
+            });
+        let Err(e) = written else {
+            return Ok(());
+        };
+        let on_disk = fs::read(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<VmMeta>(&b).map_err(|e| e.to_string()));
+        match on_disk {
+            Ok(meta) => self.meta = meta,
+            Err(reload) => tracing::error!(
+                vm = %self.meta.name,
+                error = %reload,
+                "vm.json could not be saved nor read back; memory may be ahead of disk until a restart"
+            ),
+        }
+        Err(ApiError::io(e))
     }
 
     pub fn power(&mut self, action: PowerAction) -> ApiResult<serde_json::Value> {
@@ -719,13 +742,31 @@ impl VmRec {
     }
 }
 
-/// Makes `dir` (and its parents) if needed, readable by the agent's user only.
+/// Makes `dir` (and its parents) if needed, readable by the agent's user only. A directory it
+/// makes is durable before it returns (its parent fsynced): a power cut after the first start
+/// would otherwise lose `vms/` with every VM created in it.
 fn private_dir(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.as_os_str().is_empty() && !p.try_exists()? {
+        missing.push(p);
+        match p.parent() {
+            Some(q) => p = q,
+            None => break,
+        }
+    }
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    for d in missing.iter().rev() {
+        match d.parent() {
+            Some(q) if !q.as_os_str().is_empty() => sync_dir(q)?,
+            _ => sync_dir(Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// Loads one VM from its directory; the error is the reason it is reported broken.

@@ -6,8 +6,11 @@
 //! applying the undo lists of the newer points, newest first. Merging a point away appends its
 //! list to its successor's (always correct), then [`merge`] folds the list into one segment.
 //!
-//! A segment `NAME` of disk `d` is two files: `NAME.d.idx` (block numbers, u64 LE) and
-//! `NAME.d.dat` (the blocks, one 64 KiB slot each, in the same order).
+//! A segment `NAME` of disk `d` is two files: `NAME.d.idx` (the index) and `NAME.d.dat` (the
+//! blocks, one 64 KiB slot each, in the index's order). The index is [`MAGIC`] and then, per
+//! block, its number (u64 LE) and the blake3 hash of its bytes, checked whenever the block is
+//! read back: a damaged segment is refused, never applied. An index without the magic (written
+//! before the hashes) is block numbers only, applied unchecked.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +19,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::{BLOCK_SIZE, block_len};
+
+/// First 8 bytes of an index with hashes (no block number is this large).
+const MAGIC: &[u8; 8] = b"TSUNDO2\0";
+const ENTRY: usize = 8 + 32;
 
 fn idx_path(dir: &Path, name: &str, disk: usize) -> PathBuf {
     dir.join(format!("{name}.{disk}.idx"))
@@ -36,13 +43,15 @@ pub fn write(
 ) -> io::Result<()> {
     let dat = create(&dat_path(dir, name, disk))?;
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let mut entries = Vec::with_capacity(blocks.len());
     for (slot, b) in blocks.iter().enumerate() {
         let len = block_len(size, *b);
         image.read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
         dat.write_all_at(&buf[..len], slot as u64 * BLOCK_SIZE)?;
+        entries.push((*b, *blake3::hash(&buf[..len]).as_bytes()));
     }
     dat.sync_all()?;
-    write_index(&idx_path(dir, name, disk), blocks)
+    write_index(&idx_path(dir, name, disk), &entries)
 }
 
 fn create(path: &Path) -> io::Result<File> {
@@ -54,11 +63,13 @@ fn create(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-fn write_index(path: &Path, blocks: &[u64]) -> io::Result<()> {
+fn write_index(path: &Path, entries: &[(u64, [u8; 32])]) -> io::Result<()> {
     let mut f = create(path)?;
-    let mut bytes = Vec::with_capacity(blocks.len() * 8);
-    for b in blocks {
+    let mut bytes = Vec::with_capacity(MAGIC.len() + entries.len() * ENTRY);
+    bytes.extend_from_slice(MAGIC);
+    for (b, hash) in entries {
         bytes.extend_from_slice(&b.to_le_bytes());
+        bytes.extend_from_slice(hash);
     }
     f.write_all(&bytes)?;
     f.sync_all()
@@ -68,6 +79,15 @@ fn write_index(path: &Path, blocks: &[u64]) -> io::Result<()> {
 /// (empty when the disk had no change), so a missing or torn index is an error: the point that
 /// lists the segment cannot be materialized.
 pub fn index(dir: &Path, name: &str, disk: usize) -> io::Result<Vec<u64>> {
+    Ok(entries(dir, name, disk)?
+        .into_iter()
+        .map(|(b, _)| b)
+        .collect())
+}
+
+/// Block numbers of a segment with the hash of each block's bytes (none in an index written
+/// before the hashes).
+fn entries(dir: &Path, name: &str, disk: usize) -> io::Result<Vec<(u64, Option<[u8; 32]>)>> {
     let path = idx_path(dir, name, disk);
     let bytes = fs::read(&path).map_err(|e| {
         io::Error::new(
@@ -75,27 +95,66 @@ pub fn index(dir: &Path, name: &str, disk: usize) -> io::Result<Vec<u64>> {
             format!("undo index {} of a listed point: {e}", path.display()),
         )
     })?;
-    if bytes.len() % 8 != 0 {
-        return Err(io::Error::new(
+    let torn = || {
+        io::Error::new(
             io::ErrorKind::InvalidData,
             format!("undo index {} is torn", path.display()),
+        )
+    };
+    let number = |c: &[u8]| u64::from_le_bytes(c[..8].try_into().unwrap_or_default());
+    if let Some(rest) = bytes.strip_prefix(MAGIC.as_slice()) {
+        if rest.len() % ENTRY != 0 {
+            return Err(torn());
+        }
+        return Ok(rest
+            .chunks_exact(ENTRY)
+            .map(|c| (number(c), c[8..].try_into().ok()))
+            .collect());
+    }
+    if bytes.len() % 8 != 0 {
+        return Err(torn());
+    }
+    Ok(bytes.chunks_exact(8).map(|c| (number(c), None)).collect())
+}
+
+/// Reads slot `slot` (block `block`, `buf.len()` bytes) of a segment's data and checks it
+/// against its hash.
+fn read_checked(
+    dat: &File,
+    dat_name: &Path,
+    slot: usize,
+    block: u64,
+    hash: Option<&[u8; 32]>,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    dat.read_exact_at(buf, slot as u64 * BLOCK_SIZE)?;
+    if hash.is_some_and(|h| blake3::hash(buf).as_bytes() != h) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "undo data {} is damaged: block {block} does not match its checksum",
+                dat_name.display()
+            ),
         ));
     }
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
-        .collect())
+    Ok(())
 }
 
 /// Writes segment `name` of disk `disk` back into `target` (a disk of `size` bytes).
+/// Every block is checked before any is written: a damaged segment leaves `target` untouched.
 pub fn apply(dir: &Path, name: &str, disk: usize, target: &File, size: u64) -> io::Result<()> {
-    let blocks = index(dir, name, disk)?;
+    let blocks = entries(dir, name, disk)?;
     if blocks.is_empty() {
         return Ok(());
     }
-    let dat = File::open(dat_path(dir, name, disk))?;
+    let path = dat_path(dir, name, disk);
+    let dat = File::open(&path)?;
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
-    for (slot, b) in blocks.iter().enumerate() {
+    for (slot, (b, hash)) in blocks.iter().enumerate() {
+        let len = block_len(size, *b);
+        read_checked(&dat, &path, slot, *b, hash.as_ref(), &mut buf[..len])?;
+    }
+    for (slot, (b, _)) in blocks.iter().enumerate() {
         let len = block_len(size, *b);
         dat.read_exact_at(&mut buf[..len], slot as u64 * BLOCK_SIZE)?;
         target.write_all_at(&buf[..len], b * BLOCK_SIZE)?;
@@ -106,29 +165,31 @@ pub fn apply(dir: &Path, name: &str, disk: usize, target: &File, size: u64) -> i
 /// Folds segments `names` (applied in that order) of disk `disk` into one segment `out`.
 pub fn merge(dir: &Path, names: &[String], out: &str, disk: usize, size: u64) -> io::Result<()> {
     // Later segments win: applying them in order leaves their content.
-    let mut src: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    let mut src: BTreeMap<u64, (usize, usize, Option<[u8; 32]>)> = BTreeMap::new();
     let mut files = Vec::new();
     for (si, n) in names.iter().enumerate() {
-        let blocks = index(dir, n, disk)?;
+        let blocks = entries(dir, n, disk)?;
         if !blocks.is_empty() {
-            files.push(Some(File::open(dat_path(dir, n, disk))?));
+            let path = dat_path(dir, n, disk);
+            files.push(Some((File::open(&path)?, path)));
         } else {
             files.push(None);
         }
-        for (slot, b) in blocks.into_iter().enumerate() {
-            src.insert(b, (si, slot));
+        for (slot, (b, hash)) in blocks.into_iter().enumerate() {
+            src.insert(b, (si, slot, hash));
         }
     }
     let dat = create(&dat_path(dir, out, disk))?;
     let mut buf = vec![0u8; BLOCK_SIZE as usize];
     let mut blocks = Vec::with_capacity(src.len());
-    for (slot, (b, (si, sslot))) in src.iter().enumerate() {
+    for (slot, (b, (si, sslot, hash))) in src.iter().enumerate() {
         let len = block_len(size, *b);
-        if let Some(f) = &files[*si] {
-            f.read_exact_at(&mut buf[..len], *sslot as u64 * BLOCK_SIZE)?;
+        if let Some((f, path)) = &files[*si] {
+            // A damaged block is never carried into the merged segment under a new hash.
+            read_checked(f, path, *sslot, *b, hash.as_ref(), &mut buf[..len])?;
         }
         dat.write_all_at(&buf[..len], slot as u64 * BLOCK_SIZE)?;
-        blocks.push(*b);
+        blocks.push((*b, *blake3::hash(&buf[..len]).as_bytes()));
     }
     dat.sync_all()?;
     write_index(&idx_path(dir, out, disk), &blocks)
@@ -188,5 +249,47 @@ mod tests {
             assert_eq!(buf[0], want, "block {b}");
         }
         assert_eq!(segment_of("u12.0.idx"), Some("u12"));
+    }
+
+    #[test]
+    fn a_damaged_segment_is_refused_and_leaves_the_target_untouched() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 3 * BLOCK_SIZE;
+        let img = create(&d.path().join("img")).unwrap();
+        img.set_len(size).unwrap();
+        img.write_all_at(&vec![7u8; size as usize], 0).unwrap();
+        write(d.path(), "a", 0, &img, size, &[0, 2]).unwrap();
+        let dat = OpenOptions::new()
+            .write(true)
+            .open(dat_path(d.path(), "a", 0))
+            .unwrap();
+        dat.write_all_at(&[8u8], BLOCK_SIZE + 5).unwrap();
+        let target = create(&d.path().join("target")).unwrap();
+        target.set_len(size).unwrap();
+        let err = apply(d.path(), "a", 0, &target, size).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(err.to_string().contains("block 2"), "{err}");
+        let mut buf = vec![1u8; size as usize];
+        target.read_exact_at(&mut buf, 0).unwrap();
+        assert!(
+            buf.iter().all(|b| *b == 0),
+            "a refused segment wrote blocks"
+        );
+        assert!(merge(d.path(), &["a".into()], "m", 0, size).is_err());
+    }
+
+    #[test]
+    fn an_index_without_hashes_still_applies() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 2 * BLOCK_SIZE;
+        fs::write(dat_path(d.path(), "old", 0), vec![5u8; BLOCK_SIZE as usize]).unwrap();
+        fs::write(idx_path(d.path(), "old", 0), 1u64.to_le_bytes()).unwrap();
+        assert_eq!(index(d.path(), "old", 0).unwrap(), vec![1]);
+        let target = create(&d.path().join("target")).unwrap();
+        target.set_len(size).unwrap();
+        apply(d.path(), "old", 0, &target, size).unwrap();
+        let mut buf = [0u8; 1];
+        target.read_exact_at(&mut buf, BLOCK_SIZE).unwrap();
+        assert_eq!(buf[0], 5);
     }
 }
