@@ -3,8 +3,7 @@
 //! condition and never touches it (not when it asks for a failover, not when it is deleted);
 //! the agents refuse such calls too. Real API server, real agents, real controller.
 
-#[path = "controller_common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,8 +3,7 @@
 //! the VMs that replicate from that site, and rotated by deleting its Secret. Real API server,
 //! real agents, real controller.
 
-#[path = "controller_common/mod.rs"]
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;

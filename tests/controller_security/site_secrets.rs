@@ -3,10 +3,8 @@
 //! send the webhook key, another Site's token or a peer credential to a URL of their choosing.
 //! Against the real API server and controller, with a listener standing in for the hostile URL.
 
-#[path = "controller_common/mod.rs"]
-mod common;
-#[path = "hostile/mod.rs"]
-mod hostile;
+use crate::common;
+use crate::hostile;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

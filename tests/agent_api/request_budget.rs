@@ -2,7 +2,7 @@
 //! fit `--max-inflight-body-bytes` (503 with the reason beyond, before the body is read), and
 //! `/healthz` and `/metrics`, which need no token, take no body.
 
-mod common_agent;
+use crate::common_agent;
 
 use std::time::{Duration, Instant};
 

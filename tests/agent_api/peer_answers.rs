@@ -2,9 +2,8 @@
 //! read only by its start, and what it says reaches the VM's `lastError` cut to a few hundred
 //! characters, with the peer token it echoes redacted.
 
-mod common_agent;
-#[path = "hostile/mod.rs"]
-mod hostile;
+use crate::common_agent;
+use crate::hostile;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -1,6 +1,11 @@
 //! The agent's VM and guest I/O API against a real agent process.
 
+#[path = "../common_agent/mod.rs"]
 mod common_agent;
+#[path = "../hostile/mod.rs"]
+mod hostile;
+mod peer_answers;
+mod request_budget;
 
 use common_agent::{AgentProc, TOKEN};
 use sha2::Digest;
