@@ -17,6 +17,18 @@ use twinsite::site::SiteProvider;
 
 /// Calls `method path` at `base` with `token`; the HTTP status (0 when there is no answer).
 async fn call(base: &str, method: &str, path: &str, token: &str, body: Option<Value>) -> u16 {
+    answer(base, method, path, token, body).await.0
+}
+
+/// Calls `method path` at `base` with `token`; the HTTP status (0 when there is no answer) and
+/// the answer's body.
+async fn answer(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, String) {
     static HTTP: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
     let http = HTTP.get_or_init(|| {
         reqwest::Client::builder()
@@ -32,8 +44,11 @@ async fn call(base: &str, method: &str, path: &str, token: &str, body: Option<Va
             .body(serde_json::to_vec(&b).unwrap());
     }
     match req.send().await {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
     }
 }
 
@@ -99,7 +114,8 @@ async fn picture(b: &Agent) -> Vec<String> {
 /// The done-when test of the credential work: a copy of everything in site A's data directory
 /// (its VMs' vm.json with their peer credentials, its own controller token, its log) gets
 /// nothing at site B but the replica routes of A's own replicas. Every other route of B is
-/// tried with every string found there, and refused; B's VMs, power and disks are as before.
+/// tried with every string found there, and refused, as is a begin for A's own replica with a
+/// hostile domain definition; B's VMs, power and disks are as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compromised_site_gets_nothing_at_its_peer_but_its_own_replicas() {
     let _one = one_at_a_time().await;
@@ -261,6 +277,75 @@ async fn a_compromised_site_gets_nothing_at_its_peer_but_its_own_replicas() {
                 ));
             }
         }
+    }
+    // A's own replica at B is the one route A's credential opens: a begin for it with a
+    // hostile domain definition is refused naming what is wrong, whatever string carries it.
+    let definition = |devices: &str, os: &str| {
+        format!(
+            "<domain type='qemu'><name>{vm}</name><memory unit='MiB'>192</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type>{os}</os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='/src/{vm}.qcow2'/><target dev='{DISK}' bus='virtio'/></disk>\
+             {devices}</devices></domain>"
+        )
+    };
+    let hostile = [
+        (
+            definition(
+                "<disk device='disk'><source file='/etc/shadow'/><target dev='vdb'/></disk>",
+                "",
+            ),
+            "type attribute is missing",
+        ),
+        (
+            definition(
+                "<disk type='block' device='disk'><source dev='/dev/sda'/><target dev='vdb'/></disk>",
+                "",
+            ),
+            "type 'block'",
+        ),
+        (
+            definition(
+                "<interface type='direct'><source dev='eth0' mode='bridge'/></interface>",
+                "",
+            ),
+            "<interface type='direct'>",
+        ),
+        (
+            definition(
+                "<console type='tcp'><source mode='bind' host='0.0.0.0' service='2445'/></console>",
+                "",
+            ),
+            "type='tcp'",
+        ),
+        (definition("", "<nvram>/etc/shadow</nvram>"), "<nvram>"),
+        (
+            definition("<hostdev mode='subsystem' type='pci'/>", ""),
+            "<hostdev>",
+        ),
+        (
+            definition("<graphics type='vnc' listen='0.0.0.0'/>", ""),
+            "0.0.0.0",
+        ),
+        (
+            definition("", "").replace("</devices>", "</devices><seclabel type='none'/>"),
+            "<seclabel type='none'>",
+        ),
+    ];
+    let begin_own = format!("/v1/replica/{vm}/begin");
+    for (def, says) in &hostile {
+        let body = json!({"sourceSite": pa, "cycleId": "evil-cycle", "disks": disk,
+            "integrationServices": true, "retentionHours": 1, "bulk": false,
+            "definition": def});
+        let mut named = false;
+        for t in &tokens {
+            let (status, text) = answer(&b.url, "POST", &begin_own, t, Some(body.clone())).await;
+            if !(400..500).contains(&status) {
+                served.push(format!("POST {begin_own} with {says}: {status}"));
+            }
+            named |= status == 400 && text.contains(says);
+        }
+        assert!(named, "no begin with {says} was refused naming it");
     }
     let after = picture(b).await;
     assert!(
