@@ -938,12 +938,23 @@ fn vm_dir_of(images: &[(String, std::path::PathBuf)]) -> std::path::PathBuf {
 ///
 /// `qemu-img create` makes a new, empty data file, so the wrapper is created over a scratch
 /// file and then pointed at `raw` (`qemu-img amend`), which keeps its content.
+///
+/// An existing wrapper is reused only when `qemu-img info` shows it whole and pointing at `raw`
+/// (its bitmaps are the checkpoints' record); one a crash left empty or half-written is made
+/// again, and the checkpoints then fail their bitmap check, so the VM compares block hashes.
+/// A new wrapper is fsynced before it takes its name, and the name is fsynced with its directory.
 fn qcow2_wrapper(raw: &std::path::Path) -> ApiResult<std::path::PathBuf> {
     let wrapper = raw.with_extension("qcow2");
-    if wrapper.exists() {
-        return Ok(wrapper);
-    }
     let size = std::fs::metadata(raw).map_err(ApiError::io)?.len();
+    if wrapper.exists() {
+        match wrapper_info(&wrapper).and_then(|info| wrapper_verdict(&info, raw, size)) {
+            Ok(()) => return Ok(wrapper),
+            Err(why) => {
+                tracing::warn!(wrapper = %wrapper.display(), %why, "qcow2 wrapper made again");
+                std::fs::remove_file(&wrapper).map_err(ApiError::io)?;
+            }
+        }
+    }
     let tmp = raw.with_extension("qcow2.tmp");
     let scratch = raw.with_extension("scratch.raw");
     let steps: [Vec<std::ffi::OsString>; 2] = [
@@ -982,6 +993,107 @@ fn qcow2_wrapper(raw: &std::path::Path) -> ApiResult<std::path::PathBuf> {
         }
     }
     let _ = std::fs::remove_file(&scratch);
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(ApiError::io)?;
     std::fs::rename(&tmp, &wrapper).map_err(ApiError::io)?;
+    if let Some(dir) = wrapper.parent() {
+        crate::replication::tracker::sync_dir(dir).map_err(ApiError::io)?;
+    }
     Ok(wrapper)
+}
+
+/// `qemu-img info --output=json` of `path`.
+fn wrapper_info(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(path)
+        .output()
+        .map_err(|e| format!("running qemu-img (Debian package qemu-utils): {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| format!("qemu-img info answered no JSON: {e}"))
+}
+
+/// Whether `info` (of `qemu-img info`) is a whole qcow2 wrapper of the raw image `raw` of
+/// `size` bytes; what is wrong with it if not.
+fn wrapper_verdict(
+    info: &serde_json::Value,
+    raw: &std::path::Path,
+    size: u64,
+) -> Result<(), String> {
+    let format = info["format"].as_str().unwrap_or("?");
+    if format != "qcow2" {
+        return Err(format!("it reads as {format}, not qcow2"));
+    }
+    let data = &info["format-specific"]["data"];
+    if data["corrupt"].as_bool() == Some(true) {
+        return Err("qemu-img marks it corrupt".into());
+    }
+    if data["data-file"].as_str() != Some(&*raw.to_string_lossy())
+        || data["data-file-raw"].as_bool() != Some(true)
+    {
+        return Err(format!("its data file is not {} (raw)", raw.display()));
+    }
+    if info["virtual-size"].as_u64() != Some(size) {
+        return Err(format!(
+            "its size {} is not the image's {size}",
+            info["virtual-size"]
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod wrapper_tests {
+    use super::*;
+
+    #[test]
+    fn a_wrapper_is_trusted_only_whole_and_on_its_raw_image() {
+        let raw = std::path::Path::new("/d/disk0.raw");
+        let good = serde_json::json!({"format": "qcow2", "virtual-size": 4096,
+            "format-specific": {"type": "qcow2", "data": {"data-file": "/d/disk0.raw",
+            "data-file-raw": true, "corrupt": false}}});
+        assert_eq!(wrapper_verdict(&good, raw, 4096), Ok(()));
+        let mut other = good.clone();
+        other["format-specific"]["data"]["data-file"] = "/d/scratch.raw".into();
+        let mut corrupt = good.clone();
+        corrupt["format-specific"]["data"]["corrupt"] = true.into();
+        let as_raw = serde_json::json!({"format": "raw", "virtual-size": 0});
+        for (info, says) in [
+            (other, "data file"),
+            (corrupt, "corrupt"),
+            (as_raw, "reads as raw"),
+        ] {
+            let why = wrapper_verdict(&info, raw, 4096).unwrap_err();
+            assert!(why.contains(says), "{why}");
+        }
+        assert!(
+            wrapper_verdict(&good, raw, 8192)
+                .unwrap_err()
+                .contains("size")
+        );
+    }
+
+    /// What a power cut can leave of a wrapper renamed before its data was durable (an empty or
+    /// half-written file) is made again, never handed to QEMU.
+    #[test]
+    fn a_damaged_wrapper_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("disk0.raw");
+        std::fs::write(&raw, vec![7u8; 1 << 20]).unwrap();
+        let wrapper = qcow2_wrapper(&raw).unwrap();
+        let check = |w: &std::path::Path| {
+            wrapper_info(w).and_then(|info| wrapper_verdict(&info, &raw, 1 << 20))
+        };
+        assert_eq!(check(&wrapper), Ok(()));
+        for damage in [Vec::new(), b"QFI\xfb half a header".to_vec()] {
+            std::fs::write(&wrapper, &damage).unwrap();
+            assert!(check(&wrapper).is_err());
+            assert_eq!(qcow2_wrapper(&raw).unwrap(), wrapper);
+            assert_eq!(check(&wrapper), Ok(()), "after {damage:?}");
+        }
+        assert_eq!(std::fs::read(&raw).unwrap(), vec![7u8; 1 << 20]);
+    }
 }
