@@ -16,7 +16,7 @@ pub enum ErrorKind {
     PayloadTooLarge,
     /// The peer site failed or refused.
     BadGateway,
-    /// The agent is stopping.
+    /// The agent is stopping, or out of a resource (open files, space) for now.
     Unavailable,
     /// Storage or an internal fault.
     Internal,
@@ -36,6 +36,10 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 /// `reason` of a 409 that sends the source of a cycle to resynchronize.
 pub const RESYNC_REQUIRED: &str = "ResyncRequired";
+/// `reason` of a 503: the agent ran out of file descriptors.
+pub const OUT_OF_FILES: &str = "TooManyOpenFiles";
+/// `reason` of a 503: the agent's data directory is full.
+pub const OUT_OF_SPACE: &str = "StorageFull";
 
 impl ApiError {
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
@@ -67,8 +71,29 @@ impl ApiError {
     pub fn peer(m: impl Into<String>) -> Self {
         Self::new(ErrorKind::BadGateway, m)
     }
+    /// A storage error; running out of a resource the operator can add (open files, space) is
+    /// a 503 that says which, not an internal fault.
     pub fn io(e: std::io::Error) -> Self {
-        Self::internal(format!("storage: {e}"))
+        use std::io::ErrorKind as Io;
+        let out_of = match (e.kind(), e.raw_os_error()) {
+            (_, Some(libc::EMFILE | libc::ENFILE)) => Some((
+                OUT_OF_FILES,
+                "the agent has too many open files: raise its open-file limit (LimitNOFILE, \
+                 ulimit -n) or protect fewer VMs at this site",
+            )),
+            (Io::StorageFull | Io::QuotaExceeded, _) => Some((
+                OUT_OF_SPACE,
+                "the agent's data directory is full: free or add space",
+            )),
+            _ => None,
+        };
+        match out_of {
+            Some((reason, what)) => Self {
+                reason: Some(reason),
+                ..Self::new(ErrorKind::Unavailable, format!("storage: {what} ({e})"))
+            },
+            None => Self::internal(format!("storage: {e}")),
+        }
     }
 }
 

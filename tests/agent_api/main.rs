@@ -1830,3 +1830,52 @@ async fn a_vm_refuses_the_calls_of_another_namespace() {
     .await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// An agent out of file descriptors answers 503 naming the cause and what to do, never a bare
+/// 500, and serves again once it has descriptors.
+#[tokio::test]
+async fn an_agent_out_of_open_files_answers_503_saying_so() {
+    let root = tempfile::tempdir().unwrap();
+    let agent = AgentProc::start("primary", root.path());
+    let c = agent.client();
+    // The one connection this test uses is open before the limit is lowered.
+    c.health().await.unwrap();
+    let pid = agent.child.as_ref().unwrap().id() as libc::pid_t;
+    let mut was = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the limit of a process this test started into `was`.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut was) },
+        0
+    );
+    let set = |cur: libc::rlim_t| {
+        let lim = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: was.rlim_max,
+        };
+        // SAFETY: sets the soft limit of a process this test started.
+        assert_eq!(
+            unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) },
+            0
+        );
+    };
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count() as libc::rlim_t;
+    set(open + 4);
+    let mut refused = None;
+    for i in 0..64 {
+        if let Err(e) = c.create_vm(&format!("vm-{i}"), &spec(MIB, true)).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    match refused {
+        Some(SiteError::Other(503, m)) if m.contains("too many open files") => {}
+        other => panic!("expected a 503 naming the open-file limit, got {other:?}"),
+    }
+    set(was.rlim_cur);
+    c.create_vm("after", &spec(MIB, true)).await.unwrap();
+}
