@@ -399,3 +399,123 @@ async fn a_lost_start_answer_is_asked_again_and_the_source_is_not_restarted() {
     assert!(runs(&w.secondary, vm).await);
     assert!(!runs(&w.primary, vm).await);
 }
+
+/// A wave of planned failovers while the recovery site's agent hangs on one VM's digest
+/// (it accepts the connection and never answers): that VM's failover fails by its step
+/// deadline with a message naming the site, is not taken for a digest mismatch (no resync
+/// toward the hung site), and the VM runs again at its source; the other VM's failover
+/// succeeds meanwhile. Neither VM ever runs at both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_fails_the_step_by_its_deadline_and_pins_nothing() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("hung").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (hung, free) = ("hung-01", "free-01");
+    let digest_of_hung = format!("/v1/vms/{hung}/disks/");
+    let agent = HangingAgent::start(&w.secondary.url, &[&digest_of_hung, "/digest"]).await;
+    move_site(&w, &s, &agent.url).await;
+    for vm in [hung, free] {
+        w.primary.create_vm(vm, true).await;
+        w.create_rvm(
+            vm,
+            json!({"type": "Planned", "commit": "Automatic", "stepTimeoutSeconds": 15}),
+        )
+        .await;
+    }
+    for vm in [hung, free] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    for vm in [hung, free] {
+        w.patch_spec(vm, json!({"activeSite": s})).await;
+    }
+    let r = wait_never_twice(&w, hung, "the failover of the hung VM ended", |r| {
+        newest_job(r, "PlannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    assert!(
+        agent.held.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the fault was not hit"
+    );
+    let job = newest_job(&r, "PlannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:?}");
+    let vd = step_of(&job, "VerifyDigests");
+    let msg = vd.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains(&s) && msg.contains("deadline") && !msg.contains("differs"),
+        "{vd:?}"
+    );
+    let stalled = condition(&r, "Stalled").unwrap();
+    assert_eq!(stalled.status, "True", "{stalled:?}");
+    assert!(stalled.message.contains(&s), "{stalled:?}");
+    // The other VM's failover went on while this one's call hung.
+    let f = wait_never_twice(&w, free, "the other failover succeeded", |r| {
+        newest_job(r, "PlannedFailover").is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+    })
+    .await;
+    assert!(runs(&w.secondary, free).await, "{:?}", jobs(&f));
+    // Not a digest mismatch: nothing is resynchronized toward the hung site, and the VM runs
+    // at its source again.
+    let r = wait_never_twice(&w, hung, "the VM back at its source", |r| {
+        newest_job(r, "PlannedFailover")
+            .is_some_and(|j| j.steps.iter().any(|x| x.name == "RestartSource"))
+    })
+    .await;
+    assert!(
+        newest_job(&r, "ReverseReplicate").is_none(),
+        "{:?}",
+        jobs(&r)
+    );
+    assert!(runs(&w.primary, hung).await);
+    assert!(!runs(&w.secondary, hung).await);
+}
+
+/// A job runs with the spec it started with: an unplanned failover whose source shutdown is
+/// slow (the guest ignores it) has its spec changed meanwhile (another recovery point, no
+/// source shutdown); it still syncs the remaining writes and starts the VM from the point it
+/// started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_changed_mid_job_does_not_change_the_running_job() {
+    let _serial = one_at_a_time().await;
+    let vm = "frozen-01";
+    let args = ["--shutdown-timeout-seconds".to_string(), "8".to_string()];
+    let mut w = World::start_full("frozen", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", vm)])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "recoveryPoint": "Latest",
+               "commit": "Automatic"}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_for(vm, "ShutdownSource running", |r| {
+        steps(r, "UnplannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+    })
+    .await;
+    // Changed while the job runs: a point that does not exist, and no shutdown or sync.
+    w.patch_spec(
+        vm,
+        json!({"failover": {"type": "Unplanned", "shutdownSource": false,
+                             "recoveryPoint": "rp-missing", "commit": "Automatic"}}),
+    )
+    .await;
+    let r = wait_never_twice(&w, vm, "the failover ended", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    let job = newest_job(&r, "UnplannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Succeeded", "{job:#?}");
+    let sync = step_of(&job, "SyncRemaining");
+    assert_eq!(format!("{:?}", sync.state), "Succeeded", "{sync:?}");
+    let params = serde_json::to_value(&job).unwrap()["parameters"].clone();
+    assert!(
+        params["recoveryPoint"] == "Latest" && params["shutdownSource"] == true,
+        "{params}"
+    );
+    assert!(runs(&w.secondary, vm).await);
+    assert!(!runs(&w.primary, vm).await);
+}
