@@ -519,3 +519,67 @@ async fn a_spec_changed_mid_job_does_not_change_the_running_job() {
     assert!(runs(&w.secondary, vm).await);
     assert!(!runs(&w.primary, vm).await);
 }
+
+/// A deleted Site leaves the controller's site registry: a failover toward it waits for the
+/// site (its agent, still up, is not called on the strength of a Site that is gone), and a Site
+/// created again under that name is used afresh: the failover then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_site_leaves_the_registry() {
+    use kube::api::{Api, DeleteParams, PostParams};
+    use twinsite::api::Site;
+    let _serial = one_at_a_time().await;
+    let w = World::start("sitegone").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "gone-01";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(vm, json!({"type": "Unplanned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let before = sites.get(&s).await.unwrap();
+    sites.delete(&s, &DeleteParams::default()).await.unwrap();
+    // Forgotten within a site poll; the controller says so.
+    let deadline = std::time::Instant::now() + LONG;
+    while !w.controller.log().contains(&format!(
+        "Site deleted: its agent is no longer called site={s}"
+    )) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            w.controller.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w
+        .wait_for(vm, "the failover waiting for the deleted site", |r| {
+            condition(r, "Ready").is_some_and(|c| c.reason == "SiteUnreachable")
+        })
+        .await;
+    let ready = condition(&r, "Ready").unwrap();
+    assert!(ready.message.contains(&s), "{ready:?}");
+    assert!(
+        newest_job(&r, "UnplannedFailover").is_none(),
+        "{:?}",
+        jobs(&r)
+    );
+    assert!(runs(&w.primary, vm).await);
+    assert!(!runs(&w.secondary, vm).await);
+
+    // Created again: the failover runs.
+    let mut again: Site = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+        "metadata": {"name": s},
+        "spec": {"agent": {"url": "http://127.0.0.1:1",
+                           "tokenSecretRef": {"namespace": "x", "name": "x", "key": "x"}}},
+    }))
+    .unwrap();
+    again.spec = before.spec.clone();
+    sites.create(&PostParams::default(), &again).await.unwrap();
+    wait_never_twice(&w, vm, "the failover after the Site is back", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+    })
+    .await;
+    assert!(runs(&w.secondary, vm).await);
+}

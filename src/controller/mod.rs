@@ -268,6 +268,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(plan_writer)
         .touched_objects();
+        // The reconcilers' own watch caches, read by reconciles instead of lists.
+        let rvm_ctl = Controller::new(
+            Api::<ReplicatedVM>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        // A plan releasing a group wakes the VMs it names.
+        .watches_stream(plan_cache, plan_members);
+        let site_ctl =
+            Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default());
         let ctx = Arc::new(Context {
             client: client.clone(),
             sites: sites.clone(),
@@ -284,6 +293,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             written: Default::default(),
             fences: Default::default(),
             plans: plan_store,
+            rvms: rvm_ctl.store(),
+            site_objects: site_ctl.store(),
             secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());
@@ -300,30 +311,24 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
             })
         };
         let trigger = |n: Arc<Notify>| async move { n.notified().await };
-        let rvms = Controller::new(
-            Api::<ReplicatedVM>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        // A plan releasing a group wakes the VMs it names.
-        .watches_stream(plan_cache, plan_members)
-        .with_config(CtlConfig::default().concurrency(args.concurrency))
-        .graceful_shutdown_on(trigger(halt.clone()))
-        .run(rvm::reconcile, rvm::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "ReplicatedVM reconcile");
-            }
-        });
-        let site_ctl =
-            Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default())
-                .with_config(CtlConfig::default().concurrency(8))
-                .graceful_shutdown_on(trigger(halt.clone()))
-                .run(site::reconcile, site::error_policy, ctx.clone())
-                .for_each(|r| async move {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "Site reconcile");
-                    }
-                });
+        let rvms = rvm_ctl
+            .with_config(CtlConfig::default().concurrency(args.concurrency))
+            .graceful_shutdown_on(trigger(halt.clone()))
+            .run(rvm::reconcile, rvm::error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "ReplicatedVM reconcile");
+                }
+            });
+        let site_ctl = site_ctl
+            .with_config(CtlConfig::default().concurrency(8))
+            .graceful_shutdown_on(trigger(halt.clone()))
+            .run(site::reconcile, site::error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "Site reconcile");
+                }
+            });
         let plans = async {
             if let Err(e) =
                 failover_plan::run_with(client.clone(), None, hooks.clone(), trigger(halt.clone()))

@@ -130,10 +130,25 @@ fn fence_status(site: &Site, since: Option<Timestamp>) -> Option<SiteFenceStatus
     })
 }
 
+/// Sites whose object is gone leave the registry: no reconcile runs for a deleted object, so
+/// every Site's reconcile (each poll) looks for them. ReplicatedVMs then see the site as not
+/// known instead of going on with its last listing and client.
+fn forget_deleted(ctx: &Context) {
+    for gone in ctx.sites.names().into_iter().filter(|n| {
+        ctx.site_objects
+            .get(&kube::runtime::reflector::ObjectRef::new(n))
+            .is_none()
+    }) {
+        info!(site = %gone, "Site deleted: its agent is no longer called");
+        ctx.sites.forget(&gone);
+    }
+}
+
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
+    forget_deleted(&ctx);
     ctx.sites
         .set_network_mappings(&name, &site.spec.network_mappings);
     // A declaration seen for the first time is held from now on; the listing below still runs
