@@ -52,6 +52,26 @@ async fn wait_never_twice(
     }
 }
 
+/// Polls the controller's /metrics until `twinsite_split_brain_vms` is `n`.
+async fn wait_split_brain_gauge(w: &World, n: u32) {
+    let want = format!("twinsite_split_brain_vms {n}\n");
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let text = match reqwest::get(w.controller.metrics_url()).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(&want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want:?} never shown: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 fn newest_job(r: &ReplicatedVM, t: &str) -> Option<twinsite::api::Job> {
     r.status
         .as_ref()?
@@ -322,6 +342,8 @@ async fn a_vm_running_at_both_sites_with_status_wiped_is_reported_and_neither_co
     assert!(st.jobs.is_empty(), "{:?}", jobs(&r));
     let events = w.events(vm).await;
     assert!(events.iter().any(|e| e.0 == "SplitBrain"), "{events:?}");
+    // The gauge the TwinsiteSplitBrain alert reads counts it.
+    wait_split_brain_gauge(&w, 1).await;
 
     // The operator keeps the recovery site's copy: the primary's is powered off by hand, and
     // the VM is protected again from the recovery site.
@@ -332,6 +354,7 @@ async fn a_vm_running_at_both_sites_with_status_wiped_is_reported_and_neither_co
         .unwrap();
     let r = w.wait_protected(vm, &s, &p).await;
     assert_eq!(condition(&r, "SplitBrain").unwrap().status, "False");
+    wait_split_brain_gauge(&w, 0).await;
     assert!(runs(&w.secondary, vm).await);
 }
 
