@@ -606,3 +606,72 @@ async fn a_deleted_site_leaves_the_registry() {
     .await;
     assert!(runs(&w.secondary, vm).await);
 }
+
+/// A site's agent killed in the middle of a failover and never started again: the recovery
+/// site's agent dies while the source is being shut down. The failover does not hang: the step
+/// that needs the dead site (StopReplication) fails at its deadline naming it, the job fails,
+/// the source is started again (RestartSource) and the VM stalls saying so (Ready False,
+/// Stalled True, reason JobFailed, with the step's message); it never runs at both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_failover_stalls_the_job_naming_the_site() {
+    let _serial = one_at_a_time().await;
+    let vm = "killed-01";
+    let args = ["--shutdown-timeout-seconds".to_string(), "8".to_string()];
+    let mut w = World::start_full("killed", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", vm)])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "commit": "Automatic",
+               "stepTimeoutSeconds": 15}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_for(vm, "ShutdownSource running", |r| {
+        steps(r, "UnplannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+    })
+    .await;
+    // SIGKILL, as a crash or a power cut: no answer, no cleanup, never started again.
+    let pid = w.secondary.pid().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let r = wait_never_twice(&w, vm, "the failover ended", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    let job = newest_job(&r, "UnplannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:#?}");
+    // The step that failed the job (the optional source steps before it may have failed too:
+    // the source's sync could not reach the dead site either).
+    let failed = job
+        .steps
+        .iter()
+        .rev()
+        .find(|x| format!("{:?}", x.state) == "Failed")
+        .cloned()
+        .unwrap_or_else(|| panic!("no failed step: {job:#?}"));
+    let msg = failed.message.clone().unwrap_or_default();
+    assert!(msg.contains(&s) && msg.contains("deadline"), "{failed:?}");
+    let stalled = condition(&r, "Stalled").unwrap();
+    assert_eq!(stalled.status, "True", "{stalled:?}");
+    assert!(stalled.message.contains(&failed.name), "{stalled:?}");
+    let ready = condition(&r, "Ready").unwrap();
+    assert_eq!(ready.status, "False", "{ready:?}");
+    // The source it had fenced runs the VM again; the dead site never started it.
+    let restart = step_of(&job, "RestartSource");
+    assert_eq!(format!("{:?}", restart.state), "Succeeded", "{restart:?}");
+    assert_eq!(
+        r.status.as_ref().unwrap().active_site.as_deref(),
+        Some(p.as_str())
+    );
+    assert!(runs(&w.primary, vm).await);
+    assert!(!runs(&w.secondary, vm).await);
+}
