@@ -675,3 +675,94 @@ async fn an_agent_killed_mid_failover_stalls_the_job_naming_the_site() {
     assert!(runs(&w.primary, vm).await);
     assert!(!runs(&w.secondary, vm).await);
 }
+
+/// A Site speaks kstatus: while its agent answers it is neither Reconciling nor Stalled; once
+/// it stops answering it is Reconciling (the controller keeps trying), and past
+/// `--site-stall-seconds` Stalled with the reason and message of Ready (so Flux reports it
+/// failed instead of Current); back, it is neither again. observedGeneration follows the spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_site_is_reconciling_then_stalled() {
+    use kube::api::Api;
+    use twinsite::api::Site;
+    let _serial = one_at_a_time().await;
+    let mut w = World::start_with("sitestall", &["--site-stall-seconds", "20"]).await;
+    let s = w.secondary.site.clone();
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let cond_of = |site: &Site, t: &str| {
+        site.status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == t).cloned())
+    };
+    let wait_site = |what: &'static str, f: Box<dyn Fn(&Site) -> bool + Send>| {
+        let sites = sites.clone();
+        let s = s.clone();
+        async move {
+            let deadline = std::time::Instant::now() + LONG;
+            loop {
+                let site = sites.get(&s).await.unwrap();
+                if f(&site) {
+                    return site;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "site {s}: timed out waiting for {what}: {:?}",
+                    site.status
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let is = |site: &Site, t: &str, status: &str| {
+        site.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == status)
+        })
+    };
+
+    let site = wait_site(
+        "Ready, neither Reconciling nor Stalled",
+        Box::new(move |x| {
+            is(x, "Ready", "True") && is(x, "Reconciling", "False") && is(x, "Stalled", "False")
+        }),
+    )
+    .await;
+    assert_eq!(
+        site.status.as_ref().unwrap().observed_generation,
+        site.metadata.generation
+    );
+
+    w.secondary.stop();
+    let site = wait_site(
+        "Reconciling while it does not answer",
+        Box::new(move |x| is(x, "Reconciling", "True")),
+    )
+    .await;
+    let r = cond_of(&site, "Reconciling").unwrap();
+    assert_eq!(r.reason, "Unreachable", "{r:?}");
+    assert_eq!(cond_of(&site, "Stalled").unwrap().status, "False");
+
+    let site = wait_site(
+        "Stalled past the limit",
+        Box::new(move |x| is(x, "Stalled", "True")),
+    )
+    .await;
+    let st = cond_of(&site, "Stalled").unwrap();
+    assert_eq!(st.reason, "Unreachable", "{st:?}");
+    assert!(st.message.contains("--site-stall-seconds"), "{st:?}");
+    assert_eq!(cond_of(&site, "Reconciling").unwrap().status, "False");
+    assert_eq!(cond_of(&site, "Ready").unwrap().status, "False");
+    assert_eq!(
+        site.status.as_ref().unwrap().observed_generation,
+        site.metadata.generation
+    );
+
+    w.secondary.restart().await;
+    wait_site(
+        "Ready again, neither Reconciling nor Stalled",
+        Box::new(move |x| {
+            is(x, "Ready", "True") && is(x, "Reconciling", "False") && is(x, "Stalled", "False")
+        }),
+    )
+    .await;
+}

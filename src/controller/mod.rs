@@ -117,6 +117,10 @@ pub struct ControllerArgs {
     /// How often each site's VMs are listed (one call per site for all its VMs).
     #[arg(long, default_value_t = 10)]
     pub site_poll_seconds: u64,
+    /// A Site that has not been Ready for this long is Stalled (kstatus: Failed) instead of
+    /// Reconciling.
+    #[arg(long, default_value_t = 300)]
+    pub site_stall_seconds: u64,
     /// ReplicatedVMs reconciled at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: u16,
@@ -289,6 +293,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                 },
             ),
             poll: Duration::from_secs(args.site_poll_seconds.max(1)),
+            site_stall: Duration::from_secs(args.site_stall_seconds),
             started: std::time::Instant::now(),
             written: Default::default(),
             fences: Default::default(),

@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::conditions::{self, Cond, READY};
+use super::conditions::{self, Cond, READY, RECONCILING, STALLED};
 use super::error::Error;
 use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{Context, now};
@@ -283,6 +283,34 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     Ok(Action::requeue(ctx.poll))
 }
 
+/// Reconciling and Stalled as kstatus (Flux, `kubectl wait`) reads them, from Ready: a site
+/// that answers is neither; one that does not (unreachable, token refused, credentials
+/// missing) is Reconciling while the controller keeps trying, and Stalled, with Ready's reason
+/// and message, once it has not been Ready for `limit`. A site declared lost is neither: it is
+/// where the operator put it.
+fn kstatus(ready: &Cond, not_ready_since: Timestamp, now: Timestamp, limit: Duration) -> [Cond; 2] {
+    let idle = || Cond::new(RECONCILING, false, "Idle", "");
+    let not_stalled = || Cond::new(STALLED, false, "NotStalled", "");
+    if ready.status || ready.reason == "DeclaredLost" {
+        return [idle(), not_stalled()];
+    }
+    let for_s = (now - not_ready_since).get_seconds().max(0);
+    let limit_s = i64::try_from(limit.as_secs()).unwrap_or(i64::MAX);
+    if for_s >= limit_s {
+        let msg = format!(
+            "not ready for {for_s} s (limit {limit_s} s, --site-stall-seconds): {}",
+            ready.message
+        );
+        [idle(), Cond::new(STALLED, true, ready.reason.clone(), msg)]
+    } else {
+        let msg = format!("retrying every poll: {}", ready.message);
+        [
+            Cond::new(RECONCILING, true, ready.reason.clone(), msg),
+            not_stalled(),
+        ]
+    }
+}
+
 async fn write_status(
     site: &Site,
     ctx: &Context,
@@ -302,9 +330,16 @@ async fn write_status(
         }
         f
     });
+    // Not Ready since: Ready's last transition when it was already False, else now.
+    let since = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == "False")
+        .map_or(t, |c| c.last_transition_time.0);
+    let [reconciling, stalled] = kstatus(cond, since, t, ctx.site_stall);
     conditions::set_all(
         &mut new.conditions,
-        std::slice::from_ref(cond),
+        &[cond.clone(), reconciling, stalled],
         new.observed_generation,
         t,
     );
@@ -346,4 +381,32 @@ pub fn error_policy(site: Arc<Site>, err: &Error, ctx: Arc<Context>) -> Action {
         .inc();
     warn!(site = %site.name_any(), error = %err, "site reconcile failed");
     Action::requeue(ctx.poll)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    #[test]
+    fn a_site_not_ready_reconciles_then_stalls_past_the_limit() {
+        let limit = Duration::from_secs(300);
+        let ok = Cond::new(READY, true, "Connected", "agent answers");
+        let [r, s] = kstatus(&ok, at(0), at(1000), limit);
+        assert!(!r.status && !s.status, "{r:?} {s:?}");
+        let down = Cond::new(READY, false, "Unreachable", "connection refused");
+        let [r, s] = kstatus(&down, at(0), at(299), limit);
+        assert!(r.status && !s.status, "{r:?} {s:?}");
+        assert_eq!(r.reason, "Unreachable");
+        let [r, s] = kstatus(&down, at(0), at(300), limit);
+        assert!(!r.status && s.status, "{r:?} {s:?}");
+        assert_eq!(s.reason, "Unreachable");
+        assert!(s.message.contains("connection refused"), "{s:?}");
+        let lost = Cond::new(READY, false, "DeclaredLost", "declared lost");
+        let [r, s] = kstatus(&lost, at(0), at(1000), limit);
+        assert!(!r.status && !s.status, "{r:?} {s:?}");
+    }
 }

@@ -37,6 +37,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Site listing period.
     pub poll: Duration,
+    /// How long a Site may be not Ready before it is Stalled.
+    pub site_stall: Duration,
     /// When this process began leading.
     pub started: std::time::Instant,
     /// Status this process wrote last, per ReplicatedVM.
