@@ -2144,7 +2144,7 @@ fn the_prometheus_rule_passes_promtool_and_its_unit_tests() {
         .arg(&rules_file)
         .output()
         .unwrap());
-    assert!(out.contains("SUCCESS: 8 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
 
     // Every expression names only metrics the controller exports.
     let exported = exported_metric_names();

@@ -52,6 +52,26 @@ async fn wait_never_twice(
     }
 }
 
+/// Polls the controller's /metrics until `twinsite_split_brain_vms` is `n`.
+async fn wait_split_brain_gauge(w: &World, n: u32) {
+    let want = format!("twinsite_split_brain_vms {n}\n");
+    let deadline = std::time::Instant::now() + LONG;
+    loop {
+        let text = match reqwest::get(w.controller.metrics_url()).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        if text.contains(&want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{want:?} never shown: {text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
 fn newest_job(r: &ReplicatedVM, t: &str) -> Option<twinsite::api::Job> {
     r.status
         .as_ref()?
@@ -322,6 +342,8 @@ async fn a_vm_running_at_both_sites_with_status_wiped_is_reported_and_neither_co
     assert!(st.jobs.is_empty(), "{:?}", jobs(&r));
     let events = w.events(vm).await;
     assert!(events.iter().any(|e| e.0 == "SplitBrain"), "{events:?}");
+    // The gauge the TwinsiteSplitBrain alert reads counts it.
+    wait_split_brain_gauge(&w, 1).await;
 
     // The operator keeps the recovery site's copy: the primary's is powered off by hand, and
     // the VM is protected again from the recovery site.
@@ -332,6 +354,7 @@ async fn a_vm_running_at_both_sites_with_status_wiped_is_reported_and_neither_co
         .unwrap();
     let r = w.wait_protected(vm, &s, &p).await;
     assert_eq!(condition(&r, "SplitBrain").unwrap().status, "False");
+    wait_split_brain_gauge(&w, 0).await;
     assert!(runs(&w.secondary, vm).await);
 }
 
@@ -398,4 +421,348 @@ async fn a_lost_start_answer_is_asked_again_and_the_source_is_not_restarted() {
     );
     assert!(runs(&w.secondary, vm).await);
     assert!(!runs(&w.primary, vm).await);
+}
+
+/// A wave of planned failovers while the recovery site's agent hangs on one VM's digest
+/// (it accepts the connection and never answers): that VM's failover fails by its step
+/// deadline with a message naming the site, is not taken for a digest mismatch (no resync
+/// toward the hung site), and the VM runs again at its source; the other VM's failover
+/// succeeds meanwhile. Neither VM ever runs at both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_agent_fails_the_step_by_its_deadline_and_pins_nothing() {
+    let _serial = one_at_a_time().await;
+    let w = World::start("hung").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let (hung, free) = ("hung-01", "free-01");
+    let digest_of_hung = format!("/v1/vms/{hung}/disks/");
+    let agent = HangingAgent::start(&w.secondary.url, &[&digest_of_hung, "/digest"]).await;
+    move_site(&w, &s, &agent.url).await;
+    for vm in [hung, free] {
+        w.primary.create_vm(vm, true).await;
+        w.create_rvm(
+            vm,
+            json!({"type": "Planned", "commit": "Automatic", "stepTimeoutSeconds": 15}),
+        )
+        .await;
+    }
+    for vm in [hung, free] {
+        w.wait_protected(vm, &p, &s).await;
+    }
+    for vm in [hung, free] {
+        w.patch_spec(vm, json!({"activeSite": s})).await;
+    }
+    let r = wait_never_twice(&w, hung, "the failover of the hung VM ended", |r| {
+        newest_job(r, "PlannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    assert!(
+        agent.held.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the fault was not hit"
+    );
+    let job = newest_job(&r, "PlannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:?}");
+    let vd = step_of(&job, "VerifyDigests");
+    let msg = vd.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains(&s) && msg.contains("deadline") && !msg.contains("differs"),
+        "{vd:?}"
+    );
+    let stalled = condition(&r, "Stalled").unwrap();
+    assert_eq!(stalled.status, "True", "{stalled:?}");
+    assert!(stalled.message.contains(&s), "{stalled:?}");
+    // The other VM's failover went on while this one's call hung.
+    let f = wait_never_twice(&w, free, "the other failover succeeded", |r| {
+        newest_job(r, "PlannedFailover").is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+    })
+    .await;
+    assert!(runs(&w.secondary, free).await, "{:?}", jobs(&f));
+    // Not a digest mismatch: nothing is resynchronized toward the hung site, and the VM runs
+    // at its source again.
+    let r = wait_never_twice(&w, hung, "the VM back at its source", |r| {
+        newest_job(r, "PlannedFailover")
+            .is_some_and(|j| j.steps.iter().any(|x| x.name == "RestartSource"))
+    })
+    .await;
+    assert!(
+        newest_job(&r, "ReverseReplicate").is_none(),
+        "{:?}",
+        jobs(&r)
+    );
+    assert!(runs(&w.primary, hung).await);
+    assert!(!runs(&w.secondary, hung).await);
+}
+
+/// A job runs with the spec it started with: an unplanned failover whose source shutdown is
+/// slow (the guest ignores it) has its spec changed meanwhile (another recovery point, no
+/// source shutdown); it still syncs the remaining writes and starts the VM from the point it
+/// started with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_changed_mid_job_does_not_change_the_running_job() {
+    let _serial = one_at_a_time().await;
+    let vm = "frozen-01";
+    let args = ["--shutdown-timeout-seconds".to_string(), "8".to_string()];
+    let mut w = World::start_full("frozen", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", vm)])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "recoveryPoint": "Latest",
+               "commit": "Automatic"}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_for(vm, "ShutdownSource running", |r| {
+        steps(r, "UnplannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+    })
+    .await;
+    // Changed while the job runs: a point that does not exist, and no shutdown or sync.
+    w.patch_spec(
+        vm,
+        json!({"failover": {"type": "Unplanned", "shutdownSource": false,
+                             "recoveryPoint": "rp-missing", "commit": "Automatic"}}),
+    )
+    .await;
+    let r = wait_never_twice(&w, vm, "the failover ended", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    let job = newest_job(&r, "UnplannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Succeeded", "{job:#?}");
+    let sync = step_of(&job, "SyncRemaining");
+    assert_eq!(format!("{:?}", sync.state), "Succeeded", "{sync:?}");
+    let params = serde_json::to_value(&job).unwrap()["parameters"].clone();
+    assert!(
+        params["recoveryPoint"] == "Latest" && params["shutdownSource"] == true,
+        "{params}"
+    );
+    assert!(runs(&w.secondary, vm).await);
+    assert!(!runs(&w.primary, vm).await);
+}
+
+/// A deleted Site leaves the controller's site registry: a failover toward it waits for the
+/// site (its agent, still up, is not called on the strength of a Site that is gone), and a Site
+/// created again under that name is used afresh: the failover then runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_site_leaves_the_registry() {
+    use kube::api::{Api, DeleteParams, PostParams};
+    use twinsite::api::Site;
+    let _serial = one_at_a_time().await;
+    let w = World::start("sitegone").await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "gone-01";
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(vm, json!({"type": "Unplanned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let before = sites.get(&s).await.unwrap();
+    sites.delete(&s, &DeleteParams::default()).await.unwrap();
+    // Forgotten within a site poll; the controller says so.
+    let deadline = std::time::Instant::now() + LONG;
+    while !w.controller.log().contains(&format!(
+        "Site deleted: its agent is no longer called site={s}"
+    )) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            w.controller.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    let r = w
+        .wait_for(vm, "the failover waiting for the deleted site", |r| {
+            condition(r, "Ready").is_some_and(|c| c.reason == "SiteUnreachable")
+        })
+        .await;
+    let ready = condition(&r, "Ready").unwrap();
+    assert!(ready.message.contains(&s), "{ready:?}");
+    assert!(
+        newest_job(&r, "UnplannedFailover").is_none(),
+        "{:?}",
+        jobs(&r)
+    );
+    assert!(runs(&w.primary, vm).await);
+    assert!(!runs(&w.secondary, vm).await);
+
+    // Created again: the failover runs.
+    let mut again: Site = serde_json::from_value(json!({
+        "apiVersion": "twinsite.io/v1alpha1", "kind": "Site",
+        "metadata": {"name": s},
+        "spec": {"agent": {"url": "http://127.0.0.1:1",
+                           "tokenSecretRef": {"namespace": "x", "name": "x", "key": "x"}}},
+    }))
+    .unwrap();
+    again.spec = before.spec.clone();
+    sites.create(&PostParams::default(), &again).await.unwrap();
+    wait_never_twice(&w, vm, "the failover after the Site is back", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) == "Succeeded")
+    })
+    .await;
+    assert!(runs(&w.secondary, vm).await);
+}
+
+/// A site's agent killed in the middle of a failover and never started again: the recovery
+/// site's agent dies while the source is being shut down. The failover does not hang: the step
+/// that needs the dead site (StopReplication) fails at its deadline naming it, the job fails,
+/// the source is started again (RestartSource) and the VM stalls saying so (Ready False,
+/// Stalled True, reason JobFailed, with the step's message); it never runs at both sites.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_mid_failover_stalls_the_job_naming_the_site() {
+    let _serial = one_at_a_time().await;
+    let vm = "killed-01";
+    let args = ["--shutdown-timeout-seconds".to_string(), "8".to_string()];
+    let mut w = World::start_full("killed", &[], false, [&args, &[]]).await;
+    w.primary
+        .restart_with_env(&[("TWINSITE_FAULT_GUEST_IGNORES_SHUTDOWN", vm)])
+        .await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    w.primary.create_vm(vm, true).await;
+    w.create_rvm(
+        vm,
+        json!({"type": "Unplanned", "shutdownSource": true, "commit": "Automatic",
+               "stepTimeoutSeconds": 15}),
+    )
+    .await;
+    w.wait_protected(vm, &p, &s).await;
+    w.patch_spec(vm, json!({"activeSite": s})).await;
+    w.wait_for(vm, "ShutdownSource running", |r| {
+        steps(r, "UnplannedFailover").contains(&("ShutdownSource".into(), "Running".into()))
+    })
+    .await;
+    // SIGKILL, as a crash or a power cut: no answer, no cleanup, never started again.
+    let pid = w.secondary.pid().unwrap();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+
+    let r = wait_never_twice(&w, vm, "the failover ended", |r| {
+        newest_job(r, "UnplannedFailover").is_some_and(|j| format!("{:?}", j.state) != "Running")
+    })
+    .await;
+    let job = newest_job(&r, "UnplannedFailover").unwrap();
+    assert_eq!(format!("{:?}", job.state), "Failed", "{job:#?}");
+    // The step that failed the job (the optional source steps before it may have failed too:
+    // the source's sync could not reach the dead site either).
+    let failed = job
+        .steps
+        .iter()
+        .rev()
+        .find(|x| format!("{:?}", x.state) == "Failed")
+        .cloned()
+        .unwrap_or_else(|| panic!("no failed step: {job:#?}"));
+    let msg = failed.message.clone().unwrap_or_default();
+    assert!(msg.contains(&s) && msg.contains("deadline"), "{failed:?}");
+    let stalled = condition(&r, "Stalled").unwrap();
+    assert_eq!(stalled.status, "True", "{stalled:?}");
+    assert!(stalled.message.contains(&failed.name), "{stalled:?}");
+    let ready = condition(&r, "Ready").unwrap();
+    assert_eq!(ready.status, "False", "{ready:?}");
+    // The source it had fenced runs the VM again; the dead site never started it.
+    let restart = step_of(&job, "RestartSource");
+    assert_eq!(format!("{:?}", restart.state), "Succeeded", "{restart:?}");
+    assert_eq!(
+        r.status.as_ref().unwrap().active_site.as_deref(),
+        Some(p.as_str())
+    );
+    assert!(runs(&w.primary, vm).await);
+    assert!(!runs(&w.secondary, vm).await);
+}
+
+/// A Site speaks kstatus: while its agent answers it is neither Reconciling nor Stalled; once
+/// it stops answering it is Reconciling (the controller keeps trying), and past
+/// `--site-stall-seconds` Stalled with the reason and message of Ready (so Flux reports it
+/// failed instead of Current); back, it is neither again. observedGeneration follows the spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_site_is_reconciling_then_stalled() {
+    use kube::api::Api;
+    use twinsite::api::Site;
+    let _serial = one_at_a_time().await;
+    let mut w = World::start_with("sitestall", &["--site-stall-seconds", "20"]).await;
+    let s = w.secondary.site.clone();
+    let sites: Api<Site> = Api::all(w.client.clone());
+    let cond_of = |site: &Site, t: &str| {
+        site.status
+            .as_ref()
+            .and_then(|st| st.conditions.iter().find(|c| c.type_ == t).cloned())
+    };
+    let wait_site = |what: &'static str, f: Box<dyn Fn(&Site) -> bool + Send>| {
+        let sites = sites.clone();
+        let s = s.clone();
+        async move {
+            let deadline = std::time::Instant::now() + LONG;
+            loop {
+                let site = sites.get(&s).await.unwrap();
+                if f(&site) {
+                    return site;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "site {s}: timed out waiting for {what}: {:?}",
+                    site.status
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            }
+        }
+    };
+    let is = |site: &Site, t: &str, status: &str| {
+        site.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == t && c.status == status)
+        })
+    };
+
+    let site = wait_site(
+        "Ready, neither Reconciling nor Stalled",
+        Box::new(move |x| {
+            is(x, "Ready", "True") && is(x, "Reconciling", "False") && is(x, "Stalled", "False")
+        }),
+    )
+    .await;
+    assert_eq!(
+        site.status.as_ref().unwrap().observed_generation,
+        site.metadata.generation
+    );
+
+    w.secondary.stop();
+    let site = wait_site(
+        "Reconciling while it does not answer",
+        Box::new(move |x| is(x, "Reconciling", "True")),
+    )
+    .await;
+    let r = cond_of(&site, "Reconciling").unwrap();
+    assert_eq!(r.reason, "Unreachable", "{r:?}");
+    assert_eq!(cond_of(&site, "Stalled").unwrap().status, "False");
+
+    let site = wait_site(
+        "Stalled past the limit",
+        Box::new(move |x| is(x, "Stalled", "True")),
+    )
+    .await;
+    let st = cond_of(&site, "Stalled").unwrap();
+    assert_eq!(st.reason, "Unreachable", "{st:?}");
+    assert!(st.message.contains("--site-stall-seconds"), "{st:?}");
+    assert_eq!(cond_of(&site, "Reconciling").unwrap().status, "False");
+    assert_eq!(cond_of(&site, "Ready").unwrap().status, "False");
+    assert_eq!(
+        site.status.as_ref().unwrap().observed_generation,
+        site.metadata.generation
+    );
+
+    w.secondary.restart().await;
+    wait_site(
+        "Ready again, neither Reconciling nor Stalled",
+        Box::new(move |x| {
+            is(x, "Ready", "True") && is(x, "Reconciling", "False") && is(x, "Stalled", "False")
+        }),
+    )
+    .await;
 }

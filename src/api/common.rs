@@ -191,8 +191,32 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub attempt: Option<i64>,
+    /// What the job was started with, from the spec at its start. The job reads these and
+    /// never the spec as it is changed meanwhile. Absent in jobs written before they were
+    /// recorded (those read the spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<JobParameters>,
     #[serde(default)]
     pub steps: Vec<JobStep>,
+}
+
+/// The spec fields a job acts on, as they were when it started.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobParameters {
+    /// `spec.failover.recoveryPoint`: the point an unplanned failover starts from (unless the
+    /// plan's cut gives one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovery_point: Option<String>,
+    /// `spec.failover.shutdownSource`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown_source: Option<bool>,
+    /// `spec.failover.stepTimeoutSeconds`, or its default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_timeout_seconds: Option<i64>,
+    /// `spec.testFailover.network`: the network a drill copy is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 /// Conditions as `metav1.Condition`, so kstatus and `kubectl wait` understand them.

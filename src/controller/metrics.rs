@@ -72,6 +72,8 @@ pub struct Metrics {
     pub replication_state: Family<StateLabels, Gauge>,
     pub condition: Family<ConditionLabels, Gauge>,
     pub phase: Family<PhaseLabels, Gauge>,
+    /// ReplicatedVMs whose condition SplitBrain is True (found running at both sites).
+    pub split_brain_vms: Gauge,
 }
 
 impl Default for Metrics {
@@ -145,8 +147,15 @@ impl Metrics {
             "1 for the phase a ReplicatedVM or FailoverPlan is in",
             phase.clone(),
         );
+        let split_brain_vms = Gauge::default();
+        registry.register(
+            "split_brain_vms",
+            "ReplicatedVMs found running at both sites (condition SplitBrain True): the controller powers neither copy off until a person says which to keep",
+            split_brain_vms.clone(),
+        );
         Metrics {
             registry,
+            split_brain_vms,
             rpo_seconds,
             bytes_replicated,
             jobs,
@@ -168,6 +177,7 @@ impl Metrics {
         self.replication_state.clear();
         self.condition.clear();
         self.phase.clear();
+        self.split_brain_vms.set(0);
     }
 
     pub fn encode(&self) -> String {
@@ -254,6 +264,15 @@ impl Snapshot {
         }
     }
 
+    /// A ReplicatedVM whose condition SplitBrain is True.
+    fn split_brain(&self) -> bool {
+        self.kind == "ReplicatedVM"
+            && self
+                .conditions
+                .iter()
+                .any(|(t, _, on)| t == "SplitBrain" && *on)
+    }
+
     fn key(&self) -> (&'static str, String, String) {
         (self.kind, self.namespace.clone(), self.name.clone())
     }
@@ -312,6 +331,18 @@ pub struct StatusGauges {
 impl StatusGauges {
     pub fn show(&mut self, m: &Metrics, s: Snapshot) {
         let old = self.shown.remove(&s.key());
+        match (
+            old.as_ref().is_some_and(Snapshot::split_brain),
+            s.split_brain(),
+        ) {
+            (false, true) => {
+                m.split_brain_vms.inc();
+            }
+            (true, false) => {
+                m.split_brain_vms.dec();
+            }
+            _ => {}
+        }
         for (l, v) in s.condition_labels() {
             m.condition.get_or_create(&l).set(i64::from(v));
         }
@@ -361,6 +392,9 @@ impl StatusGauges {
         else {
             return;
         };
+        if old.split_brain() {
+            m.split_brain_vms.dec();
+        }
         for (l, _) in old.condition_labels() {
             m.condition.remove(&l);
         }
@@ -484,6 +518,37 @@ mod tests {
             replication_interval: enabled.then_some(300),
             replication_state: Some(state.into()),
         }
+    }
+
+    #[test]
+    fn split_brain_vms_counts_the_vms_whose_split_brain_is_true() {
+        let m = Metrics::new();
+        let mut g = StatusGauges::default();
+        let split = |name: &str, on: bool| {
+            let mut s = vm("Protected", ("SplitBrain", !on), "Replicating", true);
+            s.name = name.into();
+            s.conditions
+                .push(("SplitBrain".into(), "SplitBrain".into(), on));
+            s
+        };
+        g.show(&m, split("a", true));
+        g.show(&m, split("b", true));
+        g.show(&m, split("a", true));
+        assert_eq!(m.split_brain_vms.get(), 2);
+        assert!(
+            m.encode().contains("twinsite_split_brain_vms 2"),
+            "{}",
+            m.encode()
+        );
+        g.show(&m, split("a", false));
+        assert_eq!(m.split_brain_vms.get(), 1);
+        g.forget(&m, "ReplicatedVM", "finance", "b");
+        assert_eq!(m.split_brain_vms.get(), 0);
+        // Another kind's condition of that name is not a VM in split brain.
+        let mut site = split("c", true);
+        site.kind = "Site";
+        g.show(&m, site);
+        assert_eq!(m.split_brain_vms.get(), 0);
     }
 
     #[test]

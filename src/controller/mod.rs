@@ -117,6 +117,10 @@ pub struct ControllerArgs {
     /// How often each site's VMs are listed (one call per site for all its VMs).
     #[arg(long, default_value_t = 10)]
     pub site_poll_seconds: u64,
+    /// A Site that has not been Ready for this long is Stalled (kstatus: Failed) instead of
+    /// Reconciling.
+    #[arg(long, default_value_t = 300)]
+    pub site_stall_seconds: u64,
     /// ReplicatedVMs reconciled at once.
     #[arg(long, default_value_t = 32)]
     pub concurrency: u16,
@@ -268,13 +272,16 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         .modify(|p| p.managed_fields_mut().clear())
         .reflect(plan_writer)
         .touched_objects();
-        // Built before the context, which reads its cache (every ReplicatedVM, for tenancy).
+        // The reconcilers' own watch caches, read by reconciles instead of lists.
         let rvm_ctl = Controller::new(
             Api::<ReplicatedVM>::all(client.clone()),
             watcher::Config::default(),
-        );
+        )
+        // A plan releasing a group wakes the VMs it names.
+        .watches_stream(plan_cache, plan_members);
+        let site_ctl =
+            Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default());
         let ctx = Arc::new(Context {
-            rvms: rvm_ctl.store(),
             client: client.clone(),
             sites: sites.clone(),
             metrics: metrics.clone(),
@@ -286,10 +293,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                 },
             ),
             poll: Duration::from_secs(args.site_poll_seconds.max(1)),
+            site_stall: Duration::from_secs(args.site_stall_seconds),
             started: std::time::Instant::now(),
             written: Default::default(),
             fences: Default::default(),
             plans: plan_store,
+            rvms: rvm_ctl.store(),
+            site_objects: site_ctl.store(),
             secret_namespace: secret_namespace.clone(),
         });
         let halt = Arc::new(Notify::new());
@@ -307,8 +317,6 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
         };
         let trigger = |n: Arc<Notify>| async move { n.notified().await };
         let rvms = rvm_ctl
-            // A plan releasing a group wakes the VMs it names.
-            .watches_stream(plan_cache, plan_members)
             .with_config(CtlConfig::default().concurrency(args.concurrency))
             .graceful_shutdown_on(trigger(halt.clone()))
             .run(rvm::reconcile, rvm::error_policy, ctx.clone())
@@ -317,16 +325,15 @@ pub async fn run(args: ControllerArgs) -> Result<(), Error> {
                     tracing::debug!(error = %e, "ReplicatedVM reconcile");
                 }
             });
-        let site_ctl =
-            Controller::new(Api::<Site>::all(client.clone()), watcher::Config::default())
-                .with_config(CtlConfig::default().concurrency(8))
-                .graceful_shutdown_on(trigger(halt.clone()))
-                .run(site::reconcile, site::error_policy, ctx.clone())
-                .for_each(|r| async move {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, "Site reconcile");
-                    }
-                });
+        let site_ctl = site_ctl
+            .with_config(CtlConfig::default().concurrency(8))
+            .graceful_shutdown_on(trigger(halt.clone()))
+            .run(site::reconcile, site::error_policy, ctx.clone())
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "Site reconcile");
+                }
+            });
         let plans = async {
             if let Err(e) =
                 failover_plan::run_with(client.clone(), None, hooks.clone(), trigger(halt.clone()))

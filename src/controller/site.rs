@@ -13,7 +13,7 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::conditions::{self, Cond, INSECURE, READY};
+use super::conditions::{self, Cond, INSECURE, READY, RECONCILING, STALLED};
 use super::error::Error;
 use super::metrics::{KindLabels, SiteLabels};
 use super::rvm::{Context, now};
@@ -230,10 +230,25 @@ fn fence_status(site: &Site, since: Option<Timestamp>) -> Option<SiteFenceStatus
     })
 }
 
+/// Sites whose object is gone leave the registry: no reconcile runs for a deleted object, so
+/// every Site's reconcile (each poll) looks for them. ReplicatedVMs then see the site as not
+/// known instead of going on with its last listing and client.
+fn forget_deleted(ctx: &Context) {
+    for gone in ctx.sites.names().into_iter().filter(|n| {
+        ctx.site_objects
+            .get(&kube::runtime::reflector::ObjectRef::new(n))
+            .is_none()
+    }) {
+        info!(site = %gone, "Site deleted: its agent is no longer called");
+        ctx.sites.forget(&gone);
+    }
+}
+
 pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
+    forget_deleted(&ctx);
     ctx.sites
         .set_network_mappings(&name, &site.spec.network_mappings);
     ctx.sites
@@ -381,6 +396,34 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     Ok(Action::requeue(ctx.poll))
 }
 
+/// Reconciling and Stalled as kstatus (Flux, `kubectl wait`) reads them, from Ready: a site
+/// that answers is neither; one that does not (unreachable, token refused, credentials
+/// missing) is Reconciling while the controller keeps trying, and Stalled, with Ready's reason
+/// and message, once it has not been Ready for `limit`. A site declared lost is neither: it is
+/// where the operator put it.
+fn kstatus(ready: &Cond, not_ready_since: Timestamp, now: Timestamp, limit: Duration) -> [Cond; 2] {
+    let idle = || Cond::new(RECONCILING, false, "Idle", "");
+    let not_stalled = || Cond::new(STALLED, false, "NotStalled", "");
+    if ready.status || ready.reason == "DeclaredLost" {
+        return [idle(), not_stalled()];
+    }
+    let for_s = (now - not_ready_since).get_seconds().max(0);
+    let limit_s = i64::try_from(limit.as_secs()).unwrap_or(i64::MAX);
+    if for_s >= limit_s {
+        let msg = format!(
+            "not ready for {for_s} s (limit {limit_s} s, --site-stall-seconds): {}",
+            ready.message
+        );
+        [idle(), Cond::new(STALLED, true, ready.reason.clone(), msg)]
+    } else {
+        let msg = format!("retrying every poll: {}", ready.message);
+        [
+            Cond::new(RECONCILING, true, ready.reason.clone(), msg),
+            not_stalled(),
+        ]
+    }
+}
+
 async fn write_status(
     site: &Site,
     ctx: &Context,
@@ -400,7 +443,17 @@ async fn write_status(
         }
         f
     });
-    conditions::set_all(&mut new.conditions, conds, new.observed_generation, t);
+    // Not Ready since: Ready's last transition when it was already False, else now.
+    let since = old
+        .conditions
+        .iter()
+        .find(|c| c.type_ == READY && c.status == "False")
+        .map_or(t, |c| c.last_transition_time.0);
+    let mut all = conds.to_vec();
+    if let Some(ready) = conds.iter().find(|c| c.type_ == READY) {
+        all.extend(kstatus(ready, since, t, ctx.site_stall));
+    }
+    conditions::set_all(&mut new.conditions, &all, new.observed_generation, t);
     if let Some((n, accelerator)) = listed {
         new.vm_count = Some(i64::try_from(n).unwrap_or(i64::MAX));
         new.accelerator = accelerator;
@@ -439,4 +492,32 @@ pub fn error_policy(site: Arc<Site>, err: &Error, ctx: Arc<Context>) -> Action {
         .inc();
     warn!(site = %site.name_any(), error = %err, "site reconcile failed");
     Action::requeue(ctx.poll)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + s).unwrap()
+    }
+
+    #[test]
+    fn a_site_not_ready_reconciles_then_stalls_past_the_limit() {
+        let limit = Duration::from_secs(300);
+        let ok = Cond::new(READY, true, "Connected", "agent answers");
+        let [r, s] = kstatus(&ok, at(0), at(1000), limit);
+        assert!(!r.status && !s.status, "{r:?} {s:?}");
+        let down = Cond::new(READY, false, "Unreachable", "connection refused");
+        let [r, s] = kstatus(&down, at(0), at(299), limit);
+        assert!(r.status && !s.status, "{r:?} {s:?}");
+        assert_eq!(r.reason, "Unreachable");
+        let [r, s] = kstatus(&down, at(0), at(300), limit);
+        assert!(!r.status && s.status, "{r:?} {s:?}");
+        assert_eq!(s.reason, "Unreachable");
+        assert!(s.message.contains("connection refused"), "{s:?}");
+        let lost = Cond::new(READY, false, "DeclaredLost", "declared lost");
+        let [r, s] = kstatus(&lost, at(0), at(1000), limit);
+        assert!(!r.status && !s.status, "{r:?} {s:?}");
+    }
 }

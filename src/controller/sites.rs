@@ -233,6 +233,18 @@ impl Sites {
         self.pairs.forget(name);
     }
 
+    /// Forgets everything about site `name`: its Site object is gone. Its declaration, network
+    /// mappings and peer credentials go with it, so a Site created again under that name
+    /// starts afresh.
+    pub fn forget(&self, name: &str) {
+        self.remove(name);
+        for m in [&self.lost, &self.trusted_since] {
+            m.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+        }
+        let mut n = self.networks.write().unwrap_or_else(|e| e.into_inner());
+        n.remove(name);
+    }
+
     pub fn known(&self, name: &str) -> bool {
         let map = self.inner.read().unwrap_or_else(|e| e.into_inner());
         map.contains_key(name)

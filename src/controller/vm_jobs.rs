@@ -72,13 +72,20 @@ pub fn has_replica(st: &ReplicatedVMStatus, source: &str, target: &str) -> bool 
 }
 
 /// A planned failover that failed at VerifyDigests: the replica at its target is not what the
-/// source holds (or could not be compared).
+/// source holds (or a site refused to compare it). A site that gave no answer until the step's
+/// deadline says nothing about the replica: not a mismatch, so nothing is resynchronized
+/// toward a site that may be gone.
 pub fn digest_mismatch(j: &Job) -> bool {
     j.type_ == JobType::PlannedFailover
         && j.state == JobState::Failed
-        && j.steps
-            .iter()
-            .any(|s| s.name == VERIFY_DIGESTS && s.state == StepState::Failed)
+        && j.steps.iter().any(|s| {
+            s.name == VERIFY_DIGESTS
+                && s.state == StepState::Failed
+                && !s
+                    .message
+                    .as_deref()
+                    .is_some_and(|m| m.contains(crate::controller::rvm::planner::DEADLINE_PASSED))
+        })
 }
 
 /// (source, target) of the resync to start now: the newest job is a failover that failed on

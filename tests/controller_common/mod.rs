@@ -850,3 +850,124 @@ pub fn condition(
         .find(|c| c.type_ == t)
         .cloned()
 }
+
+/// A TCP listener standing in front of an agent as a Site's URL, for an agent that hangs: it
+/// accepts every connection and passes the bytes both ways until a request carries every one
+/// of `hang_on` (for example a route of one VM); that connection is then held open and never
+/// answered. With `hang_on` empty every connection is held from its first byte: an agent that
+/// accepts connections and never answers.
+pub struct HangingAgent {
+    pub url: String,
+    /// Connections held so far.
+    pub held: std::sync::Arc<AtomicU32>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HangingAgent {
+    pub async fn start(upstream: &str, hang_on: &[&str]) -> HangingAgent {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let hang_on: Vec<String> = hang_on.iter().map(|s| s.to_string()).collect();
+        let held = std::sync::Arc::new(AtomicU32::new(0));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let counter = held.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (upstream, hang_on, held) =
+                    (upstream.clone(), hang_on.clone(), counter.clone());
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let hold = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                    let up = if hang_on.is_empty() {
+                        None
+                    } else {
+                        tokio::net::TcpStream::connect(&upstream).await.ok()
+                    };
+                    let Some(up) = up else {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        std::future::pending::<()>().await;
+                        drop((cr, cw));
+                        return;
+                    };
+                    let (mut ur, mut uw) = up.into_split();
+                    let down_hold = hold.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let n = match ur.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if down_hold.load(Ordering::SeqCst) {
+                                std::future::pending::<()>().await;
+                            }
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        if down_hold.load(Ordering::SeqCst) {
+                            std::future::pending::<()>().await;
+                        }
+                    });
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if hang_on.iter().all(|p| text.contains(p.as_str())) {
+                            hold.store(true, Ordering::SeqCst);
+                            held.fetch_add(1, Ordering::SeqCst);
+                            std::future::pending::<()>().await;
+                        }
+                        if uw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        HangingAgent { url, held, task }
+    }
+}
+
+impl Drop for HangingAgent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Points Site `site` at `url` and waits until the controller reaches it there.
+pub async fn move_site(w: &World, site: &str, url: &str) {
+    let sites: Api<Site> = Api::all(w.client.clone());
+    sites
+        .patch(
+            site,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"agent": {"url": url}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + LONG;
+    loop {
+        let s = sites.get(site).await.unwrap();
+        let there = s.status.as_ref().is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True" && c.message.contains(url))
+        });
+        if there {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "site {site} never reached at {url}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -526,6 +526,7 @@ mod tests {
             recovery_point_age_seconds: None,
             cut_id: None,
             attempt: None,
+            parameters: None,
             message: None,
             steps: vec![],
         };
@@ -612,6 +613,7 @@ mod tests {
             recovery_point_age_seconds: None,
             cut_id: None,
             attempt: None,
+            parameters: None,
             message: None,
             steps: vec![],
         };
@@ -656,6 +658,7 @@ mod tests {
             recovery_point_age_seconds: None,
             cut_id: None,
             attempt: None,
+            parameters: None,
             message: None,
             steps: vec![JobStep {
                 name: step.0.into(),

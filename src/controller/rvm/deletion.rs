@@ -137,6 +137,7 @@ mod tests {
             recovery_point_age_seconds: None,
             cut_id: None,
             attempt: None,
+            parameters: None,
             message: None,
             steps,
         };

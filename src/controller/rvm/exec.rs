@@ -1,6 +1,10 @@
 //! Carries out one planned step against the sites. Every call carries the step's operation id,
 //! so a repeat after a crash is answered from the site's record instead of done twice.
 
+use std::time::Duration;
+
+use jiff::Timestamp;
+
 use super::planner::{EnableMode, FenceCall, Outcome, SettingsCall, StepCall, StepName};
 use crate::controller::observe::ObservedRecoveryPoint;
 use crate::controller::sites::TenantSites;
@@ -29,6 +33,17 @@ fn failed(site: &str, e: SiteError) -> Outcome {
     }
 }
 
+/// As [`failed`], and a 5xx (a proxy's 502 or 504, an agent that failed to read its disk) is
+/// no answer either: asked again.
+fn unanswered(site: &str, e: SiteError) -> Outcome {
+    match e {
+        SiteError::Other(code, m) if code >= 500 => {
+            Outcome::Unreachable(format!("site {site} answered {code}: {m}"))
+        }
+        e => failed(site, e),
+    }
+}
+
 fn provider(
     sites: &TenantSites<'_>,
     site: &str,
@@ -38,14 +53,51 @@ fn provider(
         .ok_or_else(|| Outcome::Unreachable(format!("site {site} is not known (no Site object)")))
 }
 
+/// A step retried past its deadline (a fence that waits for its site to come back) still gives
+/// each call this long to be answered.
+const MIN_ATTEMPT: Duration = Duration::from_secs(10);
+
+/// How long the calls of one step may still wait: until the step's deadline (at least
+/// [`MIN_ATTEMPT`]). A site call is bounded by it whatever the client's own timeout, so a site
+/// that accepts a call and never answers holds a reconcile slot no longer than the step may
+/// take, and is reported as not answering (a retry, then Stalled at the deadline).
+struct Budget {
+    until: tokio::time::Instant,
+    secs: u64,
+}
+
+impl Budget {
+    fn until(deadline: Timestamp) -> Self {
+        let left = Duration::try_from(Timestamp::now().duration_until(deadline))
+            .unwrap_or(Duration::ZERO)
+            .max(MIN_ATTEMPT);
+        Self {
+            until: tokio::time::Instant::now() + left,
+            secs: left.as_secs(),
+        }
+    }
+
+    async fn call<T>(&self, f: impl Future<Output = Result<T, SiteError>>) -> Result<T, SiteError> {
+        tokio::time::timeout_at(self.until, f)
+            .await
+            .unwrap_or_else(|_| {
+                Err(SiteError::Unreachable(format!(
+                    "no answer within {} s, the time left before the step's deadline",
+                    self.secs
+                )))
+            })
+    }
+}
+
 /// Runs the step's site calls.
 pub async fn run(sites: &TenantSites<'_>, c: &StepCall) -> Outcome {
-    match run_inner(sites, c).await {
+    let b = Budget::until(c.deadline);
+    match run_inner(sites, c, &b).await {
         Ok(o) | Err(o) => o,
     }
 }
 
-async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Outcome> {
+async fn run_inner(sites: &TenantSites<'_>, c: &StepCall, b: &Budget) -> Result<Outcome, Outcome> {
     let vm = c.vm.as_str();
     let op = c.op_id.as_str();
     let (src, tgt) = (c.source.as_str(), c.target.as_str());
@@ -71,7 +123,10 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
                 operation_id: format!("{op}-accept"),
                 source_site: src.to_string(),
             };
-            if let Err(e) = provider(sites, tgt)?.accept_replication(vm, &accept).await {
+            if let Err(e) = b
+                .call(provider(sites, tgt)?.accept_replication(vm, &accept))
+                .await
+            {
                 return Ok(failed(tgt, e));
             }
             let params = EnableReplication {
@@ -94,33 +149,35 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
                     EnableMode::Resync => ReplicationMode::Resync,
                 },
             };
-            match p.enable_replication(vm, &params).await {
+            match b.call(p.enable_replication(vm, &params)).await {
                 Ok(_) => Outcome::ok(),
                 Err(e) => failed(src, e),
             }
         }
-        StepName::ConsistentCut => consistent_cut(sites, c).await?,
+        StepName::ConsistentCut => consistent_cut(sites, c, b).await?,
         StepName::InitialReplication | StepName::Resynchronize => Outcome::ok(),
-        StepName::ShutdownSource => power(sites, src, vm, PowerAction::Shutdown, op).await?,
-        StepName::FenceSource => power(sites, src, vm, PowerAction::PowerOff, op).await?,
-        StepName::RestartSource => power(sites, src, vm, PowerAction::Start, op).await?,
-        StepName::SyncRemaining => match provider(sites, src)?.sync(vm, op).await {
+        StepName::ShutdownSource => power(sites, b, src, vm, PowerAction::Shutdown, op).await?,
+        StepName::FenceSource => power(sites, b, src, vm, PowerAction::PowerOff, op).await?,
+        StepName::RestartSource => power(sites, b, src, vm, PowerAction::Start, op).await?,
+        StepName::SyncRemaining => match b.call(provider(sites, src)?.sync(vm, op)).await {
             Ok(r) => with_rp(&r.recovery_point),
             Err(e) => failed(src, e),
         },
-        StepName::VerifyDigests => verify_digests(sites, src, tgt, vm).await?,
+        StepName::VerifyDigests => verify_digests(sites, b, src, tgt, vm).await?,
         StepName::StopReplication => {
             // The source side is best effort (it may be gone); the target must stop accepting.
             let mut notes = Vec::new();
             if c.source_unreachable {
                 notes.push(format!("not stopped at {src}: the site is unreachable"));
             } else if let Some(p) = sites.provider(src)
-                && let Err(e) = p.stop_replication(vm, &format!("{op}-source")).await
+                && let Err(e) = b
+                    .call(p.stop_replication(vm, &format!("{op}-source")))
+                    .await
             {
                 notes.push(format!("at {src}: {e}"));
             }
-            match provider(sites, tgt)?
-                .stop_replication(vm, &format!("{op}-target"))
+            match b
+                .call(provider(sites, tgt)?.stop_replication(vm, &format!("{op}-target")))
                 .await
             {
                 Ok(_) | Err(SiteError::Conflict(_)) | Err(SiteError::NotFound(_)) => {
@@ -138,8 +195,8 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
             // The target Site's mappings of the source's networks; a drill copy never takes
             // them (it goes to its isolated network).
             let networks = sites.network_mappings(tgt, src);
-            match provider(sites, tgt)?
-                .failover_mapped(vm, &sel, &networks, op)
+            match b
+                .call(provider(sites, tgt)?.failover_mapped(vm, &sel, &networks, op))
                 .await
             {
                 Ok(r) => with_rp(&r.recovery_point),
@@ -154,7 +211,7 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
                 Err(e) => failed(tgt, e),
             }
         }
-        StepName::Commit => match provider(sites, tgt)?.commit(vm, op).await {
+        StepName::Commit => match b.call(provider(sites, tgt)?.commit(vm, op)).await {
             Ok(r) => Outcome::Succeeded {
                 message: Some(format!(
                     "{} recovery points deleted",
@@ -167,8 +224,8 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
         },
         StepName::CreateTestCopy => {
             let sel = RecoveryPointSelector::from(c.recovery_point.clone());
-            match provider(sites, tgt)?
-                .test_failover(vm, &sel, &c.network, op)
+            match b
+                .call(provider(sites, tgt)?.test_failover(vm, &sel, &c.network, op))
                 .await
             {
                 Ok(r) => Outcome::Succeeded {
@@ -180,21 +237,24 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
             }
         }
         StepName::DeleteTestCopy => {
-            match provider(sites, tgt)?.test_failover_cleanup(vm, op).await {
+            match b
+                .call(provider(sites, tgt)?.test_failover_cleanup(vm, op))
+                .await
+            {
                 Ok(_) | Err(SiteError::NotFound(_)) => Outcome::ok(),
                 Err(e) => failed(tgt, e),
             }
         }
         StepName::RemoveReplica => {
             let p = provider(sites, tgt)?;
-            match p.get_vm(vm).await {
+            match b.call(p.get_vm(vm)).await {
                 Err(SiteError::NotFound(_)) => Outcome::ok(),
                 Err(e) => failed(tgt, e),
                 // Never touch a VM that runs.
                 Ok(v) if v.power == crate::site::Power::Running => Outcome::Failed(format!(
                     "VM {vm} runs at {tgt}; a running VM is never removed"
                 )),
-                Ok(_) => match p.delete_vm(vm, op).await {
+                Ok(_) => match b.call(p.delete_vm(vm, op)).await {
                     Ok(()) | Err(SiteError::NotFound(_)) => Outcome::ok(),
                     Err(e) => failed(tgt, e),
                 },
@@ -206,7 +266,11 @@ async fn run_inner(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Out
 /// This VM's point of the plan's consistent cut, asked of the source site (the cut id is the
 /// step's operation id: the site cuts once per id and answers every repeat the same). The point
 /// must still be at the target for the failover to start from it.
-async fn consistent_cut(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome, Outcome> {
+async fn consistent_cut(
+    sites: &TenantSites<'_>,
+    c: &StepCall,
+    b: &Budget,
+) -> Result<Outcome, Outcome> {
     let (vm, cut_id, src, tgt) = (
         c.vm.as_str(),
         c.op_id.as_str(),
@@ -217,7 +281,7 @@ async fn consistent_cut(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome
         cut_id: cut_id.to_string(),
         vms: c.cut_vms.clone(),
     };
-    let answer = match provider(sites, src)?.cut(&req).await {
+    let answer = match b.call(provider(sites, src)?.cut(&req)).await {
         Ok(a) => a,
         Err(e) => return Ok(failed(src, e)),
     };
@@ -232,7 +296,7 @@ async fn consistent_cut(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome
     // Retention at the target may have merged the point away since the cut was taken (a later
     // group fails over long after it): then it cannot be started from.
     if let Some(t) = sites.provider(tgt)
-        && let Ok(points) = t.recovery_points(vm).await
+        && let Ok(points) = b.call(t.recovery_points(vm)).await
         && !points.iter().any(|p| &p.id == rp_id)
     {
         return Ok(Outcome::Failed(format!(
@@ -254,52 +318,59 @@ async fn consistent_cut(sites: &TenantSites<'_>, c: &StepCall) -> Result<Outcome
 
 async fn power(
     sites: &TenantSites<'_>,
+    b: &Budget,
     site: &str,
     vm: &str,
     action: PowerAction,
     op: &str,
 ) -> Result<Outcome, Outcome> {
-    Ok(match provider(sites, site)?.power(vm, action, op).await {
-        Ok(_) => Outcome::ok(),
-        // A VM the site does not hold does not run there: stopped as asked.
-        Err(SiteError::NotFound(m)) if action != PowerAction::Start => Outcome::Succeeded {
-            message: Some(format!("VM {vm} is not at {site}: {m}")),
-            recovery_point: None,
-            test_vm: None,
+    Ok(
+        match b.call(provider(sites, site)?.power(vm, action, op)).await {
+            Ok(_) => Outcome::ok(),
+            // A VM the site does not hold does not run there: stopped as asked.
+            Err(SiteError::NotFound(m)) if action != PowerAction::Start => Outcome::Succeeded {
+                message: Some(format!("VM {vm} is not at {site}: {m}")),
+                recovery_point: None,
+                test_vm: None,
+            },
+            Err(e) => failed(site, e),
         },
-        Err(e) => failed(site, e),
-    })
+    )
 }
 
 /// Zero data loss, proven: every disk's digest at the source equals the digest of the target's
 /// newest recovery point.
 async fn verify_digests(
     sites: &TenantSites<'_>,
+    b: &Budget,
     src: &str,
     tgt: &str,
     vm: &str,
 ) -> Result<Outcome, Outcome> {
     let s = provider(sites, src)?;
     let t = provider(sites, tgt)?;
-    let disks = match s.get_vm(vm).await {
+    let disks = match b.call(s.get_vm(vm)).await {
         Ok(v) => v.disks,
         Err(e) => return Ok(failed(src, e)),
     };
     let mut checked = Vec::new();
     for d in &disks {
         // Each site hashes its whole disk: both at once, so the step takes one hash's time.
-        let (a, b) = tokio::join!(s.digest(vm, &d.name), t.digest(vm, &d.name));
+        let (a, z) = tokio::join!(b.call(s.digest(vm, &d.name)), b.call(t.digest(vm, &d.name)));
+        // Only two digests compared make a mismatch: a site that cannot be asked (no answer,
+        // a refused token, a 5xx) is asked again, and at the deadline the failover fails
+        // without a word about the replica (no resync toward a site that did not answer).
         let a = match a {
             Ok(x) => x,
-            Err(e) => return Ok(failed(src, e)),
+            Err(e) => return Ok(unanswered(src, e)),
         };
-        let b = match b {
+        let z = match z {
             Ok(x) => x,
-            Err(e) => return Ok(failed(tgt, e)),
+            Err(e) => return Ok(unanswered(tgt, e)),
         };
-        if a != b {
+        if a != z {
             return Ok(Outcome::Failed(format!(
-                "disk {} differs: {src} {a}, {tgt} {b}",
+                "disk {} differs: {src} {a}, {tgt} {z}",
                 d.name
             )));
         }

@@ -37,6 +37,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Site listing period.
     pub poll: Duration,
+    /// How long a Site may be not Ready before it is Stalled.
+    pub site_stall: Duration,
     /// When this process began leading.
     pub started: std::time::Instant,
     /// Status this process wrote last, per ReplicatedVM.
@@ -46,10 +48,14 @@ pub struct Context {
     /// The FailoverPlans, from the watch cache: a reconcile reads them here instead of
     /// listing them.
     pub plans: Store<FailoverPlan>,
+    /// The ReplicatedVMs, from the reconciler's watch cache: a plan's cut reads its members'
+    /// VM names here (not from a list per VM), and tenancy which namespace holds a site VM.
+    pub rvms: Store<ReplicatedVM>,
+    /// The Site objects, from the Site reconciler's watch cache: a site whose object is gone
+    /// leaves the registry.
+    pub site_objects: Store<crate::api::Site>,
     /// The only namespace whose Secrets are read.
     pub secret_namespace: String,
-    /// Every ReplicatedVM, from the reconciler's watch cache: which namespace holds a site VM.
-    pub rvms: Store<ReplicatedVM>,
 }
 
 pub const FINALIZER: &str = "twinsite.io/cleanup";
@@ -297,7 +303,7 @@ async fn apply(
             Plan::Execute(mut call) => {
                 info!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "step starts");
                 if call.step_name == StepName::ConsistentCut {
-                    call.cut_vms = vm_names(&ctx.client, &ns, &call.cut_vms).await;
+                    call.cut_vms = vm_names(&ctx.rvms, &ns, &call.cut_vms);
                 }
                 let outcome = exec::run(&ctx.sites.tenant(&ns), &call).await;
                 if call.step_name == StepName::FenceSource {
@@ -434,23 +440,14 @@ async fn tenancy_refusal(
 }
 
 /// The names of the VMs at the sites (`spec.vmName`) of the ReplicatedVMs `names` of namespace
-/// `ns`; a name without a ReplicatedVM (or when the list fails) stands for itself.
-async fn vm_names(client: &kube::Client, ns: &str, names: &[String]) -> Vec<String> {
-    let rvms = match Api::<ReplicatedVM>::namespaced(client.clone(), ns)
-        .list(&Default::default())
-        .await
-    {
-        Ok(l) => l.items,
-        Err(e) => {
-            warn!(namespace = ns, error = %e, "listing ReplicatedVMs for a consistent cut");
-            Vec::new()
-        }
-    };
-    let by_name: std::collections::HashMap<String, String> =
-        rvms.iter().map(|r| (r.name_any(), r.vm_name())).collect();
+/// `ns`, from the watch cache; a name without a ReplicatedVM stands for itself.
+fn vm_names(rvms: &Store<ReplicatedVM>, ns: &str, names: &[String]) -> Vec<String> {
     names
         .iter()
-        .map(|n| by_name.get(n).cloned().unwrap_or_else(|| n.clone()))
+        .map(|n| {
+            rvms.get(&kube::runtime::reflector::ObjectRef::new(n).within(ns))
+                .map_or_else(|| n.clone(), |r| r.vm_name())
+        })
         .collect()
 }
 

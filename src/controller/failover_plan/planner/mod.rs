@@ -504,6 +504,7 @@ pub fn plan(input: &Input) -> Action {
                 recovery_point_age_seconds: None,
                 cut_id: consistent_cut(input.spec, t, &name),
                 attempt: Some(1),
+                parameters: None,
                 message: None,
                 steps: step_names(input.spec, with_actions)
                     .into_iter()

@@ -178,6 +178,7 @@ fn enable_call(job_type: JobType, mode: EnableMode) -> StepCall {
         test_vm: None,
         cut_vms: vec![],
         source_unreachable: false,
+        deadline: jiff::Timestamp::now() + jiff::SignedDuration::from_secs(600),
     }
 }
 

@@ -153,6 +153,9 @@ pub struct StepCall {
     /// The source site's listing fails: a best-effort call there (StopReplication's source
     /// side in an unplanned failover) is not made, as it would only wait for its timeout.
     pub source_unreachable: bool,
+    /// The step's deadline (its start plus `spec.failover.stepTimeoutSeconds`): no site call
+    /// of the step waits past it, so a site that never answers cannot hold a reconcile slot.
+    pub deadline: Timestamp,
 }
 
 /// Power the VM off at `site`, where it runs although it must not.

@@ -43,7 +43,7 @@ use next_job::{
 };
 use progress::{
     WaitCheck, advance, apply_step_success, by_declaration, check_wait, copy_limit, fail_remaining,
-    fail_step, overdue, step_call,
+    fail_step, overdue, step_call, step_limit,
 };
 use status::{deletion_noted, finalize};
 
@@ -117,15 +117,14 @@ pub fn plan(input: &Input) -> Plan {
                             return Plan::Idle(d.min(input.poll.max(RETRY_UNREACHABLE)));
                         }
                         Some(StepName::StartAtTarget)
-                            if source_runs
-                                && overdue(input, step, input.spec.failover.step_timeout()) =>
+                            if source_runs && overdue(input, step, step_limit(input, job)) =>
                         {
                             let source = job.source_site.clone().unwrap_or_default();
                             let msg = format!(
                                 "not started before its {DEADLINE_PASSED} ({} s, \
                                  spec.failover.stepTimeoutSeconds): VM {} runs at {source} and \
                                  could not be powered off there",
-                                input.spec.failover.step_timeout(),
+                                step_limit(input, job),
                                 input.vm_name
                             );
                             let t = job.type_;
@@ -322,7 +321,8 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
     let mut finished = Vec::new();
     // A required step whose site has not answered by its deadline fails its job: the operator
     // gets a stalled job and a way on instead of a retry without end.
-    let limit = input.spec.failover.step_timeout();
+    let limit = step_limit(input, &st.jobs[call.job]);
+    let unanswered = matches!(outcome, Outcome::Unreachable(_));
     let outcome = match outcome {
         Outcome::Unreachable(m)
             if !call.optional && overdue(input, &st.jobs[call.job].steps[call.step], limit) =>
@@ -448,7 +448,9 @@ pub fn record_outcome(input: &Input, call: &StepCall, outcome: Outcome) -> Plan 
                 m,
                 &mut events,
             );
+            // A site that never answered says nothing about the replica.
             if call.step_name == StepName::VerifyDigests
+                && !unanswered
                 && let Some(r) = st
                     .replication
                     .as_mut()

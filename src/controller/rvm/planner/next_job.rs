@@ -2,6 +2,7 @@
 //! toward what the spec asks, or why none can start yet; and the retry of a failed job.
 
 use super::input::{Input, Note, Wait};
+use super::progress::parameters;
 use super::steps::{MAX_JOBS, StepName, job_type_str, job_verb, next_job_name, steps_of};
 use crate::api::{
     CommitMode, FailoverType, Job, JobState, JobStep, JobType, ReplicatedVMStatus,
@@ -93,6 +94,8 @@ pub(super) fn retry_job(
     let previous = job.message.take().unwrap_or_default();
     job.state = JobState::Running;
     job.attempt = Some(attempt);
+    // A retry runs with the spec as it is now (a person may have fixed it to retry).
+    job.parameters = Some(parameters(input, job.type_));
     job.start_time = Some(input.now());
     job.end_time = None;
     events.push(Note {
@@ -538,6 +541,7 @@ pub(super) fn start_job(
         cut_id: None,
         attempt: Some(1),
         message: None,
+        parameters: Some(parameters(input, t)),
         steps: cut
             .iter()
             .map(|c| (StepName::ConsistentCut, Some(c.id.clone())))

@@ -6,9 +6,9 @@ use super::health::{disabled_replication, refresh_replication_now};
 use super::input::{EnableMode, Input, Note, Outcome, StepCall};
 use super::steps::{StepName, attempt_operation_id, is_optional, job_type_str, job_verb, job_word};
 use crate::api::{
-    DrillRecord, Job, JobState, JobStep, JobType, ReplicatedVMStatus, ReplicationHealth,
-    ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus, StepState,
-    TestFailoverStatus,
+    DrillRecord, Job, JobParameters, JobState, JobStep, JobType, ReplicatedVMStatus,
+    ReplicationHealth, ReplicationSettings, ReplicationSpec, ReplicationState, ReplicationStatus,
+    StepState, TestFailoverStatus,
 };
 use crate::controller::observe::{Direction, ObservedReplicationState};
 use crate::controller::vm_jobs::{current_step, is_failover, running_job};
@@ -65,7 +65,11 @@ pub(super) fn step_call(
         (JobType::PlannedFailover, _, _) => "Latest".to_string(),
         // The ConsistentCut step succeeded: this VM's point of the cut.
         (_, Some(_), Some(rp)) => rp.clone(),
-        _ => input.spec.failover.recovery_point.clone(),
+        _ => job
+            .parameters
+            .as_ref()
+            .and_then(|p| p.recovery_point.clone())
+            .unwrap_or_else(|| input.spec.failover.recovery_point.clone()),
     };
     let cut_vms = match (n, input.cut) {
         (StepName::ConsistentCut, Some(c)) => {
@@ -92,7 +96,11 @@ pub(super) fn step_call(
             .clone()
             .unwrap_or_else(|| attempt_operation_id(input.uid, job, n)),
         recovery_point,
-        network: input.spec.test_failover.network.clone(),
+        network: job
+            .parameters
+            .as_ref()
+            .and_then(|p| p.network.clone())
+            .unwrap_or_else(|| input.spec.test_failover.network.clone()),
         mode: if job.type_ == JobType::ReverseReplicate {
             EnableMode::Resync
         } else {
@@ -103,7 +111,39 @@ pub(super) fn step_call(
         test_vm: st.test_failover.as_ref().map(|t| t.vm_name.clone()),
         cut_vms,
         source_unreachable,
+        deadline: step_deadline(step_limit(input, job), input, &job.steps[si]),
     }
+}
+
+/// The step deadline of `job` in seconds: `spec.failover.stepTimeoutSeconds` as it was when the
+/// job started (a job written before parameters were recorded reads the spec).
+pub(super) fn step_limit(input: &Input, job: &Job) -> i64 {
+    job.parameters
+        .as_ref()
+        .and_then(|p| p.step_timeout_seconds)
+        .unwrap_or_else(|| input.spec.failover.step_timeout())
+}
+
+/// The parameters a job starts with, from the spec now.
+pub(super) fn parameters(input: &Input, t: JobType) -> JobParameters {
+    let f = &input.spec.failover;
+    let failover = matches!(t, JobType::PlannedFailover | JobType::UnplannedFailover);
+    JobParameters {
+        recovery_point: (t == JobType::UnplannedFailover || t == JobType::TestFailover)
+            .then(|| f.recovery_point.clone()),
+        shutdown_source: failover.then_some(f.shutdown_source),
+        step_timeout_seconds: Some(f.step_timeout()),
+        network: (t == JobType::TestFailover).then(|| input.spec.test_failover.network.clone()),
+    }
+}
+
+/// When step `step` is overdue (see [`overdue`]): its start, or now for a step not started
+/// yet, plus the step timeout.
+fn step_deadline(limit: i64, input: &Input, step: &JobStep) -> jiff::Timestamp {
+    let start = step.start_time.as_ref().map_or(input.now, |t| t.0);
+    start
+        .checked_add(jiff::SignedDuration::from_secs(limit))
+        .unwrap_or(start)
 }
 
 /// Why a pending step is skipped, if it is.
@@ -122,7 +162,11 @@ pub(super) fn skip_reason(input: &Input, job: &Job, step: StepName) -> Option<St
     let view = input.view(source);
     match (job.type_, step) {
         (JobType::UnplannedFailover, StepName::ShutdownSource | StepName::SyncRemaining)
-            if !input.spec.failover.shutdown_source =>
+            if !job
+                .parameters
+                .as_ref()
+                .and_then(|p| p.shutdown_source)
+                .unwrap_or(input.spec.failover.shutdown_source) =>
         {
             Some("shutdownSource is false".into())
         }

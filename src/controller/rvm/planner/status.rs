@@ -7,7 +7,7 @@ use super::health::{
     vm_off,
 };
 use super::input::{Input, Note, Wait};
-use super::progress::overdue;
+use super::progress::{overdue, step_limit};
 use super::steps::{DEADLINE_PASSED, job_type_str};
 use crate::api::{
     CommitMode, JobState, JobType, ReplicatedVMStatus, ReplicationState, StepState, VmPhase,
@@ -175,7 +175,7 @@ pub(super) fn finalize(
                 Some(s) => {
                     let why = format!("{msg}: {}", s.message.as_deref().unwrap_or_default());
                     want.push(Cond::new(READY, false, SOURCE_NOT_FENCED, why.clone()));
-                    if overdue(input, s, input.spec.failover.step_timeout()) {
+                    if overdue(input, s, step_limit(input, j)) {
                         want.push(Cond::new(RECONCILING, false, SOURCE_NOT_FENCED, ""));
                         needs_person = Some((SOURCE_NOT_FENCED, why));
                     } else {
