@@ -233,7 +233,13 @@ fn fence_status(site: &Site, since: Option<Timestamp>) -> Option<SiteFenceStatus
 /// Sites whose object is gone leave the registry: no reconcile runs for a deleted object, so
 /// every Site's reconcile (each poll) looks for them. ReplicatedVMs then see the site as not
 /// known instead of going on with its last listing and client.
-fn forget_deleted(ctx: &Context) {
+///
+/// Only once the Site cache holds the first full listing: before that it is empty, and every
+/// site (with its peer credentials and declaration) would be forgotten.
+async fn forget_deleted(ctx: &Context) {
+    if !crate::controller::failover_plan::cache_ready(&ctx.site_objects).await {
+        return;
+    }
     for gone in ctx.sites.names().into_iter().filter(|n| {
         ctx.site_objects
             .get(&kube::runtime::reflector::ObjectRef::new(n))
@@ -248,7 +254,7 @@ pub async fn reconcile(site: Arc<Site>, ctx: Arc<Context>) -> Result<Action, Err
     let name = site.name_any();
     let agent = &site.spec.agent;
     let t0 = now();
-    forget_deleted(&ctx);
+    forget_deleted(&ctx).await;
     ctx.sites
         .set_network_mappings(&name, &site.spec.network_mappings);
     ctx.sites
@@ -410,8 +416,10 @@ fn kstatus(ready: &Cond, not_ready_since: Timestamp, now: Timestamp, limit: Dura
     let for_s = (now - not_ready_since).get_seconds().max(0);
     let limit_s = i64::try_from(limit.as_secs()).unwrap_or(i64::MAX);
     if for_s >= limit_s {
+        // The time it stopped being Ready, not a count of seconds: a message that changed at
+        // every poll would rewrite the status of every stalled Site at every poll.
         let msg = format!(
-            "not ready for {for_s} s (limit {limit_s} s, --site-stall-seconds): {}",
+            "not ready since {not_ready_since} (limit {limit_s} s, --site-stall-seconds): {}",
             ready.message
         );
         [idle(), Cond::new(STALLED, true, ready.reason.clone(), msg)]

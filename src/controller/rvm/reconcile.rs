@@ -303,6 +303,11 @@ async fn apply(
             Plan::Execute(mut call) => {
                 info!(rvm = %name, job = %call.job_name, step = call.step_name.as_str(), op = %call.op_id, "step starts");
                 if call.step_name == StepName::ConsistentCut {
+                    // An empty cache (before its first listing) would name each member by
+                    // its object name: the cut waits for it instead.
+                    if !failover_plan::cache_ready(&ctx.rvms).await {
+                        return Ok(Action::requeue(Duration::from_secs(1)));
+                    }
                     call.cut_vms = vm_names(&ctx.rvms, &ns, &call.cut_vms);
                 }
                 let outcome = exec::run(&ctx.sites.tenant(&ns), &call).await;
