@@ -37,20 +37,34 @@ async fn bodies_in_flight_fit_the_budget_and_open_routes_take_none() {
     assert!(write(MIB).await.unwrap().status().is_success());
 
     // A guest write announcing the whole budget, its body sent slowly: held in flight.
-    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
-        .await
-        .unwrap();
-    let head = format!(
-        "PUT /v1/vms/web-01/disks/disk0/data?offset=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\
-         authorization: Bearer {TOKEN}\r\ncontent-length: {}\r\n\r\n",
-        2 * MIB
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&[1u8; 1000]).await.unwrap();
+    let open_slow = || async {
+        let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", a.port))
+            .await
+            .unwrap();
+        let head = format!(
+            "PUT /v1/vms/web-01/disks/disk0/data?offset=0 HTTP/1.1\r\nhost: 127.0.0.1\r\n\
+             authorization: Bearer {TOKEN}\r\ncontent-length: {}\r\n\r\n",
+            2 * MIB
+        );
+        slow.write_all(head.as_bytes()).await.unwrap();
+        slow.write_all(&[1u8; 1000]).await.unwrap();
+        // Let the agent take its head before the next request arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        slow
+    };
+    let mut slow = open_slow().await;
 
     // Another body does not fit: 503 naming the budget, nothing written.
     let deadline = Instant::now() + Duration::from_secs(60);
     let refused = loop {
+        // On a busy machine the next write's head may reach the agent first: the slow one is
+        // then the one refused (it has an answer), and is sent again.
+        let mut one = [0u8; 1];
+        if let Ok(Ok(_)) =
+            tokio::time::timeout(Duration::from_millis(10), slow.peek(&mut one)).await
+        {
+            slow = open_slow().await;
+        }
         let r = write(MIB).await.unwrap();
         if r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
             break r.text().await.unwrap();
