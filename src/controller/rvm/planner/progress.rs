@@ -18,8 +18,9 @@ pub(super) enum WaitCheck {
     Message(Option<String>),
 }
 
-/// A waiting step is done when a listing taken after the step began shows the source
-/// replicating to the target.
+/// A waiting step is done when listings taken after the step began show the source
+/// replicating to the target and the target holding a recovery point: a copy is done when
+/// there is something to fail over to, and status shows it when the job ends.
 pub(super) fn check_wait(input: &Input, job: &Job, step: &JobStep) -> WaitCheck {
     let (Some(source), Some(target)) = (&job.source_site, &job.target_site) else {
         return WaitCheck::Done;
@@ -34,7 +35,17 @@ pub(super) fn check_wait(input: &Input, job: &Job, step: &JobStep) -> WaitCheck 
                 && r.direction != Some(Direction::Inbound)
                 && r.peer_site.as_deref().is_none_or(|p| p == target) =>
         {
-            WaitCheck::Done
+            let has_point = input
+                .view(target)
+                .vm_since(since)
+                .is_some_and(|t| t.recovery_points.as_ref().is_some_and(|p| p.count > 0));
+            if has_point {
+                WaitCheck::Done
+            } else {
+                WaitCheck::Message(Some(format!(
+                    "copy done at {source}, waiting for {target} to list its recovery point"
+                )))
+            }
         }
         // The agent's own reason, as long as it reports one (a copy that keeps failing stays
         // InitialReplication or Resynchronizing at the source, with its last error).

@@ -104,6 +104,8 @@ struct World {
     settings_calls: Vec<(String, String)>,
     /// The source refuses settings calls with this error (an agent without the route).
     settings_refused: Option<String>,
+    /// The source reports its copies done but the target's listing shows no point yet.
+    points_lag: bool,
 }
 
 impl World {
@@ -140,6 +142,7 @@ impl World {
             copy_error: None,
             settings_calls: vec![],
             settings_refused: None,
+            points_lag: false,
         }
     }
 
@@ -423,7 +426,9 @@ impl World {
                 if self.down.contains(&peer) {
                     continue;
                 }
-                self.add_rp(&peer);
+                if !self.points_lag {
+                    self.add_rp(&peer);
+                }
                 let now = ts(self.now);
                 let r = self.vm_mut(&s).vm.replication.as_mut().unwrap();
                 r.state = ObservedReplicationState::Replicating;
@@ -612,6 +617,29 @@ fn enable_replication_ends_protected() {
     assert_eq!(w.status.observed_generation, Some(1));
     let reasons: Vec<_> = w.events.iter().map(|e| e.reason).collect();
     assert_eq!(reasons, ["JobStarted", "JobSucceeded"]);
+}
+
+#[test]
+fn a_copy_is_done_only_when_the_target_lists_a_recovery_point() {
+    // The source says Replicating before the target's listing shows the point its copy made:
+    // the job would end with no point in status (`kubectl twinsite status` without one).
+    let mut w = World::new(true);
+    w.points_lag = true;
+    w.settle();
+    let j = w.job(JobType::EnableReplication);
+    assert_eq!(j.state, JobState::Running, "{j:#?}");
+    assert_eq!(j.steps[1].state, StepState::Running);
+    assert!(
+        j.steps[1]
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("recovery point")),
+        "{j:#?}"
+    );
+    w.points_lag = false;
+    w.settle();
+    assert_eq!(w.job(JobType::EnableReplication).state, JobState::Succeeded);
+    assert!(w.status.recovery_points.as_ref().unwrap().count >= 1);
 }
 
 #[test]
