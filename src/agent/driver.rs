@@ -435,11 +435,18 @@ pub fn capture(
         let out = std::fs::File::create(&spool)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         let mut slot = 0u64;
+        let images = r
+            .disks
+            .open_all()
+            .map_err(|e| std::io::Error::other(e.message))?;
         for (d, set) in sealed.sets.iter().enumerate() {
             let size = r.meta.disks[d].size_bytes;
+            let image = images
+                .get(d)
+                .ok_or_else(|| std::io::Error::other("a sealed set of no disk"))?;
             for b in set.iter() {
                 let len = block_len(size, b);
-                r.disks[d].read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
+                image.read_exact_at(&mut buf[..len], b * BLOCK_SIZE)?;
                 out.write_all_at(&buf[..len], slot * BLOCK_SIZE)?;
                 slot += 1;
             }
@@ -1631,10 +1638,11 @@ async fn bulk(
             let permit = acquire_polling(st, &mut inflight, &mut sent).await?;
             let (blocks, after) = match &reader {
                 Reader::Files => read_vm(st, &vm2, move |r| {
-                    let file = r.disks.get(d).ok_or_else(|| {
-                        ApiError::conflict(format!("VM {} keeps no disk files here", r.name()))
-                    })?;
-                    let mut src = FileSource { file, nblocks: n };
+                    let file = r.disks.open(d)?;
+                    let mut src = FileSource {
+                        file: &file,
+                        nblocks: n,
+                    };
                     frame_batch(&mut src, d, n, size, next, &plan, hashes.as_deref())
                         .map_err(ApiError::io)
                 })

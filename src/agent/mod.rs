@@ -15,6 +15,7 @@
 mod auth;
 mod budget;
 mod cut;
+mod disk_files;
 mod driver;
 mod error;
 mod guest;

@@ -10,16 +10,17 @@ use std::path::Path;
 
 use crate::replication::{BLOCK_SIZE, blocks_of_range, frame};
 
-pub(super) struct NewestView<'a> {
-    images: &'a [File],
+pub(super) struct NewestView {
+    images: Vec<File>,
     staged: Vec<File>,
     /// (disk, block) → (index into `staged`, offset of the block's data in that file).
     at: HashMap<(usize, u64), (usize, u64)>,
 }
 
-impl<'a> NewestView<'a> {
-    /// `files`: the staging files of the waiting points, oldest first.
-    pub(super) fn open(images: &'a [File], dir: &Path, files: &[String]) -> io::Result<Self> {
+impl NewestView {
+    /// `images`: the replica's disks; `files`: the staging files of the waiting points, oldest
+    /// first.
+    pub(super) fn open(images: Vec<File>, dir: &Path, files: &[String]) -> io::Result<Self> {
         let mut staged = Vec::new();
         let mut at = HashMap::new();
         for name in files {

@@ -361,12 +361,13 @@ impl VmRec {
 
     /// The newest point's content when points wait to be applied; `None` when the image is
     /// the newest point.
-    pub(super) fn newest_view(&self) -> ApiResult<Option<super::pending::NewestView<'_>>> {
+    pub(super) fn newest_view(&self) -> ApiResult<Option<super::pending::NewestView>> {
         if !self.has_pending() {
             return Ok(None);
         }
         let files = self.staged_files();
-        super::pending::NewestView::open(&self.disks, &self.dir.join("staging"), &files)
+        let images = self.disks.open_all()?;
+        super::pending::NewestView::open(images, &self.dir.join("staging"), &files)
             .map(Some)
             .map_err(ApiError::io)
     }
@@ -509,15 +510,16 @@ impl VmRec {
         let udir = self.dir.join("undo");
         let point = self.meta.inbound.as_ref().map(|i| i.rps[pos].clone());
         if let Some(p) = point.filter(|p| !p.undo_at_apply) {
+            let images = self.disks.open_all()?;
             for seg in &p.undo {
                 for (d, disk) in self.meta.disks.iter().enumerate() {
-                    let image = self.disks.get(d).ok_or_else(|| {
+                    let image = images.get(d).ok_or_else(|| {
                         ApiError::conflict(format!("VM {vm} keeps no disk files here"))
                     })?;
                     undo::apply(&udir, seg, d, image, disk.size_bytes).map_err(ApiError::io)?;
                 }
             }
-            for d in &self.disks {
+            for d in &images {
                 d.sync_all().map_err(ApiError::io)?;
             }
         }
@@ -548,10 +550,8 @@ impl VmRec {
         create_dir_durable(&udir).map_err(ApiError::io)?;
         for (d, disk) in self.meta.disks.iter().enumerate() {
             let blocks: Vec<u64> = staged[d].iter().collect();
-            let image = self.disks.get(d).ok_or_else(|| {
-                ApiError::conflict(format!("VM {} keeps no disk files here", self.name()))
-            })?;
-            undo::write(&udir, &seg, d, image, disk.size_bytes, &blocks).map_err(ApiError::io)?;
+            let image = self.disks.open(d)?;
+            undo::write(&udir, &seg, d, &image, disk.size_bytes, &blocks).map_err(ApiError::io)?;
         }
         sync_dir(&udir).map_err(ApiError::io)?;
         Ok(seg)
@@ -825,7 +825,7 @@ impl VmRec {
         if b.bulk && b.zero {
             // Every block is about to be sent anyway; an emptied sparse image lets the source
             // skip the zeros (most of a new disk) and frees the space they held.
-            for (f, d) in self.disks.iter().zip(&b.disks) {
+            for (f, d) in self.disks.open_all()?.iter().zip(&b.disks) {
                 f.set_len(0).map_err(ApiError::io)?;
                 f.set_len(d.size_bytes).map_err(ApiError::io)?;
                 f.sync_all().map_err(ApiError::io)?;
@@ -878,13 +878,10 @@ impl VmRec {
             .size_bytes;
         let mut out = Vec::with_capacity(block_count(size) as usize * 32);
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let image = r.disks.open(disk)?;
         for b in 0..block_count(size) {
             let len = crate::replication::block_len(size, b);
-            r.disks
-                .get(disk)
-                .ok_or_else(|| {
-                    ApiError::conflict(format!("VM {} keeps no disk files here", r.name()))
-                })?
+            image
                 .read_exact_at(&mut buf[..len], b * BLOCK_SIZE)
                 .map_err(ApiError::io)?;
             out.extend_from_slice(&crate::replication::block_hash(&buf[..len]));
@@ -949,12 +946,15 @@ impl VmRec {
             i.blocks_refused += res.refused.len() as u64;
         }
         if direct {
+            let images = r.disks.open_all()?;
             for f in &good {
-                r.disks[f.disk as usize]
+                images
+                    .get(f.disk as usize)
+                    .ok_or_else(|| ApiError::bad("block of an unknown disk"))?
                     .write_all_at(f.data, f.block * BLOCK_SIZE)
                     .map_err(ApiError::io)?;
             }
-            start_writeback(&r.disks, &good);
+            start_writeback(&images, &good);
         } else {
             let mut file = OpenOptions::new()
                 .create(true)
@@ -999,10 +999,10 @@ impl VmRec {
         let mut rd = frame::Reader::new(std::io::BufReader::with_capacity(1 << 20, file));
         let mut buf = Vec::with_capacity(BLOCK_SIZE as usize);
         let mut n = 0u64;
+        let images = r.disks.open_all()?;
         while let Some(h) = rd.header().map_err(ApiError::io)? {
             rd.data(&h, &mut buf).map_err(ApiError::io)?;
-            let (disk, size) = r
-                .disks
+            let (disk, size) = images
                 .get(h.disk as usize)
                 .zip(sizes.get(h.disk as usize))
                 .ok_or_else(|| ApiError::io(std::io::Error::other("staged block of no disk")))?;
@@ -1018,7 +1018,7 @@ impl VmRec {
                 fault::fail("replica.apply").map_err(ApiError::io)?;
             }
         }
-        for d in &r.disks {
+        for d in &images {
             d.sync_all().map_err(ApiError::io)?;
         }
         Ok(())
@@ -1097,9 +1097,7 @@ impl VmRec {
             )));
         }
         if direct {
-            for d in &r.disks {
-                d.sync_all().map_err(ApiError::io)?;
-            }
+            r.disks.sync_all()?;
             fault::hit("replica.bulk-commit");
             let r = &mut *self;
             // The image is now the peer's: what this side tracked before is history, and a
@@ -1410,12 +1408,7 @@ impl VmRec {
                     rb.to_seq
                 )))
             })?;
-        let files: Vec<File> = r
-            .disks
-            .iter()
-            .map(|f| f.try_clone())
-            .collect::<Result<_, _>>()
-            .map_err(ApiError::io)?;
+        let files: Vec<File> = r.disks.open_all()?;
         let changed = self.roll_back(pos, &files)?;
         fault::hit("failover.rolled-back");
         // Points left waiting (a failover to LatestProcessed after a drill) and a committed

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use super::disk_files::DiskFiles;
 use super::input::valid_name;
 use super::meta::{self, VmMeta};
 use super::{ApiError, ApiResult};
@@ -42,11 +43,11 @@ const OPS_PRUNE_EVERY: u64 = 100;
 /// Where the grants of VMs not here yet are kept (see [`Store::grants`]).
 pub(super) const GRANTS_FILE: &str = "accepted.json";
 
-/// One VM's state: metadata, open disks, change tracker. Reached only through its cell's lock.
+/// One VM's state: metadata, disk files, change tracker. Reached only through its cell's lock.
 pub(super) struct VmRec {
     pub(super) dir: PathBuf,
     pub(super) meta: VmMeta,
-    pub(super) disks: Vec<File>,
+    pub(super) disks: DiskFiles,
     pub(super) tracker: Tracker,
     /// Set when the VM was deleted while its lock was held: it is no longer in the store.
     pub(super) deleted: bool,
@@ -650,21 +651,11 @@ impl VmRec {
         serde_json::to_value(self.view()).map_err(|e| ApiError::io(e.into()))
     }
 
-    /// Opens the disk files a domain on its own images was just given (it becomes a replica):
+    /// Takes the disk files a domain on its own images was just given (it becomes a replica):
     /// from now on the agent's files are its disks.
     pub(super) fn attach_files(&mut self) -> ApiResult<()> {
-        let mut files = Vec::new();
-        for d in &self.meta.disks {
-            let path = self.dir.join("disks").join(format!("{}.img", d.name));
-            files.push(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(path)
-                    .map_err(ApiError::io)?,
-            );
-        }
-        self.disks = files;
+        let paths = disk_paths(&self.dir, &self.meta).map_err(ApiError::io)?;
+        self.disks = DiskFiles::new(&self.meta.name, paths);
         self.meta.power = Power::Off;
         self.save()
     }
@@ -705,11 +696,10 @@ impl VmRec {
             .record(i, blocks_of_range(offset, len))
             .map_err(ApiError::io)?;
         fault::hit("guest.journal");
-        self.disks[i]
-            .write_all_at(data, offset)
-            .map_err(ApiError::io)?;
+        let file = self.disks.open(i)?;
+        file.write_all_at(data, offset).map_err(ApiError::io)?;
         fault::hit("guest.data");
-        self.disks[i].sync_data().map_err(ApiError::io)
+        file.sync_data().map_err(ApiError::io)
     }
 
     pub fn read(&self, disk: &str, offset: u64, length: u64) -> ApiResult<Vec<u8>> {
@@ -726,7 +716,7 @@ impl VmRec {
         // A replica reads as its newest point, points waiting to be applied included.
         match self.newest_view()? {
             Some(v) => v.read_at(i, offset, &mut buf),
-            None => self.disks[i].read_exact_at(&mut buf, offset),
+            None => self.disks.open(i)?.read_exact_at(&mut buf, offset),
         }
         .map_err(ApiError::io)?;
         Ok(buf)
@@ -736,7 +726,7 @@ impl VmRec {
         let (i, size) = self.disk_index(disk)?;
         match self.newest_view()? {
             Some(v) => v.sha256(i, size),
-            None => sha256_file(&self.disks[i], size),
+            None => sha256_file(&self.disks.open(i)?, size),
         }
         .map_err(ApiError::io)
     }
@@ -779,23 +769,36 @@ fn load_vm(dir: &Path, name: &str) -> Result<VmRec, String> {
     open_vm(dir, meta).map_err(|e| format!("opening disks or journal: {e}"))
 }
 
-pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
-    let journal_lost = !dir.join("track").is_dir();
-    let mut disks = Vec::new();
+/// The agent's image of each of the VM's disks; an error names one that is missing.
+fn disk_paths(dir: &Path, meta: &VmMeta) -> io::Result<Vec<PathBuf>> {
+    let mut paths = Vec::new();
     for d in &meta.disks {
         let path = dir.join("disks").join(format!("{}.img", d.name));
-        if meta.domain.is_some() && !path.exists() {
-            // A domain on its own images (where it was first protected).
-            disks.clear();
-            break;
+        if !path.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("disk {} has no image {}", d.name, path.display()),
+            ));
         }
-        disks.push(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir.join("disks").join(format!("{}.img", d.name)))?,
-        );
+        paths.push(path);
     }
+    Ok(paths)
+}
+
+pub(super) fn open_vm(dir: &Path, mut meta: VmMeta) -> io::Result<VmRec> {
+    let journal_lost = !dir.join("track").is_dir();
+    let own_images = meta.domain.is_some()
+        && meta
+            .disks
+            .iter()
+            .any(|d| !dir.join("disks").join(format!("{}.img", d.name)).exists());
+    // A domain on its own images (where it was first protected) has no files here.
+    let paths = if own_images {
+        Vec::new()
+    } else {
+        disk_paths(dir, &meta)?
+    };
+    let disks = DiskFiles::new(&meta.name, paths);
     let sizes: Vec<u64> = meta.disks.iter().map(|d| d.size_bytes).collect();
     let tracker = Tracker::open(&dir.join("track"), &sizes)?;
     if journal_lost || tracker.damaged() {

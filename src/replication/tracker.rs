@@ -40,7 +40,6 @@ const MAGIC: [u8; 4] = *b"TSJ2";
 pub struct Tracker {
     dir: PathBuf,
     gen_: u64,
-    journal: File,
     /// Bytes of good records in the current generation: where the next one goes.
     len: u64,
     /// A failed append could not be cut back: the next record starts a new generation.
@@ -91,14 +90,13 @@ impl Tracker {
             f.sync_all()?;
         }
         let gen_ = scan.max_gen + 1;
-        let journal = open_journal(dir, gen_)?;
+        let len = open_journal(dir, gen_)?.metadata()?.len();
         // The new generation must exist after a crash: seal refers to it.
         sync_dir(dir)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             gen_,
-            len: journal.metadata()?.len(),
-            journal,
+            len,
             poisoned: false,
             fragments: Vec::new(),
             damaged: AtomicU64::new(scan.damaged_gen.map_or(0, |g| g.saturating_add(1))),
@@ -220,11 +218,13 @@ impl Tracker {
         if self.poisoned {
             self.next_gen()?;
         }
+        // Opened per append, not kept: an idle VM holds no descriptor.
+        let journal = open_journal(&self.dir, self.gen_)?;
         let res = self
-            .write_at_end(buf)
-            .and_then(|()| self.journal.sync_data());
+            .write_at_end(&journal, buf)
+            .and_then(|()| journal.sync_data());
         if let Err(e) = res {
-            if self.cut_back().is_err() {
+            if self.cut_back(&journal).is_err() {
                 self.poisoned = true;
                 self.fragments.push((self.gen_, self.len));
             }
@@ -234,23 +234,22 @@ impl Tracker {
         Ok(())
     }
 
-    fn write_at_end(&mut self, buf: &[u8]) -> io::Result<()> {
+    fn write_at_end(&mut self, journal: &File, buf: &[u8]) -> io::Result<()> {
         #[cfg(test)]
         if let Some(n) = self.inject.write_fails_after.take() {
-            self.journal
-                .write_all_at(&buf[..n.min(buf.len())], self.len)?;
+            journal.write_all_at(&buf[..n.min(buf.len())], self.len)?;
             return Err(io::Error::other("injected write failure"));
         }
         // At the known end rather than O_APPEND: a fragment past it is overwritten.
-        self.journal.write_all_at(buf, self.len)
+        journal.write_all_at(buf, self.len)
     }
 
-    fn cut_back(&mut self) -> io::Result<()> {
+    fn cut_back(&mut self, journal: &File) -> io::Result<()> {
         #[cfg(test)]
         if self.inject.truncate_fails {
             return Err(io::Error::other("injected truncate failure"));
         }
-        self.journal.set_len(self.len)
+        journal.set_len(self.len)
     }
 
     /// Starts the next journal generation, durably named.
@@ -259,7 +258,6 @@ impl Tracker {
         sync_dir(&self.dir)?;
         self.len = next.metadata()?.len();
         self.gen_ += 1;
-        self.journal = next;
         self.poisoned = false;
         Ok(())
     }

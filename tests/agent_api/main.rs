@@ -1831,6 +1831,51 @@ async fn a_vm_refuses_the_calls_of_another_namespace() {
     assert_eq!(code, 200, "{body}");
 }
 
+/// The agent's soft limit on open files: read, and set to `cur`.
+struct OpenFiles {
+    pid: libc::pid_t,
+    was: libc::rlimit,
+}
+
+impl OpenFiles {
+    fn of(agent: &AgentProc) -> Self {
+        let pid = agent.child.as_ref().unwrap().id() as libc::pid_t;
+        let mut was = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: reads the limit of a process this test started into `was`.
+        assert_eq!(
+            unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut was) },
+            0
+        );
+        OpenFiles { pid, was }
+    }
+
+    /// Descriptors the agent holds now.
+    fn open(&self) -> libc::rlim_t {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .unwrap()
+            .count() as libc::rlim_t
+    }
+
+    fn set(&self, cur: libc::rlim_t) {
+        let lim = libc::rlimit {
+            rlim_cur: cur,
+            rlim_max: self.was.rlim_max,
+        };
+        // SAFETY: sets the soft limit of a process this test started.
+        assert_eq!(
+            unsafe { libc::prlimit(self.pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) },
+            0
+        );
+    }
+
+    fn restore(&self) {
+        self.set(self.was.rlim_cur);
+    }
+}
+
 /// An agent out of file descriptors answers 503 naming the cause and what to do, never a bare
 /// 500, and serves again once it has descriptors.
 #[tokio::test]
@@ -1840,42 +1885,61 @@ async fn an_agent_out_of_open_files_answers_503_saying_so() {
     let c = agent.client();
     // The one connection this test uses is open before the limit is lowered.
     c.health().await.unwrap();
-    let pid = agent.child.as_ref().unwrap().id() as libc::pid_t;
-    let mut was = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: reads the limit of a process this test started into `was`.
-    assert_eq!(
-        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut was) },
-        0
-    );
-    let set = |cur: libc::rlim_t| {
-        let lim = libc::rlimit {
-            rlim_cur: cur,
-            rlim_max: was.rlim_max,
-        };
-        // SAFETY: sets the soft limit of a process this test started.
-        assert_eq!(
-            unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) },
-            0
-        );
-    };
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count() as libc::rlim_t;
-    set(open + 4);
-    let mut refused = None;
-    for i in 0..64 {
-        if let Err(e) = c.create_vm(&format!("vm-{i}"), &spec(MIB, true)).await {
-            refused = Some(e);
-            break;
-        }
-    }
-    match refused {
-        Some(SiteError::Other(503, m)) if m.contains("too many open files") => {}
+    let files = OpenFiles::of(&agent);
+    // Not one descriptor to spare: creating a VM opens files.
+    files.set(files.open());
+    match c.create_vm("vm-0", &spec(MIB, true)).await {
+        Err(SiteError::Other(503, m)) if m.contains("too many open files") => {}
         other => panic!("expected a 503 naming the open-file limit, got {other:?}"),
     }
-    set(was.rlim_cur);
+    files.restore();
     c.create_vm("after", &spec(MIB, true)).await.unwrap();
+}
+
+/// An agent serves a whole site: a VM nobody is writing to holds no open file, so the number
+/// of VMs a site protects is not bounded by the agent's open-file limit, before a restart or
+/// after it.
+#[tokio::test]
+async fn idle_vms_hold_no_open_files() {
+    const VMS: usize = 120;
+    let root = tempfile::tempdir().unwrap();
+    let mut agent = AgentProc::start("primary", root.path());
+    let c = agent.client();
+    c.health().await.unwrap();
+    let files = OpenFiles::of(&agent);
+    let idle = files.open();
+    // Fewer descriptors than VMs: room for the requests in flight, none for idle VMs.
+    files.set(idle + 32);
+    for i in 0..VMS {
+        let vm = format!("vm-{i}");
+        c.create_vm(&vm, &spec(MIB, true)).await.unwrap();
+        c.write_disk(&vm, "disk0", 70_000, vec![i as u8 + 1; 100])
+            .await
+            .unwrap();
+    }
+    for i in 0..VMS {
+        let vm = format!("vm-{i}");
+        assert_eq!(
+            c.read_disk(&vm, "disk0", 70_000, 100).await.unwrap(),
+            vec![i as u8 + 1; 100],
+            "{vm}"
+        );
+    }
+    assert_eq!(c.list_vms().await.unwrap().vms.len(), VMS);
+    files.restore();
+
+    // Loaded at start, the VMs hold no files either.
+    agent.kill_and_restart();
+    let c = agent.client();
+    c.health().await.unwrap();
+    let files = OpenFiles::of(&agent);
+    let open = files.open();
+    assert!(
+        open < idle + 16,
+        "an agent with {VMS} idle VMs holds {open} descriptors, one with none held {idle}"
+    );
+    assert_eq!(
+        c.read_disk("vm-7", "disk0", 70_000, 100).await.unwrap(),
+        vec![8u8; 100]
+    );
 }
