@@ -755,3 +755,96 @@ async fn a_damaged_staging_file_is_never_applied() {
         "the replica applied a damaged staging file"
     );
 }
+
+/// A replica altered behind the agents' backs (a bad disk, a write the change tracking missed)
+/// is never left silently wrong: the next verification finds every differing block, the source
+/// resynchronizes by block hashes and says so, and the one after finds the copies equal.
+#[tokio::test]
+async fn a_replica_that_silently_diverges_is_found_and_resynchronized() {
+    let root = tempfile::tempdir().unwrap();
+    let a = AgentProc::start_with(
+        "primary",
+        root.path(),
+        &[],
+        &["--verify-interval-seconds", "1"],
+    );
+    let b = AgentProc::start("secondary", root.path());
+    let (ca, cb) = (a.client(), b.client());
+    let size = 4 * MIB;
+    ca.create_vm(VM, &spec(size)).await.unwrap();
+    scribble(&ca, VM, 1, size).await;
+    common_agent::accept_site(&cb, VM, "primary").await;
+    ca.enable_replication(VM, &enable("en-1", &b, ReplicationMode::Initial))
+        .await
+        .unwrap();
+    ca.sync(VM, "sync-1").await.unwrap();
+    let v = ca.get_vm(VM).await.unwrap().replication.last_verification;
+    assert_eq!(
+        v.map(|v| v.differing_blocks),
+        Some(0),
+        "the first cycle verifies"
+    );
+
+    // Three blocks of the replica's image change under it, none of which the source writes.
+    let image = root
+        .path()
+        .join("secondary/vms")
+        .join(VM)
+        .join("disks/disk0.img");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    for block in [5u64, 6, 60] {
+        std::os::unix::fs::FileExt::write_all_at(&f, b"rot", block * 65536 + 100).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    assert_ne!(
+        cb.digest(VM, "disk0").await.unwrap(),
+        ca.digest(VM, "disk0").await.unwrap()
+    );
+
+    // The next verification (due after a second) finds exactly those blocks.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    scribble(&ca, VM, 2, size).await;
+    ca.sync(VM, "sync-2").await.unwrap();
+    let r = ca.get_vm(VM).await.unwrap().replication;
+    let v = r.last_verification.clone().unwrap();
+    assert_eq!(
+        (v.differing_blocks, v.disk.as_deref()),
+        (3, Some("disk0")),
+        "{r:?}"
+    );
+    assert_eq!(r.divergences, 1);
+    assert_eq!(r.state, twinsite::site::ReplicationState::Resynchronizing);
+    assert!(
+        r.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("diverged")),
+        "{r:?}"
+    );
+
+    // The next run resynchronizes and verifies again: the copies are equal, and stay counted.
+    scribble(&ca, VM, 3, size).await;
+    let want = ca.digest(VM, "disk0").await.unwrap();
+    ca.sync(VM, "sync-3").await.unwrap();
+    assert_eq!(cb.digest(VM, "disk0").await.unwrap(), want);
+    let r = ca.get_vm(VM).await.unwrap().replication;
+    assert_eq!(r.state, twinsite::site::ReplicationState::Replicating);
+    assert_eq!(r.last_error, None);
+    assert_eq!(r.last_verification.map(|v| v.differing_blocks), Some(0));
+    assert_eq!(r.divergences, 1);
+    let metrics = reqwest::get(format!("{}/metrics", a.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("twinsite_agent_replica_diverged_blocks_total{{vm=\"{VM}\"}} 3")),
+        "{metrics}"
+    );
+}

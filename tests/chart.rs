@@ -1484,6 +1484,7 @@ fn the_argocd_health_check_reads_every_phase_as_kstatus_does() {
                 rpo_seconds: Some(700),
                 settings: None,
                 progress: None,
+                divergences: None,
             }),
             conditions: conds(want, observed),
             ..Default::default()
@@ -2028,6 +2029,7 @@ fn exported_metric_names() -> std::collections::BTreeSet<String> {
             replication_enabled: Some(true),
             replication_interval: Some(300),
             replication_state: Some("Replicating".into()),
+            replica_divergences: Some(0),
         },
     );
     let mut text = m.encode();
@@ -2037,6 +2039,7 @@ fn exported_metric_names() -> std::collections::BTreeSet<String> {
     agent.received("vm", 1);
     agent.cycle("vm", 0.5, true);
     agent.cycle("vm", 0.5, false);
+    agent.verified("vm", 0);
     let list: twinsite::site::VmList = serde_json::from_value(json!({
         "site": "primary",
         "vms": [{"name": "vm", "power": "Off", "role": "Replica", "integrationServices": true,
@@ -2144,7 +2147,7 @@ fn the_prometheus_rule_passes_promtool_and_its_unit_tests() {
         .arg(&rules_file)
         .output()
         .unwrap());
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
 
     // Every expression names only metrics the controller exports.
     let exported = exported_metric_names();

@@ -252,3 +252,103 @@ async fn an_initial_copy_shows_its_progress_until_the_vm_is_protected() {
         ]
     );
 }
+
+/// A replica changed behind the agents' backs (three blocks the primary never writes): the
+/// source's next comparison finds them, the ReplicatedVM says so (status.replication.divergences,
+/// a ReplicaDiverged Event naming the disk and the blocks, the metric the alert reads), the
+/// source resynchronizes by itself, and the comparison after that finds the replica equal to
+/// the primary again (ReplicaVerified True).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_diverged_replica_is_reported_and_repaired() {
+    let _serial = one_at_a_time().await;
+    let every: Vec<String> = vec!["--verify-interval-seconds".into(), "1".into()];
+    let w = World::start_full("verify", &[], false, [&every, &[]]).await;
+    let (p, s) = (w.primary.site.clone(), w.secondary.site.clone());
+    let vm = "ledger-01";
+    w.primary.create_vm(vm, true).await;
+    w.primary.write(vm, 0, &pattern("first", 4096)).await;
+    w.create_rvm(vm, json!({"type": "Planned", "commit": "Automatic"}))
+        .await;
+    w.wait_protected(vm, &p, &s).await;
+    let condition = |r: &twinsite::api::ReplicatedVM| {
+        r.status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ReplicaVerified")
+            .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+    };
+    // Cycles on demand (the spec's interval is 30 s).
+    let sync = |n: u32| {
+        let c = w.primary.client.clone();
+        async move {
+            c.sync(vm, &format!("verify-sync-{n}")).await.unwrap();
+        }
+    };
+    sync(1).await;
+    w.wait_for(vm, "ReplicaVerified True", |r| {
+        condition(r).is_some_and(|c| c.0 == "True")
+    })
+    .await;
+
+    let image = w.secondary.vm_dir(vm).join("disks").join("disk0.img");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    for block in [3u64, 4, 9] {
+        std::os::unix::fs::FileExt::write_all_at(&f, b"bit rot", block * 65536 + 17).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    w.primary
+        .write(vm, 65536 * 12, &pattern("second", 4096))
+        .await;
+    sync(2).await;
+    // The divergence is counted whether or not a plan ran while the condition was False.
+    let r = w
+        .wait_for(vm, "a divergence in status", |r| {
+            r.status
+                .as_ref()
+                .and_then(|s| s.replication.as_ref()?.divergences)
+                == Some(1)
+        })
+        .await;
+    if let Some((status, reason, message)) = condition(&r).filter(|c| c.0 == "False") {
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Diverged"));
+        assert!(message.contains("3 block(s) of disk disk0"), "{message}");
+    }
+    let events = w.events(vm).await;
+    assert!(
+        events
+            .iter()
+            .any(|(reason, note)| reason == "ReplicaDiverged"
+                && note.contains("3 block(s) of disk disk0")),
+        "{events:?}"
+    );
+    let metrics = reqwest::get(w.controller.metrics_url())
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "twinsite_replica_divergences{{namespace=\"{}\",name=\"{vm}\"}} 1",
+        w.ns
+    );
+    assert!(
+        metrics.lines().any(|l| l == series),
+        "{series} missing:\n{metrics}"
+    );
+
+    // The next run resynchronizes and compares again.
+    sync(3).await;
+    let r = w
+        .wait_for(vm, "ReplicaVerified True again", |r| {
+            condition(r).is_some_and(|c| c.0 == "True")
+        })
+        .await;
+    assert!(condition(&r).unwrap().2.contains("1 divergence(s)"));
+    assert_eq!(w.secondary.digest(vm).await, w.primary.digest(vm).await);
+}

@@ -265,7 +265,7 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
                 if !driver::cuttable(recs[i].1) {
                     continue;
                 }
-                match driver::capture(recs[i].1, time, Some(cut_id.clone())) {
+                match driver::capture(recs[i].1, time, Some(cut_id.clone()), false) {
                     Ok(c) => caps.push(c),
                     Err(e) => {
                         // Nothing was sent: every captured set is dirty again.
@@ -326,7 +326,7 @@ pub async fn run(st: &Shared, req: CutRequest) -> ApiResult<serde_json::Value> {
     let mut opened = opened.into_iter();
     while let Some(o) = opened.next() {
         let vm = o.vm().to_string();
-        if let Err(e) = driver::read_domain_capture(st, o, Some((time, req.cut_id.clone())))
+        if let Err(e) = driver::read_domain_capture(st, o, Some((time, req.cut_id.clone())), false)
             .await
             .map(|c| captures.push(c))
         {

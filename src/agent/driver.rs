@@ -333,6 +333,84 @@ impl Peer {
     }
 }
 
+impl Peer {
+    /// The replica's hash of every block of disk `d` (`size` bytes) at its newest point.
+    async fn block_hashes(
+        &self,
+        vm: &str,
+        d: usize,
+        size: u64,
+    ) -> Result<bytes::Bytes, CycleError> {
+        // One 32-byte hash per block of the disk, no more.
+        let limit = usize::try_from(block_count(size).saturating_mul(32)).unwrap_or(usize::MAX);
+        self.call_limited(
+            Method::GET,
+            &format!("/v1/replica/{vm}/disks/{d}/hashes"),
+            None,
+            None,
+            limit,
+        )
+        .await
+    }
+}
+
+/// Compares the replica's newest point (the cycle at `time` just committed) with `ours`, the
+/// source's block hashes at that cut, and records the outcome; a difference starts a resync by
+/// block hashes. A replica that cannot answer now (a drill holds its image) leaves the
+/// verification due.
+async fn verify_replica(
+    st: &Shared,
+    peer: &Peer,
+    vm: &str,
+    disks: &[crate::site::DiskSpec],
+    time: Timestamp,
+    ours: Vec<Vec<u8>>,
+) {
+    let mut per_disk = Vec::new();
+    for (d, (disk, ours)) in disks.iter().zip(&ours).enumerate() {
+        match peer.block_hashes(vm, d, disk.size_bytes).await {
+            Ok(theirs) => {
+                per_disk.push((disk.name.clone(), super::verify::differing(ours, &theirs)))
+            }
+            Err(e) => {
+                tracing::info!(vm, error = %e, "replica not verified now: it did not list its hashes");
+                return;
+            }
+        }
+    }
+    let v = super::verify::outcome(time, &per_disk);
+    st.metrics.verified(vm, v.differing_blocks);
+    if v.differing_blocks > 0 {
+        tracing::error!(vm, blocks = v.differing_blocks, disk = ?v.disk, "replica diverged from the source: resynchronizing by block hashes");
+    } else {
+        tracing::info!(vm, "replica verified: every block matches the source");
+    }
+    let vm_s = vm.to_string();
+    let res = with_vm(st, &vm_s, move |r| {
+        let diverged = v.differing_blocks > 0;
+        let Some(o) = r.meta.outbound.as_mut().filter(|o| !o.stopped) else {
+            return Ok(());
+        };
+        if diverged {
+            o.last_error = Some(super::verify::divergence_message(&v));
+            o.divergences += 1;
+            o.last_divergence = Some(v.clone());
+            o.bulk = Some(ReplicationMode::Resync);
+            o.state = ReplicationState::Resynchronizing;
+        }
+        o.last_verification = Some(v);
+        if diverged {
+            // No journal base: the resync compares every block's hash.
+            r.meta.journal_base = None;
+        }
+        r.save()
+    })
+    .await;
+    if let Err(e) = res {
+        tracing::warn!(vm, error = %e.message, "verification not recorded");
+    }
+}
+
 /// The HTTP client for a peer agent; an https peer is trusted through `ca_pem` only.
 fn peer_http(ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
@@ -385,6 +463,8 @@ pub struct Capture {
     pub time: Timestamp,
     pub kind: RecoveryPointKind,
     pub cut_id: Option<String>,
+    /// Every block's hash of every disk at the cut, when this cycle verifies the replica.
+    pub verify: Option<Vec<Vec<u8>>>,
 }
 
 impl Drop for Capture {
@@ -403,13 +483,15 @@ pub fn cuttable(r: &VmRec) -> bool {
             .is_some_and(|o| !o.stopped && o.bulk.is_none())
 }
 
-/// Seals the tracker of `r` and copies its dirty blocks into a spool file. Runs with the VM
-/// locked, so no guest write of it interleaves: calling it for several VMs while holding all
-/// their locks is a consistent cut of all of them.
+/// Seals the tracker of `r` and copies its dirty blocks into a spool file (and, with `verify`,
+/// hashes every block of its disks). Runs with the VM locked, so no guest write of it
+/// interleaves: calling it for several VMs while holding all their locks is a consistent cut of
+/// all of them.
 pub fn capture(
     r: &mut VmRec,
     time: Timestamp,
     cut_id: Option<String>,
+    verify: bool,
 ) -> Result<Capture, ApiError> {
     let dir = r.dir.join("spool");
     std::fs::create_dir_all(&dir).map_err(ApiError::io)?;
@@ -431,7 +513,7 @@ pub fn capture(
             "change journal of {vm} is damaged: resynchronizing"
         )));
     }
-    let copied = (|| -> std::io::Result<u64> {
+    let copied = (|| -> std::io::Result<(u64, Option<Vec<Vec<u8>>>)> {
         let out = std::fs::File::create(&spool)?;
         let mut buf = vec![0u8; BLOCK_SIZE as usize];
         let mut slot = 0u64;
@@ -451,9 +533,20 @@ pub fn capture(
                 slot += 1;
             }
         }
-        Ok(slot)
+        let sizes: Vec<u64> = r.meta.disks.iter().map(|d| d.size_bytes).collect();
+        let hashes = verify
+            .then(|| {
+                super::verify::hash_disks(&sizes, |d, off, buf| {
+                    images
+                        .get(d)
+                        .ok_or_else(|| std::io::Error::other("no such disk"))?
+                        .read_exact_at(buf, off)
+                })
+            })
+            .transpose()?;
+        Ok((slot, hashes))
     })();
-    let blocks = match copied {
+    let (blocks, verify) = match copied {
         Ok(n) => {
             fault::hit("source.spool");
             n
@@ -485,6 +578,7 @@ pub fn capture(
         time,
         kind,
         cut_id,
+        verify,
     })
 }
 
@@ -731,20 +825,41 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
         finish(st, vm, sealed, acked, true, None, checkpoint).await?;
         res?;
     }
+    // A verification of the replica, when due and no other runs: hashed at the cut, compared
+    // once the replica committed the cycle.
+    let vm_s = vm.to_string();
+    let every = st.verify_every;
+    let due = pre.is_none()
+        && read_vm(st, &vm_s, move |r| {
+            Ok(r.meta
+                .outbound
+                .as_ref()
+                .is_some_and(|o| super::verify::due(o, Timestamp::now(), every)))
+        })
+        .await
+        .map_err(|e| e.message)?;
+    let slot = due
+        .then(|| super::verify::Slot::try_take(&st.verifying))
+        .flatten();
+    let verify = slot.is_some();
     // A cycle: the blocks dirty now, copied while writes are held off (a crash-consistent
     // cut), unless a cut captured them already.
-    let cap = match pre {
+    let mut cap = match pre {
         Some(c) => c,
         None if domain => {
-            let c = capture_domain(st, vm).await.map_err(|e| e.message)?;
+            let c = capture_domain(st, vm, verify)
+                .await
+                .map_err(|e| e.message)?;
             unsent.sealed = Some(c.sealed.clone());
             c
         }
         None => {
             let vm_s = vm.to_string();
-            let c = with_vm(st, &vm_s, move |r| capture(r, Timestamp::now(), None))
-                .await
-                .map_err(|e| e.message)?;
+            let c = with_vm(st, &vm_s, move |r| {
+                capture(r, Timestamp::now(), None, verify)
+            })
+            .await
+            .map_err(|e| e.message)?;
             unsent.sealed = Some(c.sealed.clone());
             c
         }
@@ -845,6 +960,7 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
     let sealed = cap.sealed.clone();
     let cycle = cap.cycle.clone();
     let checkpoint = cap.checkpoint.clone();
+    let ours = cap.verify.take();
     drop(cap);
     unsent.sealed = None;
     match res {
@@ -859,6 +975,10 @@ async fn cycle(st: &Shared, vm: &str, pre: Option<Capture>) -> Result<RecoveryPo
                 checkpoint,
             )
             .await?;
+            if let Some(ours) = ours {
+                verify_replica(st, &peer, vm, &disks, time, ours).await;
+            }
+            drop(slot);
             Ok(rp)
         }
         Err(e) => {
@@ -1331,9 +1451,9 @@ async fn thaw_guest(st: &Shared, vm: &str, f: Frozen) -> Option<crate::site::Qui
 /// point-in-time export into a spool file (the export ends before anything is sent). When the
 /// export cannot be made from that checkpoint (it was lost, or QEMU stopped without saving
 /// its bitmaps), the VM resynchronizes.
-async fn capture_domain(st: &Shared, vm: &str) -> Result<Capture, ApiError> {
+async fn capture_domain(st: &Shared, vm: &str, verify: bool) -> Result<Capture, ApiError> {
     let open = open_domain_capture(st, vm, true).await?;
-    read_domain_capture(st, open, None).await
+    read_domain_capture(st, open, None, verify).await
 }
 
 /// A domain's capture with its export open: its point in time is fixed, its blocks not read
@@ -1474,6 +1594,7 @@ pub async fn read_domain_capture(
     st: &Shared,
     open: OpenCapture,
     cut: Option<(Timestamp, String)>,
+    verify: bool,
 ) -> Result<Capture, ApiError> {
     let OpenCapture {
         vm,
@@ -1490,7 +1611,8 @@ pub async fn read_domain_capture(
     let export = ex.export.clone();
     let sizes: Vec<u64> = disks.iter().map(|d| d.size_bytes).collect();
     let spool2 = spool.clone();
-    let read = tokio::task::spawn_blocking(move || -> Result<(Vec<Bitmap>, u64), ApiError> {
+    type Read = (Vec<Bitmap>, u64, Option<Vec<Vec<u8>>>);
+    let read = tokio::task::spawn_blocking(move || -> Result<Read, ApiError> {
         std::fs::create_dir_all(&spool_dir).map_err(ApiError::io)?;
         let mut ex = export
             .lock()
@@ -1513,14 +1635,18 @@ pub async fn read_domain_capture(
             }
             sets.push(set);
         }
-        Ok((sets, slot))
+        // The export is the disks at the cut: hashing it pauses nothing.
+        let hashes = verify
+            .then(|| super::verify::hash_disks(&sizes, |d, off, buf| ex.read(d, off, buf)))
+            .transpose()?;
+        Ok((sets, slot, hashes))
     })
     .await
     .map_err(|e| ApiError::internal(e.to_string()))?;
     let checkpoint = ex.checkpoint.clone();
     drop(ex);
     match read {
-        Ok((sets, blocks)) => {
+        Ok((sets, blocks, verify)) => {
             if let Some(q) = quiesce {
                 with_vm(st, &vm_s, move |r| {
                     if let Some(o) = r.meta.outbound.as_mut() {
@@ -1549,6 +1675,7 @@ pub async fn read_domain_capture(
                     RecoveryPointKind::CrashConsistent
                 },
                 cut_id: cut.map(|c| c.1),
+                verify,
             })
         }
         Err(e) => {
@@ -1605,18 +1732,7 @@ async fn bulk(
             _ => None,
         };
         let peer_hashes = if matches!(*plan, Plan::Hash) {
-            // One 32-byte hash per block of the disk, no more.
-            let limit = usize::try_from(n.saturating_mul(32)).unwrap_or(usize::MAX);
-            Some(
-                peer.call_limited(
-                    Method::GET,
-                    &format!("/v1/replica/{vm}/disks/{d}/hashes"),
-                    None,
-                    None,
-                    limit,
-                )
-                .await?,
-            )
+            Some(peer.block_hashes(vm, d, disk.size_bytes).await?)
         } else {
             None
         };

@@ -188,6 +188,15 @@ pub struct Outbound {
     /// The newest freeze of the guest's filesystems for an app-consistent point.
     #[serde(default)]
     pub last_quiesce: Option<crate::site::Quiesce>,
+    /// The newest block-by-block comparison of the replica with this source.
+    #[serde(default)]
+    pub last_verification: Option<crate::site::Verification>,
+    /// Verifications that found the replica different (each started a resync).
+    #[serde(default)]
+    pub divergences: u64,
+    /// The newest verification that found the replica different.
+    #[serde(default)]
+    pub last_divergence: Option<crate::site::Verification>,
 }
 
 impl Outbound {
@@ -215,6 +224,9 @@ impl Outbound {
             in_doubt: None,
             in_doubt_earlier: Vec::new(),
             last_quiesce: None,
+            last_verification: None,
+            divergences: 0,
+            last_divergence: None,
         }
     }
 }
@@ -348,6 +360,9 @@ pub(super) fn replication_info(meta: &VmMeta, pending_bytes: u64) -> Replication
             // Held in memory by the transfer's task; the listing routes add it.
             progress: None,
             last_quiesce: o.last_quiesce,
+            last_verification: o.last_verification.clone(),
+            divergences: o.divergences,
+            last_divergence: o.last_divergence.clone(),
         };
     }
     if let Some(i) = &meta.inbound

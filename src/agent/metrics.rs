@@ -33,6 +33,8 @@ pub struct Metrics {
     cycle_errors: Family<VmLabels, Counter>,
     pending_bytes: Family<VmLabels, Gauge>,
     recovery_points: Family<VmLabels, Gauge>,
+    verifications: Family<VmLabels, Counter>,
+    diverged_blocks: Family<VmLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -81,6 +83,18 @@ impl Metrics {
             "Recovery points held at this site, per replica",
             recovery_points.clone(),
         );
+        let verifications = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "replica_verifications",
+            "Block-by-block comparisons of a replica with this source, per VM",
+            verifications.clone(),
+        );
+        let diverged_blocks = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "replica_diverged_blocks",
+            "Blocks a verification found different at the replica (each starts a resync), per VM",
+            diverged_blocks.clone(),
+        );
         Self {
             registry,
             sent_bytes,
@@ -89,6 +103,8 @@ impl Metrics {
             cycle_errors,
             pending_bytes,
             recovery_points,
+            verifications,
+            diverged_blocks,
         }
     }
 
@@ -117,6 +133,14 @@ impl Metrics {
         } else {
             self.cycle_errors.get_or_create(&Self::labels(vm)).inc();
         }
+    }
+
+    /// A verification of `vm`'s replica found `differing` blocks different.
+    pub fn verified(&self, vm: &str, differing: u64) {
+        self.verifications.get_or_create(&Self::labels(vm)).inc();
+        self.diverged_blocks
+            .get_or_create(&Self::labels(vm))
+            .inc_by(differing);
     }
 
     /// The text Prometheus scrapes, with the gauges set from the store's listing.

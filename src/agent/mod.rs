@@ -30,6 +30,7 @@ mod replica;
 pub mod runtime;
 mod server;
 mod store;
+mod verify;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -84,6 +85,10 @@ struct AppState {
     runtime: Box<dyn runtime::Runtime>,
     /// What `GET /metrics` serves.
     metrics: metrics::Metrics,
+    /// How long after a verification of a replica the next is due (`--verify-interval-seconds`).
+    verify_every: std::time::Duration,
+    /// A verification runs (one at a time: each reads whole disks).
+    verifying: std::sync::atomic::AtomicBool,
 }
 
 /// What the agent knows of a VM's guest between requests.

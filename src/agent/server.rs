@@ -97,6 +97,11 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = super::budget::DEFAULT_INFLIGHT_BODY_BYTES,
         value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 40)))]
     pub max_inflight_body_bytes: u64,
+    /// Seconds between verifications of a replica: a cycle, when due, hashes every block of the
+    /// source's disks at its cut and compares the replica's newest point with them; a
+    /// difference starts a resync by block hashes. One verification runs at a time.
+    #[arg(long, default_value_t = 6 * 3600, value_parser = clap::value_parser!(u64).range(1..=30 * 24 * 3600))]
+    pub verify_interval_seconds: u64,
     /// Log format (`RUST_LOG` filters; info by default).
     #[arg(long, value_enum, default_value_t = crate::logging::LogFormat::Text, env = "TWINSITE_LOG_FORMAT")]
     pub log_format: crate::logging::LogFormat,
@@ -217,6 +222,8 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         },
         runtime,
         metrics: Default::default(),
+        verify_every: std::time::Duration::from_secs(args.verify_interval_seconds),
+        verifying: Default::default(),
     });
     // A cut of an earlier agent process may have died with its domains paused.
     let st = state.clone();

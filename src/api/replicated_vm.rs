@@ -258,6 +258,11 @@ pub struct ReplicationStatus {
     /// when none runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<ReplicationProgress>,
+    /// Block-by-block comparisons of the replica with the source that found it different
+    /// since replication began in this direction (each started a resync); condition
+    /// ReplicaVerified tells the newest comparison's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub divergences: Option<i64>,
 }
 
 /// How far the source's initial copy or resync has come: of the `totalBytes` of disk it reads

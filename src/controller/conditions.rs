@@ -25,6 +25,11 @@ pub const SETTINGS_APPLIED: &str = "SettingsApplied";
 /// otherwise.
 pub const SPLIT_BRAIN: &str = "SplitBrain";
 
+/// The replica's newest point was compared block by block with the source's disks at the same
+/// instant: True (`Matched`), False (`Diverged`, the source resynchronizes by block hashes)
+/// until a later comparison finds them equal. Absent before the first comparison.
+pub const REPLICA_VERIFIED: &str = "ReplicaVerified";
+
 /// A Site's agent is called over plain http (`spec.agent.insecure: true`): True (`PlainHTTP`)
 /// with what crosses the network unencrypted, False (`HTTPS`) otherwise.
 pub const INSECURE: &str = "Insecure";
@@ -96,6 +101,7 @@ pub fn set_all(conds: &mut Vec<Condition>, want: &[Cond], generation: Option<i64
             CONFLICT,
             REPLICATION_ERROR,
             SETTINGS_APPLIED,
+            REPLICA_VERIFIED,
             SPLIT_BRAIN,
         ]
         .iter()

@@ -69,6 +69,7 @@ pub struct Metrics {
     pub site_listings: Family<SiteLabels, Counter>,
     pub replication_enabled: Family<VmLabels, Gauge>,
     pub replication_interval: Family<VmLabels, Gauge>,
+    pub replica_divergences: Family<VmLabels, Gauge>,
     pub replication_state: Family<StateLabels, Gauge>,
     pub condition: Family<ConditionLabels, Gauge>,
     pub phase: Family<PhaseLabels, Gauge>,
@@ -129,6 +130,12 @@ impl Metrics {
             "Replication interval the RPO health is judged against (the source's, else the spec's), while replication is asked for",
             replication_interval.clone(),
         );
+        let replica_divergences = Family::<VmLabels, Gauge>::default();
+        registry.register(
+            "replica_divergences",
+            "Comparisons of the replica with the source that found it different since replication began in this direction (status.replication.divergences), while replication runs",
+            replica_divergences.clone(),
+        );
         let replication_state = Family::<StateLabels, Gauge>::default();
         registry.register(
             "replication_state",
@@ -164,6 +171,7 @@ impl Metrics {
             site_listings,
             replication_enabled,
             replication_interval,
+            replica_divergences,
             replication_state,
             condition,
             phase,
@@ -174,6 +182,7 @@ impl Metrics {
     pub fn clear_status(&self) {
         self.replication_enabled.clear();
         self.replication_interval.clear();
+        self.replica_divergences.clear();
         self.replication_state.clear();
         self.condition.clear();
         self.phase.clear();
@@ -204,6 +213,9 @@ pub struct Snapshot {
     pub replication_interval: Option<i64>,
     /// ReplicatedVMs only: status.replication.state.
     pub replication_state: Option<String>,
+    /// ReplicatedVMs only: status.replication.divergences (0 when absent), while replication
+    /// runs.
+    pub replica_divergences: Option<i64>,
 }
 
 fn conditions_of(
@@ -236,6 +248,9 @@ impl Snapshot {
                 rep.map(|r| format!("{:?}", r.state))
                     .unwrap_or_else(|| "Disabled".to_string()),
             ),
+            replica_divergences: rep
+                .filter(|r| r.state != crate::api::ReplicationState::Disabled)
+                .map(|r| r.divergences.unwrap_or(0)),
         }
     }
 
@@ -360,6 +375,9 @@ impl StatusGauges {
         if let Some(i) = s.replication_interval {
             m.replication_interval.get_or_create(&s.vm()).set(i);
         }
+        if let Some(n) = s.replica_divergences {
+            m.replica_divergences.get_or_create(&s.vm()).set(n);
+        }
         if let Some(old) = old {
             let new_conds: Vec<ConditionLabels> =
                 s.condition_labels().into_iter().map(|(l, _)| l).collect();
@@ -380,6 +398,9 @@ impl StatusGauges {
             }
             if s.replication_interval.is_none() && old.replication_interval.is_some() {
                 m.replication_interval.remove(&s.vm());
+            }
+            if s.replica_divergences.is_none() && old.replica_divergences.is_some() {
+                m.replica_divergences.remove(&s.vm());
             }
         }
         self.shown.insert(s.key(), s);
@@ -407,6 +428,7 @@ impl StatusGauges {
         if old.replication_enabled.is_some() {
             m.replication_enabled.remove(&old.vm());
             m.replication_interval.remove(&old.vm());
+            m.replica_divergences.remove(&old.vm());
         }
     }
 }
@@ -517,6 +539,7 @@ mod tests {
             replication_enabled: Some(enabled),
             replication_interval: enabled.then_some(300),
             replication_state: Some(state.into()),
+            replica_divergences: enabled.then_some(0),
         }
     }
 
@@ -571,6 +594,7 @@ mod tests {
             r#"twinsite_replication_state{namespace="finance",name="web-01",state="Replicating"} 1"#,
             r#"twinsite_replication_interval_seconds{namespace="finance",name="web-01"} 300"#,
             r#"twinsite_replication_enabled{namespace="finance",name="web-01"} 1"#,
+            r#"twinsite_replica_divergences{namespace="finance",name="web-01"} 0"#,
         ] {
             assert!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
         }
@@ -589,6 +613,7 @@ mod tests {
             !text.contains("twinsite_replication_interval_seconds{"),
             "{text}"
         );
+        assert!(!text.contains("twinsite_replica_divergences{"), "{text}");
         assert!(!text.contains(r#"state="Replicating""#), "{text}");
         assert!(
             text.contains(r#"twinsite_replication_enabled{namespace="finance",name="web-01"} 0"#)

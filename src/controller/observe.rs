@@ -63,6 +63,12 @@ pub struct ObservedReplication {
     pub app_consistent_hours: Option<i64>,
     /// The bulk transfer (initial copy or resync) the source runs now: bytes done and total.
     pub progress: Option<(u64, u64)>,
+    /// The newest comparison of the replica with the source, block by block (at the source).
+    pub verification: Option<crate::site::Verification>,
+    /// Comparisons that found the replica different since replication began (at the source).
+    pub divergences: u64,
+    /// The newest comparison that found the replica different (at the source).
+    pub last_divergence: Option<crate::site::Verification>,
 }
 
 #[derive(Clone, Debug, PartialEq)]

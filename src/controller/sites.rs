@@ -428,6 +428,9 @@ pub fn observed(vm: &Vm) -> ObservedVm {
             .progress
             .filter(|_| outbound)
             .map(|p| (p.done_bytes, p.total_bytes)),
+        verification: r.last_verification.clone().filter(|_| outbound),
+        divergences: if outbound { r.divergences } else { 0 },
+        last_divergence: r.last_divergence.clone().filter(|_| outbound),
     });
     let rps = &vm.recovery_points;
     ObservedVm {

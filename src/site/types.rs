@@ -98,6 +98,31 @@ pub struct ReplicationInfo {
     /// domain's guest agent), at the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_quiesce: Option<Quiesce>,
+    /// The newest comparison of the replica's newest point with the source's disks at the same
+    /// instant, block by block (at the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verification: Option<Verification>,
+    /// Verifications that found the replica different from the source, each followed by a
+    /// resync (at the source).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub divergences: u64,
+    /// The newest comparison that found the replica different (at the source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_divergence: Option<Verification>,
+}
+
+/// A comparison of every block of a replica's newest point with the source's disks at the
+/// instant of that point.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Verification {
+    /// The instant compared (the cycle's cut).
+    pub time: Timestamp,
+    /// Blocks that differed, over every disk (0: the replica held the source's data).
+    pub differing_blocks: u64,
+    /// The first disk that differed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
 /// A freeze of a guest's filesystems around the checkpoint of an app-consistent point.

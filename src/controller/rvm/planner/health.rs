@@ -10,7 +10,7 @@ use crate::api::{
     RecoveryPointRef, RecoveryPointSummary, ReplicatedVMStatus, ReplicationHealth,
     ReplicationProgress, ReplicationSettings, ReplicationState, ReplicationStatus,
 };
-use crate::controller::conditions::{Cond, REPLICATION_ERROR};
+use crate::controller::conditions::{Cond, REPLICA_VERIFIED, REPLICATION_ERROR};
 use crate::controller::observe::{
     Direction, ObservedRecoveryPoint, ObservedReplicationState, Power, Role,
 };
@@ -160,6 +160,7 @@ pub(super) fn disabled_replication() -> ReplicationStatus {
         rpo_seconds: None,
         settings: None,
         progress: None,
+        divergences: None,
     }
 }
 
@@ -251,6 +252,13 @@ pub(super) fn observed_replication(
     if let Some(t) = src.and_then(|v| v.replication.as_ref()?.last_sync_time) {
         new.last_sync_time = Some(Time(t));
     }
+    if let Some(rep) = src
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction != Some(Direction::Inbound))
+    {
+        new.divergences =
+            (rep.divergences > 0).then(|| i64::try_from(rep.divergences).unwrap_or(i64::MAX));
+    }
     if new.last_sync_time.is_none()
         && let Some(t) = rps.as_ref().and_then(|p| p.latest.as_ref()?.time.clone())
     {
@@ -339,7 +347,8 @@ pub(super) fn refresh_replication(input: &Input, st: &mut ReplicatedVMStatus) {
         || old.health != new.health
         || old.source_site != new.source_site
         || old.target_site != new.target_site
-        || old.rpo_seconds.is_none() && new.rpo_seconds.is_some();
+        || old.rpo_seconds.is_none() && new.rpo_seconds.is_some()
+        || old.divergences != new.divergences;
     let stale = match (&old.last_sync_time, &new.last_sync_time) {
         (None, Some(_)) => true,
         (Some(o), Some(n)) => (n.0 - o.0).get_seconds() >= STATUS_REFRESH.as_secs() as i64,
@@ -471,6 +480,103 @@ pub(super) fn settings_state(input: &Input, st: &ReplicatedVMStatus) -> Settings
         input.vm_name,
         differ.join(", ")
     ))
+}
+
+/// Condition ReplicaVerified from the replication source's listing: how its newest block-by-block
+/// comparison of the replica came out. `Keep` while the source cannot be listed; `Remove` when
+/// nothing replicates or the source has not compared yet in this direction.
+pub(super) enum Verified {
+    Keep,
+    Remove,
+    Set(Cond),
+}
+
+pub(super) fn replica_verified(input: &Input, st: &ReplicatedVMStatus) -> Verified {
+    let Some((source, target)) = replication_on(st)
+        .and_then(|r| Some((r.source_site.as_deref()?, r.target_site.as_deref()?)))
+    else {
+        return Verified::Remove;
+    };
+    let view = input.view(source);
+    if !view.reachable() {
+        return Verified::Keep;
+    }
+    let Some(rep) = view
+        .vm()
+        .and_then(|v| v.replication.as_ref())
+        .filter(|r| r.direction != Some(Direction::Inbound))
+    else {
+        return Verified::Remove;
+    };
+    let Some(v) = rep.verification.as_ref() else {
+        return Verified::Remove;
+    };
+    let earlier = match (&rep.last_divergence, rep.divergences) {
+        (Some(d), n) if n > 0 => format!(
+            "; {n} divergence(s) found and resynchronized since replication began, the newest \
+             at {}: {}",
+            d.time,
+            diverged_blocks(d)
+        ),
+        _ => String::new(),
+    };
+    Verified::Set(if v.differing_blocks == 0 {
+        Cond::new(
+            REPLICA_VERIFIED,
+            true,
+            "Matched",
+            format!(
+                "every block of the newest recovery point at {target} matched {source}'s disks \
+                 at {}{earlier}",
+                v.time
+            ),
+        )
+    } else {
+        Cond::new(
+            REPLICA_VERIFIED,
+            false,
+            "Diverged",
+            format!(
+                "{} of the newest recovery point at {target} differed from {source}'s disks at \
+                 {}: {source} resynchronizes by block hashes and compares again; if this \
+                 recurs, check the storage of site {target}",
+                diverged_blocks(v),
+                v.time
+            ),
+        )
+    })
+}
+
+/// What the source says of the newest comparison that found its replica different.
+pub(super) fn newest_divergence(input: &Input, st: &ReplicatedVMStatus) -> Option<String> {
+    let r = replication_on(st)?;
+    let (source, target) = (r.source_site.as_deref()?, r.target_site.as_deref()?);
+    let d = input
+        .view(source)
+        .vm()?
+        .replication
+        .as_ref()?
+        .last_divergence
+        .clone()?;
+    Some(format!(
+        "{} of the newest recovery point at {target} differed from {source}'s disks at {}: \
+         {source} resynchronizes by block hashes and compares again; if this recurs, check the \
+         storage of site {target}",
+        diverged_blocks(&d),
+        d.time
+    ))
+}
+
+/// "3 block(s) of disk vda"
+pub(super) fn diverged_blocks(v: &crate::site::Verification) -> String {
+    format!(
+        "{} block(s){}",
+        v.differing_blocks,
+        v.disk
+            .as_deref()
+            .map(|d| format!(" of disk {d}"))
+            .unwrap_or_default()
+    )
 }
 
 /// Condition ReplicationError from the replication source's listing: True with the agent's

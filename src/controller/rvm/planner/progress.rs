@@ -332,6 +332,7 @@ pub(super) fn finish_job(
                     rpo_seconds: None,
                     settings,
                     progress: None,
+                    divergences: None,
                 });
                 // Figures from the listing right away, not in five minutes.
                 refresh_replication_now(input, st);
@@ -563,6 +564,7 @@ pub(super) fn apply_step_success(
                 rpo_seconds: None,
                 settings: sent.map(ReplicationSettings::from),
                 progress: None,
+                divergences: None,
             });
         }
         // Nothing replicates from here on (the recovery points stay at the target), whatever

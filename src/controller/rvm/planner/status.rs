@@ -3,8 +3,8 @@
 
 use super::fencing::{SOURCE_UNCONFIRMED, split_brain};
 use super::health::{
-    SETTINGS_NOT_APPLIED, Settings, replication_error, replication_in_progress, settings_state,
-    vm_off,
+    SETTINGS_NOT_APPLIED, Settings, Verified, newest_divergence, replica_verified,
+    replication_error, replication_in_progress, settings_state, vm_off,
 };
 use super::input::{Input, Note, Wait};
 use super::progress::{overdue, step_limit};
@@ -14,8 +14,8 @@ use crate::api::{
 };
 use crate::controller::conditions;
 use crate::controller::conditions::{
-    COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICATION_ERROR, SETTINGS_APPLIED,
-    SPLIT_BRAIN, STALLED,
+    COMMIT_PENDING, CONFLICT, Cond, READY, RECONCILING, REPLICA_VERIFIED, REPLICATION_ERROR,
+    SETTINGS_APPLIED, SPLIT_BRAIN, STALLED,
 };
 use crate::controller::vm_jobs::{
     current_step, mismatch_resync_running, replication_on, running_job, standing_job,
@@ -320,6 +320,30 @@ pub(super) fn finalize(
         // The source cannot be listed now: what it reported last stands.
         None if st.conditions.iter().any(|c| c.type_ == REPLICATION_ERROR) => {}
         None => want.push(Cond::new(REPLICATION_ERROR, false, "NoError", "")),
+    }
+    match replica_verified(input, st) {
+        Verified::Set(c) => want.push(c),
+        Verified::Remove => st.conditions.retain(|c| c.type_ != REPLICA_VERIFIED),
+        Verified::Keep => {}
+    }
+    // Each divergence the source counted is news once (the count is durable at the source: a
+    // divergence resynchronized between two plans is not missed).
+    let count = |s: &ReplicatedVMStatus| {
+        s.replication
+            .as_ref()
+            .and_then(|r| r.divergences)
+            .unwrap_or(0)
+    };
+    if count(st) > count(input.status)
+        && let Some(m) = newest_divergence(input, st)
+    {
+        events.push(Note {
+            warning: true,
+            action: "Verify",
+            subject: "replica diverged".into(),
+            reason: "ReplicaDiverged",
+            message: m,
+        });
     }
     let split = split_brain(input, st);
     // Shown once it happened (a VM that never ran twice carries no such condition).

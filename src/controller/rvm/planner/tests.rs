@@ -315,6 +315,9 @@ impl World {
                     retention_hours: Some(c.replication.recovery_point_retention_hours),
                     app_consistent_hours: Some(c.replication.app_consistent_frequency_hours),
                     progress: None,
+                    verification: None,
+                    divergences: 0,
+                    last_divergence: None,
                 });
                 let integration = vm.integration;
                 let t = self.sites.get_mut(tgt).unwrap();
@@ -640,6 +643,79 @@ fn a_copy_is_done_only_when_the_target_lists_a_recovery_point() {
     w.settle();
     assert_eq!(w.job(JobType::EnableReplication).state, JobState::Succeeded);
     assert!(w.status.recovery_points.as_ref().unwrap().count >= 1);
+}
+
+#[test]
+fn a_diverged_replica_is_a_condition_and_an_event_until_a_comparison_matches() {
+    let mut w = World::protected(true);
+    assert!(
+        !w.status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "ReplicaVerified")
+    );
+    // The source's comparison at `at` found `n` blocks different.
+    let verified = |w: &mut World, at: i64, n: u64| {
+        let v = crate::site::Verification {
+            time: ts(at),
+            differing_blocks: n,
+            disk: (n > 0).then(|| "disk0".to_string()),
+        };
+        let r = w.vm_mut(P).vm.replication.as_mut().unwrap();
+        if n > 0 {
+            r.divergences += 1;
+            r.last_divergence = Some(v.clone());
+        }
+        r.verification = Some(v);
+    };
+    let diverged = |w: &World| {
+        w.events
+            .iter()
+            .filter(|e| e.reason == "ReplicaDiverged")
+            .count()
+    };
+    let divergences = |w: &World| w.status.replication.as_ref().unwrap().divergences;
+    verified(&mut w, 100, 3);
+    w.settle();
+    let c = w.condition("ReplicaVerified");
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Diverged")
+    );
+    assert!(
+        c.message.contains("3 block(s) of disk disk0"),
+        "{}",
+        c.message
+    );
+    assert_eq!(diverged(&w), 1);
+    assert_eq!(divergences(&w), Some(1));
+    w.settle();
+    assert_eq!(diverged(&w), 1, "news once");
+    verified(&mut w, 200, 0);
+    w.settle();
+    let c = w.condition("ReplicaVerified");
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Matched"));
+    assert!(c.message.contains("1 divergence(s)"), "{}", c.message);
+
+    // A divergence found and resynchronized between two plans is not missed: the source's count
+    // says so.
+    verified(&mut w, 300, 5);
+    verified(&mut w, 400, 0);
+    w.settle();
+    assert_eq!(w.condition("ReplicaVerified").reason, "Matched");
+    assert_eq!(diverged(&w), 2);
+    assert_eq!(divergences(&w), Some(2));
+    assert!(
+        w.events
+            .iter()
+            .any(|e| e.reason == "ReplicaDiverged" && e.message.contains("5 block(s)")),
+        "{:?}",
+        w.events
+    );
+    // A source that cannot be listed leaves it as it was.
+    w.down.insert(P.to_string());
+    w.settle();
+    assert_eq!(w.condition("ReplicaVerified").reason, "Matched");
 }
 
 #[test]
@@ -1602,6 +1678,9 @@ fn no_fence_from_a_listing_older_than_the_last_job() {
         retention_hours: None,
         app_consistent_hours: None,
         progress: None,
+        verification: None,
+        divergences: 0,
+        last_divergence: None,
     });
     let fresh = SiteView::Reachable {
         fetched_at: ts(w.now),
