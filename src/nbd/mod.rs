@@ -30,7 +30,7 @@ pub mod proto;
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, DEFAULT_TIMEOUT};
+pub use client::{Client, DEFAULT_TIMEOUT, MAX_IN_FLIGHT};
 pub use proto::{BlockSize, Extent};
 
 /// The meta context every NBD server with block status offers: allocation of the export.

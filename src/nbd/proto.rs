@@ -49,6 +49,10 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
+
+/// Command flag: answer a READ with one data chunk (no holes).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 // Transmission.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
