@@ -509,11 +509,19 @@ impl Client {
             }
             ReplyKind::Structured => {
                 let h = proto::decode_chunk_header(&head, &p.req)?;
+                let req = p.req;
+                if h.ty == proto::REPLY_TYPE_OFFSET_DATA {
+                    // Data goes straight into place, checked before a byte of it is read.
+                    let (o, len) = proto::data_chunk_at(&h, read_array(&mut self.stream)?, &req)?;
+                    p.cov.add(o, u64::from(len))?;
+                    let at = (o - req.offset) as usize;
+                    read_exact(&mut self.stream, &mut buf[at..at + len as usize])?;
+                    return self.chunk_done(pending, cookie, &h);
+                }
                 // Bounded by decode_chunk_header for every chunk type.
                 self.scratch.clear();
                 self.scratch.resize(h.len as usize, 0);
                 read_exact(&mut self.stream, &mut self.scratch)?;
-                let req = p.req;
                 match proto::decode_chunk(&h, &self.scratch, &req)? {
                     Chunk::Data { offset: o, data } => {
                         p.cov.add(o, data.len() as u64)?;
@@ -545,20 +553,30 @@ impl Client {
                         )));
                     }
                 }
-                if !h.done() {
-                    return Ok(None);
-                }
-                let Some(p) = pending.remove(&cookie) else {
-                    return Ok(None);
-                };
-                let outcome = match p.error {
-                    Some(e) => Err(chunk_error(&p.req, e)),
-                    None if !p.cov.complete() => return Err(NbdError::Protocol(p.cov.describe())),
-                    None => Ok(()),
-                };
-                Ok(Some((p.piece, outcome)))
+                self.chunk_done(pending, cookie, &h)
             }
         }
+    }
+
+    /// After a chunk of the READ `cookie`: its outcome when that chunk was the last.
+    fn chunk_done(
+        &mut self,
+        pending: &mut HashMap<u64, Pending>,
+        cookie: u64,
+        h: &proto::ChunkHeader,
+    ) -> Result<Option<Answered>, NbdError> {
+        if !h.done() {
+            return Ok(None);
+        }
+        let Some(p) = pending.remove(&cookie) else {
+            return Ok(None);
+        };
+        let outcome = match p.error {
+            Some(e) => Err(chunk_error(&p.req, e)),
+            None if !p.cov.complete() => return Err(NbdError::Protocol(p.cov.describe())),
+            None => Ok(()),
+        };
+        Ok(Some((p.piece, outcome)))
     }
 
     /// Writes `data` at `offset` (not durable before [`Self::flush`]).
