@@ -46,10 +46,11 @@ start_site b
 ua="qemu+unix:///system?socket=$work/site-a/run/libvirt-sock"
 ub="qemu+unix:///system?socket=$work/site-b/run/libvirt-sock"
 echo tok >"$work/token"
+# The guest boots its kernel directly: a replica may only name boot files under --boot-file-dir.
 "$bin" agent --site a --listen 127.0.0.1:7391 --data-dir "$work/agent-a" --token-file "$work/token" \
-  --insecure-http --runtime libvirt --libvirt-uri "$ua" >"$work/a.log" 2>&1 &
+  --insecure-http --runtime libvirt --libvirt-uri "$ua" --boot-file-dir "$guest" >"$work/a.log" 2>&1 &
 "$bin" agent --site b --listen 127.0.0.1:7392 --data-dir "$work/agent-b" --token-file "$work/token" \
-  --insecure-http --runtime libvirt --libvirt-uri "$ub" >"$work/b.log" 2>&1 &
+  --insecure-http --runtime libvirt --libvirt-uri "$ub" --boot-file-dir "$guest" >"$work/b.log" 2>&1 &
 sleep 1
 
 h=(-s -H "Authorization: Bearer tok" -H "content-type: application/json")

@@ -52,6 +52,30 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// Most READs [`Client::read_runs`] keeps outstanding. QEMU's NBD server works on up to 16
+/// requests of one client at once; a few are enough to keep its I/O busy, and READ requests
+/// are small, so sending them while replies are unread never fills the socket.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+/// One READ of [`Client::read_runs`]: `len` bytes at `offset`, into run `run` from byte `at`.
+struct Piece {
+    run: usize,
+    at: usize,
+    offset: u64,
+    len: usize,
+}
+
+/// A READ whose reply is complete: its piece and how it went.
+type Answered = (usize, Result<(), NbdError>);
+
+/// A READ sent and not yet fully answered.
+struct Pending {
+    piece: usize,
+    req: Request,
+    cov: Coverage,
+    error: Option<ChunkError>,
+}
+
 /// How a command's reply ended.
 enum Outcome {
     /// A simple reply with this error value (0: success).
@@ -190,7 +214,7 @@ impl Client {
 
     /// Largest READ/WRITE payload: the server's maximum, at most 32 MiB, a multiple of its
     /// minimum block size.
-    fn max_io(&self) -> u64 {
+    pub fn max_io(&self) -> u64 {
         let max = self.block_size.max.min(proto::MAX_PAYLOAD);
         let min = self.block_size.min.max(1);
         u64::from(max - max % min).max(1)
@@ -238,6 +262,7 @@ impl Client {
 
     fn send(
         &mut self,
+        flags: u16,
         command: u16,
         offset: u64,
         len: u32,
@@ -245,7 +270,7 @@ impl Client {
     ) -> Result<Request, NbdError> {
         self.cookie = self.cookie.wrapping_add(1);
         let req = Request {
-            flags: 0,
+            flags,
             command,
             cookie: self.cookie,
             offset,
@@ -342,14 +367,7 @@ impl Client {
 
     /// Reads `buf.len()` bytes at `offset`; holes come back as zeroes.
     pub fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        self.check_range(offset, buf.len() as u64)?;
-        let step = self.max_io() as usize;
-        let mut at = offset;
-        for part in buf.chunks_mut(step) {
-            self.guarded(|c| c.read_one(at, part))?;
-            at += part.len() as u64;
-        }
-        Ok(())
+        self.read_runs(&mut [(offset, buf)])
     }
 
     /// Reads `len` bytes at `offset` into a new buffer.
@@ -360,48 +378,205 @@ impl Client {
         Ok(buf)
     }
 
-    fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let len = u32::try_from(buf.len())
-            .map_err(|_| NbdError::InvalidRequest("read too long".into()))?;
-        let req = self.send(proto::CMD_READ, offset, len, &[])?;
-        let mut cov = Coverage::new(&req);
-        let outcome = self.reply(&req, |chunk| {
-            match chunk {
-                Chunk::Data { offset: o, data } => {
-                    cov.add(o, data.len() as u64)?;
-                    let at = (o - req.offset) as usize;
-                    buf[at..at + data.len()].copy_from_slice(data);
-                }
-                Chunk::Hole { offset: o, len } => {
-                    cov.add(o, u64::from(len))?;
-                    let at = (o - req.offset) as usize;
-                    buf[at..at + len as usize].fill(0);
-                }
-                Chunk::None => {}
-                other => {
-                    return Err(NbdError::Protocol(format!(
-                        "{} chunk in a read",
-                        other.kind()
-                    )));
-                }
+    /// Fills each `(offset, buffer)` with the bytes at `offset` (holes as zeroes): one READ per
+    /// run of up to the server's maximum, with up to [`MAX_IN_FLIGHT`] of them outstanding and
+    /// their replies taken in whatever order the server sends them. Every range is checked
+    /// before anything is sent. An error the server reports for one READ does not stop the
+    /// others (the stream stays in step): once all have been answered, the failure of the
+    /// earliest failed READ is returned, naming its offset and length.
+    pub fn read_runs(&mut self, runs: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+        for (offset, buf) in runs.iter() {
+            self.check_range(*offset, buf.len() as u64)?;
+        }
+        let step = self.max_io() as usize;
+        let mut pieces = Vec::new();
+        for (run, (offset, buf)) in runs.iter().enumerate() {
+            let mut at = 0;
+            while at < buf.len() {
+                let len = step.min(buf.len() - at);
+                pieces.push(Piece {
+                    run,
+                    at,
+                    offset: offset + at as u64,
+                    len,
+                });
+                at += len;
             }
-            Ok(())
-        })?;
-        match outcome {
-            Outcome::Simple(0) => read_exact(&mut self.stream, buf),
-            Outcome::Simple(errno) => {
+        }
+        let r = self.guarded(|c| c.pipeline(runs, &pieces));
+        // A buffer that held a 32 MiB chunk is not worth pinning for the life of the connection.
+        if self.scratch.capacity() > 1 << 20 {
+            self.scratch = Vec::new();
+        }
+        r
+    }
+
+    /// Sends the READs of `pieces`, at most [`MAX_IN_FLIGHT`] outstanding, until all are
+    /// answered.
+    fn pipeline(
+        &mut self,
+        runs: &mut [(u64, &mut [u8])],
+        pieces: &[Piece],
+    ) -> Result<(), NbdError> {
+        let mut pending: HashMap<u64, Pending> = HashMap::new();
+        let mut next = 0;
+        let mut failed: Option<(usize, NbdError)> = None;
+        // Data in one chunk, holes as zeroes: QEMU then reads without a block status lookup
+        // per request, and answers a failed read with an error reply, where its sparse read
+        // drops the connection.
+        let flags = if self.structured && self.flags & proto::TFLAG_SEND_DF != 0 {
+            proto::CMD_FLAG_DF
+        } else {
+            0
+        };
+        while next < pieces.len() || !pending.is_empty() {
+            while next < pieces.len() && pending.len() < MAX_IN_FLIGHT {
+                let p = &pieces[next];
+                // At most max_io, which fits 32 bits.
+                let req = self.send(flags, proto::CMD_READ, p.offset, p.len as u32, &[])?;
+                pending.insert(
+                    req.cookie,
+                    Pending {
+                        piece: next,
+                        cov: Coverage::new(&req),
+                        req,
+                        error: None,
+                    },
+                );
+                next += 1;
+            }
+            if let Some((piece, Err(e))) = self.read_reply_part(&mut pending, runs, pieces)?
+                && failed.as_ref().is_none_or(|(f, _)| piece < *f)
+            {
+                failed = Some((piece, e));
+            }
+        }
+        match failed {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads one simple reply or one structured chunk answering a READ in `pending`, puts its
+    /// data where that READ's piece goes, and returns the piece's outcome once its reply is
+    /// complete. An error returned (rather than an outcome) means the stream is out of step.
+    fn read_reply_part(
+        &mut self,
+        pending: &mut HashMap<u64, Pending>,
+        runs: &mut [(u64, &mut [u8])],
+        pieces: &[Piece],
+    ) -> Result<Option<Answered>, NbdError> {
+        let magic: [u8; 4] = read_array(&mut self.stream)?;
+        let kind = proto::reply_kind(magic, self.structured)?;
+        let mut head = [0u8; proto::STRUCTURED_REPLY_LEN];
+        let head_len = match kind {
+            ReplyKind::Simple => proto::SIMPLE_REPLY_LEN,
+            ReplyKind::Structured => proto::STRUCTURED_REPLY_LEN,
+        };
+        head[..4].copy_from_slice(&magic);
+        read_exact(&mut self.stream, &mut head[4..head_len])?;
+        // Both kinds carry the cookie at bytes 8..16.
+        let mut cookie = [0u8; 8];
+        cookie.copy_from_slice(&head[8..16]);
+        let cookie = u64::from_be_bytes(cookie);
+        let Some(p) = pending.get_mut(&cookie) else {
+            return Err(NbdError::Protocol(format!(
+                "reply cookie {cookie:#x} matches no request in flight"
+            )));
+        };
+        let piece = &pieces[p.piece];
+        let buf = &mut runs[piece.run].1[piece.at..piece.at + piece.len];
+        match kind {
+            ReplyKind::Simple => {
+                let mut b = [0u8; proto::SIMPLE_REPLY_LEN];
+                b.copy_from_slice(&head[..proto::SIMPLE_REPLY_LEN]);
+                let errno = proto::decode_simple_reply(&b, &p.req)?;
+                let req = p.req;
+                let index = p.piece;
+                pending.remove(&cookie);
+                if errno == 0 {
+                    read_exact(&mut self.stream, buf)?;
+                    return Ok(Some((index, Ok(()))));
+                }
                 let e = Self::command_error(&req, errno, String::new());
                 if !self.structured {
                     // Without structured replies the protocol leaves it open whether data
                     // follows a failed read, so the stream cannot be trusted any more.
                     self.broken = true;
+                    return Err(e);
                 }
-                Err(e)
+                Ok(Some((index, Err(e))))
             }
-            Outcome::Structured(Some(e)) => Err(chunk_error(&req, e)),
-            Outcome::Structured(None) if !cov.complete() => Err(NbdError::Protocol(cov.describe())),
-            Outcome::Structured(None) => Ok(()),
+            ReplyKind::Structured => {
+                let h = proto::decode_chunk_header(&head, &p.req)?;
+                let req = p.req;
+                if h.ty == proto::REPLY_TYPE_OFFSET_DATA {
+                    // Data goes straight into place, checked before a byte of it is read.
+                    let (o, len) = proto::data_chunk_at(&h, read_array(&mut self.stream)?, &req)?;
+                    p.cov.add(o, u64::from(len))?;
+                    let at = (o - req.offset) as usize;
+                    read_exact(&mut self.stream, &mut buf[at..at + len as usize])?;
+                    return self.chunk_done(pending, cookie, &h);
+                }
+                // Bounded by decode_chunk_header for every chunk type.
+                self.scratch.clear();
+                self.scratch.resize(h.len as usize, 0);
+                read_exact(&mut self.stream, &mut self.scratch)?;
+                match proto::decode_chunk(&h, &self.scratch, &req)? {
+                    Chunk::Data { offset: o, data } => {
+                        p.cov.add(o, data.len() as u64)?;
+                        let at = (o - req.offset) as usize;
+                        buf[at..at + data.len()].copy_from_slice(data);
+                    }
+                    Chunk::Hole { offset: o, len } => {
+                        p.cov.add(o, u64::from(len))?;
+                        let at = (o - req.offset) as usize;
+                        buf[at..at + len as usize].fill(0);
+                    }
+                    Chunk::Error {
+                        errno,
+                        message,
+                        offset,
+                    } => {
+                        // Keep reading to the last chunk so the stream stays in step.
+                        p.error.get_or_insert(ChunkError {
+                            errno,
+                            message,
+                            offset,
+                        });
+                    }
+                    Chunk::None => {}
+                    other => {
+                        return Err(NbdError::Protocol(format!(
+                            "{} chunk in a read",
+                            other.kind()
+                        )));
+                    }
+                }
+                self.chunk_done(pending, cookie, &h)
+            }
         }
+    }
+
+    /// After a chunk of the READ `cookie`: its outcome when that chunk was the last.
+    fn chunk_done(
+        &mut self,
+        pending: &mut HashMap<u64, Pending>,
+        cookie: u64,
+        h: &proto::ChunkHeader,
+    ) -> Result<Option<Answered>, NbdError> {
+        if !h.done() {
+            return Ok(None);
+        }
+        let Some(p) = pending.remove(&cookie) else {
+            return Ok(None);
+        };
+        let outcome = match p.error {
+            Some(e) => Err(chunk_error(&p.req, e)),
+            None if !p.cov.complete() => return Err(NbdError::Protocol(p.cov.describe())),
+            None => Ok(()),
+        };
+        Ok(Some((p.piece, outcome)))
     }
 
     /// Writes `data` at `offset` (not durable before [`Self::flush`]).
@@ -417,7 +592,7 @@ impl Client {
         let mut at = offset;
         for part in data.chunks(step) {
             self.guarded(|c| {
-                let req = c.send(proto::CMD_WRITE, at, part.len() as u32, part)?;
+                let req = c.send(0, proto::CMD_WRITE, at, part.len() as u32, part)?;
                 c.no_data_reply(&req)
             })?;
             at += part.len() as u64;
@@ -433,7 +608,7 @@ impl Client {
             return Ok(());
         }
         self.guarded(|c| {
-            let req = c.send(proto::CMD_FLUSH, 0, 0, &[])?;
+            let req = c.send(0, proto::CMD_FLUSH, 0, 0, &[])?;
             c.no_data_reply(&req)
         })
     }
@@ -464,7 +639,7 @@ impl Client {
         let len = (end - offset).min(BLOCK_STATUS_STEP) as u32;
         let known: Vec<u32> = self.contexts.values().copied().collect();
         self.guarded(|c| {
-            let req = c.send(proto::CMD_BLOCK_STATUS, offset, len, &[])?;
+            let req = c.send(0, proto::CMD_BLOCK_STATUS, offset, len, &[])?;
             let mut found: Option<Vec<Extent>> = None;
             let mut seen = Vec::new();
             let outcome = c.reply(&req, |chunk| match chunk {

@@ -5,7 +5,8 @@
 //! exports a point-in-time view of every disk over NBD on a Unix socket, with the meta context
 //! `qemu:dirty-bitmap:backup-<disk>` listing the extents changed since the previous
 //! checkpoint. [`Client::dirty_blocks`] turns that context into a [`Bitmap`] of
-//! [`BLOCK_SIZE`](crate::replication::BLOCK_SIZE) blocks and [`Client::read_at`] reads them.
+//! [`BLOCK_SIZE`](crate::replication::BLOCK_SIZE) blocks and [`Client::read_runs`] reads them,
+//! adjacent blocks as one run.
 //! At a replica, [`Client::write_at`] and [`Client::flush`] write blocks into images served over
 //! NBD.
 //!
@@ -15,8 +16,12 @@
 //!   transmission flags and block size constraints); no TLS, no `NBD_OPT_EXPORT_NAME`
 //!   fallback, no extended headers;
 //! - `NBD_CMD_READ` (structured data/hole/error chunks, or simple replies), `NBD_CMD_WRITE`,
-//!   `NBD_CMD_FLUSH`, `NBD_CMD_BLOCK_STATUS` (32-bit extents) and `NBD_CMD_DISC`; one request
-//!   in flight at a time, reads and writes split at the server's maximum (32 MiB at most).
+//!   `NBD_CMD_FLUSH`, `NBD_CMD_BLOCK_STATUS` (32-bit extents) and `NBD_CMD_DISC`. Reads
+//!   ([`Client::read_runs`]) keep up to [`MAX_IN_FLIGHT`] requests outstanding and match
+//!   replies by cookie, in whatever order and chunking they come, asking for one data chunk
+//!   per read (`NBD_CMD_FLAG_DF`) where the server offers it; writes, flushes and block
+//!   status go one at a time. Reads and writes are split at the server's maximum (32 MiB at
+//!   most).
 //!
 //! Everything the server sends is validated ([`proto`] holds the pure decoders): magic
 //! numbers, cookies, chunk ranges against the request, and every length before it is
@@ -30,7 +35,7 @@ pub mod proto;
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, DEFAULT_TIMEOUT};
+pub use client::{Client, DEFAULT_TIMEOUT, MAX_IN_FLIGHT};
 pub use proto::{BlockSize, Extent};
 
 /// The meta context every NBD server with block status offers: allocation of the export.

@@ -49,6 +49,10 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
+
+/// Command flag: answer a READ with one data chunk (no holes).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 // Transmission.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
@@ -642,6 +646,32 @@ pub fn decode_chunk<'a>(
     }
 }
 
+/// Where the data of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk goes, from its header and the
+/// 8-byte offset that starts its payload (so the data can be read straight into place): the
+/// absolute offset and the data's length, checked like [`decode_chunk`] checks them.
+pub fn data_chunk_at(
+    h: &ChunkHeader,
+    offset: [u8; 8],
+    req: &Request,
+) -> Result<(u64, u32), NbdError> {
+    if h.ty != REPLY_TYPE_OFFSET_DATA {
+        return Err(protocol(format!("chunk type {} is not data", h.ty)));
+    }
+    if req.command != CMD_READ {
+        return Err(protocol(format!(
+            "NBD_REPLY_TYPE_OFFSET_DATA chunk in reply to {}",
+            command_name(req.command)
+        )));
+    }
+    let len = h
+        .len
+        .checked_sub(8)
+        .ok_or_else(|| protocol("data chunk shorter than its offset"))?;
+    let offset = u64::from_be_bytes(offset);
+    check_inside(offset, u64::from(len), req, "data chunk")?;
+    Ok((offset, len))
+}
+
 /// Tracks which bytes of a READ the chunks have covered, so overlapping chunks and replies
 /// that leave gaps are caught.
 #[derive(Debug)]
@@ -1028,8 +1058,48 @@ mod tests {
                 "{ty} {p:?}"
             );
         }
+        // The header-and-offset check of data read straight into place agrees with the full
+        // decoder, on good chunks and bad.
+        for p in [
+            data_payload(4096 + 512, 512),
+            data_payload(4096, 4096),
+            data_payload(0, 512),
+            data_payload(8000, 512),
+            data_payload(u64::MAX - 10, 512),
+            data_payload(4096, 0),
+            data_payload(4096, 4097),
+        ] {
+            let h = ChunkHeader {
+                flags: 0,
+                ty: REPLY_TYPE_OFFSET_DATA,
+                len: p.len() as u32,
+            };
+            let offset: [u8; 8] = p[..8].try_into().unwrap();
+            match (
+                decode(REPLY_TYPE_OFFSET_DATA, &p, &r),
+                data_chunk_at(&h, offset, &r),
+            ) {
+                (Ok(Chunk::Data { offset, data }), Ok(at)) => {
+                    assert_eq!(at, (offset, data.len() as u32));
+                }
+                (Err(_), Err(NbdError::Protocol(_))) => {}
+                (full, direct) => panic!("{p:?}: {full:?} against {direct:?}"),
+            }
+        }
+        let short = ChunkHeader {
+            flags: 0,
+            ty: REPLY_TYPE_OFFSET_DATA,
+            len: 3,
+        };
+        assert!(data_chunk_at(&short, [0; 8], &r).is_err());
         // Data for a command that is not a read.
         let w = req(CMD_WRITE, 4096, 4096);
+        let h = ChunkHeader {
+            flags: 0,
+            ty: REPLY_TYPE_OFFSET_DATA,
+            len: 520,
+        };
+        assert!(data_chunk_at(&h, 4096u64.to_be_bytes(), &w).is_err());
         assert!(decode(REPLY_TYPE_OFFSET_DATA, &data_payload(4096, 512), &w).is_err());
         // Payload length disagreeing with the header.
         let h = ChunkHeader {

@@ -102,21 +102,22 @@ impl QemuNbd {
     fn serve_image(size: u64, writes: &[(u8, u64, u64)], read_only: bool) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let img = image(dir.path(), size, writes);
+        let mut args: Vec<String> = ["-f", "qcow2", "-B", "b0"].map(String::from).to_vec();
+        if read_only {
+            args.push("-r".into());
+        }
+        args.push(img.display().to_string());
+        Self::start(dir, &args)
+    }
+
+    /// Runs qemu-nbd with `args` on a socket in `dir`.
+    fn start(dir: tempfile::TempDir, args: &[String]) -> Self {
         let socket = dir.path().join("nbd.sock");
         let log = dir.path().join("qemu-nbd.log");
         let mut cmd = Command::new("qemu-nbd");
-        cmd.arg(format!("--socket={}", socket.display())).args([
-            "-f",
-            "qcow2",
-            "-B",
-            "b0",
-            "--persistent",
-            "--shared=4",
-        ]);
-        if read_only {
-            cmd.arg("-r");
-        }
-        cmd.arg(&img)
+        cmd.arg(format!("--socket={}", socket.display()))
+            .args(["--persistent", "--shared=4"])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).expect("log file"));
@@ -211,6 +212,134 @@ fn reads_data_and_holes_back_exactly() {
         Err(NbdError::InvalidRequest(_))
     ));
     assert_eq!(c.read(MIB, 16).expect("read after refusals"), [0xcd; 16]);
+    c.close().expect("close");
+}
+
+/// Not a multiple of BLOCK_SIZE (qemu rounds sizes to 512 bytes), larger than one request.
+const ODD_SIZE: u64 = 40 * MIB + 7 * 512;
+
+/// One distinct pattern per MiB of ODD_SIZE, some straddling MiB and block boundaries, and the
+/// disk's last bytes.
+fn odd_writes() -> Vec<(u8, u64, u64)> {
+    let mut w: Vec<(u8, u64, u64)> = (0..40u64)
+        .map(|i| (i as u8 + 1, i * MIB + (i * 20_000) % MIB, 96 * 1024))
+        .collect();
+    w.push((0x77, ODD_SIZE - 1536, 1536));
+    w
+}
+
+fn contents(size: u64, writes: &[(u8, u64, u64)]) -> Vec<u8> {
+    let mut d = vec![0u8; size as usize];
+    for &(pattern, off, len) in writes {
+        d[off as usize..(off + len) as usize].fill(pattern);
+    }
+    d
+}
+
+#[test]
+fn runs_read_with_several_requests_in_flight_equal_the_image() {
+    let writes = odd_writes();
+    let server = QemuNbd::serve_image(ODD_SIZE, &writes, true);
+    let want = contents(ODD_SIZE, &writes);
+    let mut c = server.connect("", &[]).expect("connect");
+    assert_eq!(c.size(), ODD_SIZE);
+    let max = c.max_io();
+    assert!(
+        max < ODD_SIZE,
+        "the disk must be larger than one request ({max})"
+    );
+
+    // The whole disk in one run: split at the server's maximum, the tail shorter than a block.
+    let mut whole = vec![0xffu8; ODD_SIZE as usize];
+    c.read_runs(&mut [(0, &mut whole[..])]).expect("whole disk");
+    assert!(whole == want, "whole-disk run differs from the image");
+
+    // More runs than requests in flight, of every size: single blocks, runs crossing MiB and
+    // block boundaries, one longer than the server's maximum, and one ending at the disk's end.
+    let mut ranges: Vec<(u64, u64)> = (0..20u64)
+        .map(|i| (i * 2 * MIB + i * 4096, BLOCK_SIZE + i * 512))
+        .collect();
+    ranges.push((MIB / 2, max + 3 * BLOCK_SIZE));
+    ranges.push((ODD_SIZE - 3 * BLOCK_SIZE - 100, 3 * BLOCK_SIZE + 100));
+    assert!(ranges.len() > MAX_IN_FLIGHT);
+    let mut bufs: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|&(_, l)| vec![0xff; l as usize])
+        .collect();
+    let mut runs: Vec<(u64, &mut [u8])> = ranges
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(&(o, _), b)| (o, &mut b[..]))
+        .collect();
+    c.read_runs(&mut runs).expect("runs");
+    for (&(o, l), got) in ranges.iter().zip(&bufs) {
+        assert!(
+            got[..] == want[o as usize..(o + l) as usize],
+            "run {o}+{l} differs from the image"
+        );
+    }
+
+    // A run past the end is refused before anything is sent.
+    let mut tail = vec![0u8; 1024];
+    let err = c
+        .read_runs(&mut [(0, &mut whole[..4096]), (ODD_SIZE - 512, &mut tail[..])])
+        .expect_err("past the end");
+    assert!(matches!(err, NbdError::InvalidRequest(_)), "{err:?}");
+    assert_eq!(
+        c.read(MIB, 16).expect("read after the refusal"),
+        want[MIB as usize..][..16]
+    );
+    c.close().expect("close");
+}
+
+#[test]
+fn a_failed_read_in_a_pipelined_batch_is_reported_for_its_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = dir.path().join("disk.raw");
+    let s = img.to_str().expect("utf-8 temp path");
+    run("qemu-img", &["create", "-q", "-f", "raw", s, "4M"]);
+    run("qemu-io", &["-f", "raw", "-c", "write -P 0x3c 0 4M", s]);
+    // blkdebug fails every read that covers the sector at 1 MiB with EIO.
+    let conf = dir.path().join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"none\"\niotype = \"read\"\nerrno = \"5\"\nsector = \"2048\"\n",
+    )
+    .expect("blkdebug config");
+    let opts = format!(
+        "driver=raw,file.driver=blkdebug,file.config={},file.image.driver=file,file.image.filename={s}",
+        conf.display()
+    );
+    let server = QemuNbd::start(dir, &["-r".into(), "--image-opts".into(), opts]);
+    let mut c = server.connect("", &[]).expect("connect");
+
+    let (mut a, mut bad, mut b) = (
+        vec![0u8; 256 << 10],
+        vec![0u8; 128 << 10],
+        vec![0u8; 512 << 10],
+    );
+    let bad_at = MIB - (64 << 10);
+    let err = c
+        .read_runs(&mut [
+            (0, &mut a[..]),
+            (bad_at, &mut bad[..]),
+            (3 * MIB, &mut b[..]),
+        ])
+        .expect_err("the read covering 1 MiB fails");
+    assert!(
+        matches!(err, NbdError::Command { command: "NBD_CMD_READ", offset, len, errno: 5, .. }
+            if offset == bad_at && len == 128 << 10),
+        "{err:?}"
+    );
+    // The other reads of the batch completed, and the connection is still in step.
+    assert!(
+        a.iter().chain(&b).all(|x| *x == 0x3c),
+        "the good runs were not read"
+    );
+    assert_eq!(
+        c.read(2 * MIB, 4096).expect("read after the failure"),
+        vec![0x3c; 4096]
+    );
     c.close().expect("close");
 }
 
@@ -418,6 +547,29 @@ fn fake_server(reply: Script) -> Client {
 /// accepted (else refused with NBD_REP_ERR_UNSUP).
 fn fake_socket(structured: bool, reply: Script) -> UnixStream {
     use std::io::{Read, Write};
+    fake_socket_serving(structured, move |server| {
+        let mut req = [0u8; 28];
+        server.read_exact(&mut req)?;
+        let (cookie, offset, len) = request_of(&req);
+        server.write_all(&reply(cookie, offset, len))
+    })
+}
+
+/// (cookie, offset, length) of an encoded request.
+fn request_of(req: &[u8; 28]) -> (u64, u64, u32) {
+    let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
+    let offset = u64::from_be_bytes(req[16..24].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(req[24..28].try_into().unwrap_or_default());
+    (cookie, offset, len)
+}
+
+/// The client's end of a scripted server that negotiates as [`fake_socket`] and then runs
+/// `serve` on its end.
+fn fake_socket_serving(
+    structured: bool,
+    serve: impl FnOnce(&mut UnixStream) -> std::io::Result<()> + Send + 'static,
+) -> UnixStream {
+    use std::io::{Read, Write};
     let (client, mut server) = UnixStream::pair().expect("socket pair");
     client
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -460,12 +612,7 @@ fn fake_socket(structured: bool, reply: Script) -> UnixStream {
             }
             server.write_all(&opt_reply(opt, proto::REP_ACK, &[]))?;
         }
-        let mut req = [0u8; 28];
-        server.read_exact(&mut req)?;
-        let cookie = u64::from_be_bytes(req[8..16].try_into().unwrap_or_default());
-        let offset = u64::from_be_bytes(req[16..24].try_into().unwrap_or_default());
-        let len = u32::from_be_bytes(req[24..28].try_into().unwrap_or_default());
-        server.write_all(&reply(cookie, offset, len))?;
+        serve(&mut server)?;
         // Hold the socket open until the client is done.
         let _ = server.read(&mut [0u8; 1]);
         Ok(())
@@ -537,6 +684,49 @@ fn hostile_replies_break_the_connection_without_panics() {
         matches!(&err, NbdError::Command { errno: 5, message, .. } if message == "disk"),
         "{err:?}"
     );
+}
+
+#[test]
+fn replies_to_reads_in_flight_match_by_cookie_in_any_order_and_chunking() {
+    use std::io::{Read, Write};
+    const RUNS: usize = 4;
+    let sock = fake_socket_serving(true, |server| {
+        let mut reqs = Vec::new();
+        for _ in 0..RUNS {
+            let mut req = [0u8; 28];
+            server.read_exact(&mut req)?;
+            reqs.push(request_of(&req));
+        }
+        // Every READ answered in two chunks, the last requests first, their chunks
+        // interleaved: the second half as data, then the first half as a hole.
+        for &(cookie, offset, len) in reqs.iter().rev() {
+            let half = u64::from(len / 2);
+            let mut p = (offset + half).to_be_bytes().to_vec();
+            p.resize(8 + half as usize, (offset / 4096) as u8);
+            server.write_all(&chunk(0, proto::REPLY_TYPE_OFFSET_DATA, cookie, &p, None))?;
+        }
+        for &(cookie, offset, len) in &reqs {
+            let mut p = offset.to_be_bytes().to_vec();
+            p.extend_from_slice(&(len / 2).to_be_bytes());
+            server.write_all(&chunk(1, proto::REPLY_TYPE_OFFSET_HOLE, cookie, &p, None))?;
+        }
+        Ok(())
+    });
+    let mut c = Client::handshake(sock, "", &[]).expect("fake handshake");
+    let mut bufs = vec![vec![0xffu8; 4096]; RUNS];
+    let mut runs: Vec<(u64, &mut [u8])> = bufs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, b)| (4096 * (2 * i as u64 + 1), &mut b[..]))
+        .collect();
+    c.read_runs(&mut runs).expect("reads answered out of order");
+    for (i, b) in bufs.iter().enumerate() {
+        let mark = (2 * i + 1) as u8;
+        assert!(
+            b[..2048].iter().all(|x| *x == 0) && b[2048..].iter().all(|x| *x == mark),
+            "run {i} holds the wrong bytes"
+        );
+    }
 }
 
 #[test]

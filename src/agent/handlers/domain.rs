@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::super::runtime::{Domain, RuntimeKind};
+use super::super::runtime::{Domain, READ_WINDOW_BLOCKS, RuntimeKind, read_blocks};
 use super::super::{ApiError, ApiResult, ErrorKind, Shared};
 use crate::replication::{BLOCK_SIZE, block_count, block_len};
 use crate::site::{Power, PowerAction, Role, Vm};
@@ -221,15 +221,28 @@ pub(super) async fn digest(st: &Shared, vm: &str, disk: &str) -> ApiResult<Optio
         };
         let allocated = ex.allocated(i)?;
         let mut h = sha2::Sha256::new();
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
-        for b in 0..block_count(size) {
-            let len = block_len(size, b);
-            if allocated.get(b) {
-                ex.read(i, b * BLOCK_SIZE, &mut buf[..len])?;
-                h.update(&buf[..len]);
-            } else {
-                h.update(&ZEROS[..len]);
+        let mut buf = Vec::new();
+        let mut window = Vec::with_capacity(READ_WINDOW_BLOCKS);
+        let n = block_count(size);
+        // A window of blocks at a time: the allocated ones read at once (adjacent ones as
+        // one run), the others hashed as the zeroes they read as.
+        let mut first = 0;
+        while first < n {
+            let end = n.min(first + READ_WINDOW_BLOCKS as u64);
+            window.clear();
+            window.extend((first..end).filter(|&b| allocated.get(b)));
+            read_blocks(ex.as_mut(), i, size, &window, &mut buf)?;
+            let mut at = 0;
+            for b in first..end {
+                let len = block_len(size, b);
+                if allocated.get(b) {
+                    h.update(&buf[at..at + len]);
+                    at += len;
+                } else {
+                    h.update(&ZEROS[..len]);
+                }
             }
+            first = end;
         }
         Ok(Some(hex::encode(h.finalize())))
     })
@@ -307,17 +320,28 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
         let mut ex = st2
             .runtime
             .export(&name, &disks, None, None, &dir.join("spool"))?;
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
+        let mut buf = Vec::new();
+        let mut window = Vec::with_capacity(READ_WINDOW_BLOCKS);
         for (i, d) in disks.iter().enumerate() {
             let path = dir.join("disks").join(format!("{}.img", d.name));
             let tmp = path.with_extension("img.tmp");
             let f = std::fs::File::create(&tmp).map_err(ApiError::io)?;
             f.set_len(d.size_bytes).map_err(ApiError::io)?;
-            for b in ex.allocated(i)?.iter() {
-                let len = block_len(d.size_bytes, b);
-                ex.read(i, b * BLOCK_SIZE, &mut buf[..len])?;
-                std::os::unix::fs::FileExt::write_all_at(&f, &buf[..len], b * BLOCK_SIZE)
-                    .map_err(ApiError::io)?;
+            let allocated = ex.allocated(i)?;
+            let mut blocks = allocated.iter();
+            loop {
+                window.clear();
+                window.extend(blocks.by_ref().take(READ_WINDOW_BLOCKS));
+                if window.is_empty() {
+                    break;
+                }
+                // Each run read lands where it was read from.
+                let mut at = 0;
+                for (offset, len) in read_blocks(ex.as_mut(), i, d.size_bytes, &window, &mut buf)? {
+                    std::os::unix::fs::FileExt::write_all_at(&f, &buf[at..at + len], offset)
+                        .map_err(ApiError::io)?;
+                    at += len;
+                }
             }
             f.sync_all().map_err(ApiError::io)?;
             std::fs::rename(&tmp, &path).map_err(ApiError::io)?;

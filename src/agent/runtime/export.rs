@@ -84,6 +84,14 @@ impl Export for NbdExport {
             .read_at(offset, buf)
             .map_err(|e| nbd_err(&format!("disk {name}"), e))
     }
+
+    fn read_runs(&mut self, disk: usize, runs: &mut [(u64, &mut [u8])]) -> ApiResult<()> {
+        let d = self.disk(disk)?;
+        let name = d.name.clone();
+        d.client
+            .read_runs(runs)
+            .map_err(|e| nbd_err(&format!("disk {name}"), e))
+    }
 }
 
 impl NbdExport {

@@ -203,6 +203,58 @@ pub trait Export: Send {
     fn allocated(&mut self, disk: usize) -> ApiResult<Bitmap>;
     /// Reads `buf.len()` bytes of disk `disk` at `offset`.
     fn read(&mut self, disk: usize, offset: u64, buf: &mut [u8]) -> ApiResult<()>;
+    /// Fills each `(offset, buffer)` of `runs` from disk `disk`: an export that can keeps
+    /// several reads in flight; the default reads them one after the other.
+    fn read_runs(&mut self, disk: usize, runs: &mut [(u64, &mut [u8])]) -> ApiResult<()> {
+        for (offset, buf) in runs.iter_mut() {
+            self.read(disk, *offset, buf)?;
+        }
+        Ok(())
+    }
+}
+
+/// Most blocks read from an export at once (4 MiB): the bound on a reader's buffer, and a
+/// run long enough that a read costs one round trip per megabytes rather than per block.
+pub const READ_WINDOW_BLOCKS: usize = 64;
+
+/// Runs of adjacent blocks among `blocks` (in their order) of a disk of `size` bytes: the
+/// byte offset and length of each.
+pub fn block_runs(size: u64, blocks: &[u64]) -> Vec<(u64, usize)> {
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    let mut prev: Option<u64> = None;
+    for &b in blocks {
+        let len = crate::replication::block_len(size, b);
+        match runs.last_mut() {
+            Some(last) if prev.is_some_and(|p| p.checked_add(1) == Some(b)) => last.1 += len,
+            _ => runs.push((b.saturating_mul(crate::replication::BLOCK_SIZE), len)),
+        }
+        prev = Some(b);
+    }
+    runs
+}
+
+/// Reads `blocks` of disk `disk` (of `size` bytes) into `buf`, one after the other, adjacent
+/// blocks as one run and all runs at once (see [`Export::read_runs`]). Returns the runs read
+/// (byte offset and length), in `buf`'s order.
+pub fn read_blocks(
+    ex: &mut dyn Export,
+    disk: usize,
+    size: u64,
+    blocks: &[u64],
+    buf: &mut Vec<u8>,
+) -> ApiResult<Vec<(u64, usize)>> {
+    let runs = block_runs(size, blocks);
+    buf.clear();
+    buf.resize(runs.iter().map(|r| r.1).sum(), 0);
+    let mut parts: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
+    let mut rest: &mut [u8] = buf;
+    for &(offset, len) in &runs {
+        let (part, tail) = std::mem::take(&mut rest).split_at_mut(len);
+        parts.push((offset, part));
+        rest = tail;
+    }
+    ex.read_runs(disk, &mut parts)?;
+    Ok(runs)
 }
 
 /// The builtin runtime: the agent's own VMs, all in the store.
@@ -321,5 +373,31 @@ pub fn open(kind: RuntimeKind, opts: &RuntimeOptions) -> Result<Box<dyn Runtime>
                     .into(),
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_runs;
+    use crate::replication::BLOCK_SIZE;
+
+    #[test]
+    fn adjacent_blocks_form_one_run_and_the_last_block_may_be_short() {
+        let size = 10 * BLOCK_SIZE + 100;
+        let bs = BLOCK_SIZE as usize;
+        assert_eq!(block_runs(size, &[]), vec![]);
+        assert_eq!(
+            block_runs(size, &[0, 1, 2, 5, 7, 8, 9, 10]),
+            vec![
+                (0, 3 * bs),
+                (5 * BLOCK_SIZE, bs),
+                (7 * BLOCK_SIZE, 3 * bs + 100)
+            ]
+        );
+        // Out of order: a run only where the next block follows the one before.
+        assert_eq!(
+            block_runs(size, &[3, 2, 3]),
+            vec![(3 * BLOCK_SIZE, bs), (2 * BLOCK_SIZE, 2 * bs)]
+        );
     }
 }
