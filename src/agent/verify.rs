@@ -14,7 +14,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::meta::Outbound;
-use crate::replication::{BLOCK_SIZE, block_count, block_hash, block_len};
+use super::runtime::READ_WINDOW_BLOCKS;
+use crate::replication::{BLOCK_SIZE, block_count, block_hash};
 use crate::site::Verification;
 
 /// Whether the next cycle of a source verifies its replica.
@@ -47,19 +48,25 @@ impl Drop for Slot<'_> {
 }
 
 /// The hash of every block of each disk (`sizes` bytes), 32 bytes per block in block order,
-/// as the replica's `hashes` route answers them; `read` reads a disk's bytes at an offset.
+/// as the replica's `hashes` route answers them; `read` reads a disk's bytes at an offset, a
+/// window of blocks at a time (one request of an export, not one per block).
 pub(super) fn hash_disks<E>(
     sizes: &[u64],
     mut read: impl FnMut(usize, u64, &mut [u8]) -> Result<(), E>,
 ) -> Result<Vec<Vec<u8>>, E> {
-    let mut buf = vec![0u8; BLOCK_SIZE as usize];
+    let window = READ_WINDOW_BLOCKS as u64 * BLOCK_SIZE;
+    let mut buf = vec![0u8; window as usize];
     let mut out = Vec::with_capacity(sizes.len());
     for (d, size) in sizes.iter().enumerate() {
         let mut hashes = Vec::with_capacity(block_count(*size) as usize * 32);
-        for b in 0..block_count(*size) {
-            let len = block_len(*size, b);
-            read(d, b * BLOCK_SIZE, &mut buf[..len])?;
-            hashes.extend_from_slice(&block_hash(&buf[..len]));
+        let mut offset = 0;
+        while offset < *size {
+            let len = (*size - offset).min(window) as usize;
+            read(d, offset, &mut buf[..len])?;
+            for block in buf[..len].chunks(BLOCK_SIZE as usize) {
+                hashes.extend_from_slice(&block_hash(block));
+            }
+            offset += len as u64;
         }
         out.push(hashes);
     }
@@ -147,14 +154,20 @@ mod tests {
 
     #[test]
     fn hashes_compare_block_by_block() {
-        let sizes = [3 * BLOCK_SIZE + 10];
-        let disk: Vec<u8> = (0..sizes[0]).map(|i| (i % 251) as u8).collect();
+        let sizes = [3 * BLOCK_SIZE + 10, 70 * BLOCK_SIZE];
+        let disk: Vec<u8> = (0..sizes[1]).map(|i| (i % 251) as u8).collect();
         let ours = hash_disks(&sizes, |_, off, buf: &mut [u8]| -> Result<(), ()> {
             buf.copy_from_slice(&disk[off as usize..off as usize + buf.len()]);
             Ok(())
         })
         .unwrap();
         assert_eq!(ours[0].len(), 4 * 32);
+        assert_eq!(ours[1].len(), 70 * 32);
+        assert_eq!(&ours[0][32..64], &block_hash(&disk[65536..131072])[..]);
+        assert_eq!(
+            &ours[0][96..],
+            &block_hash(&disk[3 * 65536..3 * 65536 + 10])[..]
+        );
         let mut theirs = ours[0].clone();
         assert_eq!(differing(&ours[0], &theirs), 0);
         theirs[32 * 3] ^= 1;
