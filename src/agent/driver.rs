@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::RESYNC_REQUIRED;
 use super::replica::{BatchResult, BeginAnswer, BeginCycle, CommitCycle, DirtySet, MAX_IN_DOUBT};
-use super::runtime::{Export, READ_WINDOW_BLOCKS, block_runs, read_blocks};
+use super::runtime::{Export, READ_WINDOW_BLOCKS, block_runs, read_blocks, windows};
 use super::store::VmRec;
 use super::{ApiError, Shared, read_vm, with_vm};
 use crate::fault;
@@ -1647,7 +1647,6 @@ pub async fn read_domain_capture(
         let out = std::fs::File::create(&spool2).map_err(ApiError::io)?;
         fault::hit("source.export");
         let mut buf = Vec::new();
-        let mut window = Vec::with_capacity(READ_WINDOW_BLOCKS);
         let mut sets = Vec::new();
         let mut slot = 0u64;
         for (d, size) in sizes.iter().enumerate() {
@@ -1657,19 +1656,12 @@ pub async fn read_domain_capture(
             // A window of changed blocks at a time, adjacent ones read as one run. They fill
             // consecutive slots, and only a disk's last block is short, so the window lands
             // in the spool as it was read.
-            let mut changed = set.iter();
-            loop {
-                window.clear();
-                window.extend(changed.by_ref().take(READ_WINDOW_BLOCKS));
-                if window.is_empty() {
-                    break;
-                }
+            for window in windows(set.iter()) {
                 read_blocks(ex.as_mut(), d, *size, &window, &mut buf)?;
                 out.write_all_at(&buf, slot * BLOCK_SIZE)
                     .map_err(ApiError::io)?;
                 slot += window.len() as u64;
             }
-            drop(changed);
             sets.push(set);
         }
         // The export is the disks at the cut: hashing it pauses nothing.

@@ -876,17 +876,12 @@ impl VmRec {
                 ))
             })?
             .size_bytes;
-        let mut out = Vec::with_capacity(block_count(size) as usize * 32);
-        let mut buf = vec![0u8; BLOCK_SIZE as usize];
         let image = r.disks.open(disk)?;
-        for b in 0..block_count(size) {
-            let len = crate::replication::block_len(size, b);
-            image
-                .read_exact_at(&mut buf[..len], b * BLOCK_SIZE)
+        // The same hashes a source computes of its own disks to compare with these.
+        let mut hashes =
+            super::verify::hash_disks(&[size], |_, offset, buf| image.read_exact_at(buf, offset))
                 .map_err(ApiError::io)?;
-            out.extend_from_slice(&crate::replication::block_hash(&buf[..len]));
-        }
-        Ok(out)
+        Ok(hashes.pop().unwrap_or_default())
     }
 
     /// Receiver: a batch of blocks. Verified blocks are written into the image (an initial

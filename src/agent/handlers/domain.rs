@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::super::runtime::{Domain, READ_WINDOW_BLOCKS, RuntimeKind, read_blocks};
+use super::super::runtime::{Domain, READ_WINDOW_BLOCKS, RuntimeKind, read_blocks, windows};
 use super::super::{ApiError, ApiResult, ErrorKind, Shared};
 use crate::replication::{BLOCK_SIZE, block_count, block_len};
 use crate::site::{Power, PowerAction, Role, Vm};
@@ -321,20 +321,13 @@ pub(super) async fn take_images(st: &Shared, vm: &str, source: &str) -> ApiResul
             .runtime
             .export(&name, &disks, None, None, &dir.join("spool"))?;
         let mut buf = Vec::new();
-        let mut window = Vec::with_capacity(READ_WINDOW_BLOCKS);
         for (i, d) in disks.iter().enumerate() {
             let path = dir.join("disks").join(format!("{}.img", d.name));
             let tmp = path.with_extension("img.tmp");
             let f = std::fs::File::create(&tmp).map_err(ApiError::io)?;
             f.set_len(d.size_bytes).map_err(ApiError::io)?;
             let allocated = ex.allocated(i)?;
-            let mut blocks = allocated.iter();
-            loop {
-                window.clear();
-                window.extend(blocks.by_ref().take(READ_WINDOW_BLOCKS));
-                if window.is_empty() {
-                    break;
-                }
+            for window in windows(allocated.iter()) {
                 // Each run read lands where it was read from.
                 let mut at = 0;
                 for (offset, len) in read_blocks(ex.as_mut(), i, d.size_bytes, &window, &mut buf)? {

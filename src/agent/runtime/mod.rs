@@ -233,6 +233,15 @@ pub fn block_runs(size: u64, blocks: &[u64]) -> Vec<(u64, usize)> {
     runs
 }
 
+/// `blocks` in windows of at most [`READ_WINDOW_BLOCKS`], in their order: what one
+/// [`read_blocks`] reads.
+pub fn windows(mut blocks: impl Iterator<Item = u64>) -> impl Iterator<Item = Vec<u64>> {
+    std::iter::from_fn(move || {
+        let w: Vec<u64> = blocks.by_ref().take(READ_WINDOW_BLOCKS).collect();
+        (!w.is_empty()).then_some(w)
+    })
+}
+
 /// Reads `blocks` of disk `disk` (of `size` bytes) into `buf`, one after the other, adjacent
 /// blocks as one run and all runs at once (see [`Export::read_runs`]). Returns the runs read
 /// (byte offset and length), in `buf`'s order.

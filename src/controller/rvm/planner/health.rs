@@ -536,13 +536,7 @@ pub(super) fn replica_verified(input: &Input, st: &ReplicatedVMStatus) -> Verifi
             REPLICA_VERIFIED,
             false,
             "Diverged",
-            format!(
-                "{} of the newest recovery point at {target} differed from {source}'s disks at \
-                 {}: {source} resynchronizes by block hashes and compares again; if this \
-                 recurs, check the storage of site {target}",
-                diverged_blocks(v),
-                v.time
-            ),
+            divergence(v, source, target),
         )
     })
 }
@@ -558,13 +552,18 @@ pub(super) fn newest_divergence(input: &Input, st: &ReplicatedVMStatus) -> Optio
         .as_ref()?
         .last_divergence
         .clone()?;
-    Some(format!(
+    Some(divergence(&d, source, target))
+}
+
+/// What a comparison that found the replica at `target` different from `source` says.
+fn divergence(v: &crate::site::Verification, source: &str, target: &str) -> String {
+    format!(
         "{} of the newest recovery point at {target} differed from {source}'s disks at {}: \
          {source} resynchronizes by block hashes and compares again; if this recurs, check the \
          storage of site {target}",
-        diverged_blocks(&d),
-        d.time
-    ))
+        diverged_blocks(v),
+        v.time
+    )
 }
 
 /// "3 block(s) of disk vda"
